@@ -1,0 +1,334 @@
+//! Async client library for edgevec.
+//!
+//! A [`Client`] holds one QUIC connection to one node of the cluster and
+//! opens a stream per request. It knows several endpoints: when the node it
+//! talks to is lost, it moves to the next one. Requests that are safe to
+//! repeat (everything but collection create/drop) are retried there
+//! transparently; others report [`ClientError::Unavailable`].
+//!
+//! ```no_run
+//! use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, Point};
+//!
+//! # async fn demo() -> Result<(), edgevec_client::ClientError> {
+//! let config = ClientConfig::from_ca_file(
+//!     vec!["127.0.0.1:7101".parse().unwrap()],
+//!     "certs/ca.pem".as_ref(),
+//!     "dev-admin-token-change-me",
+//! )?;
+//! let client = Client::connect(config).await?;
+//! client.create_collection(CollectionSpec::new("docs", 3, Metric::Cosine)).await?;
+//! client
+//!     .upsert("docs", vec![Point { id: 1, vector: vec![0.1, 0.2, 0.3], payload: Some(r#"{"title":"hello"}"#.into()) }])
+//!     .await?;
+//! let hits = client.search("docs", &[0.1, 0.2, 0.3], 10).await?;
+//! println!("best: {} ({})", hits[0].id, hits[0].score);
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod rpc;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1, RequestV1};
+pub use edgevec_proto::{
+    CollectionInfo, CollectionSpec, ErrorCode, Hit, Metric, NodeStatus, Point, PointRecord, WireError, WriteAck,
+};
+use tokio::sync::Mutex;
+
+pub use error::ClientError;
+use rpc::CallError;
+
+/// How to reach and authenticate to a cluster.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Nodes to try, in order.
+    pub endpoints: Vec<SocketAddr>,
+    /// PEM of the cluster CA that signed the node certificates.
+    pub ca_pem: Vec<u8>,
+    /// API token from the cluster's configuration.
+    pub token: String,
+    /// Deadline of one request on one node.
+    pub request_timeout: Duration,
+    /// Deadline of the QUIC handshake with one node.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("endpoints", &self.endpoints)
+            .field("token", &"<redacted>")
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+impl ClientConfig {
+    pub fn new(endpoints: Vec<SocketAddr>, ca_pem: Vec<u8>, token: impl Into<String>) -> Self {
+        Self {
+            endpoints,
+            ca_pem,
+            token: token.into(),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Like [`ClientConfig::new`], reading the CA from a PEM file.
+    pub fn from_ca_file(endpoints: Vec<SocketAddr>, ca: &Path, token: impl Into<String>) -> Result<Self, ClientError> {
+        Ok(Self::new(endpoints, tls::read(ca)?, token))
+    }
+}
+
+struct Live {
+    index: usize,
+    conn: quinn::Connection,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    config: ClientConfig,
+    live: Mutex<Option<Live>>,
+}
+
+/// A handle to an edgevec cluster. Cheap to clone; clones share the
+/// connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects to the first reachable endpoint.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        if config.endpoints.is_empty() {
+            return Err(ClientError::Config("no endpoints given".into()));
+        }
+        let quic = tls::client_config(&config.ca_pem, None, edgevec_proto::ALPN_CLIENT)?;
+        let bind: SocketAddr = if config.endpoints[0].is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("cannot open a UDP socket: {e}")))?;
+        endpoint.set_default_client_config(quic);
+        let client = Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                config,
+                live: Mutex::new(None),
+            }),
+        };
+        client.connection(None).await?;
+        Ok(client)
+    }
+
+    /// The endpoint currently in use.
+    pub async fn current_endpoint(&self) -> Option<SocketAddr> {
+        let live = self.inner.live.lock().await;
+        live.as_ref().map(|l| self.inner.config.endpoints[l.index])
+    }
+
+    /// Closes the connection politely; in-flight requests fail.
+    pub async fn close(&self) {
+        if let Some(live) = self.inner.live.lock().await.take() {
+            live.conn.close(0u32.into(), b"client closed");
+        }
+        self.inner.endpoint.wait_idle().await;
+    }
+
+    /// The live connection, or a new one: starting after `failed` (the
+    /// endpoint that just failed) and trying each endpoint once.
+    async fn connection(&self, failed: Option<usize>) -> Result<(usize, quinn::Connection), ClientError> {
+        let mut live = self.inner.live.lock().await;
+        if let Some(l) = live.as_ref() {
+            if l.conn.close_reason().is_none() && Some(l.index) != failed {
+                return Ok((l.index, l.conn.clone()));
+            }
+        }
+        let endpoints = &self.inner.config.endpoints;
+        let start = failed.map(|i| i + 1).unwrap_or(0);
+        let mut errors = Vec::new();
+        for step in 0..endpoints.len() {
+            let index = (start + step) % endpoints.len();
+            let addr = endpoints[index];
+            match self.dial(addr).await {
+                Ok(conn) => {
+                    tracing::debug!(%addr, "connected");
+                    *live = Some(Live {
+                        index,
+                        conn: conn.clone(),
+                    });
+                    return Ok((index, conn));
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        *live = None;
+        Err(ClientError::Unavailable(format!(
+            "no node reachable ({})",
+            errors.join("; ")
+        )))
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
+        let connecting = self
+            .inner
+            .endpoint
+            .connect(addr, &tls::server_name(&addr))
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(self.inner.config.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no handshake within {:?}", self.inner.config.connect_timeout)),
+        }
+    }
+
+    /// Sends one operation, moving to the next endpoint when the node is
+    /// lost (and, for requests that are safe to repeat, retrying there).
+    async fn request(&self, op: OpV1) -> Result<ReplyV1, ClientError> {
+        let retry_safe = !matches!(op, OpV1::CreateCollection(_) | OpV1::DropCollection { .. });
+        let req = ClientRequest::V1(RequestV1 {
+            token: self.inner.config.token.clone(),
+            op,
+        });
+        let attempts = self.inner.config.endpoints.len();
+        let mut failed = None;
+        let mut last = String::new();
+        for attempt in 0..attempts {
+            let (index, conn) = self.connection(failed).await?;
+            match rpc::call::<_, ClientResponse>(&conn, &req, self.inner.config.request_timeout).await {
+                Ok(ClientResponse::V1(Ok(reply))) => return Ok(reply),
+                Ok(ClientResponse::V1(Err(e))) => return Err(e.into()),
+                Err(CallError::Connection(e)) => {
+                    last = format!("{}: {e}", self.inner.config.endpoints[index]);
+                    tracing::debug!(attempt, error = %last, "node lost");
+                    failed = Some(index);
+                    if !retry_safe {
+                        return Err(ClientError::Unavailable(format!(
+                            "connection lost during a request that is not safe to repeat ({last}); check its effect before retrying"
+                        )));
+                    }
+                }
+                Err(CallError::Timeout(d)) => return Err(ClientError::Timeout(format!("no answer within {d:?}"))),
+                Err(CallError::Protocol(e)) => return Err(ClientError::Protocol(e)),
+                Err(CallError::Request(e)) => {
+                    return Err(ClientError::InvalidArgument {
+                        field: None,
+                        message: e,
+                    })
+                }
+            }
+        }
+        Err(ClientError::Unavailable(format!("every endpoint failed; last: {last}")))
+    }
+
+    /// The answering node's view of itself.
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        match self.request(OpV1::Status).await? {
+            ReplyV1::Status(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn create_collection(&self, spec: CollectionSpec) -> Result<(), ClientError> {
+        match self.request(OpV1::CreateCollection(spec)).await? {
+            ReplyV1::Created => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn list_collections(&self) -> Result<Vec<CollectionInfo>, ClientError> {
+        match self.request(OpV1::ListCollections).await? {
+            ReplyV1::Collections(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn describe_collection(&self, name: &str) -> Result<CollectionInfo, ClientError> {
+        match self.request(OpV1::DescribeCollection { name: name.into() }).await? {
+            ReplyV1::Collection(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn drop_collection(&self, name: &str) -> Result<(), ClientError> {
+        match self.request(OpV1::DropCollection { name: name.into() }).await? {
+            ReplyV1::Dropped => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Inserts or replaces points. Returns once they are durable; the ack's
+    /// LSNs are the session token for read-your-writes.
+    pub async fn upsert(&self, collection: &str, points: Vec<Point>) -> Result<WriteAck, ClientError> {
+        let op = OpV1::Upsert {
+            collection: collection.into(),
+            points,
+        };
+        match self.request(op).await? {
+            ReplyV1::Written(ack) => Ok(ack),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes points by id; ids that do not exist are ignored.
+    pub async fn delete(&self, collection: &str, ids: &[u64]) -> Result<WriteAck, ClientError> {
+        let op = OpV1::Delete {
+            collection: collection.into(),
+            ids: ids.to_vec(),
+        };
+        match self.request(op).await? {
+            ReplyV1::Written(ack) => Ok(ack),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads points by id; missing ids are absent from the result.
+    pub async fn get(&self, collection: &str, ids: &[u64]) -> Result<Vec<PointRecord>, ClientError> {
+        let op = OpV1::Get {
+            collection: collection.into(),
+            ids: ids.to_vec(),
+        };
+        match self.request(op).await? {
+            ReplyV1::Points(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The `k` nearest points to `query`, best first, with payloads.
+    pub async fn search(&self, collection: &str, query: &[f32], k: u32) -> Result<Vec<Hit>, ClientError> {
+        let mut all = self.search_batch(collection, vec![query.to_vec()], k, true).await?;
+        Ok(all.pop().unwrap_or_default())
+    }
+
+    /// Several queries in one request; one result list per query.
+    pub async fn search_batch(
+        &self,
+        collection: &str,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+    ) -> Result<Vec<Vec<Hit>>, ClientError> {
+        let op = OpV1::Search {
+            collection: collection.into(),
+            queries,
+            k,
+            with_payload,
+        };
+        match self.request(op).await? {
+            ReplyV1::Hits(h) => Ok(h),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(reply: ReplyV1) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}

@@ -1,0 +1,123 @@
+//! TLS material for QUIC connections to edgevec nodes.
+//!
+//! Loads PEM files and builds rustls client configurations: verified
+//! against the cluster CA only (never the system roots: a cluster is its own
+//! trust domain), TLS 1.3, no 0-RTT (early data could be replayed, and it
+//! would bypass client authentication on node connections).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{what} has no usable PEM {kind}: {detail}")]
+    Pem {
+        what: String,
+        kind: &'static str,
+        detail: String,
+    },
+    #[error("TLS configuration rejected: {0}")]
+    Config(String),
+}
+
+/// Parses every certificate of a PEM text.
+pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what: what.to_string(),
+            kind: "certificate",
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            what: what.to_string(),
+            kind: "certificate",
+            detail: "no CERTIFICATE block".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses the private key of a PEM text.
+pub fn key_from_pem(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::Pem {
+        what: what.to_string(),
+        kind: "private key",
+        detail: e.to_string(),
+    })
+}
+
+/// Reads a file for TLS use, naming it in the error.
+pub fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A root store holding exactly the cluster CA certificate(s).
+pub fn root_store(ca_pem: &[u8]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(ca_pem, "CA file")? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// The crypto provider every edgevec TLS config uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client TLS config for one ALPN, optionally presenting a certificate
+/// (node-to-node connections must; application clients may).
+pub fn client_config(
+    ca_pem: &[u8],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(root_store(ca_pem)?);
+    let mut tls = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.enable_early_data = false;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport()));
+    Ok(config)
+}
+
+/// QUIC transport settings shared by clients and nodes: keep-alives so a
+/// dead peer is noticed within seconds, not the default half-minute.
+pub fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(5)).expect("5 s fits in a VarInt"),
+    ));
+    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t
+}
+
+/// The TLS server name to verify for an endpoint address: its IP literal.
+/// Node certificates made by `edgevec certs` carry their IP as a SAN.
+pub fn server_name(addr: &std::net::SocketAddr) -> String {
+    addr.ip().to_string()
+}

@@ -1,0 +1,281 @@
+//! The `edgevec` command line.
+//!
+//! One binary for operators (`up`, `node`, `certs`, `status`) and for
+//! people working with data (`collection`, `insert`, `search`, `get`,
+//! `delete`). Every command that prints takes `--json` for machine-readable
+//! output. Connection settings come from flags, the environment
+//! (`EDGEVEC_TOKEN`), or the cluster file (`--config`, default
+//! `./cluster.toml`): its proxy nodes are the endpoints, its CA is trusted
+//! and, for a development cluster, its strongest token is used.
+
+mod data;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric};
+use serde_json::json;
+
+use crate::config::{ClusterConfig, Role};
+
+#[derive(Parser, Debug)]
+#[command(name = "edgevec", version, about = "Replicated vector search for edge sites")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Cluster file.
+    #[arg(long, global = true, default_value = "cluster.toml", env = "EDGEVEC_CONFIG")]
+    pub config: PathBuf,
+    /// Node to talk to (repeatable); default: the proxy nodes of the cluster file.
+    #[arg(long = "endpoint", global = true)]
+    pub endpoints: Vec<SocketAddr>,
+    /// CA certificate (PEM); default: ca.pem in the cluster file's certs_dir.
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// API token; default: the strongest token of the cluster file.
+    #[arg(long, global = true, env = "EDGEVEC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one node of the cluster file in the foreground.
+    Node {
+        /// Node id in the cluster file.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Run every node of a cluster file on this host; Ctrl-C stops them.
+    Up {
+        /// Cluster file (default: --config).
+        file: Option<PathBuf>,
+    },
+    /// Create the dev CA and node/client certificates the cluster file needs.
+    Certs,
+    /// Show every node of the cluster file and whether it answers.
+    Status,
+    /// Manage collections.
+    #[command(subcommand)]
+    Collection(CollectionCmd),
+    /// Insert (upsert) points from a JSON-lines or .npy file.
+    Insert(data::InsertArgs),
+    /// Nearest neighbours of a vector.
+    Search {
+        collection: String,
+        /// Query vector as a JSON array.
+        #[arg(long)]
+        vector: String,
+        #[arg(long, default_value_t = 10)]
+        k: u32,
+        /// Leave payloads out of the result.
+        #[arg(long)]
+        no_payload: bool,
+    },
+    /// Read points by id.
+    Get {
+        collection: String,
+        /// Comma-separated ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u64>,
+    },
+    /// Delete points by id.
+    Delete {
+        collection: String,
+        /// Comma-separated ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CollectionCmd {
+    /// Create a collection.
+    Create {
+        name: String,
+        #[arg(long)]
+        dim: u32,
+        /// l2, ip or cosine.
+        #[arg(long, default_value = "l2")]
+        metric: Metric,
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
+        /// Rows of a growing segment before it is sealed and indexed.
+        #[arg(long, default_value_t = edgevec_proto::limits::DEFAULT_SEAL_ROWS)]
+        seal_rows: u32,
+    },
+    /// List collections.
+    List,
+    /// Show a collection's schema, counts, segments and index state.
+    Describe { name: String },
+    /// Drop a collection and its data.
+    Drop { name: String },
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    let g = cli.global;
+    match cli.command {
+        Command::Node { id } => up::run_node(&g.config, id).await,
+        Command::Up { file } => up::up(file.as_ref().unwrap_or(&g.config)).await,
+        Command::Certs => certs(&g),
+        Command::Status => up::status(&g).await,
+        Command::Collection(c) => collection(&g, c).await,
+        Command::Insert(args) => data::insert(&g, args).await,
+        Command::Search {
+            collection,
+            vector,
+            k,
+            no_payload,
+        } => data::search(&g, &collection, &vector, k, !no_payload).await,
+        Command::Get { collection, ids } => data::get(&g, &collection, &ids).await,
+        Command::Delete { collection, ids } => data::delete(&g, &collection, &ids).await,
+    }
+}
+
+fn load_config(g: &Global) -> Result<ClusterConfig> {
+    ClusterConfig::load(&g.config).with_context(|| format!("loading {}", g.config.display()))
+}
+
+/// Client settings from flags, falling back to the cluster file.
+pub fn client_config(g: &Global) -> Result<ClientConfig> {
+    let file = if g.endpoints.is_empty() || g.ca.is_none() || g.token.is_none() {
+        Some(load_config(g)?)
+    } else {
+        None
+    };
+    let endpoints = if g.endpoints.is_empty() {
+        let file = file.as_ref().expect("loaded above");
+        file.nodes
+            .iter()
+            .filter(|n| n.has_role(Role::Proxy))
+            .map(|n| n.addr)
+            .collect()
+    } else {
+        g.endpoints.clone()
+    };
+    let ca = match &g.ca {
+        Some(ca) => ca.clone(),
+        None => file.as_ref().expect("loaded above").cert_paths().ca_cert(),
+    };
+    let token = match &g.token {
+        Some(t) => t.clone(),
+        None => file
+            .as_ref()
+            .expect("loaded above")
+            .strongest_token()
+            .map(|t| t.token.clone())
+            .context("no --token, no EDGEVEC_TOKEN and no [[tokens]] in the cluster file")?,
+    };
+    Ok(ClientConfig::from_ca_file(endpoints, &ca, token)?)
+}
+
+pub async fn connect(g: &Global) -> Result<Client> {
+    Ok(Client::connect(client_config(g)?).await?)
+}
+
+fn certs(g: &Global) -> Result<()> {
+    let cfg = load_config(g)?;
+    let done = crate::certs::ensure(&cfg.cert_paths(), &cfg.name, &cfg.cert_names())?;
+    if g.json {
+        println!(
+            "{}",
+            json!({"dir": cfg.certs_dir, "written": done.written, "kept": done.kept})
+        );
+    } else {
+        for p in &done.written {
+            println!("wrote {}", p.display());
+        }
+        println!(
+            "{} files written, {} kept in {}",
+            done.written.len(),
+            done.kept.len(),
+            cfg.certs_dir.display()
+        );
+    }
+    Ok(())
+}
+
+async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
+    let client = connect(g).await?;
+    match cmd {
+        CollectionCmd::Create {
+            name,
+            dim,
+            metric,
+            shards,
+            seal_rows,
+        } => {
+            let spec = CollectionSpec::new(&name, dim, metric)
+                .with_shards(shards)
+                .with_seal_rows(seal_rows);
+            client.create_collection(spec).await?;
+            if g.json {
+                println!("{}", json!({"created": name}));
+            } else {
+                println!("created collection {name} (dim {dim}, {metric}, {shards} shards)");
+            }
+        }
+        CollectionCmd::List => {
+            let all = client.list_collections().await?;
+            if g.json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(all.iter().map(data::collection_json).collect())
+                );
+            } else if all.is_empty() {
+                println!("no collections");
+            } else {
+                println!(
+                    "{:<24} {:>6} {:<7} {:>6} {:>12}",
+                    "NAME", "DIM", "METRIC", "SHARDS", "POINTS"
+                );
+                for c in all {
+                    println!(
+                        "{:<24} {:>6} {:<7} {:>6} {:>12}",
+                        c.spec.name, c.spec.dim, c.spec.metric, c.spec.shards, c.points
+                    );
+                }
+            }
+        }
+        CollectionCmd::Describe { name } => {
+            let c = client.describe_collection(&name).await?;
+            if g.json {
+                println!("{}", data::collection_json(&c));
+            } else {
+                data::print_collection(&c);
+            }
+        }
+        CollectionCmd::Drop { name } => {
+            client.drop_collection(&name).await?;
+            if g.json {
+                println!("{}", json!({"dropped": name}));
+            } else {
+                println!("dropped collection {name}");
+            }
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+/// Parses a JSON array of numbers as a vector.
+pub fn parse_vector(text: &str) -> Result<Vec<f32>> {
+    let v: Vec<f64> = serde_json::from_str(text)
+        .with_context(|| format!("--vector must be a JSON array of numbers, got {text:?}"))?;
+    if v.is_empty() {
+        bail!("--vector is empty");
+    }
+    Ok(v.into_iter().map(|x| x as f32).collect())
+}

@@ -1,0 +1,396 @@
+//! `cluster.toml`: the one file an operator writes to describe a cluster.
+//!
+//! Owns parsing and validation. A file that parses is internally consistent:
+//! node ids and addresses are unique, every role and token role is known,
+//! there is at least one `meta` node, and every relative path has been
+//! resolved against the directory of the file (so a config works the same
+//! whatever the working directory of the process). Errors name the line.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A node's roles (ARCHITECTURE.md: meta = Raft voter, data = holds shard
+/// replicas, proxy = serves clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Meta,
+    Data,
+    Proxy,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Meta => "meta",
+            Role::Data => "data",
+            Role::Proxy => "proxy",
+        })
+    }
+}
+
+/// What an API token may do. Ordered: each role includes the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRole {
+    /// search, get, list, describe, status
+    Read,
+    /// + upsert, delete
+    Write,
+    /// + create and drop collections, cluster administration
+    Admin,
+}
+
+impl fmt::Display for TokenRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TokenRole::Read => "read",
+            TokenRole::Write => "write",
+            TokenRole::Admin => "admin",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Missing { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    cluster: RawCluster,
+    #[serde(default)]
+    tokens: Vec<Spanned<RawToken>>,
+    #[serde(default)]
+    nodes: Vec<Spanned<RawNode>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: String,
+    #[serde(default = "default_certs_dir")]
+    certs_dir: PathBuf,
+}
+
+fn default_certs_dir() -> PathBuf {
+    PathBuf::from("certs")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    token: Spanned<String>,
+    role: TokenRole,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: Spanned<u64>,
+    addr: Spanned<SocketAddr>,
+    data_dir: PathBuf,
+    #[serde(default = "default_zone")]
+    zone: String,
+    #[serde(default = "default_roles")]
+    roles: Spanned<Vec<Role>>,
+}
+
+fn default_zone() -> String {
+    "default".into()
+}
+
+fn default_roles() -> Spanned<Vec<Role>> {
+    Spanned::new(0..0, vec![Role::Meta, Role::Data, Role::Proxy])
+}
+
+/// An API token from the file.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub token: String,
+    pub role: TokenRole,
+    pub name: String,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub addr: SocketAddr,
+    /// Absolute (resolved against the config file's directory).
+    pub data_dir: PathBuf,
+    pub zone: String,
+    pub roles: Vec<Role>,
+}
+
+impl NodeConfig {
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+}
+
+/// A validated cluster.toml.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The file it came from.
+    pub path: PathBuf,
+    pub name: String,
+    /// Absolute path of the certificate directory.
+    pub certs_dir: PathBuf,
+    pub tokens: Vec<Token>,
+    pub nodes: Vec<NodeConfig>,
+    /// Things that are legal but probably not meant (printed at start-up).
+    pub warnings: Vec<String>,
+}
+
+impl ClusterConfig {
+    /// Reads and validates a cluster.toml.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, path, &base)
+    }
+
+    /// Validates config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: match e.span() {
+                Some(span) => format!("line {}: {}", line_of(text, span.start), e.message()),
+                None => e.message().to_string(),
+            },
+        })?;
+        let invalid = |offset: usize, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(text, offset),
+            message,
+        };
+
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut nodes = Vec::new();
+        for node in &raw.nodes {
+            let n = node.get_ref();
+            if !ids.insert(*n.id.get_ref()) {
+                return Err(invalid(
+                    n.id.span().start,
+                    format!("node id {} appears twice", n.id.get_ref()),
+                ));
+            }
+            if *n.id.get_ref() == 0 {
+                return Err(invalid(
+                    n.id.span().start,
+                    "node id 0 is reserved; ids start at 1".into(),
+                ));
+            }
+            if !addrs.insert(*n.addr.get_ref()) {
+                return Err(invalid(
+                    n.addr.span().start,
+                    format!("address {} is used by two nodes", n.addr.get_ref()),
+                ));
+            }
+            if n.roles.get_ref().is_empty() {
+                return Err(invalid(
+                    n.roles.span().start,
+                    format!(
+                        "node {} has no roles; give it some of meta, data, proxy",
+                        n.id.get_ref()
+                    ),
+                ));
+            }
+            let mut roles = n.roles.get_ref().clone();
+            roles.sort_by_key(|r| *r as u8);
+            roles.dedup();
+            nodes.push(NodeConfig {
+                id: *n.id.get_ref(),
+                addr: *n.addr.get_ref(),
+                data_dir: base.join(&n.data_dir),
+                zone: n.zone.clone(),
+                roles,
+            });
+        }
+        if nodes.is_empty() {
+            return Err(ConfigError::Missing {
+                path: path.to_path_buf(),
+                message: "no [[nodes]]: a cluster needs at least one node".into(),
+            });
+        }
+        let voters = nodes.iter().filter(|n| n.has_role(Role::Meta)).count();
+        if voters == 0 {
+            return Err(ConfigError::Missing {
+                path: path.to_path_buf(),
+                message: "no node has the role \"meta\": at least one metadata voter is needed (3 or 5 recommended)"
+                    .into(),
+            });
+        }
+        let mut warnings = Vec::new();
+        if voters % 2 == 0 {
+            warnings.push(format!(
+                "{voters} meta nodes: an even number of voters tolerates no more failures than {} would; use an odd number",
+                voters - 1
+            ));
+        }
+
+        let mut seen = HashSet::new();
+        let mut tokens = Vec::new();
+        for (i, t) in raw.tokens.iter().enumerate() {
+            let t = t.get_ref();
+            let value = t.token.get_ref();
+            if value.len() < 8 {
+                return Err(invalid(
+                    t.token.span().start,
+                    "tokens must be at least 8 characters".into(),
+                ));
+            }
+            if !seen.insert(value.clone()) {
+                return Err(invalid(t.token.span().start, "this token appears twice".into()));
+            }
+            tokens.push(Token {
+                token: value.clone(),
+                role: t.role,
+                name: t.name.clone().unwrap_or_else(|| format!("token-{}", i + 1)),
+            });
+        }
+        if tokens.is_empty() {
+            warnings.push("no [[tokens]]: no client will be able to connect".into());
+        }
+
+        Ok(ClusterConfig {
+            path: path.to_path_buf(),
+            name: raw.cluster.name,
+            certs_dir: base.join(raw.cluster.certs_dir),
+            tokens,
+            nodes,
+            warnings,
+        })
+    }
+
+    pub fn node(&self, id: u64) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The strongest token of the file, for CLI use on a dev cluster.
+    pub fn strongest_token(&self) -> Option<&Token> {
+        self.tokens.iter().max_by_key(|t| t.role)
+    }
+
+    pub fn cert_paths(&self) -> crate::certs::CertPaths {
+        crate::certs::CertPaths::new(&self.certs_dir)
+    }
+
+    /// Certificates every node of this file needs.
+    pub fn cert_names(&self) -> Vec<crate::certs::NodeName> {
+        self.nodes
+            .iter()
+            .map(|n| crate::certs::NodeName {
+                id: n.id,
+                hosts: vec![n.addr.ip().to_string()],
+            })
+            .collect()
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+name = "t"
+
+[[tokens]]
+token = "admin-token-1"
+role = "admin"
+
+[[nodes]]
+id = 1
+addr = "127.0.0.1:7001"
+data_dir = "data/n1"
+
+[[nodes]]
+id = 2
+addr = "127.0.0.1:7002"
+data_dir = "data/n2"
+roles = ["data", "proxy"]
+"#;
+
+    fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
+        ClusterConfig::parse(text, Path::new("cluster.toml"), Path::new("/base"))
+    }
+
+    #[test]
+    fn good_file_resolves_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.nodes.len(), 2);
+        assert_eq!(c.nodes[0].data_dir, Path::new("/base/data/n1"));
+        assert_eq!(c.certs_dir, Path::new("/base/certs"));
+        assert_eq!(c.nodes[0].roles, vec![Role::Meta, Role::Data, Role::Proxy]);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(c.strongest_token().unwrap().role, TokenRole::Admin);
+    }
+
+    #[test]
+    fn duplicate_id_names_the_line() {
+        let text = GOOD.replace("id = 2", "id = 1");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("cluster.toml:15:") && err.contains("appears twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn duplicate_addr_and_unknown_role() {
+        let text = GOOD.replace("7002", "7001");
+        assert!(parse(&text).unwrap_err().to_string().contains("used by two nodes"));
+        let text = GOOD.replace("\"data\", \"proxy\"", "\"data\", \"router\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 18") && err.contains("router"), "{err}");
+    }
+
+    #[test]
+    fn voters_checked() {
+        let text = GOOD.replace("data_dir = \"data/n1\"", "data_dir = \"data/n1\"\nroles = [\"data\"]");
+        let text = text.replace("roles = [\"data\", \"proxy\"]", "roles = [\"proxy\"]");
+        assert!(parse(&text).unwrap_err().to_string().contains("meta"));
+        let text = GOOD.replace("roles = [\"data\", \"proxy\"]", "roles = [\"meta\"]");
+        let c = parse(&text).unwrap();
+        assert!(c.warnings[0].contains("even number"), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn short_token_rejected() {
+        let text = GOOD.replace("admin-token-1", "short");
+        assert!(parse(&text).unwrap_err().to_string().contains("at least 8"));
+    }
+}

@@ -1,0 +1,90 @@
+//! Requests and replies of the client ALPN ([`crate::ALPN_CLIENT`]).
+//!
+//! Every request carries the caller's API token; the node checks it and the
+//! token's role before it looks at anything else.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+use crate::types::*;
+
+/// A client request, versioned by variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    V1(RequestV1),
+}
+
+/// A reply to a [`ClientRequest`], in the version of the request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    V1(Result<ReplyV1, WireError>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestV1 {
+    pub token: String,
+    pub op: OpV1,
+}
+
+/// Operations of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum OpV1 {
+    Status,
+    CreateCollection(CollectionSpec),
+    ListCollections,
+    DescribeCollection {
+        name: String,
+    },
+    DropCollection {
+        name: String,
+    },
+    Upsert {
+        collection: String,
+        points: Vec<Point>,
+    },
+    Delete {
+        collection: String,
+        ids: Vec<u64>,
+    },
+    Get {
+        collection: String,
+        ids: Vec<u64>,
+    },
+    Search {
+        collection: String,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+    },
+}
+
+impl OpV1 {
+    /// Short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OpV1::Status => "status",
+            OpV1::CreateCollection(_) => "create_collection",
+            OpV1::ListCollections => "list_collections",
+            OpV1::DescribeCollection { .. } => "describe_collection",
+            OpV1::DropCollection { .. } => "drop_collection",
+            OpV1::Upsert { .. } => "upsert",
+            OpV1::Delete { .. } => "delete",
+            OpV1::Get { .. } => "get",
+            OpV1::Search { .. } => "search",
+        }
+    }
+}
+
+/// Replies of protocol version 1, one per operation kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReplyV1 {
+    Status(NodeStatus),
+    Created,
+    Collections(Vec<CollectionInfo>),
+    Collection(CollectionInfo),
+    Dropped,
+    Written(WriteAck),
+    Points(Vec<PointRecord>),
+    /// One result list per query, in query order.
+    Hits(Vec<Vec<Hit>>),
+}

@@ -1,0 +1,29 @@
+//! Hard limits enforced on both sides of the wire.
+//!
+//! They bound memory per request: a peer can never make a node allocate more
+//! than [`MAX_FRAME_BYTES`] for one message, whatever it claims.
+
+/// Largest frame body accepted on a request or response stream.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Largest vector dimension of a collection.
+pub const MAX_DIM: u32 = 4096;
+/// Largest `k` of a search.
+pub const MAX_K: u32 = 1024;
+/// Most points in one upsert batch.
+pub const MAX_BATCH_POINTS: usize = 10_000;
+/// Most ids in one get or delete batch.
+pub const MAX_BATCH_IDS: usize = 100_000;
+/// Most query vectors in one batched search.
+pub const MAX_QUERIES: usize = 1024;
+/// Largest JSON payload of one point, in bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Longest collection name.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most shards of one collection.
+pub const MAX_SHARDS: u32 = 256;
+/// Bounds of a collection's seal size (rows of a growing segment).
+pub const MIN_SEAL_ROWS: u32 = 64;
+/// Upper bound of a collection's seal size.
+pub const MAX_SEAL_ROWS: u32 = 4_000_000;
+/// Seal size used when a create request does not name one.
+pub const DEFAULT_SEAL_ROWS: u32 = 65_536;

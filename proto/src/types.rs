@@ -1,0 +1,190 @@
+//! Domain types carried by requests and replies.
+//!
+//! These are plain data. Validation against a collection's schema happens in
+//! the node (one place, so every entry point agrees); the limits it applies
+//! are in [`crate::limits`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// How vectors are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Metric {
+    /// Euclidean distance; smaller is closer. Scores are the distance.
+    L2,
+    /// Inner product; larger is closer. Scores are the product.
+    InnerProduct,
+    /// Cosine similarity; larger is closer. Vectors are normalised on insert,
+    /// scores are the similarity in [-1, 1].
+    Cosine,
+}
+
+impl Metric {
+    /// The name used in the CLI, config files and JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::L2 => "l2",
+            Metric::InnerProduct => "ip",
+            Metric::Cosine => "cosine",
+        }
+    }
+
+    /// Whether a larger score means a closer point.
+    pub fn higher_is_better(self) -> bool {
+        !matches!(self, Metric::L2)
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Metric {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "l2" | "euclid" | "euclidean" => Ok(Metric::L2),
+            "ip" | "dot" | "inner_product" => Ok(Metric::InnerProduct),
+            "cosine" | "cos" => Ok(Metric::Cosine),
+            other => Err(format!("unknown metric {other:?}: use l2, ip or cosine")),
+        }
+    }
+}
+
+/// What a create-collection request asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionSpec {
+    pub name: String,
+    pub dim: u32,
+    pub metric: Metric,
+    /// Hash partitions; at least 1.
+    pub shards: u32,
+    /// Rows of a growing segment before it is sealed and indexed.
+    pub seal_rows: u32,
+}
+
+/// A point as written by a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    pub id: u64,
+    pub vector: Vec<f32>,
+    /// JSON text, if any. Carried as text because the wire format is not
+    /// self-describing; the node checks it parses and respects the size cap.
+    pub payload: Option<String>,
+}
+
+/// A point as read back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PointRecord {
+    pub id: u64,
+    /// The stored vector (normalised for cosine collections).
+    pub vector: Vec<f32>,
+    pub payload: Option<String>,
+}
+
+/// One search result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hit {
+    pub id: u64,
+    /// Distance for `l2` (smaller is better), product for `ip`, similarity
+    /// for `cosine` (larger is better). Results come best first.
+    pub score: f32,
+    pub payload: Option<String>,
+}
+
+/// Whether a segment still takes rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SegmentState {
+    Growing,
+    Sealed,
+}
+
+/// State of a sealed segment's HNSW index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IndexState {
+    /// Growing segment: searched by brute force.
+    None,
+    /// Sealed, index being built: searched by brute force meanwhile.
+    Building,
+    /// Sealed and indexed.
+    Ready,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    pub shard: u32,
+    pub id: u64,
+    pub state: SegmentState,
+    /// Rows written to the segment (including those deleted since).
+    pub rows: u64,
+    /// Rows of the segment that are deleted or replaced (tombstones).
+    pub deleted: u64,
+    pub index: IndexState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub shard: u32,
+    /// Live points.
+    pub points: u64,
+    /// Last applied log sequence number.
+    pub lsn: u64,
+}
+
+/// What describe returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionInfo {
+    pub spec: CollectionSpec,
+    /// Live points in all shards.
+    pub points: u64,
+    pub shards: Vec<ShardInfo>,
+    pub segments: Vec<SegmentInfo>,
+}
+
+/// What a write returns: per shard touched, the LSN that now covers it.
+/// It is the client's session token for read-your-writes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WriteAck {
+    /// Rows (upsert) or ids (delete) the request carried.
+    pub count: u64,
+    /// `(shard, lsn)` for every shard the write touched.
+    pub lsns: Vec<(u32, u64)>,
+}
+
+/// A node's view of itself, for `edgevec status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub version: String,
+    pub addr: String,
+    pub zone: String,
+    pub roles: Vec<String>,
+    pub uptime_ms: u64,
+    pub collections: u32,
+}
+
+impl CollectionSpec {
+    /// A spec with one shard and the default seal size.
+    pub fn new(name: impl Into<String>, dim: u32, metric: Metric) -> Self {
+        Self {
+            name: name.into(),
+            dim,
+            metric,
+            shards: 1,
+            seal_rows: crate::limits::DEFAULT_SEAL_ROWS,
+        }
+    }
+
+    pub fn with_shards(mut self, shards: u32) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    pub fn with_seal_rows(mut self, seal_rows: u32) -> Self {
+        self.seal_rows = seal_rows;
+        self
+    }
+}

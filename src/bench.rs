@@ -1,0 +1,295 @@
+//! `bench`: search and insert throughput of one node, in process and over QUIC.
+//!
+//! Builds one index (N × DIM random vectors, inserted through the client in
+//! batches) in a node process, measures search through the client over QUIC
+//! on loopback at 1 and C concurrent clients, stops the node, opens the same
+//! data directory in process and measures the same queries through the
+//! library call. Prints a Markdown report; the QUIC/in-process ratio is the
+//! number that matters (both sides run on the same machine in one run).
+//!
+//! `cargo run --release --bin bench -- --help`
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, Point};
+use edgevec_engine::{Engine, EngineOptions};
+use rand::{Rng, SeedableRng};
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value_t = 100_000)]
+    n: usize,
+    #[arg(long, default_value_t = 128)]
+    dim: usize,
+    #[arg(long, default_value_t = 2)]
+    shards: u32,
+    #[arg(long, default_value_t = 20_000)]
+    seal_rows: u32,
+    #[arg(long, default_value_t = 10)]
+    k: u32,
+    /// Queries per measurement.
+    #[arg(long, default_value_t = 2_000)]
+    queries: usize,
+    /// Concurrency of the parallel measurement.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 1_000)]
+    batch: usize,
+    /// Keep the data directory here instead of a temp dir.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+struct Stats {
+    qps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
+    Stats {
+        qps: lat.len() as f64 / wall.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+    }
+}
+
+fn vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| (0..dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+        .collect()
+}
+
+fn edgevec_exe() -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let exe = me.with_file_name("edgevec");
+    if !exe.exists() {
+        bail!("{} not found; build it with `cargo build --release`", exe.display());
+    }
+    Ok(exe)
+}
+
+fn write_config(dir: &Path) -> Result<(PathBuf, std::net::SocketAddr)> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let text = format!(
+        "[cluster]\nname = \"bench\"\n\n[[tokens]]\ntoken = \"bench-admin-token\"\nrole = \"admin\"\n\n\
+         [[nodes]]\nid = 1\naddr = \"127.0.0.1:{port}\"\ndata_dir = \"node1\"\n"
+    );
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text)?;
+    let cfg = edgevec_node::config::ClusterConfig::load(&path)?;
+    edgevec_node::certs::ensure(&cfg.cert_paths(), &cfg.name, &cfg.cert_names())?;
+    Ok((path, cfg.nodes[0].addr))
+}
+
+fn start_node(config: &Path) -> Result<Child> {
+    Ok(Command::new(edgevec_exe()?)
+        .args(["node", "--config"])
+        .arg(config)
+        .args(["--id", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+async fn connect(addr: std::net::SocketAddr, ca: &[u8]) -> Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(c) = Client::connect(ClientConfig::new(vec![addr], ca.to_vec(), "bench-admin-token")).await {
+            if c.status().await.is_ok() {
+                return Ok(c);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("node did not answer within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn quic_search(clients: &[Client], queries: &Arc<Vec<Vec<f32>>>, k: u32) -> Result<Stats> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (w, client) in clients.iter().enumerate() {
+        let client = client.clone();
+        let queries = queries.clone();
+        let workers = clients.len();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for q in queries.iter().skip(w).step_by(workers) {
+                let t = Instant::now();
+                client.search_batch("bench", vec![q.clone()], k, false).await?;
+                lat.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    Ok(stats(lat, started.elapsed()))
+}
+
+fn local_search(engine: &Arc<Engine>, queries: &Arc<Vec<Vec<f32>>>, k: u32, workers: usize) -> Result<Stats> {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let engine = engine.clone();
+            let queries = queries.clone();
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                for q in queries.iter().skip(w).step_by(workers) {
+                    let t = Instant::now();
+                    engine.search("bench", std::slice::from_ref(q), k, false)?;
+                    lat.push(t.elapsed());
+                }
+                Ok::<_, anyhow::Error>(lat)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for h in handles {
+        lat.extend(h.join().expect("bench thread")?);
+    }
+    Ok(stats(lat, started.elapsed()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let (config, addr) = write_config(&dir)?;
+    let ca = std::fs::read(dir.join("certs/ca.pem"))?;
+    let data = vectors(args.n, args.dim, 1);
+    let queries = Arc::new(vectors(args.queries, args.dim, 2));
+
+    let mut node = start_node(&config)?;
+    let client = connect(addr, &ca).await?;
+    let spec = CollectionSpec::new("bench", args.dim as u32, Metric::L2)
+        .with_shards(args.shards)
+        .with_seal_rows(args.seal_rows);
+    client.create_collection(spec).await?;
+
+    // Insert: one batch in flight at a time, through the client.
+    let started = Instant::now();
+    for (b, chunk) in data.chunks(args.batch).enumerate() {
+        let points = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Point {
+                id: (b * args.batch + i) as u64,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect();
+        client.upsert("bench", points).await?;
+    }
+    let insert_secs = started.elapsed().as_secs_f64();
+    let insert_rate = args.n as f64 / insert_secs;
+    eprintln!("inserted {} rows in {insert_secs:.1} s", args.n);
+
+    let started = Instant::now();
+    loop {
+        let info = client.describe_collection("bench").await?;
+        if info
+            .segments
+            .iter()
+            .all(|s| s.index != edgevec_proto::IndexState::Building)
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("indexes not built within 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let index_secs = started.elapsed().as_secs_f64();
+    eprintln!("indexes ready after {index_secs:.1} s more");
+
+    let mut clients = Vec::new();
+    for _ in 0..args.concurrency {
+        clients.push(connect(addr, &ca).await?);
+    }
+    // Warm-up, then the measurements.
+    quic_search(
+        &clients[..1],
+        &Arc::new(queries[..100.min(queries.len())].to_vec()),
+        args.k,
+    )
+    .await?;
+    let quic1 = quic_search(&clients[..1], &queries, args.k).await?;
+    let quicn = quic_search(&clients, &queries, args.k).await?;
+    for c in &clients {
+        c.close().await;
+    }
+    client.close().await;
+    unsafe_terminate(&mut node)?;
+
+    let engine_dir = dir.join("node1/engine");
+    let engine =
+        Arc::new(Engine::open(&engine_dir, EngineOptions::default()).context("opening the node's data in process")?);
+    if !engine.wait_for_indexes(Duration::from_secs(600)) {
+        bail!("in-process indexes not ready");
+    }
+    local_search(
+        &engine,
+        &Arc::new(queries[..100.min(queries.len())].to_vec()),
+        args.k,
+        1,
+    )?;
+    let local1 = local_search(&engine, &queries, args.k, 1)?;
+    let localn = local_search(&engine, &queries, args.k, args.concurrency)?;
+
+    println!(
+        "### {} × {} (L2, {} shards, seal_rows {}), k = {}, {} queries per run\n",
+        args.n, args.dim, args.shards, args.seal_rows, args.k, args.queries
+    );
+    println!("| path | concurrency | QPS | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|---:|");
+    for (path, c, s) in [
+        ("in process", 1, &local1),
+        ("QUIC client", 1, &quic1),
+        ("in process", args.concurrency, &localn),
+        ("QUIC client", args.concurrency, &quicn),
+    ] {
+        println!("| {path} | {c} | {:.0} | {:.3} | {:.3} |", s.qps, s.p50_ms, s.p99_ms);
+    }
+    println!();
+    println!(
+        "QUIC / in-process QPS ratio: {:.2} at 1 client, {:.2} at {} clients",
+        quic1.qps / local1.qps,
+        quicn.qps / localn.qps,
+        args.concurrency
+    );
+    println!();
+    println!("Insert through the client, batches of {}: {:.0} rows/s ({} rows in {:.1} s; index build after the last insert: {:.1} s)", args.batch, insert_rate, args.n, insert_secs, index_secs);
+    Ok(())
+}
+
+fn unsafe_terminate(node: &mut Child) -> Result<()> {
+    // SAFETY: plain syscall on our own child.
+    unsafe {
+        libc::kill(node.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if node.try_wait()?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.kill()?;
+    node.wait()?;
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! Every kind of bad input, over the real wire, gets a typed error naming the
+//! problem; the node keeps serving and loses nothing acknowledged.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use edgevec_client::{rpc, tls, Client, ClientError, CollectionSpec, Metric, Point};
+use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, RequestV1};
+use edgevec_proto::internal::{NodeOpV1, NodeReplyV1, NodeRequest, NodeResponse};
+use edgevec_proto::{codec, frame, limits, ErrorCode};
+
+fn point(id: u64, vector: Vec<f32>) -> Point {
+    Point {
+        id,
+        vector,
+        payload: None,
+    }
+}
+
+fn invalid_field(e: ClientError) -> (Option<String>, String) {
+    match e {
+        ClientError::InvalidArgument { field, message } => (field, message),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+/// A raw QUIC connection on the client ALPN, for sending what the client
+/// library never would.
+async fn raw_connection(cluster: &TestCluster) -> (quinn::Endpoint, quinn::Connection) {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(tls::client_config(&cluster.ca_pem(), None, edgevec_proto::ALPN_CLIENT).unwrap());
+    let conn = ep.connect(cluster.addr(1), "127.0.0.1").unwrap().await.unwrap();
+    (ep, conn)
+}
+
+async fn reply_error(recv: &mut quinn::RecvStream) -> edgevec_proto::WireError {
+    let body = tokio::time::timeout(
+        Duration::from_secs(10),
+        frame::read_frame(recv, limits::MAX_FRAME_BYTES),
+    )
+    .await
+    .expect("node answers in time")
+    .expect("node answers with a frame");
+    match codec::decode::<ClientResponse>(&body).unwrap() {
+        ClientResponse::V1(Err(e)) => e,
+        ClientResponse::V1(Ok(r)) => panic!("expected an error reply, got {r:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
+    let mut cluster = TestCluster::new(1);
+    cluster.start(1);
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_collection(CollectionSpec::new("c", 4, Metric::Cosine).with_shards(2))
+        .await
+        .unwrap();
+    let ack = admin
+        .upsert(
+            "c",
+            vec![Point {
+                id: 1,
+                vector: vec![1.0, 0.0, 0.0, 0.0],
+                payload: Some("{\"keep\":true}".into()),
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(ack.count, 1);
+
+    // Wrong dimension, on write and on search.
+    let (field, msg) = invalid_field(
+        admin
+            .upsert("c", vec![point(2, vec![1.0, 2.0, 3.0])])
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        field.unwrap().contains("vector") && msg.contains('3') && msg.contains('4'),
+        "{msg}"
+    );
+    let (_, msg) = invalid_field(admin.search("c", &[1.0, 2.0], 5).await.unwrap_err());
+    assert!(msg.contains('2') && msg.contains('4'), "{msg}");
+
+    // NaN and infinite components.
+    let (_, msg) = invalid_field(
+        admin
+            .upsert("c", vec![point(3, vec![1.0, f32::NAN, 0.0, 0.0])])
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.to_lowercase().contains("nan"), "{msg}");
+    let (_, msg) = invalid_field(admin.search("c", &[f32::INFINITY, 0.0, 0.0, 0.0], 5).await.unwrap_err());
+    assert!(msg.to_lowercase().contains("inf") || msg.contains("finite"), "{msg}");
+
+    // k out of range.
+    let (field, _) = invalid_field(admin.search("c", &[1.0, 0.0, 0.0, 0.0], 0).await.unwrap_err());
+    assert_eq!(field.as_deref(), Some("k"));
+    let (field, msg) = invalid_field(
+        admin
+            .search("c", &[1.0, 0.0, 0.0, 0.0], limits::MAX_K + 1)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(field.as_deref(), Some("k"));
+    assert!(msg.contains("1024"), "{msg}");
+
+    // Unknown and duplicate collections.
+    match admin.search("nope", &[1.0; 4], 5).await.unwrap_err() {
+        ClientError::NotFound(m) => assert!(m.contains("nope"), "{m}"),
+        e => panic!("{e:?}"),
+    }
+    match admin
+        .create_collection(CollectionSpec::new("c", 4, Metric::L2))
+        .await
+        .unwrap_err()
+    {
+        ClientError::AlreadyExists(m) => assert!(m.contains('c'), "{m}"),
+        e => panic!("{e:?}"),
+    }
+    invalid_field(
+        admin
+            .create_collection(CollectionSpec::new("d", 0, Metric::L2))
+            .await
+            .unwrap_err(),
+    );
+    invalid_field(
+        admin
+            .create_collection(CollectionSpec::new("d", 5000, Metric::L2))
+            .await
+            .unwrap_err(),
+    );
+    invalid_field(
+        admin
+            .create_collection(CollectionSpec::new("bad name!", 4, Metric::L2))
+            .await
+            .unwrap_err(),
+    );
+
+    // Empty batches and bad payloads.
+    invalid_field(admin.upsert("c", vec![]).await.unwrap_err());
+    invalid_field(admin.delete("c", &[]).await.unwrap_err());
+    let bad_payload = Point {
+        id: 9,
+        vector: vec![1.0; 4],
+        payload: Some("{not json".into()),
+    };
+    let (field, _) = invalid_field(admin.upsert("c", vec![bad_payload]).await.unwrap_err());
+    assert!(field.unwrap().contains("payload"));
+    let big = Point {
+        id: 9,
+        vector: vec![1.0; 4],
+        payload: Some(format!("\"{}\"", "x".repeat(limits::MAX_PAYLOAD_BYTES))),
+    };
+    invalid_field(admin.upsert("c", vec![big]).await.unwrap_err());
+
+    // Missing, unknown and read-only tokens.
+    let anon = Client::connect(cluster.client_config(1, "")).await.unwrap();
+    assert!(matches!(
+        anon.list_collections().await.unwrap_err(),
+        ClientError::Unauthorized(_)
+    ));
+    let stranger = Client::connect(cluster.client_config(1, "not-a-real-token"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        stranger.search("c", &[1.0; 4], 1).await.unwrap_err(),
+        ClientError::Unauthorized(_)
+    ));
+    let reader = Client::connect(cluster.client_config(1, READER)).await.unwrap();
+    match reader.upsert("c", vec![point(5, vec![1.0; 4])]).await.unwrap_err() {
+        ClientError::PermissionDenied(m) => assert!(m.contains("read") && m.contains("write"), "{m}"),
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(reader.search("c", &[1.0, 0.0, 0.0, 0.0], 1).await.unwrap()[0].id, 1);
+    let writer = Client::connect(cluster.client_config(1, WRITER)).await.unwrap();
+    assert!(matches!(
+        writer.drop_collection("c").await.unwrap_err(),
+        ClientError::PermissionDenied(_)
+    ));
+
+    // Raw wire abuse on one connection; other streams and clients go on.
+    let (_ep, conn) = raw_connection(&cluster).await;
+
+    // A frame that claims more than the limit: refused before it is read.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame::header(limits::MAX_FRAME_BYTES + 1))
+        .await
+        .unwrap();
+    send.write_all(&[0u8; 1024]).await.unwrap();
+    let err = reply_error(&mut recv).await;
+    assert_eq!(err.code, ErrorCode::FrameTooLarge, "{err:?}");
+
+    // Garbage bytes in a well-formed frame.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    frame::write_frame(&mut send, &[0x00, 0xde, 0xad, 0xbe, 0xef, 0xff, 0xff])
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let err = reply_error(&mut recv).await;
+    assert_eq!(err.code, ErrorCode::Malformed, "{err:?}");
+
+    // A newer protocol version is named as such.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    frame::write_frame(&mut send, &[0x05, 0x00]).await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(reply_error(&mut recv).await.code, ErrorCode::UnsupportedVersion);
+
+    // A stream closed mid-request.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame::header(1000)).await.unwrap();
+    send.write_all(&[0u8; 10]).await.unwrap();
+    send.finish().unwrap();
+    let err = reply_error(&mut recv).await;
+    assert_eq!(err.code, ErrorCode::Malformed);
+    assert!(err.message.contains("mid-request"), "{err:?}");
+
+    // A stream reset mid-request, with no answer expected.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame::header(1000)).await.unwrap();
+    send.reset(7u32.into()).unwrap();
+
+    // The same connection still serves a proper request.
+    let req = ClientRequest::V1(RequestV1 {
+        token: READER.into(),
+        op: OpV1::ListCollections,
+    });
+    match rpc::call::<_, ClientResponse>(&conn, &req, Duration::from_secs(10))
+        .await
+        .unwrap()
+    {
+        ClientResponse::V1(Ok(_)) => {}
+        other => panic!("{other:?}"),
+    }
+
+    // Nothing acknowledged was lost, and the node serves everyone.
+    let got = admin.get("c", &[1]).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload.as_deref(), Some("{\"keep\":true}"));
+    assert_eq!(admin.describe_collection("c").await.unwrap().points, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_protocol_requires_a_node_certificate_of_the_cluster() {
+    let mut cluster = TestCluster::new(1);
+    cluster.start(1);
+    let _ = cluster.client(1, READER).await;
+    let paths = cluster.config.cert_paths();
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let ping = NodeRequest::V1(NodeOpV1::Ping { from: 2 });
+
+    let dial = |identity: Option<(Vec<u8>, Vec<u8>)>, ca: Vec<u8>| {
+        let addr = cluster.addr(1);
+        async move {
+            let identity = identity.map(|(c, k)| {
+                (
+                    tls::certs_from_pem(&c, "cert").unwrap(),
+                    tls::key_from_pem(&k, "key").unwrap(),
+                )
+            });
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            ep.set_default_client_config(tls::client_config(&ca, identity, edgevec_proto::ALPN_NODE).unwrap());
+            let conn = ep.connect(addr, "127.0.0.1").unwrap().await;
+            (ep, conn)
+        }
+    };
+
+    // A node certificate of the cluster: ping answers.
+    let (_ep, conn) = dial(
+        Some((read(paths.node_cert(1)), read(paths.node_key(1)))),
+        cluster.ca_pem(),
+    )
+    .await;
+    let conn = conn.unwrap();
+    match rpc::call::<_, NodeResponse>(&conn, &ping, Duration::from_secs(10))
+        .await
+        .unwrap()
+    {
+        NodeResponse::V1(Ok(NodeReplyV1::Pong { node_id })) => assert_eq!(node_id, 1),
+        other => panic!("{other:?}"),
+    }
+
+    // No certificate, or a client (not node) certificate: the node closes the connection.
+    for identity in [None, Some((read(paths.client_cert()), read(paths.client_key())))] {
+        let (_ep, conn) = dial(identity, cluster.ca_pem()).await;
+        let conn = conn.unwrap();
+        let err = rpc::call::<_, NodeResponse>(&conn, &ping, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, rpc::CallError::Connection(_)), "{err:?}");
+        match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => assert_eq!(c.error_code, 1u32.into()),
+            other => panic!("expected NOT_A_NODE close, got {other:?}"),
+        }
+    }
+
+    // A node certificate of another CA: the handshake itself fails.
+    let foreign = tempfile::tempdir().unwrap();
+    let fpaths = edgevec_node::certs::foreign_node_cert(foreign.path(), 2).unwrap();
+    let (_ep, conn) = dial(
+        Some((read(fpaths.node_cert(2)), read(fpaths.node_key(2)))),
+        cluster.ca_pem(),
+    )
+    .await;
+    match conn {
+        Err(_) => {}
+        Ok(conn) => {
+            // TLS 1.3 may finish the client side before the server rejects the certificate.
+            let err = rpc::call::<_, NodeResponse>(&conn, &ping, Duration::from_secs(10))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, rpc::CallError::Connection(_)), "{err:?}");
+        }
+    }
+
+    // The node is still fine.
+    let c = cluster.client(1, READER).await;
+    c.status().await.unwrap();
+}

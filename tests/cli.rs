@@ -1,0 +1,203 @@
+//! The operator and data CLI, used the way a person would: `edgevec up` on a
+//! cluster file, then collection, insert (JSON lines and .npy), search, get,
+//! delete, describe and status, all with --json; then Ctrl-C-like shutdown.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn npy_f32(rows: &[Vec<f32>]) -> Vec<u8> {
+    let dim = rows[0].len();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {dim}), }}",
+        rows.len()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for r in rows {
+        for x in r {
+            out.extend(x.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn json(out: &(bool, String, String)) -> Value {
+    assert!(out.0, "command failed: {}", out.2);
+    serde_json::from_str(out.1.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.1))
+}
+
+#[test]
+fn up_then_cli_round_trip() {
+    let cluster = TestCluster::new(3);
+    let mut up = Command::new(env!("CARGO_BIN_EXE_edgevec"))
+        .arg("up")
+        .arg(&cluster.config_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = up.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut ready = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(90))
+            .expect("`up` reports the cluster within 90 s");
+        if line.contains("is up") {
+            break;
+        }
+        ready.push(line);
+    }
+    assert_eq!(ready.iter().filter(|l| l.contains("ready on")).count(), 3, "{ready:?}");
+
+    let status = json(&cluster.cli(&["status", "--json"]));
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().all(|n| n["state"] == "up"), "{status}");
+
+    let created = json(&cluster.cli(&[
+        "collection",
+        "create",
+        "docs",
+        "--dim",
+        "3",
+        "--metric",
+        "cosine",
+        "--shards",
+        "2",
+        "--json",
+    ]));
+    assert_eq!(created["created"], "docs");
+    let dup = cluster.cli(&["collection", "create", "docs", "--dim", "3"]);
+    assert!(!dup.0 && dup.2.contains("already exists"), "{dup:?}");
+
+    let jsonl = cluster.path("points.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"id\":1,\"vector\":[1,0,0],\"payload\":{\"title\":\"east\"}}\n\
+         {\"id\":2,\"vector\":[0,1,0],\"payload\":{\"title\":\"north\"}}\n\
+         \n\
+         {\"id\":3,\"vector\":[0.9,0.1,0]}\n",
+    )
+    .unwrap();
+    let inserted = json(&cluster.cli(&["insert", "docs", "--file", jsonl.to_str().unwrap(), "--json"]));
+    assert_eq!(inserted["inserted"], 3);
+
+    let bad = cluster.path("bad.jsonl");
+    std::fs::write(&bad, "{\"id\":1,\"vector\":[1,0,0]}\n{\"id\":\"x\",\"vector\":[1]}\n").unwrap();
+    let out = cluster.cli(&["insert", "docs", "--file", bad.to_str().unwrap()]);
+    assert!(!out.0 && out.2.contains("bad.jsonl:2"), "{out:?}");
+
+    let hits = json(&cluster.cli(&["search", "docs", "--vector", "[1, 0, 0]", "--k", "2", "--json"]));
+    let hits = hits.as_array().unwrap();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(hits[0]["id"], 1);
+    assert_eq!(hits[0]["payload"]["title"], "east");
+    assert_eq!(hits[1]["id"], 3);
+    assert!((hits[0]["score"].as_f64().unwrap() - 1.0).abs() < 1e-5);
+
+    let wrong = cluster.cli(&["search", "docs", "--vector", "[1, 0]", "--k", "2"]);
+    assert!(!wrong.0 && wrong.2.contains("invalid argument"), "{wrong:?}");
+
+    let got = json(&cluster.cli(&["get", "docs", "--ids", "2,3,99", "--json"]));
+    assert_eq!(got.as_array().unwrap().len(), 2);
+    assert_eq!(got[0]["payload"]["title"], "north");
+
+    let deleted = json(&cluster.cli(&["delete", "docs", "--ids", "1", "--json"]));
+    assert_eq!(deleted["deleted"], 1);
+    let hits = json(&cluster.cli(&["search", "docs", "--vector", "[1, 0, 0]", "--k", "1", "--json"]));
+    assert_eq!(hits[0]["id"], 3);
+
+    // .npy matrices: row i gets id start_id + i.
+    let rows = random_vectors(2500, 8, 3);
+    let npy = cluster.path("m.npy");
+    std::fs::write(&npy, npy_f32(&rows)).unwrap();
+    json(&cluster.cli(&[
+        "collection",
+        "create",
+        "mat",
+        "--dim",
+        "8",
+        "--seal-rows",
+        "1000",
+        "--json",
+    ]));
+    let inserted = json(&cluster.cli(&[
+        "insert",
+        "mat",
+        "--file",
+        npy.to_str().unwrap(),
+        "--start-id",
+        "100",
+        "--json",
+    ]));
+    assert_eq!(inserted["inserted"], 2500);
+    assert!(inserted["rows_per_sec"].as_f64().unwrap() > 0.0);
+    let q = serde_json::to_string(&rows[42]).unwrap();
+    let hits = json(&cluster.cli(&["search", "mat", "--vector", &q, "--k", "1", "--json"]));
+    assert_eq!(hits[0]["id"], 142);
+
+    let info = json(&cluster.cli(&["collection", "describe", "mat", "--json"]));
+    assert_eq!(info["points"], 2500);
+    assert_eq!(info["metric"], "l2");
+    assert!(
+        info["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["state"] == "sealed"),
+        "{info}"
+    );
+    let list = json(&cluster.cli(&["collection", "list", "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 2);
+
+    // A read-only token cannot write, and says so.
+    let out = cluster.cli(&["--token", READER, "delete", "mat", "--ids", "100"]);
+    assert!(!out.0 && out.2.contains("permission denied"), "{out:?}");
+
+    let dropped = json(&cluster.cli(&["collection", "drop", "docs", "--json"]));
+    assert_eq!(dropped["dropped"], "docs");
+
+    // SIGTERM to `up` stops every node.
+    unsafe {
+        libc::kill(up.id() as i32, libc::SIGTERM);
+    }
+    let mut stopped = false;
+    for _ in 0..400 {
+        if up.try_wait().unwrap().is_some() {
+            stopped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !stopped {
+        let _ = up.kill();
+        panic!("`up` did not stop within 20 s of SIGTERM");
+    }
+    let status = json(&cluster.cli(&["status", "--json"]));
+    assert!(
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "unreachable"),
+        "{status}"
+    );
+}

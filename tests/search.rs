@@ -1,0 +1,169 @@
+//! Search quality and durability through a real node process over QUIC.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgevec_client::{ClientError, CollectionSpec, Metric, Point};
+
+fn exact_top_k(data: &[Vec<f32>], q: &[f32], k: usize, metric: Metric) -> Vec<u64> {
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let mut scored: Vec<(f32, u64)> = data
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let dot: f32 = v.iter().zip(q).map(|(a, b)| a * b).sum();
+            let key = match metric {
+                Metric::L2 => v.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(),
+                Metric::InnerProduct => -dot,
+                Metric::Cosine => -dot / (norm(v) * norm(q)),
+            };
+            (key, i as u64)
+        })
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    scored.into_iter().take(k).map(|(_, id)| id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recall_at_10_for_each_metric() {
+    let mut cluster = TestCluster::new(1);
+    cluster.start(1);
+    let client = cluster.client(1, ADMIN).await;
+    let (n, dim) = (10_000usize, 128usize);
+    let data = random_vectors(n, dim, 7);
+    let queries = random_vectors(100, dim, 8);
+
+    for metric in [Metric::L2, Metric::InnerProduct, Metric::Cosine] {
+        let name = format!("recall_{metric}");
+        let spec = CollectionSpec::new(&name, dim as u32, metric)
+            .with_shards(2)
+            .with_seal_rows(2048);
+        client.create_collection(spec).await.unwrap();
+        for (b, chunk) in data.chunks(1000).enumerate() {
+            let points = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Point {
+                    id: (b * 1000 + i) as u64,
+                    vector: v.clone(),
+                    payload: Some(format!("{{\"n\":{}}}", b * 1000 + i)),
+                })
+                .collect();
+            client.upsert(&name, points).await.unwrap();
+        }
+        wait_for_indexes(&client, &name).await;
+        let info = client.describe_collection(&name).await.unwrap();
+        assert_eq!(info.points, n as u64);
+        assert!(
+            info.segments
+                .iter()
+                .filter(|s| s.state == edgevec_proto::SegmentState::Sealed)
+                .count()
+                >= 4,
+            "expected sealed, indexed segments: {info:?}"
+        );
+
+        let results = client.search_batch(&name, queries.clone(), 10, true).await.unwrap();
+        let mut found = 0;
+        for (q, hits) in queries.iter().zip(&results) {
+            assert_eq!(hits.len(), 10);
+            let truth: HashSet<u64> = exact_top_k(&data, q, 10, metric).into_iter().collect();
+            found += hits.iter().filter(|h| truth.contains(&h.id)).count();
+            // Best first, in the metric's own direction.
+            for w in hits.windows(2) {
+                if metric.higher_is_better() {
+                    assert!(w[0].score >= w[1].score, "{metric}: not sorted {hits:?}");
+                } else {
+                    assert!(w[0].score <= w[1].score, "{metric}: not sorted {hits:?}");
+                }
+            }
+            assert_eq!(
+                hits[0].payload.as_deref(),
+                Some(format!("{{\"n\":{}}}", hits[0].id).as_str())
+            );
+        }
+        let recall = found as f64 / (queries.len() * 10) as f64;
+        println!("{metric}: recall@10 = {recall:.4}");
+        assert!(recall >= 0.95, "{metric}: recall@10 {recall} < 0.95");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_inserts_keeps_every_acknowledged_point() {
+    let mut cluster = TestCluster::new(1);
+    cluster.start(1);
+    let client = cluster.client(1, ADMIN).await;
+    let dim = 16;
+    client
+        .create_collection(
+            CollectionSpec::new("durable", dim, Metric::L2)
+                .with_shards(3)
+                .with_seal_rows(500),
+        )
+        .await
+        .unwrap();
+
+    let acked: Arc<Mutex<Vec<Point>>> = Arc::default();
+    let writer = {
+        let client = client.clone();
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            // Bounded: at most 2,000 batches or 60 s, whichever comes first.
+            let started = Instant::now();
+            for batch in 0..2_000u64 {
+                if started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+                let points: Vec<Point> = random_vectors(50, dim as usize, batch)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, vector)| {
+                        let id = batch * 50 + i as u64;
+                        Point {
+                            id,
+                            vector,
+                            payload: Some(format!("{{\"batch\":{batch},\"tag\":\"p{id}\"}}")),
+                        }
+                    })
+                    .collect();
+                match client.upsert("durable", points.clone()).await {
+                    Ok(_) => acked.lock().unwrap().extend(points),
+                    Err(ClientError::Unavailable(_) | ClientError::Timeout(_)) => break,
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+        })
+    };
+    // Let the stream run (through a few seals), then kill mid-stream.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 3_000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill9(1);
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 3_000, "too few writes before the kill: {}", acked.len());
+
+    cluster.start(1);
+    let client = cluster.client(1, READER).await;
+    let ids: Vec<u64> = acked.iter().map(|p| p.id).collect();
+    let mut got = Vec::new();
+    for chunk in ids.chunks(5_000) {
+        got.extend(client.get("durable", chunk).await.unwrap());
+    }
+    assert_eq!(got.len(), acked.len(), "acknowledged points lost after kill -9");
+    for (want, have) in acked.iter().zip(&got) {
+        assert_eq!(want.id, have.id);
+        assert_eq!(want.vector, have.vector);
+        assert_eq!(want.payload, have.payload);
+    }
+    // And they are searchable: each of a sample finds itself first.
+    for p in acked.iter().step_by(997) {
+        let hits = client.search("durable", &p.vector, 1).await.unwrap();
+        assert_eq!(hits[0].id, p.id);
+    }
+}
