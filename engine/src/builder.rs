@@ -3,8 +3,10 @@
 //! Sealing a segment must not make the write that sealed it wait for an
 //! HNSW build (seconds for large segments), so shards hand builds to this
 //! thread and return. instant-distance parallelises each build internally
-//! (rayon), so one builder thread is enough to use the machine while leaving
-//! writes and searches responsive.
+//! (rayon); builds run inside the builder's *own* rayon pool, never the
+//! global one, because a build keeps every worker of its pool busy for
+//! seconds and searches (which use the global pool) must not queue behind
+//! it.
 //!
 //! A job is an opaque closure (the shard decides what building means:
 //! build, save the file, install in memory). The builder owns only the
@@ -44,6 +46,10 @@ impl IndexBuilder {
             stopping: AtomicBool::new(false),
         });
         let worker = shared.clone();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("edgevec-index-{i}"))
+            .build()
+            .expect("index build thread pool starts");
         let thread = std::thread::Builder::new()
             .name("edgevec-index-builder".into())
             .spawn(move || {
@@ -52,7 +58,8 @@ impl IndexBuilder {
                         // A panicking build must not take the builder down
                         // with it; the segment stays searchable by brute
                         // force and is rebuilt at the next open.
-                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        let run = std::panic::AssertUnwindSafe(|| pool.install(job));
+                        if std::panic::catch_unwind(run).is_err() {
                             tracing::error!("index build panicked; segment stays on brute force");
                         }
                     }

@@ -90,11 +90,22 @@ impl Collection {
         )
     }
 
+    /// Appends each shard's op, shards in parallel. Each append blocks on
+    /// an fsync, so this uses scoped OS threads, not rayon: a rayon worker
+    /// parked on the disk would stall searches queued on the same pool.
     fn write(&self, count: u64, ops: Vec<(u32, ShardOp)>) -> Result<WriteAck, EngineError> {
-        let lsns = ops
-            .into_par_iter()
-            .map(|(shard, op)| Ok((shard, self.shards[shard as usize].append(&op)?)))
-            .collect::<Result<Vec<_>, EngineError>>()?;
+        let append = |(shard, op): &(u32, ShardOp)| Ok((*shard, self.shards[*shard as usize].append(op)?));
+        let lsns = if ops.len() == 1 {
+            vec![append(&ops[0])?]
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = ops.iter().map(|op| scope.spawn(move || append(op))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("shard append does not panic"))
+                    .collect::<Result<Vec<_>, EngineError>>()
+            })?
+        };
         Ok(WriteAck { count, lsns })
     }
 
