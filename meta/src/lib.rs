@@ -1,0 +1,67 @@
+//! edgevec's cluster metadata: the Raft storage and state machine of the
+//! metadata Raft (the control plane in ARCHITECTURE.md).
+//!
+//! This crate owns:
+//! - the openraft type configuration and every alias of it ([`types`]);
+//! - the versioned metadata commands and replies ([`command`]);
+//! - the metadata itself and the pure rules that change it ([`state`]):
+//!   nodes, collections with their shard maps, plugins, settings;
+//! - durable storage for both halves of openraft's storage API, each in its
+//!   own redb file under the metadata directory:
+//!   [`LogStore`] (`raft-log.redb`: log, vote, committed id, last purged)
+//!   and [`StateMachineStore`] (`meta-state.redb`: one row per entity, the
+//!   applied marker, the current snapshot).
+//!
+//! It does not own the Raft network or the node wiring (the node crate
+//! does): it gives the node a log store and a state machine to pass to
+//! `openraft::Raft::new`, and a watch channel of the applied state.
+//!
+//! Invariants:
+//! - nothing openraft considers persisted is only in memory: votes, log
+//!   appends, truncations, purges, applies and snapshot installs are
+//!   fsynced before the call returns (or, for appends, before the flush
+//!   callback fires);
+//! - applying is deterministic, and a refused command is a
+//!   [`ResponseV1::Rejected`] reply, never a storage error (a storage error
+//!   stops the Raft node);
+//! - everything persisted is a versioned envelope, and each file carries a
+//!   layout version that is checked on open;
+//! - redb work runs on tokio's blocking pool, never on a runtime worker.
+
+pub mod command;
+mod disk;
+mod error;
+pub mod log_store;
+mod snapshot;
+pub mod state;
+pub mod state_machine;
+mod state_rows;
+pub mod types;
+
+use std::path::Path;
+
+pub use command::{
+    CommandV1, MetaCommand, MetaResponse, NodeState, RejectCode, ReplicaInfo, ReplicaState, ResponseV1, ShardMap,
+};
+pub use error::MetaStoreError;
+pub use log_store::LogStore;
+pub use snapshot::StateMachineSnapshotBuilder;
+pub use state::{CollectionRecord, MetaState, NodeRecord, PluginBytes, PluginRecord};
+pub use state_machine::StateMachineStore;
+pub use types::{MetaNode, NodeId, Raft, TypeConfig};
+
+/// File name of the Raft log inside the metadata directory.
+pub const LOG_FILE: &str = "raft-log.redb";
+/// File name of the state machine inside the metadata directory.
+pub const STATE_FILE: &str = "meta-state.redb";
+
+/// Open (creating if needed) the metadata store in `dir`.
+///
+/// Blocking (creates the directory and opens two redb files): call it at
+/// startup, or from `spawn_blocking`.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), MetaStoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| MetaStoreError::io(dir, e))?;
+    let log = LogStore::open(&dir.join(LOG_FILE))?;
+    let sm = StateMachineStore::open(&dir.join(STATE_FILE))?;
+    Ok((log, sm))
+}

@@ -1,0 +1,151 @@
+//! Metadata snapshots: their format, how they are built, and where the
+//! current one is kept.
+//!
+//! A snapshot's data is postcard of [`SnapshotBody`], a versioned envelope
+//! around the whole [`MetaState`]; its [`SnapshotMeta`] (last log id, last
+//! membership, id) travels beside it, as openraft wants.
+//!
+//! Invariants:
+//! - a snapshot is a point-in-time view: the builder captures the state
+//!   `Arc`, last applied id and membership together, at the moment openraft
+//!   asks for the builder, so the data always matches `meta.last_log_id`;
+//! - the current snapshot is persisted (table `snapshot` of
+//!   `meta-state.redb`) so a restarted node can still send it to a lagging
+//!   follower whose entries it has purged; a build never replaces a newer
+//!   stored snapshot (an install may have landed meanwhile).
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::RaftSnapshotBuilder;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::disk::{blocking, decode, encode};
+use crate::error::{MetaStoreError, Subject};
+use crate::state::MetaState;
+use crate::state_rows::SNAPSHOT;
+use crate::types::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+const CURRENT_KEY: &str = "current";
+
+/// What a snapshot's data decodes to.
+#[derive(Deserialize)]
+enum SnapshotBody {
+    V1(MetaState),
+}
+
+/// [`SnapshotBody`] for encoding, borrowing the state: serde writes a
+/// reference exactly like the value, so the bytes are the same.
+#[derive(Serialize)]
+enum SnapshotBodyRef<'a> {
+    V1(&'a MetaState),
+}
+
+/// The current snapshot as stored.
+#[derive(Serialize, Deserialize)]
+enum StoredSnapshot {
+    V1 { meta: SnapshotMeta, data: Vec<u8> },
+}
+
+/// Encode a state as snapshot data.
+pub(crate) fn encode_body(state: &MetaState) -> Result<Vec<u8>, MetaStoreError> {
+    encode("snapshot", &SnapshotBodyRef::V1(state))
+}
+
+/// Decode snapshot data received from a leader or read from disk.
+pub(crate) fn decode_body(data: &[u8]) -> Result<MetaState, MetaStoreError> {
+    let SnapshotBody::V1(state) = decode("snapshot", data)?;
+    Ok(state)
+}
+
+/// Store `meta` + `data` as the current snapshot, unless a snapshot of a
+/// later log id is already stored (when `only_if_newer`).
+pub(crate) fn save_current(
+    txn: &WriteTransaction,
+    meta: &SnapshotMeta,
+    data: &[u8],
+    only_if_newer: bool,
+) -> Result<bool, MetaStoreError> {
+    let mut table = txn.open_table(SNAPSHOT)?;
+    if only_if_newer {
+        if let Some(old) = table.get(CURRENT_KEY)? {
+            let StoredSnapshot::V1 { meta: old_meta, .. } = decode("stored snapshot", old.value())?;
+            if old_meta.last_log_id > meta.last_log_id {
+                return Ok(false);
+            }
+        }
+    }
+    let bytes = encode(
+        "stored snapshot",
+        &StoredSnapshot::V1 {
+            meta: meta.clone(),
+            data: data.to_vec(),
+        },
+    )?;
+    table.insert(CURRENT_KEY, bytes.as_slice())?;
+    Ok(true)
+}
+
+/// The stored current snapshot, if any.
+pub(crate) fn read_current(db: &Database) -> Result<Option<(SnapshotMeta, Vec<u8>)>, MetaStoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(SNAPSHOT)?;
+    let Some(v) = table.get(CURRENT_KEY)? else {
+        return Ok(None);
+    };
+    let StoredSnapshot::V1 { meta, data } = decode("stored snapshot", v.value())?;
+    Ok(Some((meta, data)))
+}
+
+/// Builds a snapshot of the state as it was when the builder was made.
+pub struct StateMachineSnapshotBuilder {
+    pub(crate) db: Arc<Database>,
+    pub(crate) state: Arc<MetaState>,
+    pub(crate) last_applied: Option<LogId>,
+    pub(crate) last_membership: StoredMembership,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.last_membership.clone(),
+            snapshot_id: snapshot_id(self.last_applied),
+        };
+        let db = self.db.clone();
+        let state = self.state.clone();
+        let stored_meta = meta.clone();
+        let data = blocking(move || {
+            let data = encode_body(&state)?;
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            if save_current(&txn, &stored_meta, &data, true)? {
+                txn.commit()?;
+            } else {
+                txn.abort()?;
+            }
+            Ok(data)
+        })
+        .await
+        .map_err(|e| e.into_raft(Subject::WriteSnapshot))?;
+        tracing::info!(snapshot = %meta, bytes = data.len(), "built metadata snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+/// Unique enough: the log position plus the wall clock (two builds at the
+/// same position hold the same state anyway).
+fn snapshot_id(last: Option<LogId>) -> String {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    match last {
+        Some(l) => format!("{}-{}-{now_ms}", l.leader_id, l.index),
+        None => format!("empty-{now_ms}"),
+    }
+}

@@ -1,0 +1,247 @@
+//! The state machine's redb file (`meta-state.redb`): one row per entity,
+//! the applied marker and the current snapshot.
+//!
+//! Tables (layout version [`STATE_FORMAT`]):
+//!
+//! | table         | key               | value                                 |
+//! |---------------|-------------------|---------------------------------------|
+//! | `applied`     | `"applied"`       | [`AppliedRow`]: last applied id, last membership |
+//! | `nodes`       | node id           | [`NodeRow`]                           |
+//! | `collections` | name              | [`CollectionRow`] (spec + shard maps) |
+//! | `plugins`     | (name, version)   | [`PluginRow`] (hash + bytes)          |
+//! | `settings`    | key               | value (UTF-8)                         |
+//! | `snapshot`    | `"current"`       | `snapshot::StoredSnapshot`            |
+//!
+//! Per-entity rows rather than one blob because plugin modules can be
+//! megabytes: applying `SetSetting` must not rewrite them. A collection's
+//! shard maps live in its row; they are small and change with it.
+//!
+//! Invariant: the rows always equal the [`MetaState`] obtained by applying
+//! the log up to the stored last applied id, because each apply batch
+//! writes the rows it touched and the marker in one transaction.
+
+use std::collections::BTreeSet;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{CommandV1, MetaCommand};
+use crate::disk::{decode, encode};
+use crate::error::MetaStoreError;
+use crate::state::{CollectionRecord, MetaState, NodeRecord, PluginRecord};
+use crate::types::{LogId, StoredMembership};
+
+/// Layout version of `meta-state.redb`.
+pub const STATE_FORMAT: u32 = 1;
+
+const APPLIED: TableDefinition<&str, &[u8]> = TableDefinition::new("applied");
+const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
+const COLLECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("collections");
+const PLUGINS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("plugins");
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+pub(crate) const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+const APPLIED_KEY: &str = "applied";
+
+#[derive(Serialize, Deserialize)]
+enum AppliedRow {
+    V1 {
+        last_applied: Option<LogId>,
+        last_membership: StoredMembership,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+enum NodeRow {
+    V1(NodeRecord),
+}
+
+#[derive(Serialize, Deserialize)]
+enum CollectionRow {
+    V1(CollectionRecord),
+}
+
+#[derive(Serialize, Deserialize)]
+enum PluginRow {
+    V1(PluginRecord),
+}
+
+/// The one entity a command touches (see `MetaState`'s invariants).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Row {
+    Node(u64),
+    Collection(String),
+    Plugin(String, String),
+    Setting(String),
+}
+
+impl Row {
+    pub(crate) fn of(cmd: &MetaCommand) -> Row {
+        match cmd {
+            MetaCommand::V1(c) => match c {
+                CommandV1::RegisterNode { id, .. }
+                | CommandV1::SetNodeState { id, .. }
+                | CommandV1::RemoveNode { id } => Row::Node(*id),
+                CommandV1::CreateCollection { spec, .. } => Row::Collection(spec.name.clone()),
+                CommandV1::DropCollection { name } => Row::Collection(name.clone()),
+                CommandV1::PutShardMap { collection, .. } => Row::Collection(collection.clone()),
+                CommandV1::PutPlugin { name, version, .. } | CommandV1::RemovePlugin { name, version } => {
+                    Row::Plugin(name.clone(), version.clone())
+                }
+                CommandV1::SetSetting { key, .. } => Row::Setting(key.clone()),
+            },
+        }
+    }
+}
+
+/// A row's new content, encoded: `None` deletes it.
+pub(crate) struct RowWrite {
+    row: Row,
+    value: Option<Vec<u8>>,
+}
+
+/// Encode the current content of `rows` in `state`.
+pub(crate) fn encode_rows(state: &MetaState, rows: BTreeSet<Row>) -> Result<Vec<RowWrite>, MetaStoreError> {
+    rows.into_iter()
+        .map(|row| {
+            let value = match &row {
+                Row::Node(id) => state.nodes.get(id).map(|n| encode("node", &NodeRow::V1(n.clone()))),
+                Row::Collection(name) => state
+                    .collections
+                    .get(name)
+                    .map(|c| encode("collection", &CollectionRow::V1(c.clone()))),
+                Row::Plugin(name, version) => state
+                    .plugin(name, version)
+                    .map(|p| encode("plugin", &PluginRow::V1(p.clone()))),
+                Row::Setting(key) => state.settings.get(key).map(|v| Ok(v.clone().into_bytes())),
+            }
+            .transpose()?;
+            Ok(RowWrite { row, value })
+        })
+        .collect()
+}
+
+/// Write encoded rows in `txn`.
+pub(crate) fn write_rows(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<(), MetaStoreError> {
+    let mut nodes = txn.open_table(NODES)?;
+    let mut collections = txn.open_table(COLLECTIONS)?;
+    let mut plugins = txn.open_table(PLUGINS)?;
+    let mut settings = txn.open_table(SETTINGS)?;
+    for w in writes {
+        let value = w.value.as_deref();
+        match &w.row {
+            Row::Node(id) => match value {
+                Some(v) => drop(nodes.insert(*id, v)?),
+                None => drop(nodes.remove(*id)?),
+            },
+            Row::Collection(name) => match value {
+                Some(v) => drop(collections.insert(name.as_str(), v)?),
+                None => drop(collections.remove(name.as_str())?),
+            },
+            Row::Plugin(name, version) => match value {
+                Some(v) => drop(plugins.insert((name.as_str(), version.as_str()), v)?),
+                None => drop(plugins.remove((name.as_str(), version.as_str()))?),
+            },
+            Row::Setting(key) => match value {
+                Some(v) => drop(settings.insert(key.as_str(), v)?),
+                None => drop(settings.remove(key.as_str())?),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Replace every entity row with `state` (snapshot install).
+pub(crate) fn replace_all(txn: &WriteTransaction, state: &MetaState) -> Result<(), MetaStoreError> {
+    txn.open_table(NODES)?.retain(|_, _| false)?;
+    txn.open_table(COLLECTIONS)?.retain(|_, _| false)?;
+    txn.open_table(PLUGINS)?.retain(|_, _| false)?;
+    txn.open_table(SETTINGS)?.retain(|_, _| false)?;
+    let rows: BTreeSet<Row> = state
+        .nodes
+        .keys()
+        .map(|id| Row::Node(*id))
+        .chain(state.collections.keys().map(|n| Row::Collection(n.clone())))
+        .chain(state.plugins.keys().map(|(n, v)| Row::Plugin(n.clone(), v.clone())))
+        .chain(state.settings.keys().map(|k| Row::Setting(k.clone())))
+        .collect();
+    write_rows(txn, &encode_rows(state, rows)?)
+}
+
+/// Record what has been applied, in the same transaction as the rows.
+pub(crate) fn write_applied(
+    txn: &WriteTransaction,
+    last_applied: Option<LogId>,
+    last_membership: &StoredMembership,
+) -> Result<(), MetaStoreError> {
+    let bytes = encode(
+        APPLIED_KEY,
+        &AppliedRow::V1 {
+            last_applied,
+            last_membership: last_membership.clone(),
+        },
+    )?;
+    txn.open_table(APPLIED)?.insert(APPLIED_KEY, bytes.as_slice())?;
+    Ok(())
+}
+
+/// Create the tables of a new file.
+pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), MetaStoreError> {
+    txn.open_table(APPLIED)?;
+    txn.open_table(NODES)?;
+    txn.open_table(COLLECTIONS)?;
+    txn.open_table(PLUGINS)?;
+    txn.open_table(SETTINGS)?;
+    txn.open_table(SNAPSHOT)?;
+    Ok(())
+}
+
+/// What `load` finds on disk.
+pub(crate) struct Loaded {
+    pub state: MetaState,
+    pub last_applied: Option<LogId>,
+    pub last_membership: StoredMembership,
+}
+
+/// Read the whole state machine (one read transaction: a consistent view).
+pub(crate) fn load(db: &Database) -> Result<Loaded, MetaStoreError> {
+    let txn = db.begin_read()?;
+    let (last_applied, last_membership) = match txn.open_table(APPLIED)?.get(APPLIED_KEY)? {
+        Some(v) => {
+            let AppliedRow::V1 {
+                last_applied,
+                last_membership,
+            } = decode(APPLIED_KEY, v.value())?;
+            (last_applied, last_membership)
+        }
+        None => (None, StoredMembership::default()),
+    };
+    let mut state = MetaState::default();
+    for row in txn.open_table(NODES)?.iter()? {
+        let (id, v) = row?;
+        let NodeRow::V1(n) = decode(&format!("node {}", id.value()), v.value())?;
+        state.nodes.insert(id.value(), n);
+    }
+    for row in txn.open_table(COLLECTIONS)?.iter()? {
+        let (name, v) = row?;
+        let CollectionRow::V1(c) = decode(&format!("collection {:?}", name.value()), v.value())?;
+        state.collections.insert(name.value().to_owned(), c);
+    }
+    for row in txn.open_table(PLUGINS)?.iter()? {
+        let (key, v) = row?;
+        let (name, version) = key.value();
+        let PluginRow::V1(p) = decode(&format!("plugin {name} {version}"), v.value())?;
+        state.plugins.insert((name.to_owned(), version.to_owned()), p);
+    }
+    for row in txn.open_table(SETTINGS)?.iter()? {
+        let (k, v) = row?;
+        let value = String::from_utf8(v.value().to_vec())
+            .map_err(|e| MetaStoreError::corrupt(format!("setting {:?}", k.value()), e))?;
+        state.settings.insert(k.value().to_owned(), value);
+    }
+    Ok(Loaded {
+        state,
+        last_applied,
+        last_membership,
+    })
+}
