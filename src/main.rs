@@ -9,7 +9,7 @@ async fn main() -> std::process::ExitCode {
     let cli = edgevec_node::cli::Cli::parse();
     // Nodes log at info by default; one-shot commands only warn.
     let default = match cli.command {
-        edgevec_node::cli::Command::Node { .. } | edgevec_node::cli::Command::Up { .. } => "info",
+        edgevec_node::cli::Command::Node(_) | edgevec_node::cli::Command::Up { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()

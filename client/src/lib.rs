@@ -36,7 +36,8 @@ use std::time::Duration;
 
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1, RequestV1};
 pub use edgevec_proto::{
-    CollectionInfo, CollectionSpec, ErrorCode, Hit, Metric, NodeStatus, Point, PointRecord, WireError, WriteAck,
+    ClusterNode, ClusterStatus, CollectionInfo, CollectionSpec, ErrorCode, Hit, Metric, NodeSpec, NodeStatus, Point,
+    PointRecord, WireError, WriteAck,
 };
 use tokio::sync::Mutex;
 
@@ -193,7 +194,10 @@ impl Client {
     /// Sends one operation, moving to the next endpoint when the node is
     /// lost (and, for requests that are safe to repeat, retrying there).
     async fn request(&self, op: OpV1) -> Result<ReplyV1, ClientError> {
-        let retry_safe = !matches!(op, OpV1::CreateCollection(_) | OpV1::DropCollection { .. });
+        let retry_safe = !matches!(
+            op,
+            OpV1::CreateCollection(_) | OpV1::DropCollection { .. } | OpV1::AddNode(_) | OpV1::RemoveNode { .. }
+        );
         let req = ClientRequest::V1(RequestV1 {
             token: self.inner.config.token.clone(),
             op,
@@ -324,6 +328,33 @@ impl Client {
         };
         match self.request(op).await? {
             ReplyV1::Hits(h) => Ok(h),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+impl Client {
+    /// Leader, term, and every member with its health, as the metadata
+    /// leader sees it (or the answering node, if the leader is unreachable).
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.request(OpV1::ClusterStatus).await? {
+            ReplyV1::ClusterStatus(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Adds a running node to the cluster; returns (voters, learners).
+    pub async fn add_node(&self, spec: NodeSpec) -> Result<(Vec<u64>, Vec<u64>), ClientError> {
+        match self.request(OpV1::AddNode(spec)).await? {
+            ReplyV1::Membership { voters, learners } => Ok((voters, learners)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes a node from the cluster; returns (voters, learners).
+    pub async fn remove_node(&self, id: u64) -> Result<(Vec<u64>, Vec<u64>), ClientError> {
+        match self.request(OpV1::RemoveNode { id }).await? {
+            ReplyV1::Membership { voters, learners } => Ok((voters, learners)),
             other => Err(unexpected(other)),
         }
     }

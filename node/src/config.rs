@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -88,6 +89,37 @@ struct RawCluster {
     name: String,
     #[serde(default = "default_certs_dir")]
     certs_dir: PathBuf,
+    /// Node → leader heartbeat period.
+    #[serde(default = "default_heartbeat_ms")]
+    heartbeat_ms: Spanned<u64>,
+    /// Silence after which the leader marks a node suspect.
+    #[serde(default = "default_suspect_ms")]
+    suspect_ms: Spanned<u64>,
+    /// Silence after which the leader marks a node dead.
+    #[serde(default = "default_dead_after_ms")]
+    dead_after_ms: Spanned<u64>,
+    /// Raft leader → follower heartbeat period.
+    #[serde(default = "default_raft_heartbeat_ms")]
+    raft_heartbeat_ms: Spanned<u64>,
+    /// Raft election timeout range `[min, max]` in ms (randomised per term).
+    #[serde(default = "default_election_timeout_ms")]
+    election_timeout_ms: Spanned<(u64, u64)>,
+}
+
+fn default_heartbeat_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 200)
+}
+fn default_suspect_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 1_000)
+}
+fn default_dead_after_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 60_000)
+}
+fn default_raft_heartbeat_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 60)
+}
+fn default_election_timeout_ms() -> Spanned<(u64, u64)> {
+    Spanned::new(0..0, (250, 500))
 }
 
 fn default_certs_dir() -> PathBuf {
@@ -109,6 +141,8 @@ struct RawNode {
     id: Spanned<u64>,
     addr: Spanned<SocketAddr>,
     data_dir: PathBuf,
+    #[serde(default)]
+    admin_addr: Option<Spanned<SocketAddr>>,
     #[serde(default = "default_zone")]
     zone: String,
     #[serde(default = "default_roles")]
@@ -136,6 +170,8 @@ pub struct Token {
 pub struct NodeConfig {
     pub id: u64,
     pub addr: SocketAddr,
+    /// Admin HTTP (`/healthz`, `/readyz`, `/metrics`), if configured.
+    pub admin_addr: Option<SocketAddr>,
     /// Absolute (resolved against the config file's directory).
     pub data_dir: PathBuf,
     pub zone: String,
@@ -158,6 +194,10 @@ pub struct ClusterConfig {
     pub certs_dir: PathBuf,
     pub tokens: Vec<Token>,
     pub nodes: Vec<NodeConfig>,
+    /// Failure detector settings.
+    pub health: crate::health::HealthSettings,
+    pub raft_heartbeat_ms: u64,
+    pub election_timeout_ms: (u64, u64),
     /// Things that are legal but probably not meant (printed at start-up).
     pub warnings: Vec<String>,
 }
@@ -209,6 +249,14 @@ impl ClusterConfig {
                     "node id 0 is reserved; ids start at 1".into(),
                 ));
             }
+            if let Some(admin) = &n.admin_addr {
+                if !addrs.insert(*admin.get_ref()) {
+                    return Err(invalid(
+                        admin.span().start,
+                        format!("address {} is used twice", admin.get_ref()),
+                    ));
+                }
+            }
             if !addrs.insert(*n.addr.get_ref()) {
                 return Err(invalid(
                     n.addr.span().start,
@@ -230,6 +278,7 @@ impl ClusterConfig {
             nodes.push(NodeConfig {
                 id: *n.id.get_ref(),
                 addr: *n.addr.get_ref(),
+                admin_addr: n.admin_addr.as_ref().map(|a| *a.get_ref()),
                 data_dir: base.join(&n.data_dir),
                 zone: n.zone.clone(),
                 roles,
@@ -281,12 +330,49 @@ impl ClusterConfig {
             warnings.push("no [[tokens]]: no client will be able to connect".into());
         }
 
+        let c = &raw.cluster;
+        let positive = |v: &Spanned<u64>, what: &str| {
+            if *v.get_ref() == 0 {
+                Err(invalid(v.span().start, format!("{what} must be above 0")))
+            } else {
+                Ok(Duration::from_millis(*v.get_ref()))
+            }
+        };
+        let health = crate::health::HealthSettings {
+            heartbeat: positive(&c.heartbeat_ms, "heartbeat_ms")?,
+            suspect_after: positive(&c.suspect_ms, "suspect_ms")?,
+            dead_after: positive(&c.dead_after_ms, "dead_after_ms")?,
+        };
+        if health.suspect_after <= health.heartbeat {
+            return Err(invalid(
+                c.suspect_ms.span().start,
+                "suspect_ms must be longer than heartbeat_ms, or every node is always suspect".into(),
+            ));
+        }
+        if health.dead_after < health.suspect_after {
+            return Err(invalid(
+                c.dead_after_ms.span().start,
+                "dead_after_ms must not be shorter than suspect_ms".into(),
+            ));
+        }
+        let raft_heartbeat = positive(&c.raft_heartbeat_ms, "raft_heartbeat_ms")?.as_millis() as u64;
+        let (emin, emax) = *c.election_timeout_ms.get_ref();
+        if emin <= raft_heartbeat || emax <= emin {
+            return Err(invalid(
+                c.election_timeout_ms.span().start,
+                format!("election_timeout_ms must be [min, max] with raft_heartbeat_ms ({raft_heartbeat}) < min < max"),
+            ));
+        }
+
         Ok(ClusterConfig {
             path: path.to_path_buf(),
             name: raw.cluster.name,
-            certs_dir: base.join(raw.cluster.certs_dir),
+            certs_dir: base.join(&raw.cluster.certs_dir),
             tokens,
             nodes,
+            health,
+            raft_heartbeat_ms: raft_heartbeat,
+            election_timeout_ms: (emin, emax),
             warnings,
         })
     }
@@ -386,6 +472,18 @@ roles = ["data", "proxy"]
         let text = GOOD.replace("roles = [\"data\", \"proxy\"]", "roles = [\"meta\"]");
         let c = parse(&text).unwrap();
         assert!(c.warnings[0].contains("even number"), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn timing_settings_checked() {
+        let text = GOOD.replace("name = \"t\"", "name = \"t\"\nsuspect_ms = 100\nheartbeat_ms = 200");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("cluster.toml:4:") && err.contains("suspect_ms"), "{err}");
+        let text = GOOD.replace("name = \"t\"", "name = \"t\"\nelection_timeout_ms = [50, 40]");
+        assert!(parse(&text).unwrap_err().to_string().contains("election_timeout_ms"));
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.health.suspect_after, Duration::from_millis(1000));
+        assert_eq!(c.election_timeout_ms, (250, 500));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! This is the one place that knows every layer. [`start`] returns once the
 //! node listens (so callers and tests can connect at once); [`NodeHandle`]
 //! stops it: the shutdown token ends every accept loop, in-flight requests
-//! finish, the endpoint closes with an application code and waits idle.
+//! finish, Raft shuts down, the endpoint closes with an application code
+//! and waits idle.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,13 +12,17 @@ use std::time::Duration;
 
 use edgevec_client::tls::TlsError;
 use edgevec_engine::{Engine, EngineError, EngineOptions};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::config::ClusterConfig;
+use crate::admin::{self, Metrics};
+use crate::catalog::CatalogSync;
+use crate::config::{ClusterConfig, NodeConfig};
+use crate::health::Health;
+use crate::meta::{Meta, MetaError};
 use crate::net::{peer::PeerPool, server, tls::Identity};
-use crate::service::Service;
+use crate::service::{Parts, Service};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -34,27 +39,29 @@ pub enum NodeError {
     Engine(#[from] EngineError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("metadata: {0}")]
+    Meta(#[from] MetaError),
 }
 
 /// A started node.
 pub struct NodeHandle {
     /// Where the node listens (the real port when the config said 0).
     pub addr: SocketAddr,
+    /// Where the admin HTTP listens, if configured.
+    pub admin_addr: Option<SocketAddr>,
+    pub meta: Meta,
     pub peers: Arc<PeerPool>,
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    tasks: TaskTracker,
 }
 
 impl NodeHandle {
     /// Stops the node and waits (bounded) until it has drained.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-
-    /// Resolves when the node has stopped for any reason.
-    pub async fn stopped(&mut self) {
-        let _ = (&mut self.task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.meta.raft.shutdown()).await;
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.tasks.wait()).await;
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -75,6 +82,14 @@ pub async fn start(cluster: &ClusterConfig, id: u64) -> Result<NodeHandle, NodeE
                 .join(", "),
         )
     })?;
+    start_node(cluster, node).await
+}
+
+/// Starts a node described by `node`, which may be absent from the cluster
+/// file (a node added at runtime: it never initialises the cluster, it waits
+/// for `edgevec node add`).
+pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<NodeHandle, NodeError> {
+    let id = node.id;
     for w in &cluster.warnings {
         tracing::warn!("{}: {w}", cluster.path.display());
     }
@@ -102,18 +117,48 @@ pub async fn start(cluster: &ClusterConfig, id: u64) -> Result<NodeHandle, NodeE
     })?;
     let peers = Arc::new(PeerPool::new(endpoint.clone()));
 
-    let service = Arc::new(Service::new(engine, cluster, node.clone()));
+    let meta = Meta::start(cluster, &node, peers.clone()).await?;
+    let health = Health::new(meta.clone(), node.clone(), cluster.clone(), peers.clone());
+    let catalog = CatalogSync::new(engine.clone(), meta.clone());
+    let metrics = Arc::new(Metrics::default());
+    let parts = Parts {
+        engine,
+        meta: meta.clone(),
+        health: health.clone(),
+        catalog: catalog.clone(),
+        metrics: metrics.clone(),
+    };
+    let service = Arc::new(Service::new(cluster, node.clone(), parts));
+
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(server::serve(endpoint.clone(), service, shutdown.clone()));
-    let task = tokio::spawn(async move {
-        let _ = task.await;
-        endpoint.wait_idle().await;
-    });
-    info!(node = id, %addr, zone = %node.zone, "listening");
+    let tasks = TaskTracker::new();
+    {
+        let endpoint = endpoint.clone();
+        let serve = server::serve(endpoint.clone(), service, shutdown.clone());
+        tasks.spawn(async move {
+            serve.await;
+            endpoint.wait_idle().await;
+        });
+    }
+    tasks.spawn(health.clone().run(shutdown.clone()));
+    tasks.spawn(catalog.run(shutdown.clone()));
+    let admin_addr = match node.admin_addr {
+        Some(a) => {
+            let (local, serve) = admin::bind(a, meta.clone(), health, metrics, shutdown.clone())
+                .await
+                .map_err(|source| NodeError::Bind { addr: a, source })?;
+            tasks.spawn(serve);
+            Some(local)
+        }
+        None => None,
+    };
+    info!(node = id, %addr, admin = ?admin_addr, zone = %node.zone, "listening");
     Ok(NodeHandle {
         addr,
+        admin_addr,
+        meta,
         peers,
         shutdown,
-        task,
+        tasks,
     })
 }

@@ -13,12 +13,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use edgevec_engine::{Engine, EngineError};
+use std::time::Duration;
+
+use edgevec_meta::{CommandV1, MetaCommand, MetaResponse, RejectCode};
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1};
-use edgevec_proto::internal::{NodeOpV1, NodeReplyV1, NodeRequest, NodeResponse};
-use edgevec_proto::{ErrorCode, NodeStatus, WireError};
+use edgevec_proto::internal::{MembershipChange, NodeOpV1, NodeReplyV1, NodeRequest, NodeResponse, RaftRpc};
+use edgevec_proto::{ClusterStatus, CollectionInfo, CollectionSpec, ErrorCode, NodeStatus, WireError};
 use tracing::debug;
 
+use crate::admin::Metrics;
+use crate::catalog::CatalogSync;
 use crate::config::{ClusterConfig, NodeConfig, Token, TokenRole};
+use crate::health::Health;
+use crate::meta::{now_ms, Meta};
 use crate::net::server::Dispatch;
 
 /// The role an operation needs.
@@ -28,9 +35,12 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::ListCollections
         | OpV1::DescribeCollection { .. }
         | OpV1::Get { .. }
-        | OpV1::Search { .. } => TokenRole::Read,
+        | OpV1::Search { .. }
+        | OpV1::ClusterStatus => TokenRole::Read,
         OpV1::Upsert { .. } | OpV1::Delete { .. } => TokenRole::Write,
-        OpV1::CreateCollection(_) | OpV1::DropCollection { .. } => TokenRole::Admin,
+        OpV1::CreateCollection(_) | OpV1::DropCollection { .. } | OpV1::AddNode(_) | OpV1::RemoveNode { .. } => {
+            TokenRole::Admin
+        }
     }
 }
 
@@ -64,16 +74,43 @@ pub struct Service {
     engine: Arc<Engine>,
     tokens: HashMap<String, Token>,
     node: NodeConfig,
+    meta: Meta,
+    health: Arc<Health>,
+    catalog: Arc<CatalogSync>,
+    metrics: Arc<Metrics>,
     started: Instant,
 }
 
+/// Everything the service needs from the rest of the node.
+pub struct Parts {
+    pub engine: Arc<Engine>,
+    pub meta: Meta,
+    pub health: Arc<Health>,
+    pub catalog: Arc<CatalogSync>,
+    pub metrics: Arc<Metrics>,
+}
+
+fn rejected(resp: &MetaResponse) -> Option<WireError> {
+    let (code, message) = resp.rejection()?;
+    let code = match code {
+        RejectCode::NotFound => ErrorCode::NotFound,
+        RejectCode::AlreadyExists => ErrorCode::AlreadyExists,
+        RejectCode::Invalid => ErrorCode::InvalidArgument,
+    };
+    Some(WireError::new(code, message.to_string()))
+}
+
 impl Service {
-    pub fn new(engine: Arc<Engine>, cluster: &ClusterConfig, node: NodeConfig) -> Self {
+    pub fn new(cluster: &ClusterConfig, node: NodeConfig, parts: Parts) -> Self {
         let tokens = cluster.tokens.iter().map(|t| (t.token.clone(), t.clone())).collect();
         Self {
-            engine,
+            engine: parts.engine,
             tokens,
             node,
+            meta: parts.meta,
+            health: parts.health,
+            catalog: parts.catalog,
+            metrics: parts.metrics,
             started: Instant::now(),
         }
     }
@@ -90,30 +127,91 @@ impl Service {
         }
     }
 
+    /// Commits a metadata command and makes the local engine follow it.
+    async fn meta_write(&self, cmd: CommandV1) -> Result<(), WireError> {
+        let resp = self.meta.write(cmd.clone().into()).await?;
+        if let Some(e) = rejected(&resp) {
+            if !self.is_own_create(&cmd, &e) {
+                return Err(e);
+            }
+        }
+        self.catalog.sync().await;
+        Ok(())
+    }
+
+    /// A create that was retried after an attempt whose fate was unknown
+    /// (the leader died or was slow) may find its own first attempt
+    /// committed: same spec, same creation time. That is success.
+    fn is_own_create(&self, cmd: &CommandV1, e: &WireError) -> bool {
+        let CommandV1::CreateCollection { spec, at_ms } = cmd else {
+            return false;
+        };
+        e.code == ErrorCode::AlreadyExists
+            && self
+                .meta
+                .state()
+                .collection(&spec.name)
+                .is_some_and(|c| c.spec == *spec && c.created_at_ms == *at_ms)
+    }
+
+    /// A collection's info: schema from the metadata, counts from the
+    /// local engine (zero while the engine has not created it yet).
+    async fn collection_info(&self, spec: CollectionSpec) -> Result<CollectionInfo, WireError> {
+        let name = spec.name.clone();
+        match self.engine(move |e| e.describe_collection(&name)).await {
+            Ok(info) if info.spec == spec => Ok(info),
+            Ok(_)
+            | Err(WireError {
+                code: ErrorCode::NotFound,
+                ..
+            }) => Ok(CollectionInfo {
+                spec,
+                points: 0,
+                shards: vec![],
+                segments: vec![],
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn op(&self, op: OpV1) -> Result<ReplyV1, WireError> {
         Ok(match op {
-            OpV1::Status => {
-                let collections = self.engine(|e| Ok(e.list_collections().len() as u32)).await?;
-                ReplyV1::Status(NodeStatus {
-                    node_id: self.node.id,
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    addr: self.node.addr.to_string(),
-                    zone: self.node.zone.clone(),
-                    roles: self.node.roles.iter().map(|r| r.to_string()).collect(),
-                    uptime_ms: self.started.elapsed().as_millis() as u64,
-                    collections,
-                })
-            }
+            OpV1::Status => ReplyV1::Status(NodeStatus {
+                node_id: self.node.id,
+                version: env!("CARGO_PKG_VERSION").into(),
+                addr: self.node.addr.to_string(),
+                zone: self.node.zone.clone(),
+                roles: self.node.roles.iter().map(|r| r.to_string()).collect(),
+                uptime_ms: self.started.elapsed().as_millis() as u64,
+                collections: self.meta.state().collections().count() as u32,
+            }),
             OpV1::CreateCollection(spec) => {
-                self.engine(move |e| e.create_collection(spec)).await?;
+                edgevec_engine::validate::collection_spec(&spec).map_err(|e| e.to_wire())?;
+                self.meta_write(CommandV1::CreateCollection { spec, at_ms: now_ms() })
+                    .await?;
                 ReplyV1::Created
             }
-            OpV1::ListCollections => ReplyV1::Collections(self.engine(|e| Ok(e.list_collections())).await?),
+            OpV1::ListCollections => {
+                let specs: Vec<CollectionSpec> = self.meta.state().collections().map(|c| c.spec.clone()).collect();
+                let mut out = Vec::with_capacity(specs.len());
+                for spec in specs {
+                    out.push(self.collection_info(spec).await?);
+                }
+                ReplyV1::Collections(out)
+            }
             OpV1::DescribeCollection { name } => {
-                ReplyV1::Collection(self.engine(move |e| e.describe_collection(&name)).await?)
+                let spec = self
+                    .meta
+                    .state()
+                    .collection(&name)
+                    .map(|c| c.spec.clone())
+                    .ok_or_else(|| {
+                        WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
+                    })?;
+                ReplyV1::Collection(self.collection_info(spec).await?)
             }
             OpV1::DropCollection { name } => {
-                self.engine(move |e| e.drop_collection(&name)).await?;
+                self.meta_write(CommandV1::DropCollection { name }).await?;
                 ReplyV1::Dropped
             }
             OpV1::Upsert { collection, points } => {
@@ -132,16 +230,42 @@ impl Service {
                 self.engine(move |e| e.search(&collection, &queries, k, with_payload))
                     .await?,
             ),
+            OpV1::ClusterStatus => ReplyV1::ClusterStatus(self.cluster_status().await),
+            OpV1::AddNode(spec) => {
+                let (voters, learners) = self.meta.change_membership(MembershipChange::Add(spec)).await?;
+                ReplyV1::Membership { voters, learners }
+            }
+            OpV1::RemoveNode { id } => {
+                let (voters, learners) = self.meta.change_membership(MembershipChange::Remove { id }).await?;
+                ReplyV1::Membership { voters, learners }
+            }
         })
+    }
+
+    /// The leader's view if it answers, else this node's own (without
+    /// heartbeat ages).
+    async fn cluster_status(&self) -> ClusterStatus {
+        if let Some((leader, addr)) = self.meta.leader() {
+            if leader != self.node.id {
+                let req = NodeRequest::V1(NodeOpV1::ClusterView);
+                if let Ok(NodeResponse::V1(Ok(NodeReplyV1::ClusterView(view)))) =
+                    self.meta.peers().call(addr, &req, Duration::from_secs(2)).await
+                {
+                    return view;
+                }
+            }
+        }
+        crate::status::view(&self.meta, &self.health)
     }
 }
 
 impl Dispatch for Service {
     async fn client(&self, req: ClientRequest) -> ClientResponse {
         let ClientRequest::V1(req) = req;
+        let name = req.op.name();
+        let started = Instant::now();
         let result = match authorize(&self.tokens, &req.token, &req.op) {
             Ok(token) => {
-                let name = req.op.name();
                 debug!(op = name, token = %token.name, "request");
                 self.op(req.op).await
             }
@@ -150,14 +274,56 @@ impl Dispatch for Service {
         if let Err(e) = &result {
             debug!(code = ?e.code, message = %e.message, "request refused");
         }
+        self.metrics
+            .record_rpc("client", name, result.is_ok(), started.elapsed());
         ClientResponse::V1(result)
     }
 
     async fn node(&self, _peer: u64, req: NodeRequest) -> NodeResponse {
         let NodeRequest::V1(op) = req;
-        NodeResponse::V1(match op {
+        let started = Instant::now();
+        let name = match &op {
+            NodeOpV1::Ping { .. } => "ping",
+            NodeOpV1::Raft(RaftRpc::Append(_)) => "raft_append",
+            NodeOpV1::Raft(RaftRpc::Vote(_)) => "raft_vote",
+            NodeOpV1::Raft(RaftRpc::Snapshot(_)) => "raft_snapshot",
+            NodeOpV1::Heartbeat(_) => "heartbeat",
+            NodeOpV1::MetaWrite(_) => "meta_write",
+            NodeOpV1::ClusterView => "cluster_view",
+            NodeOpV1::ChangeMembership(_) => "change_membership",
+        };
+        let result = match op {
             NodeOpV1::Ping { .. } => Ok(NodeReplyV1::Pong { node_id: self.node.id }),
-        })
+            NodeOpV1::Raft(rpc) => crate::meta::network::serve(&self.meta.raft, rpc)
+                .await
+                .map(NodeReplyV1::Raft),
+            NodeOpV1::Heartbeat(hb) => Ok(self.health.clone().observe(hb)),
+            NodeOpV1::MetaWrite(bytes) => match postcard::from_bytes::<MetaCommand>(&bytes) {
+                Ok(cmd) => self
+                    .meta
+                    .commit_local(cmd, crate::meta::WRITE_DEADLINE)
+                    .await
+                    .map(|r| NodeReplyV1::MetaWritten(postcard::to_stdvec(&r).expect("replies encode"))),
+                Err(e) => Err(WireError::new(
+                    ErrorCode::Malformed,
+                    format!("bad metadata command: {e}"),
+                )),
+            },
+            NodeOpV1::ClusterView => {
+                if self.meta.is_leader() {
+                    Ok(NodeReplyV1::ClusterView(crate::status::view(&self.meta, &self.health)))
+                } else {
+                    Err(WireError::new(ErrorCode::Unavailable, "not the metadata leader"))
+                }
+            }
+            NodeOpV1::ChangeMembership(change) => self
+                .meta
+                .change_membership_local(change)
+                .await
+                .map(|(voters, learners)| NodeReplyV1::Membership { voters, learners }),
+        };
+        self.metrics.record_rpc("node", name, result.is_ok(), started.elapsed());
+        NodeResponse::V1(result)
     }
 }
 

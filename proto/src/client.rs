@@ -56,6 +56,16 @@ pub enum OpV1 {
         k: u32,
         with_payload: bool,
     },
+    /// Leader, term and every member with its health.
+    ClusterStatus,
+    /// Adds a node at runtime: learner first, then voter if it has the
+    /// `meta` role.
+    AddNode(NodeSpec),
+    /// Removes a node from the cluster (refused if it would leave the
+    /// voters without a majority).
+    RemoveNode {
+        id: u64,
+    },
 }
 
 impl OpV1 {
@@ -71,6 +81,9 @@ impl OpV1 {
             OpV1::Delete { .. } => "delete",
             OpV1::Get { .. } => "get",
             OpV1::Search { .. } => "search",
+            OpV1::ClusterStatus => "cluster_status",
+            OpV1::AddNode(_) => "add_node",
+            OpV1::RemoveNode { .. } => "remove_node",
         }
     }
 }
@@ -87,4 +100,10 @@ pub enum ReplyV1 {
     Points(Vec<PointRecord>),
     /// One result list per query, in query order.
     Hits(Vec<Vec<Hit>>),
+    ClusterStatus(ClusterStatus),
+    /// Membership after the change: voter ids and learner ids.
+    Membership {
+        voters: Vec<u64>,
+        learners: Vec<u64>,
+    },
 }

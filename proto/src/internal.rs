@@ -22,9 +22,62 @@ pub enum NodeResponse {
 pub enum NodeOpV1 {
     /// Liveness probe between nodes; carries the sender's id.
     Ping { from: u64 },
+    /// A metadata Raft RPC. The bytes are the postcard encoding of the
+    /// openraft request of the metadata crate's type configuration.
+    Raft(RaftRpc),
+    /// A node's periodic report to the metadata leader (failure detector).
+    Heartbeat(Heartbeat),
+    /// A metadata command forwarded to the leader (postcard-encoded
+    /// `MetaCommand` of the metadata crate).
+    MetaWrite(Vec<u8>),
+    /// The leader's view of the cluster (with heartbeat ages).
+    ClusterView,
+    /// A membership change, forwarded to the leader.
+    ChangeMembership(MembershipChange),
+}
+
+/// Membership changes an admin can ask for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    Add(crate::types::NodeSpec),
+    Remove { id: u64 },
+}
+
+/// The three Raft RPCs, each carrying an encoded openraft request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RaftRpc {
+    Append(Vec<u8>),
+    Vote(Vec<u8>),
+    Snapshot(Vec<u8>),
+}
+
+/// What a node tells the metadata leader every heartbeat interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub from: u64,
+    pub addr: String,
+    pub zone: String,
+    pub roles: Vec<String>,
+    /// The sender's last applied metadata log index.
+    pub applied_index: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum NodeReplyV1 {
-    Pong { node_id: u64 },
+    Pong {
+        node_id: u64,
+    },
+    /// The encoded `Result<openraft response, openraft RaftError>`.
+    Raft(Vec<u8>),
+    HeartbeatAck {
+        leader: Option<u64>,
+        term: u64,
+    },
+    /// The encoded `MetaResponse` of a committed command.
+    MetaWritten(Vec<u8>),
+    ClusterView(crate::types::ClusterStatus),
+    Membership {
+        voters: Vec<u64>,
+        learners: Vec<u64>,
+    },
 }

@@ -188,3 +188,43 @@ impl CollectionSpec {
         self
     }
 }
+
+/// A node to add to the cluster at runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub id: u64,
+    /// QUIC address.
+    pub addr: String,
+    pub zone: String,
+    /// Any of `meta`, `data`, `proxy`.
+    pub roles: Vec<String>,
+}
+
+/// One member as the metadata leader sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterNode {
+    pub id: u64,
+    pub addr: String,
+    pub zone: String,
+    pub roles: Vec<String>,
+    /// `up`, `suspect` or `dead` (committed through Raft).
+    pub state: String,
+    /// Whether the node votes in the metadata Raft (else a learner).
+    pub voter: bool,
+    /// Milliseconds since the leader last heard from the node.
+    pub last_heartbeat_ms: Option<u64>,
+    /// The node's applied metadata log index, from its last heartbeat.
+    pub applied_index: Option<u64>,
+}
+
+/// The cluster as the answering node (or the leader it asked) sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub committed_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    /// The node whose view this is.
+    pub answered_by: u64,
+    pub nodes: Vec<ClusterNode>,
+}

@@ -27,6 +27,15 @@ pub struct TestCluster {
     procs: HashMap<u64, Child>,
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A UDP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
@@ -36,20 +45,53 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Shape of a generated cluster.
+pub struct Layout {
+    /// Nodes 1..=voters have every role.
+    pub voters: u64,
+    /// The next nodes are data/proxy learners.
+    pub learners: u64,
+    /// Extra `[cluster]` lines (timings).
+    pub cluster_extra: String,
+}
+
+impl Layout {
+    pub fn voters(n: u64) -> Self {
+        Layout {
+            voters: n,
+            learners: 0,
+            cluster_extra: String::new(),
+        }
+    }
+}
+
 impl TestCluster {
     /// Writes the config and certificates of an `n`-node cluster; starts nothing.
     pub fn new(n: u64) -> Self {
+        Self::with_layout(Layout::voters(n))
+    }
+
+    /// Writes the config and certificates of a cluster of this layout.
+    pub fn with_layout(layout: Layout) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut text = format!(
-            "[cluster]\nname = \"test\"\ncerts_dir = \"certs\"\n\n\
+            "[cluster]\nname = \"test\"\ncerts_dir = \"certs\"\n{}\n\
              [[tokens]]\ntoken = \"{ADMIN}\"\nrole = \"admin\"\n\n\
              [[tokens]]\ntoken = \"{WRITER}\"\nrole = \"write\"\n\n\
-             [[tokens]]\ntoken = \"{READER}\"\nrole = \"read\"\n"
+             [[tokens]]\ntoken = \"{READER}\"\nrole = \"read\"\n",
+            layout.cluster_extra
         );
-        for id in 1..=n {
+        for id in 1..=layout.voters + layout.learners {
+            let roles = if id <= layout.voters {
+                "[\"meta\", \"data\", \"proxy\"]"
+            } else {
+                "[\"data\", \"proxy\"]"
+            };
             text.push_str(&format!(
-                "\n[[nodes]]\nid = {id}\naddr = \"127.0.0.1:{}\"\ndata_dir = \"data/node{id}\"\nzone = \"zone-{id}\"\n",
-                free_port()
+                "\n[[nodes]]\nid = {id}\naddr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\n\
+                 data_dir = \"data/node{id}\"\nzone = \"zone-{id}\"\nroles = {roles}\n",
+                free_port(),
+                free_tcp_port()
             ));
         }
         let config_path = dir.path().join("cluster.toml");
@@ -74,6 +116,12 @@ impl TestCluster {
 
     /// Starts node `id` as a child process (logs to node<id>.log, appended).
     pub fn start(&mut self, id: u64) {
+        let config = self.config_path.clone();
+        self.start_with(id, &config, &[]);
+    }
+
+    /// Starts node `id` with another config file and extra arguments.
+    pub fn start_with(&mut self, id: u64, config: &Path, extra: &[&str]) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -81,8 +129,9 @@ impl TestCluster {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_edgevec"))
             .args(["node", "--config"])
-            .arg(&self.config_path)
+            .arg(config)
             .args(["--id", &id.to_string()])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -122,6 +171,65 @@ impl TestCluster {
 
     pub fn client_config(&self, id: u64, token: &str) -> ClientConfig {
         ClientConfig::new(vec![self.addr(id)], self.ca_pem(), token)
+    }
+
+    /// A client that knows every configured node and moves between them.
+    pub async fn client_any(&self, token: &str) -> Client {
+        let mut config = ClientConfig::new(self.config.nodes.iter().map(|n| n.addr).collect(), self.ca_pem(), token);
+        config.connect_timeout = Duration::from_secs(1);
+        config.request_timeout = Duration::from_secs(15);
+        Client::connect(config).await.expect("some node answers")
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.procs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Waits (up to `within`) until node `via` reports a cluster view that
+    /// satisfies `pred`; returns it.
+    pub async fn wait_view(
+        &self,
+        via: u64,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&edgevec_client::ClusterStatus) -> bool,
+    ) -> edgevec_client::ClusterStatus {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        loop {
+            let mut config = self.client_config(via, READER);
+            config.connect_timeout = Duration::from_secs(1);
+            config.request_timeout = Duration::from_secs(3);
+            if let Ok(c) = Client::connect(config).await {
+                if let Ok(view) = c.cluster_status().await {
+                    if pred(&view) {
+                        return view;
+                    }
+                    last = Some(view);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not reached within {within:?}; last view: {last:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Admin HTTP GET on node `id`: (status code, body).
+    pub fn http_get(&self, id: u64, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.config.node(id).unwrap().admin_addr.unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (code, body)
     }
 
     /// A client of node `id`, once the node answers (waits up to 60 s).

@@ -51,20 +51,23 @@ pub struct Global {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run one node of the cluster file in the foreground.
-    Node {
-        /// Node id in the cluster file.
-        #[arg(long)]
-        id: u64,
-    },
+    /// Run a node (`--id N`), or change membership (`node add`, `node remove`).
+    Node(up::NodeCmd),
     /// Run every node of a cluster file on this host; Ctrl-C stops them.
     Up {
         /// Cluster file (default: --config).
         file: Option<PathBuf>,
     },
     /// Create the dev CA and node/client certificates the cluster file needs.
-    Certs,
-    /// Show every node of the cluster file and whether it answers.
+    Certs {
+        /// Also make a certificate for a node that is not in the file.
+        #[arg(long = "node")]
+        extra_node: Option<u64>,
+        /// Host (IP or DNS name) the extra node is reached at.
+        #[arg(long, requires = "extra_node", default_value = "127.0.0.1")]
+        host: String,
+    },
+    /// Show the cluster: leader, term, and every node with its health.
     Status,
     /// Manage collections.
     #[command(subcommand)]
@@ -127,9 +130,9 @@ pub enum CollectionCmd {
 pub async fn run(cli: Cli) -> Result<()> {
     let g = cli.global;
     match cli.command {
-        Command::Node { id } => up::run_node(&g.config, id).await,
+        Command::Node(cmd) => up::node(&g, cmd).await,
         Command::Up { file } => up::up(file.as_ref().unwrap_or(&g.config)).await,
-        Command::Certs => certs(&g),
+        Command::Certs { extra_node, host } => certs(&g, extra_node, host),
         Command::Status => up::status(&g).await,
         Command::Collection(c) => collection(&g, c).await,
         Command::Insert(args) => data::insert(&g, args).await,
@@ -185,9 +188,13 @@ pub async fn connect(g: &Global) -> Result<Client> {
     Ok(Client::connect(client_config(g)?).await?)
 }
 
-fn certs(g: &Global) -> Result<()> {
+fn certs(g: &Global, extra_node: Option<u64>, host: String) -> Result<()> {
     let cfg = load_config(g)?;
-    let done = crate::certs::ensure(&cfg.cert_paths(), &cfg.name, &cfg.cert_names())?;
+    let mut names = cfg.cert_names();
+    if let Some(id) = extra_node {
+        names.push(crate::certs::NodeName { id, hosts: vec![host] });
+    }
+    let done = crate::certs::ensure(&cfg.cert_paths(), &cfg.name, &names)?;
     if g.json {
         println!(
             "{}",

@@ -9,13 +9,129 @@ use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
-use super::Global;
-use crate::config::ClusterConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
-/// `edgevec node`: runs one node until SIGINT or SIGTERM.
-pub async fn run_node(config: &Path, id: u64) -> Result<()> {
-    let cfg = ClusterConfig::load(config)?;
-    let node = crate::node::start(&cfg, id).await?;
+use super::Global;
+use crate::config::{ClusterConfig, NodeConfig, Role};
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct NodeCmd {
+    #[command(subcommand)]
+    action: Option<NodeAction>,
+    /// Node id: one of the cluster file, or a new node (then give --addr and --data-dir).
+    #[arg(long)]
+    id: Option<u64>,
+    /// QUIC address of a node that is not in the cluster file.
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+    /// Data directory of a node that is not in the cluster file.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Admin HTTP address of a node that is not in the cluster file.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+    #[arg(long, default_value = "default")]
+    zone: String,
+    /// Roles of a node that is not in the cluster file.
+    #[arg(long, value_delimiter = ',', default_value = "data,proxy")]
+    roles: Vec<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum NodeAction {
+    /// Add a running node to the cluster (learner, then voter if it has the meta role).
+    Add {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "default")]
+        zone: String,
+        #[arg(long, value_delimiter = ',', default_value = "data,proxy")]
+        roles: Vec<String>,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+/// `edgevec node ...`
+pub async fn node(g: &Global, cmd: NodeCmd) -> Result<()> {
+    match cmd.action {
+        None => {
+            let Some(id) = cmd.id else {
+                bail!("give --id N to run a node, or use `node add` / `node remove`");
+            };
+            run_node(g, id, cmd).await
+        }
+        Some(NodeAction::Add { id, addr, zone, roles }) => {
+            let client = super::connect(g).await?;
+            let spec = edgevec_proto::NodeSpec {
+                id,
+                addr: addr.to_string(),
+                zone,
+                roles,
+            };
+            let (voters, learners) = client.add_node(spec).await?;
+            print_membership(g, &voters, &learners);
+            client.close().await;
+            Ok(())
+        }
+        Some(NodeAction::Remove { id }) => {
+            let client = super::connect(g).await?;
+            let (voters, learners) = client.remove_node(id).await?;
+            print_membership(g, &voters, &learners);
+            client.close().await;
+            Ok(())
+        }
+    }
+}
+
+fn print_membership(g: &Global, voters: &[u64], learners: &[u64]) {
+    if g.json {
+        println!("{}", json!({"voters": voters, "learners": learners}));
+    } else {
+        println!("voters: {voters:?}\nlearners: {learners:?}");
+    }
+}
+
+/// Runs one node until SIGINT or SIGTERM.
+async fn run_node(g: &Global, id: u64, cmd: NodeCmd) -> Result<()> {
+    let cfg = ClusterConfig::load(&g.config)?;
+    let node = match cfg.node(id) {
+        Some(_) => crate::node::start(&cfg, id).await?,
+        None => {
+            let (Some(addr), Some(data_dir)) = (cmd.addr, cmd.data_dir) else {
+                bail!(
+                    "node {id} is not in {}; to run a new node give --addr and --data-dir, then add it with `edgevec node add`",
+                    g.config.display()
+                );
+            };
+            let roles = cmd
+                .roles
+                .iter()
+                .map(|r| match r.as_str() {
+                    "meta" => Ok(Role::Meta),
+                    "data" => Ok(Role::Data),
+                    "proxy" => Ok(Role::Proxy),
+                    other => bail!("unknown role {other:?}: use meta, data, proxy"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let node = NodeConfig {
+                id,
+                addr,
+                admin_addr: cmd.admin_addr,
+                data_dir,
+                zone: cmd.zone,
+                roles,
+            };
+            crate::node::start_node(&cfg, node).await?
+        }
+    };
     println!("edgevec node {id} listening on {}", node.addr);
     shutdown_signal().await;
     tracing::info!("stopping");
@@ -155,65 +271,71 @@ pub async fn up(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `edgevec status`: asks every node of the file about itself.
+/// `edgevec status`: the cluster as the metadata leader sees it.
 pub async fn status(g: &Global) -> Result<()> {
-    let cfg = ClusterConfig::load(&g.config)?;
-    let base = super::client_config(g)?;
-    let mut rows = Vec::new();
-    for node in &cfg.nodes {
-        let config = ClientConfig {
-            endpoints: vec![node.addr],
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(5),
-            ..base.clone()
-        };
-        let answer = match Client::connect(config).await {
-            Ok(c) => {
-                let s = c.status().await;
-                c.close().await;
-                s.map_err(|e| e.to_string())
+    let config = ClientConfig {
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+        ..super::client_config(g)?
+    };
+    let status = match Client::connect(config).await {
+        Ok(c) => {
+            let s = c.cluster_status().await;
+            c.close().await;
+            s?
+        }
+        Err(e) => {
+            if g.json {
+                println!("{}", json!({"reachable": false, "error": e.to_string()}));
+                return Ok(());
             }
-            Err(e) => Err(e.to_string()),
-        };
-        rows.push((node, answer));
-    }
+            bail!("no node of the cluster answers: {e}");
+        }
+    };
     if g.json {
-        let out: Vec<Value> = rows
+        let nodes: Vec<Value> = status
+            .nodes
             .iter()
-            .map(|(n, a)| match a {
-                Ok(s) => json!({"id": n.id, "addr": n.addr, "zone": n.zone, "roles": s.roles, "state": "up",
-                                "uptime_ms": s.uptime_ms, "collections": s.collections, "version": s.version}),
-                Err(e) => json!({"id": n.id, "addr": n.addr, "zone": n.zone,
-                                 "roles": n.roles.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
-                                 "state": "unreachable", "error": e}),
+            .map(|n| {
+                json!({"id": n.id, "addr": n.addr, "zone": n.zone, "roles": n.roles, "state": n.state,
+                       "voter": n.voter, "last_heartbeat_ms": n.last_heartbeat_ms, "applied_index": n.applied_index})
             })
             .collect();
-        println!("{}", json!({"cluster": cfg.name, "nodes": out}));
-    } else {
-        println!("cluster {}", cfg.name);
         println!(
-            "{:>4} {:<22} {:<8} {:<16} {:<12} {:>10} {:>11}",
-            "ID", "ADDR", "ZONE", "ROLES", "STATE", "UPTIME", "COLLECTIONS"
+            "{}",
+            json!({"reachable": true, "leader": status.leader, "term": status.term, "committed_index": status.committed_index,
+                   "answered_by": status.answered_by, "nodes": nodes})
         );
-        for (n, a) in &rows {
-            let roles = n.roles.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
-            match a {
-                Ok(s) => println!(
-                    "{:>4} {:<22} {:<8} {:<16} {:<12} {:>9}s {:>11}",
-                    n.id,
-                    n.addr,
-                    n.zone,
-                    roles,
-                    "up",
-                    s.uptime_ms / 1000,
-                    s.collections
-                ),
-                Err(e) => println!(
-                    "{:>4} {:<22} {:<8} {:<16} {:<12} ({e})",
-                    n.id, n.addr, n.zone, roles, "unreachable"
-                ),
-            }
-        }
+        return Ok(());
+    }
+    match status.leader {
+        Some(l) => println!(
+            "leader {l}, term {}, answered by node {}",
+            status.term, status.answered_by
+        ),
+        None => println!(
+            "no leader (term {}), answered by node {}",
+            status.term, status.answered_by
+        ),
+    }
+    println!(
+        "{:>4} {:<22} {:<8} {:<16} {:<8} {:<7} {:>10} {:>8}",
+        "ID", "ADDR", "ZONE", "ROLES", "STATE", "VOTER", "HEARTBEAT", "APPLIED"
+    );
+    for n in &status.nodes {
+        println!(
+            "{:>4} {:<22} {:<8} {:<16} {:<8} {:<7} {:>10} {:>8}",
+            n.id,
+            n.addr,
+            n.zone,
+            n.roles.join(","),
+            n.state,
+            if n.voter { "yes" } else { "learner" },
+            n.last_heartbeat_ms
+                .map(|ms| format!("{ms}ms ago"))
+                .unwrap_or_else(|| "-".into()),
+            n.applied_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+        );
     }
     Ok(())
 }

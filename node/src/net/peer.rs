@@ -1,21 +1,23 @@
 //! Calls to other nodes over the node ALPN.
 //!
 //! One pooled connection per peer address, opened on first use and replaced
-//! when it dies; each call is a fresh stream on it. The pool never holds its
-//! lock across a handshake with a slow peer for longer than the connect
-//! deadline.
+//! when it dies or stops answering; each call is a fresh stream on it.
+//! Each address has its own slot lock, so a handshake with a dead peer never
+//! delays calls to live ones.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgevec_client::rpc::{self, CallError};
 use edgevec_proto::internal::{NodeRequest, NodeResponse};
-use tokio::sync::Mutex;
+
+type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
 pub struct PeerPool {
     endpoint: quinn::Endpoint,
-    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    slots: Mutex<HashMap<SocketAddr, Slot>>,
     connect_timeout: Duration,
 }
 
@@ -24,28 +26,38 @@ impl PeerPool {
     pub fn new(endpoint: quinn::Endpoint) -> Self {
         Self {
             endpoint,
-            conns: Mutex::new(HashMap::new()),
-            connect_timeout: Duration::from_secs(2),
+            slots: Mutex::new(HashMap::new()),
+            connect_timeout: Duration::from_secs(1),
         }
     }
 
+    fn slot(&self, addr: SocketAddr) -> Slot {
+        self.slots
+            .lock()
+            .expect("peer pool lock")
+            .entry(addr)
+            .or_default()
+            .clone()
+    }
+
     async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, CallError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(conn) = conns.get(&addr) {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
+        let slot = self.slot(addr);
+        let mut conn = slot.lock().await;
+        if let Some(c) = conn.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
             }
         }
         let connecting = self
             .endpoint
             .connect(addr, &edgevec_client::tls::server_name(&addr))
             .map_err(|e| CallError::Connection(e.to_string()))?;
-        let conn = tokio::time::timeout(self.connect_timeout, connecting)
+        let c = tokio::time::timeout(self.connect_timeout, connecting)
             .await
             .map_err(|_| CallError::Timeout(self.connect_timeout))?
             .map_err(|e| CallError::Connection(e.to_string()))?;
-        conns.insert(addr, conn.clone());
-        Ok(conn)
+        *conn = Some(c.clone());
+        Ok(c)
     }
 
     /// Sends one request to the node at `addr`.
@@ -57,8 +69,14 @@ impl PeerPool {
     ) -> Result<NodeResponse, CallError> {
         let conn = self.connection(addr).await?;
         let result = rpc::call(&conn, req, timeout).await;
-        if matches!(result, Err(CallError::Connection(_))) {
-            self.conns.lock().await.remove(&addr);
+        if matches!(result, Err(CallError::Connection(_) | CallError::Timeout(_))) {
+            // A peer that does not answer may be gone without the QUIC idle
+            // timeout having noticed yet: dial afresh next time.
+            let slot = self.slot(addr);
+            let mut held = slot.lock().await;
+            if held.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                *held = None;
+            }
         }
         result
     }

@@ -1,0 +1,519 @@
+//! The metadata Raft with real node processes: bootstrap in any order,
+//! learners, leader failover, majority loss, full restarts, runtime
+//! membership, the failure detector, admin HTTP, and refused certificates.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgevec_client::{ClientError, ClusterStatus, CollectionSpec, Metric, Point};
+
+fn names(list: &[edgevec_client::CollectionInfo]) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|c| c.spec.name.clone()).collect();
+    v.sort();
+    v
+}
+
+fn all_up(view: &ClusterStatus, n: usize) -> bool {
+    view.leader.is_some() && view.nodes.len() == n && view.nodes.iter().all(|x| x.state == "up")
+}
+
+/// Starts `n` voters and waits until they form one cluster, all up.
+async fn running_cluster(n: u64) -> TestCluster {
+    let mut cluster = TestCluster::new(n);
+    for id in 1..=n {
+        cluster.start(id);
+    }
+    cluster
+        .wait_view(1, Duration::from_secs(30), "all nodes up", |v| all_up(v, n as usize))
+        .await;
+    cluster
+}
+
+/// Waits until node `id` lists exactly `want` collections.
+async fn wait_collections(cluster: &TestCluster, id: u64, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let client = cluster.client(id, READER).await;
+    loop {
+        let have = names(&client.list_collections().await.unwrap());
+        if have == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {id} lists {have:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_in_shuffled_order_form_one_cluster() {
+    let mut cluster = TestCluster::new(3);
+    for id in [3, 1, 2] {
+        cluster.start(id);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let view = cluster
+        .wait_view(1, Duration::from_secs(30), "3 nodes up", |v| all_up(v, 3))
+        .await;
+    assert!(view.nodes.iter().all(|n| n.voter));
+    for id in [2, 3] {
+        let other = cluster
+            .wait_view(id, Duration::from_secs(10), "same leader", |v| v.leader == view.leader)
+            .await;
+        assert_eq!(other.leader, view.leader);
+    }
+
+    // A collection created on one node exists on every node.
+    let c2 = cluster.client(2, ADMIN).await;
+    c2.create_collection(CollectionSpec::new("shared", 4, Metric::L2))
+        .await
+        .unwrap();
+    c2.upsert(
+        "shared",
+        vec![Point {
+            id: 1,
+            vector: vec![1.0; 4],
+            payload: None,
+        }],
+    )
+    .await
+    .unwrap();
+    for id in 1..=3 {
+        wait_collections(&cluster, id, &["shared"]).await;
+    }
+    assert!(matches!(
+        cluster
+            .client(3, ADMIN)
+            .await
+            .create_collection(CollectionSpec::new("shared", 4, Metric::L2))
+            .await,
+        Err(ClientError::AlreadyExists(_))
+    ));
+
+    // Admin HTTP on every node.
+    for id in 1..=3 {
+        assert_eq!(cluster.http_get(id, "/healthz").0, 200);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cluster.http_get(id, "/readyz").0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "node {id} not ready: {:?}",
+                cluster.http_get(id, "/readyz")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (code, metrics) = cluster.http_get(id, "/metrics");
+        assert_eq!(code, 200);
+        for name in [
+            "edgevec_raft_term",
+            "edgevec_raft_leader_id",
+            "edgevec_raft_applied_index",
+            "edgevec_node_state",
+        ] {
+            assert!(metrics.contains(name), "node {id} metrics lack {name}:\n{metrics}");
+        }
+        assert!(
+            metrics.contains("edgevec_rpc_requests_total{protocol=\"node\""),
+            "{metrics}"
+        );
+    }
+
+    // The metadata can be dropped from any node too.
+    cluster.client(1, ADMIN).await.drop_collection("shared").await.unwrap();
+    for id in 1..=3 {
+        wait_collections(&cluster, id, &[]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_three_voters_two_learners() {
+    let mut cluster = TestCluster::with_layout(Layout {
+        voters: 3,
+        learners: 2,
+        cluster_extra: String::new(),
+    });
+    for id in [5, 2, 4, 1, 3] {
+        cluster.start(id);
+    }
+    let view = cluster
+        .wait_view(4, Duration::from_secs(30), "5 nodes up", |v| all_up(v, 5))
+        .await;
+    let voters: Vec<u64> = view.nodes.iter().filter(|n| n.voter).map(|n| n.id).collect();
+    assert_eq!(voters, vec![1, 2, 3]);
+    assert!(view
+        .nodes
+        .iter()
+        .filter(|n| !n.voter)
+        .all(|n| n.roles == ["data", "proxy"]));
+
+    // A learner forwards metadata writes to the leader.
+    cluster
+        .client(5, ADMIN)
+        .await
+        .create_collection(CollectionSpec::new("docs", 8, Metric::Cosine))
+        .await
+        .unwrap();
+    for id in 1..=5 {
+        wait_collections(&cluster, id, &["docs"]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_another_and_writes_go_on() {
+    let mut cluster = running_cluster(3).await;
+    let view = cluster
+        .wait_view(1, Duration::from_secs(5), "3 nodes up", |v| all_up(v, 3))
+        .await;
+    let old = view.leader.unwrap();
+    let client = cluster.client_any(ADMIN).await;
+    client
+        .create_collection(CollectionSpec::new("before", 4, Metric::L2))
+        .await
+        .unwrap();
+
+    cluster.kill9(old);
+    let killed = Instant::now();
+    let survivor = (1..=3).find(|id| *id != old).unwrap();
+    let view = cluster
+        .wait_view(survivor, Duration::from_secs(15), "new leader", |v| {
+            v.leader.is_some_and(|l| l != old)
+        })
+        .await;
+    let client = cluster.client(survivor, ADMIN).await;
+    client
+        .create_collection(CollectionSpec::new("after", 4, Metric::L2))
+        .await
+        .unwrap();
+    println!(
+        "leader {old} killed; leader {:?} committed a write after {:?}",
+        view.leader,
+        killed.elapsed()
+    );
+    for id in (1..=3).filter(|id| *id != old) {
+        wait_collections(&cluster, id, &["after", "before"]).await;
+    }
+    // The killed node comes back, catches up, and is a follower.
+    cluster.start(old);
+    wait_collections(&cluster, old, &["after", "before"]).await;
+    cluster
+        .wait_view(survivor, Duration::from_secs(20), "all up again", |v| all_up(v, 3))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_majority_writes_are_unavailable_then_recover() {
+    let mut cluster = running_cluster(3).await;
+    let c1 = cluster.client(1, ADMIN).await;
+    c1.create_collection(CollectionSpec::new("a", 4, Metric::L2))
+        .await
+        .unwrap();
+
+    cluster.kill9(2);
+    cluster.kill9(3);
+    let started = Instant::now();
+    match c1.create_collection(CollectionSpec::new("b", 4, Metric::L2)).await {
+        Err(ClientError::Unavailable(msg)) => assert!(msg.contains("majority"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "Unavailable took {took:?}");
+    // Reads of local metadata still work.
+    assert_eq!(names(&c1.list_collections().await.unwrap()), ["a"]);
+
+    cluster.start(2);
+    cluster.start(3);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c1.create_collection(CollectionSpec::new("b", 4, Metric::L2)).await {
+            Ok(()) => break,
+            Err(ClientError::Unavailable(_)) if Instant::now() < deadline => {}
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    for id in 1..=3 {
+        wait_collections(&cluster, id, &["a", "b"]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_every_node_at_once_keeps_the_metadata() {
+    let mut cluster = running_cluster(3).await;
+    let client = cluster.client_any(ADMIN).await;
+    for name in ["x", "y", "z"] {
+        client
+            .create_collection(CollectionSpec::new(name, 4, Metric::InnerProduct))
+            .await
+            .unwrap();
+    }
+    client.drop_collection("y").await.unwrap();
+    for id in 1..=3 {
+        wait_collections(&cluster, id, &["x", "z"]).await;
+    }
+    let c1 = cluster.client(1, WRITER).await;
+    c1.upsert(
+        "x",
+        vec![Point {
+            id: 9,
+            vector: vec![0.5; 4],
+            payload: Some("{\"k\":1}".into()),
+        }],
+    )
+    .await
+    .unwrap();
+    client.close().await;
+
+    for id in 1..=3 {
+        cluster.kill9(id);
+    }
+    for id in [2, 3, 1] {
+        cluster.start(id);
+    }
+    let view = cluster
+        .wait_view(2, Duration::from_secs(30), "3 nodes up again", |v| all_up(v, 3))
+        .await;
+    assert_eq!(view.nodes.len(), 3);
+    for id in 1..=3 {
+        wait_collections(&cluster, id, &["x", "z"]).await;
+    }
+    let got = cluster.client(1, READER).await.get("x", &[9]).await.unwrap();
+    assert_eq!(got[0].payload.as_deref(), Some("{\"k\":1}"));
+    // Still one cluster: a new write commits and reaches everyone.
+    cluster
+        .client(3, ADMIN)
+        .await
+        .create_collection(CollectionSpec::new("w", 4, Metric::L2))
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        wait_collections(&cluster, id, &["w", "x", "z"]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_added_and_removed_at_runtime() {
+    let mut cluster = running_cluster(3).await;
+    let client = cluster.client_any(ADMIN).await;
+    for name in ["m1", "m2"] {
+        client
+            .create_collection(CollectionSpec::new(name, 4, Metric::L2))
+            .await
+            .unwrap();
+    }
+
+    // Node 4 is not in the cluster file: its certificate, then the process.
+    let (ok, _, err) = cluster.cli(&["certs", "--node", "4", "--host", "127.0.0.1"]);
+    assert!(ok, "{err}");
+    let addr4 = format!("127.0.0.1:{}", free_port());
+    let data4 = cluster.path("data/node4");
+    let config = cluster.config_path.clone();
+    cluster.start_with(
+        4,
+        &config,
+        &[
+            "--addr",
+            &addr4,
+            "--data-dir",
+            data4.to_str().unwrap(),
+            "--roles",
+            "meta,data,proxy",
+            "--zone",
+            "zone-4",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let added = loop {
+        let out = cluster.cli(&[
+            "node",
+            "add",
+            "--id",
+            "4",
+            "--addr",
+            &addr4,
+            "--zone",
+            "zone-4",
+            "--roles",
+            "meta,data,proxy",
+            "--json",
+        ]);
+        if out.0 || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(added.0, "node add failed: {}", added.2);
+    let membership: serde_json::Value = serde_json::from_str(added.1.trim()).unwrap();
+    assert_eq!(membership["voters"], serde_json::json!([1, 2, 3, 4]), "{membership}");
+
+    // It received all metadata, and later writes too.
+    let c4 = {
+        let mut cfg = cluster.client_config(1, READER);
+        cfg.endpoints = vec![addr4.parse().unwrap()];
+        edgevec_client::Client::connect(cfg).await.unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while names(&c4.list_collections().await.unwrap()) != ["m1", "m2"] {
+        assert!(Instant::now() < deadline, "node 4 did not receive the metadata");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster
+        .wait_view(1, Duration::from_secs(20), "4 nodes up", |v| all_up(v, 4))
+        .await;
+
+    // Adding again with another id at the same address is refused clearly.
+    let out = cluster.cli(&["node", "add", "--id", "7", "--addr", &addr4]);
+    assert!(!out.0 && out.2.contains("node 4"), "{out:?}");
+
+    // Remove it again: back to three voters.
+    let out = cluster.cli(&["node", "remove", "--id", "4", "--json"]);
+    assert!(out.0, "{}", out.2);
+    let membership: serde_json::Value = serde_json::from_str(out.1.trim()).unwrap();
+    assert_eq!(membership["voters"], serde_json::json!([1, 2, 3]), "{membership}");
+    cluster.kill9(4);
+
+    // Removing a voter when that would leave no majority up is refused.
+    cluster.kill9(3);
+    cluster
+        .wait_view(1, Duration::from_secs(20), "node 3 suspect", |v| {
+            v.nodes.iter().any(|n| n.id == 3 && n.state != "up")
+        })
+        .await;
+    let leader = cluster
+        .wait_view(1, Duration::from_secs(5), "leader", |v| v.leader.is_some())
+        .await
+        .leader
+        .unwrap();
+    let victim = if leader == 1 { 2 } else { 1 };
+    let out = cluster.cli(&["node", "remove", "--id", &victim.to_string()]);
+    assert!(!out.0 && out.2.contains("no majority"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_node_is_suspect_then_dead_then_up_again() {
+    let mut cluster = TestCluster::with_layout(Layout {
+        voters: 3,
+        learners: 0,
+        cluster_extra: "heartbeat_ms = 100\nsuspect_ms = 600\ndead_after_ms = 2500\n".into(),
+    });
+    for id in 1..=3 {
+        cluster.start(id);
+    }
+    cluster
+        .wait_view(1, Duration::from_secs(30), "3 nodes up", |v| all_up(v, 3))
+        .await;
+    // Kill a node that is not the leader, so the detector keeps running.
+    let leader = cluster
+        .wait_view(1, Duration::from_secs(5), "leader", |v| v.leader.is_some())
+        .await
+        .leader
+        .unwrap();
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill9(victim);
+    let state_of = |v: &ClusterStatus| v.nodes.iter().find(|n| n.id == victim).map(|n| n.state.clone());
+    cluster
+        .wait_view(leader, Duration::from_secs(10), "suspect", |v| {
+            state_of(v).as_deref() == Some("suspect")
+        })
+        .await;
+    let view = cluster
+        .wait_view(leader, Duration::from_secs(15), "dead", |v| {
+            state_of(v).as_deref() == Some("dead")
+        })
+        .await;
+    assert!(
+        view.nodes
+            .iter()
+            .find(|n| n.id == victim)
+            .unwrap()
+            .last_heartbeat_ms
+            .unwrap_or(u64::MAX)
+            >= 2500
+    );
+    // The verdict is metadata: every node sees it.
+    let other = (1..=3).find(|id| *id != leader && *id != victim).unwrap();
+    cluster
+        .wait_view(other, Duration::from_secs(5), "dead everywhere", |v| {
+            state_of(v).as_deref() == Some("dead")
+        })
+        .await;
+    cluster.start(victim);
+    cluster
+        .wait_view(leader, Duration::from_secs(20), "up again", |v| all_up(v, 3))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_foreign_certificate_cannot_join() {
+    let mut cluster = TestCluster::new(3);
+    // Node 3 runs from a copy of the file whose certificates come from another CA.
+    let text = std::fs::read_to_string(&cluster.config_path).unwrap();
+    let foreign_cfg = cluster.path("foreign.toml");
+    std::fs::write(
+        &foreign_cfg,
+        text.replace("certs_dir = \"certs\"", "certs_dir = \"foreign-certs\""),
+    )
+    .unwrap();
+    edgevec_node::certs::foreign_node_cert(&cluster.path("foreign-certs"), 3).unwrap();
+    cluster.start(1);
+    cluster.start(2);
+    cluster.start_with(3, &foreign_cfg, &[]);
+
+    let view = cluster
+        .wait_view(1, Duration::from_secs(30), "nodes 1 and 2 up", |v| {
+            v.leader.is_some() && v.nodes.iter().filter(|n| n.state == "up").count() == 2
+        })
+        .await;
+    assert!(matches!(view.leader, Some(1 | 2)), "{view:?}");
+    // Give node 3 time to try; it must never count as up or lead.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let view = cluster
+        .wait_view(2, Duration::from_secs(5), "view", |v| v.leader.is_some())
+        .await;
+    let n3 = view.nodes.iter().find(|n| n.id == 3).unwrap();
+    assert_ne!(n3.state, "up", "{view:?}");
+    assert!(matches!(view.leader, Some(1 | 2)));
+    assert_ne!(cluster.http_get(3, "/readyz").0, 200);
+    // The healthy pair still commits metadata.
+    cluster
+        .client(1, ADMIN)
+        .await
+        .create_collection(CollectionSpec::new("ok", 4, Metric::L2))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn malformed_cluster_file_fails_fast_naming_the_line() {
+    let cluster = TestCluster::new(1);
+    let text = std::fs::read_to_string(&cluster.config_path).unwrap();
+    let bad = cluster.path("bad.toml");
+    std::fs::write(
+        &bad,
+        text.replace(
+            "roles = [\"meta\", \"data\", \"proxy\"]",
+            "roles = [\"meta\", \"chief\"]",
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgevec"))
+        .args(["node", "--config", bad.to_str().unwrap(), "--id", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line ") && err.contains("chief"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let dup = cluster.path("dup.toml");
+    let text2 = format!("{text}\n[[nodes]]\nid = 1\naddr = \"127.0.0.1:1\"\ndata_dir = \"x\"\n");
+    std::fs::write(&dup, text2).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgevec"))
+        .args(["node", "--config", dup.to_str().unwrap(), "--id", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("dup.toml:") && err.contains("appears twice"),
+        "{err}"
+    );
+}
