@@ -211,7 +211,14 @@ impl Service {
                 ReplyV1::Collection(self.collection_info(spec).await?)
             }
             OpV1::DropCollection { name } => {
-                self.meta_write(CommandV1::DropCollection { name }).await?;
+                // A drop retried after an attempt of unknown fate (the
+                // leader died mid-request) finds the collection gone. If it
+                // existed when this request arrived, gone is what was asked.
+                let existed = self.meta.state().collection(&name).is_some();
+                match self.meta_write(CommandV1::DropCollection { name }).await {
+                    Err(e) if e.code == ErrorCode::NotFound && existed => {}
+                    other => other?,
+                }
                 ReplyV1::Dropped
             }
             OpV1::Upsert { collection, points } => {
