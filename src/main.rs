@@ -7,9 +7,10 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = edgevec_node::cli::Cli::parse();
-    // Nodes log at info by default; one-shot commands only warn.
+    // Nodes log at info by default (openraft's own info lines narrate every
+    // vote and are left out); one-shot commands only warn.
     let default = match cli.command {
-        edgevec_node::cli::Command::Node(_) | edgevec_node::cli::Command::Up { .. } => "info",
+        edgevec_node::cli::Command::Node(_) | edgevec_node::cli::Command::Up { .. } => "info,openraft=warn",
         _ => "warn",
     };
     tracing_subscriber::fmt()
