@@ -7,6 +7,10 @@
 //! library call. Prints a Markdown report; the QUIC/in-process ratio is the
 //! number that matters (both sides run on the same machine in one run).
 //!
+//! With `--mode meta` it measures the metadata Raft instead: collection
+//! create latency on a 3-node loopback cluster, and the time from kill -9 of
+//! the leader to the first committed metadata write, over `--trials` runs.
+//!
 //! `cargo run --release --bin bench -- --help`
 
 use std::path::{Path, PathBuf};
@@ -22,6 +26,15 @@ use rand::{Rng, SeedableRng};
 
 #[derive(Parser, Debug)]
 struct Args {
+    /// `search` (engine and QUIC search/insert) or `meta` (metadata Raft).
+    #[arg(long, default_value = "search")]
+    mode: String,
+    /// Metadata writes measured (meta mode).
+    #[arg(long, default_value_t = 200)]
+    writes: usize,
+    /// Leader kills measured (meta mode).
+    #[arg(long, default_value_t = 10)]
+    trials: usize,
     #[arg(long, default_value_t = 100_000)]
     n: usize,
     #[arg(long, default_value_t = 128)]
@@ -77,33 +90,44 @@ fn edgevec_exe() -> Result<PathBuf> {
     Ok(exe)
 }
 
-fn write_config(dir: &Path) -> Result<(PathBuf, std::net::SocketAddr)> {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-    let text = format!(
-        "[cluster]\nname = \"bench\"\n\n[[tokens]]\ntoken = \"bench-admin-token\"\nrole = \"admin\"\n\n\
-         [[nodes]]\nid = 1\naddr = \"127.0.0.1:{port}\"\ndata_dir = \"node1\"\n"
-    );
+/// Writes a cluster file of `n` voters with free loopback ports and makes
+/// its certificates; returns the file and the node addresses.
+fn write_config(dir: &Path, n: u64) -> Result<(PathBuf, Vec<std::net::SocketAddr>)> {
+    let mut text =
+        "[cluster]\nname = \"bench\"\n\n[[tokens]]\ntoken = \"bench-admin-token\"\nrole = \"admin\"\n".to_string();
+    for id in 1..=n {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        text.push_str(&format!(
+            "\n[[nodes]]\nid = {id}\naddr = \"127.0.0.1:{port}\"\ndata_dir = \"node{id}\"\n"
+        ));
+    }
     let path = dir.join("cluster.toml");
     std::fs::write(&path, text)?;
     let cfg = edgevec_node::config::ClusterConfig::load(&path)?;
     edgevec_node::certs::ensure(&cfg.cert_paths(), &cfg.name, &cfg.cert_names())?;
-    Ok((path, cfg.nodes[0].addr))
+    Ok((path, cfg.nodes.iter().map(|n| n.addr).collect()))
 }
 
-fn start_node(config: &Path) -> Result<Child> {
+fn start_node(config: &Path, id: u64) -> Result<Child> {
     Ok(Command::new(edgevec_exe()?)
         .args(["node", "--config"])
         .arg(config)
-        .args(["--id", "1"])
+        .args(["--id", &id.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?)
 }
 
 async fn connect(addr: std::net::SocketAddr, ca: &[u8]) -> Result<Client> {
+    connect_any(&[addr], ca).await
+}
+
+async fn connect_any(addrs: &[std::net::SocketAddr], ca: &[u8]) -> Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(c) = Client::connect(ClientConfig::new(vec![addr], ca.to_vec(), "bench-admin-token")).await {
+        let mut config = ClientConfig::new(addrs.to_vec(), ca.to_vec(), "bench-admin-token");
+        config.connect_timeout = Duration::from_millis(500);
+        if let Ok(c) = Client::connect(config).await {
             if c.status().await.is_ok() {
                 return Ok(c);
             }
@@ -169,12 +193,129 @@ async fn main() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
-    let (config, addr) = write_config(&dir)?;
+    match args.mode.as_str() {
+        "search" => search_bench(&args, &dir).await,
+        "meta" => meta_bench(&args, &dir).await,
+        other => bail!("unknown --mode {other:?}: use search or meta"),
+    }
+}
+
+/// The leader as node `via` sees it.
+async fn leader_of(client: &Client) -> Option<u64> {
+    client.cluster_status().await.ok().and_then(|s| s.leader)
+}
+
+async fn meta_bench(args: &Args, dir: &Path) -> Result<()> {
+    let (config, addrs) = write_config(dir, 3)?;
+    let ca = std::fs::read(dir.join("certs/ca.pem"))?;
+    let mut nodes: Vec<Option<Child>> = Vec::new();
+    for id in 1..=3 {
+        nodes.push(Some(start_node(&config, id)?));
+    }
+    let client = connect_any(&addrs, &ca).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leader_of(&client).await.is_none() {
+        if Instant::now() > deadline {
+            bail!("no leader within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Metadata write latency: collection creates, one at a time.
+    let spec = |i: usize| CollectionSpec::new(format!("c{i}"), 4, Metric::L2);
+    client.create_collection(spec(0)).await?;
+    let started = Instant::now();
+    let mut lat = Vec::new();
+    for i in 1..=args.writes {
+        let t = Instant::now();
+        client.create_collection(spec(i)).await?;
+        lat.push(t.elapsed());
+    }
+    let writes = stats(lat, started.elapsed());
+
+    // Failover: kill -9 the leader, time the first committed write.
+    let mut failovers = Vec::new();
+    for trial in 0..args.trials {
+        let leader = loop {
+            if let Some(l) = leader_of(&client).await {
+                break l;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let survivors: Vec<_> = (1..=3u64)
+            .filter(|i| *i != leader)
+            .map(|i| addrs[i as usize - 1])
+            .collect();
+        let probe = connect_any(&survivors, &ca).await?;
+        let mut child = nodes[leader as usize - 1].take().context("leader process")?;
+        child.kill()?;
+        let killed = Instant::now();
+        child.wait()?;
+        let name = format!("failover{trial}");
+        loop {
+            match probe.create_collection(CollectionSpec::new(&name, 4, Metric::L2)).await {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() => {}
+                Err(edgevec_client::ClientError::AlreadyExists(_)) => break,
+                Err(e) => return Err(e.into()),
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                bail!("no write committed within 30 s of killing leader {leader}");
+            }
+        }
+        let took = killed.elapsed();
+        eprintln!("trial {trial}: leader {leader} killed, write committed after {took:?}");
+        failovers.push(took);
+        probe.close().await;
+        nodes[leader as usize - 1] = Some(start_node(&config, leader)?);
+        // Let it rejoin before the next trial.
+        let back = connect(addrs[leader as usize - 1], &ca).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !back.list_collections().await?.iter().any(|c| c.spec.name == name) {
+            if Instant::now() > deadline {
+                bail!("node {leader} did not catch up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        back.close().await;
+    }
+    client.close().await;
+    for child in nodes.iter_mut().flatten() {
+        unsafe_terminate(child)?;
+    }
+    failovers.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("### Metadata Raft, 3 voters on loopback\n");
+    println!(
+        "Collection create (a metadata write, committed and applied on the answering node), {} sequential writes: p50 {:.2} ms, p99 {:.2} ms, {:.0} writes/s\n",
+        args.writes, writes.p50_ms, writes.p99_ms, writes.qps
+    );
+    println!(
+        "kill -9 of the leader → first committed write, {} trials: median {:.0} ms, min {:.0} ms, max {:.0} ms",
+        failovers.len(),
+        ms(failovers[failovers.len() / 2]),
+        ms(failovers[0]),
+        ms(failovers[failovers.len() - 1])
+    );
+    println!(
+        "(each trial, ms: {})",
+        failovers
+            .iter()
+            .map(|d| format!("{:.0}", ms(*d)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+async fn search_bench(args: &Args, dir: &Path) -> Result<()> {
+    let (config, addrs) = write_config(dir, 1)?;
+    let addr = addrs[0];
     let ca = std::fs::read(dir.join("certs/ca.pem"))?;
     let data = vectors(args.n, args.dim, 1);
     let queries = Arc::new(vectors(args.queries, args.dim, 2));
 
-    let mut node = start_node(&config)?;
+    let mut node = start_node(&config, 1)?;
     let client = connect(addr, &ca).await?;
     let spec = CollectionSpec::new("bench", args.dim as u32, Metric::L2)
         .with_shards(args.shards)
