@@ -517,3 +517,49 @@ fn malformed_cluster_file_fails_fast_naming_the_line() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_purged_log_receives_a_snapshot() {
+    // Snapshot every 10 entries and purge behind it, so a node away for a
+    // few dozen writes can only catch up by snapshot over the network.
+    let mut cluster = TestCluster::with_layout(Layout {
+        voters: 3,
+        learners: 0,
+        cluster_extra: "raft_snapshot_logs = 10\n".into(),
+    });
+    for id in 1..=3 {
+        cluster.start(id);
+    }
+    cluster
+        .wait_view(1, Duration::from_secs(30), "3 nodes up", |v| all_up(v, 3))
+        .await;
+    let leader = cluster
+        .wait_view(1, Duration::from_secs(5), "leader", |v| v.leader.is_some())
+        .await
+        .leader
+        .unwrap();
+    let away = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill9(away);
+    let client = cluster.client(leader, ADMIN).await;
+    let mut want: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    for name in &want {
+        client
+            .create_collection(CollectionSpec::new(name, 4, Metric::L2))
+            .await
+            .unwrap();
+    }
+    for name in want.drain(..10) {
+        client.drop_collection(&name).await.unwrap();
+    }
+    cluster.start(away);
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    wait_collections(&cluster, away, &want).await;
+    let log = std::fs::read_to_string(cluster.log_path(away)).unwrap();
+    assert!(
+        log.contains("installed metadata snapshot"),
+        "node {away} caught up without a snapshot; log:\n{log}"
+    );
+    cluster
+        .wait_view(leader, Duration::from_secs(20), "all up", |v| all_up(v, 3))
+        .await;
+}

@@ -104,6 +104,14 @@ struct RawCluster {
     /// Raft election timeout range `[min, max]` in ms (randomised per term).
     #[serde(default = "default_election_timeout_ms")]
     election_timeout_ms: Spanned<(u64, u64)>,
+    /// Metadata log entries between snapshots; older entries are purged
+    /// (a node that falls further behind receives the snapshot).
+    #[serde(default = "default_raft_snapshot_logs")]
+    raft_snapshot_logs: Spanned<u64>,
+}
+
+fn default_raft_snapshot_logs() -> Spanned<u64> {
+    Spanned::new(0..0, 2_000)
 }
 
 fn default_heartbeat_ms() -> Spanned<u64> {
@@ -198,6 +206,7 @@ pub struct ClusterConfig {
     pub health: crate::health::HealthSettings,
     pub raft_heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
+    pub raft_snapshot_logs: u64,
     /// Things that are legal but probably not meant (printed at start-up).
     pub warnings: Vec<String>,
 }
@@ -356,6 +365,13 @@ impl ClusterConfig {
             ));
         }
         let raft_heartbeat = positive(&c.raft_heartbeat_ms, "raft_heartbeat_ms")?.as_millis() as u64;
+        let raft_snapshot_logs = *c.raft_snapshot_logs.get_ref();
+        if raft_snapshot_logs == 0 {
+            return Err(invalid(
+                c.raft_snapshot_logs.span().start,
+                "raft_snapshot_logs must be above 0".into(),
+            ));
+        }
         let (emin, emax) = *c.election_timeout_ms.get_ref();
         if emin <= raft_heartbeat || emax <= emin {
             return Err(invalid(
@@ -373,6 +389,7 @@ impl ClusterConfig {
             health,
             raft_heartbeat_ms: raft_heartbeat,
             election_timeout_ms: (emin, emax),
+            raft_snapshot_logs,
             warnings,
         })
     }

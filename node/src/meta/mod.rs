@@ -84,8 +84,11 @@ impl Meta {
             election_timeout_min: cluster.election_timeout_ms.0,
             election_timeout_max: cluster.election_timeout_ms.1,
             install_snapshot_timeout: 2_000,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2_000),
-            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cluster.raft_snapshot_logs),
+            // Keep half an interval of log behind each snapshot, so a node
+            // that is only a little behind catches up from the log.
+            max_in_snapshot_log_to_keep: cluster.raft_snapshot_logs / 2,
+            purge_batch_size: 1,
             ..Default::default()
         }
         .validate()
