@@ -563,3 +563,46 @@ async fn a_node_behind_the_purged_log_receives_a_snapshot() {
         .wait_view(leader, Duration::from_secs(20), "all up", |v| all_up(v, 3))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_recreated_while_a_node_was_away_starts_empty_there() {
+    let mut cluster = running_cluster(3).await;
+    let spec = CollectionSpec::new("again", 4, Metric::L2);
+    cluster
+        .client(1, ADMIN)
+        .await
+        .create_collection(spec.clone())
+        .await
+        .unwrap();
+    wait_collections(&cluster, 3, &["again"]).await;
+    let c3 = cluster.client(3, WRITER).await;
+    c3.upsert(
+        "again",
+        vec![Point {
+            id: 7,
+            vector: vec![1.0; 4],
+            payload: None,
+        }],
+    )
+    .await
+    .unwrap();
+    cluster.kill9(3);
+
+    // Same name, same schema: a new collection all the same.
+    let c1 = cluster.client(1, ADMIN).await;
+    c1.drop_collection("again").await.unwrap();
+    c1.create_collection(spec).await.unwrap();
+
+    cluster.start(3);
+    wait_collections(&cluster, 3, &["again"]).await;
+    let c3 = cluster.client(3, READER).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = c3.describe_collection("again").await.unwrap();
+        if info.points == 0 && c3.get("again", &[7]).await.unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "old points survived the re-create: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

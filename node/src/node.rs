@@ -119,7 +119,7 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
 
     let meta = Meta::start(cluster, &node, peers.clone()).await?;
     let health = Health::new(meta.clone(), node.clone(), cluster.clone(), peers.clone());
-    let catalog = CatalogSync::new(engine.clone(), meta.clone());
+    let catalog = CatalogSync::new(engine.clone(), meta.clone(), node.data_dir.join("catalog-sync.json"));
     let metrics = Arc::new(Metrics::default());
     let parts = Parts {
         engine,
