@@ -21,7 +21,13 @@ fn all_up(view: &ClusterStatus, n: usize) -> bool {
 
 /// Starts `n` voters and waits until they form one cluster, all up.
 async fn running_cluster(n: u64) -> TestCluster {
-    let mut cluster = TestCluster::new(n);
+    running(Layout::voters(n)).await
+}
+
+/// Starts every node of `layout` and waits until all are up.
+async fn running(layout: Layout) -> TestCluster {
+    let n = layout.voters + layout.learners;
+    let mut cluster = TestCluster::with_layout(layout);
     for id in 1..=n {
         cluster.start(id);
     }
@@ -29,6 +35,15 @@ async fn running_cluster(n: u64) -> TestCluster {
         .wait_view(1, Duration::from_secs(30), "all nodes up", |v| all_up(v, n as usize))
         .await;
     cluster
+}
+
+/// The current metadata leader, as node 1 sees it.
+async fn current_leader(cluster: &TestCluster) -> u64 {
+    cluster
+        .wait_view(1, Duration::from_secs(5), "leader", |v| v.leader.is_some())
+        .await
+        .leader
+        .unwrap()
 }
 
 /// Waits until node `id` lists exactly `want` collections.
@@ -377,11 +392,7 @@ async fn nodes_added_and_removed_at_runtime() {
             v.nodes.iter().any(|n| n.id == 3 && n.state != "up")
         })
         .await;
-    let leader = cluster
-        .wait_view(1, Duration::from_secs(5), "leader", |v| v.leader.is_some())
-        .await
-        .leader
-        .unwrap();
+    let leader = current_leader(&cluster).await;
     let victim = if leader == 1 { 2 } else { 1 };
     let out = cluster.cli(&["node", "remove", "--id", &victim.to_string()]);
     assert!(!out.0 && out.2.contains("no majority"), "{out:?}");
@@ -389,23 +400,14 @@ async fn nodes_added_and_removed_at_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_node_is_suspect_then_dead_then_up_again() {
-    let mut cluster = TestCluster::with_layout(Layout {
+    let mut cluster = running(Layout {
         voters: 3,
         learners: 0,
         cluster_extra: "heartbeat_ms = 100\nsuspect_ms = 600\ndead_after_ms = 2500\n".into(),
-    });
-    for id in 1..=3 {
-        cluster.start(id);
-    }
-    cluster
-        .wait_view(1, Duration::from_secs(30), "3 nodes up", |v| all_up(v, 3))
-        .await;
+    })
+    .await;
     // Kill a node that is not the leader, so the detector keeps running.
-    let leader = cluster
-        .wait_view(1, Duration::from_secs(5), "leader", |v| v.leader.is_some())
-        .await
-        .leader
-        .unwrap();
+    let leader = current_leader(&cluster).await;
     let victim = (1..=3).find(|id| *id != leader).unwrap();
     cluster.kill9(victim);
     let state_of = |v: &ClusterStatus| v.nodes.iter().find(|n| n.id == victim).map(|n| n.state.clone());
@@ -522,22 +524,13 @@ fn malformed_cluster_file_fails_fast_naming_the_line() {
 async fn a_node_behind_the_purged_log_receives_a_snapshot() {
     // Snapshot every 10 entries and purge behind it, so a node away for a
     // few dozen writes can only catch up by snapshot over the network.
-    let mut cluster = TestCluster::with_layout(Layout {
+    let mut cluster = running(Layout {
         voters: 3,
         learners: 0,
         cluster_extra: "raft_snapshot_logs = 10\n".into(),
-    });
-    for id in 1..=3 {
-        cluster.start(id);
-    }
-    cluster
-        .wait_view(1, Duration::from_secs(30), "3 nodes up", |v| all_up(v, 3))
-        .await;
-    let leader = cluster
-        .wait_view(1, Duration::from_secs(5), "leader", |v| v.leader.is_some())
-        .await
-        .leader
-        .unwrap();
+    })
+    .await;
+    let leader = current_leader(&cluster).await;
     let away = (1..=3).find(|id| *id != leader).unwrap();
     cluster.kill9(away);
     let client = cluster.client(leader, ADMIN).await;
