@@ -599,3 +599,25 @@ async fn a_collection_recreated_while_a_node_was_away_starts_empty_there() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_moves_to_the_next_endpoint_when_its_node_dies() {
+    let mut cluster = running_cluster(3).await;
+    let client = cluster.client_any(ADMIN).await;
+    client
+        .create_collection(CollectionSpec::new("fo", 4, Metric::L2))
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        wait_collections(&cluster, id, &["fo"]).await;
+    }
+    let first = client.current_endpoint().await.unwrap();
+    let id = cluster.config.nodes.iter().find(|n| n.addr == first).unwrap().id;
+    cluster.kill9(id);
+    // Requests that are safe to repeat go on through another node, unseen.
+    assert_eq!(names(&client.list_collections().await.unwrap()), ["fo"]);
+    let hits = client.search("fo", &[1.0; 4], 1).await.unwrap();
+    assert!(hits.is_empty());
+    let now = client.current_endpoint().await.unwrap();
+    assert_ne!(now, first);
+}

@@ -103,13 +103,15 @@ pub fn client_config(
     Ok(config)
 }
 
-/// QUIC transport settings shared by clients and nodes: keep-alives so a
-/// dead peer is noticed within seconds, not the default half-minute.
+/// QUIC transport settings shared by clients and nodes: keep-alives every
+/// 500 ms and a 2 s idle timeout, so a dead peer is noticed (and a client
+/// moves to its next endpoint) within about two seconds, not the default
+/// half-minute; four keep-alives must be lost before a live peer is dropped.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    t.keep_alive_interval(Some(std::time::Duration::from_millis(500)));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(5)).expect("5 s fits in a VarInt"),
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(2)).expect("2 s fits in a VarInt"),
     ));
     t.max_concurrent_bidi_streams(256u32.into());
     t.max_concurrent_uni_streams(0u32.into());
