@@ -389,6 +389,7 @@ async fn search_bench(args: &Args, dir: &Path) -> Result<()> {
         args.k,
         1,
     )?;
+    let recall = recall_at_k(&engine, &data, &queries[..200.min(queries.len())], args.k as usize)?;
     let local1 = local_search(&engine, &queries, args.k, 1)?;
     let localn = local_search(&engine, &queries, args.k, args.concurrency)?;
 
@@ -414,8 +415,32 @@ async fn search_bench(args: &Args, dir: &Path) -> Result<()> {
         args.concurrency
     );
     println!();
+    println!(
+        "recall@{} of the indexed search against brute force (first {} queries): {recall:.4}",
+        args.k,
+        200.min(queries.len())
+    );
+    println!();
     println!("Insert through the client, batches of {}: {:.0} rows/s ({} rows in {:.1} s; index build after the last insert: {:.1} s)", args.batch, insert_rate, args.n, insert_secs, index_secs);
     Ok(())
+}
+
+/// Share of the exact top-k (brute force over `data`, ids = row numbers)
+/// that the engine returns.
+fn recall_at_k(engine: &Engine, data: &[Vec<f32>], queries: &[Vec<f32>], k: usize) -> Result<f64> {
+    let mut found = 0usize;
+    for q in queries {
+        let mut exact: Vec<(f32, u64)> = data
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(), i as u64))
+            .collect();
+        exact.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
+        let truth: std::collections::HashSet<u64> = exact[..k].iter().map(|e| e.1).collect();
+        let hits = engine.search("bench", std::slice::from_ref(q), k as u32, false)?;
+        found += hits[0].iter().filter(|h| truth.contains(&h.id)).count();
+    }
+    Ok(found as f64 / (queries.len() * k) as f64)
 }
 
 fn unsafe_terminate(node: &mut Child) -> Result<()> {
