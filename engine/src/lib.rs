@@ -37,7 +37,7 @@ mod catalog;
 mod collection;
 pub mod engine;
 mod error;
-mod fsutil;
+pub mod fsutil;
 mod hnsw;
 pub mod metric;
 mod op;

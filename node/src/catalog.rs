@@ -74,7 +74,8 @@ pub fn plan(
 }
 
 /// The incarnations of the local collections, persisted as versioned JSON
-/// and replaced atomically (write, fsync, rename, fsync directory).
+/// and replaced atomically (the engine's durable write: temp file, fsync,
+/// rename, fsync directory).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Incarnations {
     version: u32,
@@ -107,16 +108,8 @@ impl Incarnations {
     }
 
     fn save(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("plain data encodes"))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        let bytes = serde_json::to_vec_pretty(self).expect("plain data encodes");
+        edgevec_engine::fsutil::write_atomic(path, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
     }
 }
 
