@@ -170,7 +170,16 @@ pub fn client_config(g: &Global) -> Result<ClientConfig> {
     };
     let ca = match &g.ca {
         Some(ca) => ca.clone(),
-        None => file.as_ref().expect("loaded above").cert_paths().ca_cert(),
+        None => {
+            let ca = file.as_ref().expect("loaded above").cert_paths().ca_cert();
+            if !ca.exists() {
+                bail!(
+                    "the cluster CA {} does not exist yet: start the cluster with `edgevec up` (or make certificates with `edgevec certs`), or pass --ca",
+                    ca.display()
+                );
+            }
+            ca
+        }
     };
     let token = match &g.token {
         Some(t) => t.clone(),

@@ -222,8 +222,12 @@ pub async fn up(path: &Path) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let admin = node
+            .admin_addr
+            .map(|a| format!(", admin http://{a}"))
+            .unwrap_or_default();
         println!(
-            "node {} ready on {} (zone {}, data {})",
+            "node {} ready on {} (zone {}, data {}{admin})",
             node.id,
             node.addr,
             node.zone,
