@@ -77,8 +77,6 @@ impl Source {
                 Some(shape[0]),
             ))
         } else {
-            let size = file.metadata().map(|m| m.len()).ok();
-            let _ = size;
             Ok((
                 Source::Lines {
                     lines: BufReader::new(file).lines(),

@@ -105,13 +105,13 @@ async fn connection<D: Dispatch>(
             async move {
                 stream(peer, send, recv, &*dispatch).await;
             }
-            .instrument(info_span!("req", id = %recv_id_hint())),
+            .instrument(info_span!("req", id = %next_request_id())),
         );
     }
 }
 
 /// A short per-request id for log correlation.
-fn recv_id_hint() -> u64 {
+fn next_request_id() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
