@@ -31,7 +31,7 @@ fn invalid_field(e: ClientError) -> (Option<String>, String) {
 async fn raw_connection(cluster: &TestCluster) -> (quinn::Endpoint, quinn::Connection) {
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(tls::client_config(&cluster.ca_pem(), None, edgevec_proto::ALPN_CLIENT).unwrap());
-    let conn = ep.connect(cluster.addr(1), "127.0.0.1").unwrap().await.unwrap();
+    let conn = ep.connect(cluster.addr(1), &cluster.ip).unwrap().await.unwrap();
     (ep, conn)
 }
 
@@ -254,6 +254,7 @@ async fn node_protocol_requires_a_node_certificate_of_the_cluster() {
 
     let dial = |identity: Option<(Vec<u8>, Vec<u8>)>, ca: Vec<u8>| {
         let addr = cluster.addr(1);
+        let ip = cluster.ip.clone();
         async move {
             let identity = identity.map(|(c, k)| {
                 (
@@ -263,7 +264,7 @@ async fn node_protocol_requires_a_node_certificate_of_the_cluster() {
             });
             let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             ep.set_default_client_config(tls::client_config(&ca, identity, edgevec_proto::ALPN_NODE).unwrap());
-            let conn = ep.connect(addr, "127.0.0.1").unwrap().await;
+            let conn = ep.connect(addr, &ip).unwrap().await;
             (ep, conn)
         }
     };

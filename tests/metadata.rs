@@ -316,9 +316,9 @@ async fn nodes_added_and_removed_at_runtime() {
     }
 
     // Node 4 is not in the cluster file: its certificate, then the process.
-    let (ok, _, err) = cluster.cli(&["certs", "--node", "4", "--host", "127.0.0.1"]);
+    let (ok, _, err) = cluster.cli(&["certs", "--node", "4", "--host", &cluster.ip]);
     assert!(ok, "{err}");
-    let addr4 = format!("127.0.0.1:{}", free_port());
+    let addr4 = quic_addr(&cluster.ip, 4);
     let data4 = cluster.path("data/node4");
     let config = cluster.config_path.clone();
     cluster.start_with(

@@ -22,27 +22,35 @@ pub const READER: &str = "test-read-token";
 
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
+    /// The loopback address every node of this cluster listens on.
+    pub ip: String,
     pub config_path: PathBuf,
     pub config: ClusterConfig,
     procs: HashMap<u64, Child>,
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback address of its own for each test cluster of this process.
+///
+/// Tests run in parallel; picking "a port that was free a moment ago" races
+/// (two clusters can be handed the same port before either binds). All of
+/// 127.0.0.0/8 is loopback, so each cluster gets its own address and fixed
+/// ports on it ([`quic_addr`], [`admin_addr`]).
+pub fn cluster_ip() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    format!("127.{}.{}.{}", 10 + pid % 200, 1 + (pid / 200) % 250, 1 + n % 250)
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// QUIC address of node `id` of the cluster on `ip`.
+pub fn quic_addr(ip: &str, id: u64) -> String {
+    format!("{ip}:{}", 7100 + id)
+}
+
+/// Admin HTTP address of node `id` of the cluster on `ip`.
+pub fn admin_addr(ip: &str, id: u64) -> String {
+    format!("{ip}:{}", 7300 + id)
 }
 
 /// Shape of a generated cluster.
@@ -81,6 +89,7 @@ impl TestCluster {
              [[tokens]]\ntoken = \"{READER}\"\nrole = \"read\"\n",
             layout.cluster_extra
         );
+        let ip = cluster_ip();
         for id in 1..=layout.voters + layout.learners {
             let roles = if id <= layout.voters {
                 "[\"meta\", \"data\", \"proxy\"]"
@@ -88,10 +97,10 @@ impl TestCluster {
                 "[\"data\", \"proxy\"]"
             };
             text.push_str(&format!(
-                "\n[[nodes]]\nid = {id}\naddr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\n\
+                "\n[[nodes]]\nid = {id}\naddr = \"{}\"\nadmin_addr = \"{}\"\n\
                  data_dir = \"data/node{id}\"\nzone = \"zone-{id}\"\nroles = {roles}\n",
-                free_port(),
-                free_tcp_port()
+                quic_addr(&ip, id),
+                admin_addr(&ip, id)
             ));
         }
         let config_path = dir.path().join("cluster.toml");
@@ -100,6 +109,7 @@ impl TestCluster {
         edgevec_node::certs::ensure(&config.cert_paths(), &config.name, &config.cert_names()).unwrap();
         TestCluster {
             dir,
+            ip,
             config_path,
             config,
             procs: HashMap::new(),
