@@ -1,9 +1,8 @@
 //! Admin HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text format).
 //!
 //! `/healthz` answers while the process runs. `/readyz` answers 200 only
-//! when the node is a member of the metadata cluster, knows a leader, has
-//! applied every metadata entry it has received, and its last heartbeat
-//! reached the leader recently; otherwise 503 with the reason. `/metrics`
+//! when the node is a member of the metadata cluster, knows a leader, and
+//! is caught up with it ([`readiness`]); otherwise 503 with the reason. `/metrics`
 //! reads Raft and membership state at scrape time and adds the RPC counters
 //! and latency histograms the service records.
 
@@ -184,7 +183,10 @@ struct AdminState {
     metrics: Arc<Metrics>,
 }
 
-/// Whether the node is ready to serve, or why not.
+/// Whether the node is ready to serve, or why not: a member of the
+/// metadata cluster that knows a leader, has applied what it received, and
+/// has applied at least what the leader had applied when it last
+/// acknowledged this node's heartbeat (recently).
 pub fn readiness(meta: &Meta, health: &Health) -> Result<(), String> {
     let m = meta.metrics();
     if m.membership_config.membership().get_node(&meta.node_id).is_none() {
@@ -200,8 +202,15 @@ pub fn readiness(meta: &Meta, health: &Health) -> Result<(), String> {
             m.last_log_index
         ));
     }
-    if leader != meta.node_id && !health.leader_heard_within(health.settings().suspect_after) {
-        return Err(format!("no heartbeat acknowledged by leader {leader} recently"));
+    if leader != meta.node_id {
+        let Some(leader_applied) = health.leader_applied_within(health.settings().suspect_after) else {
+            return Err(format!("no heartbeat acknowledged by leader {leader} recently"));
+        };
+        if applied < leader_applied {
+            return Err(format!(
+                "catching up with leader {leader}: applied {applied:?}, leader had {leader_applied:?}"
+            ));
+        }
     }
     Ok(())
 }

@@ -73,8 +73,9 @@ pub struct Health {
     leader_since: Mutex<Option<Instant>>,
     /// Commands proposed but not yet applied, to avoid proposing twice.
     pending: Mutex<HashSet<(u64, u8)>>,
-    /// When the leader last acknowledged one of our heartbeats.
-    last_ack: Mutex<Option<Instant>>,
+    /// When the leader last acknowledged one of our heartbeats, and its
+    /// applied metadata index then.
+    last_ack: Mutex<Option<(Instant, Option<u64>)>>,
 }
 
 impl Health {
@@ -96,12 +97,15 @@ impl Health {
         self.settings
     }
 
-    /// Whether the leader acknowledged a heartbeat within `d`.
-    pub fn leader_heard_within(&self, d: Duration) -> bool {
-        self.last_ack
-            .lock()
-            .expect("health lock")
-            .is_some_and(|at| at.elapsed() <= d)
+    /// If the leader acknowledged a heartbeat within `d`: its applied
+    /// metadata index at that moment.
+    pub fn leader_applied_within(&self, d: Duration) -> Option<Option<u64>> {
+        let ack = *self.last_ack.lock().expect("health lock");
+        ack.filter(|(at, _)| at.elapsed() <= d).map(|(_, applied)| applied)
+    }
+
+    fn acked(&self, leader_applied: Option<u64>) {
+        *self.last_ack.lock().expect("health lock") = Some((Instant::now(), leader_applied));
     }
 
     /// Last observation of each node (leader's view; empty elsewhere).
@@ -154,15 +158,16 @@ impl Health {
         let hb = self.heartbeat_msg();
         match self.meta.leader() {
             Some((id, _)) if id == self.me.id => {
+                let applied = hb.applied_index;
                 self.clone().observe(hb);
-                *self.last_ack.lock().expect("health lock") = Some(Instant::now());
+                self.acked(applied);
             }
             Some((id, addr)) => {
                 let req = NodeRequest::V1(NodeOpV1::Heartbeat(hb));
                 let timeout = self.settings.heartbeat.max(Duration::from_millis(500));
                 match self.peers.call(addr, &req, timeout).await {
-                    Ok(NodeResponse::V1(Ok(NodeReplyV1::HeartbeatAck { .. }))) => {
-                        *self.last_ack.lock().expect("health lock") = Some(Instant::now());
+                    Ok(NodeResponse::V1(Ok(NodeReplyV1::HeartbeatAck { leader_applied, .. }))) => {
+                        self.acked(leader_applied);
                     }
                     Ok(other) => debug!(leader = id, reply = ?other, "heartbeat refused"),
                     Err(e) => debug!(leader = id, error = %e, "heartbeat not delivered"),
@@ -185,8 +190,13 @@ impl Health {
                     calls.spawn(async move { peers.call(addr, &req, timeout).await });
                 }
                 while let Some(reply) = calls.join_next().await {
-                    if let Ok(Ok(NodeResponse::V1(Ok(NodeReplyV1::HeartbeatAck { leader: Some(_), .. })))) = reply {
-                        *self.last_ack.lock().expect("health lock") = Some(Instant::now());
+                    if let Ok(Ok(NodeResponse::V1(Ok(NodeReplyV1::HeartbeatAck {
+                        leader: Some(_),
+                        leader_applied,
+                        ..
+                    })))) = reply
+                    {
+                        self.acked(leader_applied);
                     }
                 }
             }
@@ -210,6 +220,11 @@ impl Health {
         NodeReplyV1::HeartbeatAck {
             leader: m.current_leader,
             term: m.current_term,
+            leader_applied: if m.state == ServerState::Leader {
+                m.last_applied.map(|l| l.index)
+            } else {
+                None
+            },
         }
     }
 

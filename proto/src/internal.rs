@@ -72,6 +72,9 @@ pub enum NodeReplyV1 {
     HeartbeatAck {
         leader: Option<u64>,
         term: u64,
+        /// The leader's applied metadata index when it answered: a node
+        /// that has applied this much is caught up with the leader.
+        leader_applied: Option<u64>,
     },
     /// The encoded `MetaResponse` of a committed command.
     MetaWritten(Vec<u8>),
