@@ -15,7 +15,6 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use edgevec_meta::NodeState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -153,11 +152,7 @@ impl Metrics {
         self.learners.set(membership.learner_ids().count() as i64);
         self.node_state.clear();
         for n in meta.state().nodes() {
-            let state = match n.state {
-                NodeState::Up => "up",
-                NodeState::Suspect => "suspect",
-                NodeState::Dead => "dead",
-            };
+            let state = crate::status::state_name(n.state);
             self.node_state
                 .get_or_create(&NodeLabels {
                     node: n.id.to_string(),

@@ -25,6 +25,18 @@ pub enum Role {
     Proxy,
 }
 
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "meta" => Ok(Role::Meta),
+            "data" => Ok(Role::Data),
+            "proxy" => Ok(Role::Proxy),
+            other => Err(format!("unknown role {other:?}: use meta, data, proxy")),
+        }
+    }
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -189,6 +201,11 @@ pub struct NodeConfig {
 impl NodeConfig {
     pub fn has_role(&self, role: Role) -> bool {
         self.roles.contains(&role)
+    }
+
+    /// The roles as named in cluster.toml and on the wire.
+    pub fn role_names(&self) -> Vec<String> {
+        self.roles.iter().map(|r| r.to_string()).collect()
     }
 }
 
@@ -501,6 +518,14 @@ roles = ["data", "proxy"]
         let c = parse(GOOD).unwrap();
         assert_eq!(c.health.suspect_after, Duration::from_millis(1000));
         assert_eq!(c.election_timeout_ms, (250, 500));
+    }
+
+    #[test]
+    fn role_names_round_trip() {
+        for r in [Role::Meta, Role::Data, Role::Proxy] {
+            assert_eq!(r.to_string().parse::<Role>(), Ok(r));
+        }
+        assert!("chief".parse::<Role>().unwrap_err().contains("meta, data, proxy"));
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl Health {
             from: self.me.id,
             addr: self.me.addr.to_string(),
             zone: self.me.zone.clone(),
-            roles: self.me.roles.iter().map(|r| r.to_string()).collect(),
+            roles: self.me.role_names(),
             applied_index: self.meta.metrics().last_applied.map(|l| l.index),
         }
     }

@@ -181,7 +181,7 @@ impl Service {
                 version: env!("CARGO_PKG_VERSION").into(),
                 addr: self.node.addr.to_string(),
                 zone: self.node.zone.clone(),
-                roles: self.node.roles.iter().map(|r| r.to_string()).collect(),
+                roles: self.node.role_names(),
                 uptime_ms: self.started.elapsed().as_millis() as u64,
                 collections: self.meta.state().collections().count() as u32,
             }),

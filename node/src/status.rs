@@ -7,7 +7,8 @@ use edgevec_proto::{ClusterNode, ClusterStatus};
 use crate::health::Health;
 use crate::meta::Meta;
 
-fn state_name(s: NodeState) -> &'static str {
+/// A node state's name in status output, JSON and metrics labels.
+pub fn state_name(s: NodeState) -> &'static str {
     match s {
         NodeState::Up => "up",
         NodeState::Suspect => "suspect",

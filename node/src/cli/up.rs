@@ -114,12 +114,7 @@ async fn run_node(g: &Global, id: u64, cmd: NodeCmd) -> Result<()> {
             let roles = cmd
                 .roles
                 .iter()
-                .map(|r| match r.as_str() {
-                    "meta" => Ok(Role::Meta),
-                    "data" => Ok(Role::Data),
-                    "proxy" => Ok(Role::Proxy),
-                    other => bail!("unknown role {other:?}: use meta, data, proxy"),
-                })
+                .map(|r| r.parse::<Role>().map_err(anyhow::Error::msg))
                 .collect::<Result<Vec<_>>>()?;
             let node = NodeConfig {
                 id,

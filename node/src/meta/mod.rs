@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use edgevec_meta::types::{ClientWriteError, RaftError};
 use edgevec_meta::{MetaCommand, MetaNode, MetaResponse, MetaState, NodeState, Raft};
 use edgevec_proto::internal::{MembershipChange, NodeOpV1, NodeReplyV1, NodeRequest, NodeResponse};
-use edgevec_proto::{ErrorCode, NodeSpec, WireError};
+use edgevec_proto::{ErrorCode, WireError};
 use openraft::ServerState;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -297,12 +297,7 @@ impl Meta {
                     .parse()
                     .map_err(|_| WireError::invalid("addr", format!("{:?} is not a socket address", spec.addr)))?;
                 for r in &spec.roles {
-                    if !["meta", "data", "proxy"].contains(&r.as_str()) {
-                        return Err(WireError::invalid(
-                            "roles",
-                            format!("unknown role {r:?}: use meta, data, proxy"),
-                        ));
-                    }
+                    r.parse::<Role>().map_err(|e| WireError::invalid("roles", e))?;
                 }
                 if spec.id == 0 {
                     return Err(WireError::invalid("id", "node id 0 is reserved"));
@@ -425,15 +420,5 @@ pub fn meta_node(n: &NodeConfig) -> MetaNode {
     MetaNode {
         addr: n.addr.to_string(),
         zone: n.zone.clone(),
-    }
-}
-
-/// The spec of a configured node, as registered in the metadata.
-pub fn node_spec(n: &NodeConfig) -> NodeSpec {
-    NodeSpec {
-        id: n.id,
-        addr: n.addr.to_string(),
-        zone: n.zone.clone(),
-        roles: n.roles.iter().map(|r| r.to_string()).collect(),
     }
 }
