@@ -209,18 +209,10 @@ fn up_then_cli_round_trip() {
 #[test]
 fn commands_without_certificates_say_how_to_make_them() {
     let cluster = TestCluster::new(1);
-    let text = std::fs::read_to_string(&cluster.config_path).unwrap();
-    let fresh = cluster.path("fresh.toml");
-    std::fs::write(
-        &fresh,
-        text.replace("certs_dir = \"certs\"", "certs_dir = \"not-made-yet\""),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edgevec"))
-        .args(["--config", fresh.to_str().unwrap(), "status"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let fresh = cluster.config_variant("fresh.toml", |t| {
+        t.replace("certs_dir = \"certs\"", "certs_dir = \"not-made-yet\"")
+    });
+    let (ok, _, err) = cluster.cli_with(&fresh, &["status"]);
+    assert!(!ok);
     assert!(err.contains("not-made-yet") && err.contains("edgevec up"), "{err}");
 }

@@ -447,13 +447,9 @@ async fn silent_node_is_suspect_then_dead_then_up_again() {
 async fn a_node_with_a_foreign_certificate_cannot_join() {
     let mut cluster = TestCluster::new(3);
     // Node 3 runs from a copy of the file whose certificates come from another CA.
-    let text = std::fs::read_to_string(&cluster.config_path).unwrap();
-    let foreign_cfg = cluster.path("foreign.toml");
-    std::fs::write(
-        &foreign_cfg,
-        text.replace("certs_dir = \"certs\"", "certs_dir = \"foreign-certs\""),
-    )
-    .unwrap();
+    let foreign_cfg = cluster.config_variant("foreign.toml", |t| {
+        t.replace("certs_dir = \"certs\"", "certs_dir = \"foreign-certs\"")
+    });
     edgevec_node::certs::foreign_node_cert(&cluster.path("foreign-certs"), 3).unwrap();
     cluster.start(1);
     cluster.start(2);
@@ -486,36 +482,24 @@ async fn a_node_with_a_foreign_certificate_cannot_join() {
 #[test]
 fn malformed_cluster_file_fails_fast_naming_the_line() {
     let cluster = TestCluster::new(1);
-    let text = std::fs::read_to_string(&cluster.config_path).unwrap();
-    let bad = cluster.path("bad.toml");
-    std::fs::write(
-        &bad,
-        text.replace(
+    let bad = cluster.config_variant("bad.toml", |t| {
+        t.replace(
             "roles = [\"meta\", \"data\", \"proxy\"]",
             "roles = [\"meta\", \"chief\"]",
-        ),
-    )
-    .unwrap();
+        )
+    });
     let started = Instant::now();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgevec"))
-        .args(["node", "--config", bad.to_str().unwrap(), "--id", "1"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = cluster.cli_with(&bad, &["node", "--id", "1"]);
+    assert!(!ok);
     assert!(err.contains("line ") && err.contains("chief"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    let dup = cluster.path("dup.toml");
-    let text2 = format!("{text}\n[[nodes]]\nid = 1\naddr = \"127.0.0.1:1\"\ndata_dir = \"x\"\n");
-    std::fs::write(&dup, text2).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgevec"))
-        .args(["node", "--config", dup.to_str().unwrap(), "--id", "1"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let dup = cluster.config_variant("dup.toml", |t| {
+        format!("{t}\n[[nodes]]\nid = 1\naddr = \"127.0.0.1:1\"\ndata_dir = \"x\"\n")
+    });
+    let (ok, _, err) = cluster.cli_with(&dup, &["node", "--id", "1"]);
     assert!(
-        !out.status.success() && err.contains("dup.toml:") && err.contains("appears twice"),
+        !ok && err.contains("dup.toml:") && err.contains("appears twice"),
         "{err}"
     );
 }

@@ -191,12 +191,6 @@ impl TestCluster {
         Client::connect(config).await.expect("some node answers")
     }
 
-    pub fn running(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.procs.keys().copied().collect();
-        ids.sort_unstable();
-        ids
-    }
-
     /// Waits (up to `within`) until node `via` reports a cluster view that
     /// satisfies `pred`; returns it.
     pub async fn wait_view(
@@ -262,9 +256,14 @@ impl TestCluster {
 
     /// Runs the CLI against this cluster and returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        self.cli_with(&self.config_path, args)
+    }
+
+    /// Runs the CLI with another cluster file: (success, stdout, stderr).
+    pub fn cli_with(&self, config: &Path, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_edgevec"))
             .arg("--config")
-            .arg(&self.config_path)
+            .arg(config)
             .args(args)
             .env_remove("EDGEVEC_TOKEN")
             .output()
@@ -274,6 +273,14 @@ impl TestCluster {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Writes `name` beside the cluster file: a copy of it with `edit`
+    /// applied. Returns its path.
+    pub fn config_variant(&self, name: &str, edit: impl FnOnce(String) -> String) -> PathBuf {
+        let path = self.path(name);
+        fs::write(&path, edit(fs::read_to_string(&self.config_path).unwrap())).unwrap();
+        path
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -320,8 +327,4 @@ pub async fn wait_for_indexes(client: &Client, collection: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }
