@@ -155,22 +155,17 @@ impl Service {
     }
 
     /// A collection's info: schema from the metadata, counts from the
-    /// local engine (zero while the engine has not created it yet).
-    async fn collection_info(&self, spec: CollectionSpec) -> Result<CollectionInfo, WireError> {
-        let name = spec.name.clone();
-        match self.engine(move |e| e.describe_collection(&name)).await {
-            Ok(info) if info.spec == spec => Ok(info),
-            Ok(_)
-            | Err(WireError {
-                code: ErrorCode::NotFound,
-                ..
-            }) => Ok(CollectionInfo {
+    /// local engine's `local` view of it (zero while the engine has not
+    /// created it yet, or still holds an older schema).
+    fn collection_info(spec: CollectionSpec, local: Option<CollectionInfo>) -> CollectionInfo {
+        match local {
+            Some(info) if info.spec == spec => info,
+            _ => CollectionInfo {
                 spec,
                 points: 0,
                 shards: vec![],
                 segments: vec![],
-            }),
-            Err(e) => Err(e),
+            },
         }
     }
 
@@ -192,12 +187,22 @@ impl Service {
                 ReplyV1::Created
             }
             OpV1::ListCollections => {
+                let mut local: HashMap<String, CollectionInfo> = self
+                    .engine(|e| Ok(e.list_collections()))
+                    .await?
+                    .into_iter()
+                    .map(|c| (c.spec.name.clone(), c))
+                    .collect();
                 let specs: Vec<CollectionSpec> = self.meta.state().collections().map(|c| c.spec.clone()).collect();
-                let mut out = Vec::with_capacity(specs.len());
-                for spec in specs {
-                    out.push(self.collection_info(spec).await?);
-                }
-                ReplyV1::Collections(out)
+                ReplyV1::Collections(
+                    specs
+                        .into_iter()
+                        .map(|spec| {
+                            let found = local.remove(&spec.name);
+                            Self::collection_info(spec, found)
+                        })
+                        .collect(),
+                )
             }
             OpV1::DescribeCollection { name } => {
                 let spec = self
@@ -208,7 +213,12 @@ impl Service {
                     .ok_or_else(|| {
                         WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
                     })?;
-                ReplyV1::Collection(self.collection_info(spec).await?)
+                let local = match self.engine(move |e| e.describe_collection(&name)).await {
+                    Ok(info) => Some(info),
+                    Err(e) if e.code == ErrorCode::NotFound => None,
+                    Err(e) => return Err(e),
+                };
+                ReplyV1::Collection(Self::collection_info(spec, local))
             }
             OpV1::DropCollection { name } => {
                 // A drop retried after an attempt of unknown fate (the
