@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, Point};
-use edgevec_engine::{Engine, EngineOptions};
+use edgevec_engine::{search_replicas, Engine, EngineOptions, ShardReplica};
 use rand::{Rng, SeedableRng};
 
 #[derive(Parser, Debug)]
@@ -163,7 +163,36 @@ async fn quic_search(clients: &[Client], queries: &Arc<Vec<Vec<f32>>>, k: u32) -
     Ok(stats(lat, started.elapsed()))
 }
 
-fn local_search(engine: &Arc<Engine>, queries: &Arc<Vec<Vec<f32>>>, k: u32, workers: usize) -> Result<Stats> {
+/// The bench collection's replicas in a node's engine, searched in process
+/// the way the node searches its local replicas.
+struct Local {
+    replicas: Vec<Arc<ShardReplica>>,
+    metric: edgevec_proto::Metric,
+}
+
+impl Local {
+    fn open(engine: &Engine) -> Result<Local> {
+        let all = engine.replicas();
+        let replicas: Vec<Arc<ShardReplica>> = all
+            .iter()
+            .filter(|(spec, _)| spec.name == "bench")
+            .map(|(_, r)| r.clone())
+            .collect();
+        let metric = all
+            .iter()
+            .find(|(spec, _)| spec.name == "bench")
+            .map(|(spec, _)| spec.metric)
+            .context("the node holds no replica of the bench collection")?;
+        Ok(Local { replicas, metric })
+    }
+
+    fn search(&self, query: &[f32], k: u32) -> Result<Vec<edgevec_proto::Hit>> {
+        let mut hits = search_replicas(&self.replicas, self.metric, &[query.to_vec()], k, false)?;
+        Ok(hits.pop().unwrap_or_default())
+    }
+}
+
+fn local_search(engine: &Arc<Local>, queries: &Arc<Vec<Vec<f32>>>, k: u32, workers: usize) -> Result<Stats> {
     let started = Instant::now();
     let handles: Vec<_> = (0..workers)
         .map(|w| {
@@ -173,7 +202,7 @@ fn local_search(engine: &Arc<Engine>, queries: &Arc<Vec<Vec<f32>>>, k: u32, work
                 let mut lat = Vec::new();
                 for q in queries.iter().skip(w).step_by(workers) {
                     let t = Instant::now();
-                    engine.search("bench", std::slice::from_ref(q), k, false)?;
+                    engine.search(q, k)?;
                     lat.push(t.elapsed());
                 }
                 Ok::<_, anyhow::Error>(lat)
@@ -383,6 +412,8 @@ async fn search_bench(args: &Args, dir: &Path) -> Result<()> {
     if !engine.wait_for_indexes(Duration::from_secs(600)) {
         bail!("in-process indexes not ready");
     }
+    // One node holds every shard of the bench collection.
+    let engine = Arc::new(Local::open(&engine)?);
     local_search(
         &engine,
         &Arc::new(queries[..100.min(queries.len())].to_vec()),
@@ -427,7 +458,7 @@ async fn search_bench(args: &Args, dir: &Path) -> Result<()> {
 
 /// Share of the exact top-k (brute force over `data`, ids = row numbers)
 /// that the engine returns.
-fn recall_at_k(engine: &Engine, data: &[Vec<f32>], queries: &[Vec<f32>], k: usize) -> Result<f64> {
+fn recall_at_k(engine: &Local, data: &[Vec<f32>], queries: &[Vec<f32>], k: usize) -> Result<f64> {
     let mut found = 0usize;
     for q in queries {
         let mut exact: Vec<(f32, u64)> = data
@@ -437,8 +468,8 @@ fn recall_at_k(engine: &Engine, data: &[Vec<f32>], queries: &[Vec<f32>], k: usiz
             .collect();
         exact.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
         let truth: std::collections::HashSet<u64> = exact[..k].iter().map(|e| e.1).collect();
-        let hits = engine.search("bench", std::slice::from_ref(q), k as u32, false)?;
-        found += hits[0].iter().filter(|h| truth.contains(&h.id)).count();
+        let hits = engine.search(q, k as u32)?;
+        found += hits.iter().filter(|h| truth.contains(&h.id)).count();
     }
     Ok(found as f64 / (queries.len() * k) as f64)
 }

@@ -250,7 +250,7 @@ async fn node_protocol_requires_a_node_certificate_of_the_cluster() {
     let _ = cluster.client(1, READER).await;
     let paths = cluster.config.cert_paths();
     let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
-    let ping = NodeRequest::V1(NodeOpV1::Ping { from: 2 });
+    let ping = NodeRequest::V1(NodeOpV1::Ping { from: 1 });
 
     let dial = |identity: Option<(Vec<u8>, Vec<u8>)>, ca: Vec<u8>| {
         let addr = cluster.addr(1);
@@ -283,6 +283,26 @@ async fn node_protocol_requires_a_node_certificate_of_the_cluster() {
         NodeResponse::V1(Ok(NodeReplyV1::Pong { node_id })) => assert_eq!(node_id, 1),
         other => panic!("{other:?}"),
     }
+    // The same certificate speaking for another node is refused, and the
+    // connection goes on.
+    let impostor = NodeRequest::V1(NodeOpV1::Ping { from: 2 });
+    match rpc::call::<_, NodeResponse>(&conn, &impostor, Duration::from_secs(10))
+        .await
+        .unwrap()
+    {
+        NodeResponse::V1(Err(e)) => {
+            assert_eq!(e.code, edgevec_proto::ErrorCode::PermissionDenied, "{e:?}");
+            assert!(e.message.contains("node 1"), "{e:?}");
+        }
+        other => panic!("a ping claiming node 2 from node 1's certificate was answered: {other:?}"),
+    }
+    let again = rpc::call::<_, NodeResponse>(&conn, &ping, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, NodeResponse::V1(Ok(NodeReplyV1::Pong { .. }))),
+        "{again:?}"
+    );
 
     // No certificate, or a client (not node) certificate: the node closes the connection.
     for identity in [None, Some((read(paths.client_cert()), read(paths.client_key())))] {

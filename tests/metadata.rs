@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use edgevec_client::{ClientError, ClusterStatus, CollectionSpec, Metric, Point};
+use edgevec_client::{ClientError, ClusterStatus, CollectionSpec, Metric, Point, ReplicationSpec};
 
 fn names(list: &[edgevec_client::CollectionInfo]) -> Vec<String> {
     let mut v: Vec<String> = list.iter().map(|c| c.spec.name.clone()).collect();
@@ -242,6 +242,16 @@ async fn without_a_majority_writes_are_unavailable_then_recover() {
         match c1.create_collection(CollectionSpec::new("b", 4, Metric::L2)).await {
             Ok(()) => break,
             Err(ClientError::Unavailable(_)) if Instant::now() < deadline => {}
+            // An earlier attempt reported Unavailable but stayed in the
+            // leader's log and committed once the majority was back.
+            Err(ClientError::AlreadyExists(_))
+                if c1
+                    .describe_collection("b")
+                    .await
+                    .is_ok_and(|c| c.spec == CollectionSpec::new("b", 4, Metric::L2)) =>
+            {
+                break
+            }
             Err(e) => panic!("{e:?}"),
         }
     }
@@ -461,8 +471,29 @@ async fn a_node_with_a_foreign_certificate_cannot_join() {
         })
         .await;
     assert!(matches!(view.leader, Some(1 | 2)), "{view:?}");
-    // Give node 3 time to try; it must never count as up or lead.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Node 3 is running and trying: it serves its admin port, and the
+    // others have refused its handshakes (nodes 1 and 2 trust each other,
+    // so a failed handshake there is node 3's).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let refused = [1, 2]
+            .iter()
+            .any(|id| std::fs::read_to_string(cluster.log_path(*id)).is_ok_and(|l| l.contains("handshake failed")));
+        let alive = std::net::TcpStream::connect_timeout(
+            &cluster.config.node(3).unwrap().admin_addr.unwrap(),
+            Duration::from_secs(1),
+        )
+        .is_ok();
+        if refused && alive {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never tried to reach the others (refused: {refused}, alive: {alive})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Having tried, it must not count as up or lead.
     let view = cluster
         .wait_view(2, Duration::from_secs(5), "view", |v| v.leader.is_some())
         .await;
@@ -588,8 +619,9 @@ async fn a_collection_recreated_while_a_node_was_away_starts_empty_there() {
 async fn the_client_moves_to_the_next_endpoint_when_its_node_dies() {
     let mut cluster = running_cluster(3).await;
     let client = cluster.client_any(ADMIN).await;
+    // Every node holds a replica, so any two can answer for the collection.
     client
-        .create_collection(CollectionSpec::new("fo", 4, Metric::L2))
+        .create_replicated(CollectionSpec::new("fo", 4, Metric::L2), ReplicationSpec::new(3))
         .await
         .unwrap();
     for id in 1..=3 {

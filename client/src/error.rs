@@ -34,6 +34,13 @@ pub enum ClientError {
     /// The node failed internally.
     #[error("node error: {0}")]
     Internal(String),
+    /// The request was fenced by a newer configuration (stale term).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A write may or may not have been applied; repeating it is safe
+    /// (writes are id-keyed).
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// Local configuration is wrong (files, certificates, addresses).
     #[error("client configuration: {0}")]
     Config(String),
@@ -42,7 +49,10 @@ pub enum ClientError {
 impl ClientError {
     /// Whether the same request may succeed when sent again unchanged.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ClientError::Unavailable(_) | ClientError::Timeout(_))
+        matches!(
+            self,
+            ClientError::Unavailable(_) | ClientError::Timeout(_) | ClientError::OutcomeUnknown(_)
+        )
     }
 }
 
@@ -63,6 +73,8 @@ impl From<WireError> for ClientError {
                 ClientError::Protocol(e.message)
             }
             ErrorCode::Internal => ClientError::Internal(e.message),
+            ErrorCode::Conflict => ClientError::Conflict(e.message),
+            ErrorCode::OutcomeUnknown => ClientError::OutcomeUnknown(e.message),
         }
     }
 }

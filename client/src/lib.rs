@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1, RequestV1};
 pub use edgevec_proto::{
-    ClusterNode, ClusterStatus, CollectionInfo, CollectionSpec, ErrorCode, Hit, Metric, NodeSpec, NodeStatus, Point,
-    PointRecord, WireError, WriteAck,
+    ClusterNode, ClusterStatus, CollectionInfo, CollectionShards, CollectionSpec, ErrorCode, Hit, Metric, NodeSpec,
+    NodeStatus, OpId, Point, PointRecord, ReplicaStatus, ReplicationSpec, ShardStatus, WireError, WriteAck,
 };
 use tokio::sync::Mutex;
 
@@ -57,6 +57,10 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Deadline of the QUIC handshake with one node.
     pub connect_timeout: Duration,
+    /// How long a request that is safe to repeat keeps being retried after
+    /// retryable refusals (a shard failing over, a write whose outcome is
+    /// unknown), with backoff. Zero: never retried.
+    pub retry_budget: Duration,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -77,6 +81,7 @@ impl ClientConfig {
             token: token.into(),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            retry_budget: Duration::from_secs(10),
         }
     }
 
@@ -191,13 +196,31 @@ impl Client {
         }
     }
 
-    /// Sends one operation, moving to the next endpoint when the node is
-    /// lost (and, for requests that are safe to repeat, retrying there).
+    /// Sends one operation. Requests that are safe to repeat are retried,
+    /// with backoff and within [`ClientConfig::retry_budget`], while the
+    /// cluster answers with a retryable refusal (a shard between primaries,
+    /// a write whose outcome is unknown): ids make writes idempotent.
     async fn request(&self, op: OpV1) -> Result<ReplyV1, ClientError> {
-        let retry_safe = !matches!(
-            op,
-            OpV1::CreateCollection(_) | OpV1::DropCollection { .. } | OpV1::AddNode(_) | OpV1::RemoveNode { .. }
-        );
+        let retry_safe = is_retry_safe(&op);
+        let deadline = tokio::time::Instant::now() + self.inner.config.retry_budget;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.request_once(&op).await {
+                Err(e) if retry_safe && e.is_retryable() && tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %e, ?backoff, "retryable refusal; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt, moving to the next endpoint when the node is lost (and,
+    /// for requests that are safe to repeat, repeating it there).
+    async fn request_once(&self, op: &OpV1) -> Result<ReplyV1, ClientError> {
+        let retry_safe = is_retry_safe(op);
+        let op = op.clone();
         let req = ClientRequest::V1(RequestV1 {
             token: self.inner.config.token.clone(),
             op,
@@ -244,6 +267,45 @@ impl Client {
     pub async fn create_collection(&self, spec: CollectionSpec) -> Result<(), ClientError> {
         match self.request(OpV1::CreateCollection(spec)).await? {
             ReplyV1::Created => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates a collection whose shards each have `replication.replicas`
+    /// copies on distinct data nodes.
+    pub async fn create_replicated(
+        &self,
+        spec: CollectionSpec,
+        replication: ReplicationSpec,
+    ) -> Result<(), ClientError> {
+        match self.request(OpV1::CreateReplicated { spec, replication }).await? {
+            ReplyV1::Created => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Changes the replica count of a collection while it serves reads and
+    /// writes; returns once the new count is committed (new replicas then
+    /// catch up by themselves: watch [`Client::shards`]).
+    pub async fn load(&self, name: &str, replication: ReplicationSpec) -> Result<(), ClientError> {
+        let op = OpV1::Load {
+            name: name.into(),
+            replication,
+        };
+        match self.request(op).await? {
+            ReplyV1::Loaded => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Shard configurations and replica states of `collection` (or of
+    /// every collection).
+    pub async fn shards(&self, collection: Option<&str>) -> Result<Vec<CollectionShards>, ClientError> {
+        let op = OpV1::Shards {
+            collection: collection.map(str::to_owned),
+        };
+        match self.request(op).await? {
+            ReplyV1::Shards(s) => Ok(s),
             other => Err(unexpected(other)),
         }
     }
@@ -358,6 +420,18 @@ impl Client {
             other => Err(unexpected(other)),
         }
     }
+}
+
+/// Whether repeating `op` cannot do anything but what one success does.
+fn is_retry_safe(op: &OpV1) -> bool {
+    !matches!(
+        op,
+        OpV1::CreateCollection(_)
+            | OpV1::CreateReplicated { .. }
+            | OpV1::DropCollection { .. }
+            | OpV1::AddNode(_)
+            | OpV1::RemoveNode { .. }
+    )
 }
 
 fn unexpected(reply: ReplyV1) -> ClientError {

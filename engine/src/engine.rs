@@ -1,36 +1,69 @@
-//! The engine: every collection of this node, under one data directory.
+//! The engine: every shard replica this node holds, under one data
+//! directory.
 //!
-//! Owns the catalog, the open collections and the index builder thread.
-//! `Engine` is `Send + Sync`; every method blocks (fsync, HNSW builds are
-//! elsewhere) and is meant to be called from a blocking context such as
+//! Owns the registry (`replicas.redb`, module `registry`), the open
+//! replicas keyed by [`ReplicaKey`] and the index builder thread. It
+//! decides nothing about replication: which replicas to hold, what to log
+//! and what to apply is the node's call, made through [`ShardReplica`].
+//! `Engine` is `Send + Sync`; every method blocks (fsync) and is meant to
+//! be called from a blocking context such as
 //! `tokio::task::spawn_blocking`.
 //!
-//! Collection lifecycle and crash safety:
-//! - create: the shard files are made under a fresh numeric id first, the
-//!   catalog entry is committed last; a crash in between leaves files with
-//!   no entry, which the next open deletes;
-//! - drop: the catalog entry is removed (durably) first, then the files; a
-//!   crash in between again leaves files with no entry;
-//! - catalog changes are serialised by the catalog mutex; the name → collection
-//!   map is only read by requests.
+//! Replica lifecycle and crash safety:
+//! - create: the registry entry is committed (fsync) first, then the
+//!   directory and files are made; a crash in between leaves an entry
+//!   without files, and the next open creates them empty;
+//! - drop: the entry is removed (fsync) first, then the files; a crash in
+//!   between leaves a directory without an entry, which the next open
+//!   moves to `trash/` (it never deletes what it did not just drop);
+//! - create and drop are serialised by the registry mutex; the key →
+//!   replica map is only read by everything else.
+//!
+//! A caller stops using a replica before dropping it: a handle kept past
+//! the drop writes into files that are gone.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use edgevec_proto::{CollectionInfo, CollectionSpec, Hit, Point, PointRecord, WriteAck};
+use edgevec_proto::Metric;
+use serde::{Deserialize, Serialize};
 
 use crate::builder::IndexBuilder;
-use crate::catalog::Catalog;
-use crate::collection::Collection;
 use crate::error::EngineError;
 use crate::fsutil;
 use crate::hnsw::IndexParams;
+use crate::layout;
+use crate::registry::Registry;
+use crate::shard::{ShardConfig, ShardReplica, OPLOG_RETAIN_BYTES};
 use crate::validate;
 
-const CATALOG_FILE: &str = "catalog.redb";
-const COLLECTIONS_DIR: &str = "collections";
+/// Names one shard replica on this node: the collection's stable
+/// cluster-wide id (from the metadata, never reused) and the shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReplicaKey {
+    pub collection: u64,
+    pub shard: u32,
+}
+
+impl fmt::Display for ReplicaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shard {} of collection id {}", self.shard, self.collection)
+    }
+}
+
+/// What a replica is: its collection (id, and name for humans), shard and
+/// schema.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaSpec {
+    pub key: ReplicaKey,
+    pub name: String,
+    pub dim: u32,
+    pub metric: Metric,
+    pub seal_rows: u32,
+}
 
 /// Tuning of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,132 +84,147 @@ impl Default for EngineOptions {
     }
 }
 
-/// Storage and search for every collection of one node.
+type Replicas = BTreeMap<ReplicaKey, (ReplicaSpec, Arc<ShardReplica>)>;
+
+/// Storage and search for every shard replica of one node.
 pub struct Engine {
     root: PathBuf,
     index: IndexParams,
-    catalog: Mutex<Catalog>,
-    collections: RwLock<BTreeMap<String, Arc<Collection>>>,
+    registry: Mutex<Registry>,
+    replicas: RwLock<Replicas>,
     builder: Arc<IndexBuilder>,
 }
 
 impl Engine {
     /// Opens the data directory `dir` (creating it if needed), restores
-    /// every collection and removes files of collections that no longer
-    /// exist.
+    /// every replica the registry names and moves replica directories it
+    /// does not name to `trash/`. Refuses, changing nothing, a directory of
+    /// another layout or replica directories without their registry.
     pub fn open(dir: &Path, opts: EngineOptions) -> Result<Engine, EngineError> {
-        let collections_dir = dir.join(COLLECTIONS_DIR);
-        fsutil::create_dir_durable(&collections_dir)?;
-        let (catalog, entries) = Catalog::open(&dir.join(CATALOG_FILE))?;
+        layout::prepare(dir)?;
+        layout::check_registry(dir)?;
+        fsutil::create_dir_durable(&dir.join(layout::REPLICAS_DIR))?;
+        let (registry, specs) = Registry::open(&dir.join(layout::REGISTRY_FILE))?;
         fsutil::sync_dir(dir)?;
-        remove_orphans(&collections_dir, &entries.iter().map(|(id, _)| *id).collect())?;
+
+        let known: BTreeSet<ReplicaKey> = specs.iter().map(|s| s.key).collect();
+        for (key, path) in layout::replica_dirs(dir)? {
+            if !known.contains(&key) {
+                let to = layout::move_to_trash(dir, &path)?;
+                tracing::warn!(
+                    replica = %key,
+                    to = %to.display(),
+                    "replica directory without a registry entry (an interrupted drop) moved to trash"
+                );
+            }
+        }
 
         let index = IndexParams {
             ef_construction: opts.hnsw_ef_construction.max(1),
             ef_search: opts.hnsw_ef_search.max(1),
         };
         let builder = Arc::new(IndexBuilder::start());
-        let mut collections = BTreeMap::new();
-        for (id, spec) in entries {
-            let c = Collection::open(&collection_dir(dir, id), spec, index, &builder)?;
-            collections.insert(c.spec.name.clone(), Arc::new(c));
+        let mut replicas = BTreeMap::new();
+        for spec in specs {
+            let path = layout::replica_dir(dir, spec.key);
+            if !path.exists() {
+                tracing::info!(replica = %spec.key, "creating the files of a replica whose create was interrupted");
+            }
+            let replica = ShardReplica::open(&path, shard_config(&spec, index), builder.clone())?;
+            replicas.insert(spec.key, (spec, replica));
         }
         Ok(Engine {
             root: dir.to_owned(),
             index,
-            catalog: Mutex::new(catalog),
-            collections: RwLock::new(collections),
+            registry: Mutex::new(registry),
+            replicas: RwLock::new(replicas),
             builder,
         })
     }
 
-    pub fn create_collection(&self, spec: CollectionSpec) -> Result<(), EngineError> {
-        validate::collection_spec(&spec)?;
-        let mut catalog = self.catalog.lock().expect("catalog lock");
-        if self.read_map().contains_key(&spec.name) {
-            return Err(EngineError::CollectionExists(spec.name));
+    /// Creates the replica described by `spec` and returns it. Idempotent:
+    /// the same spec under an existing key returns the existing replica; a
+    /// different one is [`EngineError::ReplicaExists`].
+    pub fn create_replica(&self, spec: ReplicaSpec) -> Result<Arc<ShardReplica>, EngineError> {
+        validate::replica_spec(&spec)?;
+        let registry = self.registry.lock().expect("registry lock");
+        if let Some((existing, replica)) = self.read_map().get(&spec.key) {
+            return if *existing == spec {
+                Ok(replica.clone())
+            } else {
+                Err(EngineError::ReplicaExists(spec.key))
+            };
         }
-        let id = catalog.next_id();
-        let dir = collection_dir(&self.root, id);
-        // The id is not in the catalog, so anything there is a leftover of
-        // an earlier failed create.
-        let _ = std::fs::remove_dir_all(&dir);
-        let created = Collection::open(&dir, spec.clone(), self.index, &self.builder)
-            .and_then(|c| catalog.insert(id, &spec).map(|()| c));
-        match created {
-            Ok(c) => {
-                self.write_map().insert(spec.name, Arc::new(c));
-                Ok(())
+        registry.insert(&spec)?;
+        let dir = layout::replica_dir(&self.root, spec.key);
+        let opened = self
+            .clear_leftover(&dir)
+            .and_then(|()| ShardReplica::open(&dir, shard_config(&spec, self.index), self.builder.clone()));
+        match opened {
+            Ok(replica) => {
+                self.write_map().insert(spec.key, (spec, replica.clone()));
+                Ok(replica)
             }
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                // Without its entry, whatever was made is a leftover that the
+                // next create or open moves away.
+                if let Err(undo) = registry.remove(spec.key) {
+                    tracing::error!(replica = %spec.key, error = %undo, "could not undo a failed create");
+                }
                 Err(e)
             }
         }
     }
 
-    pub fn drop_collection(&self, name: &str) -> Result<(), EngineError> {
-        let mut catalog = self.catalog.lock().expect("catalog lock");
-        if !self.read_map().contains_key(name) {
-            return Err(EngineError::CollectionNotFound(name.to_owned()));
-        }
-        catalog.remove(name)?;
-        let Some(c) = self.write_map().remove(name) else {
-            return Ok(());
-        };
-        c.retire();
-        // The drop is durable already; a failure here only leaves files
-        // that the next open removes.
-        if let Err(e) = std::fs::remove_dir_all(&c.dir) {
-            tracing::warn!(error = %e, dir = %c.dir.display(), "could not remove dropped collection files");
+    /// A directory of a replica that has no entry yet is a leftover of an
+    /// earlier drop whose file removal failed.
+    fn clear_leftover(&self, dir: &Path) -> Result<(), EngineError> {
+        if dir.exists() {
+            let to = layout::move_to_trash(&self.root, dir)?;
+            tracing::warn!(to = %to.display(), "leftover replica directory moved to trash");
         }
         Ok(())
     }
 
-    /// Every collection, by name.
-    pub fn list_collections(&self) -> Vec<CollectionInfo> {
-        let all: Vec<Arc<Collection>> = self.read_map().values().cloned().collect();
-        all.iter().map(|c| c.info()).collect()
+    /// Drops the replica: its registry entry is removed durably first, then
+    /// its pending index builds are retired and its files deleted. `false`
+    /// if it did not exist.
+    pub fn drop_replica(&self, key: ReplicaKey) -> Result<bool, EngineError> {
+        let registry = self.registry.lock().expect("registry lock");
+        if !self.read_map().contains_key(&key) {
+            return Ok(false);
+        }
+        registry.remove(key)?;
+        let Some((_, replica)) = self.write_map().remove(&key) else {
+            return Ok(true);
+        };
+        replica.retire();
+        // The drop is durable already; a failure here only leaves a
+        // directory that the next open moves to trash.
+        let dir = layout::replica_dir(&self.root, key);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(error = %e, dir = %dir.display(), "could not remove dropped replica files");
+        }
+        Ok(true)
     }
 
-    pub fn describe_collection(&self, name: &str) -> Result<CollectionInfo, EngineError> {
-        Ok(self.collection(name)?.info())
+    /// The replica under `key`, if this node holds it.
+    pub fn replica(&self, key: ReplicaKey) -> Option<Arc<ShardReplica>> {
+        self.read_map().get(&key).map(|(_, r)| r.clone())
     }
 
-    /// Inserts or replaces points; durable on every touched shard when it
-    /// returns.
-    pub fn upsert(&self, collection: &str, points: Vec<Point>) -> Result<WriteAck, EngineError> {
-        self.collection(collection)?.upsert(points)
+    /// Every open replica with its spec, ordered by key.
+    pub fn replicas(&self) -> Vec<(ReplicaSpec, Arc<ShardReplica>)> {
+        self.read_map().values().cloned().collect()
     }
 
-    /// Deletes points by id (absent ids are fine); durable when it returns.
-    pub fn delete(&self, collection: &str, ids: &[u64]) -> Result<WriteAck, EngineError> {
-        self.collection(collection)?.delete(ids)
-    }
-
-    /// The points found among `ids`, in request order.
-    pub fn get(&self, collection: &str, ids: &[u64]) -> Result<Vec<PointRecord>, EngineError> {
-        self.collection(collection)?.get(ids)
-    }
-
-    /// Up to `k` hits per query, best first, over every shard and segment.
-    pub fn search(
-        &self,
-        collection: &str,
-        queries: &[Vec<f32>],
-        k: u32,
-        with_payload: bool,
-    ) -> Result<Vec<Vec<Hit>>, EngineError> {
-        self.collection(collection)?.search(queries, k, with_payload)
-    }
-
-    /// Blocks until every sealed segment has its index (tests, benchmarks);
-    /// false on timeout.
+    /// Blocks until every sealed segment of every replica has its index
+    /// (tests, benchmarks); false on timeout.
     pub fn wait_for_indexes(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            let all: Vec<Arc<Collection>> = self.read_map().values().cloned().collect();
-            if all.iter().all(|c| c.indexes_ready()) {
+            let all: Vec<Arc<ShardReplica>> = self.read_map().values().map(|(_, r)| r.clone()).collect();
+            if all.iter().all(|r| r.indexes_ready()) {
                 return true;
             }
             let now = Instant::now();
@@ -184,7 +232,7 @@ impl Engine {
                 return false;
             }
             // Short slices: a segment sealed after this check queues its
-            // build only once the write has updated memory.
+            // build only once the apply has updated memory.
             self.builder.wait_idle((deadline - now).min(Duration::from_millis(50)));
             if self.builder.pending() == 0 {
                 std::thread::sleep(Duration::from_millis(5));
@@ -192,19 +240,12 @@ impl Engine {
         }
     }
 
-    fn collection(&self, name: &str) -> Result<Arc<Collection>, EngineError> {
-        self.read_map()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| EngineError::CollectionNotFound(name.to_owned()))
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, Replicas> {
+        self.replicas.read().expect("replicas lock")
     }
 
-    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Collection>>> {
-        self.collections.read().expect("collections lock")
-    }
-
-    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Collection>>> {
-        self.collections.write().expect("collections lock")
+    fn write_map(&self) -> std::sync::RwLockWriteGuard<'_, Replicas> {
+        self.replicas.write().expect("replicas lock")
     }
 }
 
@@ -216,26 +257,15 @@ impl Drop for Engine {
     }
 }
 
-fn collection_dir(root: &Path, id: u64) -> PathBuf {
-    root.join(COLLECTIONS_DIR).join(id.to_string())
-}
-
-/// Deletes `collections/<id>` directories whose id the catalog does not
-/// know (a crash between a catalog commit and the file work).
-fn remove_orphans(dir: &Path, known: &HashSet<u64>) -> Result<(), EngineError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| EngineError::io(dir, e))?;
-        let name = entry.file_name();
-        let Some(id) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
-            continue; // not ours: leave it alone
-        };
-        if !known.contains(&id) {
-            tracing::info!(id, "removing files of a dropped collection");
-            std::fs::remove_dir_all(entry.path()).map_err(|e| EngineError::io(entry.path(), e))?;
-        }
+fn shard_config(spec: &ReplicaSpec, index: IndexParams) -> ShardConfig {
+    ShardConfig {
+        shard: spec.key.shard,
+        dim: spec.dim,
+        metric: spec.metric,
+        seal_rows: spec.seal_rows,
+        index,
+        retain_bytes: OPLOG_RETAIN_BYTES,
     }
-    Ok(())
 }
 
 #[cfg(test)]

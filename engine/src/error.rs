@@ -1,16 +1,21 @@
 //! The engine's error type and its mapping onto the wire.
 //!
-//! Three kinds of failure are kept apart because callers treat them
+//! Four kinds of failure are kept apart because callers treat them
 //! differently: the request named something that is not there (or already
-//! is), the request carried a bad value (`Invalid`, always with the field
-//! that was wrong and a message written for the person who sent it), and the
-//! node itself failed (storage, I/O, corrupt files, a replication LSN out of
-//! order). Only the first two are the client's fault; the rest map to
-//! `Internal` on the wire.
+//! is); the request carried a bad value (`Invalid`, always with the field
+//! that was wrong and a message written for the person who sent it); a
+//! replication step does not fit this replica's log (stale term, log
+//! mismatch, LSN gap, trimmed log, truncation below the applied LSN: the
+//! replication layer reacts to each, and a client that meets one retries
+//! or is told the shard is busy); and the node itself failed (storage, I/O,
+//! corrupt files, a data directory it will not open). Only the first two
+//! are the client's fault.
 
 use std::path::PathBuf;
 
-use edgevec_proto::{ErrorCode, WireError};
+use edgevec_proto::{ErrorCode, OpId, WireError};
+
+use crate::engine::ReplicaKey;
 
 /// Everything that can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
@@ -26,10 +31,64 @@ pub enum EngineError {
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
 
-    /// A replicated op arrived out of order: replicas apply LSNs strictly
-    /// one after another, so the sender must first send the missing ones.
-    #[error("shard {shard}: op with LSN {got} cannot be applied, the next LSN is {expected}")]
+    /// This node holds no replica under that key.
+    #[error("no replica of {0} on this node; ask a node that holds one, or create it first")]
+    ReplicaNotFound(ReplicaKey),
+
+    /// A replica exists under the key with another spec.
+    #[error(
+        "a replica of {0} already exists on this node with a different spec; drop it first, or give the new \
+         collection a new id"
+    )]
+    ReplicaExists(ReplicaKey),
+
+    /// An op to append does not continue the log: its LSN is not the one
+    /// after the previous op (a gap or a replay). The sender resends from
+    /// `expected`.
+    #[error("shard {shard}: op with LSN {got} cannot be appended, the next LSN is {expected}; resend from {expected}")]
     LsnOutOfOrder { shard: u32, expected: u64, got: u64 },
+
+    /// An op or request of a primary term older than this replica's
+    /// durable term: it comes from a deposed primary and is refused.
+    #[error(
+        "shard {shard}: term {term} is older than this replica's term {current}; the sender is no longer \
+         primary and must re-read the shard's configuration"
+    )]
+    StaleTerm { shard: u32, term: u64, current: u64 },
+
+    /// An append named a previous op that is not this replica's last op:
+    /// the logs diverge or one side is behind. The primary finds the last
+    /// shared op id (term history) and resends after it.
+    #[error(
+        "shard {shard}: append after op {got_prev} does not match this replica's last op {expected_prev}; \
+         reconcile from the term history and resend"
+    )]
+    LogMismatch {
+        shard: u32,
+        expected_prev: OpId,
+        got_prev: OpId,
+    },
+
+    /// A truncation would take back applied ops. Applied ops are never
+    /// patched: the replica must be rebuilt from an export.
+    #[error(
+        "shard {shard}: cannot truncate the op log after LSN {lsn}, ops through {applied} are applied; \
+         rebuild this replica from an export of the primary"
+    )]
+    TruncateBelowApplied { shard: u32, lsn: u64, applied: u64 },
+
+    /// The op log no longer holds the ops asked for (retention dropped
+    /// them); the replica that needs them must be rebuilt from an export.
+    #[error(
+        "shard {shard}: op {wanted} is no longer in the op log, which starts at {first}; \
+         catch the replica up from an export instead"
+    )]
+    LogTrimmed { shard: u32, wanted: u64, first: u64 },
+
+    /// The data directory is of a layout this build does not open; nothing
+    /// in it was changed.
+    #[error("data directory {path}: {message}")]
+    Layout { path: PathBuf, message: String },
 
     /// The redb store failed (I/O below it, or a corrupt file).
     #[error("storage error: {0}")]
@@ -76,7 +135,17 @@ impl EngineError {
             EngineError::CollectionNotFound(_) => WireError::new(ErrorCode::NotFound, self.to_string()),
             EngineError::CollectionExists(_) => WireError::new(ErrorCode::AlreadyExists, self.to_string()),
             EngineError::Invalid { field, message } => WireError::invalid(field, message),
-            EngineError::LsnOutOfOrder { .. }
+            // Fenced: the request carried an older term than this replica knows.
+            EngineError::StaleTerm { .. } => WireError::new(ErrorCode::Conflict, self.to_string()),
+            // The shard is moving (replica elsewhere, logs being reconciled or
+            // caught up): the same request may succeed later or elsewhere.
+            EngineError::ReplicaNotFound(_)
+            | EngineError::LsnOutOfOrder { .. }
+            | EngineError::LogMismatch { .. }
+            | EngineError::LogTrimmed { .. } => WireError::new(ErrorCode::Unavailable, self.to_string()),
+            EngineError::ReplicaExists(_)
+            | EngineError::TruncateBelowApplied { .. }
+            | EngineError::Layout { .. }
             | EngineError::Storage(_)
             | EngineError::Io { .. }
             | EngineError::Corrupt { .. } => WireError::new(ErrorCode::Internal, self.to_string()),
@@ -120,5 +189,31 @@ mod tests {
         assert_eq!(e.message, "k must be between 1 and 1024, got 0");
         let e = EngineError::io("/x", std::io::Error::other("boom")).to_wire();
         assert_eq!(e.code, ErrorCode::Internal);
+        let e = EngineError::StaleTerm {
+            shard: 2,
+            term: 3,
+            current: 5,
+        };
+        assert_eq!(e.to_wire().code, ErrorCode::Conflict);
+        assert!(e.to_string().contains("term 3 is older than this replica's term 5"));
+        let e = EngineError::LogMismatch {
+            shard: 0,
+            expected_prev: OpId::new(2, 7),
+            got_prev: OpId::new(3, 7),
+        };
+        assert_eq!(e.to_wire().code, ErrorCode::Unavailable);
+        assert!(e.to_string().contains("after op 3.7") && e.to_string().contains("last op 2.7"));
+        let key = ReplicaKey {
+            collection: 4,
+            shard: 1,
+        };
+        assert_eq!(EngineError::ReplicaNotFound(key).to_wire().code, ErrorCode::Unavailable);
+        let e = EngineError::TruncateBelowApplied {
+            shard: 1,
+            lsn: 3,
+            applied: 5,
+        };
+        assert_eq!(e.to_wire().code, ErrorCode::Internal);
+        assert!(e.to_string().contains("rebuild"));
     }
 }

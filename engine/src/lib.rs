@@ -1,57 +1,80 @@
-//! edgevec-engine: the storage and vector index of one node.
+//! edgevec-engine: the storage layer of a node's shard replicas.
 //!
-//! An [`Engine`] holds every collection of the node under one data
-//! directory. A collection is split into shards (`shard_of(id)`), and each
-//! shard replica ([`ShardReplica`]) is the unit of storage and, later, of
-//! replication: it applies [`ShardOp`]s in LSN order (1, 2, 3, ...), each
-//! committed with fsync to the shard's own redb file before the call
-//! returns.
+//! An [`Engine`] is the registry of the shard replicas one node holds,
+//! each named by a [`ReplicaKey`] (the collection's stable cluster-wide id
+//! and the shard) and opened, created and dropped one at a time. What to
+//! hold, log and apply is decided by the node's replication layer
+//! (primary-backup, PacificA; see REPLICATION.md); the engine gives each
+//! [`ShardReplica`] the two halves that protocol needs:
+//!
+//! - an **op log**: [`ShardOp`]s with op ids `(term, lsn)`, appended only
+//!   right after the exact previous op id and fsynced before the call
+//!   returns, with a durable term and term history; an unapplied suffix
+//!   can be truncated; old applied ops are dropped by byte budget;
+//! - the **applied state**: ops are made searchable only by
+//!   [`ShardReplica::apply_through`], up to an LSN the caller knows is
+//!   committed. Searches, gets and infos see applied ops only.
 //!
 //! Inside a replica, rows go to a **growing** segment (brute-force search)
 //! until it reaches the collection's `seal_rows`; it is then **sealed**
 //! (immutable but for tombstones) and a background thread builds its HNSW
 //! index (instant-distance), saves it atomically next to the shard file and
-//! swaps it in. Searches merge the best `k` of every segment and shard.
+//! swaps it in. [`search_replicas`] merges the best `k` of several
+//! replicas.
 //!
-//! On disk (`dir` passed to [`Engine::open`]):
+//! On disk (`dir` passed to [`Engine::open`]), layout 2:
 //!
 //! ```text
-//! catalog.redb                       collections: name → (id, spec), next id
-//! collections/<id>/shard-<n>/
-//!     shard.redb                     op log, rows, payloads, locations,
-//!                                    tombstones, segments, applied LSN
+//! LAYOUT                             "edgevec-engine layout 2\n", written first
+//! replicas.redb                      registry: ReplicaKey → spec (versioned)
+//! replicas/<collection>-<shard>/
+//!     shard.redb                     op log (term, op), term, term history,
+//!                                    applied LSN, rows, payloads, locations,
+//!                                    tombstones, segments
 //!     seg-<segment>.hnsw             index of a sealed segment
+//! trash/<name>-<unix seconds>        leftover replica directories, moved
+//!                                    aside for a person to delete
 //! ```
 //!
-//! Everything persisted is versioned (`V1` envelopes, a versioned header on
-//! index files). A restart after a crash at any instant restores every
-//! acknowledged write (redb commits are atomic and durable; index files are
-//! replaced by rename) and reloads saved indexes instead of rebuilding them.
+//! The single-node layout 1 (`catalog.redb`, `collections/`) is refused,
+//! untouched. Everything persisted is versioned (envelopes, a versioned
+//! header on index files). A restart after a crash at any instant restores
+//! every fsynced log entry, term and applied op (redb commits are atomic
+//! and durable; index files are replaced by rename) and reloads saved
+//! indexes instead of rebuilding them.
 //!
-//! Modules: [`validate`] and [`plan`] hold the pure decisions; [`metric`]
-//! the arithmetic and ordering; `store`, `catalog` and `hnsw` the I/O;
-//! [`shard`], `collection` and [`engine`] the wiring.
+//! Modules: [`validate`], [`plan`], `oplog` and [`split`] hold the pure
+//! decisions; [`metric`] the arithmetic and ordering; `store`, `registry`,
+//! `layout` and `hnsw` the I/O; [`shard`], `search` and [`engine`] the
+//! wiring.
 
 mod builder;
-mod catalog;
-mod collection;
 pub mod engine;
 mod error;
 pub mod fsutil;
 mod hnsw;
+mod layout;
 pub mod metric;
 mod op;
+mod oplog;
 pub mod plan;
+mod registry;
+mod search;
 mod segment;
 pub mod shard;
+pub mod split;
 mod store;
+#[cfg(test)]
+mod testutil;
 pub mod validate;
 
 pub use builder::IndexBuilder;
-pub use engine::{Engine, EngineOptions};
+pub use engine::{Engine, EngineOptions, ReplicaKey, ReplicaSpec};
 pub use error::EngineError;
 pub use hnsw::IndexParams;
 pub use metric::Candidate;
 pub use op::{OpRecord, ShardOp};
 pub use plan::Location;
-pub use shard::{ShardConfig, ShardReplica, OPLOG_RETAIN_OPS};
+pub use search::search_replicas;
+pub use shard::{LogStatus, ShardConfig, ShardReplica, OPLOG_RETAIN_BYTES};
+pub use split::{by_shard, last_wins};

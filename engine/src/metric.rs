@@ -95,39 +95,46 @@ pub struct Candidate {
     pub row: u32,
 }
 
+impl AsRef<Candidate> for Candidate {
+    fn as_ref(&self) -> &Candidate {
+        self
+    }
+}
+
 /// Best-first order of candidates: score, then id.
 pub fn compare_candidates(metric: Metric, a: &Candidate, b: &Candidate) -> Ordering {
     compare_scores(metric, a.score, b.score).then(a.id.cmp(&b.id))
 }
 
-/// Keeps the `k` best candidates seen so far.
-pub struct TopK {
+/// Keeps the `k` best candidates seen so far. `T` is a candidate or a
+/// candidate with something attached (such as where it was found).
+pub struct TopK<T = Candidate> {
     metric: Metric,
     k: usize,
     /// Max-heap on "worse", so the root is the candidate to evict.
-    heap: BinaryHeap<Ranked>,
+    heap: BinaryHeap<Ranked<T>>,
 }
 
-struct Ranked(Metric, Candidate);
+struct Ranked<T>(Metric, T);
 
-impl PartialEq for Ranked {
+impl<T: AsRef<Candidate>> PartialEq for Ranked<T> {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
     }
 }
-impl Eq for Ranked {}
-impl PartialOrd for Ranked {
+impl<T: AsRef<Candidate>> Eq for Ranked<T> {}
+impl<T: AsRef<Candidate>> PartialOrd for Ranked<T> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Ranked {
+impl<T: AsRef<Candidate>> Ord for Ranked<T> {
     fn cmp(&self, other: &Self) -> Ordering {
-        compare_candidates(self.0, &self.1, &other.1)
+        compare_candidates(self.0, self.1.as_ref(), other.1.as_ref())
     }
 }
 
-impl TopK {
+impl<T: AsRef<Candidate>> TopK<T> {
     pub fn new(metric: Metric, k: usize) -> Self {
         TopK {
             metric,
@@ -136,14 +143,14 @@ impl TopK {
         }
     }
 
-    pub fn push(&mut self, c: Candidate) {
+    pub fn push(&mut self, c: T) {
         if self.k == 0 {
             return;
         }
         if self.heap.len() < self.k {
             self.heap.push(Ranked(self.metric, c));
         } else if let Some(worst) = self.heap.peek() {
-            if compare_candidates(self.metric, &c, &worst.1) == Ordering::Less {
+            if compare_candidates(self.metric, c.as_ref(), worst.1.as_ref()) == Ordering::Less {
                 self.heap.pop();
                 self.heap.push(Ranked(self.metric, c));
             }
@@ -151,14 +158,14 @@ impl TopK {
     }
 
     /// The kept candidates, best first.
-    pub fn into_sorted(self) -> Vec<Candidate> {
+    pub fn into_sorted(self) -> Vec<T> {
         // `into_sorted_vec` is ascending in `Ord`, i.e. best first.
         self.heap.into_sorted_vec().into_iter().map(|r| r.1).collect()
     }
 }
 
 /// Merges best-first lists (one per shard or segment) into the best `k`.
-pub fn merge(metric: Metric, k: usize, lists: impl IntoIterator<Item = Vec<Candidate>>) -> Vec<Candidate> {
+pub fn merge<T: AsRef<Candidate>>(metric: Metric, k: usize, lists: impl IntoIterator<Item = Vec<T>>) -> Vec<T> {
     let mut top = TopK::new(metric, k);
     for list in lists {
         for c in list {

@@ -9,7 +9,8 @@
 //!
 //! Invariants:
 //! - the decision depends only on (state, op), so every replica applying the
-//!   same LSNs seals the same segments at the same rows;
+//!   same LSNs seals the same segments at the same rows; a batch of ops is
+//!   planned one op at a time, each against the state the previous left;
 //! - a growing segment is sealed the moment its row count reaches
 //!   `seal_rows` (rows count replaced ones too: the segment is append-only);
 //!   the next segment id is the sealed one plus one, so the growing segment
@@ -102,6 +103,8 @@ pub fn plan(op: &ShardOp, current: impl Fn(u64) -> Option<Location>, growing: Cu
                 }
             }
         }
+        // Marks the start of a primary's term in the log; no rows change.
+        ShardOp::EpochStart => {}
     }
     out.points = touched.into_iter().collect();
     out.points.sort_unstable_by_key(|(id, _)| *id);
@@ -174,5 +177,18 @@ mod tests {
         assert_eq!(p.points, vec![(3, None)]);
         assert!(p.appends.is_empty());
         assert_eq!(p.growing, Cursor { segment: 2, rows: 5 });
+    }
+
+    #[test]
+    fn epoch_start_changes_nothing() {
+        let start = Cursor { segment: 3, rows: 9 };
+        let p = plan(&ShardOp::EpochStart, |_| Some(loc(1, 1)), start, 64);
+        assert_eq!(
+            p,
+            Plan {
+                growing: start,
+                ..Plan::default()
+            }
+        );
     }
 }

@@ -1,22 +1,38 @@
-//! One replica of one shard: the unit that is written, searched and (later)
-//! replicated primary → backups.
+//! One replica of one shard: the unit that is logged, applied, searched and
+//! replicated primary → backups (REPLICATION.md).
 //!
-//! A replica applies [`ShardOp`]s in strict LSN order (1, 2, 3, ...). Each
-//! apply is: plan the effect ([`crate::plan`]), commit op + effect + new
-//! applied LSN to the shard's own redb file with fsync, then update memory.
-//! Because sealing is part of the plan, replicas that apply the same ops
-//! seal the same segments at the same LSN.
+//! A replica has two parts that move separately:
+//!
+//! - its **op log**: ops with their op ids `(term, lsn)`, appended after an
+//!   exact previous op id (the log-matching rule, see `oplog`) and
+//!   fsynced before [`ShardReplica::append`] returns, with the durable term
+//!   and term history. A suffix that is not applied yet can be truncated
+//!   (reconciliation after a change of primary);
+//! - its **applied state**: the segments, rows and payloads that searches,
+//!   gets and infos see. [`ShardReplica::apply_through`] applies logged ops
+//!   in LSN order up to an LSN the caller deems committed: plan the effect
+//!   ([`crate::plan`]), commit the batch's effects and the new applied LSN
+//!   to redb with one fsync, then update memory. Because sealing is part of
+//!   the plan, replicas that apply the same ops seal the same segments at
+//!   the same rows.
+//!
+//! Invariants: `applied_lsn <= last.lsn`; every logged op above the applied
+//! LSN stays in the log until it is applied or truncated (retention only
+//! drops applied ops, [`ShardReplica::set_retain_floor`] keeps more); an op
+//! is applied only after it is durable in the log; nothing at or below the
+//! applied LSN is ever truncated (such a replica is rebuilt instead).
 //!
 //! Concurrency:
-//! - `writer` serialises applies, so a plan made under the read lock is
-//!   still valid when its commit lands;
+//! - `writer` serialises everything that writes (append, truncate, apply,
+//!   term raise), so a decision made under the read lock is still valid
+//!   when its commit lands;
 //! - the state `RwLock` is held for writing only to update memory after a
-//!   commit (or to install a built index), never during the fsync, so
+//!   commit (or to install a built index), never during an fsync, so
 //!   searches keep running while a write is being persisted;
 //! - no rayon work is ever started while the state lock is held: a rayon
 //!   thread waiting in a join may steal a task that takes the same lock
 //!   again, which deadlocks a writer-preferring `RwLock`. Callers
-//!   parallelise across (shard, query) tasks instead.
+//!   parallelise across (replica, query) tasks instead.
 //!
 //! Index builds of sealed segments go to the [`IndexBuilder`] thread; the
 //! segment is searched by brute force until the built index is saved to
@@ -24,23 +40,27 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use edgevec_proto::{IndexState, Metric, PointRecord, SegmentInfo, SegmentState, ShardInfo};
+use edgevec_proto::{IndexState, Metric, OpId, PointRecord, SegmentInfo, SegmentState, ShardInfo};
 
 use crate::builder::IndexBuilder;
 use crate::error::EngineError;
 use crate::fsutil;
 use crate::hnsw::{Expect, HnswIndex, IndexParams};
 use crate::metric::{self, Candidate};
-use crate::op::ShardOp;
-use crate::plan::{self, Cursor, Location, Plan};
+use crate::oplog::LogState;
+use crate::plan::{Cursor, Location};
 use crate::segment::Segment;
-use crate::store::{ShardMetaV1, ShardStore};
+use crate::store::ShardStore;
 
-/// Ops kept in the op log for catch-up of lagging replicas.
-pub const OPLOG_RETAIN_OPS: u64 = 100_000;
+mod apply;
+mod log;
+
+/// Default op-log budget: retention drops the oldest applied ops while the
+/// log's encoded ops take more than this.
+pub const OPLOG_RETAIN_BYTES: u64 = 256 * 1024 * 1024;
 
 const STORE_FILE: &str = "shard.redb";
 
@@ -52,11 +72,28 @@ pub struct ShardConfig {
     pub metric: Metric,
     pub seal_rows: u32,
     pub index: IndexParams,
-    /// How many of the newest ops the op log keeps.
-    pub retain_ops: u64,
+    /// Bytes of encoded ops the op log may keep once they are applied
+    /// ([`OPLOG_RETAIN_BYTES`] by default); unapplied ops are always kept.
+    pub retain_bytes: u64,
+}
+
+/// A consistent snapshot of a replica's log position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogStatus {
+    /// Highest term accepted (durable).
+    pub term: u64,
+    /// Last op in the log (fsynced).
+    pub last: OpId,
+    /// LSN through which ops are applied.
+    pub applied: u64,
+    /// Oldest LSN the log still holds.
+    pub first_logged: Option<u64>,
+    /// `(term, first lsn)` pairs, ascending.
+    pub history: Vec<(u64, u64)>,
 }
 
 struct ShardState {
+    log: LogState,
     applied_lsn: u64,
     growing: Cursor,
     locations: HashMap<u64, Location>,
@@ -70,16 +107,19 @@ pub struct ShardReplica {
     store: ShardStore,
     writer: Mutex<()>,
     state: RwLock<ShardState>,
+    /// See [`ShardReplica::set_retain_floor`]; not persisted.
+    retain_floor: AtomicU64,
     builder: Arc<IndexBuilder>,
     this: Weak<ShardReplica>,
-    /// Set when the collection is dropped: pending builds skip saving.
+    /// Set when the replica is dropped: pending builds skip saving.
     retired: AtomicBool,
 }
 
 impl ShardReplica {
-    /// Opens (or creates) the replica stored in `dir`, restoring memory from
-    /// redb and loading saved indexes; sealed segments without a valid index
-    /// file are queued for a rebuild.
+    /// Opens (or creates) the replica stored in `dir`, restoring its log
+    /// position and applied state from redb and loading saved indexes;
+    /// sealed segments without a valid index file are queued for a
+    /// rebuild. Logged ops above the applied LSN stay unapplied.
     pub fn open(dir: &Path, config: ShardConfig, builder: Arc<IndexBuilder>) -> Result<Arc<ShardReplica>, EngineError> {
         fsutil::create_dir_durable(dir)?;
         remove_tmp_files(dir)?;
@@ -134,15 +174,29 @@ impl ShardReplica {
                 _ => return Err(corrupt(format!("tombstone for missing row {at:?}"))),
             }
         }
+        let meta = loaded.meta;
         let growing_rows = segments
-            .get(&loaded.meta.growing)
+            .get(&meta.growing)
             .filter(|s| s.state() == SegmentState::Growing)
-            .ok_or_else(|| corrupt(format!("growing segment {} is missing", loaded.meta.growing)))?
+            .ok_or_else(|| corrupt(format!("growing segment {} is missing", meta.growing)))?
             .rows();
+        if meta.applied_lsn > meta.last_lsn {
+            return Err(corrupt(format!(
+                "applied LSN {} is past the last logged op {}",
+                meta.applied_lsn,
+                meta.last()
+            )));
+        }
         let state = ShardState {
-            applied_lsn: loaded.meta.applied_lsn,
+            log: LogState {
+                term: meta.term,
+                last: meta.last(),
+                history: loaded.history,
+                first_logged: loaded.first_logged,
+            },
+            applied_lsn: meta.applied_lsn,
             growing: Cursor {
-                segment: loaded.meta.growing,
+                segment: meta.growing,
                 rows: growing_rows as u32,
             },
             locations: loaded.points,
@@ -154,6 +208,7 @@ impl ShardReplica {
             store,
             writer: Mutex::new(()),
             state: RwLock::new(state),
+            retain_floor: AtomicU64::new(u64::MAX),
             builder,
             this: this.clone(),
             retired: AtomicBool::new(false),
@@ -172,114 +227,51 @@ impl ShardReplica {
         &self.config
     }
 
-    /// LSN of the last op applied (0: none).
+    /// Highest term this replica has accepted (durable); 0 for a new one.
+    pub fn term(&self) -> u64 {
+        self.read().log.term
+    }
+
+    /// Last op in the log (fsynced); `OpId::ZERO` when nothing was ever
+    /// logged. Retention does not move it; a truncation does.
+    pub fn last_op(&self) -> OpId {
+        self.read().log.last
+    }
+
+    /// LSN through which ops are applied (searchable); 0: none.
     pub fn applied_lsn(&self) -> u64 {
         self.read().applied_lsn
     }
 
-    /// Applies op `lsn`, which must be exactly `applied_lsn() + 1`. Returns
-    /// once the op is durable on disk.
-    pub fn apply(&self, lsn: u64, op: &ShardOp) -> Result<(), EngineError> {
-        let _writer = self.writer.lock().expect("shard writer lock");
-        self.apply_locked(lsn, op)
+    /// `(term, first lsn)` pairs, ascending; durable; never shortened by
+    /// retention.
+    pub fn term_history(&self) -> Vec<(u64, u64)> {
+        self.read().log.history.clone()
     }
 
-    /// Primary path: applies `op` at the next LSN and returns that LSN.
-    pub fn append(&self, op: &ShardOp) -> Result<u64, EngineError> {
-        let _writer = self.writer.lock().expect("shard writer lock");
-        let lsn = self.read().applied_lsn + 1;
-        self.apply_locked(lsn, op)?;
-        Ok(lsn)
+    /// The op id at `lsn` as the term history names it, for
+    /// `1 <= lsn <= last_op().lsn` (`None` outside); `OpId::ZERO` for 0.
+    /// Works for ops retention has dropped.
+    pub fn op_id_at(&self, lsn: u64) -> Option<OpId> {
+        self.read().log.op_id_at(lsn)
     }
 
-    fn apply_locked(&self, lsn: u64, op: &ShardOp) -> Result<(), EngineError> {
-        self.check_op(op)?;
-        let (plan, meta) = {
-            let st = self.read();
-            if lsn != st.applied_lsn + 1 {
-                return Err(EngineError::LsnOutOfOrder {
-                    shard: self.config.shard,
-                    expected: st.applied_lsn + 1,
-                    got: lsn,
-                });
-            }
-            let plan = plan::plan(
-                op,
-                |id| st.locations.get(&id).copied(),
-                st.growing,
-                self.config.seal_rows,
-            );
-            let meta = ShardMetaV1 {
-                shard: self.config.shard,
-                dim: self.config.dim,
-                applied_lsn: st.applied_lsn,
-                growing: st.growing.segment,
-            };
-            (plan, meta)
-        };
-        self.store.commit(lsn, op, &plan, meta, self.config.retain_ops)?;
-        let sealed = {
-            let mut st = self.state.write().expect("shard state lock");
-            self.apply_to_memory(&mut st, lsn, op, &plan)
-        };
-        for segment in sealed {
-            self.queue_build(segment);
-        }
-        Ok(())
+    /// Oldest LSN the op log still holds (`None`: empty log).
+    pub fn first_logged_lsn(&self) -> Option<u64> {
+        self.read().log.first_logged
     }
 
-    /// Ops come validated from the primary; this guards the invariants the
-    /// in-memory segments rely on (a wrong length would corrupt rows).
-    fn check_op(&self, op: &ShardOp) -> Result<(), EngineError> {
-        if let ShardOp::Upsert(points) = op {
-            for (i, p) in points.iter().enumerate() {
-                if p.vector.len() != self.config.dim as usize || p.vector.iter().any(|x| !x.is_finite()) {
-                    return Err(EngineError::invalid(
-                        format!("points[{i}].vector"),
-                        format!("vector must have {} finite components", self.config.dim),
-                    ));
-                }
-            }
+    /// Term, last op, applied LSN, first logged LSN and history, read
+    /// together.
+    pub fn log_status(&self) -> LogStatus {
+        let st = self.read();
+        LogStatus {
+            term: st.log.term,
+            last: st.log.last,
+            applied: st.applied_lsn,
+            first_logged: st.log.first_logged,
+            history: st.log.history.clone(),
         }
-        Ok(())
-    }
-
-    /// Mirrors a committed plan in memory; returns the segments it sealed.
-    fn apply_to_memory(&self, st: &mut ShardState, lsn: u64, op: &ShardOp, plan: &Plan) -> Vec<u64> {
-        let dim = self.config.dim as usize;
-        if let ShardOp::Upsert(points) = op {
-            for a in &plan.appends {
-                let p = &points[a.point];
-                let seg = st
-                    .segments
-                    .entry(a.at.segment)
-                    .or_insert_with(|| Segment::growing(a.at.segment, dim));
-                let row = seg.push(p.id, &p.vector);
-                debug_assert_eq!(row, a.at.row);
-            }
-        }
-        for (at, _) in &plan.tombstones {
-            if let Some(seg) = st.segments.get_mut(&at.segment) {
-                seg.tombstone(at.row);
-            }
-        }
-        for (id, at) in &plan.points {
-            match at {
-                Some(at) => st.locations.insert(*id, *at),
-                None => st.locations.remove(id),
-            };
-        }
-        for c in &plan.sealed {
-            if let Some(seg) = st.segments.get_mut(&c.segment) {
-                seg.seal();
-            }
-        }
-        st.segments
-            .entry(plan.growing.segment)
-            .or_insert_with(|| Segment::growing(plan.growing.segment, dim));
-        st.growing = plan.growing;
-        st.applied_lsn = lsn;
-        plan.sealed.iter().map(|c| c.segment).collect()
     }
 
     /// Hands the build of `segment`'s index to the builder thread.
@@ -385,16 +377,6 @@ impl ShardReplica {
             .segments
             .values()
             .all(|s| s.index_state() != IndexState::Building)
-    }
-
-    /// Up to `max` logged ops after `lsn`, for catch-up of another replica.
-    pub fn ops_after(&self, lsn: u64, max: usize) -> Result<Vec<(u64, ShardOp)>, EngineError> {
-        self.store.ops_after(lsn, max)
-    }
-
-    /// Oldest LSN the op log still holds (`None`: empty log).
-    pub fn first_logged_lsn(&self) -> Result<Option<u64>, EngineError> {
-        self.store.first_logged_lsn()
     }
 }
 

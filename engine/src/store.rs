@@ -1,11 +1,12 @@
 //! The redb file of one shard replica (`shard.redb`): schema and I/O.
 //!
-//! Tables (layout version 1, named by the `V1` envelope of the meta record):
+//! Tables (named by the `V2` envelope of the meta record):
 //!
 //! | table        | key              | value                                   |
 //! |--------------|------------------|-----------------------------------------|
-//! | `meta`       | `"shard"`        | [`ShardMeta`]: shard, dim, applied LSN, growing segment |
-//! | `oplog`      | LSN              | [`crate::op::OpRecord`], the last `retain_ops` ops |
+//! | `meta`       | `"shard"`        | [`ShardMeta`]: shard, dim, applied LSN, growing segment, term, last op id, log bytes |
+//! | `oplog`      | LSN              | [`crate::op::OpRecord`]: term and op    |
+//! | `terms`      | term             | first LSN of that term (term history)   |
 //! | `segments`   | segment id       | [`SegmentRecord`]: state, rows once sealed, seal LSN |
 //! | `rows`       | (segment, row)   | [`RowRecord`]: point id and vector (immutable) |
 //! | `payloads`   | (segment, row)   | JSON text of the row, if any (immutable) |
@@ -13,10 +14,16 @@
 //! | `tombstones` | (segment, row)   | point id the dead row held              |
 //!
 //! Invariants:
-//! - one op = one write transaction committed with `Durability::Immediate`
-//!   (fsync) before the caller is told it is applied: the op, its rows, the
-//!   location and tombstone changes, any seal and the applied LSN move
-//!   together or not at all;
+//! - every change is one write transaction committed with
+//!   `Durability::Immediate` (fsync) before the caller goes on: appended
+//!   ops with the term and history they raise; a truncation with its
+//!   history cut; a batch of applied ops with their rows, location and
+//!   tombstone changes, seals, the applied LSN and the retention trim;
+//! - each transaction updates the meta record read inside it, so the
+//!   record is right whatever the caller holds in memory;
+//! - `log bytes` is the sum of the encoded sizes of the entries in `oplog`;
+//! - `oplog` is contiguous, every entry above the applied LSN is in it, and
+//!   only a truncation removes entries above the applied LSN;
 //! - rows and payloads are keyed by location and never rewritten, so a
 //!   reader that found a row in memory can always read its payload, even if
 //!   the point was replaced since.
@@ -24,16 +31,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use edgevec_proto::SegmentState;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use edgevec_proto::{OpId, SegmentState};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
 use crate::op::ShardOp;
+use crate::oplog::{self, Appended};
 use crate::plan::{Location, Plan};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const OPLOG: TableDefinition<u64, &[u8]> = TableDefinition::new("oplog");
+const TERMS: TableDefinition<u64, u64> = TableDefinition::new("terms");
 const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
 const ROWS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("rows");
 const PAYLOADS: TableDefinition<(u64, u32), &str> = TableDefinition::new("payloads");
@@ -45,17 +54,40 @@ const SHARD_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum ShardMeta {
+    /// Layout 1 (single node); recognised only to refuse it.
     V1(ShardMetaV1),
+    V2(ShardMetaV2),
 }
 
-/// The shard's own record.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ShardMetaV1 {
+struct ShardMetaV1 {
+    shard: u32,
+    dim: u32,
+    applied_lsn: u64,
+    growing: u64,
+}
+
+/// The shard's own record. The last op id is stored as two numbers, not as
+/// the wire's `OpId`, so a change of that type cannot change the file.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ShardMetaV2 {
     pub shard: u32,
     pub dim: u32,
     pub applied_lsn: u64,
     /// Id of the growing segment (always the highest segment id).
     pub growing: u64,
+    /// Highest term accepted.
+    pub term: u64,
+    pub last_term: u64,
+    pub last_lsn: u64,
+    /// Encoded bytes of every entry in `oplog`.
+    pub log_bytes: u64,
+}
+
+impl ShardMetaV2 {
+    pub fn last(&self) -> OpId {
+        OpId::new(self.last_term, self.last_lsn)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,15 +113,32 @@ enum RowRecord {
 /// Everything needed to rebuild a shard's memory, minus segment rows (read
 /// per segment, because indexed segments take them from their index file).
 pub struct Loaded {
-    pub meta: ShardMetaV1,
+    pub meta: ShardMetaV2,
+    pub history: Vec<(u64, u64)>,
+    pub first_logged: Option<u64>,
     pub segments: Vec<(u64, SegmentRecordV1)>,
     pub points: HashMap<u64, Location>,
     pub tombstones: Vec<Location>,
 }
 
+/// One op of an apply batch with its plan.
+pub struct Applied<'a> {
+    pub lsn: u64,
+    pub op: &'a ShardOp,
+    pub plan: &'a Plan,
+}
+
+/// What retention may do after an apply: see [`oplog::retention_cut`].
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub budget: u64,
+    pub keep_above: u64,
+}
+
 pub struct ShardStore {
     db: Database,
     path: PathBuf,
+    shard: u32,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -106,8 +155,9 @@ impl ShardStore {
         let store = ShardStore {
             db,
             path: path.to_owned(),
+            shard,
         };
-        store.init(shard, dim)?;
+        store.init(dim)?;
         let loaded = store.load()?;
         if loaded.meta.shard != shard || loaded.meta.dim != dim {
             return Err(store.corrupt(format!(
@@ -123,25 +173,30 @@ impl ShardStore {
     }
 
     /// Creates every table and, on a new file, the first growing segment.
-    fn init(&self, shard: u32, dim: u32) -> Result<(), EngineError> {
+    fn init(&self, dim: u32) -> Result<(), EngineError> {
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             let fresh = meta.get(META_KEY)?.is_none();
             let mut segments = txn.open_table(SEGMENTS)?;
             txn.open_table(OPLOG)?;
+            txn.open_table(TERMS)?;
             txn.open_table(ROWS)?;
             txn.open_table(PAYLOADS)?;
             txn.open_table(POINTS)?;
             txn.open_table(TOMBSTONES)?;
             if fresh {
-                let m = ShardMetaV1 {
-                    shard,
+                let m = ShardMetaV2 {
+                    shard: self.shard,
                     dim,
                     applied_lsn: 0,
                     growing: 1,
+                    term: 0,
+                    last_term: 0,
+                    last_lsn: 0,
+                    log_bytes: 0,
                 };
-                meta.insert(META_KEY, encode(&ShardMeta::V1(m)).as_slice())?;
+                meta.insert(META_KEY, encode(&ShardMeta::V2(m)).as_slice())?;
                 segments.insert(1, encode(&SegmentRecord::V1(growing_record())).as_slice())?;
             }
         }
@@ -149,14 +204,36 @@ impl ShardStore {
         Ok(())
     }
 
+    fn decode_meta(&self, bytes: &[u8]) -> Result<ShardMetaV2, EngineError> {
+        match postcard::from_bytes(bytes).map_err(|e| self.corrupt(e))? {
+            ShardMeta::V2(m) => Ok(m),
+            ShardMeta::V1(_) => Err(EngineError::Layout {
+                path: self.path.clone(),
+                message: "this shard file was written by the single-node format (layout 1), which is not \
+                          migrated automatically; nothing was changed. Move the shard's directory away and \
+                          let the replica be copied again from another node"
+                    .into(),
+            }),
+        }
+    }
+
     fn load(&self) -> Result<Loaded, EngineError> {
         let txn = self.db.begin_read()?;
-        let meta_t = txn.open_table(META)?;
-        let raw = meta_t
+        let raw = txn
+            .open_table(META)?
             .get(META_KEY)?
             .ok_or_else(|| self.corrupt("missing shard record"))?;
-        let ShardMeta::V1(meta) = postcard::from_bytes(raw.value()).map_err(|e| self.corrupt(e))?;
+        let meta = self.decode_meta(raw.value())?;
 
+        let mut history = Vec::new();
+        for entry in txn.open_table(TERMS)?.iter()? {
+            let (term, first) = entry?;
+            history.push((term.value(), first.value()));
+        }
+        if !history.windows(2).all(|w| w[0].1 < w[1].1) {
+            return Err(self.corrupt(format!("term history is not ascending: {history:?}")));
+        }
+        let first_logged = txn.open_table(OPLOG)?.first()?.map(|(k, _)| k.value());
         let mut segments = Vec::new();
         for entry in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = entry?;
@@ -176,6 +253,8 @@ impl ShardStore {
         }
         Ok(Loaded {
             meta,
+            history,
+            first_logged,
             segments,
             points,
             tombstones,
@@ -199,82 +278,169 @@ impl ShardStore {
         Ok((ids, vectors))
     }
 
-    /// Writes op `lsn` and its effect in one durable transaction, trimming
-    /// the op log to the last `retain_ops` ops.
-    pub fn commit(
+    /// Runs `f` in one durable write transaction, handing it the meta
+    /// record to update; the record is written back before the commit.
+    fn write<T>(
         &self,
-        lsn: u64,
-        op: &ShardOp,
-        plan: &Plan,
-        meta: ShardMetaV1,
-        retain_ops: u64,
-    ) -> Result<(), EngineError> {
+        f: impl FnOnce(&WriteTransaction, &mut ShardMetaV2) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
         let mut txn = self.db.begin_write()?;
-        // The caller acknowledges the write when this returns: fsync first.
+        // Callers acknowledge what they wrote once this returns: fsync first.
         txn.set_durability(Durability::Immediate)
             .map_err(|e| EngineError::Storage(e.into()))?;
-        {
-            let mut oplog = txn.open_table(OPLOG)?;
-            oplog.insert(lsn, op.encode().as_slice())?;
-            if lsn > retain_ops {
-                oplog.retain_in(..=(lsn - retain_ops), |_, _| false)?;
-            }
-
-            if let ShardOp::Upsert(points) = op {
-                let mut rows = txn.open_table(ROWS)?;
-                let mut payloads = txn.open_table(PAYLOADS)?;
-                for a in &plan.appends {
-                    let p = &points[a.point];
-                    let key = (a.at.segment, a.at.row);
-                    let rec = RowRecord::V1 {
-                        id: p.id,
-                        vector: p.vector.clone(),
-                    };
-                    rows.insert(key, encode(&rec).as_slice())?;
-                    if let Some(payload) = &p.payload {
-                        payloads.insert(key, payload.as_str())?;
-                    }
-                }
-            }
-
-            let mut tombstones = txn.open_table(TOMBSTONES)?;
-            for (at, id) in &plan.tombstones {
-                tombstones.insert((at.segment, at.row), *id)?;
-            }
-            let mut locations = txn.open_table(POINTS)?;
-            for (id, at) in &plan.points {
-                match at {
-                    Some(at) => locations.insert(*id, (at.segment, at.row))?,
-                    None => locations.remove(*id)?,
-                };
-            }
-
-            let mut segments = txn.open_table(SEGMENTS)?;
-            for sealed in &plan.sealed {
-                let rec = SegmentRecordV1 {
-                    state: SegmentState::Sealed,
-                    rows: sealed.rows,
-                    sealed_lsn: lsn,
-                };
-                segments.insert(sealed.segment, encode(&SegmentRecord::V1(rec)).as_slice())?;
-            }
-            if !plan.sealed.is_empty() {
-                segments.insert(
-                    plan.growing.segment,
-                    encode(&SegmentRecord::V1(growing_record())).as_slice(),
-                )?;
-            }
-
-            let meta = ShardMetaV1 {
-                applied_lsn: lsn,
-                growing: plan.growing.segment,
-                ..meta
+        let out = {
+            let mut meta_table = txn.open_table(META)?;
+            let mut meta = {
+                let raw = meta_table
+                    .get(META_KEY)?
+                    .ok_or_else(|| self.corrupt("missing shard record"))?;
+                self.decode_meta(raw.value())?
             };
-            txn.open_table(META)?
-                .insert(META_KEY, encode(&ShardMeta::V1(meta)).as_slice())?;
-        }
+            let out = f(&txn, &mut meta)?;
+            meta_table.insert(META_KEY, encode(&ShardMeta::V2(meta)).as_slice())?;
+            out
+        };
         txn.commit()?;
-        Ok(())
+        Ok(out)
+    }
+
+    /// Raises the durable term.
+    pub fn set_term(&self, term: u64) -> Result<(), EngineError> {
+        self.write(|_, meta| {
+            meta.term = term;
+            Ok(())
+        })
+    }
+
+    /// Appends encoded entries (consecutive, right after the last op) with
+    /// what [`oplog::LogState::check_append`] decided they change: the
+    /// history entries they open, the term and the last op. Returns the
+    /// oldest LSN in the log afterwards.
+    pub fn append(&self, entries: &[(u64, Vec<u8>)], appended: &Appended) -> Result<Option<u64>, EngineError> {
+        self.write(|txn, meta| {
+            let mut oplog = txn.open_table(OPLOG)?;
+            for (lsn, bytes) in entries {
+                oplog.insert(*lsn, bytes.as_slice())?;
+                meta.log_bytes += bytes.len() as u64;
+            }
+            let mut terms = txn.open_table(TERMS)?;
+            for &(term, first) in &appended.new_terms {
+                terms.insert(term, first)?;
+            }
+            meta.term = appended.term;
+            meta.last_term = appended.last.term;
+            meta.last_lsn = appended.last.lsn;
+            first_key(&oplog)
+        })
+    }
+
+    /// Removes every entry above `lsn` and the history entries of terms
+    /// that start above it; `last` is the op id at `lsn`. Returns the
+    /// oldest LSN in the log afterwards.
+    pub fn truncate_after(&self, lsn: u64, last: OpId) -> Result<Option<u64>, EngineError> {
+        self.write(|txn, meta| {
+            let mut oplog = txn.open_table(OPLOG)?;
+            let mut removed = 0u64;
+            for entry in oplog.extract_from_if((lsn + 1).., |_, _| true)? {
+                removed += entry?.1.value().len() as u64;
+            }
+            meta.log_bytes = meta
+                .log_bytes
+                .checked_sub(removed)
+                .ok_or_else(|| self.corrupt("op log byte count below its contents"))?;
+            txn.open_table(TERMS)?.retain(|_, first| first <= lsn)?;
+            meta.last_term = last.term;
+            meta.last_lsn = last.lsn;
+            first_key(&oplog)
+        })
+    }
+
+    /// The logged ops `from ..= through`, which must all be in the log.
+    pub fn logged(&self, from: u64, through: u64) -> Result<Vec<(OpId, ShardOp)>, EngineError> {
+        let txn = self.db.begin_read()?;
+        let oplog = txn.open_table(OPLOG)?;
+        let mut out = Vec::with_capacity(through.saturating_sub(from) as usize + 1);
+        for entry in oplog.range(from..=through)? {
+            let (k, v) = entry?;
+            let (term, op) = ShardOp::decode_with_term(v.value())?;
+            if k.value() != from + out.len() as u64 {
+                break;
+            }
+            out.push((OpId::new(term, k.value()), op));
+        }
+        if out.len() as u64 != through - from + 1 {
+            return Err(self.corrupt(format!(
+                "op log misses ops between {from} and {through} that are not applied yet"
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Entries above `after`, in order: at most `max_ops`, and no more once
+    /// `max_bytes` of encoded ops are collected (at least one entry when
+    /// there is any). Read from one snapshot.
+    pub fn entries_after(
+        &self,
+        after: u64,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(OpId, ShardOp)>, EngineError> {
+        let txn = self.db.begin_read()?;
+        let raw = txn
+            .open_table(META)?
+            .get(META_KEY)?
+            .ok_or_else(|| self.corrupt("missing shard record"))?;
+        let last = self.decode_meta(raw.value())?.last_lsn;
+        if after >= last {
+            return Ok(Vec::new());
+        }
+        let oplog = txn.open_table(OPLOG)?;
+        let first = oplog.first()?.map(|(k, _)| k.value());
+        if first.is_none_or(|first| after + 1 < first) {
+            return Err(EngineError::LogTrimmed {
+                shard: self.shard,
+                wanted: after + 1,
+                first: first.unwrap_or(last + 1),
+            });
+        }
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for entry in oplog.range((after + 1)..)? {
+            if out.len() >= max_ops.max(1) || (!out.is_empty() && bytes >= max_bytes) {
+                break;
+            }
+            let (k, v) = entry?;
+            bytes += v.value().len();
+            let (term, op) = ShardOp::decode_with_term(v.value())?;
+            out.push((OpId::new(term, k.value()), op));
+        }
+        Ok(out)
+    }
+
+    /// Writes the effect of a batch of logged ops, in LSN order, and the new
+    /// applied LSN (the batch's last) in one durable transaction; then lets
+    /// retention trim the log. `growing` is the growing segment after the
+    /// batch. Returns the oldest LSN in the log afterwards.
+    pub fn apply(&self, batch: &[Applied<'_>], growing: u64, retention: Retention) -> Result<Option<u64>, EngineError> {
+        self.write(|txn, meta| {
+            for a in batch {
+                write_effect(txn, a)?;
+            }
+            let applied = batch.last().map_or(meta.applied_lsn, |a| a.lsn);
+            meta.applied_lsn = applied;
+            meta.growing = growing;
+
+            let mut oplog = txn.open_table(OPLOG)?;
+            let keep_above = retention.keep_above.min(applied);
+            let sizes = oplog
+                .iter()?
+                .map(|e| e.map(|(k, v)| (k.value(), v.value().len() as u64)));
+            let cut = oplog::retention_cut(sizes, meta.log_bytes, retention.budget, keep_above)?;
+            if let Some((through, dropped)) = cut {
+                oplog.retain_in(..=through, |_, _| false)?;
+                meta.log_bytes = meta.log_bytes.saturating_sub(dropped);
+            }
+            first_key(&oplog)
+        })
     }
 
     /// Payloads of the rows at `locations`, in order, from one snapshot.
@@ -286,26 +452,59 @@ impl ShardStore {
             .map(|at| Ok(table.get((at.segment, at.row))?.map(|v| v.value().to_owned())))
             .collect()
     }
+}
 
-    /// Up to `max` logged ops with LSN greater than `after`, in order.
-    pub fn ops_after(&self, after: u64, max: usize) -> Result<Vec<(u64, ShardOp)>, EngineError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(OPLOG)?;
-        let mut out = Vec::new();
-        for entry in table.range((after.saturating_add(1))..)?.take(max) {
-            let (k, v) = entry?;
-            out.push((k.value(), ShardOp::decode(v.value())?));
+/// Writes what one op changes: its rows, payloads, tombstones, locations
+/// and seals.
+fn write_effect(txn: &WriteTransaction, a: &Applied<'_>) -> Result<(), EngineError> {
+    let plan = a.plan;
+    if let ShardOp::Upsert(points) = a.op {
+        let mut rows = txn.open_table(ROWS)?;
+        let mut payloads = txn.open_table(PAYLOADS)?;
+        for app in &plan.appends {
+            let p = &points[app.point];
+            let key = (app.at.segment, app.at.row);
+            let rec = RowRecord::V1 {
+                id: p.id,
+                vector: p.vector.clone(),
+            };
+            rows.insert(key, encode(&rec).as_slice())?;
+            if let Some(payload) = &p.payload {
+                payloads.insert(key, payload.as_str())?;
+            }
         }
-        Ok(out)
     }
+    let mut tombstones = txn.open_table(TOMBSTONES)?;
+    for (at, id) in &plan.tombstones {
+        tombstones.insert((at.segment, at.row), *id)?;
+    }
+    let mut locations = txn.open_table(POINTS)?;
+    for (id, at) in &plan.points {
+        match at {
+            Some(at) => locations.insert(*id, (at.segment, at.row))?,
+            None => locations.remove(*id)?,
+        };
+    }
+    let mut segments = txn.open_table(SEGMENTS)?;
+    for sealed in &plan.sealed {
+        let rec = SegmentRecordV1 {
+            state: SegmentState::Sealed,
+            rows: sealed.rows,
+            sealed_lsn: a.lsn,
+        };
+        segments.insert(sealed.segment, encode(&SegmentRecord::V1(rec)).as_slice())?;
+    }
+    if !plan.sealed.is_empty() {
+        segments.insert(
+            plan.growing.segment,
+            encode(&SegmentRecord::V1(growing_record())).as_slice(),
+        )?;
+    }
+    Ok(())
+}
 
-    /// The oldest LSN still in the op log, if any.
-    pub fn first_logged_lsn(&self) -> Result<Option<u64>, EngineError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(OPLOG)?;
-        let first = table.first()?.map(|(k, _)| k.value());
-        Ok(first)
-    }
+fn first_key(oplog: &Table<u64, &[u8]>) -> Result<Option<u64>, EngineError> {
+    Ok(oplog.first()?.map(|(k, _)| k.value()))
 }
 
 fn growing_record() -> SegmentRecordV1 {

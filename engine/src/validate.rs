@@ -12,18 +12,14 @@
 
 use edgevec_proto::{limits, CollectionSpec, Metric, Point};
 
+use crate::engine::ReplicaSpec;
 use crate::error::EngineError;
 use crate::metric;
 
 /// Checks a create-collection request.
 pub fn collection_spec(spec: &CollectionSpec) -> Result<(), EngineError> {
     collection_name(&spec.name)?;
-    if spec.dim == 0 || spec.dim > limits::MAX_DIM {
-        return Err(EngineError::invalid(
-            "dim",
-            format!("dim must be between 1 and {}, got {}", limits::MAX_DIM, spec.dim),
-        ));
-    }
+    dim(spec.dim)?;
     if spec.shards == 0 || spec.shards > limits::MAX_SHARDS {
         return Err(EngineError::invalid(
             "shards",
@@ -34,14 +30,41 @@ pub fn collection_spec(spec: &CollectionSpec) -> Result<(), EngineError> {
             ),
         ));
     }
-    if !(limits::MIN_SEAL_ROWS..=limits::MAX_SEAL_ROWS).contains(&spec.seal_rows) {
+    seal_rows(spec.seal_rows)
+}
+
+/// Checks the spec of a shard replica to create: the same rules as the
+/// collection it belongs to, and a shard number the collection can have.
+pub fn replica_spec(spec: &ReplicaSpec) -> Result<(), EngineError> {
+    collection_name(&spec.name)?;
+    dim(spec.dim)?;
+    if spec.key.shard >= limits::MAX_SHARDS {
+        return Err(EngineError::invalid(
+            "shard",
+            format!("shard must be below {}, got {}", limits::MAX_SHARDS, spec.key.shard),
+        ));
+    }
+    seal_rows(spec.seal_rows)
+}
+
+fn dim(dim: u32) -> Result<(), EngineError> {
+    if dim == 0 || dim > limits::MAX_DIM {
+        return Err(EngineError::invalid(
+            "dim",
+            format!("dim must be between 1 and {}, got {dim}", limits::MAX_DIM),
+        ));
+    }
+    Ok(())
+}
+
+fn seal_rows(seal_rows: u32) -> Result<(), EngineError> {
+    if !(limits::MIN_SEAL_ROWS..=limits::MAX_SEAL_ROWS).contains(&seal_rows) {
         return Err(EngineError::invalid(
             "seal_rows",
             format!(
-                "seal_rows must be between {} and {}, got {}",
+                "seal_rows must be between {} and {}, got {seal_rows}",
                 limits::MIN_SEAL_ROWS,
                 limits::MAX_SEAL_ROWS,
-                spec.seal_rows
             ),
         ));
     }
@@ -49,7 +72,8 @@ pub fn collection_spec(spec: &CollectionSpec) -> Result<(), EngineError> {
 }
 
 /// Names are also directory-safe, but the engine never uses them as paths
-/// (collections live under numeric ids); the rule is for humans and URLs.
+/// (replicas live under numeric collection ids); the rule is for humans and
+/// URLs.
 pub fn collection_name(name: &str) -> Result<(), EngineError> {
     let bad = |why: String| Err(EngineError::invalid("name", why));
     if name.is_empty() || name.len() > limits::MAX_NAME_LEN {
@@ -269,6 +293,33 @@ mod tests {
         assert_eq!(field_of(collection_spec(&s)).0, "seal_rows");
         s.seal_rows = limits::MAX_SEAL_ROWS + 1;
         assert_eq!(field_of(collection_spec(&s)).0, "seal_rows");
+    }
+
+    #[test]
+    fn replica_spec_limits() {
+        let ok = ReplicaSpec {
+            key: crate::ReplicaKey {
+                collection: 1,
+                shard: limits::MAX_SHARDS - 1,
+            },
+            name: "docs".into(),
+            dim: 3,
+            metric: Metric::L2,
+            seal_rows: 64,
+        };
+        assert!(replica_spec(&ok).is_ok());
+        let mut s = ok.clone();
+        s.key.shard = limits::MAX_SHARDS;
+        assert_eq!(field_of(replica_spec(&s)).0, "shard");
+        let mut s = ok.clone();
+        s.dim = 0;
+        assert_eq!(field_of(replica_spec(&s)).0, "dim");
+        let mut s = ok.clone();
+        s.seal_rows = 1;
+        assert_eq!(field_of(replica_spec(&s)).0, "seal_rows");
+        let mut s = ok;
+        s.name = "no spaces".into();
+        assert_eq!(field_of(replica_spec(&s)).0, "name");
     }
 
     #[test]

@@ -2,10 +2,18 @@
 //!
 //! Both are persisted (log entries, snapshots) and sent between nodes, so
 //! both are versioned envelopes from day one: [`MetaCommand::V1`] wraps
-//! [`CommandV1`]. postcard encodes enum variants by position, hence the one
-//! rule for this file: **never reorder or remove a variant or field of a V1
-//! type**; a changed shape is a new `V2` next to the old one, and the state
-//! machine keeps applying `V1` entries already in logs.
+//! [`CommandV1`], [`MetaCommand::V2`] wraps [`CommandV2`]. postcard encodes
+//! enum variants by position, hence the one rule for this file: **never
+//! reorder or remove a variant or field of a V1 type** (nor of a V2 type once
+//! released); a changed shape is a new version next to the old one, and the
+//! state machine keeps applying `V1` entries already in logs.
+//!
+//! What V2 changed: collections get a stable id (assigned by the state
+//! machine), a [`Replication`] and shard configurations
+//! ([`crate::ShardConfig`]) that change only by compare-and-set
+//! ([`CommandV2::ShardCas`]). Of the V1 commands, `CreateCollection` still
+//! applies (one replica, `min_insync` 1, no placement) and `PutShardMap` is
+//! refused: see its docs.
 //!
 //! A command the state machine refuses (the collection already exists, the
 //! node is unknown) is answered with [`ResponseV1::Rejected`]; that decision
@@ -18,15 +26,24 @@ use std::fmt;
 use edgevec_proto::CollectionSpec;
 use serde::{Deserialize, Serialize};
 
+use crate::shard::{Replication, ShardConfig};
+
 /// A metadata change, as proposed through Raft.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MetaCommand {
     V1(CommandV1),
+    V2(CommandV2),
 }
 
 impl From<CommandV1> for MetaCommand {
     fn from(c: CommandV1) -> Self {
         MetaCommand::V1(c)
+    }
+}
+
+impl From<CommandV2> for MetaCommand {
+    fn from(c: CommandV2) -> Self {
+        MetaCommand::V2(c)
     }
 }
 
@@ -54,6 +71,8 @@ pub enum CommandV1 {
         id: u64,
     },
     /// `at_ms` is the proposer's clock: the state machine must not read one.
+    /// Applied as [`CommandV2::CreateCollection`] with one replica,
+    /// `min_insync` 1 and no placement.
     CreateCollection {
         spec: CollectionSpec,
         at_ms: u64,
@@ -61,9 +80,14 @@ pub enum CommandV1 {
     DropCollection {
         name: String,
     },
-    /// Replace the map of one shard of a collection. Refused for an unknown
-    /// collection, a shard number beyond the collection's shard count, or an
-    /// epoch older than the stored one.
+    /// Replace the map of one shard of a collection.
+    ///
+    /// **Refused since V2** (`Invalid`): a blind replace could undo a
+    /// concurrent failover, so shard configurations change only by
+    /// [`CommandV2::ShardCas`]. No shard map was ever acted upon (the data
+    /// plane did not read them), and converted V1 state drops them, so
+    /// refusing entries still in logs leaves every replica with the same
+    /// state whether it applied them before the upgrade or after.
     PutShardMap {
         collection: String,
         shard: u32,
@@ -87,6 +111,42 @@ pub enum CommandV1 {
         key: String,
         value: String,
     },
+}
+
+/// Version 2 of the metadata commands: stable collection ids, replication
+/// and shard configurations changed by compare-and-set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandV2 {
+    /// Create a collection. The state machine assigns its stable id from a
+    /// counter (never reused, not the name, not a clock). `placement` holds
+    /// the initial configuration of every shard (len == `spec.shards`, each
+    /// with version 1, term >= 1; see [`crate::place`]) or is empty (shards
+    /// placed later by `ShardCas` from version 0).
+    CreateCollection {
+        spec: CollectionSpec,
+        replication: Replication,
+        /// The proposer's clock (ms since the Unix epoch), for display.
+        at_ms: u64,
+        placement: Vec<ShardConfig>,
+    },
+    /// Compare-and-set of one shard's configuration: applies only if the
+    /// shard is at `expected_version` (0 for a shard never configured) and
+    /// `config` is a valid successor (version + 1, the rules in
+    /// [`crate::shard`]). The only way a shard configuration is chosen.
+    ShardCas {
+        /// Collection id ([`crate::CollectionRecord::id`]).
+        collection: u64,
+        shard: u32,
+        expected_version: u64,
+        config: ShardConfig,
+    },
+    /// Change a collection's replica count / `min_insync` (`edgevec load`);
+    /// the shards follow via `ShardCas` (see [`crate::resize`]). Lowering
+    /// `min_insync` also takes eligibility from out-of-sync replicas of
+    /// shards whose in-sync set already reaches the new value, in the same
+    /// command (version + 1 for those shards): from then on their primaries
+    /// may acknowledge writes those replicas miss.
+    SetReplication { collection: u64, replication: Replication },
 }
 
 /// What the state machine answers to a command.
@@ -137,6 +197,9 @@ pub enum RejectCode {
     NotFound,
     AlreadyExists,
     Invalid,
+    /// A compare-and-set failed: the version moved since the proposer read
+    /// it. Re-read the configuration and decide again.
+    Conflict,
 }
 
 impl fmt::Display for RejectCode {
@@ -145,6 +208,7 @@ impl fmt::Display for RejectCode {
             RejectCode::NotFound => "not found",
             RejectCode::AlreadyExists => "already exists",
             RejectCode::Invalid => "invalid",
+            RejectCode::Conflict => "conflict",
         })
     }
 }
@@ -159,7 +223,9 @@ pub enum NodeState {
     Dead,
 }
 
-/// Who serves one shard, at which configuration epoch (PacificA).
+/// Who serves one shard, at which configuration epoch: the V1 shape, kept
+/// only so V1 log entries still decode. Superseded by
+/// [`crate::ShardConfig`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardMap {
     /// Bumped by every configuration change; replicas reject older epochs.
@@ -177,7 +243,8 @@ pub struct ReplicaInfo {
     pub state: ReplicaState,
 }
 
-/// Where a replica is in its life.
+/// Where a replica is in its life. Shared by V1 and V2 shapes: only add
+/// variants at the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ReplicaState {
     /// Created, has not started catching up.

@@ -4,10 +4,12 @@
 //!
 //! Invariants:
 //! - every file carries a `format` table with its layout version; a file
-//!   with another version is refused, never guessed at;
+//!   with a version outside what this build reads is refused, never guessed
+//!   at, and an older readable one is left to its owner to upgrade;
 //! - redb calls that may block (every commit fsyncs) run on tokio's blocking
 //!   pool via [`blocking`], so a Raft worker thread never waits on a disk.
 
+use std::ops::RangeInclusive;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, TableDefinition};
@@ -19,16 +21,21 @@ use crate::error::MetaStoreError;
 const FORMAT: TableDefinition<&str, u32> = TableDefinition::new("format");
 const FORMAT_KEY: &str = "version";
 
-/// Open (or create) the redb file at `path`, check its layout version, and
-/// create `tables` so later read transactions find them.
+/// Open (or create) the redb file at `path` and check its layout version
+/// against `formats` (oldest readable ..= current). Returns the database and
+/// the file's version.
 ///
-/// `init` runs in the same transaction as the table creation: it is where a
-/// file sets up its tables.
+/// A new file or one of the current version gets `init` run in the same
+/// transaction as the version stamp: it is where a file sets up its tables.
+/// A file of an older readable version is returned untouched (not stamped,
+/// not initialised): the caller upgrades it, then calls [`stamp_format`] in
+/// the upgrade's transaction.
 pub(crate) fn open_db(
     path: &Path,
-    version: u32,
+    formats: RangeInclusive<u32>,
     init: impl FnOnce(&redb::WriteTransaction) -> Result<(), MetaStoreError>,
-) -> Result<Database, MetaStoreError> {
+) -> Result<(Database, u32), MetaStoreError> {
+    let current = *formats.end();
     let db = Database::create(path)?;
     let found = {
         let txn = db.begin_read()?;
@@ -39,19 +46,27 @@ pub(crate) fn open_db(
         }
     };
     match found {
-        Some(v) if v != version => Err(MetaStoreError::UnsupportedFormat {
+        Some(v) if !formats.contains(&v) => Err(MetaStoreError::UnsupportedFormat {
             path: path.to_owned(),
             found: v,
-            supported: version,
+            oldest: *formats.start(),
+            supported: current,
         }),
+        Some(v) if v != current => Ok((db, v)),
         _ => {
             let txn = db.begin_write()?;
-            txn.open_table(FORMAT)?.insert(FORMAT_KEY, version)?;
+            stamp_format(&txn, current)?;
             init(&txn)?;
             txn.commit()?;
-            Ok(db)
+            Ok((db, current))
         }
     }
+}
+
+/// Record the file's layout version (in the caller's transaction).
+pub(crate) fn stamp_format(txn: &redb::WriteTransaction, version: u32) -> Result<(), MetaStoreError> {
+    txn.open_table(FORMAT)?.insert(FORMAT_KEY, version)?;
+    Ok(())
 }
 
 /// Encode a persisted value (always a versioned envelope).
@@ -88,18 +103,39 @@ mod tests {
     fn other_format_version_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.redb");
-        drop(open_db(&path, 1, |_| Ok(())).unwrap());
-        drop(open_db(&path, 1, |_| Ok(())).unwrap());
-        let err = open_db(&path, 2, |_| Ok(())).unwrap_err();
+        assert_eq!(open_db(&path, 1..=1, |_| Ok(())).unwrap().1, 1);
+        assert_eq!(open_db(&path, 1..=1, |_| Ok(())).unwrap().1, 1);
+        let err = open_db(&path, 2..=2, |_| Ok(())).unwrap_err();
         assert!(
             matches!(
                 err,
                 MetaStoreError::UnsupportedFormat {
                     found: 1,
+                    oldest: 2,
                     supported: 2,
                     ..
                 }
             ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn older_readable_version_is_left_to_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.redb");
+        drop(open_db(&path, 1..=1, |_| Ok(())).unwrap());
+        let (db, found) = open_db(&path, 1..=2, |_| panic!("not initialised before the upgrade")).unwrap();
+        assert_eq!(found, 1);
+        let txn = db.begin_write().unwrap();
+        stamp_format(&txn, 2).unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        assert_eq!(open_db(&path, 1..=2, |_| Ok(())).unwrap().1, 2);
+        // A newer build's file is refused.
+        let err = open_db(&path, 1..=1, |_| Ok(())).unwrap_err();
+        assert!(
+            matches!(err, MetaStoreError::UnsupportedFormat { found: 2, .. }),
             "{err}"
         );
     }

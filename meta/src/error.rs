@@ -38,10 +38,17 @@ pub enum MetaStoreError {
     /// The file was written by a newer (or unknown) edgevec: refuse rather
     /// than misread it.
     #[error(
-        "{path} has on-disk format version {found}, this build reads version {supported}; \
+        "{path} has on-disk format version {found}, this build reads versions {oldest} to {supported}; \
          run a matching edgevec version"
     )]
-    UnsupportedFormat { path: PathBuf, found: u32, supported: u32 },
+    UnsupportedFormat {
+        path: PathBuf,
+        found: u32,
+        /// The oldest version this build reads (and upgrades).
+        oldest: u32,
+        /// The version this build writes.
+        supported: u32,
+    },
 
     /// A value could not be encoded (should not happen for our types).
     #[error("cannot encode {what}: {message}")]

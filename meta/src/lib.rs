@@ -5,12 +5,20 @@
 //! - the openraft type configuration and every alias of it ([`types`]);
 //! - the versioned metadata commands and replies ([`command`]);
 //! - the metadata itself and the pure rules that change it ([`state`]):
-//!   nodes, collections with their shard maps, plugins, settings;
+//!   nodes, collections (stable ids, replication, shard configurations),
+//!   plugins, settings;
+//! - the configuration of a shard and the rules every change of it must
+//!   pass ([`shard`]): the metadata Raft is the configuration manager of
+//!   every shard (REPLICATION.md);
+//! - the pure decisions that produce shard configurations ([`placement`]):
+//!   initial placement, in-sync and eligibility changes, choice and
+//!   promotion of a new primary, resizing;
 //! - durable storage for both halves of openraft's storage API, each in its
 //!   own redb file under the metadata directory:
 //!   [`LogStore`] (`raft-log.redb`: log, vote, committed id, last purged)
 //!   and [`StateMachineStore`] (`meta-state.redb`: one row per entity, the
-//!   applied marker, the current snapshot).
+//!   applied marker, the current snapshot), with the V1 shapes kept to read
+//!   older files and snapshots (`state_v1`).
 //!
 //! It does not own the Raft network or the node wiring (the node crate
 //! does): it gives the node a log store and a state machine to pass to
@@ -25,26 +33,36 @@
 //!   [`ResponseV1::Rejected`] reply, never a storage error (a storage error
 //!   stops the Raft node);
 //! - everything persisted is a versioned envelope, and each file carries a
-//!   layout version that is checked on open;
+//!   layout version that is checked on open (an older readable one is
+//!   upgraded in one transaction);
 //! - redb work runs on tokio's blocking pool, never on a runtime worker.
 
 pub mod command;
 mod disk;
 mod error;
 pub mod log_store;
+pub mod placement;
+pub mod shard;
 mod snapshot;
 pub mod state;
 pub mod state_machine;
 mod state_rows;
+mod state_v1;
 pub mod types;
 
 use std::path::Path;
 
 pub use command::{
-    CommandV1, MetaCommand, MetaResponse, NodeState, RejectCode, ReplicaInfo, ReplicaState, ResponseV1, ShardMap,
+    CommandV1, CommandV2, MetaCommand, MetaResponse, NodeState, RejectCode, ReplicaInfo, ReplicaState, ResponseV1,
+    ShardMap,
 };
 pub use error::MetaStoreError;
 pub use log_store::LogStore;
+pub use placement::{
+    add_to_in_sync, choose_primary, next_term, place, promote, remove_from_in_sync, resize, set_replica_state,
+    DataNode, PlacementError,
+};
+pub use shard::{ReplicaRecord, Replication, ShardConfig};
 pub use snapshot::StateMachineSnapshotBuilder;
 pub use state::{CollectionRecord, MetaState, NodeRecord, PluginBytes, PluginRecord};
 pub use state_machine::StateMachineStore;

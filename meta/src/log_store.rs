@@ -75,7 +75,7 @@ pub struct LogStore {
 impl LogStore {
     /// Open or create the log file at `path`. Blocking (file I/O).
     pub fn open(path: &Path) -> Result<Self, MetaStoreError> {
-        let db = open_db(path, LOG_FORMAT, |txn| {
+        let (db, _) = open_db(path, LOG_FORMAT..=LOG_FORMAT, |txn| {
             txn.open_table(LOG)?;
             txn.open_table(LOG_STATE)?;
             Ok(())

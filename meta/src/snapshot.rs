@@ -2,8 +2,9 @@
 //! current one is kept.
 //!
 //! A snapshot's data is postcard of [`SnapshotBody`], a versioned envelope
-//! around the whole [`MetaState`]; its [`SnapshotMeta`] (last log id, last
-//! membership, id) travels beside it, as openraft wants.
+//! around the whole [`MetaState`] (`V2`; a `V1` body, from an older build,
+//! is converted as `state_v1` describes); its [`SnapshotMeta`] (last log
+//! id, last membership, id) travels beside it, as openraft wants.
 //!
 //! Invariants:
 //! - a snapshot is a point-in-time view: the builder captures the state
@@ -19,28 +20,34 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::RaftSnapshotBuilder;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
-use serde::{Deserialize, Serialize};
+use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::disk::{blocking, decode, encode};
 use crate::error::{MetaStoreError, Subject};
 use crate::state::MetaState;
 use crate::state_rows::SNAPSHOT;
+use crate::state_v1::MetaStateV1;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const CURRENT_KEY: &str = "current";
 
 /// What a snapshot's data decodes to.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 enum SnapshotBody {
-    V1(MetaState),
+    V1(MetaStateV1),
+    V2(MetaState),
 }
 
-/// [`SnapshotBody`] for encoding, borrowing the state: serde writes a
-/// reference exactly like the value, so the bytes are the same.
-#[derive(Serialize)]
-enum SnapshotBodyRef<'a> {
-    V1(&'a MetaState),
+/// `SnapshotBody::V2` for encoding, borrowing the state (it can hold
+/// megabytes of plugins): the same bytes as the owned value.
+struct SnapshotBodyRef<'a>(&'a MetaState);
+
+impl Serialize for SnapshotBodyRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Variant index 1 is `SnapshotBody::V2`.
+        s.serialize_newtype_variant("SnapshotBody", 1, "V2", self.0)
+    }
 }
 
 /// The current snapshot as stored.
@@ -51,13 +58,15 @@ enum StoredSnapshot {
 
 /// Encode a state as snapshot data.
 pub(crate) fn encode_body(state: &MetaState) -> Result<Vec<u8>, MetaStoreError> {
-    encode("snapshot", &SnapshotBodyRef::V1(state))
+    encode("snapshot", &SnapshotBodyRef(state))
 }
 
 /// Decode snapshot data received from a leader or read from disk.
 pub(crate) fn decode_body(data: &[u8]) -> Result<MetaState, MetaStoreError> {
-    let SnapshotBody::V1(state) = decode("snapshot", data)?;
-    Ok(state)
+    Ok(match decode("snapshot", data)? {
+        SnapshotBody::V1(old) => old.upgrade(),
+        SnapshotBody::V2(state) => state,
+    })
 }
 
 /// Store `meta` + `data` as the current snapshot, unless a snapshot of a
@@ -90,7 +99,11 @@ pub(crate) fn save_current(
 
 /// The stored current snapshot, if any.
 pub(crate) fn read_current(db: &Database) -> Result<Option<(SnapshotMeta, Vec<u8>)>, MetaStoreError> {
-    let txn = db.begin_read()?;
+    read_current_in(&db.begin_read()?)
+}
+
+/// [`read_current`] within a read transaction.
+pub(crate) fn read_current_in(txn: &ReadTransaction) -> Result<Option<(SnapshotMeta, Vec<u8>)>, MetaStoreError> {
     let table = txn.open_table(SNAPSHOT)?;
     let Some(v) = table.get(CURRENT_KEY)? else {
         return Ok(None);
@@ -140,12 +153,77 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotBuilder {
 
 /// Unique enough: the log position plus the wall clock (two builds at the
 /// same position hold the same state anyway).
-fn snapshot_id(last: Option<LogId>) -> String {
+pub(crate) fn snapshot_id(last: Option<LogId>) -> String {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     match last {
         Some(l) => format!("{}-{}-{now_ms}", l.leader_id, l.index),
         None => format!("empty-{now_ms}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use edgevec_proto::{CollectionSpec, Metric};
+
+    use super::*;
+    use crate::state_v1::CollectionRecordV1;
+
+    fn spec(name: &str) -> CollectionSpec {
+        CollectionSpec {
+            name: name.into(),
+            dim: 4,
+            metric: Metric::L2,
+            shards: 1,
+            seal_rows: 10,
+        }
+    }
+
+    #[test]
+    fn borrowed_body_encodes_like_the_owned_v2() {
+        let mut state = MetaState::default();
+        state.settings.insert("k".into(), "v".into());
+        state.next_collection_id = 7;
+        let owned = postcard::to_allocvec(&SnapshotBody::V2(state.clone())).unwrap();
+        assert_eq!(encode_body(&state).unwrap(), owned);
+        assert_eq!(decode_body(&owned).unwrap(), state);
+    }
+
+    #[test]
+    fn v1_body_is_converted() {
+        let v1 = MetaStateV1 {
+            collections: [("b", 5), ("a", 5), ("c", 1)]
+                .into_iter()
+                .map(|(name, at)| {
+                    (
+                        name.to_owned(),
+                        CollectionRecordV1 {
+                            spec: spec(name),
+                            created_at_ms: at,
+                            shards: BTreeMap::from([(0, crate::ShardMap::default())]),
+                        },
+                    )
+                })
+                .collect(),
+            settings: [("k".to_owned(), "v".to_owned())].into(),
+            ..MetaStateV1::default()
+        };
+        let data = postcard::to_allocvec(&SnapshotBody::V1(v1)).unwrap();
+        let state = decode_body(&data).unwrap();
+        // Ids in (created_at_ms, name) order; shard maps dropped.
+        let ids: Vec<(&str, u64)> = state.collections().map(|c| (c.spec.name.as_str(), c.id)).collect();
+        assert_eq!(ids, vec![("a", 2), ("b", 3), ("c", 1)]);
+        assert_eq!(state.next_collection_id, 4);
+        assert!(state.collections().all(|c| c.shards.is_empty()
+            && c.replication
+                == crate::Replication {
+                    replicas: 1,
+                    min_insync: 1
+                }));
+        assert_eq!(state.setting("k"), Some("v"));
+        assert_eq!(decode_body(&data).unwrap(), state, "deterministic");
     }
 }

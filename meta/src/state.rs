@@ -7,9 +7,18 @@
 //!   command (no clock, no randomness, no iteration over hash maps), because
 //!   every replica applies the same log and must reach the same state;
 //! - **all or nothing**: a rejected command changes nothing;
-//! - every command touches exactly one entity (one node, one collection,
-//!   one plugin version or one setting), which is what lets the store write
-//!   one row per applied command (see `state_rows`).
+//! - every command touches exactly one entity (one node, one collection
+//!   with its shard configurations, one plugin version or one setting),
+//!   except that creating a collection also advances the collection-id
+//!   counter; that is what lets the store write only the rows a command
+//!   touched (see `state_rows`, `Row::touched_by`);
+//! - collection ids come from `next_collection_id` and are never reused: a
+//!   dropped collection's id stays dropped ([`MetaState::collection_dropped`]),
+//!   which is what lets a node delete a replica's files only when the
+//!   metadata proves the collection is gone;
+//! - a shard configuration changes only through [`crate::CommandV2::ShardCas`]
+//!   checked by [`crate::shard`]'s rules (and, for eligibility only, when
+//!   `SetReplication` lowers `min_insync`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,16 +28,36 @@ use std::sync::Arc;
 use edgevec_proto::CollectionSpec;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::command::{CommandV1, MetaCommand, MetaResponse, NodeState, RejectCode, ShardMap};
+use crate::command::{CommandV1, CommandV2, MetaCommand, MetaResponse, NodeState, RejectCode};
+use crate::shard::{check_change, Replication, ShardConfig};
 
 /// Everything the metadata Raft replicates.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Persisted whole in snapshots (`SnapshotBody::V2`): change its shape only
+/// with a new snapshot body version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetaState {
     pub nodes: BTreeMap<u64, NodeRecord>,
+    /// By name (unique among live collections); each has a stable id.
     pub collections: BTreeMap<String, CollectionRecord>,
     /// Keyed by (name, version).
     pub plugins: BTreeMap<(String, String), PluginRecord>,
     pub settings: BTreeMap<String, String>,
+    /// The id the next created collection gets; ids below it were allocated
+    /// (first id 1, so 0 never names a collection).
+    pub next_collection_id: u64,
+}
+
+impl Default for MetaState {
+    fn default() -> Self {
+        MetaState {
+            nodes: BTreeMap::new(),
+            collections: BTreeMap::new(),
+            plugins: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            next_collection_id: 1,
+        }
+    }
 }
 
 /// A registered node.
@@ -51,13 +80,18 @@ impl NodeRecord {
     }
 }
 
-/// A collection and the maps of its shards.
+/// A collection and the configurations of its shards. Persisted as
+/// `CollectionRow::V2` (the V1 shape is in `state_v1`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CollectionRecord {
+    /// Stable id, assigned at creation, never reused.
+    pub id: u64,
     pub spec: CollectionSpec,
+    pub replication: Replication,
     pub created_at_ms: u64,
-    /// Shard number → map. A shard without an entry has not been placed yet.
-    pub shards: BTreeMap<u32, ShardMap>,
+    /// Shard number → configuration. A shard without an entry has not been
+    /// placed yet (version 0).
+    pub shards: BTreeMap<u32, ShardConfig>,
 }
 
 /// One registered plugin version.
@@ -116,6 +150,7 @@ impl MetaState {
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
         match cmd {
             MetaCommand::V1(c) => self.apply_v1(c),
+            MetaCommand::V2(c) => self.apply_v2(c),
         }
     }
 
@@ -159,55 +194,18 @@ impl MetaState {
                 None => not_found(format!("node {id} is not registered")),
             },
             CommandV1::CreateCollection { spec, at_ms } => {
-                if let Err(msg) = check_spec(spec) {
-                    return invalid(msg);
-                }
-                if self.collections.contains_key(&spec.name) {
-                    return MetaResponse::rejected(
-                        RejectCode::AlreadyExists,
-                        format!(
-                            "collection {:?} already exists; drop it first or pick another name",
-                            spec.name
-                        ),
-                    );
-                }
-                self.collections.insert(
-                    spec.name.clone(),
-                    CollectionRecord {
-                        spec: spec.clone(),
-                        created_at_ms: *at_ms,
-                        shards: BTreeMap::new(),
-                    },
-                );
-                MetaResponse::ok()
+                self.create_collection(spec, Replication::with_default_min(1), *at_ms, &[])
             }
             CommandV1::DropCollection { name } => match self.collections.remove(name) {
                 Some(_) => MetaResponse::ok(),
                 None => not_found(format!("collection {name:?} does not exist")),
             },
-            CommandV1::PutShardMap { collection, shard, map } => {
-                let Some(record) = self.collections.get_mut(collection) else {
-                    return not_found(format!("collection {collection:?} does not exist"));
-                };
-                if *shard >= record.spec.shards {
-                    return invalid(format!(
-                        "collection {collection:?} has {} shards, there is no shard {shard}",
-                        record.spec.shards
-                    ));
-                }
-                // An older epoch is a decision overtaken by a newer one (two
-                // leaders in a row deciding from different views): drop it.
-                if let Some(old) = record.shards.get(shard) {
-                    if map.epoch < old.epoch {
-                        return invalid(format!(
-                            "collection {collection:?} shard {shard}: epoch {} is older than the current {}",
-                            map.epoch, old.epoch
-                        ));
-                    }
-                }
-                record.shards.insert(*shard, map.clone());
-                MetaResponse::ok()
-            }
+            // See the variant's docs: shard configurations change only by
+            // compare-and-set now.
+            CommandV1::PutShardMap { collection, shard, .. } => invalid(format!(
+                "collection {collection:?} shard {shard}: PutShardMap is no longer applied; \
+                 shard configurations are changed by compare-and-set (ShardCas)"
+            )),
             CommandV1::PutPlugin {
                 name,
                 version,
@@ -255,6 +253,139 @@ impl MetaState {
         }
     }
 
+    fn apply_v2(&mut self, cmd: &CommandV2) -> MetaResponse {
+        match cmd {
+            CommandV2::CreateCollection {
+                spec,
+                replication,
+                at_ms,
+                placement,
+            } => self.create_collection(spec, *replication, *at_ms, placement),
+            CommandV2::ShardCas {
+                collection,
+                shard,
+                expected_version,
+                config,
+            } => self.shard_cas(*collection, *shard, *expected_version, config),
+            CommandV2::SetReplication {
+                collection,
+                replication,
+            } => self.set_replication(*collection, *replication),
+        }
+    }
+
+    fn create_collection(
+        &mut self,
+        spec: &CollectionSpec,
+        replication: Replication,
+        at_ms: u64,
+        placement: &[ShardConfig],
+    ) -> MetaResponse {
+        if let Err(msg) = check_spec(spec) {
+            return invalid(msg);
+        }
+        if let Err(msg) = replication.check() {
+            return invalid(format!("collection {:?}: {msg}", spec.name));
+        }
+        if self.collections.contains_key(&spec.name) {
+            return MetaResponse::rejected(
+                RejectCode::AlreadyExists,
+                format!(
+                    "collection {:?} already exists; drop it first or pick another name",
+                    spec.name
+                ),
+            );
+        }
+        if !placement.is_empty() && placement.len() != spec.shards as usize {
+            return invalid(format!(
+                "collection {:?}: placement has {} shard configurations for {} shards",
+                spec.name,
+                placement.len(),
+                spec.shards
+            ));
+        }
+        for (shard, config) in placement.iter().enumerate() {
+            // A first configuration is a change from "never configured".
+            let checked = match config.term {
+                0 => Err("term must be at least 1".to_owned()),
+                _ => check_change(&ShardConfig::default(), config, replication, |n| {
+                    self.nodes.contains_key(&n)
+                }),
+            };
+            if let Err(msg) = checked {
+                return invalid(format!("collection {:?} shard {shard}: {msg}", spec.name));
+            }
+        }
+        let id = self.next_collection_id;
+        self.next_collection_id += 1;
+        self.collections.insert(
+            spec.name.clone(),
+            CollectionRecord {
+                id,
+                spec: spec.clone(),
+                replication,
+                created_at_ms: at_ms,
+                shards: (0..).zip(placement.iter().cloned()).collect(),
+            },
+        );
+        MetaResponse::ok()
+    }
+
+    fn shard_cas(&mut self, collection: u64, shard: u32, expected_version: u64, config: &ShardConfig) -> MetaResponse {
+        let Some(record) = self.collection_by_id(collection) else {
+            return unknown_collection(collection);
+        };
+        let name = &record.spec.name;
+        if shard >= record.spec.shards {
+            return invalid(format!(
+                "collection {collection} ({name:?}) has {} shards, there is no shard {shard}",
+                record.spec.shards
+            ));
+        }
+        let current = record.shards.get(&shard).cloned().unwrap_or_default();
+        if current.version != expected_version {
+            return MetaResponse::rejected(
+                RejectCode::Conflict,
+                format!(
+                    "shard {shard} of collection {collection} ({name:?}) is at version {}, not {expected_version}; \
+                     re-read its configuration",
+                    current.version
+                ),
+            );
+        }
+        if let Err(msg) = check_change(&current, config, record.replication, |n| self.nodes.contains_key(&n)) {
+            return invalid(format!("shard {shard} of collection {collection} ({name:?}): {msg}"));
+        }
+        let name = name.clone();
+        if let Some(record) = self.collections.get_mut(&name) {
+            record.shards.insert(shard, config.clone());
+        }
+        MetaResponse::ok()
+    }
+
+    fn set_replication(&mut self, collection: u64, replication: Replication) -> MetaResponse {
+        let Some(record) = self.collection_by_id(collection) else {
+            return unknown_collection(collection);
+        };
+        if let Err(msg) = replication.check() {
+            return invalid(format!("collection {collection} ({:?}): {msg}", record.spec.name));
+        }
+        let name = record.spec.name.clone();
+        let Some(record) = self.collections.get_mut(&name) else {
+            return unknown_collection(collection);
+        };
+        record.replication = replication;
+        // A lower min_insync lets primaries acknowledge writes without the
+        // out-of-sync replicas: they stop being eligible in this same
+        // command, before any primary acts on the new value.
+        for config in record.shards.values_mut() {
+            if config.drop_stale_eligibility(replication.min_insync) {
+                config.version += 1;
+            }
+        }
+        MetaResponse::ok()
+    }
+
     /// Every collection, by name.
     pub fn collections(&self) -> impl Iterator<Item = &CollectionRecord> {
         self.collections.values()
@@ -264,8 +395,24 @@ impl MetaState {
         self.collections.get(name)
     }
 
-    pub fn shard_map(&self, collection: &str, shard: u32) -> Option<&ShardMap> {
-        self.collections.get(collection)?.shards.get(&shard)
+    /// The live collection with this id.
+    pub fn collection_by_id(&self, id: u64) -> Option<&CollectionRecord> {
+        self.collections.values().find(|c| c.id == id)
+    }
+
+    /// The configuration of one shard; `None` for an unknown collection or
+    /// a shard not placed yet.
+    pub fn shard_config(&self, collection_id: u64, shard: u32) -> Option<&ShardConfig> {
+        self.collection_by_id(collection_id)?.shards.get(&shard)
+    }
+
+    /// True iff `id` was allocated by this state and no collection has it
+    /// now: the collection was dropped, and since ids are never reused it
+    /// never comes back. False for an id this state has not allocated yet
+    /// (this replica may be behind), so a node deletes a replica's files
+    /// only on proof.
+    pub fn collection_dropped(&self, id: u64) -> bool {
+        id != 0 && id < self.next_collection_id && self.collection_by_id(id).is_none()
     }
 
     /// Every registered node, by id.
@@ -310,5 +457,11 @@ fn not_found(message: impl Into<String>) -> MetaResponse {
     MetaResponse::rejected(RejectCode::NotFound, message)
 }
 
+fn unknown_collection(id: u64) -> MetaResponse {
+    not_found(format!("collection {id} does not exist (dropped, or not created yet)"))
+}
+
+#[cfg(test)]
+mod shard_tests;
 #[cfg(test)]
 mod tests;

@@ -34,7 +34,8 @@ use crate::disk::{blocking, open_db};
 use crate::error::{MetaStoreError, Subject};
 use crate::snapshot::{self, StateMachineSnapshotBuilder};
 use crate::state::MetaState;
-use crate::state_rows::{self, Row, STATE_FORMAT};
+use crate::state_rows::{self, Row, OLDEST_STATE_FORMAT, STATE_FORMAT};
+use crate::state_v1;
 use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 /// The state machine store. Give it to `openraft::Raft::new`; keep a
@@ -50,9 +51,13 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// Open or create the state file at `path` and load it. Blocking.
+    /// Open or create the state file at `path` and load it; a file of an
+    /// older format is upgraded first (`state_v1`). Blocking.
     pub fn open(path: &Path) -> Result<Self, MetaStoreError> {
-        let db = open_db(path, STATE_FORMAT, state_rows::create_tables)?;
+        let (db, format) = open_db(path, OLDEST_STATE_FORMAT..=STATE_FORMAT, state_rows::create_tables)?;
+        if format < STATE_FORMAT {
+            state_v1::upgrade_file(&db)?;
+        }
         let loaded = state_rows::load(&db)?;
         let state = Arc::new(loaded.state);
         let (watch, _) = watch::channel(state.clone());
@@ -115,9 +120,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let reply = match entry.payload {
                 EntryPayload::Blank => MetaResponse::ok(),
                 EntryPayload::Normal(cmd) => {
+                    let rows = Row::touched_by(&cmd, &next);
                     let reply = next.apply(&cmd);
                     if reply.is_ok() {
-                        touched.insert(Row::of(&cmd));
+                        touched.extend(rows);
                     }
                     reply
                 }

@@ -3,18 +3,25 @@
 //!
 //! Tables (layout version [`STATE_FORMAT`]):
 //!
-//! | table         | key               | value                                 |
-//! |---------------|-------------------|---------------------------------------|
-//! | `applied`     | `"applied"`       | [`AppliedRow`]: last applied id, last membership |
-//! | `nodes`       | node id           | [`NodeRow`]                           |
-//! | `collections` | name              | [`CollectionRow`] (spec + shard maps) |
-//! | `plugins`     | (name, version)   | [`PluginRow`] (hash + bytes)          |
-//! | `settings`    | key               | value (UTF-8)                         |
-//! | `snapshot`    | `"current"`       | `snapshot::StoredSnapshot`            |
+//! | table               | key                   | value                                   |
+//! |---------------------|-----------------------|-----------------------------------------|
+//! | `applied`           | `"applied"`           | [`AppliedRow`]: last applied id, last membership |
+//! | `nodes`             | node id               | [`NodeRow`]                             |
+//! | `collections_by_id` | collection id         | [`CollectionRow`] (record + shard configurations) |
+//! | `counters`          | `"next_collection_id"`| [`CounterRow`]                          |
+//! | `plugins`           | (name, version)       | [`PluginRow`] (hash + bytes)            |
+//! | `settings`          | key                   | value (UTF-8)                           |
+//! | `snapshot`          | `"current"`           | `snapshot::StoredSnapshot`              |
 //!
 //! Per-entity rows rather than one blob because plugin modules can be
 //! megabytes: applying `SetSetting` must not rewrite them. A collection's
-//! shard maps live in its row; they are small and change with it.
+//! shard configurations live in its row; they are small and change with it.
+//! The id counter is a row of its own because it outlives every collection
+//! (a dropped collection's id is never handed out again).
+//!
+//! Format 1 (before stable collection ids) kept collections by name in a
+//! `collections` table as `CollectionRow::V1` and had no counter; opening
+//! such a file upgrades it to format 2 in one transaction (`state_v1`).
 //!
 //! Invariant: the rows always equal the [`MetaState`] obtained by applying
 //! the log up to the stored last applied id, because each apply batch
@@ -25,23 +32,28 @@ use std::collections::BTreeSet;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{CommandV1, MetaCommand};
+use crate::command::{CommandV1, CommandV2, MetaCommand};
 use crate::disk::{decode, encode};
 use crate::error::MetaStoreError;
 use crate::state::{CollectionRecord, MetaState, NodeRecord, PluginRecord};
+use crate::state_v1::CollectionRecordV1;
 use crate::types::{LogId, StoredMembership};
 
 /// Layout version of `meta-state.redb`.
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
+/// The oldest layout this build reads (and upgrades on open).
+pub const OLDEST_STATE_FORMAT: u32 = 1;
 
 const APPLIED: TableDefinition<&str, &[u8]> = TableDefinition::new("applied");
 const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("nodes");
-const COLLECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("collections");
+const COLLECTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("collections_by_id");
+const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
 const PLUGINS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("plugins");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 pub(crate) const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 const APPLIED_KEY: &str = "applied";
+const NEXT_COLLECTION_ID: &str = "next_collection_id";
 
 #[derive(Serialize, Deserialize)]
 enum AppliedRow {
@@ -56,9 +68,16 @@ enum NodeRow {
     V1(NodeRecord),
 }
 
+/// V1 rows exist only in format-1 files (table `collections`, by name).
 #[derive(Serialize, Deserialize)]
-enum CollectionRow {
-    V1(CollectionRecord),
+pub(crate) enum CollectionRow {
+    V1(CollectionRecordV1),
+    V2(CollectionRecord),
+}
+
+#[derive(Serialize, Deserialize)]
+enum CounterRow {
+    V1(u64),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -66,29 +85,46 @@ enum PluginRow {
     V1(PluginRecord),
 }
 
-/// The one entity a command touches (see `MetaState`'s invariants).
+/// An entity row (see `MetaState`'s invariants).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Row {
     Node(u64),
-    Collection(String),
+    /// By collection id.
+    Collection(u64),
+    NextCollectionId,
     Plugin(String, String),
     Setting(String),
 }
 
 impl Row {
-    pub(crate) fn of(cmd: &MetaCommand) -> Row {
+    /// The rows `cmd` changes if it applies to `before` (the state just
+    /// before it). From the state because commands name a collection by
+    /// name (V1 drop) or by id (V2) while rows are keyed by id.
+    pub(crate) fn touched_by(cmd: &MetaCommand, before: &MetaState) -> Vec<Row> {
+        let created = || vec![Row::Collection(before.next_collection_id), Row::NextCollectionId];
         match cmd {
             MetaCommand::V1(c) => match c {
                 CommandV1::RegisterNode { id, .. }
                 | CommandV1::SetNodeState { id, .. }
-                | CommandV1::RemoveNode { id } => Row::Node(*id),
-                CommandV1::CreateCollection { spec, .. } => Row::Collection(spec.name.clone()),
-                CommandV1::DropCollection { name } => Row::Collection(name.clone()),
-                CommandV1::PutShardMap { collection, .. } => Row::Collection(collection.clone()),
+                | CommandV1::RemoveNode { id } => vec![Row::Node(*id)],
+                CommandV1::CreateCollection { .. } => created(),
+                CommandV1::DropCollection { name } => before
+                    .collection(name)
+                    .map(|c| Row::Collection(c.id))
+                    .into_iter()
+                    .collect(),
+                // Always refused.
+                CommandV1::PutShardMap { .. } => vec![],
                 CommandV1::PutPlugin { name, version, .. } | CommandV1::RemovePlugin { name, version } => {
-                    Row::Plugin(name.clone(), version.clone())
+                    vec![Row::Plugin(name.clone(), version.clone())]
                 }
-                CommandV1::SetSetting { key, .. } => Row::Setting(key.clone()),
+                CommandV1::SetSetting { key, .. } => vec![Row::Setting(key.clone())],
+            },
+            MetaCommand::V2(c) => match c {
+                CommandV2::CreateCollection { .. } => created(),
+                CommandV2::ShardCas { collection, .. } | CommandV2::SetReplication { collection, .. } => {
+                    vec![Row::Collection(*collection)]
+                }
             },
         }
     }
@@ -106,10 +142,10 @@ pub(crate) fn encode_rows(state: &MetaState, rows: BTreeSet<Row>) -> Result<Vec<
         .map(|row| {
             let value = match &row {
                 Row::Node(id) => state.nodes.get(id).map(|n| encode("node", &NodeRow::V1(n.clone()))),
-                Row::Collection(name) => state
-                    .collections
-                    .get(name)
-                    .map(|c| encode("collection", &CollectionRow::V1(c.clone()))),
+                Row::Collection(id) => state
+                    .collection_by_id(*id)
+                    .map(|c| encode("collection", &CollectionRow::V2(c.clone()))),
+                Row::NextCollectionId => Some(encode(NEXT_COLLECTION_ID, &CounterRow::V1(state.next_collection_id))),
                 Row::Plugin(name, version) => state
                     .plugin(name, version)
                     .map(|p| encode("plugin", &PluginRow::V1(p.clone()))),
@@ -125,6 +161,7 @@ pub(crate) fn encode_rows(state: &MetaState, rows: BTreeSet<Row>) -> Result<Vec<
 pub(crate) fn write_rows(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<(), MetaStoreError> {
     let mut nodes = txn.open_table(NODES)?;
     let mut collections = txn.open_table(COLLECTIONS)?;
+    let mut counters = txn.open_table(COUNTERS)?;
     let mut plugins = txn.open_table(PLUGINS)?;
     let mut settings = txn.open_table(SETTINGS)?;
     for w in writes {
@@ -134,9 +171,13 @@ pub(crate) fn write_rows(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<
                 Some(v) => drop(nodes.insert(*id, v)?),
                 None => drop(nodes.remove(*id)?),
             },
-            Row::Collection(name) => match value {
-                Some(v) => drop(collections.insert(name.as_str(), v)?),
-                None => drop(collections.remove(name.as_str())?),
+            Row::Collection(id) => match value {
+                Some(v) => drop(collections.insert(*id, v)?),
+                None => drop(collections.remove(*id)?),
+            },
+            Row::NextCollectionId => match value {
+                Some(v) => drop(counters.insert(NEXT_COLLECTION_ID, v)?),
+                None => drop(counters.remove(NEXT_COLLECTION_ID)?),
             },
             Row::Plugin(name, version) => match value {
                 Some(v) => drop(plugins.insert((name.as_str(), version.as_str()), v)?),
@@ -155,13 +196,15 @@ pub(crate) fn write_rows(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<
 pub(crate) fn replace_all(txn: &WriteTransaction, state: &MetaState) -> Result<(), MetaStoreError> {
     txn.open_table(NODES)?.retain(|_, _| false)?;
     txn.open_table(COLLECTIONS)?.retain(|_, _| false)?;
+    txn.open_table(COUNTERS)?.retain(|_, _| false)?;
     txn.open_table(PLUGINS)?.retain(|_, _| false)?;
     txn.open_table(SETTINGS)?.retain(|_, _| false)?;
     let rows: BTreeSet<Row> = state
         .nodes
         .keys()
         .map(|id| Row::Node(*id))
-        .chain(state.collections.keys().map(|n| Row::Collection(n.clone())))
+        .chain(state.collections.values().map(|c| Row::Collection(c.id)))
+        .chain([Row::NextCollectionId])
         .chain(state.plugins.keys().map(|(n, v)| Row::Plugin(n.clone(), v.clone())))
         .chain(state.settings.keys().map(|k| Row::Setting(k.clone())))
         .collect();
@@ -185,11 +228,12 @@ pub(crate) fn write_applied(
     Ok(())
 }
 
-/// Create the tables of a new file.
+/// Create the tables of a new (or upgraded) file.
 pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), MetaStoreError> {
     txn.open_table(APPLIED)?;
     txn.open_table(NODES)?;
     txn.open_table(COLLECTIONS)?;
+    txn.open_table(COUNTERS)?;
     txn.open_table(PLUGINS)?;
     txn.open_table(SETTINGS)?;
     txn.open_table(SNAPSHOT)?;
@@ -203,9 +247,36 @@ pub(crate) struct Loaded {
     pub last_membership: StoredMembership,
 }
 
-/// Read the whole state machine (one read transaction: a consistent view).
+/// Read the whole state machine (one read transaction: a consistent view)
+/// from a file of the current format.
 pub(crate) fn load(db: &Database) -> Result<Loaded, MetaStoreError> {
     let txn = db.begin_read()?;
+    let mut loaded = read_common(&txn)?;
+    for row in txn.open_table(COLLECTIONS)?.iter()? {
+        let (id, v) = row?;
+        let what = format!("collection {}", id.value());
+        let CollectionRow::V2(c) = decode(&what, v.value())? else {
+            return Err(MetaStoreError::corrupt(what, "a format-1 row in a format-2 table"));
+        };
+        if c.id != id.value() {
+            return Err(MetaStoreError::corrupt(
+                what,
+                format!("the row holds collection {}", c.id),
+            ));
+        }
+        loaded.state.collections.insert(c.spec.name.clone(), c);
+    }
+    if let Some(v) = txn.open_table(COUNTERS)?.get(NEXT_COLLECTION_ID)? {
+        let CounterRow::V1(next) = decode(NEXT_COLLECTION_ID, v.value())?;
+        loaded.state.next_collection_id = next;
+    }
+    Ok(loaded)
+}
+
+/// What every format shares: the applied marker, nodes, plugins and
+/// settings. Collections and the counter are left to the caller (their
+/// layout is what changed between formats).
+pub(crate) fn read_common(txn: &redb::ReadTransaction) -> Result<Loaded, MetaStoreError> {
     let (last_applied, last_membership) = match txn.open_table(APPLIED)?.get(APPLIED_KEY)? {
         Some(v) => {
             let AppliedRow::V1 {
@@ -221,11 +292,6 @@ pub(crate) fn load(db: &Database) -> Result<Loaded, MetaStoreError> {
         let (id, v) = row?;
         let NodeRow::V1(n) = decode(&format!("node {}", id.value()), v.value())?;
         state.nodes.insert(id.value(), n);
-    }
-    for row in txn.open_table(COLLECTIONS)?.iter()? {
-        let (name, v) = row?;
-        let CollectionRow::V1(c) = decode(&format!("collection {:?}", name.value()), v.value())?;
-        state.collections.insert(name.value().to_owned(), c);
     }
     for row in txn.open_table(PLUGINS)?.iter()? {
         let (key, v) = row?;

@@ -5,7 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use edgevec_meta::types::{Entry, EntryPayload, LogId, Membership, MetaNode, StoredMembership};
-use edgevec_meta::{CommandV1, MetaCommand, MetaState, NodeState, RejectCode, StateMachineStore};
+use edgevec_meta::{
+    CommandV1, CommandV2, MetaCommand, MetaState, NodeState, RejectCode, ReplicaRecord, ReplicaState, ShardConfig,
+    StateMachineStore,
+};
 use edgevec_proto::{CollectionSpec, Metric};
 use openraft::storage::RaftStateMachine;
 use openraft::testing::log_id;
@@ -76,21 +79,24 @@ fn history() -> Vec<Entry> {
                 at_ms: 11,
             },
         ),
-        cmd(
-            5,
-            CommandV1::PutShardMap {
-                collection: "docs".into(),
+        Entry {
+            log_id: id(5),
+            payload: EntryPayload::Normal(MetaCommand::V2(CommandV2::ShardCas {
+                collection: 1,
                 shard: 2,
-                map: edgevec_meta::ShardMap {
-                    epoch: 1,
+                expected_version: 0,
+                config: ShardConfig {
+                    version: 1,
+                    term: 1,
                     primary: Some(1),
-                    replicas: vec![edgevec_meta::ReplicaInfo {
+                    replicas: vec![ReplicaRecord {
                         node: 1,
-                        state: edgevec_meta::ReplicaState::InSync,
+                        state: ReplicaState::InSync,
+                        eligible: true,
                     }],
                 },
-            },
-        ),
+            })),
+        },
         cmd(
             6,
             CommandV1::PutPlugin {
@@ -152,7 +158,11 @@ async fn applied_state_survives_reopen() {
     };
     assert!(state.collection("tmp").is_none());
     assert_eq!(state.collection("docs").unwrap().created_at_ms, 10);
-    assert_eq!(state.shard_map("docs", 2).unwrap().epoch, 1);
+    let docs = state.collection("docs").unwrap();
+    assert_eq!(docs.id, 1);
+    assert_eq!(state.shard_config(1, 2).unwrap().version, 1);
+    assert!(state.collection_dropped(2), "tmp was dropped");
+    assert_eq!(state.next_collection_id, 3);
     assert_eq!(state.plugin("rerank", "1").unwrap().bytes.len(), 100_000);
     assert_eq!(state.node(1).unwrap().state, NodeState::Suspect);
     assert_eq!(applied.0, Some(id(11)));
@@ -165,10 +175,34 @@ async fn applied_state_survives_reopen() {
 
     // Apply more after the restart, in small batches; still consistent.
     sm.apply([cmd(12, CommandV1::RemoveNode { id: 1 })]).await.unwrap();
+    // Create, drop and create again in one batch: the rows follow ids.
+    sm.apply([
+        cmd(
+            13,
+            CommandV1::CreateCollection {
+                spec: spec("x"),
+                at_ms: 30,
+            },
+        ),
+        cmd(14, CommandV1::DropCollection { name: "x".into() }),
+        cmd(
+            15,
+            CommandV1::CreateCollection {
+                spec: spec("x"),
+                at_ms: 31,
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    let expected = sm.state();
     drop(sm);
     let mut sm = open_sm(dir.path());
     assert!(sm.state().nodes.is_empty());
-    assert_eq!(sm.applied_state().await.unwrap().0, Some(id(12)));
+    assert_eq!(sm.state(), expected);
+    assert_eq!(sm.state().collection("x").unwrap().id, 4);
+    assert!(sm.state().collection_dropped(3));
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(id(15)));
 }
 
 #[tokio::test]

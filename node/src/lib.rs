@@ -2,14 +2,13 @@
 //! request service, and the `edgevec` command line.
 //!
 //! Layering (dependencies point down):
-//! `cli` → `node` (wiring) → `service` → `catalog`, `health`, `meta` →
-//! `net` → `edgevec_meta` / `edgevec_engine` / `edgevec_proto`; `admin`
-//! serves HTTP beside the QUIC endpoint.
+//! `cli` → `node` (wiring) → `service` → `router` → `replication`,
+//! `health` → `meta` → `net` → `edgevec_meta` / `edgevec_engine` /
+//! `edgevec_proto`; `admin` serves HTTP beside the QUIC endpoint.
 //! Decision logic (authorisation, validation) is plain functions over plain
 //! data; quinn, redb and the file system stay at the edges.
 
 pub mod admin;
-pub mod catalog;
 pub mod certs;
 pub mod cli;
 pub mod config;
@@ -17,5 +16,7 @@ pub mod health;
 pub mod meta;
 pub mod net;
 pub mod node;
+pub mod replication;
+pub mod router;
 pub mod service;
 pub mod status;

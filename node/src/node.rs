@@ -17,11 +17,11 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::admin::{self, Metrics};
-use crate::catalog::CatalogSync;
 use crate::config::{ClusterConfig, NodeConfig};
 use crate::health::Health;
 use crate::meta::{Meta, MetaError};
 use crate::net::{peer::PeerPool, server, tls::Identity};
+use crate::replication::DataPlane;
 use crate::service::{Parts, Service};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,19 +119,18 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
 
     let meta = Meta::start(cluster, &node, peers.clone()).await?;
     let health = Health::new(meta.clone(), node.clone(), cluster.clone(), peers.clone());
-    let catalog = CatalogSync::new(engine.clone(), meta.clone(), node.data_dir.join("catalog-sync.json"));
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let plane = DataPlane::new(id, engine, meta.clone(), peers.clone(), shutdown.clone(), tasks.clone());
     let metrics = Arc::new(Metrics::default());
     let parts = Parts {
-        engine,
         meta: meta.clone(),
         health: health.clone(),
-        catalog: catalog.clone(),
+        plane: plane.clone(),
         metrics: metrics.clone(),
     };
     let service = Arc::new(Service::new(cluster, node.clone(), parts));
 
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
     {
         let endpoint = endpoint.clone();
         let serve = server::serve(endpoint.clone(), service, shutdown.clone());
@@ -141,7 +140,8 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
         });
     }
     tasks.spawn(health.clone().run(shutdown.clone()));
-    tasks.spawn(catalog.run(shutdown.clone()));
+    tasks.spawn(plane.clone().run());
+    tasks.spawn(plane.run_manager());
     let admin_addr = match node.admin_addr {
         Some(a) => {
             let (local, serve) = admin::bind(a, meta.clone(), health, metrics, shutdown.clone())

@@ -5,28 +5,33 @@
 //! - the token is checked before anything else in the request is looked at;
 //! - the role a request needs is a pure function of the operation
 //!   ([`required_role`]), so the policy is in one place and tested;
-//! - engine calls run on the blocking pool (redb commits fsync, index
-//!   searches are CPU-bound): the async workers only move bytes.
+//! - data requests go to the router (client side) or the data plane
+//!   (node side); metadata changes go through the metadata Raft;
+//! - node requests that claim a node id are refused unless it is the id in
+//!   the caller's certificate.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use edgevec_engine::{Engine, EngineError};
 use std::time::Duration;
 
-use edgevec_meta::{CommandV1, MetaCommand, MetaResponse, RejectCode};
+use edgevec_meta::{CommandV1, CommandV2, MetaCommand, MetaResponse, RejectCode, Replication};
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1};
 use edgevec_proto::internal::{MembershipChange, NodeOpV1, NodeReplyV1, NodeRequest, NodeResponse, RaftRpc};
-use edgevec_proto::{ClusterStatus, CollectionInfo, CollectionSpec, ErrorCode, NodeStatus, WireError};
+use edgevec_proto::{ClusterStatus, CollectionSpec, ErrorCode, NodeStatus, ReplicationSpec, WireError};
 use tracing::debug;
 
 use crate::admin::Metrics;
-use crate::catalog::CatalogSync;
 use crate::config::{ClusterConfig, NodeConfig, Token, TokenRole};
 use crate::health::Health;
 use crate::meta::{now_ms, Meta};
 use crate::net::server::Dispatch;
+use crate::replication::DataPlane;
+use crate::router::Router;
+
+/// How long a create waits for every shard's primary to take writes.
+const CREATE_READY_WAIT: Duration = Duration::from_secs(5);
 
 /// The role an operation needs.
 pub fn required_role(op: &OpV1) -> TokenRole {
@@ -36,11 +41,15 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::DescribeCollection { .. }
         | OpV1::Get { .. }
         | OpV1::Search { .. }
-        | OpV1::ClusterStatus => TokenRole::Read,
+        | OpV1::ClusterStatus
+        | OpV1::Shards { .. } => TokenRole::Read,
         OpV1::Upsert { .. } | OpV1::Delete { .. } => TokenRole::Write,
-        OpV1::CreateCollection(_) | OpV1::DropCollection { .. } | OpV1::AddNode(_) | OpV1::RemoveNode { .. } => {
-            TokenRole::Admin
-        }
+        OpV1::CreateCollection(_)
+        | OpV1::CreateReplicated { .. }
+        | OpV1::Load { .. }
+        | OpV1::DropCollection { .. }
+        | OpV1::AddNode(_)
+        | OpV1::RemoveNode { .. } => TokenRole::Admin,
     }
 }
 
@@ -71,22 +80,21 @@ pub fn authorize<'a>(tokens: &'a HashMap<String, Token>, token: &str, op: &OpV1)
 }
 
 pub struct Service {
-    engine: Arc<Engine>,
     tokens: HashMap<String, Token>,
     node: NodeConfig,
     meta: Meta,
     health: Arc<Health>,
-    catalog: Arc<CatalogSync>,
+    plane: Arc<DataPlane>,
+    router: Router,
     metrics: Arc<Metrics>,
     started: Instant,
 }
 
 /// Everything the service needs from the rest of the node.
 pub struct Parts {
-    pub engine: Arc<Engine>,
     pub meta: Meta,
     pub health: Arc<Health>,
-    pub catalog: Arc<CatalogSync>,
+    pub plane: Arc<DataPlane>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -96,6 +104,7 @@ fn rejected(resp: &MetaResponse) -> Option<WireError> {
         RejectCode::NotFound => ErrorCode::NotFound,
         RejectCode::AlreadyExists => ErrorCode::AlreadyExists,
         RejectCode::Invalid => ErrorCode::InvalidArgument,
+        RejectCode::Conflict => ErrorCode::Conflict,
     };
     Some(WireError::new(code, message.to_string()))
 }
@@ -104,46 +113,34 @@ impl Service {
     pub fn new(cluster: &ClusterConfig, node: NodeConfig, parts: Parts) -> Self {
         let tokens = cluster.tokens.iter().map(|t| (t.token.clone(), t.clone())).collect();
         Self {
-            engine: parts.engine,
             tokens,
             node,
             meta: parts.meta,
             health: parts.health,
-            catalog: parts.catalog,
+            router: Router::new(parts.plane.clone()),
+            plane: parts.plane,
             metrics: parts.metrics,
             started: Instant::now(),
         }
     }
 
-    /// Runs an engine call on the blocking pool.
-    async fn engine<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
-    ) -> Result<T, WireError> {
-        let engine = self.engine.clone();
-        match tokio::task::spawn_blocking(move || f(&engine)).await {
-            Ok(result) => result.map_err(|e| e.to_wire()),
-            Err(e) => Err(WireError::new(ErrorCode::Internal, format!("request task failed: {e}"))),
-        }
-    }
-
-    /// Commits a metadata command and makes the local engine follow it.
-    async fn meta_write(&self, cmd: CommandV1) -> Result<(), WireError> {
-        let resp = self.meta.write(cmd.clone().into()).await?;
+    /// Commits a metadata command, then makes the local replicas follow.
+    async fn meta_write(&self, cmd: MetaCommand) -> Result<(), WireError> {
+        let resp = self.meta.write(cmd.clone()).await?;
         if let Some(e) = rejected(&resp) {
             if !self.is_own_create(&cmd, &e) {
                 return Err(e);
             }
         }
-        self.catalog.sync().await;
+        self.plane.sync().await;
         Ok(())
     }
 
     /// A create that was retried after an attempt whose fate was unknown
     /// (the leader died or was slow) may find its own first attempt
     /// committed: same spec, same creation time. That is success.
-    fn is_own_create(&self, cmd: &CommandV1, e: &WireError) -> bool {
-        let CommandV1::CreateCollection { spec, at_ms } = cmd else {
+    fn is_own_create(&self, cmd: &MetaCommand, e: &WireError) -> bool {
+        let MetaCommand::V2(CommandV2::CreateCollection { spec, at_ms, .. }) = cmd else {
             return false;
         };
         e.code == ErrorCode::AlreadyExists
@@ -154,19 +151,80 @@ impl Service {
                 .is_some_and(|c| c.spec == *spec && c.created_at_ms == *at_ms)
     }
 
-    /// A collection's info: schema from the metadata, counts from the
-    /// local engine's `local` view of it (zero while the engine has not
-    /// created it yet, or still holds an older schema).
-    fn collection_info(spec: CollectionSpec, local: Option<CollectionInfo>) -> CollectionInfo {
-        match local {
-            Some(info) if info.spec == spec => info,
-            _ => CollectionInfo {
-                spec,
-                points: 0,
-                shards: vec![],
-                segments: vec![],
-            },
+    /// Checks a replication request against the data nodes that exist.
+    fn replication(&self, r: ReplicationSpec) -> Result<Replication, WireError> {
+        let data_nodes = self.meta.state().nodes().filter(|n| n.has_role("data")).count() as u32;
+        let min = r.effective_min_insync();
+        if r.replicas == 0 {
+            return Err(WireError::invalid("replicas", "replicas must be at least 1"));
         }
+        if r.replicas > data_nodes {
+            return Err(WireError::invalid(
+                "replicas",
+                format!(
+                    "{} replicas asked but the cluster has {data_nodes} data nodes; each replica needs its own data node",
+                    r.replicas
+                ),
+            ));
+        }
+        if min == 0 || min > r.replicas {
+            return Err(WireError::invalid(
+                "min_insync",
+                format!("min_insync must be between 1 and replicas ({}), not {min}", r.replicas),
+            ));
+        }
+        Ok(Replication {
+            replicas: r.replicas,
+            min_insync: min,
+        })
+    }
+
+    /// Creates a collection with its initial placement, then waits until
+    /// every shard takes writes.
+    async fn create(&self, spec: CollectionSpec, r: ReplicationSpec) -> Result<ReplyV1, WireError> {
+        edgevec_engine::validate::collection_spec(&spec).map_err(|e| e.to_wire())?;
+        let replication = self.replication(r)?;
+        let state = self.meta.state();
+        // Only nodes the metadata leader heard from lately: a node that
+        // died a moment ago is still `up` until the failure detector says
+        // otherwise, and a shard placed on it could not take writes.
+        let view = self.cluster_status().await;
+        let fresh = Duration::from_millis(self.health.settings().suspect_after.as_millis() as u64 / 2);
+        let heard = |id: u64| {
+            view.nodes
+                .iter()
+                .find(|n| n.id == id)
+                .and_then(|n| n.last_heartbeat_ms)
+                .is_none_or(|ms| Duration::from_millis(ms) <= fresh)
+        };
+        let nodes: Vec<edgevec_meta::DataNode> = state
+            .nodes()
+            .filter(|n| n.has_role("data") && n.state == edgevec_meta::NodeState::Up && heard(n.id))
+            .map(|n| edgevec_meta::DataNode {
+                id: n.id,
+                zone: n.zone.clone(),
+            })
+            .collect();
+        let placement = edgevec_meta::place(spec.shards, replication.replicas, &nodes).map_err(|e| {
+            WireError::new(
+                ErrorCode::Unavailable,
+                format!("cannot place the shards now: {e} (nodes that are not up are not used)"),
+            )
+        })?;
+        let name = spec.name.clone();
+        let cmd = CommandV2::CreateCollection {
+            spec,
+            replication,
+            at_ms: now_ms(),
+            placement,
+        };
+        self.meta_write(MetaCommand::V2(cmd)).await?;
+        // The create is committed either way; writes before the primaries
+        // are ready get retryable refusals that the client retries.
+        if let Err(e) = self.router.wait_writable(&name, CREATE_READY_WAIT).await {
+            tracing::warn!(collection = %name, error = %e.message, "created, but not every shard takes writes yet");
+        }
+        Ok(ReplyV1::Created)
     }
 
     async fn op(&self, op: OpV1) -> Result<ReplyV1, WireError> {
@@ -180,73 +238,43 @@ impl Service {
                 uptime_ms: self.started.elapsed().as_millis() as u64,
                 collections: self.meta.state().collections().count() as u32,
             }),
-            OpV1::CreateCollection(spec) => {
-                edgevec_engine::validate::collection_spec(&spec).map_err(|e| e.to_wire())?;
-                self.meta_write(CommandV1::CreateCollection { spec, at_ms: now_ms() })
-                    .await?;
-                ReplyV1::Created
+            OpV1::CreateCollection(spec) => self.create(spec, ReplicationSpec::new(1)).await?,
+            OpV1::CreateReplicated { spec, replication } => self.create(spec, replication).await?,
+            OpV1::Load { name, replication } => {
+                let id = self.meta.state().collection(&name).map(|c| c.id).ok_or_else(|| {
+                    WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
+                })?;
+                let replication = self.replication(replication)?;
+                self.meta_write(MetaCommand::V2(CommandV2::SetReplication {
+                    collection: id,
+                    replication,
+                }))
+                .await?;
+                ReplyV1::Loaded
             }
-            OpV1::ListCollections => {
-                let mut local: HashMap<String, CollectionInfo> = self
-                    .engine(|e| Ok(e.list_collections()))
-                    .await?
-                    .into_iter()
-                    .map(|c| (c.spec.name.clone(), c))
-                    .collect();
-                let specs: Vec<CollectionSpec> = self.meta.state().collections().map(|c| c.spec.clone()).collect();
-                ReplyV1::Collections(
-                    specs
-                        .into_iter()
-                        .map(|spec| {
-                            let found = local.remove(&spec.name);
-                            Self::collection_info(spec, found)
-                        })
-                        .collect(),
-                )
-            }
-            OpV1::DescribeCollection { name } => {
-                let spec = self
-                    .meta
-                    .state()
-                    .collection(&name)
-                    .map(|c| c.spec.clone())
-                    .ok_or_else(|| {
-                        WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
-                    })?;
-                let local = match self.engine(move |e| e.describe_collection(&name)).await {
-                    Ok(info) => Some(info),
-                    Err(e) if e.code == ErrorCode::NotFound => None,
-                    Err(e) => return Err(e),
-                };
-                ReplyV1::Collection(Self::collection_info(spec, local))
-            }
+            OpV1::Shards { collection } => ReplyV1::Shards(self.router.shards(collection.as_deref()).await?),
+            OpV1::ListCollections => ReplyV1::Collections(self.router.list().await),
+            OpV1::DescribeCollection { name } => ReplyV1::Collection(self.router.describe(&name).await?),
             OpV1::DropCollection { name } => {
                 // A drop retried after an attempt of unknown fate (the
                 // leader died mid-request) finds the collection gone. If it
                 // existed when this request arrived, gone is what was asked.
                 let existed = self.meta.state().collection(&name).is_some();
-                match self.meta_write(CommandV1::DropCollection { name }).await {
+                match self.meta_write(CommandV1::DropCollection { name }.into()).await {
                     Err(e) if e.code == ErrorCode::NotFound && existed => {}
                     other => other?,
                 }
                 ReplyV1::Dropped
             }
-            OpV1::Upsert { collection, points } => {
-                ReplyV1::Written(self.engine(move |e| e.upsert(&collection, points)).await?)
-            }
-            OpV1::Delete { collection, ids } => {
-                ReplyV1::Written(self.engine(move |e| e.delete(&collection, &ids)).await?)
-            }
-            OpV1::Get { collection, ids } => ReplyV1::Points(self.engine(move |e| e.get(&collection, &ids)).await?),
+            OpV1::Upsert { collection, points } => ReplyV1::Written(self.router.upsert(&collection, points).await?),
+            OpV1::Delete { collection, ids } => ReplyV1::Written(self.router.delete(&collection, ids).await?),
+            OpV1::Get { collection, ids } => ReplyV1::Points(self.router.get(&collection, ids).await?),
             OpV1::Search {
                 collection,
                 queries,
                 k,
                 with_payload,
-            } => ReplyV1::Hits(
-                self.engine(move |e| e.search(&collection, &queries, k, with_payload))
-                    .await?,
-            ),
+            } => ReplyV1::Hits(self.router.search(&collection, queries, k, with_payload).await?),
             OpV1::ClusterStatus => ReplyV1::ClusterStatus(self.cluster_status().await),
             OpV1::AddNode(spec) => {
                 let (voters, learners) = self.meta.change_membership(MembershipChange::Add(spec)).await?;
@@ -296,8 +324,12 @@ impl Dispatch for Service {
         ClientResponse::V1(result)
     }
 
-    async fn node(&self, _peer: u64, req: NodeRequest) -> NodeResponse {
+    async fn node(&self, peer: u64, req: NodeRequest) -> NodeResponse {
         let NodeRequest::V1(op) = req;
+        if let Err(e) = check_claim(peer, &op) {
+            debug!(peer, error = %e.message, "node request refused");
+            return NodeResponse::V1(Err(e));
+        }
         let started = Instant::now();
         let name = match &op {
             NodeOpV1::Ping { .. } => "ping",
@@ -308,6 +340,10 @@ impl Dispatch for Service {
             NodeOpV1::MetaWrite(_) => "meta_write",
             NodeOpV1::ClusterView => "cluster_view",
             NodeOpV1::ChangeMembership(_) => "change_membership",
+            NodeOpV1::Replicate(_) => "replicate",
+            NodeOpV1::ShardWrite { .. } => "shard_write",
+            NodeOpV1::ShardRead(_) => "shard_read",
+            NodeOpV1::MetaReadIndex => "meta_read_index",
         };
         let result = match op {
             NodeOpV1::Ping { .. } => Ok(NodeReplyV1::Pong { node_id: self.node.id }),
@@ -338,9 +374,39 @@ impl Dispatch for Service {
                 .change_membership_local(change)
                 .await
                 .map(|(voters, learners)| NodeReplyV1::Membership { voters, learners }),
+            NodeOpV1::Replicate(msg) => self.plane.on_replicate(peer, msg).await.map(NodeReplyV1::Replicated),
+            NodeOpV1::ShardWrite { shard, op } => self
+                .router
+                .on_shard_write(shard, op)
+                .await
+                .map(|op| NodeReplyV1::ShardWritten { op }),
+            NodeOpV1::ShardRead(read) => self.plane.read(read).await.map(NodeReplyV1::ShardRead),
+            NodeOpV1::MetaReadIndex => self
+                .meta
+                .read_index_local()
+                .await
+                .map(|index| NodeReplyV1::MetaReadIndex { index }),
         };
         self.metrics.record_rpc("node", name, result.is_ok(), started.elapsed());
         NodeResponse::V1(result)
+    }
+}
+
+/// Refuses a node request that speaks for another node than the one
+/// its certificate names (Raft messages name their sender too).
+pub fn check_claim(peer: u64, op: &NodeOpV1) -> Result<(), WireError> {
+    let claimed = match op {
+        NodeOpV1::Ping { from } => Some(*from),
+        NodeOpV1::Heartbeat(hb) => Some(hb.from),
+        NodeOpV1::Raft(rpc) => crate::meta::network::sender(rpc)?,
+        _ => None,
+    };
+    match claimed {
+        Some(id) if id != peer => Err(WireError::new(
+            ErrorCode::PermissionDenied,
+            format!("the message claims to come from node {id}, but the caller's certificate is node {peer}'s"),
+        )),
+        _ => Ok(()),
     }
 }
 

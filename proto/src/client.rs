@@ -66,6 +66,22 @@ pub enum OpV1 {
     RemoveNode {
         id: u64,
     },
+    /// Creates a collection with replicated shards.
+    CreateReplicated {
+        spec: CollectionSpec,
+        replication: ReplicationSpec,
+    },
+    /// Changes the replica count of a collection while it serves (the
+    /// Milvus verb): new replicas catch up, then join the in-sync set;
+    /// surplus ones are dropped once the shard map no longer names them.
+    Load {
+        name: String,
+        replication: ReplicationSpec,
+    },
+    /// Shard configurations and replica states of one collection (or all).
+    Shards {
+        collection: Option<String>,
+    },
 }
 
 impl OpV1 {
@@ -84,6 +100,9 @@ impl OpV1 {
             OpV1::ClusterStatus => "cluster_status",
             OpV1::AddNode(_) => "add_node",
             OpV1::RemoveNode { .. } => "remove_node",
+            OpV1::CreateReplicated { .. } => "create_collection",
+            OpV1::Load { .. } => "load",
+            OpV1::Shards { .. } => "shards",
         }
     }
 }
@@ -106,4 +125,7 @@ pub enum ReplyV1 {
         voters: Vec<u64>,
         learners: Vec<u64>,
     },
+    Shards(Vec<CollectionShards>),
+    /// `load` committed the new replica count.
+    Loaded,
 }

@@ -32,13 +32,23 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// A bug or an I/O failure inside the node.
     Internal,
+    /// The request was fenced: it carried an older term or configuration
+    /// version than the receiver knows (a deposed primary, a stale proxy).
+    Conflict,
+    /// The write may or may not have been applied (a replica failed while
+    /// it was in flight and the shard could not confirm). Writes are
+    /// id-keyed upserts and deletes, so sending it again is safe.
+    OutcomeUnknown,
 }
 
 impl ErrorCode {
     /// Whether the same request may succeed if sent again (here or to
     /// another node) without being changed.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::Unavailable | ErrorCode::Timeout)
+        matches!(
+            self,
+            ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::OutcomeUnknown
+        )
     }
 }
 

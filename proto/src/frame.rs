@@ -42,6 +42,14 @@ pub fn header(len: usize) -> [u8; HEADER_LEN] {
 
 /// Reads one frame body of at most `limit` bytes.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result<Vec<u8>, FrameError> {
+    let len = read_header(r, limit).await?;
+    read_body(r, len).await
+}
+
+/// Reads a frame's header and returns the body length it announces,
+/// refused above `limit` before anything is allocated. Lets a server
+/// reserve memory for the body before reading it.
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result<usize, FrameError> {
     let mut head = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -58,7 +66,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result
         }
         got += n;
     }
-    let len = body_len(head, limit)?;
+    body_len(head, limit)
+}
+
+/// Reads a body of exactly `len` bytes (from [`read_header`]).
+pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, FrameError> {
     let mut body = vec![0u8; len];
     let mut got = 0;
     while got < len {

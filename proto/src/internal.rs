@@ -34,6 +34,19 @@ pub enum NodeOpV1 {
     ClusterView,
     /// A membership change, forwarded to the leader.
     ChangeMembership(MembershipChange),
+    /// Data plane, primary → backup: append ops and learn the commit LSN.
+    Replicate(crate::replication::Replicate),
+    /// A client write of one shard, forwarded by a proxy to the primary.
+    ShardWrite {
+        shard: crate::replication::ShardRef,
+        op: crate::replication::WriteOp,
+    },
+    /// A read of one shard replica.
+    ShardRead(crate::replication::ShardRead),
+    /// Linearizable metadata read barrier, answered by the metadata
+    /// leader once it has confirmed its leadership: the log index a reader
+    /// must have applied to see every write committed before the call.
+    MetaReadIndex,
 }
 
 /// Membership changes an admin can ask for.
@@ -82,5 +95,14 @@ pub enum NodeReplyV1 {
     Membership {
         voters: Vec<u64>,
         learners: Vec<u64>,
+    },
+    Replicated(crate::replication::ReplicateReply),
+    /// The forwarded write is committed: its op id in the shard's log.
+    ShardWritten {
+        op: crate::types::OpId,
+    },
+    ShardRead(crate::replication::ShardReadReply),
+    MetaReadIndex {
+        index: u64,
     },
 }

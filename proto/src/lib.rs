@@ -17,6 +17,7 @@ pub mod error;
 pub mod frame;
 pub mod internal;
 pub mod limits;
+pub mod replication;
 pub mod types;
 
 pub use error::{ErrorCode, WireError};

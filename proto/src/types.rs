@@ -228,3 +228,113 @@ pub struct ClusterStatus {
     pub answered_by: u64,
     pub nodes: Vec<ClusterNode>,
 }
+
+/// Identifies one op of a shard's log: the primary term that wrote it and
+/// its LSN. Two replicas hold the same op at an LSN only if the terms match
+/// too. Ordered by term, then LSN (the order used to pick the most complete
+/// log). `OpId::default()` (0, 0) is the position before the first op.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OpId {
+    pub term: u64,
+    pub lsn: u64,
+}
+
+impl OpId {
+    pub const ZERO: OpId = OpId { term: 0, lsn: 0 };
+
+    pub fn new(term: u64, lsn: u64) -> Self {
+        OpId { term, lsn }
+    }
+}
+
+/// Term of the op at `lsn` in a log that ends at `last` and whose term
+/// history is `history` ((term, first LSN) pairs, ascending): the term of
+/// the last run starting at or before `lsn`. `Some(0)` for LSN 0 (the empty
+/// prefix), `None` past the end of the log.
+pub fn term_at(history: &[(u64, u64)], last: OpId, lsn: u64) -> Option<u64> {
+    if lsn == 0 {
+        return Some(0);
+    }
+    if lsn > last.lsn {
+        return None;
+    }
+    history
+        .iter()
+        .rev()
+        .find(|(_, first)| *first <= lsn)
+        .map(|(term, _)| *term)
+}
+
+impl fmt::Display for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.term, self.lsn)
+    }
+}
+
+/// How many copies of each shard a collection keeps, and how many must
+/// hold a write before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationSpec {
+    /// Copies of every shard, on distinct data nodes (≥ 1).
+    pub replicas: u32,
+    /// Replicas that must hold a write before it is acknowledged; `None`
+    /// takes the default: 2 when `replicas` ≥ 3, else 1.
+    pub min_insync: Option<u32>,
+}
+
+impl ReplicationSpec {
+    pub fn new(replicas: u32) -> Self {
+        ReplicationSpec {
+            replicas,
+            min_insync: None,
+        }
+    }
+
+    /// `min_insync` with the default applied.
+    pub fn effective_min_insync(&self) -> u32 {
+        self.min_insync.unwrap_or(if self.replicas >= 3 { 2 } else { 1 })
+    }
+}
+
+/// One replica of a shard as `describe` and `status` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub node: u64,
+    /// `in-sync`, `catching-up`, `initializing` or `offline` (metadata).
+    pub state: String,
+    pub primary: bool,
+    /// Holds every acknowledged write (may become primary).
+    pub eligible: bool,
+    /// From the replica itself; `None` when it did not answer.
+    pub applied_lsn: Option<u64>,
+    pub last: Option<OpId>,
+    pub points: Option<u64>,
+    /// Catch-up progress as the primary reports it.
+    pub catch_up: Option<String>,
+}
+
+/// One shard's configuration and replicas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    pub shard: u32,
+    /// Configuration version (bumped by every change).
+    pub version: u64,
+    /// Primary term (bumped when the primary changes).
+    pub term: u64,
+    pub primary: Option<u64>,
+    pub replicas: Vec<ReplicaStatus>,
+    /// What is wrong, if anything: under-replicated, no live in-sync
+    /// replica, no primary.
+    pub problems: Vec<String>,
+}
+
+/// A collection's replication as the metadata and its replicas report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionShards {
+    pub collection: String,
+    /// Stable id (never reused, not the name).
+    pub id: u64,
+    pub replicas: u32,
+    pub min_insync: u32,
+    pub shards: Vec<ShardStatus>,
+}

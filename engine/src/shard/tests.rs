@@ -1,8 +1,9 @@
 use super::*;
+use crate::op::ShardOp;
 use edgevec_proto::Point;
 use std::time::Duration;
 
-fn config(seal_rows: u32, retain_ops: u64) -> ShardConfig {
+fn config(seal_rows: u32, retain_bytes: u64) -> ShardConfig {
     ShardConfig {
         shard: 0,
         dim: 2,
@@ -12,8 +13,12 @@ fn config(seal_rows: u32, retain_ops: u64) -> ShardConfig {
             ef_construction: 32,
             ef_search: 16,
         },
-        retain_ops,
+        retain_bytes,
     }
+}
+
+fn open(dir: &Path, seal_rows: u32, retain_bytes: u64) -> Arc<ShardReplica> {
+    ShardReplica::open(dir, config(seal_rows, retain_bytes), Arc::new(IndexBuilder::start())).unwrap()
 }
 
 fn upsert(ids: impl IntoIterator<Item = u64>) -> ShardOp {
@@ -28,64 +33,329 @@ fn upsert(ids: impl IntoIterator<Item = u64>) -> ShardOp {
     )
 }
 
+fn id(term: u64, lsn: u64) -> OpId {
+    OpId::new(term, lsn)
+}
+
+/// Entries `upsert([lsn])` for `lsns` in `term`.
+fn entries(term: u64, lsns: std::ops::RangeInclusive<u64>) -> Vec<(OpId, ShardOp)> {
+    lsns.map(|lsn| (id(term, lsn), upsert([lsn]))).collect()
+}
+
+fn found(s: &ShardReplica, ids: &[u64]) -> Vec<u64> {
+    s.get(ids).unwrap().into_iter().flatten().map(|p| p.id).collect()
+}
+
 #[test]
-fn lsns_must_be_contiguous() {
+fn appended_ops_are_searchable_only_once_applied_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let b = Arc::new(IndexBuilder::start());
-    let s = ShardReplica::open(dir.path(), config(64, 100), b).unwrap();
-    assert_eq!(s.applied_lsn(), 0);
-    match s.apply(2, &upsert([1])) {
-        Err(EngineError::LsnOutOfOrder {
-            expected: 1, got: 2, ..
-        }) => {}
-        other => panic!("expected LsnOutOfOrder, got {other:?}"),
+    let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
+    assert_eq!((s.term(), s.last_op(), s.applied_lsn()), (0, OpId::ZERO, 0));
+    assert_eq!(s.first_logged_lsn(), None);
+    assert_eq!(s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap(), id(1, 3));
+    assert_eq!((s.term(), s.applied_lsn()), (1, 0));
+    assert!(found(&s, &[1, 2, 3]).is_empty(), "logged is not applied");
+    assert!(s.search(&[1.0, 1.0], 3).is_empty());
+    assert_eq!(s.info().0.lsn, 0);
+
+    assert_eq!(s.apply_through(2).unwrap(), 2);
+    assert_eq!(found(&s, &[1, 2, 3]), vec![1, 2]);
+    assert_eq!(s.apply_through(1).unwrap(), 2, "lower LSNs are a no-op");
+    assert_eq!(s.apply_through(99).unwrap(), 3, "applies only what is logged");
+    s.append(id(1, 3), &[(id(2, 4), ShardOp::EpochStart), (id(2, 5), upsert([5]))])
+        .unwrap();
+    s.apply_through(4).unwrap();
+    let before = s.log_status();
+    assert_eq!(
+        before,
+        LogStatus {
+            term: 2,
+            last: id(2, 5),
+            applied: 4,
+            first_logged: Some(1),
+            history: vec![(1, 1), (2, 4)],
+        }
+    );
+    assert_eq!(
+        found(&s, &[1, 2, 3, 5]),
+        vec![1, 2, 3],
+        "the epoch start changes no rows"
+    );
+    drop(s);
+
+    let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
+    assert_eq!(s.log_status(), before, "log, term, history and applied LSN are durable");
+    assert_eq!(found(&s, &[5]), Vec::<u64>::new(), "the unapplied tail stays unapplied");
+    assert_eq!(
+        s.entries_after(4, 10, usize::MAX).unwrap(),
+        vec![(id(2, 5), upsert([5]))]
+    );
+    assert_eq!(s.apply_through(5).unwrap(), 5);
+    assert_eq!(found(&s, &[5]), vec![5]);
+}
+
+#[test]
+fn appends_follow_the_log_matching_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
+    s.append(OpId::ZERO, &entries(2, 1..=2)).unwrap();
+    let refused = |r: Result<OpId, EngineError>| r.expect_err("must be refused");
+    match refused(s.append(id(1, 2), &entries(2, 3..=3))) {
+        EngineError::LogMismatch {
+            expected_prev,
+            got_prev,
+            ..
+        } => assert_eq!((expected_prev, got_prev), (id(2, 2), id(1, 2))),
+        e => panic!("{e:?}"),
     }
-    assert_eq!(s.applied_lsn(), 0, "a rejected op changes nothing");
-    s.apply(1, &upsert([1])).unwrap();
-    assert!(s.apply(1, &upsert([2])).is_err(), "replayed LSN is rejected");
-    assert_eq!(s.append(&ShardOp::Delete(vec![1])).unwrap(), 2);
-    assert_eq!(s.get(&[1]).unwrap(), vec![None]);
-    // A wrong-length vector cannot reach the segments.
+    assert!(matches!(
+        refused(s.append(id(2, 1), &entries(2, 2..=2))),
+        EngineError::LogMismatch { .. }
+    ));
+    assert!(matches!(
+        refused(s.append(id(2, 2), &entries(2, 4..=4))),
+        EngineError::LsnOutOfOrder {
+            expected: 3,
+            got: 4,
+            ..
+        }
+    ));
+    assert!(matches!(
+        refused(s.append(id(2, 2), &entries(1, 3..=3))),
+        EngineError::StaleTerm {
+            term: 1,
+            current: 2,
+            ..
+        }
+    ));
+    // A wrong-length vector never enters the log.
     let bad = ShardOp::Upsert(vec![Point {
         id: 5,
         vector: vec![1.0],
         payload: None,
     }]);
-    assert!(matches!(s.append(&bad), Err(EngineError::Invalid { .. })));
-    assert_eq!(s.applied_lsn(), 2);
+    assert!(matches!(
+        refused(s.append(id(2, 2), &[(id(2, 3), bad)])),
+        EngineError::Invalid { .. }
+    ));
+    assert_eq!(s.last_op(), id(2, 2), "refused appends change nothing");
+    assert_eq!(s.append(id(2, 2), &[]).unwrap(), id(2, 2));
+
+    // Terms: raised explicitly (no history entry) or by an op (history).
+    s.raise_term(4).unwrap();
+    s.raise_term(4).unwrap();
+    assert!(matches!(
+        s.raise_term(3),
+        Err(EngineError::StaleTerm {
+            term: 3,
+            current: 4,
+            ..
+        })
+    ));
+    assert_eq!((s.term(), s.term_history()), (4, vec![(2, 1)]));
+    assert!(matches!(
+        refused(s.append(id(2, 2), &entries(3, 3..=3))),
+        EngineError::StaleTerm {
+            term: 3,
+            current: 4,
+            ..
+        }
+    ));
+    s.append(id(2, 2), &entries(5, 3..=4)).unwrap();
+    assert_eq!((s.term(), s.last_op()), (5, id(5, 4)));
+    assert_eq!(s.term_history(), vec![(2, 1), (5, 3)]);
+    drop(s);
+    let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
+    assert_eq!((s.term(), s.term_history()), (5, vec![(2, 1), (5, 3)]));
 }
 
 #[test]
-fn op_log_is_trimmed_and_readable() {
+fn truncation_removes_the_unapplied_suffix_only() {
     let dir = tempfile::tempdir().unwrap();
-    let b = Arc::new(IndexBuilder::start());
-    let s = ShardReplica::open(dir.path(), config(64, 3), b).unwrap();
-    for id in 1..=5u64 {
-        s.append(&upsert([id])).unwrap();
+    let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
+    s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap();
+    s.append(id(1, 3), &entries(2, 4..=6)).unwrap();
+    s.apply_through(2).unwrap();
+    assert!(matches!(
+        s.truncate_after(1),
+        Err(EngineError::TruncateBelowApplied { lsn: 1, applied: 2, .. })
+    ));
+    s.truncate_after(9).unwrap();
+    assert_eq!(s.last_op(), id(2, 6), "at or above the last op: no-op");
+
+    // A new primary of term 3 shares only 1.1 ..= 1.3 with us.
+    s.truncate_after(3).unwrap();
+    assert_eq!((s.term(), s.last_op(), s.term_history()), (2, id(1, 3), vec![(1, 1)]));
+    assert!(s.entries_after(3, 10, usize::MAX).unwrap().is_empty());
+    assert!(matches!(
+        s.append(id(2, 6), &entries(3, 7..=7)),
+        Err(EngineError::LogMismatch { .. })
+    ));
+    s.append(id(1, 3), &[(id(3, 4), ShardOp::EpochStart), (id(3, 5), upsert([50]))])
+        .unwrap();
+    assert_eq!(s.term_history(), vec![(1, 1), (3, 4)]);
+    s.truncate_after(2).unwrap();
+    s.apply_through(u64::MAX).unwrap();
+    assert_eq!(
+        found(&s, &[1, 2, 3, 4, 50]),
+        vec![1, 2],
+        "truncated ops are never applied"
+    );
+    s.append(id(1, 2), &[(id(3, 3), upsert([3]))]).unwrap();
+    s.apply_through(3).unwrap();
+    drop(s);
+
+    let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
+    let status = s.log_status();
+    assert_eq!((status.term, status.last, status.applied), (3, id(3, 3), 3));
+    assert_eq!(status.history, vec![(1, 1), (3, 3)]);
+    assert_eq!(found(&s, &[1, 2, 3, 4, 5, 50]), vec![1, 2, 3]);
+    let logged: Vec<OpId> = s
+        .entries_after(0, 10, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(logged, vec![id(1, 1), id(1, 2), id(3, 3)]);
+}
+
+#[test]
+fn op_ids_and_log_reads_across_terms_and_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry_bytes = upsert([1]).encode(1).len() as u64;
+    // Room for three entries.
+    let s = open(dir.path(), 64, 3 * entry_bytes);
+    s.append(OpId::ZERO, &entries(1, 1..=2)).unwrap();
+    s.append(id(1, 2), &entries(4, 3..=5)).unwrap();
+    s.append(id(4, 5), &entries(7, 6..=8)).unwrap();
+    let want: Vec<Option<OpId>> = (0..=9)
+        .map(|lsn| match lsn {
+            0 => Some(OpId::ZERO),
+            1..=2 => Some(id(1, lsn)),
+            3..=5 => Some(id(4, lsn)),
+            6..=8 => Some(id(7, lsn)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!((0..=9).map(|l| s.op_id_at(l)).collect::<Vec<_>>(), want);
+
+    // Limits: by count, by bytes (at least one entry), both generous.
+    let lsns = |v: Vec<(OpId, ShardOp)>| v.iter().map(|e| e.0.lsn).collect::<Vec<_>>();
+    assert_eq!(lsns(s.entries_after(2, 2, usize::MAX).unwrap()), vec![3, 4]);
+    assert_eq!(lsns(s.entries_after(2, 10, 1).unwrap()), vec![3]);
+    assert_eq!(
+        lsns(s.entries_after(2, 10, 2 * entry_bytes as usize).unwrap()),
+        vec![3, 4]
+    );
+    assert_eq!(lsns(s.entries_after(5, 0, 0).unwrap()), vec![6]);
+    assert_eq!(lsns(s.entries_after(7, 10, usize::MAX).unwrap()), vec![8]);
+    assert!(s.entries_after(8, 10, usize::MAX).unwrap().is_empty());
+
+    // Nothing applied: retention keeps everything, even over budget.
+    assert_eq!(s.first_logged_lsn(), Some(1));
+    s.set_retain_floor(2);
+    s.apply_through(4).unwrap();
+    assert_eq!(s.first_logged_lsn(), Some(3), "the floor keeps 3 and 4");
+    s.set_retain_floor(u64::MAX);
+    s.apply_through(5).unwrap();
+    assert_eq!(s.first_logged_lsn(), Some(6), "applied ops go down to the budget");
+    match s.entries_after(4, 10, usize::MAX) {
+        Err(EngineError::LogTrimmed {
+            wanted: 5, first: 6, ..
+        }) => {}
+        other => panic!("{other:?}"),
     }
-    assert_eq!(s.first_logged_lsn().unwrap(), Some(3));
-    let ops = s.ops_after(3, 10).unwrap();
-    assert_eq!(ops, vec![(4, upsert([4])), (5, upsert([5]))]);
-    assert_eq!(s.ops_after(0, 1).unwrap(), vec![(3, upsert([3]))]);
+    assert_eq!(lsns(s.entries_after(5, 10, usize::MAX).unwrap()), vec![6, 7, 8]);
+    // Unapplied entries stay whatever the budget.
+    let dir2 = tempfile::tempdir().unwrap();
+    let s2 = open(dir2.path(), 64, 0);
+    s2.append(OpId::ZERO, &entries(1, 1..=3)).unwrap();
+    s2.apply_through(1).unwrap();
+    assert_eq!(s2.first_logged_lsn(), Some(2));
+    s2.apply_through(3).unwrap();
+    assert_eq!((s2.first_logged_lsn(), s2.last_op()), (None, id(1, 3)));
+    assert!(matches!(
+        s2.entries_after(0, 1, 1),
+        Err(EngineError::LogTrimmed {
+            wanted: 1,
+            first: 4,
+            ..
+        })
+    ));
+    drop(s);
+
+    // The history outlives the dropped ops, across a restart.
+    let s = open(dir.path(), 64, 3 * entry_bytes);
+    assert_eq!((0..=9).map(|l| s.op_id_at(l)).collect::<Vec<_>>(), want);
+    assert_eq!(s.first_logged_lsn(), Some(6));
+    assert_eq!(found(&s, &[1, 5, 6]), vec![1, 5]);
+}
+
+#[test]
+fn replicas_fed_the_same_entries_reach_the_same_state() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let builder = Arc::new(IndexBuilder::start());
+    let open = |dir: &Path| ShardReplica::open(dir, config(64, OPLOG_RETAIN_BYTES), builder.clone()).unwrap();
+    let (a, b) = (open(da.path()), open(db.path()));
+    let ops = vec![
+        (id(1, 1), upsert(0..50)),
+        (id(1, 2), upsert(40..100)),
+        (id(1, 3), ShardOp::Delete(vec![3, 60, 1000])),
+        (id(2, 4), ShardOp::EpochStart),
+        (id(2, 5), upsert((0..80).rev())),
+        (id(2, 6), upsert([7, 7, 200])),
+    ];
+    a.append(OpId::ZERO, &ops).unwrap();
+    for (i, e) in ops.iter().enumerate() {
+        b.append(if i == 0 { OpId::ZERO } else { ops[i - 1].0 }, std::slice::from_ref(e))
+            .unwrap();
+    }
+    // One batch on `a`, one op at a time on `b`.
+    assert_eq!(a.apply_through(6).unwrap(), 6);
+    for lsn in 1..=6 {
+        b.apply_through(lsn).unwrap();
+    }
+    assert!(builder.wait_idle(Duration::from_secs(30)));
+    // k above ef_search: every segment is searched exactly, so the
+    // comparison does not depend on how each HNSW graph came out.
+    let state = |s: &ShardReplica| {
+        let all: Vec<u64> = (0..300).collect();
+        (
+            s.log_status(),
+            s.info(),
+            s.get(&all).unwrap(),
+            s.search(&[20.0, 1.0], 30),
+        )
+    };
+    let sa = state(&a);
+    assert_eq!(sa, state(&b));
+    let sealed: Vec<(u64, u64)> = sa.1 .1.iter().map(|s| (s.id, s.rows)).collect();
+    assert_eq!(
+        sealed,
+        vec![(1, 64), (2, 64), (3, 64), (4, 1)],
+        "sealed at the same rows"
+    );
+    assert_eq!(a.entries_after(0, 100, usize::MAX).unwrap(), ops);
 }
 
 #[test]
 fn seals_at_seal_rows_and_reopens_identically() {
     let dir = tempfile::tempdir().unwrap();
     let b = Arc::new(IndexBuilder::start());
-    let s = ShardReplica::open(dir.path(), config(64, 100), b.clone()).unwrap();
-    s.append(&upsert(0..63)).unwrap();
+    let s = ShardReplica::open(dir.path(), config(64, OPLOG_RETAIN_BYTES), b.clone()).unwrap();
+    let write = |s: &ShardReplica, op| crate::testutil::write(s, op).unwrap();
+    write(&s, upsert(0..63));
     let (_, segs) = s.info();
     assert_eq!(segs.len(), 1);
     assert_eq!((segs[0].state, segs[0].rows), (SegmentState::Growing, 63));
-    s.append(&upsert([63])).unwrap();
+    write(&s, upsert([63]));
     let (_, segs) = s.info();
     assert_eq!(segs.len(), 2);
     assert_eq!((segs[0].id, segs[0].state, segs[0].rows), (1, SegmentState::Sealed, 64));
     assert_eq!((segs[1].id, segs[1].state, segs[1].rows), (2, SegmentState::Growing, 0));
     // Replace one row of the sealed segment, delete another, add one more.
-    s.append(&upsert([5, 100])).unwrap();
-    s.append(&ShardOp::Delete(vec![6, 999])).unwrap();
+    write(&s, upsert([5, 100]));
+    write(&s, ShardOp::Delete(vec![6, 999]));
     assert!(b.wait_idle(Duration::from_secs(30)));
     assert!(s.indexes_ready());
     assert!(index_path(dir.path(), 1).exists());
@@ -97,12 +367,12 @@ fn seals_at_seal_rows_and_reopens_identically() {
     assert_eq!(before.2[0].segment, 2, "the replaced row lives in the growing segment");
     drop(s);
 
-    let s = ShardReplica::open(dir.path(), config(64, 100), b.clone()).unwrap();
+    let s = ShardReplica::open(dir.path(), config(64, OPLOG_RETAIN_BYTES), b.clone()).unwrap();
     let after = (s.info(), s.get(&[5, 6, 100, 7]).unwrap(), s.search(&[5.0, 1.0], 3));
     assert_eq!(before, after);
     assert_eq!(after.0 .1[0].index, IndexState::Ready, "index loaded, not rebuilt");
     assert_eq!(b.pending(), 0);
     assert_eq!(after.1[0].as_ref().unwrap().payload.as_deref(), Some("{\"id\":5}"));
     assert_eq!(s.applied_lsn(), 4);
-    assert_eq!(s.append(&upsert([1])).unwrap(), 5);
+    assert_eq!(write(&s, upsert([1])), id(1, 5));
 }

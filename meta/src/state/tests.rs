@@ -3,9 +3,9 @@
 use edgevec_proto::Metric;
 
 use super::*;
-use crate::command::{ReplicaInfo, ReplicaState};
+use crate::command::{ReplicaInfo, ReplicaState, ShardMap};
 
-fn spec(name: &str) -> CollectionSpec {
+pub(super) fn spec(name: &str) -> CollectionSpec {
     CollectionSpec {
         name: name.into(),
         dim: 4,
@@ -15,7 +15,7 @@ fn spec(name: &str) -> CollectionSpec {
     }
 }
 
-fn register(id: u64) -> MetaCommand {
+pub(super) fn register(id: u64) -> MetaCommand {
     CommandV1::RegisterNode {
         id,
         addr: format!("10.0.0.{id}:7000"),
@@ -171,9 +171,8 @@ fn put_map(collection: &str, shard: u32, epoch: u64) -> MetaCommand {
 }
 
 #[test]
-fn shard_maps() {
+fn put_shard_map_is_refused_since_v2() {
     let mut s = MetaState::default();
-    assert_eq!(code(&s.apply(&put_map("docs", 0, 1))), Some(RejectCode::NotFound));
     s.apply(
         &CommandV1::CreateCollection {
             spec: spec("docs"),
@@ -181,24 +180,11 @@ fn shard_maps() {
         }
         .into(),
     );
-    assert!(s.apply(&put_map("docs", 1, 3)).is_ok());
-    assert_eq!(s.shard_map("docs", 1), Some(&shard_map(3)));
-    // Beyond the shard count, and an overtaken epoch.
-    assert_eq!(code(&s.apply(&put_map("docs", 2, 3))), Some(RejectCode::Invalid));
-    assert_eq!(code(&s.apply(&put_map("docs", 1, 2))), Some(RejectCode::Invalid));
-    assert!(s.apply(&put_map("docs", 1, 3)).is_ok());
-    assert!(s.apply(&put_map("docs", 1, 4)).is_ok());
-    assert_eq!(s.shard_map("docs", 1).unwrap().epoch, 4);
-    // Dropping the collection drops its maps.
-    s.apply(&CommandV1::DropCollection { name: "docs".into() }.into());
-    s.apply(
-        &CommandV1::CreateCollection {
-            spec: spec("docs"),
-            at_ms: 2,
-        }
-        .into(),
-    );
-    assert!(s.shard_map("docs", 1).is_none());
+    let before = s.clone();
+    let r = s.apply(&put_map("docs", 0, 1));
+    assert_eq!(code(&r), Some(RejectCode::Invalid));
+    assert!(r.rejection().unwrap().1.contains("ShardCas"), "{r:?}");
+    assert_eq!(s, before);
 }
 
 #[test]

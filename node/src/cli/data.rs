@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use edgevec_client::{CollectionInfo, Hit, Point};
+use edgevec_client::{CollectionInfo, CollectionShards, Hit, Point};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
@@ -315,6 +315,60 @@ pub fn print_collection(c: &CollectionInfo) {
                 s.deleted,
                 format!("{:?}", s.index).to_lowercase()
             );
+        }
+    }
+}
+
+/// Replication of collections as JSON (`describe`, `status`).
+pub fn shards_json(all: &[CollectionShards]) -> Value {
+    Value::Array(
+        all.iter()
+            .map(|c| {
+                json!({
+                    "collection": c.collection, "id": c.id, "replicas": c.replicas, "min_insync": c.min_insync,
+                    "shards": c.shards.iter().map(|s| json!({
+                        "shard": s.shard, "version": s.version, "term": s.term, "primary": s.primary,
+                        "problems": s.problems,
+                        "replicas": s.replicas.iter().map(|r| json!({
+                            "node": r.node, "state": r.state, "primary": r.primary, "eligible": r.eligible,
+                            "applied_lsn": r.applied_lsn, "last_op": r.last.map(|o| o.to_string()),
+                            "points": r.points, "catch_up": r.catch_up,
+                        })).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Per shard: version, term, primary and each replica's state.
+pub fn print_shards(all: &[CollectionShards]) {
+    for c in all {
+        println!(
+            "  replication: {} replicas, min_insync {} (collection id {})",
+            c.replicas, c.min_insync, c.id
+        );
+        for s in &c.shards {
+            let primary = s.primary.map_or("none".to_string(), |p| p.to_string());
+            println!(
+                "  shard {}: version {}, term {}, primary {primary}",
+                s.shard, s.version, s.term
+            );
+            for r in &s.replicas {
+                let unknown = || "?".to_string();
+                println!(
+                    "    node {:<4} {:<12} applied {:>8} points {:>10}{}{}",
+                    r.node,
+                    r.state,
+                    r.applied_lsn.map_or_else(unknown, |l| l.to_string()),
+                    r.points.map_or_else(unknown, |p| p.to_string()),
+                    if r.primary { "  primary" } else { "" },
+                    r.catch_up.as_ref().map(|c| format!("  ({c})")).unwrap_or_default()
+                );
+            }
+            for p in &s.problems {
+                println!("    ! {p}");
+            }
         }
     }
 }

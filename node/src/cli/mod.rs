@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric};
+use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, ReplicationSpec};
 use serde_json::json;
 
 use crate::config::{ClusterConfig, Role};
@@ -100,6 +100,17 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u64>,
     },
+    /// Change a collection's replica count while it serves (new replicas
+    /// catch up, then join; surplus ones are dropped).
+    Load {
+        collection: String,
+        #[arg(long)]
+        replicas: u32,
+        /// Replicas that must hold a write before it is acknowledged
+        /// (default: 2 when replicas >= 3, else 1).
+        #[arg(long)]
+        min_insync: Option<u32>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,6 +128,13 @@ pub enum CollectionCmd {
         /// Rows of a growing segment before it is sealed and indexed.
         #[arg(long, default_value_t = edgevec_proto::limits::DEFAULT_SEAL_ROWS)]
         seal_rows: u32,
+        /// Copies of every shard, each on its own data node.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Replicas that must hold a write before it is acknowledged
+        /// (default: 2 when replicas >= 3, else 1).
+        #[arg(long)]
+        min_insync: Option<u32>,
     },
     /// List collections.
     List,
@@ -144,6 +162,23 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => data::search(&g, &collection, &vector, k, !no_payload).await,
         Command::Get { collection, ids } => data::get(&g, &collection, &ids).await,
         Command::Delete { collection, ids } => data::delete(&g, &collection, &ids).await,
+        Command::Load {
+            collection,
+            replicas,
+            min_insync,
+        } => {
+            let client = connect(&g).await?;
+            client
+                .load(&collection, ReplicationSpec { replicas, min_insync })
+                .await?;
+            client.close().await;
+            if g.json {
+                println!("{}", json!({"loaded": collection, "replicas": replicas}));
+            } else {
+                println!("{collection}: replica count set to {replicas}; new replicas catch up in the background (see `edgevec collection describe {collection}`)");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -232,15 +267,19 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
             metric,
             shards,
             seal_rows,
+            replicas,
+            min_insync,
         } => {
             let spec = CollectionSpec::new(&name, dim, metric)
                 .with_shards(shards)
                 .with_seal_rows(seal_rows);
-            client.create_collection(spec).await?;
+            client
+                .create_replicated(spec, ReplicationSpec { replicas, min_insync })
+                .await?;
             if g.json {
                 println!("{}", json!({"created": name}));
             } else {
-                println!("created collection {name} (dim {dim}, {metric}, {shards} shards)");
+                println!("created collection {name} (dim {dim}, {metric}, {shards} shards, {replicas} replicas)");
             }
         }
         CollectionCmd::List => {
@@ -267,10 +306,14 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
         }
         CollectionCmd::Describe { name } => {
             let c = client.describe_collection(&name).await?;
+            let shards = client.shards(Some(&name)).await?;
             if g.json {
-                println!("{}", data::collection_json(&c));
+                let mut v = data::collection_json(&c);
+                v["replication"] = data::shards_json(&shards);
+                println!("{v}");
             } else {
                 data::print_collection(&c);
+                data::print_shards(&shards);
             }
         }
         CollectionCmd::Drop { name } => {

@@ -277,11 +277,12 @@ pub async fn status(g: &Global) -> Result<()> {
         request_timeout: Duration::from_secs(5),
         ..super::client_config(g)?
     };
-    let status = match Client::connect(config).await {
+    let (status, shards) = match Client::connect(config).await {
         Ok(c) => {
             let s = c.cluster_status().await;
+            let shards = c.shards(None).await;
             c.close().await;
-            s?
+            (s?, shards.unwrap_or_default())
         }
         Err(e) => {
             if g.json {
@@ -303,7 +304,7 @@ pub async fn status(g: &Global) -> Result<()> {
         println!(
             "{}",
             json!({"reachable": true, "leader": status.leader, "term": status.term, "committed_index": status.committed_index,
-                   "answered_by": status.answered_by, "nodes": nodes})
+                   "answered_by": status.answered_by, "nodes": nodes, "collections": super::data::shards_json(&shards)})
         );
         return Ok(());
     }
@@ -335,6 +336,24 @@ pub async fn status(g: &Global) -> Result<()> {
                 .unwrap_or_else(|| "-".into()),
             n.applied_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
         );
+    }
+    let troubled: Vec<String> = shards
+        .iter()
+        .flat_map(|c| {
+            c.shards.iter().flat_map(move |s| {
+                s.problems
+                    .iter()
+                    .map(move |p| format!("{} shard {}: {p}", c.collection, s.shard))
+            })
+        })
+        .collect();
+    if troubled.is_empty() {
+        println!("shards: {} collections, every shard fully replicated", shards.len());
+    } else {
+        println!("shards needing attention:");
+        for t in troubled {
+            println!("  {t}");
+        }
     }
     Ok(())
 }

@@ -245,6 +245,54 @@ impl Meta {
         }
     }
 
+    /// The leader's side of a linearizable read: confirms leadership with
+    /// a heartbeat round and returns the index a reader must have applied.
+    pub async fn read_index_local(&self) -> Result<u64, WireError> {
+        match tokio::time::timeout(FORWARD_ATTEMPT, self.raft.ensure_linearizable()).await {
+            Ok(Ok(read)) => Ok(read.map_or(0, |l| l.index)),
+            Ok(Err(e)) => Err(unavailable(format!("not a confirmed metadata leader: {e}"))),
+            Err(_) => Err(unavailable(
+                "the metadata leader could not confirm its leadership in time",
+            )),
+        }
+    }
+
+    /// A linearizable read barrier: returns once this node has applied
+    /// every metadata write committed before the call (read index from the
+    /// leader, then a local wait), so `state()` is current.
+    pub async fn read_index(&self) -> Result<(), WireError> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let index = loop {
+            let attempt = match self.leader() {
+                Some((id, _)) if id == self.node_id => self.read_index_local().await,
+                Some((id, addr)) => {
+                    let req = NodeRequest::V1(NodeOpV1::MetaReadIndex);
+                    match self.peers.call(addr, &req, FORWARD_ATTEMPT).await {
+                        Ok(NodeResponse::V1(Ok(NodeReplyV1::MetaReadIndex { index }))) => Ok(index),
+                        Ok(NodeResponse::V1(Err(e))) => Err(e),
+                        Ok(other) => Err(unavailable(format!("leader {id} answered {other:?}"))),
+                        Err(e) => Err(unavailable(format!("leader {id} at {addr}: {e}"))),
+                    }
+                }
+                None => Err(unavailable("no metadata leader is known")),
+            };
+            match attempt {
+                Ok(index) => break index,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(500));
+        self.raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "linearizable metadata read")
+            .await
+            .map_err(|_| unavailable("this node has not applied the metadata leader's commits in time"))?;
+        Ok(())
+    }
+
     /// Runs a membership change here if leader, else on the leader.
     pub async fn change_membership(&self, change: MembershipChange) -> Result<(Vec<u64>, Vec<u64>), WireError> {
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -136,3 +136,19 @@ pub async fn serve(raft: &edgevec_meta::Raft, rpc: RaftRpc) -> Result<Vec<u8>, e
     };
     encoded.map_err(|e| edgevec_proto::WireError::new(edgevec_proto::ErrorCode::Internal, e.to_string()))
 }
+
+/// The node a Raft message speaks for (the vote it carries names it), so
+/// the server can check it against the caller's certificate.
+pub fn sender(rpc: &RaftRpc) -> Result<Option<u64>, edgevec_proto::WireError> {
+    fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, edgevec_proto::WireError> {
+        postcard::from_bytes(b).map_err(|e| {
+            edgevec_proto::WireError::new(edgevec_proto::ErrorCode::Malformed, format!("bad raft message: {e}"))
+        })
+    }
+    let vote = match rpc {
+        RaftRpc::Append(b) => decode::<AppendEntriesRequest>(b)?.vote,
+        RaftRpc::Vote(b) => decode::<VoteRequest>(b)?.vote,
+        RaftRpc::Snapshot(b) => decode::<InstallSnapshotRequest>(b)?.vote,
+    };
+    Ok(vote.leader_id().voted_for())
+}

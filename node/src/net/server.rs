@@ -29,6 +29,13 @@ use super::close;
 pub const MAX_CONNECTIONS: usize = 4096;
 /// How long a peer may take to send one request.
 pub const READ_DEADLINE: Duration = Duration::from_secs(30);
+/// Bytes of request bodies the node holds at once, over every connection:
+/// a request waits for its share before its body is read, so many peers
+/// sending large frames together cannot exhaust memory.
+pub const MAX_INFLIGHT_REQUEST_BYTES: usize = 512 * 1024 * 1024;
+
+/// The node-wide budget of request bytes in flight.
+type Budget = Arc<tokio::sync::Semaphore>;
 
 /// What the server hands decoded requests to.
 pub trait Dispatch: Send + Sync + 'static {
@@ -48,6 +55,7 @@ enum Peer {
 /// task has finished.
 pub async fn serve<D: Dispatch>(endpoint: quinn::Endpoint, dispatch: Arc<D>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
+    let budget: Budget = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_REQUEST_BYTES));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -64,10 +72,11 @@ pub async fn serve<D: Dispatch>(endpoint: quinn::Endpoint, dispatch: Arc<D>, shu
         let dispatch = dispatch.clone();
         let shutdown = shutdown.clone();
         let tracker2 = tracker.clone();
+        let budget = budget.clone();
         let span = info_span!("conn", remote = %incoming.remote_address());
         tracker.spawn(
             async move {
-                if let Err(e) = connection(incoming, dispatch, shutdown, tracker2).await {
+                if let Err(e) = connection(incoming, dispatch, shutdown, tracker2, budget).await {
                     debug!(error = %e, "connection ended");
                 }
             }
@@ -84,8 +93,19 @@ async fn connection<D: Dispatch>(
     dispatch: Arc<D>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    budget: Budget,
 ) -> Result<(), quinn::ConnectionError> {
-    let conn = incoming.await?;
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // A peer whose certificate this cluster does not trust ends
+            // here; say so once per attempt, it is what an operator looks
+            // for when a node cannot join.
+            tracing::info!(%remote, error = %e, "handshake failed");
+            return Ok(());
+        }
+    };
     let peer = match classify(&conn) {
         Some(p) => p,
         None => return Ok(()),
@@ -101,9 +121,10 @@ async fn connection<D: Dispatch>(
             },
         };
         let dispatch = dispatch.clone();
+        let budget = budget.clone();
         tracker.spawn(
             async move {
-                stream(peer, send, recv, &*dispatch).await;
+                stream(peer, send, recv, &*dispatch, &budget).await;
             }
             .instrument(info_span!("req", id = %next_request_id())),
         );
@@ -148,14 +169,33 @@ fn classify(conn: &quinn::Connection) -> Option<Peer> {
     }
 }
 
-async fn stream<D: Dispatch>(peer: Peer, mut send: quinn::SendStream, mut recv: quinn::RecvStream, dispatch: &D) {
-    let body = match tokio::time::timeout(READ_DEADLINE, frame::read_frame(&mut recv, limits::MAX_FRAME_BYTES)).await {
-        Ok(Ok(body)) => Ok(body),
-        Ok(Err(e)) => Err(frame_error(e, &mut recv)),
-        Err(_) => Err(WireError::new(
-            ErrorCode::Timeout,
-            format!("request not received within {READ_DEADLINE:?}"),
-        )),
+async fn stream<D: Dispatch>(
+    peer: Peer,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    dispatch: &D,
+    budget: &tokio::sync::Semaphore,
+) {
+    let read = async {
+        let len = frame::read_header(&mut recv, limits::MAX_FRAME_BYTES).await?;
+        // Reserve the body's bytes from the node-wide budget first; the
+        // permit is held until the reply is written.
+        let permit = budget
+            .acquire_many(len.max(1) as u32)
+            .await
+            .expect("the budget semaphore is never closed");
+        Ok::<_, FrameError>((frame::read_body(&mut recv, len).await?, permit))
+    };
+    let (body, _permit) = match tokio::time::timeout(READ_DEADLINE, read).await {
+        Ok(Ok((body, permit))) => (Ok(body), Some(permit)),
+        Ok(Err(e)) => (Err(frame_error(e, &mut recv)), None),
+        Err(_) => (
+            Err(WireError::new(
+                ErrorCode::Timeout,
+                format!("request not received within {READ_DEADLINE:?}"),
+            )),
+            None,
+        ),
     };
     let reply = match (peer, body) {
         (Peer::Client, Ok(body)) => match codec::decode::<ClientRequest>(&body) {
@@ -168,6 +208,24 @@ async fn stream<D: Dispatch>(peer: Peer, mut send: quinn::SendStream, mut recv: 
             Err(e) => codec::encode(&NodeResponse::V1(Err(e))),
         },
         (Peer::Node(_), Err(e)) => codec::encode(&NodeResponse::V1(Err(e))),
+    };
+    // A reply above the frame limit would be refused by the peer and cost
+    // the connection: answer with a typed error instead.
+    let reply = if reply.len() > limits::MAX_FRAME_BYTES {
+        let e = WireError::new(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "the reply is {} bytes, above the {} byte frame limit; ask for less at once (smaller k, fewer queries or ids)",
+                reply.len(),
+                limits::MAX_FRAME_BYTES
+            ),
+        );
+        match peer {
+            Peer::Client => codec::encode(&ClientResponse::V1(Err(e))),
+            Peer::Node(_) => codec::encode(&NodeResponse::V1(Err(e))),
+        }
+    } else {
+        reply
     };
     // The peer may be gone (that is how "closed mid-request" usually ends);
     // failing to answer it is not an error of the node.

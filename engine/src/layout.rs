@@ -1,0 +1,193 @@
+//! The engine's data directory: which layout it holds, where each replica
+//! lives, and where leftovers go.
+//!
+//! ```text
+//! LAYOUT                       "edgevec-engine layout 2\n"
+//! replicas.redb                the registry (crate::registry)
+//! replicas/<collection>-<shard>/
+//! trash/<name>-<unix seconds>  leftovers moved aside, for a person to delete
+//! ```
+//!
+//! Rules:
+//! - `LAYOUT` is written (durably) before anything else in a new directory,
+//!   so a directory with our files and no `LAYOUT` was not made by this
+//!   version: the single-node layout 1 (`catalog.redb`, `collections/`) or
+//!   something damaged. Such a directory is refused, never changed;
+//! - replica directories without the registry that says which of them are
+//!   live are refused too: the engine cannot tell live data from leftovers;
+//! - nothing here deletes: a replica directory the registry does not name
+//!   is moved to `trash/`.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::engine::ReplicaKey;
+use crate::error::EngineError;
+use crate::fsutil;
+
+pub const LAYOUT_FILE: &str = "LAYOUT";
+pub const LAYOUT_TEXT: &str = "edgevec-engine layout 2\n";
+pub const REGISTRY_FILE: &str = "replicas.redb";
+pub const REPLICAS_DIR: &str = "replicas";
+pub const TRASH_DIR: &str = "trash";
+
+/// Names that only the single-node layout 1 used.
+const LAYOUT_1_NAMES: [&str; 2] = ["catalog.redb", "collections"];
+
+fn refuse(path: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::Layout {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Makes sure `dir` holds layout 2: creates it (with its `LAYOUT`) when it
+/// is new, and refuses any other layout without changing anything.
+pub fn prepare(dir: &Path) -> Result<(), EngineError> {
+    fsutil::create_dir_durable(dir)?;
+    let marker = dir.join(LAYOUT_FILE);
+    match std::fs::read(&marker) {
+        Ok(text) if text == LAYOUT_TEXT.as_bytes() => return Ok(()),
+        Ok(text) => {
+            return Err(refuse(
+                dir,
+                format!(
+                    "{} says {:?}, but this edgevec reads only {:?}; open it with the edgevec version that \
+                     wrote it. Nothing was changed",
+                    marker.display(),
+                    String::from_utf8_lossy(&text),
+                    LAYOUT_TEXT
+                ),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(EngineError::io(marker, e)),
+    }
+    if LAYOUT_1_NAMES.iter().any(|n| dir.join(n).exists()) {
+        return Err(refuse(
+            dir,
+            "it holds data of the single-node format (layout 1: catalog.redb, collections/), which is not \
+             migrated automatically; nothing was deleted. Move the directory away to start this node fresh \
+             (its replicas are then copied from the other nodes), or keep running the version that wrote it",
+        ));
+    }
+    if dir.join(REGISTRY_FILE).exists() || dir.join(REPLICAS_DIR).exists() {
+        return Err(refuse(
+            dir,
+            format!(
+                "it holds replica files but no {LAYOUT_FILE} file, so its layout is unknown; nothing was \
+                 changed. Restore {LAYOUT_FILE} (content {LAYOUT_TEXT:?}) if this directory is known to be \
+                 layout 2, or move the directory away"
+            ),
+        ));
+    }
+    fsutil::write_atomic(&marker, LAYOUT_TEXT.as_bytes())
+}
+
+/// Refuses to go on when `replicas/` holds replica directories but the
+/// registry file is missing or empty: opening would create an empty
+/// registry and treat every replica as a leftover.
+pub fn check_registry(dir: &Path) -> Result<(), EngineError> {
+    let registry = dir.join(REGISTRY_FILE);
+    let present = match std::fs::metadata(&registry) {
+        Ok(m) => m.len() > 0,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(EngineError::io(registry, e)),
+    };
+    let replicas = replica_dirs(dir)?;
+    if present || replicas.is_empty() {
+        return Ok(());
+    }
+    Err(refuse(
+        &registry,
+        format!(
+            "the file is missing or empty, but {} holds {} replica directories; without the registry they \
+             cannot be told from leftovers. Nothing was deleted: restore the file, or move the data \
+             directory away to start fresh",
+            dir.join(REPLICAS_DIR).display(),
+            replicas.len()
+        ),
+    ))
+}
+
+/// The directory of replica `key`.
+pub fn replica_dir(dir: &Path, key: ReplicaKey) -> PathBuf {
+    dir.join(REPLICAS_DIR).join(dir_name(key))
+}
+
+fn dir_name(key: ReplicaKey) -> String {
+    format!("{}-{}", key.collection, key.shard)
+}
+
+/// The replica a directory name stands for; `None` for names not ours.
+fn parse_dir_name(name: &str) -> Option<ReplicaKey> {
+    let (collection, shard) = name.split_once('-')?;
+    let key = ReplicaKey {
+        collection: collection.parse().ok()?,
+        shard: shard.parse().ok()?,
+    };
+    // Only the canonical spelling ("07-1" is not ours).
+    (dir_name(key) == name).then_some(key)
+}
+
+/// Every replica directory under `replicas/` (none if it does not exist).
+pub fn replica_dirs(dir: &Path) -> Result<Vec<(ReplicaKey, PathBuf)>, EngineError> {
+    let replicas = dir.join(REPLICAS_DIR);
+    let entries = match std::fs::read_dir(&replicas) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(EngineError::io(replicas, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| EngineError::io(&replicas, e))?;
+        if let Some(key) = entry.file_name().to_str().and_then(parse_dir_name) {
+            if entry.path().is_dir() {
+                out.push((key, entry.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Moves `path` (a directory under `dir`) to `trash/<name>-<unix seconds>`
+/// durably and returns where it went.
+pub fn move_to_trash(dir: &Path, path: &Path) -> Result<PathBuf, EngineError> {
+    let trash = dir.join(TRASH_DIR);
+    fsutil::create_dir_durable(&trash)?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "replica".into(), |n| n.to_string_lossy());
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut to = trash.join(format!("{name}-{secs}"));
+    let mut n = 1;
+    while to.exists() {
+        to = trash.join(format!("{name}-{secs}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &to).map_err(|e| EngineError::io(path, e))?;
+    fsutil::sync_dir(&trash)?;
+    if let Some(parent) = path.parent() {
+        fsutil::sync_dir(parent)?;
+    }
+    Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_dir_names_round_trip() {
+        let key = ReplicaKey {
+            collection: 12,
+            shard: 3,
+        };
+        assert_eq!(dir_name(key), "12-3");
+        assert_eq!(parse_dir_name("12-3"), Some(key));
+        for not_ours in ["12", "12-", "-3", "a-3", "12-3-4", "012-3", "12-03", "12-99999999999"] {
+            assert_eq!(parse_dir_name(not_ours), None, "{not_ours}");
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The applied side of a replica: turning logged ops into searchable
+//! state, a batch at a time.
+//!
+//! A batch is planned op by op against the state as the previous ops of
+//! the batch left it (so the result is the one applying them one at a time
+//! would give), committed in one fsynced transaction with the new applied
+//! LSN and the retention trim, and only then mirrored in memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use super::{ShardReplica, ShardState};
+use crate::error::EngineError;
+use crate::op::ShardOp;
+use crate::plan::{self, Location, Plan};
+use crate::segment::Segment;
+use crate::store::{Applied, Retention};
+
+impl ShardReplica {
+    /// Applies the logged ops `applied_lsn() + 1 ..= min(lsn, last_op().lsn)`
+    /// in order and returns the new applied LSN; `lsn` at or below the
+    /// applied LSN is a no-op. The caller passes only committed LSNs, and
+    /// bounds the batch: its ops are read from the log into memory at once.
+    ///
+    /// After the apply, retention drops the oldest applied ops while the
+    /// log exceeds `retain_bytes`, keeping everything above the retain
+    /// floor ([`ShardReplica::set_retain_floor`]).
+    pub fn apply_through(&self, lsn: u64) -> Result<u64, EngineError> {
+        let _writer = self.writer.lock().expect("shard writer lock");
+        let (applied, target) = {
+            let st = self.read();
+            (st.applied_lsn, lsn.min(st.log.last.lsn))
+        };
+        if target <= applied {
+            return Ok(applied);
+        }
+        let ops = self.store.logged(applied + 1, target)?;
+        let (plans, growing) = {
+            let st = self.read();
+            // Ids touched by earlier ops of the batch shadow the shard's map.
+            let mut touched: HashMap<u64, Option<Location>> = HashMap::new();
+            let mut growing = st.growing;
+            let mut plans = Vec::with_capacity(ops.len());
+            for (_, op) in &ops {
+                let current = |id| match touched.get(&id) {
+                    Some(at) => *at,
+                    None => st.locations.get(&id).copied(),
+                };
+                let p = plan::plan(op, current, growing, self.config.seal_rows);
+                touched.extend(p.points.iter().copied());
+                growing = p.growing;
+                plans.push(p);
+            }
+            (plans, growing)
+        };
+        let batch: Vec<Applied<'_>> = ops
+            .iter()
+            .zip(&plans)
+            .map(|((id, op), plan)| Applied { lsn: id.lsn, op, plan })
+            .collect();
+        let retention = Retention {
+            budget: self.config.retain_bytes,
+            keep_above: self.retain_floor.load(Ordering::Acquire),
+        };
+        let first_logged = self.store.apply(&batch, growing.segment, retention)?;
+        let sealed: Vec<u64> = {
+            let mut st = self.state.write().expect("shard state lock");
+            let sealed = batch
+                .iter()
+                .flat_map(|a| self.apply_to_memory(&mut st, a.op, a.plan))
+                .collect();
+            st.applied_lsn = target;
+            st.log.first_logged = first_logged;
+            sealed
+        };
+        for segment in sealed {
+            self.queue_build(segment);
+        }
+        Ok(target)
+    }
+
+    /// Mirrors a committed plan in memory; returns the segments it sealed.
+    fn apply_to_memory(&self, st: &mut ShardState, op: &ShardOp, plan: &Plan) -> Vec<u64> {
+        let dim = self.config.dim as usize;
+        if let ShardOp::Upsert(points) = op {
+            for a in &plan.appends {
+                let p = &points[a.point];
+                let seg = st
+                    .segments
+                    .entry(a.at.segment)
+                    .or_insert_with(|| Segment::growing(a.at.segment, dim));
+                let row = seg.push(p.id, &p.vector);
+                debug_assert_eq!(row, a.at.row);
+            }
+        }
+        for (at, _) in &plan.tombstones {
+            if let Some(seg) = st.segments.get_mut(&at.segment) {
+                seg.tombstone(at.row);
+            }
+        }
+        for (id, at) in &plan.points {
+            match at {
+                Some(at) => st.locations.insert(*id, *at),
+                None => st.locations.remove(id),
+            };
+        }
+        for c in &plan.sealed {
+            if let Some(seg) = st.segments.get_mut(&c.segment) {
+                seg.seal();
+            }
+        }
+        st.segments
+            .entry(plan.growing.segment)
+            .or_insert_with(|| Segment::growing(plan.growing.segment, dim));
+        st.growing = plan.growing;
+        plan.sealed.iter().map(|c| c.segment).collect()
+    }
+}

@@ -1,0 +1,167 @@
+//! The backup side of replication: ops from the primary of the current
+//! term, checked, persisted, then acknowledged (REPLICATION.md, write rules
+//! 3 and 6).
+//!
+//! Invariants:
+//! - ops are taken only from the node the metadata names primary of the
+//!   message's term (the sender is identified by its certificate), and
+//!   never of a term older than this replica's durable term (fencing);
+//! - an op is appended only right after an op both logs hold (log
+//!   matching); a conflicting suffix is truncated first, and never below
+//!   what this replica already made searchable;
+//! - the ack is sent after the fsync and names the end of the log;
+//! - ops become searchable up to min(commit LSN, the last LSN verified
+//!   against the current primary in this term).
+
+use std::time::Duration;
+
+use edgevec_engine::ShardOp;
+use edgevec_proto::replication::{Replicate, ReplicateReply};
+use edgevec_proto::{ErrorCode, OpId, WireError};
+
+use super::log_match::{accept, applicable, Accept, LogShape};
+use super::{blocking, unavailable, DataPlane};
+
+/// What a backup knows of the primary it follows.
+#[derive(Debug, Default)]
+pub struct BackupView {
+    /// Term of the primary whose ops were last taken.
+    pub term: u64,
+    /// Highest LSN verified against that primary's log in that term.
+    pub verified: u64,
+    /// Highest commit LSN heard of.
+    pub commit: u64,
+}
+
+/// How long a backup waits for its metadata to learn of a newer term a
+/// primary already claims (metadata is applied asynchronously).
+const TERM_WAIT: Duration = Duration::from_secs(2);
+
+impl DataPlane {
+    /// Checks that `peer` is the primary of `term` for the message's shard,
+    /// waiting briefly for this node's metadata to catch up.
+    async fn check_sender(&self, peer: u64, msg: &Replicate) -> Result<(), WireError> {
+        let key = msg.shard;
+        let deadline = tokio::time::Instant::now() + TERM_WAIT;
+        let mut rx = self.meta.subscribe();
+        loop {
+            if let Some((cfg, _)) = self.config_of(key) {
+                if msg.term < cfg.term {
+                    return Err(WireError::new(
+                        ErrorCode::Conflict,
+                        format!("{key}: term {} is over, the current term is {}", msg.term, cfg.term),
+                    ));
+                }
+                if msg.term == cfg.term {
+                    return if cfg.primary == Some(peer) {
+                        Ok(())
+                    } else {
+                        Err(WireError::new(
+                            ErrorCode::Conflict,
+                            format!("{key}: node {peer} is not the primary of term {}", msg.term),
+                        ))
+                    };
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(unavailable(format!(
+                        "{key}: this node's metadata does not know term {} yet; retry",
+                        msg.term
+                    )))
+                }
+                changed = rx.changed() => if changed.is_err() {
+                    return Err(unavailable("node is shutting down"));
+                },
+            }
+        }
+    }
+
+    /// Takes a [`Replicate`] message from node `peer`.
+    pub async fn on_replicate(&self, peer: u64, msg: Replicate) -> Result<ReplicateReply, WireError> {
+        let key = msg.shard;
+        self.check_sender(peer, &msg).await?;
+        // The metadata names this node (the sender check passed) but the
+        // sync that opens the replica may not have run yet.
+        let local = match self.local(key) {
+            Some(l) => l,
+            None => {
+                Box::pin(self.sync_now()).await;
+                self.local(key)
+                    .ok_or_else(|| unavailable(format!("node {} has not opened its replica of {key} yet", self.me)))?
+            }
+        };
+        let mut view = local.backup.lock().await;
+        let replica = local.replica.clone();
+        if msg.term < replica.term() {
+            return Err(WireError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "{key}: term {} is older than this replica's term {}",
+                    msg.term,
+                    replica.term()
+                ),
+            ));
+        }
+        if view.term != msg.term {
+            view.term = msg.term;
+            view.verified = 0;
+        }
+        let mut entries = Vec::with_capacity(msg.entries.len());
+        for (i, e) in msg.entries.iter().enumerate() {
+            if e.id.lsn != msg.prev.lsn + 1 + i as u64 || e.id.term > msg.term || e.id.term < msg.prev.term {
+                return Err(WireError::new(
+                    ErrorCode::Malformed,
+                    format!("{key}: entry {i} has op id {} after {}", e.id, msg.prev),
+                ));
+            }
+            let op = ShardOp::decode(&e.op).map_err(|err| WireError::new(ErrorCode::Malformed, err.to_string()))?;
+            entries.push((e.id, op));
+        }
+        let (prev, term, ends_log) = (msg.prev, msg.term, msg.ends_log);
+        let outcome = blocking(move || {
+            if replica.term() < term {
+                replica.raise_term(term)?;
+            }
+            let status = replica.log_status();
+            let mine = LogShape {
+                last: status.last,
+                history: &status.history,
+            };
+            let ids: Vec<OpId> = entries.iter().map(|(id, _)| *id).collect();
+            match accept(mine, prev, &ids) {
+                Accept::Mismatch => Ok(None),
+                Accept::Append { truncate_after, from } => {
+                    if let Some(lsn) = truncate_after {
+                        replica.truncate_after(lsn)?;
+                    }
+                    let after = if from == 0 { prev } else { ids[from - 1] };
+                    replica.append(after, &entries[from..])?;
+                    let sent_end = ids.last().copied().unwrap_or(prev);
+                    if ends_log && replica.last_op().lsn > sent_end.lsn {
+                        replica.truncate_after(sent_end.lsn)?;
+                    }
+                    Ok(Some(sent_end))
+                }
+            }
+        })
+        .await?;
+        let Some(verified) = outcome else {
+            let status = local.replica.log_status();
+            return Ok(ReplicateReply::Mismatch {
+                last: status.last,
+                history: status.history,
+            });
+        };
+        view.verified = view.verified.max(verified.lsn);
+        view.commit = view.commit.max(msg.commit_lsn);
+        let through = applicable(view.commit, view.verified);
+        if through > local.replica.applied_lsn() {
+            let replica = local.replica.clone();
+            blocking(move || replica.apply_through(through)).await?;
+        }
+        Ok(ReplicateReply::Ack {
+            last: local.replica.last_op(),
+        })
+    }
+}

@@ -1,0 +1,339 @@
+//! The data plane of one node: the shard replicas it holds and the
+//! primary-backup protocol between them (REPLICATION.md).
+//!
+//! [`DataPlane`] owns the runtime of every local replica ([`Local`]):
+//! - it makes the engine's replicas follow the metadata: a replica is
+//!   created when a shard configuration names this node, and its files are
+//!   deleted only when the metadata proves it gone (a committed
+//!   configuration of a live collection leaves this node out, or the
+//!   collection id was dropped) — never because something is unknown;
+//! - as **primary** of a shard it runs the write path, the epoch start of
+//!   a new term and the catch-up of lagging replicas (`primary`);
+//! - as **backup** it takes ops from the primary of the current term only,
+//!   checking term and log matching, persisting before it acks (`backup`);
+//! - it serves reads of its replicas to proxies;
+//! - on the metadata leader, `manager` places shards, fails primaries over
+//!   and restores replica counts.
+//!
+//! Decisions are pure functions: `log_match` (divergence point, what a
+//! backup takes and applies), and the shard-configuration transitions of
+//! the metadata crate (placement, new-primary choice, in-sync changes).
+//! Engine calls block (fsync) and run on the blocking pool.
+
+pub mod backup;
+pub mod log_match;
+pub mod manager;
+pub mod primary;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgevec_engine::{Engine, EngineError, ReplicaKey, ReplicaSpec, ShardReplica};
+use edgevec_meta::{MetaState, ShardConfig};
+use edgevec_proto::internal::{NodeOpV1, NodeReplyV1, NodeRequest, NodeResponse};
+use edgevec_proto::replication::{ReplicaReport, ShardRead, ShardReadReply, ShardRef};
+use edgevec_proto::{ErrorCode, WireError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::meta::Meta;
+use crate::net::peer::PeerPool;
+
+/// Deadline of one replication exchange with a backup.
+pub const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest batch of log entries sent in one catch-up message.
+pub const CATCH_UP_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Most entries in one catch-up message.
+pub const CATCH_UP_BATCH_OPS: usize = 256;
+
+/// The runtime of one local shard replica.
+pub struct Local {
+    pub key: ShardRef,
+    pub spec: ReplicaSpec,
+    pub replica: Arc<ShardReplica>,
+    /// The primary role of this replica, and its writer lock: a write holds
+    /// it from assigning the LSN until the ack.
+    pub primary: tokio::sync::Mutex<Option<primary::Primary>>,
+    /// The backup role: serialises ops received from primaries.
+    pub backup: tokio::sync::Mutex<backup::BackupView>,
+    /// Epoch starts begun and finished here, by term.
+    pub epoch: Mutex<primary::EpochMark>,
+    /// Catch-ups this primary runs: node → progress text.
+    pub catch_ups: Mutex<BTreeMap<u64, String>>,
+}
+
+impl Local {
+    fn new(key: ShardRef, spec: ReplicaSpec, replica: Arc<ShardReplica>) -> Arc<Self> {
+        Arc::new(Local {
+            key,
+            spec,
+            replica,
+            primary: tokio::sync::Mutex::new(None),
+            backup: tokio::sync::Mutex::new(backup::BackupView::default()),
+            epoch: Mutex::new(primary::EpochMark::default()),
+            catch_ups: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// This replica's report of itself (log position, counts, and on a
+    /// primary its catch-ups).
+    pub fn report(&self, node: u64) -> ReplicaReport {
+        let status = self.replica.log_status();
+        let (info, segments) = self.replica.info();
+        let ready = self.epoch.lock().expect("epoch lock").ready;
+        ReplicaReport {
+            shard: self.key,
+            node,
+            serving: ready != 0 && ready == status.term,
+            term: status.term,
+            last: status.last,
+            applied_lsn: status.applied,
+            points: info.points,
+            history: status.history,
+            catch_ups: self
+                .catch_ups
+                .lock()
+                .expect("catch-up lock")
+                .iter()
+                .map(|(n, p)| (*n, p.clone()))
+                .collect(),
+            segments,
+        }
+    }
+}
+
+/// The node's shard replicas and their protocol roles.
+pub struct DataPlane {
+    pub me: u64,
+    pub engine: Arc<Engine>,
+    pub meta: Meta,
+    pub peers: Arc<PeerPool>,
+    locals: Mutex<BTreeMap<ShardRef, Arc<Local>>>,
+    this: std::sync::Weak<DataPlane>,
+    /// One metadata sync at a time.
+    syncing: tokio::sync::Mutex<()>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// Maps an engine failure onto the wire.
+pub fn engine_error(e: EngineError) -> WireError {
+    e.to_wire()
+}
+
+/// Runs blocking engine work on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, WireError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(engine_error),
+        Err(e) => Err(WireError::new(ErrorCode::Internal, format!("storage task failed: {e}"))),
+    }
+}
+
+pub fn key_of(shard: ShardRef) -> ReplicaKey {
+    ReplicaKey {
+        collection: shard.collection,
+        shard: shard.shard,
+    }
+}
+
+pub fn unavailable(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::Unavailable, msg)
+}
+
+impl DataPlane {
+    pub fn new(
+        me: u64,
+        engine: Arc<Engine>,
+        meta: Meta,
+        peers: Arc<PeerPool>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| DataPlane {
+            me,
+            engine,
+            meta,
+            peers,
+            locals: Mutex::new(BTreeMap::new()),
+            this: this.clone(),
+            syncing: tokio::sync::Mutex::new(()),
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The local replica of `shard`, if this node holds one.
+    pub fn local(&self, shard: ShardRef) -> Option<Arc<Local>> {
+        self.locals.lock().expect("locals lock").get(&shard).cloned()
+    }
+
+    pub fn locals(&self) -> Vec<Arc<Local>> {
+        self.locals.lock().expect("locals lock").values().cloned().collect()
+    }
+
+    /// The QUIC address of node `id` from the metadata.
+    pub fn addr_of(&self, state: &MetaState, id: u64) -> Option<SocketAddr> {
+        state.node(id)?.addr.parse().ok()
+    }
+
+    /// Sends one node request to node `id`.
+    pub async fn call(&self, id: u64, op: NodeOpV1, timeout: Duration) -> Result<NodeReplyV1, WireError> {
+        let state = self.meta.state();
+        let addr = self
+            .addr_of(&state, id)
+            .ok_or_else(|| unavailable(format!("node {id} has no known address")))?;
+        match self.peers.call(addr, &NodeRequest::V1(op), timeout).await {
+            Ok(NodeResponse::V1(r)) => r,
+            Err(edgevec_client::rpc::CallError::Timeout(d)) => Err(WireError::new(
+                ErrorCode::Timeout,
+                format!("node {id} did not answer within {d:?}"),
+            )),
+            Err(e) => Err(unavailable(format!("node {id} at {addr}: {e}"))),
+        }
+    }
+
+    /// Makes the local replicas follow the metadata, then starts what the
+    /// roles in it ask for (epoch starts, catch-ups).
+    pub async fn sync(self: &Arc<Self>) {
+        let _one = self.syncing.lock().await;
+        if self.meta.metrics().last_applied.is_none() {
+            return;
+        }
+        let state = self.meta.state();
+        let mut wanted: BTreeMap<ShardRef, (ReplicaSpec, ShardConfig)> = BTreeMap::new();
+        for c in state.collections() {
+            for (shard, cfg) in &c.shards {
+                if cfg.replica(self.me).is_none() {
+                    continue;
+                }
+                let key = ShardRef {
+                    collection: c.id,
+                    shard: *shard,
+                };
+                let spec = ReplicaSpec {
+                    key: key_of(key),
+                    name: c.spec.name.clone(),
+                    dim: c.spec.dim,
+                    metric: c.spec.metric,
+                    seal_rows: c.spec.seal_rows,
+                };
+                wanted.insert(key, (spec, cfg.clone()));
+            }
+        }
+        // Replicas whose removal the metadata proves: the collection id
+        // was dropped, or a committed configuration of the live
+        // collection leaves this node out.
+        let engine = self.engine.clone();
+        let have: Vec<ReplicaSpec> = match blocking(move || Ok(engine.replicas())).await {
+            Ok(list) => list.into_iter().map(|(spec, _)| spec).collect(),
+            Err(e) => {
+                warn!(error = %e.message, "cannot list local replicas");
+                return;
+            }
+        };
+        for spec in have {
+            let key = ShardRef {
+                collection: spec.key.collection,
+                shard: spec.key.shard,
+            };
+            if wanted.contains_key(&key) {
+                continue;
+            }
+            let proven_gone = state.collection_dropped(key.collection)
+                || state
+                    .shard_config(key.collection, key.shard)
+                    .is_some_and(|cfg| cfg.replica(self.me).is_none());
+            if !proven_gone {
+                continue;
+            }
+            info!(shard = %key, name = %spec.name, "dropping local replica: the metadata no longer names this node");
+            if let Some(local) = self.locals.lock().expect("locals lock").remove(&key) {
+                local.replica.retire();
+            }
+            let engine = self.engine.clone();
+            if let Err(e) = blocking(move || engine.drop_replica(spec.key)).await {
+                warn!(shard = %key, error = %e.message, "could not drop replica; retried at the next sync");
+            }
+        }
+        for (key, (spec, cfg)) in wanted {
+            let local = match self.local(key) {
+                Some(l) => l,
+                None => {
+                    let engine = self.engine.clone();
+                    let s = spec.clone();
+                    match blocking(move || engine.create_replica(s)).await {
+                        Ok(replica) => {
+                            let l = Local::new(key, spec, replica);
+                            self.locals.lock().expect("locals lock").insert(key, l.clone());
+                            l
+                        }
+                        Err(e) => {
+                            warn!(shard = %key, error = %e.message, "cannot open replica; retried at the next sync");
+                            continue;
+                        }
+                    }
+                }
+            };
+            if cfg.primary == Some(self.me) {
+                self.clone().on_primary_config(local, cfg);
+            }
+        }
+    }
+
+    /// A sync from a request handler (one that found a replica missing).
+    pub async fn sync_now(&self) {
+        if let Some(this) = self.this.upgrade() {
+            this.sync().await;
+        }
+    }
+
+    /// Syncs on every metadata change (and every second, so a failed step
+    /// is retried) until shutdown.
+    pub async fn run(self: Arc<Self>) {
+        let mut rx = self.meta.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.sync().await;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
+    /// A read of one of this node's replicas.
+    pub async fn read(&self, req: ShardRead) -> Result<ShardReadReply, WireError> {
+        let shard = req.shard();
+        let local = self
+            .local(shard)
+            .ok_or_else(|| unavailable(format!("node {} holds no replica of {shard}", self.me)))?;
+        match req {
+            ShardRead::Search {
+                queries,
+                k,
+                with_payload,
+                ..
+            } => {
+                let metric = local.spec.metric;
+                let replica = local.replica.clone();
+                let hits =
+                    blocking(move || edgevec_engine::search_replicas(&[replica], metric, &queries, k, with_payload))
+                        .await?;
+                Ok(ShardReadReply::Hits(hits))
+            }
+            ShardRead::Get { ids, .. } => {
+                let replica = local.replica.clone();
+                let found = blocking(move || replica.get(&ids)).await?;
+                Ok(ShardReadReply::Points(found.into_iter().flatten().collect()))
+            }
+            ShardRead::Status { .. } => Ok(ShardReadReply::Status(local.report(self.me))),
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The primary of a shard: epoch start, the write path, and catch-up of
+//! lagging replicas (REPLICATION.md, "Write", "Change of primary",
+//! "Catch-up").
+//!
+//! Invariants:
+//! - a write holds the replica's primary lock from assigning its LSN to
+//!   its ack, so ops reach every backup in LSN order and the ack set cannot
+//!   change under a write;
+//! - a write is acknowledged only when every member of the ack set (the
+//!   committed in-sync set, plus joiners whose in-sync CAS may still
+//!   commit) has persisted it, and at least `min_insync` replicas hold it;
+//!   a member that fails is first removed by a compare-and-set on the
+//!   shard's configuration version;
+//! - a primary acts only as primary of the newest configuration it has
+//!   applied, in the term that configuration names; a node that finds it
+//!   already used that term (it restarted) asks for the next one instead,
+//!   so an op id never names two ops;
+//! - a new primary takes writes only once every in-sync replica holds its
+//!   epoch-start op; everything before it is then committed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgevec_engine::{EngineError, ShardOp};
+use edgevec_meta::{CommandV2, MetaCommand, Replication, ShardConfig};
+use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
+use edgevec_proto::replication::{LogEntry, Replicate, ReplicateReply, ShardRef};
+use edgevec_proto::{ErrorCode, OpId, WireError};
+use tracing::{debug, info, warn};
+
+use super::log_match::{divergence, LogShape};
+use super::{blocking, unavailable, DataPlane, Local, CATCH_UP_BATCH_BYTES, CATCH_UP_BATCH_OPS, REPLICATE_TIMEOUT};
+
+/// Which epochs of a replica were begun and completed on this node.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EpochMark {
+    /// Term of the epoch start running or done (0: none; retried).
+    pub begun: u64,
+    /// The epoch-start op this process appended (reused by a retry).
+    pub start: Option<OpId>,
+    /// Term whose epoch start committed: writes are taken.
+    pub ready: u64,
+}
+
+/// The primary role of one replica, for one term.
+#[derive(Debug)]
+pub struct Primary {
+    pub term: u64,
+    /// Every in-sync replica holds the epoch-start op: writes are taken.
+    pub ready: bool,
+    pub commit_lsn: u64,
+    /// Next LSN to send to each backup.
+    pub next: BTreeMap<u64, u64>,
+    /// Replicas added to the ack set before their in-sync CAS committed:
+    /// node → the version that CAS expected. Kept until a committed
+    /// configuration newer than that says whether they are in.
+    pub joiners: BTreeMap<u64, u64>,
+}
+
+fn outcome_unknown(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::OutcomeUnknown, msg)
+}
+
+/// Why a backup could not be brought up to date.
+enum SendError {
+    /// It did not answer, refused, or failed: remove it from the ack set.
+    Failed(String),
+    /// This node is no longer the primary of the term (fenced).
+    Fenced(String),
+}
+
+impl Primary {
+    /// Members of the ack set other than the primary.
+    fn backups(&mut self, cfg: &ShardConfig, me: u64) -> Vec<u64> {
+        self.joiners.retain(|_, v| cfg.version <= *v);
+        let mut out: Vec<u64> = cfg.in_sync().into_iter().filter(|n| *n != me).collect();
+        for j in self.joiners.keys() {
+            if !out.contains(j) && *j != me {
+                out.push(*j);
+            }
+        }
+        out
+    }
+}
+
+impl DataPlane {
+    /// The configuration and replication settings of `key`.
+    pub fn config_of(&self, key: ShardRef) -> Option<(ShardConfig, Replication)> {
+        let state = self.meta.state();
+        let c = state.collection_by_id(key.collection)?;
+        Some((c.shards.get(&key.shard)?.clone(), c.replication))
+    }
+
+    /// Proposes `config` for `key` if the shard is still at `expected`.
+    /// `Ok(false)`: the version moved (someone else changed the shard).
+    pub async fn cas(&self, key: ShardRef, expected: u64, config: ShardConfig) -> Result<bool, WireError> {
+        let cmd = MetaCommand::V2(CommandV2::ShardCas {
+            collection: key.collection,
+            shard: key.shard,
+            expected_version: expected,
+            config,
+        });
+        let resp = self.meta.write(cmd).await?;
+        match resp.rejection() {
+            None => Ok(true),
+            Some((edgevec_meta::RejectCode::Conflict, _)) => Ok(false),
+            Some((code, msg)) => Err(WireError::new(
+                ErrorCode::Internal,
+                format!("shard configuration change of {key} refused ({code}): {msg}"),
+            )),
+        }
+    }
+
+    /// Called on every sync while the metadata names this node primary.
+    pub fn on_primary_config(self: Arc<Self>, local: Arc<Local>, cfg: ShardConfig) {
+        let mark = *local.epoch.lock().expect("epoch lock");
+        if mark.begun < cfg.term {
+            local.epoch.lock().expect("epoch lock").begun = cfg.term;
+            let this = self.clone();
+            self.tasks.spawn(async move { this.start_epoch(local, cfg).await });
+            return;
+        }
+        if mark.start.is_some_and(|id| id.term == cfg.term) {
+            self.start_catch_ups(&local, &cfg);
+        }
+    }
+
+    /// Becomes primary of `cfg.term`: persists the term, appends the
+    /// epoch-start op and reconciles every in-sync backup to this log. A
+    /// retry in the same process reuses the epoch-start op it appended.
+    async fn start_epoch(self: Arc<Self>, local: Arc<Local>, cfg: ShardConfig) {
+        let key = local.key;
+        let term = cfg.term;
+        let mut guard = local.primary.lock().await;
+        if guard.as_ref().is_some_and(|p| p.term != term) {
+            *guard = None;
+        }
+        let reuse = local
+            .epoch
+            .lock()
+            .expect("epoch lock")
+            .start
+            .filter(|id| id.term == term);
+        let epoch = match reuse {
+            Some(id) => id,
+            None if local.replica.term() >= term => {
+                // This node already acted in this term before a restart:
+                // an op id of it may exist that nobody else has. Ask for
+                // the next term instead of resuming this one.
+                info!(shard = %key, term, "term already used here; asking for the next term");
+                let next = edgevec_meta::next_term(&cfg);
+                if let Err(e) = self.cas(key, cfg.version, next).await {
+                    warn!(shard = %key, error = %e.message, "could not ask for a new term");
+                }
+                local.epoch.lock().expect("epoch lock").begun = 0;
+                return;
+            }
+            None => {
+                let replica = local.replica.clone();
+                let appended = blocking(move || {
+                    replica.raise_term(term)?;
+                    let last = replica.last_op();
+                    let id = OpId::new(term, last.lsn + 1);
+                    replica.append(last, &[(id, ShardOp::EpochStart)])?;
+                    Ok(id)
+                })
+                .await;
+                match appended {
+                    Ok(id) => {
+                        local.epoch.lock().expect("epoch lock").start = Some(id);
+                        id
+                    }
+                    Err(e) => {
+                        warn!(shard = %key, term, error = %e.message, "cannot start the epoch");
+                        local.epoch.lock().expect("epoch lock").begun = 0;
+                        return;
+                    }
+                }
+            }
+        };
+        info!(shard = %key, term, epoch_start = %epoch, "primary: reconciling backups");
+        let p = guard.get_or_insert_with(|| Primary {
+            term,
+            ready: false,
+            commit_lsn: 0,
+            next: BTreeMap::new(),
+            joiners: BTreeMap::new(),
+        });
+        let fresh = LogEntry {
+            id: epoch,
+            op: ShardOp::EpochStart.encode(term),
+        };
+        let committed = match self.replicate_to_ack_set(&local, p, &fresh).await {
+            Ok(()) => {
+                let replica = local.replica.clone();
+                blocking(move || replica.apply_through(epoch.lsn)).await
+            }
+            Err(e) => Err(e),
+        };
+        match committed {
+            Ok(_) => {
+                p.commit_lsn = epoch.lsn;
+                p.ready = true;
+                info!(shard = %key, term, "primary ready");
+                local.epoch.lock().expect("epoch lock").ready = term;
+                drop(guard);
+                self.notify_commit(&local, epoch);
+            }
+            Err(e) => {
+                // Retried at a later sync (after a removal, a catch-up
+                // that brings the in-sync set back to min_insync, ...).
+                warn!(shard = %key, term, error = %e.message, "epoch start not committed yet; retrying");
+                local.epoch.lock().expect("epoch lock").begun = 0;
+                drop(guard);
+            }
+        }
+        if let Some((cfg, _)) = self.config_of(key) {
+            self.start_catch_ups(&local, &cfg);
+        }
+    }
+
+    /// Primary write: assigns the next op id, persists it, brings every
+    /// member of the ack set up to it, commits and applies it.
+    pub async fn primary_write(&self, local: &Arc<Local>, op: ShardOp) -> Result<OpId, WireError> {
+        let key = local.key;
+        let mut guard = local.primary.lock().await;
+        let Some(p) = guard.as_mut() else {
+            return Err(unavailable(format!(
+                "node {} is not the primary of {key} (it may be failing over); retry",
+                self.me
+            )));
+        };
+        if !p.ready {
+            return Err(unavailable(format!(
+                "the primary of {key} is still starting its term; retry"
+            )));
+        }
+        let (cfg, replication) = self
+            .config_of(key)
+            .ok_or_else(|| unavailable(format!("{key} is not in the metadata")))?;
+        if cfg.primary != Some(self.me) || cfg.term != p.term {
+            *guard = None;
+            return Err(unavailable(format!(
+                "node {} is no longer the primary of {key}; retry",
+                self.me
+            )));
+        }
+        let holders = cfg.in_sync().len() as u32;
+        if holders < replication.min_insync {
+            return Err(unavailable(format!(
+                "{key} has {holders} in-sync replicas, fewer than min_insync {}; writes resume when a replica catches up",
+                replication.min_insync
+            )));
+        }
+        let term = p.term;
+        let replica = local.replica.clone();
+        let encoded = op.encode(term);
+        let id = blocking(move || {
+            let last = replica.last_op();
+            let id = OpId::new(term, last.lsn + 1);
+            replica.append(last, &[(id, op)])?;
+            Ok(id)
+        })
+        .await?;
+        let fresh = LogEntry { id, op: encoded };
+        self.replicate_to_ack_set(local, p, &fresh).await?;
+        let replica = local.replica.clone();
+        blocking(move || replica.apply_through(id.lsn)).await?;
+        p.commit_lsn = id.lsn;
+        drop(guard);
+        self.notify_commit(local, id);
+        Ok(id)
+    }
+
+    /// Brings every member of the ack set up to `fresh` (just appended
+    /// here). Members that fail are removed by CAS first; then the op
+    /// counts as committed only if `min_insync` replicas still hold it.
+    /// Called with the primary lock held.
+    async fn replicate_to_ack_set(
+        &self,
+        local: &Arc<Local>,
+        p: &mut Primary,
+        fresh: &LogEntry,
+    ) -> Result<(), WireError> {
+        let key = local.key;
+        let (cfg, _) = self
+            .config_of(key)
+            .ok_or_else(|| unavailable(format!("{key} is not in the metadata")))?;
+        let term = p.term;
+        let starts: Vec<(u64, u64)> = p
+            .backups(&cfg, self.me)
+            .into_iter()
+            .map(|node| (node, p.next.get(&node).copied().unwrap_or(fresh.id.lsn)))
+            .collect();
+        let sends = starts.into_iter().map(|(node, next)| async move {
+            let mut next = next;
+            let r = self.bring_up_to(local, term, node, &mut next, Some(fresh), true).await;
+            (node, next, r)
+        });
+        let results = futures::future::join_all(sends).await;
+        let mut failed = Vec::new();
+        for (node, next, r) in results {
+            p.next.insert(node, next);
+            match r {
+                Ok(_) => {}
+                Err(SendError::Fenced(m)) => {
+                    return Err(outcome_unknown(format!(
+                        "{key}: this node was deposed as primary while writing ({m}); retry"
+                    )))
+                }
+                Err(SendError::Failed(m)) => {
+                    debug!(shard = %key, node, error = %m, "backup failed");
+                    failed.push((node, m));
+                }
+            }
+        }
+        for (node, why) in failed {
+            warn!(shard = %key, node, reason = %why, "removing backup from the in-sync set");
+            self.remove_member(key, p, node).await?;
+        }
+        let (cfg, replication) = self
+            .config_of(key)
+            .ok_or_else(|| outcome_unknown(format!("{key} left the metadata during a write")))?;
+        let holders = p.backups(&cfg, self.me).len() as u32 + 1;
+        if holders < replication.min_insync {
+            return Err(outcome_unknown(format!(
+                "{key}: only {holders} replicas hold the write, fewer than min_insync {}; it commits once a replica catches up, retry to be sure",
+                replication.min_insync
+            )));
+        }
+        if holders == 1 {
+            // Nothing else fences a lone primary: confirm its term and
+            // version are still current before acknowledging.
+            self.meta.read_index().await?;
+            let (now, _) = self
+                .config_of(key)
+                .ok_or_else(|| outcome_unknown(format!("{key} left the metadata during a write")))?;
+            if now.term != p.term || now.primary != Some(self.me) {
+                return Err(outcome_unknown(format!(
+                    "{key}: this node was deposed as primary while writing; retry"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `node` from the in-sync set by CAS (or forgets it as a
+    /// joiner). Fails when this node turns out not to be the primary of
+    /// its term any more.
+    async fn remove_member(&self, key: ShardRef, p: &mut Primary, node: u64) -> Result<(), WireError> {
+        p.next.remove(&node);
+        for _ in 0..5 {
+            let (cfg, replication) = self
+                .config_of(key)
+                .ok_or_else(|| outcome_unknown(format!("{key} left the metadata during a write")))?;
+            if cfg.term != p.term || cfg.primary != Some(self.me) {
+                return Err(outcome_unknown(format!(
+                    "{key}: this node is no longer its primary; retry"
+                )));
+            }
+            if !cfg.in_sync().contains(&node) {
+                // A joiner whose CAS has not committed: a CAS at the
+                // version it expected can still commit, so fence it by
+                // moving the version on.
+                if let Some(v) = p.joiners.get(&node).copied() {
+                    if cfg.version <= v {
+                        let bumped = edgevec_meta::set_replica_state(&cfg, node, edgevec_meta::ReplicaState::Offline);
+                        if !self.cas(key, cfg.version, bumped).await? {
+                            continue;
+                        }
+                    }
+                    p.joiners.remove(&node);
+                }
+                return Ok(());
+            }
+            let next = edgevec_meta::remove_from_in_sync(&cfg, node, replication.min_insync);
+            if self.cas(key, cfg.version, next).await? {
+                return Ok(());
+            }
+            // The version moved: re-read linearizably and try again while
+            // still the primary of this term.
+            self.meta.read_index().await?;
+        }
+        Err(outcome_unknown(format!(
+            "{key}: could not remove failed replica {node} from the in-sync set; retry"
+        )))
+    }
+
+    /// Sends log entries to `node` from `*next` until it holds everything
+    /// through `fresh` (or through this log's end), following its answers:
+    /// a mismatch moves `next` back to where the logs diverge.
+    async fn bring_up_to(
+        &self,
+        local: &Arc<Local>,
+        term: u64,
+        node: u64,
+        next: &mut u64,
+        fresh: Option<&LogEntry>,
+        locked: bool,
+    ) -> Result<OpId, SendError> {
+        let key = local.key;
+        let started = Instant::now();
+        let budget = if locked {
+            REPLICATE_TIMEOUT
+        } else {
+            Duration::from_secs(30)
+        };
+        loop {
+            if started.elapsed() > budget {
+                return Err(SendError::Failed(format!("not caught up within {budget:?}")));
+            }
+            let status = local.replica.log_status();
+            let target = status.last;
+            let prev_lsn = next.saturating_sub(1).min(target.lsn);
+            let prev = local
+                .replica
+                .op_id_at(prev_lsn)
+                .ok_or_else(|| SendError::Failed(format!("no op id at {prev_lsn}")))?;
+            let entries: Vec<LogEntry> = match fresh {
+                Some(f) if prev_lsn + 1 == f.id.lsn => vec![f.clone()],
+                _ if prev_lsn >= target.lsn => Vec::new(),
+                _ => {
+                    let replica = local.replica.clone();
+                    let read =
+                        blocking(move || replica.entries_after(prev_lsn, CATCH_UP_BATCH_OPS, CATCH_UP_BATCH_BYTES))
+                            .await
+                            .map_err(|e| SendError::Failed(e.message))?;
+                    read.into_iter()
+                        .map(|(id, op)| LogEntry {
+                            id,
+                            op: op.encode(id.term),
+                        })
+                        .collect()
+                }
+            };
+            let sent_end = entries.last().map_or(prev, |e| e.id);
+            let msg = Replicate {
+                shard: key,
+                term,
+                prev,
+                // Writes reach only ack-set members, under the primary
+                // lock, and catch-ups only replicas outside it: no newer
+                // op of this primary can be in flight to `node`.
+                ends_log: sent_end == target,
+                entries,
+                commit_lsn: status.applied,
+            };
+            let reply = self.call(node, NodeOpV1::Replicate(msg), REPLICATE_TIMEOUT).await;
+            match reply {
+                Ok(NodeReplyV1::Replicated(ReplicateReply::Ack { last })) => {
+                    let mine = LogShape {
+                        last: target,
+                        history: &status.history,
+                    };
+                    if mine.holds(last) {
+                        *next = last.lsn + 1;
+                        if last.lsn >= target.lsn {
+                            return Ok(last);
+                        }
+                    } else {
+                        // It holds a suffix this log does not: resend from
+                        // a point both hold so it truncates.
+                        *next = sent_end.lsn.min(last.lsn);
+                    }
+                }
+                Ok(NodeReplyV1::Replicated(ReplicateReply::Mismatch { last, history })) => {
+                    let mine = LogShape {
+                        last: target,
+                        history: &status.history,
+                    };
+                    let theirs = LogShape {
+                        last,
+                        history: &history,
+                    };
+                    let at = divergence(mine, theirs);
+                    if let Some(first) = status.first_logged {
+                        if at + 1 < first {
+                            return Err(SendError::Failed(format!(
+                                "node {node} needs ops from LSN {} but this log starts at {first}; it must be rebuilt from an export",
+                                at + 1
+                            )));
+                        }
+                    }
+                    *next = at + 1;
+                }
+                Ok(other) => return Err(SendError::Failed(format!("unexpected reply {other:?}"))),
+                Err(e) if e.code == ErrorCode::Conflict => return Err(SendError::Fenced(e.message)),
+                // Not ready yet (its metadata or replica lags a moment):
+                // try again within the budget.
+                Err(e)
+                    if e.code == ErrorCode::Unavailable && started.elapsed() + Duration::from_millis(50) < budget =>
+                {
+                    debug!(shard = %key, node, error = %e.message, "backup not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(SendError::Failed(e.message)),
+            }
+        }
+    }
+
+    /// Tells the ack set that everything through `id` is committed, so
+    /// backups make it searchable without waiting for the next write.
+    fn notify_commit(&self, local: &Arc<Local>, id: OpId) {
+        let Some((cfg, _)) = self.config_of(local.key) else {
+            return;
+        };
+        for node in cfg.in_sync().into_iter().filter(|n| *n != self.me) {
+            let msg = Replicate {
+                shard: local.key,
+                term: id.term,
+                prev: id,
+                entries: Vec::new(),
+                commit_lsn: id.lsn,
+                ends_log: false,
+            };
+            let peers = self.peers.clone();
+            let addr = self.addr_of(&self.meta.state(), node);
+            self.tasks.spawn(async move {
+                if let Some(addr) = addr {
+                    let req = edgevec_proto::internal::NodeRequest::V1(NodeOpV1::Replicate(msg));
+                    let _ = peers.call(addr, &req, Duration::from_secs(1)).await;
+                }
+            });
+        }
+    }
+
+    /// Starts a catch-up for every replica of `cfg` that is not in sync
+    /// and has none running.
+    fn start_catch_ups(self: &Arc<Self>, local: &Arc<Local>, cfg: &ShardConfig) {
+        let state = self.meta.state();
+        let in_sync: BTreeSet<u64> = cfg.in_sync().into_iter().collect();
+        for r in &cfg.replicas {
+            if in_sync.contains(&r.node) || r.node == self.me {
+                continue;
+            }
+            let up = state
+                .node(r.node)
+                .is_some_and(|n| n.state == edgevec_meta::NodeState::Up);
+            if !up {
+                continue;
+            }
+            {
+                let mut running = local.catch_ups.lock().expect("catch-up lock");
+                if running.contains_key(&r.node) {
+                    continue;
+                }
+                running.insert(r.node, "starting".into());
+            }
+            let (this, local, node, term) = (self.clone(), local.clone(), r.node, cfg.term);
+            self.tasks.spawn(async move {
+                this.catch_up(&local, node, term).await;
+                local.catch_ups.lock().expect("catch-up lock").remove(&node);
+            });
+        }
+    }
+
+    /// Brings `node` up to this log, then adds it to the in-sync set: the
+    /// last stretch and the CAS happen under the primary lock, so no write
+    /// can slip between "it holds everything" and "it is in the ack set".
+    async fn catch_up(&self, local: &Arc<Local>, node: u64, term: u64) {
+        let key = local.key;
+        let mut next = local.replica.last_op().lsn + 1;
+        let started = Instant::now();
+        let from = local.replica.last_op().lsn;
+        for round in 0..1000u32 {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let Some((cfg, replication)) = self.config_of(key) else {
+                return;
+            };
+            if cfg.term != term || cfg.primary != Some(self.me) || cfg.replica(node).is_none() {
+                return;
+            }
+            if cfg.in_sync().contains(&node) {
+                return;
+            }
+            self.set_progress(
+                local,
+                node,
+                format!("catching up: sent through LSN {}", next.saturating_sub(1)),
+            );
+            if let Err(SendError::Failed(e) | SendError::Fenced(e)) =
+                self.bring_up_to(local, term, node, &mut next, None, false).await
+            {
+                debug!(shard = %key, node, round, error = %e, "catch-up round failed");
+                self.set_progress(local, node, format!("waiting to retry: {e}"));
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            // Close the gap under the lock and join.
+            let mut guard = local.primary.lock().await;
+            let Some(p) = guard.as_mut().filter(|p| p.term == term) else {
+                return;
+            };
+            let Some((cfg, _)) = self.config_of(key) else { return };
+            if let Err(e) = self.bring_up_to(local, term, node, &mut next, None, true).await {
+                let (SendError::Failed(m) | SendError::Fenced(m)) = e;
+                debug!(shard = %key, node, error = %m, "catch-up final step failed");
+                continue;
+            }
+            p.joiners.insert(node, cfg.version);
+            p.next.insert(node, next);
+            let joined = edgevec_meta::add_to_in_sync(&cfg, node, replication.min_insync);
+            match self.cas(key, cfg.version, joined).await {
+                Ok(true) => {
+                    let done = local.replica.last_op().lsn;
+                    info!(
+                        shard = %key, node, ops = done.saturating_sub(from), secs = started.elapsed().as_secs_f64(),
+                        "replica caught up and joined the in-sync set"
+                    );
+                    return;
+                }
+                Ok(false) => debug!(shard = %key, node, "in-sync CAS lost to another change; retrying"),
+                Err(e) => debug!(shard = %key, node, error = %e.message, "in-sync CAS not confirmed; retrying"),
+            }
+        }
+    }
+
+    fn set_progress(&self, local: &Local, node: u64, text: String) {
+        local.catch_ups.lock().expect("catch-up lock").insert(node, text);
+    }
+}
+
+impl From<EngineError> for SendError {
+    fn from(e: EngineError) -> Self {
+        SendError::Failed(e.to_string())
+    }
+}

@@ -1,0 +1,583 @@
+//! The proxy: turns a client's collection-level request into per-shard
+//! work on the right replicas, and merges the answers.
+//!
+//! - Writes are validated once here against the collection's schema,
+//!   split by `shard_of(id)` and sent, shards in parallel, to each shard's
+//!   primary (this node's or another's). A write that spans shards is
+//!   acknowledged only when every shard has it; a partial failure says
+//!   which shards and ids were not written.
+//! - Reads go to one in-sync replica of every shard, taken in rotation; a
+//!   replica that fails is skipped for the next one within the same
+//!   request (the routing milestone replaces the rotation with plugins and
+//!   consistency levels). Per-shard top-k lists are merged by score.
+//!
+//! Invariant: nothing here decides replication; it reads the shard
+//! configurations from this node's copy of the metadata and leaves every
+//! check (term, primary, in-sync) to the replicas themselves.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgevec_engine::{by_shard, last_wins, validate, ShardOp};
+use edgevec_meta::{CollectionRecord, ReplicaState};
+use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
+use edgevec_proto::replication::{ReplicaReport, ShardRead, ShardReadReply, ShardRef, WriteOp};
+use edgevec_proto::{
+    CollectionInfo, CollectionShards, ErrorCode, Hit, Metric, OpId, Point, PointRecord, ReplicaStatus, ShardInfo,
+    ShardStatus, WireError, WriteAck,
+};
+
+use crate::replication::{unavailable, DataPlane};
+
+/// Deadline of a write forwarded to a primary.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of one read of one replica.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of a status probe of one replica.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct Router {
+    plane: Arc<DataPlane>,
+    rotation: AtomicU64,
+}
+
+fn not_found(name: &str) -> WireError {
+    WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
+}
+
+/// Merges per-shard hit lists (each best first) into the best `k`.
+pub fn merge_hits(metric: Metric, k: usize, lists: impl IntoIterator<Item = Vec<Hit>>) -> Vec<Hit> {
+    let mut all: Vec<Hit> = lists.into_iter().flatten().collect();
+    let better = |a: &Hit, b: &Hit| {
+        let by_score = if metric.higher_is_better() {
+            b.score.total_cmp(&a.score)
+        } else {
+            a.score.total_cmp(&b.score)
+        };
+        by_score.then(a.id.cmp(&b.id))
+    };
+    all.sort_by(better);
+    all.truncate(k);
+    all
+}
+
+/// Which kind of failure of several shards the client should see: a
+/// retryable one if any shard may succeed when repeated.
+fn worst(errors: &[(u32, WireError)]) -> ErrorCode {
+    let codes: Vec<ErrorCode> = errors.iter().map(|(_, e)| e.code).collect();
+    for preferred in [ErrorCode::OutcomeUnknown, ErrorCode::Unavailable, ErrorCode::Timeout] {
+        if codes.contains(&preferred) {
+            return preferred;
+        }
+    }
+    codes.first().copied().unwrap_or(ErrorCode::Internal)
+}
+
+impl Router {
+    pub fn new(plane: Arc<DataPlane>) -> Self {
+        Router {
+            plane,
+            rotation: AtomicU64::new(0),
+        }
+    }
+
+    pub fn plane(&self) -> &Arc<DataPlane> {
+        &self.plane
+    }
+
+    fn collection(&self, name: &str) -> Result<CollectionRecord, WireError> {
+        self.plane
+            .meta
+            .state()
+            .collection(name)
+            .cloned()
+            .ok_or_else(|| not_found(name))
+    }
+
+    /// Inserts or replaces points of `name`.
+    pub async fn upsert(&self, name: &str, mut points: Vec<Point>) -> Result<WriteAck, WireError> {
+        let rec = self.collection(name)?;
+        validate::points(&rec.spec, &mut points).map_err(|e| e.to_wire())?;
+        let count = points.len() as u64;
+        let groups = by_shard(last_wins(points), |p| p.id, rec.spec.shards);
+        let ops = groups.into_iter().map(|(s, p)| (s, WriteOp::Upsert(p))).collect();
+        self.write(&rec, count, ops).await
+    }
+
+    /// Deletes points of `name` by id.
+    pub async fn delete(&self, name: &str, ids: Vec<u64>) -> Result<WriteAck, WireError> {
+        let rec = self.collection(name)?;
+        validate::ids(&ids).map_err(|e| e.to_wire())?;
+        let count = ids.len() as u64;
+        let groups = by_shard(ids, |id| *id, rec.spec.shards);
+        let ops = groups.into_iter().map(|(s, ids)| (s, WriteOp::Delete(ids))).collect();
+        self.write(&rec, count, ops).await
+    }
+
+    async fn write(&self, rec: &CollectionRecord, count: u64, ops: Vec<(u32, WriteOp)>) -> Result<WriteAck, WireError> {
+        let sends = ops.into_iter().map(|(shard, op)| {
+            let key = ShardRef {
+                collection: rec.id,
+                shard,
+            };
+            let ids: Vec<u64> = match &op {
+                WriteOp::Upsert(p) => p.iter().map(|p| p.id).collect(),
+                WriteOp::Delete(ids) => ids.clone(),
+            };
+            async move { (shard, ids, self.shard_write(key, op).await) }
+        });
+        let results = futures::future::join_all(sends).await;
+        let mut lsns = Vec::new();
+        let mut failed = Vec::new();
+        let mut unwritten = Vec::new();
+        for (shard, ids, r) in results {
+            match r {
+                Ok(id) => lsns.push((shard, id.lsn)),
+                Err(e) => {
+                    unwritten.extend(ids);
+                    failed.push((shard, e));
+                }
+            }
+        }
+        if failed.is_empty() {
+            return Ok(WriteAck { count, lsns });
+        }
+        let code = worst(&failed);
+        let total = failed.len() + lsns.len();
+        let reasons: Vec<String> = failed
+            .iter()
+            .map(|(s, e)| format!("shard {s}: {}", e.message))
+            .collect();
+        unwritten.sort_unstable();
+        let shown: Vec<String> = unwritten.iter().take(20).map(u64::to_string).collect();
+        let more = if unwritten.len() > 20 { ", ..." } else { "" };
+        let written = if lsns.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; shards {} are written",
+                lsns.iter().map(|(s, _)| s.to_string()).collect::<Vec<_>>().join(", ")
+            )
+        };
+        Err(WireError::new(
+            code,
+            format!(
+                "{} of {total} shards failed ({}){written}; ids not written ({}): [{}{more}]",
+                failed.len(),
+                reasons.join("; "),
+                unwritten.len(),
+                shown.join(", ")
+            ),
+        ))
+    }
+
+    /// Sends one shard's write to its primary.
+    async fn shard_write(&self, key: ShardRef, op: WriteOp) -> Result<OpId, WireError> {
+        let (cfg, _) = self
+            .plane
+            .config_of(key)
+            .ok_or_else(|| unavailable(format!("{key} has no configuration yet; retry")))?;
+        let Some(primary) = cfg.primary else {
+            return Err(unavailable(format!("{key} has no primary (failing over); retry")));
+        };
+        if primary == self.plane.me {
+            return self.on_shard_write(key, op).await;
+        }
+        match self
+            .plane
+            .call(primary, NodeOpV1::ShardWrite { shard: key, op }, WRITE_TIMEOUT)
+            .await?
+        {
+            NodeReplyV1::ShardWritten { op } => Ok(op),
+            other => Err(WireError::new(
+                ErrorCode::Internal,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
+    /// A shard write arriving at this node as the shard's primary.
+    pub async fn on_shard_write(&self, key: ShardRef, op: WriteOp) -> Result<OpId, WireError> {
+        let local = self
+            .plane
+            .local(key)
+            .ok_or_else(|| unavailable(format!("node {} has no replica of {key} yet; retry", self.plane.me)))?;
+        let op = match op {
+            WriteOp::Upsert(points) => ShardOp::Upsert(points),
+            WriteOp::Delete(ids) => ShardOp::Delete(ids),
+        };
+        self.plane.primary_write(&local, op).await
+    }
+
+    /// Reads one shard from one in-sync replica, moving to the next one on
+    /// failure.
+    async fn read_shard(&self, key: ShardRef, req: ShardRead) -> Result<ShardReadReply, WireError> {
+        let (cfg, _) = self
+            .plane
+            .config_of(key)
+            .ok_or_else(|| unavailable(format!("{key} has no configuration yet; retry")))?;
+        let mut candidates = cfg.in_sync();
+        if candidates.is_empty() {
+            return Err(unavailable(format!("{key} has no in-sync replica")));
+        }
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed) as usize % candidates.len();
+        candidates.rotate_left(start);
+        let mut errors = Vec::new();
+        for node in candidates {
+            let r = if node == self.plane.me {
+                self.plane.read(req.clone()).await
+            } else {
+                match self
+                    .plane
+                    .call(node, NodeOpV1::ShardRead(req.clone()), READ_TIMEOUT)
+                    .await
+                {
+                    Ok(NodeReplyV1::ShardRead(reply)) => Ok(reply),
+                    Ok(other) => Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!("unexpected reply {other:?}"),
+                    )),
+                    Err(e) => Err(e),
+                }
+            };
+            match r {
+                Ok(reply) => return Ok(reply),
+                Err(e) => errors.push(format!("node {node}: {}", e.message)),
+            }
+        }
+        Err(unavailable(format!(
+            "no in-sync replica of {key} answered ({})",
+            errors.join("; ")
+        )))
+    }
+
+    /// Up to `k` hits per query over every shard of `name`.
+    pub async fn search(
+        &self,
+        name: &str,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+    ) -> Result<Vec<Vec<Hit>>, WireError> {
+        let rec = self.collection(name)?;
+        let queries = validate::search(&rec.spec, &queries, k).map_err(|e| e.to_wire())?;
+        let reads = (0..rec.spec.shards).map(|shard| {
+            let key = ShardRef {
+                collection: rec.id,
+                shard,
+            };
+            let req = ShardRead::Search {
+                shard: key,
+                queries: queries.clone(),
+                k,
+                with_payload,
+            };
+            self.read_shard(key, req)
+        });
+        let mut per_query: Vec<Vec<Vec<Hit>>> = vec![Vec::new(); queries.len()];
+        for reply in futures::future::join_all(reads).await {
+            match reply? {
+                ShardReadReply::Hits(lists) => {
+                    for (q, hits) in lists.into_iter().enumerate().take(per_query.len()) {
+                        per_query[q].push(hits);
+                    }
+                }
+                other => {
+                    return Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!("unexpected reply {other:?}"),
+                    ))
+                }
+            }
+        }
+        Ok(per_query
+            .into_iter()
+            .map(|lists| merge_hits(rec.spec.metric, k as usize, lists))
+            .collect())
+    }
+
+    /// The points found among `ids`, in request order.
+    pub async fn get(&self, name: &str, ids: Vec<u64>) -> Result<Vec<PointRecord>, WireError> {
+        let rec = self.collection(name)?;
+        validate::ids(&ids).map_err(|e| e.to_wire())?;
+        let groups = by_shard(ids.clone(), |id| *id, rec.spec.shards);
+        let reads = groups.into_iter().map(|(shard, ids)| {
+            let key = ShardRef {
+                collection: rec.id,
+                shard,
+            };
+            self.read_shard(key, ShardRead::Get { shard: key, ids })
+        });
+        let mut found: BTreeMap<u64, PointRecord> = BTreeMap::new();
+        for reply in futures::future::join_all(reads).await {
+            match reply? {
+                ShardReadReply::Points(points) => found.extend(points.into_iter().map(|p| (p.id, p))),
+                other => {
+                    return Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!("unexpected reply {other:?}"),
+                    ))
+                }
+            }
+        }
+        Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
+    }
+
+    /// Counts of `name` from one in-sync replica of every shard.
+    pub async fn describe(&self, name: &str) -> Result<CollectionInfo, WireError> {
+        let rec = self.collection(name)?;
+        Ok(self.info(&rec).await)
+    }
+
+    /// Every collection with its counts.
+    pub async fn list(&self) -> Vec<CollectionInfo> {
+        let all: Vec<CollectionRecord> = self.plane.meta.state().collections().cloned().collect();
+        futures::future::join_all(all.iter().map(|rec| self.info(rec))).await
+    }
+
+    /// A collection's counts; a shard no replica answers for counts 0.
+    async fn info(&self, rec: &CollectionRecord) -> CollectionInfo {
+        let reads = (0..rec.spec.shards).map(|shard| {
+            let key = ShardRef {
+                collection: rec.id,
+                shard,
+            };
+            self.read_shard(key, ShardRead::Status { shard: key })
+        });
+        let mut shards = Vec::new();
+        let mut segments = Vec::new();
+        for (shard, reply) in futures::future::join_all(reads).await.into_iter().enumerate() {
+            let report = match reply {
+                Ok(ShardReadReply::Status(r)) => Some(r),
+                _ => None,
+            };
+            shards.push(ShardInfo {
+                shard: shard as u32,
+                points: report.as_ref().map_or(0, |r| r.points),
+                lsn: report.as_ref().map_or(0, |r| r.applied_lsn),
+            });
+            if let Some(r) = report {
+                segments.extend(r.segments);
+            }
+        }
+        CollectionInfo {
+            spec: rec.spec.clone(),
+            points: shards.iter().map(|s| s.points).sum(),
+            shards,
+            segments,
+        }
+    }
+
+    /// Asks every replica of every shard of the named collections for its
+    /// state, in parallel.
+    pub async fn shards(&self, name: Option<&str>) -> Result<Vec<CollectionShards>, WireError> {
+        let state = self.plane.meta.state();
+        let recs: Vec<CollectionRecord> = match name {
+            Some(n) => vec![state.collection(n).cloned().ok_or_else(|| not_found(n))?],
+            None => state.collections().cloned().collect(),
+        };
+        let mut out = Vec::new();
+        for rec in recs {
+            let mut shards = Vec::new();
+            for shard in 0..rec.spec.shards {
+                let key = ShardRef {
+                    collection: rec.id,
+                    shard,
+                };
+                shards.push(self.shard_status(&rec, key).await);
+            }
+            out.push(CollectionShards {
+                collection: rec.spec.name.clone(),
+                id: rec.id,
+                replicas: rec.replication.replicas,
+                min_insync: rec.replication.min_insync,
+                shards,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn shard_status(&self, rec: &CollectionRecord, key: ShardRef) -> ShardStatus {
+        let Some(cfg) = rec.shards.get(&key.shard) else {
+            return ShardStatus {
+                shard: key.shard,
+                version: 0,
+                term: 0,
+                primary: None,
+                replicas: Vec::new(),
+                problems: vec!["not placed yet".into()],
+            };
+        };
+        let probes = cfg.replicas.iter().map(|r| async move {
+            let report = if r.node == self.plane.me {
+                self.plane.read(ShardRead::Status { shard: key }).await
+            } else {
+                match self
+                    .plane
+                    .call(
+                        r.node,
+                        NodeOpV1::ShardRead(ShardRead::Status { shard: key }),
+                        STATUS_TIMEOUT,
+                    )
+                    .await
+                {
+                    Ok(NodeReplyV1::ShardRead(reply)) => Ok(reply),
+                    Ok(_) => Err(unavailable("unexpected reply")),
+                    Err(e) => Err(e),
+                }
+            };
+            match report {
+                Ok(ShardReadReply::Status(rep)) => Some(rep),
+                _ => None,
+            }
+        });
+        let reports: Vec<Option<ReplicaReport>> = futures::future::join_all(probes).await;
+        let catch_ups: BTreeMap<u64, String> = reports
+            .iter()
+            .flatten()
+            .filter(|r| Some(r.node) == cfg.primary)
+            .flat_map(|r| r.catch_ups.clone())
+            .collect();
+        let state = self.plane.meta.state();
+        let up = |n: u64| state.node(n).is_some_and(|n| n.state == edgevec_meta::NodeState::Up);
+        let replicas: Vec<ReplicaStatus> = cfg
+            .replicas
+            .iter()
+            .zip(&reports)
+            .map(|(r, rep)| {
+                let catching = catch_ups.get(&r.node).cloned();
+                ReplicaStatus {
+                    node: r.node,
+                    state: match r.state {
+                        ReplicaState::InSync => "in-sync",
+                        _ if catching.is_some() => "catching-up",
+                        ReplicaState::CatchingUp => "catching-up",
+                        ReplicaState::Initializing => "initializing",
+                        ReplicaState::Offline => "offline",
+                    }
+                    .to_string(),
+                    primary: cfg.primary == Some(r.node),
+                    eligible: r.eligible,
+                    applied_lsn: rep.as_ref().map(|x| x.applied_lsn),
+                    last: rep.as_ref().map(|x| x.last),
+                    points: rep.as_ref().map(|x| x.points),
+                    catch_up: catching,
+                }
+            })
+            .collect();
+        let mut problems = Vec::new();
+        let in_sync = cfg.in_sync();
+        if (cfg.replicas.len() as u32) < rec.replication.replicas || (in_sync.len() as u32) < rec.replication.replicas {
+            problems.push(format!(
+                "under-replicated: {} of {} replicas in sync",
+                in_sync.len(),
+                rec.replication.replicas
+            ));
+        }
+        match cfg.primary {
+            None => problems.push("no primary".into()),
+            Some(p) if !up(p) => problems.push(format!("primary {p} is not up (failing over)")),
+            _ => {}
+        }
+        if !in_sync.iter().any(|n| up(*n)) {
+            problems.push("no live in-sync replica: the shard waits for one to return".into());
+        }
+        ShardStatus {
+            shard: key.shard,
+            version: cfg.version,
+            term: cfg.term,
+            primary: cfg.primary,
+            replicas,
+            problems,
+        }
+    }
+
+    /// Waits (bounded) until every shard of `name` has a primary that
+    /// takes writes, so a client can write at once after a create.
+    pub async fn wait_writable(&self, name: &str, within: Duration) -> Result<(), WireError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let rec = self.collection(name)?;
+            let mut ready = rec.shards.len() as u32 == rec.spec.shards;
+            for (shard, cfg) in &rec.shards {
+                if !ready {
+                    break;
+                }
+                let key = ShardRef {
+                    collection: rec.id,
+                    shard: *shard,
+                };
+                let Some(primary) = cfg.primary else {
+                    ready = false;
+                    break;
+                };
+                let status = if primary == self.plane.me {
+                    self.plane.read(ShardRead::Status { shard: key }).await
+                } else {
+                    match self
+                        .plane
+                        .call(
+                            primary,
+                            NodeOpV1::ShardRead(ShardRead::Status { shard: key }),
+                            STATUS_TIMEOUT,
+                        )
+                        .await
+                    {
+                        Ok(NodeReplyV1::ShardRead(r)) => Ok(r),
+                        Ok(_) => Err(unavailable("unexpected reply")),
+                        Err(e) => Err(e),
+                    }
+                };
+                ready = matches!(status, Ok(ShardReadReply::Status(r)) if r.serving && r.term == cfg.term);
+            }
+            if ready {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(unavailable(format!(
+                    "collection {name:?} is created but not every shard has a serving primary yet; writes are retried until they do"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hit(id: u64, score: f32) -> Hit {
+        Hit {
+            id,
+            score,
+            payload: None,
+        }
+    }
+
+    #[test]
+    fn merge_keeps_the_best_k_by_metric() {
+        let a = vec![hit(1, 0.1), hit(2, 0.5)];
+        let b = vec![hit(3, 0.2), hit(4, 0.3)];
+        let ids = |v: Vec<Hit>| v.into_iter().map(|h| h.id).collect::<Vec<_>>();
+        assert_eq!(ids(merge_hits(Metric::L2, 3, [a.clone(), b.clone()])), vec![1, 3, 4]);
+        assert_eq!(ids(merge_hits(Metric::Cosine, 2, [a, b])), vec![2, 4]);
+        // Equal scores: lower id first, so every proxy merges alike.
+        assert_eq!(
+            ids(merge_hits(Metric::L2, 2, [vec![hit(9, 1.0)], vec![hit(5, 1.0)]])),
+            vec![5, 9]
+        );
+    }
+
+    #[test]
+    fn the_retryable_failure_wins() {
+        let e = |c| WireError::new(c, "x");
+        assert_eq!(
+            worst(&[(0, e(ErrorCode::Internal)), (1, e(ErrorCode::Unavailable))]),
+            ErrorCode::Unavailable
+        );
+        assert_eq!(worst(&[(0, e(ErrorCode::InvalidArgument))]), ErrorCode::InvalidArgument);
+    }
+}

@@ -1,0 +1,128 @@
+//! Wire types of the data plane between nodes: replication (primary →
+//! backup), writes forwarded to a shard's primary, reads of one shard
+//! replica, and log-position reports used for failover and catch-up.
+//!
+//! They travel inside [`crate::internal::NodeOpV1`], so only holders of a
+//! node certificate of the cluster reach them. Every message names the
+//! shard by the collection's stable id (never its name), so a dropped and
+//! re-created collection can never receive the old one's ops.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Hit, OpId, Point, PointRecord, SegmentInfo};
+
+/// One shard of one collection, by the collection's stable id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ShardRef {
+    pub collection: u64,
+    pub shard: u32,
+}
+
+impl std::fmt::Display for ShardRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "collection {} shard {}", self.collection, self.shard)
+    }
+}
+
+/// One op of a shard's log as sent to a backup: its id and the op in the
+/// engine's versioned encoding (decoded and checked by the receiver).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub id: OpId,
+    pub op: Vec<u8>,
+}
+
+/// Primary → backup: append `entries` right after `prev` (log matching),
+/// and learn that everything through `commit_lsn` is committed. With no
+/// entries it is a commit notice / heartbeat that also proves `term` is
+/// still the primary's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Replicate {
+    pub shard: ShardRef,
+    /// The sender's primary term. The receiver checks that the metadata
+    /// names the sending node (from its certificate) primary of this term.
+    pub term: u64,
+    pub prev: OpId,
+    pub entries: Vec<LogEntry>,
+    pub commit_lsn: u64,
+    /// The sender's log ends with the last op of this message (or `prev`
+    /// when there are none): the receiver drops whatever it holds after
+    /// it (an old primary's suffix). Set only when no newer op of the
+    /// sender can be in flight to the receiver.
+    pub ends_log: bool,
+}
+
+/// A backup's answer to [`Replicate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReplicateReply {
+    /// The entries are persisted (fsynced); the log now ends at `last`.
+    Ack { last: OpId },
+    /// `prev` is not in this log: the sender must find where the logs
+    /// diverge from this position and term history and resend from there.
+    Mismatch { last: OpId, history: Vec<(u64, u64)> },
+}
+
+/// A client write for one shard, forwarded by a proxy to its primary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WriteOp {
+    Upsert(Vec<Point>),
+    Delete(Vec<u64>),
+}
+
+/// Reads of one shard replica (proxy → the replica's node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ShardRead {
+    /// Validated, normalised queries.
+    Search {
+        shard: ShardRef,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+    },
+    Get {
+        shard: ShardRef,
+        ids: Vec<u64>,
+    },
+    /// Counts and log position of the replica.
+    Status {
+        shard: ShardRef,
+    },
+}
+
+impl ShardRead {
+    pub fn shard(&self) -> ShardRef {
+        match self {
+            ShardRead::Search { shard, .. } | ShardRead::Get { shard, .. } | ShardRead::Status { shard } => *shard,
+        }
+    }
+}
+
+/// What a replica reports about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub shard: ShardRef,
+    pub node: u64,
+    /// Highest term it has accepted (durable).
+    pub term: u64,
+    /// End of its fsynced log.
+    pub last: OpId,
+    /// LSN through which its ops are searchable.
+    pub applied_lsn: u64,
+    /// Live points it holds (applied state).
+    pub points: u64,
+    /// (term, first LSN) pairs, ascending.
+    pub history: Vec<(u64, u64)>,
+    /// This replica is the primary of the current term and takes writes.
+    pub serving: bool,
+    /// On a primary: the catch-ups it runs, node → progress.
+    pub catch_ups: Vec<(u64, String)>,
+    pub segments: Vec<SegmentInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ShardReadReply {
+    Hits(Vec<Vec<Hit>>),
+    /// Points found among the asked ids (absent ones left out).
+    Points(Vec<PointRecord>),
+    Status(ReplicaReport),
+}
