@@ -58,9 +58,10 @@ impl LogState {
     }
 
     /// Checks that ops with ids `ids` may be appended after `prev`:
-    /// `prev` is exactly our last op, LSNs follow one another, and no op is
-    /// of a term below the durable term (raised, as we go, by the ops
-    /// themselves; so terms never decrease inside the batch either).
+    /// `prev` is exactly our last op, LSNs follow one another, and terms
+    /// never decrease along the log. The durable term is raised to the
+    /// highest op term; ops of older terms are accepted (a primary resends
+    /// its own log); fencing senders by term is the caller's check.
     pub fn check_append(
         &self,
         shard: u32,
@@ -88,14 +89,18 @@ impl LogState {
                     got: id.lsn,
                 });
             }
-            if id.term < out.term {
+            // Terms never decrease along a log. An op of a term older than
+            // the durable term is fine: the current primary resends its own
+            // log, older terms included (the durable term fences senders,
+            // which the node checks per message, not ops).
+            if id.term < out.last.term {
                 return Err(EngineError::StaleTerm {
                     shard,
                     term: id.term,
-                    current: out.term,
+                    current: out.last.term,
                 });
             }
-            out.term = id.term;
+            out.term = out.term.max(id.term);
             if history_term != Some(id.term) {
                 out.new_terms.push((id.term, id.lsn));
                 history_term = Some(id.term);
@@ -212,15 +217,12 @@ mod tests {
                 ..
             })
         ));
-        assert!(matches!(
-            s.check_append(0, id(2, 4), [id(2, 5)]),
-            Err(EngineError::StaleTerm {
-                term: 2,
-                current: 3,
-                ..
-            })
-        ));
-        // A term raised earlier in the batch fences later ops of lower terms.
+        // An op of a term below the durable term is the current primary
+        // resending its log: accepted, the durable term stays.
+        let resent = s.check_append(0, id(2, 4), [id(2, 5)]).unwrap();
+        assert_eq!((resent.term, resent.last), (3, id(2, 5)));
+        assert!(resent.new_terms.is_empty());
+        // Terms never decrease along the log, inside a batch either.
         assert!(matches!(
             s.check_append(0, id(2, 4), [id(4, 5), id(3, 6)]),
             Err(EngineError::StaleTerm {

@@ -481,6 +481,11 @@ impl Router {
             Some(p) if !up(p) => problems.push(format!("primary {p} is not up (failing over)")),
             _ => {}
         }
+        for rep in reports.iter().flatten() {
+            if let Some(why) = &rep.damaged {
+                problems.push(format!("replica on node {} is damaged: {why}", rep.node));
+            }
+        }
         if !in_sync.iter().any(|n| up(*n)) {
             problems.push("no live in-sync replica: the shard waits for one to return".into());
         }

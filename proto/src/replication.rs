@@ -116,6 +116,8 @@ pub struct ReplicaReport {
     pub serving: bool,
     /// On a primary: the catch-ups it runs, node → progress.
     pub catch_ups: Vec<(u64, String)>,
+    /// Why the replica is damaged (persisting failed), if it is.
+    pub damaged: Option<String>,
     pub segments: Vec<SegmentInfo>,
 }
 

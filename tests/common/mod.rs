@@ -6,14 +6,17 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgevec_client::{Client, ClientConfig};
+use edgevec_client::{Client, ClientConfig, ClientError, CollectionShards, Point, PointRecord};
 use edgevec_node::config::ClusterConfig;
 
 pub const ADMIN: &str = "test-admin-token";
@@ -327,4 +330,452 @@ pub async fn wait_for_indexes(client: &Client, collection: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// Replication helpers: process control beyond kill/stop, clients pinned to
+// some nodes, waits on shard configurations, and a write ledger that records
+// what was sent and what was acknowledged so a checker can compare.
+// ---------------------------------------------------------------------------
+
+/// Whether `view` shows a leader and exactly `n` members, all up.
+pub fn all_nodes_up(view: &edgevec_client::ClusterStatus, n: usize) -> bool {
+    view.leader.is_some() && view.nodes.len() == n && view.nodes.iter().all(|x| x.state == "up")
+}
+
+impl TestCluster {
+    /// Writes the config of `layout`, starts every node and waits (30 s)
+    /// until node 1 sees all of them up under one leader.
+    pub async fn running(layout: Layout) -> TestCluster {
+        let n = layout.voters + layout.learners;
+        let mut cluster = TestCluster::with_layout(layout);
+        for id in 1..=n {
+            cluster.start(id);
+        }
+        cluster
+            .wait_view(1, Duration::from_secs(30), "all nodes up", |v| {
+                all_nodes_up(v, n as usize)
+            })
+            .await;
+        cluster
+    }
+
+    /// Ids of every configured node.
+    pub fn ids(&self) -> Vec<u64> {
+        self.config.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// OS process id of node `id`, if this harness runs it.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.procs.get(&id).map(|c| c.id())
+    }
+
+    /// SIGSTOP: the process stays, silent, holding its sockets and files.
+    pub fn pause(&self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`TestCluster::pause`].
+    pub fn resume(&self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+    }
+
+    fn signal(&self, id: u64, sig: i32) {
+        let pid = self.pid(id).unwrap_or_else(|| panic!("node {id} is not running"));
+        let rc = unsafe { libc::kill(pid as i32, sig) };
+        assert_eq!(rc, 0, "signal {sig} to node {id} (pid {pid}) failed");
+    }
+
+    /// The last `lines` lines of node `id`'s log, without colour codes
+    /// and without openraft's routine INFO lines (they drown the rest).
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let text = strip_ansi(&fs::read_to_string(self.log_path(id)).unwrap_or_default());
+        let all: Vec<&str> = text.lines().filter(|l| !l.contains(" INFO openraft")).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The tails of every node's log (see [`TestCluster::log_tail`]),
+    /// labelled, for failure messages.
+    pub fn logs_tail(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for id in self.ids() {
+            out.push_str(&format!(
+                "\n----- node {id} log (last {lines} lines, {}) -----\n{}\n",
+                self.log_path(id).display(),
+                self.log_tail(id, lines)
+            ));
+        }
+        out
+    }
+
+    /// Panics with `msg` followed by the tail of every node's log.
+    pub fn fail(&self, msg: impl std::fmt::Display) -> ! {
+        panic!("{msg}\n{}", self.logs_tail(60))
+    }
+
+    /// A client of exactly these nodes (short connect timeout); waits up
+    /// to 20 s for one of them to accept a connection.
+    pub async fn client_of(&self, ids: &[u64], token: &str) -> Client {
+        let mut config = ClientConfig::new(ids.iter().map(|id| self.addr(*id)).collect(), self.ca_pem(), token);
+        config.connect_timeout = Duration::from_secs(1);
+        config.request_timeout = Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Client::connect(config.clone()).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() >= deadline => self.fail(format!("no node of {ids:?} accepts a client: {e}")),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// A client of every configured node except `except`.
+    pub async fn client_excluding(&self, except: &[u64], token: &str) -> Client {
+        let ids: Vec<u64> = self.ids().into_iter().filter(|id| !except.contains(id)).collect();
+        self.client_of(&ids, token).await
+    }
+
+    /// Waits (up to `within`) until `client.shards(name)` satisfies `pred`;
+    /// returns what satisfied it. Each probe is bounded (5 s). On timeout,
+    /// fails with the last shards seen, the last error and the node logs.
+    pub async fn wait_shards(
+        &self,
+        client: &Client,
+        name: &str,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&CollectionShards) -> bool,
+    ) -> CollectionShards {
+        let started = Instant::now();
+        let deadline = started + within;
+        let mut last: Option<CollectionShards> = None;
+        let mut last_error: Option<String> = None;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), client.shards(Some(name))).await {
+                Ok(Ok(list)) => match list.into_iter().find(|c| c.collection == name) {
+                    Some(c) if pred(&c) => return c,
+                    Some(c) => last = Some(c),
+                    None => last_error = Some(format!("shards() does not list {name:?}")),
+                },
+                Ok(Err(e)) => last_error = Some(format!("shards() failed: {e}")),
+                Err(_) => last_error = Some("shards() gave no answer within 5 s".into()),
+            }
+            if Instant::now() >= deadline {
+                self.fail(format!(
+                    "{what}: not reached within {within:?}\nlast shards seen:\n{}\nlast error: {}",
+                    last.as_ref().map(show_shards).unwrap_or_else(|| "(none)".into()),
+                    last_error.as_deref().unwrap_or("(none)")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `text` without ANSI escape sequences (the logs are coloured).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, then one final byte in @..~.
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// One line per shard and replica: what a failure message needs to show.
+pub fn show_shards(c: &CollectionShards) -> String {
+    let mut out = format!(
+        "collection {} (id {}) replicas {} min_insync {}\n",
+        c.collection, c.id, c.replicas, c.min_insync
+    );
+    for s in &c.shards {
+        out.push_str(&format!(
+            "  shard {} version {} term {} primary {:?} problems {:?}\n",
+            s.shard, s.version, s.term, s.primary, s.problems
+        ));
+        for r in &s.replicas {
+            out.push_str(&format!(
+                "    node {} {}{}{} applied_lsn {:?} last {} points {:?} catch_up {:?}\n",
+                r.node,
+                r.state,
+                if r.primary { " primary" } else { "" },
+                if r.eligible { " eligible" } else { "" },
+                r.applied_lsn,
+                r.last.map(|l| l.to_string()).unwrap_or_else(|| "None".into()),
+                r.points,
+                r.catch_up
+            ));
+        }
+    }
+    out
+}
+
+/// The vector written for point `id`: the same for every test and run
+/// (splitmix64 of the id), so a checker recomputes it from the id.
+pub fn vector_of(id: u64, dim: usize) -> Vec<f32> {
+    let mut s = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..dim)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// The point a ledger writes for `id` in batch `batch`.
+pub fn ledger_point(id: u64, dim: usize, batch: u64) -> Point {
+    Point {
+        id,
+        vector: vector_of(id, dim),
+        payload: Some(format!("{{\"b\":{batch}}}")),
+    }
+}
+
+/// One upsert request as a ledger saw it.
+#[derive(Debug, Clone)]
+pub struct BatchRecord {
+    pub batch: u64,
+    pub ids: Range<u64>,
+    pub started: Instant,
+    pub took: Duration,
+    /// `None`: acknowledged.
+    pub error: Option<String>,
+}
+
+/// What a writer sent and what the cluster acknowledged.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    /// Every point sent, acknowledged or not, by id.
+    pub sent: BTreeMap<u64, Point>,
+    /// Acknowledged ids and when their ack arrived.
+    pub acked: BTreeMap<u64, Instant>,
+    pub batches: Vec<BatchRecord>,
+    /// Batches begun and not finished yet.
+    open: u64,
+}
+
+impl Ledger {
+    /// The id the next batch starts at (ids only grow).
+    pub fn next_id(&self) -> u64 {
+        self.sent.keys().next_back().map(|id| id + 1).unwrap_or(0)
+    }
+
+    pub fn failed(&self) -> Vec<&BatchRecord> {
+        self.batches.iter().filter(|b| b.error.is_some()).collect()
+    }
+
+    /// Records the points of a new batch of `ids` as sent; returns the
+    /// batch number and the points to send.
+    pub fn begin(&mut self, dim: usize, ids: Range<u64>) -> (u64, Vec<Point>) {
+        let batch = self.batches.len() as u64 + self.open;
+        self.open += 1;
+        let points: Vec<Point> = ids.map(|id| ledger_point(id, dim, batch)).collect();
+        for p in &points {
+            self.sent.insert(p.id, p.clone());
+        }
+        (batch, points)
+    }
+
+    /// Records the outcome of a batch from [`Ledger::begin`].
+    pub fn finish(&mut self, batch: u64, ids: Range<u64>, started: Instant, result: &Result<(), ClientError>) {
+        self.open -= 1;
+        let now = Instant::now();
+        if result.is_ok() {
+            for id in ids.clone() {
+                self.acked.insert(id, now);
+            }
+        }
+        self.batches.push(BatchRecord {
+            batch,
+            ids,
+            started,
+            took: now - started,
+            error: result.as_ref().err().map(|e| e.to_string()),
+        });
+    }
+
+    /// Sends one batch of `ids` and records its outcome.
+    pub async fn upsert(
+        &mut self,
+        client: &Client,
+        name: &str,
+        dim: usize,
+        ids: Range<u64>,
+    ) -> Result<(), ClientError> {
+        let (batch, points) = self.begin(dim, ids.clone());
+        let started = Instant::now();
+        let result = client.upsert(name, points).await.map(|_| ());
+        self.finish(batch, ids, started, &result);
+        result
+    }
+
+    /// Writes `count` new points in batches of `batch`; every batch must be
+    /// acknowledged (else the test fails with the error and the logs).
+    pub async fn write_all(
+        &mut self,
+        cluster: &TestCluster,
+        client: &Client,
+        name: &str,
+        dim: usize,
+        count: u64,
+        batch: u64,
+    ) {
+        let end = self.next_id() + count;
+        while self.next_id() < end {
+            let start = self.next_id();
+            let ids = start..(start + batch).min(end);
+            if let Err(e) = self.upsert(client, name, dim, ids.clone()).await {
+                cluster.fail(format!("upsert of ids {ids:?} into {name} failed: {e}"));
+            }
+        }
+    }
+
+    /// Merges another ledger's records (disjoint ids) into this one.
+    pub fn absorb(&mut self, other: Ledger) {
+        self.sent.extend(other.sent);
+        self.acked.extend(other.acked);
+        self.batches.extend(other.batches);
+    }
+}
+
+/// A task that upserts batches of new ids until stopped, recording each
+/// outcome in a shared [`Ledger`]. Failed batches are recorded and it goes
+/// on. Bounded by `max_batches` and `max_time` whatever happens.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    pub ledger: Arc<Mutex<Ledger>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn(
+        client: Client,
+        name: &str,
+        dim: usize,
+        start: Ledger,
+        batch: u64,
+        pace: Duration,
+        max_batches: usize,
+        max_time: Duration,
+    ) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ledger = Arc::new(Mutex::new(start));
+        let (stop2, ledger2, name) = (stop.clone(), ledger.clone(), name.to_string());
+        let task = tokio::spawn(async move {
+            let until = Instant::now() + max_time;
+            for _ in 0..max_batches {
+                if stop2.load(Ordering::SeqCst) || Instant::now() >= until {
+                    break;
+                }
+                // The shared ledger is never locked across an await.
+                let (n, ids, points) = {
+                    let mut l = ledger2.lock().unwrap();
+                    let first = l.next_id();
+                    let (n, points) = l.begin(dim, first..first + batch);
+                    (n, first..first + batch, points)
+                };
+                let started = Instant::now();
+                let result = client.upsert(&name, points).await.map(|_| ());
+                ledger2.lock().unwrap().finish(n, ids, started, &result);
+                tokio::time::sleep(pace).await;
+            }
+        });
+        Writer { stop, ledger, task }
+    }
+
+    /// A copy of the ledger as it is now.
+    pub fn snapshot(&self) -> Ledger {
+        self.ledger.lock().unwrap().clone()
+    }
+
+    /// Stops the writer and waits (up to `within`) for its last batch.
+    pub async fn stop(self, within: Duration) -> Ledger {
+        self.stop.store(true, Ordering::SeqCst);
+        match tokio::time::timeout(within, self.task).await {
+            Ok(joined) => joined.expect("writer task panicked"),
+            Err(_) => panic!("the writer did not finish its last batch within {within:?}"),
+        }
+        Arc::try_unwrap(self.ledger)
+            .map(|m| m.into_inner().unwrap())
+            .unwrap_or_else(|arc| arc.lock().unwrap().clone())
+    }
+}
+
+/// Reads `ids` through `client` (in chunks); returns the records by id.
+pub async fn get_many(client: &Client, name: &str, ids: &[u64]) -> Result<BTreeMap<u64, PointRecord>, ClientError> {
+    let mut out = BTreeMap::new();
+    for chunk in ids.chunks(5_000) {
+        for r in client.get(name, chunk).await? {
+            out.insert(r.id, r);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads every id `ledger` sent through `client` and checks: every
+/// acknowledged id is present, and every id present holds exactly the
+/// vector and payload that were sent. Returns the ids present, or what is
+/// wrong.
+pub async fn check_ledger(client: &Client, name: &str, ledger: &Ledger) -> Result<BTreeSet<u64>, String> {
+    let ids: Vec<u64> = ledger.sent.keys().copied().collect();
+    let got = get_many(client, name, &ids)
+        .await
+        .map_err(|e| format!("get of {} ids failed: {e}", ids.len()))?;
+    let missing: Vec<u64> = ledger
+        .acked
+        .keys()
+        .filter(|id| !got.contains_key(id))
+        .copied()
+        .collect();
+    let wrong: Vec<String> = got
+        .values()
+        .filter_map(|r| match ledger.sent.get(&r.id) {
+            None => Some(format!("id {} was never sent", r.id)),
+            Some(p) if p.vector != r.vector || p.payload != r.payload => Some(format!(
+                "id {}: read {:?} {:?}, sent {:?} {:?}",
+                r.id, r.vector, r.payload, p.vector, p.payload
+            )),
+            Some(_) => None,
+        })
+        .collect();
+    if missing.is_empty() && wrong.is_empty() {
+        return Ok(got.keys().copied().collect());
+    }
+    Err(format!(
+        "{} of {} acknowledged ids missing (first {:?}); {} ids read differ from what was sent (first {:?})",
+        missing.len(),
+        ledger.acked.len(),
+        &missing[..missing.len().min(20)],
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    ))
+}
+
+/// Squared L2 distance.
+pub fn l2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// Exact L2 top-`k` of `q` over `points`: (id, squared distance), best first.
+pub fn brute_top_k<'a>(points: impl IntoIterator<Item = (u64, &'a [f32])>, q: &[f32], k: usize) -> Vec<(u64, f32)> {
+    let mut all: Vec<(u64, f32)> = points.into_iter().map(|(id, v)| (id, l2(v, q))).collect();
+    all.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    all.truncate(k);
+    all
 }

@@ -153,20 +153,16 @@ fn appends_follow_the_log_matching_rules() {
         })
     ));
     assert_eq!((s.term(), s.term_history()), (4, vec![(2, 1)]));
-    assert!(matches!(
-        refused(s.append(id(2, 2), &entries(3, 3..=3))),
-        EngineError::StaleTerm {
-            term: 3,
-            current: 4,
-            ..
-        }
-    ));
-    s.append(id(2, 2), &entries(5, 3..=4)).unwrap();
-    assert_eq!((s.term(), s.last_op()), (5, id(5, 4)));
-    assert_eq!(s.term_history(), vec![(2, 1), (5, 3)]);
+    // An op of a term older than the durable one is a primary resending
+    // its log: taken, the durable term stays.
+    assert_eq!(s.append(id(2, 2), &entries(3, 3..=3)).unwrap(), id(3, 3));
+    assert_eq!((s.term(), s.term_history()), (4, vec![(2, 1), (3, 3)]));
+    s.append(id(3, 3), &entries(5, 4..=5)).unwrap();
+    assert_eq!((s.term(), s.last_op()), (5, id(5, 5)));
+    assert_eq!(s.term_history(), vec![(2, 1), (3, 3), (5, 4)]);
     drop(s);
     let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
-    assert_eq!((s.term(), s.term_history()), (5, vec![(2, 1), (5, 3)]));
+    assert_eq!((s.term(), s.term_history()), (5, vec![(2, 1), (3, 3), (5, 4)]));
 }
 
 #[test]

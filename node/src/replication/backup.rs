@@ -20,7 +20,7 @@ use edgevec_proto::replication::{Replicate, ReplicateReply};
 use edgevec_proto::{ErrorCode, OpId, WireError};
 
 use super::log_match::{accept, applicable, Accept, LogShape};
-use super::{blocking, unavailable, DataPlane};
+use super::{unavailable, DataPlane};
 
 /// What a backup knows of the primary it follows.
 #[derive(Debug, Default)]
@@ -92,14 +92,13 @@ impl DataPlane {
             }
         };
         let mut view = local.backup.lock().await;
-        let replica = local.replica.clone();
-        if msg.term < replica.term() {
+        if msg.term < local.replica.term() {
             return Err(WireError::new(
                 ErrorCode::Conflict,
                 format!(
                     "{key}: term {} is older than this replica's term {}",
                     msg.term,
-                    replica.term()
+                    local.replica.term()
                 ),
             ));
         }
@@ -119,33 +118,34 @@ impl DataPlane {
             entries.push((e.id, op));
         }
         let (prev, term, ends_log) = (msg.prev, msg.term, msg.ends_log);
-        let outcome = blocking(move || {
-            if replica.term() < term {
-                replica.raise_term(term)?;
-            }
-            let status = replica.log_status();
-            let mine = LogShape {
-                last: status.last,
-                history: &status.history,
-            };
-            let ids: Vec<OpId> = entries.iter().map(|(id, _)| *id).collect();
-            match accept(mine, prev, &ids) {
-                Accept::Mismatch => Ok(None),
-                Accept::Append { truncate_after, from } => {
-                    if let Some(lsn) = truncate_after {
-                        replica.truncate_after(lsn)?;
-                    }
-                    let after = if from == 0 { prev } else { ids[from - 1] };
-                    replica.append(after, &entries[from..])?;
-                    let sent_end = ids.last().copied().unwrap_or(prev);
-                    if ends_log && replica.last_op().lsn > sent_end.lsn {
-                        replica.truncate_after(sent_end.lsn)?;
-                    }
-                    Ok(Some(sent_end))
+        let outcome = local
+            .persist(move |replica| {
+                if replica.term() < term {
+                    replica.raise_term(term)?;
                 }
-            }
-        })
-        .await?;
+                let status = replica.log_status();
+                let mine = LogShape {
+                    last: status.last,
+                    history: &status.history,
+                };
+                let ids: Vec<OpId> = entries.iter().map(|(id, _)| *id).collect();
+                match accept(mine, prev, &ids) {
+                    Accept::Mismatch => Ok(None),
+                    Accept::Append { truncate_after, from } => {
+                        if let Some(lsn) = truncate_after {
+                            replica.truncate_after(lsn)?;
+                        }
+                        let after = if from == 0 { prev } else { ids[from - 1] };
+                        replica.append(after, &entries[from..])?;
+                        let sent_end = ids.last().copied().unwrap_or(prev);
+                        if ends_log && replica.last_op().lsn > sent_end.lsn {
+                            replica.truncate_after(sent_end.lsn)?;
+                        }
+                        Ok(Some(sent_end))
+                    }
+                }
+            })
+            .await?;
         let Some(verified) = outcome else {
             let status = local.replica.log_status();
             return Ok(ReplicateReply::Mismatch {
@@ -157,8 +157,7 @@ impl DataPlane {
         view.commit = view.commit.max(msg.commit_lsn);
         let through = applicable(view.commit, view.verified);
         if through > local.replica.applied_lsn() {
-            let replica = local.replica.clone();
-            blocking(move || replica.apply_through(through)).await?;
+            local.persist(move |replica| replica.apply_through(through)).await?;
         }
         Ok(ReplicateReply::Ack {
             last: local.replica.last_op(),

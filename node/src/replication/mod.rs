@@ -63,6 +63,12 @@ pub struct Local {
     pub epoch: Mutex<primary::EpochMark>,
     /// Catch-ups this primary runs: node → progress text.
     pub catch_ups: Mutex<BTreeMap<u64, String>>,
+    /// Where each replica this primary feeds stands (node → last LSN it
+    /// holds): the op log keeps everything above the lowest.
+    pub floors: Mutex<BTreeMap<u64, u64>>,
+    /// Set when persisting failed (a failed fsync is never retried and
+    /// then acknowledged): the replica takes no more ops and is reported.
+    pub damaged: Mutex<Option<String>>,
 }
 
 impl Local {
@@ -75,7 +81,55 @@ impl Local {
             backup: tokio::sync::Mutex::new(backup::BackupView::default()),
             epoch: Mutex::new(primary::EpochMark::default()),
             catch_ups: Mutex::new(BTreeMap::new()),
+            floors: Mutex::new(BTreeMap::new()),
+            damaged: Mutex::new(None),
         })
+    }
+
+    /// Runs a write to this replica's files (append, apply, truncate,
+    /// term) on the blocking pool. A storage failure marks the replica
+    /// damaged: what failed to persist is never retried and acknowledged.
+    pub async fn persist<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ShardReplica) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, WireError> {
+        if let Some(why) = self.damaged.lock().expect("damaged lock").clone() {
+            return Err(WireError::new(
+                ErrorCode::Internal,
+                format!(
+                    "replica of {} is damaged ({why}); it takes no writes until rebuilt",
+                    self.key
+                ),
+            ));
+        }
+        let replica = self.replica.clone();
+        let result = tokio::task::spawn_blocking(move || f(&replica)).await;
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if matches!(
+                    e,
+                    EngineError::Storage(_) | EngineError::Io { .. } | EngineError::Corrupt { .. }
+                ) {
+                    tracing::error!(shard = %self.key, error = %e, "persisting failed: replica marked damaged");
+                    *self.damaged.lock().expect("damaged lock") = Some(e.to_string());
+                }
+                Err(engine_error(e))
+            }
+            Err(e) => Err(WireError::new(ErrorCode::Internal, format!("storage task failed: {e}"))),
+        }
+    }
+
+    /// Records that `node` holds this log through `lsn` and keeps the op
+    /// log from dropping what the furthest-behind replica still needs.
+    pub fn hold_log_for(&self, node: u64, lsn: Option<u64>) {
+        let mut floors = self.floors.lock().expect("floors lock");
+        match lsn {
+            Some(l) => floors.insert(node, l),
+            None => floors.remove(&node),
+        };
+        self.replica
+            .set_retain_floor(floors.values().copied().min().unwrap_or(u64::MAX));
     }
 
     /// This replica's report of itself (log position, counts, and on a
@@ -93,6 +147,7 @@ impl Local {
             applied_lsn: status.applied,
             points: info.points,
             history: status.history,
+            damaged: self.damaged.lock().expect("damaged lock").clone(),
             catch_ups: self
                 .catch_ups
                 .lock()

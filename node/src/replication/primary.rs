@@ -157,15 +157,15 @@ impl DataPlane {
                 return;
             }
             None => {
-                let replica = local.replica.clone();
-                let appended = blocking(move || {
-                    replica.raise_term(term)?;
-                    let last = replica.last_op();
-                    let id = OpId::new(term, last.lsn + 1);
-                    replica.append(last, &[(id, ShardOp::EpochStart)])?;
-                    Ok(id)
-                })
-                .await;
+                let appended = local
+                    .persist(move |replica| {
+                        replica.raise_term(term)?;
+                        let last = replica.last_op();
+                        let id = OpId::new(term, last.lsn + 1);
+                        replica.append(last, &[(id, ShardOp::EpochStart)])?;
+                        Ok(id)
+                    })
+                    .await;
                 match appended {
                     Ok(id) => {
                         local.epoch.lock().expect("epoch lock").start = Some(id);
@@ -192,10 +192,7 @@ impl DataPlane {
             op: ShardOp::EpochStart.encode(term),
         };
         let committed = match self.replicate_to_ack_set(&local, p, &fresh).await {
-            Ok(()) => {
-                let replica = local.replica.clone();
-                blocking(move || replica.apply_through(epoch.lsn)).await
-            }
+            Ok(()) => local.persist(move |replica| replica.apply_through(epoch.lsn)).await,
             Err(e) => Err(e),
         };
         match committed {
@@ -254,19 +251,33 @@ impl DataPlane {
             )));
         }
         let term = p.term;
-        let replica = local.replica.clone();
         let encoded = op.encode(term);
-        let id = blocking(move || {
-            let last = replica.last_op();
-            let id = OpId::new(term, last.lsn + 1);
-            replica.append(last, &[(id, op)])?;
-            Ok(id)
-        })
-        .await?;
+        let appended = local
+            .persist(move |replica| {
+                let last = replica.last_op();
+                let id = OpId::new(term, last.lsn + 1);
+                replica.append(last, &[(id, op)])?;
+                Ok(id)
+            })
+            .await;
+        let id = match appended {
+            Ok(id) => id,
+            Err(e) => {
+                self.step_down_if_damaged(local, &cfg).await;
+                return Err(e);
+            }
+        };
         let fresh = LogEntry { id, op: encoded };
         self.replicate_to_ack_set(local, p, &fresh).await?;
-        let replica = local.replica.clone();
-        blocking(move || replica.apply_through(id.lsn)).await?;
+        if let Err(e) = local.persist(move |replica| replica.apply_through(id.lsn)).await {
+            // Every in-sync replica holds the op: it is committed, but this
+            // node cannot serve it. Hand the shard to another replica.
+            self.step_down_if_damaged(local, &cfg).await;
+            return Err(outcome_unknown(format!(
+                "{key}: the write is replicated but the primary failed to apply it ({}); retry",
+                e.message
+            )));
+        }
         p.commit_lsn = id.lsn;
         drop(guard);
         self.notify_commit(local, id);
@@ -317,7 +328,7 @@ impl DataPlane {
         }
         for (node, why) in failed {
             warn!(shard = %key, node, reason = %why, "removing backup from the in-sync set");
-            self.remove_member(key, p, node).await?;
+            self.remove_member(local, p, node).await?;
         }
         let (cfg, replication) = self
             .config_of(key)
@@ -348,8 +359,10 @@ impl DataPlane {
     /// Removes `node` from the in-sync set by CAS (or forgets it as a
     /// joiner). Fails when this node turns out not to be the primary of
     /// its term any more.
-    async fn remove_member(&self, key: ShardRef, p: &mut Primary, node: u64) -> Result<(), WireError> {
+    async fn remove_member(&self, local: &Local, p: &mut Primary, node: u64) -> Result<(), WireError> {
+        let key = local.key;
         p.next.remove(&node);
+        local.hold_log_for(node, None);
         for _ in 0..5 {
             let (cfg, replication) = self
                 .config_of(key)
@@ -454,6 +467,7 @@ impl DataPlane {
                         history: &status.history,
                     };
                     if mine.holds(last) {
+                        local.hold_log_for(node, Some(last.lsn));
                         *next = last.lsn + 1;
                         if last.lsn >= target.lsn {
                             return Ok(last);
@@ -551,6 +565,12 @@ impl DataPlane {
             self.tasks.spawn(async move {
                 this.catch_up(&local, node, term).await;
                 local.catch_ups.lock().expect("catch-up lock").remove(&node);
+                if !this
+                    .config_of(local.key)
+                    .is_some_and(|(c, _)| c.in_sync().contains(&node))
+                {
+                    local.hold_log_for(node, None);
+                }
             });
         }
     }
@@ -618,6 +638,23 @@ impl DataPlane {
                 Ok(false) => debug!(shard = %key, node, "in-sync CAS lost to another change; retrying"),
                 Err(e) => debug!(shard = %key, node, error = %e.message, "in-sync CAS not confirmed; retrying"),
             }
+        }
+    }
+
+    /// A primary whose disk failed hands the shard over: it leaves the
+    /// in-sync set by CAS (which also clears it as primary and bumps the
+    /// term), so the metadata leader promotes another replica.
+    async fn step_down_if_damaged(&self, local: &Local, cfg: &ShardConfig) {
+        if local.damaged.lock().expect("damaged lock").is_none() {
+            return;
+        }
+        let Some((_, replication)) = self.config_of(local.key) else {
+            return;
+        };
+        let next = edgevec_meta::remove_from_in_sync(cfg, self.me, replication.min_insync);
+        match self.cas(local.key, cfg.version, next).await {
+            Ok(_) => warn!(shard = %local.key, "damaged primary left the in-sync set"),
+            Err(e) => warn!(shard = %local.key, error = %e.message, "damaged primary could not leave the in-sync set"),
         }
     }
 

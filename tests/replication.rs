@@ -1,0 +1,792 @@
+//! Shard replication with real node processes (REPLICATION.md): reads and
+//! writes through any node, failover after kill -9 and SIGSTOP of a
+//! primary, catch-up of a restarted backup, replica-count changes while
+//! serving, and re-creation of the replicas of a dead node.
+//!
+//! Every test keeps a ledger of what it sent and what was acknowledged, and
+//! checks the cluster against it: every acknowledged write is readable, and
+//! whatever is readable is exactly what was sent. Failure messages carry the
+//! last shard configuration seen and the tail of every node's log.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgevec_client::{
+    ClientError, CollectionShards, CollectionSpec, Metric, ReplicaStatus, ReplicationSpec, ShardStatus,
+};
+
+const DIM: usize = 8;
+
+/// Failure-detector timings short enough for failover within a test.
+const FAST: &str = "heartbeat_ms = 100\nsuspect_ms = 600\n";
+
+fn fast(voters: u64, learners: u64, extra: &str) -> Layout {
+    Layout {
+        voters,
+        learners,
+        cluster_extra: format!("{FAST}{extra}"),
+    }
+}
+
+/// Whether every value of `it` is `Some` and they are all equal.
+fn all_same<T: PartialEq>(mut it: impl Iterator<Item = Option<T>>) -> bool {
+    let Some(Some(first)) = it.next() else {
+        return false;
+    };
+    it.all(|x| x.as_ref() == Some(&first))
+}
+
+/// Whether these replicas agree: all answered with the same applied LSN,
+/// last op id and point count.
+fn replicas_agree<'a>(rs: impl Iterator<Item = &'a ReplicaStatus> + Clone) -> bool {
+    all_same(rs.clone().map(|r| r.applied_lsn))
+        && all_same(rs.clone().map(|r| r.last))
+        && all_same(rs.map(|r| r.points))
+}
+
+/// Every shard has a primary and exactly `n` replicas, all in-sync.
+fn all_in_sync(c: &CollectionShards, n: usize) -> bool {
+    !c.shards.is_empty()
+        && c.shards
+            .iter()
+            .all(|s| s.primary.is_some() && s.replicas.len() == n && s.replicas.iter().all(|r| r.state == "in-sync"))
+}
+
+/// [`all_in_sync`], and the replicas of every shard hold the same log and
+/// data (nothing in flight).
+fn converged(c: &CollectionShards, n: usize) -> bool {
+    all_in_sync(c, n) && c.shards.iter().all(|s| replicas_agree(s.replicas.iter()))
+}
+
+fn only_shard(c: &CollectionShards) -> &ShardStatus {
+    assert_eq!(c.shards.len(), 1, "expected one shard:\n{}", show_shards(c));
+    &c.shards[0]
+}
+
+/// Waits until `client.shards()` shows `n` in-sync replicas per shard that
+/// agree on applied LSN, last op id and points.
+async fn wait_converged(
+    cluster: &TestCluster,
+    client: &edgevec_client::Client,
+    name: &str,
+    n: usize,
+    within: Duration,
+) -> CollectionShards {
+    let what = format!("{name}: every shard with {n} in-sync replicas that agree on applied_lsn, last and points");
+    cluster
+        .wait_shards(client, name, within, &what, |c| converged(c, n))
+        .await
+}
+
+/// Checks `ledger` through `client` (see [`check_ledger`]); fails with the
+/// logs when something is wrong.
+async fn check_through(
+    cluster: &TestCluster,
+    client: &edgevec_client::Client,
+    via: &str,
+    name: &str,
+    ledger: &Ledger,
+) -> BTreeSet<u64> {
+    match check_ledger(client, name, ledger).await {
+        Ok(present) => present,
+        Err(e) => cluster.fail(format!("through {via}: {e}")),
+    }
+}
+
+/// Describe's point count through `client` must equal `want`.
+async fn check_count(cluster: &TestCluster, client: &edgevec_client::Client, via: &str, name: &str, want: usize) {
+    match client.describe_collection(name).await {
+        Ok(info) if info.points == want as u64 => {}
+        Ok(info) => cluster.fail(format!(
+            "through {via}: describe counts {} points, but {want} distinct ids are present: {info:?}",
+            info.points
+        )),
+        Err(e) => cluster.fail(format!("through {via}: describe failed: {e}")),
+    }
+}
+
+/// No id outside what was sent exists: gets of never-sent ids find nothing.
+async fn check_never_sent(cluster: &TestCluster, client: &edgevec_client::Client, via: &str, name: &str, l: &Ledger) {
+    let next = l.next_id();
+    let mut ids: Vec<u64> = (next..next + 1_000).collect();
+    ids.extend((1u64 << 40)..(1u64 << 40) + 100);
+    match client.get(name, &ids).await {
+        Ok(found) if found.is_empty() => {}
+        Ok(found) => cluster.fail(format!(
+            "through {via}: ids never sent exist: {:?}",
+            found.iter().map(|r| r.id).collect::<Vec<_>>()
+        )),
+        Err(e) => cluster.fail(format!("through {via}: get of never-sent ids failed: {e}")),
+    }
+}
+
+/// Creates `name` with `shards` shards and `replicas` replicas through an
+/// admin client of node 1.
+async fn create(cluster: &TestCluster, name: &str, shards: u32, replicas: u32) -> edgevec_client::Client {
+    let admin = cluster.client(1, ADMIN).await;
+    let spec = CollectionSpec::new(name, DIM as u32, Metric::L2).with_shards(shards);
+    if let Err(e) = admin.create_replicated(spec, ReplicationSpec::new(replicas)).await {
+        cluster.fail(format!(
+            "create_replicated({name}, {shards} shards, {replicas} replicas) failed: {e}"
+        ));
+    }
+    admin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_one_node_are_read_through_every_node() {
+    let cluster = TestCluster::running(fast(3, 0, "")).await;
+    let name = "everywhere";
+    let admin = create(&cluster, name, 2, 3).await;
+    let c1 = cluster.client(1, WRITER).await;
+    let mut ledger = Ledger::default();
+    ledger.write_all(&cluster, &c1, name, DIM, 600, 100).await;
+
+    // Commit notices reach backups asynchronously: wait until they agree.
+    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    assert_eq!(shards.shards.len(), 2, "{}", show_shards(&shards));
+    assert_eq!((shards.replicas, shards.min_insync), (3, 2), "{}", show_shards(&shards));
+    for s in &shards.shards {
+        let nodes: BTreeSet<u64> = s.replicas.iter().map(|r| r.node).collect();
+        assert_eq!(
+            nodes.len(),
+            3,
+            "replicas of a shard on distinct nodes:\n{}",
+            show_shards(&shards)
+        );
+        assert!(
+            s.problems.is_empty(),
+            "no problems once converged:\n{}",
+            show_shards(&shards)
+        );
+        let primaries: Vec<u64> = s.replicas.iter().filter(|r| r.primary).map(|r| r.node).collect();
+        assert_eq!(
+            primaries,
+            s.primary.into_iter().collect::<Vec<_>>(),
+            "{}",
+            show_shards(&shards)
+        );
+    }
+    let total: u64 = shards.shards.iter().map(|s| s.replicas[0].points.unwrap_or(0)).sum();
+    assert_eq!(total, 600, "points per shard add up:\n{}", show_shards(&shards));
+
+    let queries = random_vectors(20, DIM, 99);
+    let truth: Vec<Vec<(u64, f32)>> = queries
+        .iter()
+        .map(|q| brute_top_k(ledger.sent.values().map(|p| (p.id, p.vector.as_slice())), q, 10))
+        .collect();
+    let mut first_answer: Option<Vec<Vec<u64>>> = None;
+    for id in 1..=3 {
+        let via = format!("node {id}");
+        let c = cluster.client(id, READER).await;
+        // Reads rotate among in-sync replicas: three rounds reach each one.
+        for _ in 0..3 {
+            let present = check_through(&cluster, &c, &via, name, &ledger).await;
+            assert_eq!(present.len(), 600, "through {via}");
+        }
+        let hits = match c.search_batch(name, queries.clone(), 10, false).await {
+            Ok(h) => h,
+            Err(e) => cluster.fail(format!("search through {via} failed: {e}")),
+        };
+        let ids: Vec<Vec<u64>> = hits.iter().map(|h| h.iter().map(|x| x.id).collect()).collect();
+        for (qi, (got, want)) in ids.iter().zip(&truth).enumerate() {
+            assert_eq!(got.len(), 10, "query {qi} through {via}: {got:?}");
+            let want_ids: BTreeSet<u64> = want.iter().map(|(id, _)| *id).collect();
+            let kth = want.last().unwrap().1;
+            // Only a near tie at the 10th place may differ from brute force.
+            for id in got
+                .iter()
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .symmetric_difference(&want_ids)
+            {
+                let d = l2(&ledger.sent[id].vector, &queries[qi]);
+                assert!(
+                    (d - kth).abs() <= 1e-5 * kth.max(1.0),
+                    "query {qi} through {via}: top-10 {got:?} differs from brute force {want:?} at id {id} \
+                     (distance {d}, 10th {kth})"
+                );
+            }
+        }
+        match &first_answer {
+            None => first_answer = Some(ids),
+            Some(first) => assert_eq!(&ids, first, "search through {via} differs from node 1"),
+        }
+    }
+    let c2 = cluster.client(2, READER).await;
+    check_count(&cluster, &c2, "node 2", name, 600).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_replicas_than_data_nodes_is_refused() {
+    let cluster = TestCluster::running(Layout::voters(3)).await;
+    let admin = cluster.client(1, ADMIN).await;
+    let spec = CollectionSpec::new("toomany", DIM as u32, Metric::L2);
+    match admin.create_replicated(spec.clone(), ReplicationSpec::new(4)).await {
+        Err(ClientError::InvalidArgument { message, .. }) => {
+            assert!(
+                message.contains("3 data node"),
+                "should say how many data nodes exist: {message}"
+            )
+        }
+        other => cluster.fail(format!(
+            "4 replicas on 3 data nodes: expected InvalidArgument, got {other:?}"
+        )),
+    }
+    match admin.create_replicated(spec.clone(), ReplicationSpec::new(0)).await {
+        Err(ClientError::InvalidArgument { .. }) => {}
+        other => cluster.fail(format!("0 replicas: expected InvalidArgument, got {other:?}")),
+    }
+    // Nothing was created by the refusals.
+    let listed = admin.list_collections().await.unwrap();
+    assert!(listed.iter().all(|c| c.spec.name != "toomany"), "{listed:?}");
+
+    match admin.load("nosuch", ReplicationSpec::new(2)).await {
+        Err(ClientError::NotFound(_)) => {}
+        other => cluster.fail(format!(
+            "load of an unknown collection: expected NotFound, got {other:?}"
+        )),
+    }
+
+    // The same spec with 3 replicas works, and loading it to 4 is refused too.
+    admin.create_replicated(spec, ReplicationSpec::new(3)).await.unwrap();
+    match admin.load("toomany", ReplicationSpec::new(4)).await {
+        Err(ClientError::InvalidArgument { message, .. }) => {
+            assert!(
+                message.contains("3 data node"),
+                "should say how many data nodes exist: {message}"
+            )
+        }
+        other => cluster.fail(format!(
+            "load to 4 replicas on 3 data nodes: expected InvalidArgument, got {other:?}"
+        )),
+    }
+    let shards = wait_converged(&cluster, &admin, "toomany", 3, Duration::from_secs(20)).await;
+    assert_eq!(shards.replicas, 3, "{}", show_shards(&shards));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_primary_mid_stream_loses_no_acknowledged_write() {
+    let mut cluster = TestCluster::running(fast(3, 0, "")).await;
+    let name = "killprimary";
+    let admin = create(&cluster, name, 1, 3).await;
+    let before = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    assert_eq!(before.min_insync, 2, "{}", show_shards(&before));
+
+    let writer = Writer::spawn(
+        cluster.client_any(WRITER).await,
+        name,
+        DIM,
+        Ledger::default(),
+        50,
+        Duration::from_millis(5),
+        5_000,
+        Duration::from_secs(40),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while writer.snapshot().acked.len() < 200 || writer.snapshot().batches.len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the writer got nothing acknowledged: {:?}",
+            writer.snapshot().batches
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // ~1 s of writes before the kill
+
+    let now = match admin.shards(Some(name)).await {
+        Ok(list) => list.into_iter().next().unwrap(),
+        Err(e) => cluster.fail(format!("shards() failed: {e}")),
+    };
+    let old = only_shard(&now).clone();
+    let victim = old.primary.expect("a primary");
+    cluster.kill9(victim);
+    let killed = Instant::now();
+    println!(
+        "killed primary node {victim} (term {}) at {} acks",
+        old.term,
+        writer.snapshot().acked.len()
+    );
+
+    let observer = cluster.client_excluding(&[victim], ADMIN).await;
+    let after = cluster
+        .wait_shards(
+            &observer,
+            name,
+            Duration::from_secs(15),
+            "a new primary in a higher term",
+            |c| {
+                c.shards
+                    .iter()
+                    .all(|s| s.primary.is_some_and(|p| p != victim) && s.term > old.term)
+            },
+        )
+        .await;
+    println!("new primary after {:?}:\n{}", killed.elapsed(), show_shards(&after));
+    let left = Duration::from_secs(4).saturating_sub(killed.elapsed());
+    tokio::time::sleep(left).await; // the writer goes on ~4 s after the kill
+    let ledger = writer.stop(Duration::from_secs(40)).await;
+    let failed = ledger.failed();
+    println!(
+        "{} batches, {} acknowledged ids, {} failed batches: {:?}",
+        ledger.batches.len(),
+        ledger.acked.len(),
+        failed.len(),
+        failed
+            .iter()
+            .map(|b| (b.batch, b.took, b.error.clone()))
+            .collect::<Vec<_>>()
+    );
+    let resumed = ledger.batches.iter().any(|b| b.started > killed && b.error.is_none());
+    if !resumed {
+        cluster.fail(format!(
+            "no batch started after the kill was acknowledged; batches after the kill: {:?}",
+            ledger.batches.iter().filter(|b| b.started > killed).collect::<Vec<_>>()
+        ));
+    }
+
+    // The two survivors agree; then every acknowledged write is on both.
+    let live: Vec<u64> = (1..=3).filter(|id| *id != victim).collect();
+    let settled = cluster
+        .wait_shards(
+            &observer,
+            name,
+            Duration::from_secs(20),
+            "survivors in-sync and agreeing",
+            |c| {
+                c.shards.iter().all(|s| {
+                    let rs: Vec<&ReplicaStatus> = s
+                        .replicas
+                        .iter()
+                        .filter(|r| live.contains(&r.node) && r.state == "in-sync")
+                        .collect();
+                    s.primary.is_some_and(|p| p != victim) && rs.len() == 2 && replicas_agree(rs.into_iter())
+                })
+            },
+        )
+        .await;
+    let new = only_shard(&settled);
+    assert!(
+        new.term > old.term,
+        "term must grow: {} then\n{}",
+        old.term,
+        show_shards(&settled)
+    );
+    let mut present = None;
+    for id in &live {
+        let via = format!("node {id}");
+        let c = cluster.client(*id, READER).await;
+        for _ in 0..2 {
+            let p = check_through(&cluster, &c, &via, name, &ledger).await;
+            if present.as_ref().is_some_and(|q| *q != p) {
+                cluster.fail(format!("{via} shows other ids than node {}", live[0]));
+            }
+            present = Some(p);
+        }
+        check_count(&cluster, &c, &via, name, present.as_ref().unwrap().len()).await;
+        check_never_sent(&cluster, &c, &via, name, &ledger).await;
+    }
+
+    // The killed node comes back as a backup and catches up by itself.
+    cluster.start(victim);
+    wait_converged(&cluster, &observer, name, 3, Duration::from_secs(30)).await;
+    let c = cluster.client(victim, READER).await;
+    for _ in 0..3 {
+        let p = check_through(&cluster, &c, &format!("restarted node {victim}"), name, &ledger).await;
+        assert_eq!(Some(&p), present.as_ref(), "restarted node {victim} reads other ids");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_backup_catches_up_and_holds_exactly_the_primarys_data() {
+    let mut cluster = TestCluster::running(fast(3, 0, "")).await;
+    let name = "backup";
+    let admin = create(&cluster, name, 1, 3).await;
+    let c = cluster.client_any(WRITER).await;
+    let mut ledger = Ledger::default();
+    ledger.write_all(&cluster, &c, name, DIM, 500, 100).await;
+    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    let s = only_shard(&shards);
+    let backup = s.replicas.iter().find(|r| !r.primary).expect("a backup").node;
+
+    cluster.kill9(backup);
+    let others = cluster.client_excluding(&[backup], WRITER).await;
+    let observer = cluster.client_excluding(&[backup], ADMIN).await;
+    let started = Instant::now();
+    ledger.write_all(&cluster, &others, name, DIM, 2_000, 100).await;
+    println!("2,000 points with backup {backup} dead in {:?}", started.elapsed());
+
+    // Back, while writes go on; it must reach in-sync under load.
+    cluster.start(backup);
+    let writer = Writer::spawn(
+        others.clone(),
+        name,
+        DIM,
+        ledger,
+        50,
+        Duration::from_millis(10),
+        3_000,
+        Duration::from_secs(45),
+    );
+    cluster
+        .wait_shards(
+            &observer,
+            name,
+            Duration::from_secs(30),
+            "the restarted backup in-sync",
+            |c| all_in_sync(c, 3) && c.shards[0].replicas.iter().any(|r| r.node == backup),
+        )
+        .await;
+    let ledger = writer.stop(Duration::from_secs(30)).await;
+    let failed = ledger.failed();
+    if !failed.is_empty() {
+        cluster.fail(format!("writes failed while the backup caught up: {failed:?}"));
+    }
+    let settled = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(20)).await;
+    let s = only_shard(&settled);
+    let points = s.replicas[0].points.unwrap();
+    assert_eq!(
+        points,
+        ledger.acked.len() as u64,
+        "every replica holds exactly the acknowledged points:\n{}",
+        show_shards(&settled)
+    );
+
+    let c = cluster.client(backup, READER).await;
+    for round in 0..4 {
+        let p = check_through(
+            &cluster,
+            &c,
+            &format!("restarted node {backup} round {round}"),
+            name,
+            &ledger,
+        )
+        .await;
+        assert_eq!(p.len(), ledger.acked.len());
+        check_count(&cluster, &c, &format!("restarted node {backup}"), name, p.len()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_one_to_three_to_two_while_serving() {
+    let cluster = TestCluster::running(fast(3, 0, "")).await;
+    let name = "load";
+    let admin = create(&cluster, name, 2, 1).await;
+    wait_converged(&cluster, &admin, name, 1, Duration::from_secs(20)).await;
+
+    let writer = Writer::spawn(
+        cluster.client_any(WRITER).await,
+        name,
+        DIM,
+        Ledger::default(),
+        50,
+        Duration::from_millis(20),
+        5_000,
+        Duration::from_secs(50),
+    );
+
+    // The reader: gets and searches of ids acknowledged at least `SETTLE`
+    // ago (a backup learns the commit point with the next op or
+    // heartbeat). Any error is a failed read; a missing or wrong point is
+    // a stale read.
+    const SETTLE: Duration = Duration::from_secs(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let reader = {
+        let (stop, reads, failures) = (stop.clone(), reads.clone(), failures.clone());
+        let ledger = writer.ledger.clone();
+        let client = cluster.client_any(READER).await;
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(50);
+            for i in 0u64..20_000 {
+                if stop.load(Ordering::SeqCst) || Instant::now() >= until {
+                    break;
+                }
+                let old: Vec<u64> = {
+                    let l = ledger.lock().unwrap();
+                    let now = Instant::now();
+                    l.acked
+                        .iter()
+                        .filter(|(_, at)| now.duration_since(**at) >= SETTLE)
+                        .map(|(id, _)| *id)
+                        .collect()
+                };
+                if old.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                // The newest 10 settled ids and 10 spread over the rest.
+                let mut ids: Vec<u64> = old.iter().rev().take(10).copied().collect();
+                let step = (old.len() / 10).max(1);
+                ids.extend(old.iter().step_by(step).take(10));
+                ids.sort_unstable();
+                ids.dedup();
+                match client.get(name, &ids).await {
+                    Err(e) => failures.lock().unwrap().push(format!("read {i}: get failed: {e}")),
+                    Ok(got) => {
+                        let found: BTreeSet<u64> = got
+                            .iter()
+                            .filter(|r| r.vector == vector_of(r.id, DIM))
+                            .map(|r| r.id)
+                            .collect();
+                        let missing: Vec<u64> = ids.iter().filter(|id| !found.contains(id)).copied().collect();
+                        if !missing.is_empty() {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("read {i}: get missed settled ids {missing:?}"));
+                        }
+                    }
+                }
+                let probe = ids[(i as usize) % ids.len()];
+                match client.search(name, &vector_of(probe, DIM), 3).await {
+                    Err(e) => failures.lock().unwrap().push(format!("read {i}: search failed: {e}")),
+                    Ok(hits) if hits.first().map(|h| h.id) != Some(probe) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("read {i}: search for point {probe}'s vector found {hits:?}")),
+                    Ok(_) => {}
+                }
+                reads.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let wait_reads = |at_least: u64, what: &'static str| {
+        let reads = reads.clone();
+        let cluster = &cluster;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while reads.load(Ordering::SeqCst) < at_least {
+                if Instant::now() >= deadline {
+                    cluster.fail(format!("{what}: only {} reads done", reads.load(Ordering::SeqCst)));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_reads(10, "reads before load to 3").await;
+
+    if let Err(e) = admin.load(name, ReplicationSpec::new(3)).await {
+        cluster.fail(format!("load to 3 failed: {e}"));
+    }
+    let three = cluster
+        .wait_shards(
+            &admin,
+            name,
+            Duration::from_secs(30),
+            "3 in-sync replicas per shard",
+            |c| c.replicas == 3 && all_in_sync(c, 3),
+        )
+        .await;
+    println!("3 replicas:\n{}", show_shards(&three));
+    let n = reads.load(Ordering::SeqCst);
+    wait_reads(n + 10, "reads with 3 replicas").await;
+
+    if let Err(e) = admin.load(name, ReplicationSpec::new(2)).await {
+        cluster.fail(format!("load to 2 failed: {e}"));
+    }
+    let two = cluster
+        .wait_shards(
+            &admin,
+            name,
+            Duration::from_secs(30),
+            "exactly 2 in-sync replicas per shard",
+            |c| c.replicas == 2 && all_in_sync(c, 2),
+        )
+        .await;
+    println!("2 replicas:\n{}", show_shards(&two));
+    let n = reads.load(Ordering::SeqCst);
+    wait_reads(n + 10, "reads with 2 replicas").await;
+    let acked_before_stop = writer.snapshot().acked.len();
+
+    stop.store(true, Ordering::SeqCst);
+    if tokio::time::timeout(Duration::from_secs(30), reader).await.is_err() {
+        cluster.fail("the reader did not stop within 30 s");
+    }
+    let ledger = writer.stop(Duration::from_secs(30)).await;
+    let failures = failures.lock().unwrap().clone();
+    println!(
+        "{} reads, {} write batches ({} failed), {} acknowledged ids",
+        reads.load(Ordering::SeqCst),
+        ledger.batches.len(),
+        ledger.failed().len(),
+        ledger.acked.len()
+    );
+    if !failures.is_empty() {
+        cluster.fail(format!(
+            "{} failed reads while loading (first 20): {:#?}",
+            failures.len(),
+            &failures[..failures.len().min(20)]
+        ));
+    }
+    if !ledger.failed().is_empty() {
+        cluster.fail(format!("write batches failed while loading: {:?}", ledger.failed()));
+    }
+    assert!(acked_before_stop > 0);
+
+    let settled = wait_converged(&cluster, &admin, name, 2, Duration::from_secs(20)).await;
+    for id in 1..=3 {
+        let via = format!("node {id}");
+        let c = cluster.client(id, READER).await;
+        for _ in 0..2 {
+            let p = check_through(&cluster, &c, &via, name, &ledger).await;
+            assert_eq!(p.len(), ledger.acked.len(), "through {via}:\n{}", show_shards(&settled));
+        }
+        check_count(&cluster, &c, &via, name, ledger.acked.len()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_has_its_replicas_recreated() {
+    let mut cluster = TestCluster::running(fast(3, 1, "dead_after_ms = 3000\n")).await;
+    let name = "recreate";
+    let admin = create(&cluster, name, 1, 3).await;
+    let c = cluster.client_any(WRITER).await;
+    let mut ledger = Ledger::default();
+    ledger.write_all(&cluster, &c, name, DIM, 500, 100).await;
+    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    let s = only_shard(&shards);
+    let primary = s.primary.unwrap();
+    let holders: Vec<u64> = s.replicas.iter().map(|r| r.node).collect();
+    // A voter that holds a backup; we keep talking through the others.
+    let victim = holders
+        .iter()
+        .copied()
+        .find(|n| *n != primary && *n <= 3)
+        .unwrap_or_else(|| cluster.fail(format!("no voter holds a backup:\n{}", show_shards(&shards))));
+    let spare = (1..=4).find(|n| !holders.contains(n)).unwrap();
+    println!("replicas on {holders:?}, primary {primary}; killing {victim}, spare {spare}");
+
+    cluster.kill9(victim);
+    let killed = Instant::now();
+    let others = cluster.client_excluding(&[victim], ADMIN).await;
+    ledger.write_all(&cluster, &others, name, DIM, 200, 50).await;
+
+    let after = cluster
+        .wait_shards(
+            &others,
+            name,
+            Duration::from_secs(30),
+            "3 in-sync agreeing replicas again, none on the dead node",
+            |c| converged(c, 3) && c.shards[0].replicas.iter().all(|r| r.node != victim),
+        )
+        .await;
+    println!("re-created after {:?}:\n{}", killed.elapsed(), show_shards(&after));
+    let s = only_shard(&after);
+    assert!(
+        s.replicas.iter().any(|r| r.node == spare),
+        "the spare node {spare} holds a replica:\n{}",
+        show_shards(&after)
+    );
+    assert_eq!(s.replicas[0].points, Some(700), "{}", show_shards(&after));
+
+    let c = cluster.client(spare, READER).await;
+    for round in 0..3 {
+        let p = check_through(&cluster, &c, &format!("node {spare} round {round}"), name, &ledger).await;
+        assert_eq!(p.len(), 700);
+    }
+    check_count(&cluster, &c, &format!("node {spare}"), name, 700).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_primary_cannot_get_a_write_acknowledged() {
+    let cluster = TestCluster::running(fast(3, 0, "")).await;
+    let name = "paused";
+    let admin = create(&cluster, name, 1, 3).await;
+    let c = cluster.client_any(WRITER).await;
+    let mut ledger = Ledger::default();
+    ledger.write_all(&cluster, &c, name, DIM, 300, 100).await;
+    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    let old = only_shard(&shards).clone();
+    let paused = old.primary.unwrap();
+    let others = cluster.client_excluding(&[paused], WRITER).await;
+    let observer = cluster.client_excluding(&[paused], ADMIN).await;
+
+    cluster.pause(paused);
+    let stopped = Instant::now();
+    let after = cluster
+        .wait_shards(
+            &observer,
+            name,
+            Duration::from_secs(20),
+            "a new primary while the old one is paused",
+            |c| {
+                c.shards
+                    .iter()
+                    .all(|s| s.primary.is_some_and(|p| p != paused) && s.term > old.term)
+            },
+        )
+        .await;
+    println!(
+        "node {paused} paused; new primary after {:?}:\n{}",
+        stopped.elapsed(),
+        show_shards(&after)
+    );
+    ledger.write_all(&cluster, &others, name, DIM, 300, 100).await;
+
+    // The old primary wakes up believing it leads; a client that knows
+    // only that node writes through it at once.
+    cluster.resume(paused);
+    let mut config = cluster.client_config(paused, WRITER);
+    config.connect_timeout = Duration::from_secs(1);
+    config.request_timeout = Duration::from_secs(5);
+    config.retry_budget = Duration::from_secs(3);
+    let mut through_old = Ledger::default();
+    let first = ledger.next_id();
+    for b in 0..10u64 {
+        let start = first + b * 20;
+        let ids = start..start + 20;
+        match tokio::time::timeout(Duration::from_secs(10), edgevec_client::Client::connect(config.clone())).await {
+            Ok(Ok(old_client)) => {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(15),
+                    through_old.upsert(&old_client, name, DIM, ids.clone()),
+                )
+                .await;
+                if r.is_err() {
+                    cluster.fail(format!("a write through the woken node {paused} hung for 15 s"));
+                }
+            }
+            Ok(Err(e)) => println!("batch {b}: cannot connect to node {paused}: {e}"),
+            Err(_) => println!("batch {b}: connecting to node {paused} hung 10 s"),
+        }
+    }
+    println!(
+        "through the woken node {paused}: {} of {} batches acknowledged; errors: {:?}",
+        through_old.batches.iter().filter(|b| b.error.is_none()).count(),
+        through_old.batches.len(),
+        through_old.failed().iter().map(|b| b.error.clone()).collect::<Vec<_>>()
+    );
+    ledger.absorb(through_old);
+
+    // It rejoins as a backup; then nothing acknowledged is missing anywhere.
+    let settled = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(30)).await;
+    let s = only_shard(&settled);
+    assert!(
+        s.primary != Some(paused) || s.term > after.shards[0].term,
+        "the woken node cannot simply resume its old term:\n{}",
+        show_shards(&settled)
+    );
+    let mut present: Option<BTreeSet<u64>> = None;
+    for id in 1..=3 {
+        let via = format!("node {id}");
+        let c = cluster.client(id, READER).await;
+        for _ in 0..3 {
+            let p = check_through(&cluster, &c, &via, name, &ledger).await;
+            if present.as_ref().is_some_and(|q| *q != p) {
+                cluster.fail(format!("{via} reads other ids than another node"));
+            }
+            present = Some(p);
+        }
+        check_count(&cluster, &c, &via, name, present.as_ref().unwrap().len()).await;
+        check_never_sent(&cluster, &c, &via, name, &ledger).await;
+    }
+}
