@@ -69,6 +69,14 @@ impl fmt::Display for TokenRole {
     }
 }
 
+/// Failure-detector settings (cluster.toml `[cluster]`).
+#[derive(Debug, Clone, Copy)]
+pub struct HealthSettings {
+    pub heartbeat: Duration,
+    pub suspect_after: Duration,
+    pub dead_after: Duration,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -220,7 +228,7 @@ pub struct ClusterConfig {
     pub tokens: Vec<Token>,
     pub nodes: Vec<NodeConfig>,
     /// Failure detector settings.
-    pub health: crate::health::HealthSettings,
+    pub health: HealthSettings,
     pub raft_heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
     pub raft_snapshot_logs: u64,
@@ -364,7 +372,7 @@ impl ClusterConfig {
                 Ok(Duration::from_millis(*v.get_ref()))
             }
         };
-        let health = crate::health::HealthSettings {
+        let health = HealthSettings {
             heartbeat: positive(&c.heartbeat_ms, "heartbeat_ms")?,
             suspect_after: positive(&c.suspect_ms, "suspect_ms")?,
             dead_after: positive(&c.dead_after_ms, "dead_after_ms")?,

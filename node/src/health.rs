@@ -23,17 +23,9 @@ use openraft::ServerState;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::config::{ClusterConfig, NodeConfig};
+use crate::config::{ClusterConfig, HealthSettings, NodeConfig};
 use crate::meta::{now_ms, Meta};
 use crate::net::peer::PeerPool;
-
-/// Failure-detector settings (cluster.toml `[cluster]`).
-#[derive(Debug, Clone, Copy)]
-pub struct HealthSettings {
-    pub heartbeat: Duration,
-    pub suspect_after: Duration,
-    pub dead_after: Duration,
-}
 
 /// The state a node deserves after `silence` without a heartbeat.
 pub fn verdict(silence: Duration, s: &HealthSettings) -> NodeState {

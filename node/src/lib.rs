@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod health;
 pub mod meta;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod replication;

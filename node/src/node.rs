@@ -16,10 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::admin::{self, Metrics};
+use crate::admin;
 use crate::config::{ClusterConfig, NodeConfig};
 use crate::health::Health;
 use crate::meta::{Meta, MetaError};
+use crate::metrics::Metrics;
 use crate::net::{peer::PeerPool, server, tls::Identity};
 use crate::replication::DataPlane;
 use crate::service::{Parts, Service};

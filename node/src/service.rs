@@ -22,10 +22,10 @@ use edgevec_proto::internal::{MembershipChange, NodeOpV1, NodeReplyV1, NodeReque
 use edgevec_proto::{ClusterStatus, CollectionSpec, ErrorCode, NodeStatus, ReplicationSpec, WireError};
 use tracing::debug;
 
-use crate::admin::Metrics;
 use crate::config::{ClusterConfig, NodeConfig, Token, TokenRole};
 use crate::health::Health;
 use crate::meta::{now_ms, Meta};
+use crate::metrics::Metrics;
 use crate::net::server::Dispatch;
 use crate::replication::DataPlane;
 use crate::router::Router;
