@@ -8,7 +8,7 @@
 //! Settings come from the environment when set: `EDGEVEC_ENDPOINTS`
 //! (comma-separated), `EDGEVEC_CA` and `EDGEVEC_TOKEN`.
 
-use edgevec_client::{Client, ClientConfig, ClientError, CollectionSpec, Metric, Point};
+use edgevec_client::{Client, ClientConfig, ClientError, CollectionSpec, Metric, Point, ReplicationSpec};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -23,8 +23,9 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::connect(ClientConfig::from_ca_file(endpoints, ca.as_ref(), token)?).await?;
     println!("connected to {:?}", client.current_endpoint().await);
 
+    // Two shards, each with a copy on all three nodes of the quick start.
     let spec = CollectionSpec::new("quickstart", 3, Metric::Cosine).with_shards(2);
-    match client.create_collection(spec).await {
+    match client.create_replicated(spec, ReplicationSpec::new(3)).await {
         Ok(()) | Err(ClientError::AlreadyExists(_)) => {}
         Err(e) => return Err(e.into()),
     }
@@ -58,6 +59,22 @@ async fn main() -> anyhow::Result<()> {
     }
     let view = client.cluster_status().await?;
     println!("metadata leader: {:?}, {} nodes", view.leader, view.nodes.len());
+    for c in client.shards(Some("quickstart")).await? {
+        for s in c.shards {
+            let states: Vec<String> = s
+                .replicas
+                .iter()
+                .map(|r| format!("node {} {}", r.node, r.state))
+                .collect();
+            println!(
+                "shard {}: term {}, primary {:?}, {}",
+                s.shard,
+                s.term,
+                s.primary,
+                states.join(", ")
+            );
+        }
+    }
     client.close().await;
     Ok(())
 }

@@ -162,37 +162,7 @@ pub async fn up(path: &Path) -> Result<()> {
     let config_path = path.canonicalize().with_context(|| format!("{}", path.display()))?;
     let mut children: Vec<(u64, Child)> = Vec::new();
     for node in &cfg.nodes {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("node")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--id")
-            .arg(node.id.to_string());
-        cmd.kill_on_drop(true);
-        // If `up` itself dies (even by SIGKILL), its nodes must not live on
-        // unsupervised: the kernel sends them SIGTERM.
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd.stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().with_context(|| format!("starting node {}", node.id))?;
-        // Prefix each node's log lines with its id: several nodes share a terminal.
-        if let Some(stderr) = child.stderr.take() {
-            let id = node.id;
-            tokio::spawn(async move {
-                let mut lines = tokio::io::BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    eprintln!("[node {id}] {line}");
-                }
-            });
-        }
-        children.push((node.id, child));
+        children.push((node.id, spawn_node(&exe, &config_path, node.id)?));
     }
 
     let token = cfg.strongest_token().map(|t| t.token.clone()).unwrap_or_default();
@@ -236,19 +206,43 @@ pub async fn up(path: &Path) -> Result<()> {
         path.display()
     );
 
-    let exited = async {
-        loop {
-            for (id, child) in children.iter_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return (*id, status);
-                }
+    // Supervise: a node that exits is restarted with backoff while the
+    // others keep serving; Ctrl-C (or SIGTERM) stops them all.
+    let mut backoff: std::collections::HashMap<u64, (Duration, Instant)> = std::collections::HashMap::new();
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                println!("stopping {} nodes", children.len());
+                break;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-    };
-    tokio::select! {
-        _ = shutdown_signal() => println!("stopping {} nodes", children.len()),
-        (id, status) = exited => eprintln!("node {id} exited ({status}); stopping the others"),
+        for (id, child) in children.iter_mut() {
+            let Ok(Some(status)) = child.try_wait() else { continue };
+            let (delay, since) = backoff
+                .get(id)
+                .copied()
+                .unwrap_or((RESTART_BACKOFF_MIN, Instant::now()));
+            // A node that ran a good while before exiting starts over at the
+            // shortest delay.
+            let delay = if since.elapsed() > Duration::from_secs(60) {
+                RESTART_BACKOFF_MIN
+            } else {
+                delay
+            };
+            eprintln!("node {id} exited ({status}); restarting it in {delay:?} (the others keep serving)");
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match spawn_node(&exe, &config_path, *id) {
+                Ok(c) => *child = c,
+                Err(e) => eprintln!("node {id} could not be restarted: {e:#}"),
+            }
+            backoff.insert(*id, ((delay * 2).min(RESTART_BACKOFF_MAX), Instant::now()));
+        }
     }
     for (_, child) in &children {
         if let Some(pid) = child.id() {
@@ -268,6 +262,44 @@ pub async fn up(path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// First and longest wait before `up` restarts a node that exited.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Starts one node of the cluster file as a child of `up`, its log lines
+/// prefixed with its id (several nodes share a terminal).
+fn spawn_node(exe: &Path, config_path: &Path, id: u64) -> Result<Child> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("node")
+        .arg("--config")
+        .arg(config_path)
+        .arg("--id")
+        .arg(id.to_string());
+    cmd.kill_on_drop(true);
+    // If `up` itself dies (even by SIGKILL), its nodes must not live on
+    // unsupervised: the kernel sends them SIGTERM.
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("starting node {id}"))?;
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[node {id}] {line}");
+            }
+        });
+    }
+    Ok(child)
 }
 
 /// `edgevec status`: the cluster as the metadata leader sees it.
