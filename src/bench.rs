@@ -243,14 +243,34 @@ impl Cluster {
         }
     }
 
-    /// The last `lines` lines of every node's log, labelled.
-    fn log_tails(&self, lines: usize) -> String {
+    /// What became of every node process (exited, or running and in which
+    /// scheduler state: a node that stopped answering while its process
+    /// runs is stuck, not dead), then the last `lines` lines of its log.
+    fn failure_report(&mut self, lines: usize) -> String {
         let mut out = String::new();
         for id in self.ids() {
+            let process = match self.procs[id as usize - 1].as_mut() {
+                None => "not running (killed by the bench)".to_string(),
+                Some(child) => match child.try_wait() {
+                    Ok(Some(status)) => format!("exited: {status}"),
+                    Ok(None) => {
+                        let pid = child.id();
+                        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                        let state = stat
+                            .rfind(')')
+                            .and_then(|i| stat[i + 1..].split_whitespace().next())
+                            .unwrap_or("?")
+                            .to_string();
+                        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                        format!("running as pid {pid}, state {state}, wchan {wchan:?}")
+                    }
+                    Err(e) => format!("unknown ({e})"),
+                },
+            };
             let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
             let all: Vec<&str> = text.lines().collect();
             out.push_str(&format!(
-                "----- node {id} ({}), last {lines} lines -----\n{}\n",
+                "----- node {id}: {process}; {}, last {lines} lines -----\n{}\n",
                 self.log_path(id).display(),
                 all[all.len().saturating_sub(lines)..].join("\n")
             ));
@@ -864,7 +884,8 @@ mod replication {
         s.replicas.len() == n && s.replicas.iter().all(|r| r.state == "in-sync" && r.last == Some(last))
     }
 
-    /// One line per replica, for progress and failure messages.
+    /// The shard and its replicas on one line, for progress and failure
+    /// messages.
     fn show(s: &ShardStatus) -> String {
         let replicas: Vec<String> = s
             .replicas
@@ -952,11 +973,11 @@ mod replication {
     pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         let started = Instant::now();
         let load_before = load_average();
-        let cluster = Cluster::start(dir, 3, TIMINGS)?;
+        let mut cluster = Cluster::start(dir, 3, TIMINGS)?;
         let admin = match connect_any(&cluster.addrs, &cluster.ca).await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("{}", cluster.log_tails(40));
+                eprintln!("{}", cluster.failure_report(40));
                 return Err(e);
             }
         };
@@ -976,7 +997,7 @@ mod replication {
         };
         let result = bench.measure(started, &load_before).await;
         if let Err(e) = &result {
-            eprintln!("replication bench failed: {e:#}\n{}", bench.cluster.log_tails(40));
+            eprintln!("replication bench failed: {e:#}\n{}", bench.cluster.failure_report(40));
             if args.dir.is_none() {
                 eprintln!("(run with --dir DIR to keep the data and the full node logs)");
             }
@@ -988,6 +1009,9 @@ mod replication {
     impl Bench<'_> {
         async fn measure(&mut self, started: Instant, load_before: &str) -> Result<()> {
             let args = self.args;
+            if args.latency_batches == 0 || args.load_batches == 0 || args.batch == 0 || args.failover_batch == 0 {
+                bail!("--latency-batches, --load-batches, --batch and --failover-batch must be at least 1");
+            }
             let seal_rows = args.seal_rows(1_000_000);
             let leader = wait_all_up(&self.admin, 3).await?;
             for (name, replicas) in [(R1, 1), (R3, 3)] {
@@ -999,7 +1023,7 @@ mod replication {
             }
             let p1 = wait_shard(&self.admin, R1, SETTLE, "a primary", |s| converged(s, 1)).await?;
             let p3 = wait_shard(&self.admin, R3, SETTLE, "3 in-sync replicas", |s| converged(s, 3)).await?;
-            let (p1, p3) = (p1.primary.unwrap_or(1), p3.primary.unwrap_or(1));
+            let (p1, p3) = (p1.primary.context("no primary")?, p3.primary.context("no primary")?);
             eprintln!("cluster up: metadata leader {leader}, {R1} primary {p1}, {R3} primary {p3}");
 
             let latency = self.write_latency(p1, p3).await?;

@@ -209,7 +209,7 @@ impl Client {
                 Err(e) if retry_safe && e.is_retryable() && tokio::time::Instant::now() + backoff < deadline => {
                     tracing::debug!(error = %e, ?backoff, "retryable refusal; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
                 }
                 other => return other,
             }

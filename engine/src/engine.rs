@@ -16,8 +16,15 @@
 //! - drop: the entry is removed (fsync) first, then the files; a crash in
 //!   between leaves a directory without an entry, which the next open
 //!   moves to `trash/` (it never deletes what it did not just drop);
-//! - create and drop are serialised by the registry mutex; the key →
-//!   replica map is only read by everything else.
+//! - import ([`Engine::import_replica`], module `import`): the export is
+//!   written into `replicas/<key>.import.tmp`, fsynced, renamed to
+//!   `<key>.import` (complete), then the entry is (re)written, the old
+//!   directory moved to trash and the import renamed into its place. At
+//!   open, a `.import.tmp` (incomplete) goes to trash; a `.import` is swapped
+//!   in if the registry names its key, else it goes to trash. So a crash
+//!   leaves the old replica or the new one, never a mix;
+//! - create, drop and the swap of an import are serialised by the registry
+//!   mutex; the key → replica map is only read by everything else.
 //!
 //! A caller stops using a replica before dropping it: a handle kept past
 //! the drop writes into files that are gone.
@@ -25,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use edgevec_proto::Metric;
@@ -35,7 +42,7 @@ use crate::builder::IndexBuilder;
 use crate::error::EngineError;
 use crate::fsutil;
 use crate::hnsw::IndexParams;
-use crate::layout;
+use crate::layout::{self, ImportStage};
 use crate::registry::Registry;
 use crate::shard::{ShardConfig, ShardReplica, OPLOG_RETAIN_BYTES};
 use crate::validate;
@@ -73,6 +80,10 @@ pub struct EngineOptions {
     /// HNSW `ef` at search time, fixed when an index is built: the most
     /// candidates one index search returns.
     pub hnsw_ef_search: usize,
+    /// Bytes of applied ops each replica's op log keeps
+    /// ([`OPLOG_RETAIN_BYTES`] by default): a replica further behind than
+    /// this is caught up from an export.
+    pub oplog_retain_bytes: u64,
 }
 
 impl Default for EngineOptions {
@@ -80,6 +91,7 @@ impl Default for EngineOptions {
         EngineOptions {
             hnsw_ef_construction: 200,
             hnsw_ef_search: 128,
+            oplog_retain_bytes: OPLOG_RETAIN_BYTES,
         }
     }
 }
@@ -90,16 +102,25 @@ type Replicas = BTreeMap<ReplicaKey, (ReplicaSpec, Arc<ShardReplica>)>;
 pub struct Engine {
     root: PathBuf,
     index: IndexParams,
+    retain_bytes: u64,
     registry: Mutex<Registry>,
     replicas: RwLock<Replicas>,
     builder: Arc<IndexBuilder>,
+    /// Keys with an import running; a second import of one waits on
+    /// `import_done` (they share the import directories).
+    importing: Mutex<BTreeSet<ReplicaKey>>,
+    import_done: Condvar,
 }
 
 impl Engine {
     /// Opens the data directory `dir` (creating it if needed), restores
     /// every replica the registry names and moves replica directories it
-    /// does not name to `trash/`. Refuses, changing nothing, a directory of
-    /// another layout or replica directories without their registry.
+    /// does not name to `trash/`. Finishes an interrupted import: a
+    /// complete one (`.import`) whose key the registry names replaces the
+    /// replica's directory (the old one goes to trash); an incomplete one
+    /// (`.import.tmp`), or one of a key the registry does not name, goes to
+    /// trash. Refuses, changing nothing, a directory of another layout or
+    /// replica directories without their registry.
     pub fn open(dir: &Path, opts: EngineOptions) -> Result<Engine, EngineError> {
         layout::prepare(dir)?;
         layout::check_registry(dir)?;
@@ -108,6 +129,23 @@ impl Engine {
         fsutil::sync_dir(dir)?;
 
         let known: BTreeSet<ReplicaKey> = specs.iter().map(|s| s.key).collect();
+        for layout::ImportDir { key, stage, path } in layout::import_dirs(dir)? {
+            if stage == ImportStage::Ready && known.contains(&key) {
+                let old = layout::install_import(dir, key)?;
+                tracing::warn!(
+                    replica = %key,
+                    old = ?old,
+                    "completed an import interrupted after it was written: the imported replica replaces the old one"
+                );
+            } else {
+                let to = layout::move_to_trash(dir, &path)?;
+                tracing::warn!(
+                    replica = %key,
+                    to = %to.display(),
+                    "leftover of an interrupted import moved to trash"
+                );
+            }
+        }
         for (key, path) in layout::replica_dirs(dir)? {
             if !known.contains(&key) {
                 let to = layout::move_to_trash(dir, &path)?;
@@ -130,15 +168,19 @@ impl Engine {
             if !path.exists() {
                 tracing::info!(replica = %spec.key, "creating the files of a replica whose create was interrupted");
             }
-            let replica = ShardReplica::open(&path, shard_config(&spec, index), builder.clone())?;
+            let config = shard_config(&spec, index, opts.oplog_retain_bytes);
+            let replica = ShardReplica::open(&path, config, builder.clone())?;
             replicas.insert(spec.key, (spec, replica));
         }
         Ok(Engine {
             root: dir.to_owned(),
             index,
+            retain_bytes: opts.oplog_retain_bytes,
             registry: Mutex::new(registry),
             replicas: RwLock::new(replicas),
             builder,
+            importing: Mutex::new(BTreeSet::new()),
+            import_done: Condvar::new(),
         })
     }
 
@@ -159,7 +201,7 @@ impl Engine {
         let dir = layout::replica_dir(&self.root, spec.key);
         let opened = self
             .clear_leftover(&dir)
-            .and_then(|()| ShardReplica::open(&dir, shard_config(&spec, self.index), self.builder.clone()));
+            .and_then(|()| ShardReplica::open(&dir, self.shard_config(&spec), self.builder.clone()));
         match opened {
             Ok(replica) => {
                 self.write_map().insert(spec.key, (spec, replica.clone()));
@@ -176,8 +218,12 @@ impl Engine {
         }
     }
 
+    fn shard_config(&self, spec: &ReplicaSpec) -> ShardConfig {
+        shard_config(spec, self.index, self.retain_bytes)
+    }
+
     /// A directory of a replica that has no entry yet is a leftover of an
-    /// earlier drop whose file removal failed.
+    /// earlier drop whose file removal failed (or of an earlier import).
     fn clear_leftover(&self, dir: &Path) -> Result<(), EngineError> {
         if dir.exists() {
             let to = layout::move_to_trash(&self.root, dir)?;
@@ -257,16 +303,18 @@ impl Drop for Engine {
     }
 }
 
-fn shard_config(spec: &ReplicaSpec, index: IndexParams) -> ShardConfig {
+fn shard_config(spec: &ReplicaSpec, index: IndexParams, retain_bytes: u64) -> ShardConfig {
     ShardConfig {
         shard: spec.key.shard,
         dim: spec.dim,
         metric: spec.metric,
         seal_rows: spec.seal_rows,
         index,
-        retain_bytes: OPLOG_RETAIN_BYTES,
+        retain_bytes,
     }
 }
+
+mod import;
 
 #[cfg(test)]
 mod tests;

@@ -58,12 +58,37 @@ pub fn create_dir_durable(dir: &Path) -> Result<(), EngineError> {
 /// FNV-1a over the bytes: cheap, dependency-free detection of a file that
 /// was damaged after it was written (the rename already rules out tears).
 pub fn checksum(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    let mut h = Checksum::new();
+    h.update(bytes);
+    h.finish()
+}
+
+/// [`checksum`] computed piece by piece, for files streamed rather than
+/// held in memory (exports).
+#[derive(Debug, Clone, Copy)]
+pub struct Checksum(u64);
+
+impl Checksum {
+    pub fn new() -> Checksum {
+        Checksum(0xcbf2_9ce4_8422_2325)
     }
-    h
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Checksum::new()
+    }
 }
 
 #[cfg(test)]
@@ -83,5 +108,9 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 1);
         assert_ne!(checksum(b"one"), checksum(b"two"));
+        let mut pieces = Checksum::new();
+        pieces.update(b"tw");
+        pieces.update(b"o");
+        assert_eq!(pieces.finish(), checksum(b"two"));
     }
 }

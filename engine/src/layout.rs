@@ -5,6 +5,8 @@
 //! LAYOUT                       "edgevec-engine layout 2\n"
 //! replicas.redb                the registry (crate::registry)
 //! replicas/<collection>-<shard>/
+//! replicas/<collection>-<shard>.import.tmp/   an import being written
+//! replicas/<collection>-<shard>.import/       a complete import, to swap in
 //! trash/<name>-<unix seconds>  leftovers moved aside, for a person to delete
 //! ```
 //!
@@ -16,7 +18,11 @@
 //! - replica directories without the registry that says which of them are
 //!   live are refused too: the engine cannot tell live data from leftovers;
 //! - nothing here deletes: a replica directory the registry does not name
-//!   is moved to `trash/`.
+//!   is moved to `trash/`;
+//! - an import is written to `.import.tmp`, fsynced, then renamed to
+//!   `.import`: only a complete import ever carries that name, so it can be
+//!   swapped in ([`install_import`]) after a crash; a `.import.tmp` is never
+//!   trusted.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -115,6 +121,31 @@ pub fn replica_dir(dir: &Path, key: ReplicaKey) -> PathBuf {
     dir.join(REPLICAS_DIR).join(dir_name(key))
 }
 
+/// How far an import directory got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ImportStage {
+    /// Being written: never trusted.
+    Staging,
+    /// Complete and fsynced: ready to replace the replica's directory.
+    Ready,
+}
+
+impl ImportStage {
+    fn suffix(self) -> &'static str {
+        match self {
+            ImportStage::Staging => ".import.tmp",
+            ImportStage::Ready => ".import",
+        }
+    }
+}
+
+/// The directory of an import of replica `key` at `stage`, beside the
+/// replicas (same file system, so renames are atomic).
+pub fn import_dir(dir: &Path, key: ReplicaKey, stage: ImportStage) -> PathBuf {
+    dir.join(REPLICAS_DIR)
+        .join(format!("{}{}", dir_name(key), stage.suffix()))
+}
+
 fn dir_name(key: ReplicaKey) -> String {
     format!("{}-{}", key.collection, key.shard)
 }
@@ -132,6 +163,36 @@ fn parse_dir_name(name: &str) -> Option<ReplicaKey> {
 
 /// Every replica directory under `replicas/` (none if it does not exist).
 pub fn replica_dirs(dir: &Path) -> Result<Vec<(ReplicaKey, PathBuf)>, EngineError> {
+    subdirs(dir, parse_dir_name)
+}
+
+/// An import directory found under `replicas/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportDir {
+    pub key: ReplicaKey,
+    pub stage: ImportStage,
+    pub path: PathBuf,
+}
+
+/// Every import directory under `replicas/`, complete or not, by key.
+pub fn import_dirs(dir: &Path) -> Result<Vec<ImportDir>, EngineError> {
+    let found = subdirs(dir, |name| {
+        [ImportStage::Staging, ImportStage::Ready]
+            .into_iter()
+            .find_map(|stage| {
+                let key = parse_dir_name(name.strip_suffix(stage.suffix())?)?;
+                Some((key, stage))
+            })
+    })?;
+    Ok(found
+        .into_iter()
+        .map(|((key, stage), path)| ImportDir { key, stage, path })
+        .collect())
+}
+
+/// The directories under `replicas/` whose names `parse` recognises,
+/// sorted.
+fn subdirs<K: Ord>(dir: &Path, parse: impl Fn(&str) -> Option<K>) -> Result<Vec<(K, PathBuf)>, EngineError> {
     let replicas = dir.join(REPLICAS_DIR);
     let entries = match std::fs::read_dir(&replicas) {
         Ok(entries) => entries,
@@ -141,14 +202,31 @@ pub fn replica_dirs(dir: &Path) -> Result<Vec<(ReplicaKey, PathBuf)>, EngineErro
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| EngineError::io(&replicas, e))?;
-        if let Some(key) = entry.file_name().to_str().and_then(parse_dir_name) {
+        if let Some(key) = entry.file_name().to_str().and_then(&parse) {
             if entry.path().is_dir() {
                 out.push((key, entry.path()));
             }
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// Swaps the complete import of `key` in: the replica's directory, if any,
+/// goes to trash (never deleted), then the import is renamed into its
+/// place and `replicas/` fsynced. A crash in between leaves no replica
+/// directory and the import still `Ready`, which the next open swaps in.
+/// Returns where the old directory went.
+pub fn install_import(dir: &Path, key: ReplicaKey) -> Result<Option<PathBuf>, EngineError> {
+    let ready = import_dir(dir, key, ImportStage::Ready);
+    let target = replica_dir(dir, key);
+    let trashed = match target.exists() {
+        true => Some(move_to_trash(dir, &target)?),
+        false => None,
+    };
+    std::fs::rename(&ready, &target).map_err(|e| EngineError::io(&ready, e))?;
+    fsutil::sync_dir(&dir.join(REPLICAS_DIR))?;
+    Ok(trashed)
 }
 
 /// Moves `path` (a directory under `dir`) to `trash/<name>-<unix seconds>`
@@ -179,6 +257,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn import_dirs_are_told_apart_from_replicas() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = |shard| ReplicaKey { collection: 5, shard };
+        for path in [
+            replica_dir(dir.path(), key(0)),
+            import_dir(dir.path(), key(0), ImportStage::Ready),
+            import_dir(dir.path(), key(1), ImportStage::Staging),
+            dir.path().join("replicas/5-2.import.old"),
+        ] {
+            std::fs::create_dir_all(path).unwrap();
+        }
+        let replicas: Vec<ReplicaKey> = replica_dirs(dir.path()).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(replicas, vec![key(0)]);
+        let imports: Vec<_> = import_dirs(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.key, d.stage))
+            .collect();
+        assert_eq!(
+            imports,
+            vec![(key(0), ImportStage::Ready), (key(1), ImportStage::Staging)]
+        );
+    }
+
+    #[test]
     fn replica_dir_names_round_trip() {
         let key = ReplicaKey {
             collection: 12,
@@ -186,7 +289,17 @@ mod tests {
         };
         assert_eq!(dir_name(key), "12-3");
         assert_eq!(parse_dir_name("12-3"), Some(key));
-        for not_ours in ["12", "12-", "-3", "a-3", "12-3-4", "012-3", "12-03", "12-99999999999"] {
+        for not_ours in [
+            "12",
+            "12-",
+            "-3",
+            "a-3",
+            "12-3-4",
+            "012-3",
+            "12-03",
+            "12-99999999999",
+            "12-3.import",
+        ] {
             assert_eq!(parse_dir_name(not_ours), None, "{not_ours}");
         }
     }

@@ -32,9 +32,16 @@
 //!                                    applied LSN, rows, payloads, locations,
 //!                                    tombstones, segments
 //!     seg-<segment>.hnsw             index of a sealed segment
+//! replicas/<collection>-<shard>.import.tmp/, .import/
+//!                                    an import being written / complete
 //! trash/<name>-<unix seconds>        leftover replica directories, moved
 //!                                    aside for a person to delete
 //! ```
+//!
+//! A replica too far behind for the op log is rebuilt from an **export**
+//! ([`ShardReplica::export_to`], [`Engine::import_replica`], module
+//! `export`): the applied state at one LSN in a versioned, checksummed
+//! file, installed by swapping directories.
 //!
 //! The single-node layout 1 (`catalog.redb`, `collections/`) is refused,
 //! untouched. Everything persisted is versioned (envelopes, a versioned
@@ -45,12 +52,13 @@
 //!
 //! Modules: [`validate`], [`plan`], `oplog` and [`split`] hold the pure
 //! decisions; [`metric`] the arithmetic and ordering; `store`, `registry`,
-//! `layout` and `hnsw` the I/O; [`shard`], `search` and [`engine`] the
+//! `layout`, `export` and `hnsw` the I/O; [`shard`], `search` and [`engine`] the
 //! wiring.
 
 mod builder;
 pub mod engine;
 mod error;
+mod export;
 pub mod fsutil;
 mod hnsw;
 mod layout;
@@ -71,6 +79,7 @@ pub mod validate;
 pub use builder::IndexBuilder;
 pub use engine::{Engine, EngineOptions, ReplicaKey, ReplicaSpec};
 pub use error::EngineError;
+pub use export::{ExportInfo, EXPORT_FORMAT};
 pub use hnsw::IndexParams;
 pub use metric::Candidate;
 pub use op::{OpRecord, ShardOp};

@@ -56,7 +56,10 @@ use crate::segment::Segment;
 use crate::store::ShardStore;
 
 mod apply;
+mod export;
 mod log;
+
+pub(crate) use export::import_files;
 
 /// Default op-log budget: retention drops the oldest applied ops while the
 /// log's encoded ops take more than this.
@@ -113,6 +116,11 @@ pub struct ShardReplica {
     this: Weak<ShardReplica>,
     /// Set when the replica is dropped: pending builds skip saving.
     retired: AtomicBool,
+    /// Held by a build while it checks `retired` and writes its index file,
+    /// and by [`ShardReplica::retire`]: once that returns, nothing of this
+    /// replica writes into its directory, which an import may have handed
+    /// to a new replica already.
+    files: Mutex<()>,
 }
 
 impl ShardReplica {
@@ -212,6 +220,7 @@ impl ShardReplica {
             builder,
             this: this.clone(),
             retired: AtomicBool::new(false),
+            files: Mutex::new(()),
         });
         for id in to_build {
             replica.queue_build(id);
@@ -294,6 +303,7 @@ impl ShardReplica {
             let index = Arc::new(HnswIndex::build(metric, dim, &vectors, params));
             drop(vectors);
             let Some(shard) = this.upgrade() else { return };
+            let _files = shard.files.lock().expect("shard files lock");
             if shard.retired.load(Ordering::Acquire) {
                 return;
             }
@@ -311,7 +321,10 @@ impl ShardReplica {
     }
 
     /// Marks the replica as dropped: queued builds will not write files.
+    /// Waits for an index file being saved right now, so that nothing of
+    /// this replica writes into its directory after this returns.
     pub fn retire(&self) {
+        let _files = self.files.lock().expect("shard files lock");
         self.retired.store(true, Ordering::Release);
     }
 

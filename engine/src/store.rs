@@ -27,6 +27,8 @@
 //! - rows and payloads are keyed by location and never rewritten, so a
 //!   reader that found a row in memory can always read its payload, even if
 //!   the point was replaced since.
+//!
+//! Whole-state reads and writes for exports and imports are in `bulk`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,10 @@ use crate::error::EngineError;
 use crate::op::ShardOp;
 use crate::oplog::{self, Appended};
 use crate::plan::{Location, Plan};
+
+mod bulk;
+
+pub use bulk::{StateItem, StoreImport};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const OPLOG: TableDefinition<u64, &[u8]> = TableDefinition::new("oplog");

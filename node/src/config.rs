@@ -128,10 +128,19 @@ struct RawCluster {
     /// (a node that falls further behind receives the snapshot).
     #[serde(default = "default_raft_snapshot_logs")]
     raft_snapshot_logs: Spanned<u64>,
+    /// Bytes of applied ops each shard replica keeps in its op log for the
+    /// catch-up of lagging replicas (KiB); further behind, a replica is
+    /// rebuilt from an export of the shard.
+    #[serde(default = "default_oplog_retain_kb")]
+    oplog_retain_kb: Spanned<u64>,
 }
 
 fn default_raft_snapshot_logs() -> Spanned<u64> {
     Spanned::new(0..0, 2_000)
+}
+
+fn default_oplog_retain_kb() -> Spanned<u64> {
+    Spanned::new(0..0, 256 * 1024)
 }
 
 fn default_heartbeat_ms() -> Spanned<u64> {
@@ -232,6 +241,8 @@ pub struct ClusterConfig {
     pub raft_heartbeat_ms: u64,
     pub election_timeout_ms: (u64, u64),
     pub raft_snapshot_logs: u64,
+    /// Bytes of applied ops a shard replica's op log keeps.
+    pub oplog_retain_bytes: u64,
     /// Things that are legal but probably not meant (printed at start-up).
     pub warnings: Vec<String>,
 }
@@ -397,6 +408,13 @@ impl ClusterConfig {
                 "raft_snapshot_logs must be above 0".into(),
             ));
         }
+        let oplog_retain_kb = *c.oplog_retain_kb.get_ref();
+        if oplog_retain_kb == 0 {
+            return Err(invalid(
+                c.oplog_retain_kb.span().start,
+                "oplog_retain_kb must be above 0".into(),
+            ));
+        }
         let (emin, emax) = *c.election_timeout_ms.get_ref();
         if emin <= raft_heartbeat || emax <= emin {
             return Err(invalid(
@@ -415,6 +433,7 @@ impl ClusterConfig {
             raft_heartbeat_ms: raft_heartbeat,
             election_timeout_ms: (emin, emax),
             raft_snapshot_logs,
+            oplog_retain_bytes: oplog_retain_kb.saturating_mul(1024),
             warnings,
         })
     }

@@ -102,7 +102,11 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
     let server_config = identity.server_config()?;
 
     let dir = node.data_dir.join("engine");
-    let engine = tokio::task::spawn_blocking(move || Engine::open(&dir, EngineOptions::default()))
+    let options = EngineOptions {
+        oplog_retain_bytes: cluster.oplog_retain_bytes,
+        ..EngineOptions::default()
+    };
+    let engine = tokio::task::spawn_blocking(move || Engine::open(&dir, options))
         .await
         .expect("engine open task does not panic")?;
     let engine = Arc::new(engine);
@@ -122,7 +126,22 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
     let health = Health::new(meta.clone(), node.clone(), cluster.clone(), peers.clone());
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let plane = DataPlane::new(id, engine, meta.clone(), peers.clone(), shutdown.clone(), tasks.clone());
+    // Shard exports in flight are temporary: what a crash left is useless.
+    let transfers = node.data_dir.join("transfers");
+    let _ = std::fs::remove_dir_all(&transfers);
+    std::fs::create_dir_all(&transfers).map_err(|source| NodeError::DataDir {
+        path: transfers.clone(),
+        source,
+    })?;
+    let plane = DataPlane::new(
+        id,
+        engine,
+        meta.clone(),
+        peers.clone(),
+        transfers,
+        shutdown.clone(),
+        tasks.clone(),
+    );
     let metrics = Arc::new(Metrics::default());
     let parts = Parts {
         meta: meta.clone(),

@@ -185,16 +185,39 @@ impl Router {
         if primary == self.plane.me {
             return self.on_shard_write(key, op).await;
         }
-        match self
+        let call = self
             .plane
-            .call(primary, NodeOpV1::ShardWrite { shard: key, op }, WRITE_TIMEOUT)
-            .await?
-        {
+            .call(primary, NodeOpV1::ShardWrite { shard: key, op }, WRITE_TIMEOUT);
+        // A primary that died does not answer until QUIC gives up on it;
+        // once the metadata names another primary, stop waiting for it.
+        let reply = tokio::select! {
+            r = call => r?,
+            () = self.primary_replaced(key, cfg.term) => {
+                return Err(WireError::new(
+                    ErrorCode::OutcomeUnknown,
+                    format!("{key}: the primary changed while the write was in flight; retry"),
+                ))
+            }
+        };
+        match reply {
             NodeReplyV1::ShardWritten { op } => Ok(op),
             other => Err(WireError::new(
                 ErrorCode::Internal,
                 format!("unexpected reply {other:?}"),
             )),
+        }
+    }
+
+    /// Resolves once the metadata gives `key` a term other than `term`.
+    async fn primary_replaced(&self, key: ShardRef, term: u64) {
+        let mut rx = self.plane.meta.subscribe();
+        loop {
+            if self.plane.config_of(key).is_none_or(|(c, _)| c.term != term) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 

@@ -344,6 +344,7 @@ impl Dispatch for Service {
             NodeOpV1::ShardWrite { .. } => "shard_write",
             NodeOpV1::ShardRead(_) => "shard_read",
             NodeOpV1::MetaReadIndex => "meta_read_index",
+            NodeOpV1::ExportChunk(_) => "export_chunk",
         };
         let result = match op {
             NodeOpV1::Ping { .. } => Ok(NodeReplyV1::Pong { node_id: self.node.id }),
@@ -386,6 +387,11 @@ impl Dispatch for Service {
                 .read_index_local()
                 .await
                 .map(|index| NodeReplyV1::MetaReadIndex { index }),
+            NodeOpV1::ExportChunk(chunk) => self
+                .plane
+                .on_export_chunk(peer, chunk)
+                .await
+                .map(NodeReplyV1::ExportProgress),
         };
         self.metrics.record_rpc("node", name, result.is_ok(), started.elapsed());
         NodeResponse::V1(result)

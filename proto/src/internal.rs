@@ -47,6 +47,8 @@ pub enum NodeOpV1 {
     /// leader once it has confirmed its leadership: the log index a reader
     /// must have applied to see every write committed before the call.
     MetaReadIndex,
+    /// Data plane, primary → replica: a chunk of a shard export.
+    ExportChunk(crate::replication::ExportChunk),
 }
 
 /// Membership changes an admin can ask for.
@@ -105,4 +107,5 @@ pub enum NodeReplyV1 {
     MetaReadIndex {
         index: u64,
     },
+    ExportProgress(crate::replication::ExportProgress),
 }

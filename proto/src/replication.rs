@@ -60,6 +60,40 @@ pub enum ReplicateReply {
     /// `prev` is not in this log: the sender must find where the logs
     /// diverge from this position and term history and resend from there.
     Mismatch { last: OpId, history: Vec<(u64, u64)> },
+    /// Taking the entries would truncate ops this replica already made
+    /// searchable: it must be rebuilt from an export, never patched.
+    NeedsRebuild { last: OpId },
+}
+
+/// Largest chunk of a shard export in one message.
+pub const EXPORT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Primary → replica: one chunk of a shard export, on its own stream. The
+/// receiver writes chunks in order to a file of its own and imports it
+/// only once the whole file is there and its checksum holds; until then
+/// its replica is untouched (never half-imported).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportChunk {
+    pub shard: ShardRef,
+    /// The sender's primary term (checked like a [`Replicate`]).
+    pub term: u64,
+    /// Names this transfer; a chunk of another transfer starts over.
+    pub transfer: u64,
+    pub offset: u64,
+    /// Size of the whole export file.
+    pub total: u64,
+    /// At most [`EXPORT_CHUNK_BYTES`].
+    pub bytes: Vec<u8>,
+    /// The export's last op id: the replica's log ends there after import.
+    pub last: OpId,
+}
+
+/// The receiver's answer to an [`ExportChunk`]: how much of the transfer
+/// it holds (the sender resumes from there), and once imported, its log end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportProgress {
+    pub received: u64,
+    pub imported: Option<OpId>,
 }
 
 /// A client write for one shard, forwarded by a proxy to its primary.

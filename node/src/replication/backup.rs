@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use edgevec_engine::ShardOp;
-use edgevec_proto::replication::{Replicate, ReplicateReply};
+use edgevec_proto::replication::{Replicate, ReplicateReply, ShardRef};
 use edgevec_proto::{ErrorCode, OpId, WireError};
 
 use super::log_match::{accept, applicable, Accept, LogShape};
@@ -33,6 +33,15 @@ pub struct BackupView {
     pub commit: u64,
 }
 
+/// What taking a message's entries came to.
+enum Taken {
+    /// Appended (or already held) through this op.
+    Through(OpId),
+    Mismatch,
+    /// Would truncate applied ops.
+    NeedsRebuild,
+}
+
 /// How long a backup waits for its metadata to learn of a newer term a
 /// primary already claims (metadata is applied asynchronously).
 const TERM_WAIT: Duration = Duration::from_secs(2);
@@ -40,25 +49,24 @@ const TERM_WAIT: Duration = Duration::from_secs(2);
 impl DataPlane {
     /// Checks that `peer` is the primary of `term` for the message's shard,
     /// waiting briefly for this node's metadata to catch up.
-    async fn check_sender(&self, peer: u64, msg: &Replicate) -> Result<(), WireError> {
-        let key = msg.shard;
+    pub(super) async fn check_sender(&self, peer: u64, key: ShardRef, term: u64) -> Result<(), WireError> {
         let deadline = tokio::time::Instant::now() + TERM_WAIT;
         let mut rx = self.meta.subscribe();
         loop {
             if let Some((cfg, _)) = self.config_of(key) {
-                if msg.term < cfg.term {
+                if term < cfg.term {
                     return Err(WireError::new(
                         ErrorCode::Conflict,
-                        format!("{key}: term {} is over, the current term is {}", msg.term, cfg.term),
+                        format!("{key}: term {term} is over, the current term is {}", cfg.term),
                     ));
                 }
-                if msg.term == cfg.term {
+                if term == cfg.term {
                     return if cfg.primary == Some(peer) {
                         Ok(())
                     } else {
                         Err(WireError::new(
                             ErrorCode::Conflict,
-                            format!("{key}: node {peer} is not the primary of term {}", msg.term),
+                            format!("{key}: node {peer} is not the primary of term {term}"),
                         ))
                     };
                 }
@@ -66,8 +74,7 @@ impl DataPlane {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(unavailable(format!(
-                        "{key}: this node's metadata does not know term {} yet; retry",
-                        msg.term
+                        "{key}: this node's metadata does not know term {term} yet; retry"
                     )))
                 }
                 changed = rx.changed() => if changed.is_err() {
@@ -80,17 +87,8 @@ impl DataPlane {
     /// Takes a [`Replicate`] message from node `peer`.
     pub async fn on_replicate(&self, peer: u64, msg: Replicate) -> Result<ReplicateReply, WireError> {
         let key = msg.shard;
-        self.check_sender(peer, &msg).await?;
-        // The metadata names this node (the sender check passed) but the
-        // sync that opens the replica may not have run yet.
-        let local = match self.local(key) {
-            Some(l) => l,
-            None => {
-                Box::pin(self.sync_now()).await;
-                self.local(key)
-                    .ok_or_else(|| unavailable(format!("node {} has not opened its replica of {key} yet", self.me)))?
-            }
-        };
+        self.check_sender(peer, key, msg.term).await?;
+        let local = self.local_or_sync(key).await?;
         let mut view = local.backup.lock().await;
         if msg.term < local.replica.term() {
             return Err(WireError::new(
@@ -130,28 +128,43 @@ impl DataPlane {
                 };
                 let ids: Vec<OpId> = entries.iter().map(|(id, _)| *id).collect();
                 match accept(mine, prev, &ids) {
-                    Accept::Mismatch => Ok(None),
+                    Accept::Mismatch => Ok(Taken::Mismatch),
                     Accept::Append { truncate_after, from } => {
                         if let Some(lsn) = truncate_after {
+                            if lsn < replica.applied_lsn() {
+                                return Ok(Taken::NeedsRebuild);
+                            }
                             replica.truncate_after(lsn)?;
                         }
                         let after = if from == 0 { prev } else { ids[from - 1] };
                         replica.append(after, &entries[from..])?;
                         let sent_end = ids.last().copied().unwrap_or(prev);
                         if ends_log && replica.last_op().lsn > sent_end.lsn {
+                            if sent_end.lsn < replica.applied_lsn() {
+                                return Ok(Taken::NeedsRebuild);
+                            }
                             replica.truncate_after(sent_end.lsn)?;
                         }
-                        Ok(Some(sent_end))
+                        Ok(Taken::Through(sent_end))
                     }
                 }
             })
             .await?;
-        let Some(verified) = outcome else {
-            let status = local.replica.log_status();
-            return Ok(ReplicateReply::Mismatch {
-                last: status.last,
-                history: status.history,
-            });
+        let verified = match outcome {
+            Taken::Through(id) => id,
+            Taken::Mismatch => {
+                let status = local.replica.log_status();
+                return Ok(ReplicateReply::Mismatch {
+                    last: status.last,
+                    history: status.history,
+                });
+            }
+            Taken::NeedsRebuild => {
+                tracing::warn!(shard = %key, "the primary's log diverges below what this replica applied: it needs an export");
+                return Ok(ReplicateReply::NeedsRebuild {
+                    last: local.replica.last_op(),
+                });
+            }
         };
         view.verified = view.verified.max(verified.lsn);
         view.commit = view.commit.max(msg.commit_lsn);

@@ -24,6 +24,7 @@ pub mod backup;
 pub mod log_match;
 pub mod manager;
 pub mod primary;
+pub mod transfer;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -69,10 +70,12 @@ pub struct Local {
     /// Set when persisting failed (a failed fsync is never retried and
     /// then acknowledged): the replica takes no more ops and is reported.
     pub damaged: Mutex<Option<String>>,
+    /// An export being received from the primary.
+    pub incoming: tokio::sync::Mutex<Option<transfer::Incoming>>,
 }
 
 impl Local {
-    fn new(key: ShardRef, spec: ReplicaSpec, replica: Arc<ShardReplica>) -> Arc<Self> {
+    pub fn new(key: ShardRef, spec: ReplicaSpec, replica: Arc<ShardReplica>) -> Arc<Self> {
         Arc::new(Local {
             key,
             spec,
@@ -83,6 +86,7 @@ impl Local {
             catch_ups: Mutex::new(BTreeMap::new()),
             floors: Mutex::new(BTreeMap::new()),
             damaged: Mutex::new(None),
+            incoming: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -166,6 +170,8 @@ pub struct DataPlane {
     pub engine: Arc<Engine>,
     pub meta: Meta,
     pub peers: Arc<PeerPool>,
+    /// Where shard exports are written and received (temporary files).
+    pub transfers: std::path::PathBuf,
     locals: Mutex<BTreeMap<ShardRef, Arc<Local>>>,
     this: std::sync::Weak<DataPlane>,
     /// One metadata sync at a time.
@@ -206,6 +212,7 @@ impl DataPlane {
         engine: Arc<Engine>,
         meta: Meta,
         peers: Arc<PeerPool>,
+        transfers: std::path::PathBuf,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Arc<Self> {
@@ -214,6 +221,7 @@ impl DataPlane {
             engine,
             meta,
             peers,
+            transfers,
             locals: Mutex::new(BTreeMap::new()),
             this: this.clone(),
             syncing: tokio::sync::Mutex::new(()),
@@ -337,6 +345,24 @@ impl DataPlane {
             if cfg.primary == Some(self.me) {
                 self.clone().on_primary_config(local, cfg);
             }
+        }
+    }
+
+    /// The local replica of `key`, opening it first when the metadata names
+    /// this node but the sync that opens it has not run yet.
+    pub async fn local_or_sync(&self, key: ShardRef) -> Result<Arc<Local>, WireError> {
+        if let Some(l) = self.local(key) {
+            return Ok(l);
+        }
+        Box::pin(self.sync_now()).await;
+        self.local(key)
+            .ok_or_else(|| unavailable(format!("node {} has not opened its replica of {key} yet", self.me)))
+    }
+
+    /// Puts a new runtime for `key` (after an import replaced the replica).
+    pub fn replace_local(&self, local: Arc<Local>) {
+        if let Some(old) = self.locals.lock().expect("locals lock").insert(local.key, local) {
+            old.replica.retire();
         }
     }
 

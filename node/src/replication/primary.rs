@@ -30,7 +30,7 @@ use edgevec_proto::{ErrorCode, OpId, WireError};
 use tracing::{debug, info, warn};
 
 use super::log_match::{divergence, LogShape};
-use super::{blocking, unavailable, DataPlane, Local, CATCH_UP_BATCH_BYTES, CATCH_UP_BATCH_OPS, REPLICATE_TIMEOUT};
+use super::{unavailable, DataPlane, Local, CATCH_UP_BATCH_BYTES, CATCH_UP_BATCH_OPS, REPLICATE_TIMEOUT};
 
 /// Which epochs of a replica were begun and completed on this node.
 #[derive(Debug, Default, Clone, Copy)]
@@ -68,6 +68,17 @@ enum SendError {
     Failed(String),
     /// This node is no longer the primary of the term (fenced).
     Fenced(String),
+    /// Its log cannot be continued from this op log (trimmed, or it would
+    /// lose applied ops): it needs an export.
+    NeedsExport(String),
+}
+
+impl SendError {
+    fn message(self) -> String {
+        match self {
+            SendError::Failed(m) | SendError::Fenced(m) | SendError::NeedsExport(m) => m,
+        }
+    }
 }
 
 impl Primary {
@@ -251,24 +262,26 @@ impl DataPlane {
             )));
         }
         let term = p.term;
-        let encoded = op.encode(term);
-        let appended = local
-            .persist(move |replica| {
-                let last = replica.last_op();
-                let id = OpId::new(term, last.lsn + 1);
-                replica.append(last, &[(id, op)])?;
-                Ok(id)
-            })
-            .await;
-        let id = match appended {
-            Ok(id) => id,
-            Err(e) => {
-                self.step_down_if_damaged(local, &cfg).await;
-                return Err(e);
-            }
+        // The local fsync and the backups' run at the same time: no op is
+        // acknowledged before all of them hold it, so the order does not
+        // matter, and a failed local write makes this node step down
+        // before it could write again in this term.
+        let last = local.replica.last_op();
+        let id = OpId::new(term, last.lsn + 1);
+        let fresh = LogEntry {
+            id,
+            op: op.encode(term),
         };
-        let fresh = LogEntry { id, op: encoded };
-        self.replicate_to_ack_set(local, p, &fresh).await?;
+        let local_append = local.persist(move |replica| replica.append(last, &[(id, op)]));
+        let (appended, replicated) = tokio::join!(local_append, self.replicate_to_ack_set(local, p, &fresh));
+        if let Err(e) = appended {
+            self.step_down_if_damaged(local, &cfg).await;
+            return Err(outcome_unknown(format!(
+                "{key}: the primary could not persist the write ({}); retry",
+                e.message
+            )));
+        }
+        replicated?;
         if let Err(e) = local.persist(move |replica| replica.apply_through(id.lsn)).await {
             // Every in-sync replica holds the op: it is committed, but this
             // node cannot serve it. Hand the shard to another replica.
@@ -320,7 +333,8 @@ impl DataPlane {
                         "{key}: this node was deposed as primary while writing ({m}); retry"
                     )))
                 }
-                Err(SendError::Failed(m)) => {
+                Err(e @ (SendError::Failed(_) | SendError::NeedsExport(_))) => {
+                    let m = e.message();
                     debug!(shard = %key, node, error = %m, "backup failed");
                     failed.push((node, m));
                 }
@@ -424,7 +438,9 @@ impl DataPlane {
                 return Err(SendError::Failed(format!("not caught up within {budget:?}")));
             }
             let status = local.replica.log_status();
-            let target = status.last;
+            // `fresh` may still be on its way to this node's disk (it is
+            // persisted in parallel): it is the end of this log all the same.
+            let target = fresh.map_or(status.last, |f| f.id.max(status.last));
             let prev_lsn = next.saturating_sub(1).min(target.lsn);
             let prev = local
                 .replica
@@ -435,10 +451,16 @@ impl DataPlane {
                 _ if prev_lsn >= target.lsn => Vec::new(),
                 _ => {
                     let replica = local.replica.clone();
-                    let read =
-                        blocking(move || replica.entries_after(prev_lsn, CATCH_UP_BATCH_OPS, CATCH_UP_BATCH_BYTES))
-                            .await
-                            .map_err(|e| SendError::Failed(e.message))?;
+                    let read = tokio::task::spawn_blocking(move || {
+                        replica.entries_after(prev_lsn, CATCH_UP_BATCH_OPS, CATCH_UP_BATCH_BYTES)
+                    })
+                    .await
+                    .map_err(|e| SendError::Failed(format!("storage task failed: {e}")))?;
+                    let read = match read {
+                        Ok(r) => r,
+                        Err(e @ EngineError::LogTrimmed { .. }) => return Err(SendError::NeedsExport(e.to_string())),
+                        Err(e) => return Err(SendError::Failed(e.to_string())),
+                    };
                     read.into_iter()
                         .map(|(id, op)| LogEntry {
                             id,
@@ -466,7 +488,7 @@ impl DataPlane {
                         last: target,
                         history: &status.history,
                     };
-                    if mine.holds(last) {
+                    if Some(last) == fresh.map(|f| f.id) || mine.holds(last) {
                         local.hold_log_for(node, Some(last.lsn));
                         *next = last.lsn + 1;
                         if last.lsn >= target.lsn {
@@ -488,15 +510,19 @@ impl DataPlane {
                         history: &history,
                     };
                     let at = divergence(mine, theirs);
-                    if let Some(first) = status.first_logged {
-                        if at + 1 < first {
-                            return Err(SendError::Failed(format!(
-                                "node {node} needs ops from LSN {} but this log starts at {first}; it must be rebuilt from an export",
-                                at + 1
-                            )));
-                        }
+                    if at < target.lsn && status.first_logged.is_none_or(|first| at + 1 < first) {
+                        return Err(SendError::NeedsExport(format!(
+                            "node {node} needs ops from LSN {} but this op log starts at {}",
+                            at + 1,
+                            status.first_logged.map_or("its end".to_string(), |f| f.to_string())
+                        )));
                     }
                     *next = at + 1;
+                }
+                Ok(NodeReplyV1::Replicated(ReplicateReply::NeedsRebuild { last })) => {
+                    return Err(SendError::NeedsExport(format!(
+                        "node {node} applied ops this log does not hold (its log ends at {last})"
+                    )));
                 }
                 Ok(other) => return Err(SendError::Failed(format!("unexpected reply {other:?}"))),
                 Err(e) if e.code == ErrorCode::Conflict => return Err(SendError::Fenced(e.message)),
@@ -601,16 +627,34 @@ impl DataPlane {
                 node,
                 format!("catching up: sent through LSN {}", next.saturating_sub(1)),
             );
-            if let Err(SendError::Failed(e) | SendError::Fenced(e)) =
-                self.bring_up_to(local, term, node, &mut next, None, false).await
-            {
-                debug!(shard = %key, node, round, error = %e, "catch-up round failed");
-                self.set_progress(local, node, format!("waiting to retry: {e}"));
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            match self.bring_up_to(local, term, node, &mut next, None, false).await {
+                Ok(_) => {}
+                Err(SendError::NeedsExport(why)) => {
+                    info!(shard = %key, node, reason = %why, "catching up through an export");
+                    self.set_progress(local, node, "exporting the shard".into());
+                    match self.send_export(local, term, node).await {
+                        Ok(last) => next = last.lsn + 1,
+                        Err(e) => {
+                            warn!(shard = %key, node, error = %e, "export transfer failed; retrying");
+                            self.set_progress(local, node, format!("export failed, retrying: {e}"));
+                            tokio::select! {
+                                _ = self.shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                            }
+                        }
+                    }
+                    continue;
                 }
-                continue;
+                Err(e) => {
+                    let e = e.message();
+                    debug!(shard = %key, node, round, error = %e, "catch-up round failed");
+                    self.set_progress(local, node, format!("waiting to retry: {e}"));
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
             }
             // Close the gap under the lock and join.
             let mut guard = local.primary.lock().await;
@@ -619,8 +663,7 @@ impl DataPlane {
             };
             let Some((cfg, _)) = self.config_of(key) else { return };
             if let Err(e) = self.bring_up_to(local, term, node, &mut next, None, true).await {
-                let (SendError::Failed(m) | SendError::Fenced(m)) = e;
-                debug!(shard = %key, node, error = %m, "catch-up final step failed");
+                debug!(shard = %key, node, error = %e.message(), "catch-up final step failed");
                 continue;
             }
             p.joiners.insert(node, cfg.version);
@@ -660,11 +703,5 @@ impl DataPlane {
 
     fn set_progress(&self, local: &Local, node: u64, text: String) {
         local.catch_ups.lock().expect("catch-up lock").insert(node, text);
-    }
-}
-
-impl From<EngineError> for SendError {
-    fn from(e: EngineError) -> Self {
-        SendError::Failed(e.to_string())
     }
 }

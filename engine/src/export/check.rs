@@ -1,0 +1,206 @@
+//! Whether the records of an export describe a shard this replica can
+//! become: the pure checks a reader makes while records stream by, so that
+//! a buggy or foreign export is refused before anything is swapped in (the
+//! checksum only catches damage after writing).
+//!
+//! Checked: the `Shard` record comes first and once, and matches the
+//! replica's shard, dim, metric and seal_rows (else
+//! [`EngineError::Invalid`]: the caller picked the wrong file); kinds come
+//! in file order and keys ascend within a kind; the term history ascends,
+//! starts no term above the last op and names the last op's term; rows are
+//! contiguous from 0 in segments that exist, with `dim` finite components;
+//! payloads, tombstones and points name existing rows; the growing segment
+//! is the highest, is growing and has the rows the `Shard` record says;
+//! every other segment is sealed with the rows its record says. Anything
+//! else is [`EngineError::Corrupt`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use edgevec_proto::{OpId, SegmentState};
+
+use super::{corrupt, RecordV1, ShardV1};
+use crate::error::EngineError;
+use crate::shard::ShardConfig;
+
+struct SegmentCheck {
+    state: SegmentState,
+    /// Rows the segment record says (sealed segments).
+    rows: u32,
+    /// Rows seen so far.
+    seen: u32,
+}
+
+pub(super) struct Checker<'a> {
+    config: &'a ShardConfig,
+    file: &'a Path,
+    stage: u8,
+    /// Key of the previous record of the current kind.
+    key: Option<(u64, u64)>,
+    shard: Option<(OpId, u64, u32)>,
+    segments: BTreeMap<u64, SegmentCheck>,
+    points: u64,
+}
+
+impl<'a> Checker<'a> {
+    pub fn new(config: &'a ShardConfig, file: &'a Path) -> Checker<'a> {
+        Checker {
+            config,
+            file,
+            stage: 0,
+            key: None,
+            shard: None,
+            segments: BTreeMap::new(),
+            points: 0,
+        }
+    }
+
+    fn corrupt(&self, message: impl ToString) -> EngineError {
+        corrupt(self.file, message)
+    }
+
+    /// Checks the next record.
+    pub fn check(&mut self, rec: &RecordV1) -> Result<(), EngineError> {
+        let stage = rec.stage();
+        match (self.shard.is_some(), stage) {
+            (false, 0) => {}
+            (false, _) => return Err(self.corrupt("the first record is not the shard record")),
+            (true, 0) => return Err(self.corrupt("a second shard record")),
+            (true, _) if stage < self.stage => {
+                return Err(self.corrupt(format!("records out of order: {rec:?} after a later kind")))
+            }
+            (true, _) => {}
+        }
+        if stage != self.stage {
+            self.stage = stage;
+            self.key = None;
+        }
+        let key = match rec {
+            RecordV1::Shard(s) => {
+                self.shard = Some(self.check_shard(s)?);
+                return Ok(());
+            }
+            RecordV1::Segment(s) => (s.id, 0),
+            RecordV1::Row { segment, row, .. }
+            | RecordV1::Payload { segment, row, .. }
+            | RecordV1::Tombstone { segment, row, .. } => (*segment, u64::from(*row)),
+            RecordV1::Point { id, .. } => (*id, 0),
+        };
+        if self.key.is_some_and(|prev| prev >= key) {
+            return Err(self.corrupt(format!("keys do not ascend at {rec:?}")));
+        }
+        self.key = Some(key);
+        match rec {
+            RecordV1::Shard(_) => unreachable!("handled above"),
+            RecordV1::Segment(s) => {
+                self.segments.insert(
+                    s.id,
+                    SegmentCheck {
+                        state: s.state,
+                        rows: s.rows,
+                        seen: 0,
+                    },
+                );
+            }
+            RecordV1::Row {
+                segment, row, vector, ..
+            } => {
+                let dim = self.config.dim as usize;
+                if vector.len() != dim || vector.iter().any(|x| !x.is_finite()) {
+                    return Err(self.corrupt(format!("row {row} of segment {segment} is not {dim} finite numbers")));
+                }
+                let Some(seg) = self.segments.get_mut(segment) else {
+                    return Err(self.corrupt(format!("row {row} of missing segment {segment}")));
+                };
+                if *row != seg.seen {
+                    let seen = seg.seen;
+                    return Err(self.corrupt(format!("segment {segment} has row {row} after {seen} rows")));
+                }
+                seg.seen += 1;
+            }
+            RecordV1::Payload { segment, row, .. } | RecordV1::Tombstone { segment, row, .. } => {
+                self.row_exists(*segment, *row, rec)?;
+            }
+            RecordV1::Point { segment, row, .. } => {
+                self.row_exists(*segment, *row, rec)?;
+                self.points += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn row_exists(&self, segment: u64, row: u32, rec: &RecordV1) -> Result<(), EngineError> {
+        match self.segments.get(&segment) {
+            Some(seg) if row < seg.seen => Ok(()),
+            _ => Err(self.corrupt(format!("{rec:?} names a row that does not exist"))),
+        }
+    }
+
+    /// Checks the shard record; returns the last op, growing segment and
+    /// its rows.
+    fn check_shard(&self, s: &ShardV1) -> Result<(OpId, u64, u32), EngineError> {
+        let c = self.config;
+        let file = self.file.display();
+        let mismatch = |field: &str, theirs: String, ours: String| {
+            EngineError::invalid(
+                field,
+                format!("export {file} has {field} {theirs}, the replica to import it into has {ours}"),
+            )
+        };
+        if s.shard != c.shard {
+            return Err(mismatch("shard", s.shard.to_string(), c.shard.to_string()));
+        }
+        if s.dim != c.dim {
+            return Err(mismatch("dim", s.dim.to_string(), c.dim.to_string()));
+        }
+        if s.metric != c.metric {
+            return Err(mismatch("metric", s.metric.to_string(), c.metric.to_string()));
+        }
+        // Replicas that seal at different rows would part ways at the next
+        // seal.
+        if s.seal_rows != c.seal_rows {
+            return Err(mismatch("seal_rows", s.seal_rows.to_string(), c.seal_rows.to_string()));
+        }
+        let h = &s.history;
+        let ascending = h.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1);
+        if !ascending || h.iter().any(|&(_, first)| first == 0 || first > s.last_lsn) {
+            return Err(self.corrupt(format!(
+                "term history {h:?} is not ascending within LSNs 1..={}",
+                s.last_lsn
+            )));
+        }
+        let last = OpId::new(s.last_term, s.last_lsn);
+        if edgevec_proto::term_at(h, last, last.lsn) != Some(last.term) {
+            return Err(self.corrupt(format!("last op {last} does not match term history {h:?}")));
+        }
+        if s.term < last.term {
+            return Err(self.corrupt(format!("term {} is below the last op {last}", s.term)));
+        }
+        Ok((last, s.growing, s.growing_rows))
+    }
+
+    /// Checks what only the whole file shows; returns the last op id and
+    /// the number of live points.
+    pub fn finish(&self) -> Result<(OpId, u64), EngineError> {
+        let Some((last, growing, growing_rows)) = self.shard else {
+            return Err(self.corrupt("no shard record"));
+        };
+        if self.segments.last_key_value().map(|(id, _)| *id) != Some(growing) {
+            return Err(self.corrupt(format!("growing segment {growing} is not the highest segment")));
+        }
+        for (id, seg) in &self.segments {
+            let (state, rows) = if *id == growing {
+                (SegmentState::Growing, growing_rows)
+            } else {
+                (SegmentState::Sealed, seg.rows)
+            };
+            if seg.state != state || seg.seen != rows {
+                return Err(self.corrupt(format!(
+                    "segment {id} is {:?} with {} rows, expected {state:?} with {rows}",
+                    seg.state, seg.seen
+                )));
+            }
+        }
+        Ok((last, self.points))
+    }
+}

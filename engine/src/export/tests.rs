@@ -1,0 +1,305 @@
+use super::*;
+use crate::hnsw::IndexParams;
+
+fn config() -> ShardConfig {
+    ShardConfig {
+        shard: 3,
+        dim: 2,
+        metric: Metric::L2,
+        seal_rows: 2,
+        index: IndexParams {
+            ef_construction: 8,
+            ef_search: 8,
+        },
+        retain_bytes: 0,
+    }
+}
+
+fn at(segment: u64, row: u32) -> Location {
+    Location { segment, row }
+}
+
+fn segment(state: SegmentState, rows: u32, sealed_lsn: u64) -> SegmentRecordV1 {
+    SegmentRecordV1 {
+        state,
+        rows,
+        sealed_lsn,
+    }
+}
+
+/// A shard state as the store visits it: segment 1 sealed with 2 rows
+/// (row 0 replaced), segment 2 growing with 1 row, a logged but unapplied
+/// op of term 9 at LSN 6.
+fn items() -> Vec<StateItem<'static>> {
+    vec![
+        StateItem::Meta {
+            meta: ShardMetaV2 {
+                shard: 3,
+                dim: 2,
+                applied_lsn: 5,
+                growing: 2,
+                term: 9,
+                last_term: 9,
+                last_lsn: 6,
+                log_bytes: 123,
+            },
+            history: vec![(1, 1), (4, 3), (9, 6)],
+            growing_rows: 1,
+        },
+        StateItem::Segment {
+            id: 1,
+            record: segment(SegmentState::Sealed, 2, 2),
+        },
+        StateItem::Segment {
+            id: 2,
+            record: segment(SegmentState::Growing, 0, 0),
+        },
+        StateItem::Row {
+            at: at(1, 0),
+            id: 10,
+            vector: vec![1.0, 2.0],
+        },
+        StateItem::Row {
+            at: at(1, 1),
+            id: 11,
+            vector: vec![3.0, 4.0],
+        },
+        StateItem::Row {
+            at: at(2, 0),
+            id: 10,
+            vector: vec![5.0, 6.0],
+        },
+        StateItem::Payload {
+            at: at(1, 1),
+            json: "{\"a\":1}",
+        },
+        StateItem::Tombstone { at: at(1, 0), id: 10 },
+        StateItem::Point { id: 10, at: at(2, 0) },
+        StateItem::Point { id: 11, at: at(1, 1) },
+    ]
+}
+
+fn export(path: &Path, items: Vec<StateItem<'_>>) -> ExportInfo {
+    let mut out = Exporter::create(path, &config()).unwrap();
+    let read = items.into_iter().try_for_each(|item| out.item(item));
+    out.finish(read).unwrap()
+}
+
+/// Owned copies of what `read` hands over.
+fn read_all(path: &Path, config: &ShardConfig) -> Result<(ExportInfo, Vec<String>), EngineError> {
+    let mut seen = Vec::new();
+    let info = read(path, config, |item| {
+        seen.push(format!("{item:?}"));
+        Ok(())
+    })?;
+    Ok((info, seen))
+}
+
+#[test]
+fn items_round_trip_as_an_importer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.export");
+    let info = export(&path, items());
+    assert_eq!(
+        info,
+        ExportInfo {
+            last: OpId::new(4, 5),
+            points: 2,
+            bytes: std::fs::metadata(&path).unwrap().len(),
+        }
+    );
+    let (read_info, seen) = read_all(&path, &config()).unwrap();
+    assert_eq!(read_info, info);
+    // The importer's state: applied through the export's LSN, an empty
+    // log ending there, the history cut at it, the durable term kept.
+    let mut want = items();
+    want[0] = StateItem::Meta {
+        meta: ShardMetaV2 {
+            shard: 3,
+            dim: 2,
+            applied_lsn: 5,
+            growing: 2,
+            term: 9,
+            last_term: 4,
+            last_lsn: 5,
+            log_bytes: 0,
+        },
+        history: vec![(1, 1), (4, 3)],
+        growing_rows: 1,
+    };
+    let want: Vec<String> = want.iter().map(|i| format!("{i:?}")).collect();
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn every_damage_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.export");
+    export(&path, items());
+    let good = std::fs::read(&path).unwrap();
+    let damaged = dir.path().join("damaged.export");
+    let refuse = |bytes: &[u8], what: &str| {
+        std::fs::write(&damaged, bytes).unwrap();
+        match read_all(&damaged, &config()) {
+            Err(EngineError::Corrupt { what: file, .. }) => {
+                assert!(file.contains("damaged.export"), "{file}")
+            }
+            other => panic!("{what}: expected Corrupt, got {other:?}"),
+        }
+    };
+    for i in 0..good.len() {
+        let mut bytes = good.clone();
+        bytes[i] ^= 0x01;
+        refuse(&bytes, &format!("bit flipped at {i}"));
+        refuse(&good[..i], &format!("truncated to {i}"));
+    }
+    refuse(&[good.as_slice(), b"x"].concat(), "trailing byte");
+
+    // A huge length is refused before anything is allocated for it.
+    let mut bytes = good.clone();
+    bytes[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&damaged, &bytes).unwrap();
+    let err = read_all(&damaged, &config()).unwrap_err().to_string();
+    assert!(err.contains("above the bound"), "{err}");
+}
+
+/// Writes `records` as they are, bypassing the conversion of items.
+fn write_records(path: &Path, records: Vec<RecordV1>) {
+    let mut out = Exporter::create(path, &config()).unwrap();
+    let read = records.into_iter().try_for_each(|r| out.record(r));
+    out.finish(read).unwrap();
+}
+
+fn shard_record() -> ShardV1 {
+    ShardV1 {
+        shard: 3,
+        dim: 2,
+        metric: Metric::L2,
+        seal_rows: 2,
+        last_term: 4,
+        last_lsn: 5,
+        term: 9,
+        history: vec![(1, 1), (4, 3)],
+        growing: 2,
+        growing_rows: 1,
+    }
+}
+
+fn valid_records() -> Vec<RecordV1> {
+    let seg = |id, state, rows| {
+        RecordV1::Segment(SegmentV1 {
+            id,
+            state,
+            rows,
+            sealed_lsn: 0,
+        })
+    };
+    let row = |segment, row, id| RecordV1::Row {
+        segment,
+        row,
+        id,
+        vector: vec![1.0, 2.0],
+    };
+    vec![
+        RecordV1::Shard(shard_record()),
+        seg(1, SegmentState::Sealed, 2),
+        seg(2, SegmentState::Growing, 0),
+        row(1, 0, 10),
+        row(1, 1, 11),
+        row(2, 0, 12),
+        RecordV1::Tombstone {
+            segment: 1,
+            row: 0,
+            id: 10,
+        },
+        RecordV1::Point {
+            id: 11,
+            segment: 1,
+            row: 1,
+        },
+        RecordV1::Point {
+            id: 12,
+            segment: 2,
+            row: 0,
+        },
+    ]
+}
+
+#[test]
+fn inconsistent_records_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.export");
+    write_records(&path, valid_records());
+    assert_eq!(read_all(&path, &config()).unwrap().0.points, 2);
+
+    let with = |edit: &dyn Fn(&mut Vec<RecordV1>)| {
+        let mut records = valid_records();
+        edit(&mut records);
+        records
+    };
+    let shard = |edit: &dyn Fn(&mut ShardV1)| {
+        with(&|r| {
+            let mut s = shard_record();
+            edit(&mut s);
+            r[0] = RecordV1::Shard(s);
+        })
+    };
+    let cases: Vec<(&str, Vec<RecordV1>)> = vec![
+        ("the first record is not the shard", with(&|r| r.swap(0, 1))),
+        ("second shard", with(&|r| r.push(RecordV1::Shard(shard_record())))),
+        ("out of order", with(&|r| r.swap(5, 6))),
+        ("do not ascend", with(&|r| r.swap(7, 8))),
+        ("missing segment", with(&|r| r.insert(6, row_of(3, 0)))),
+        ("after 2 rows", with(&|r| r.insert(5, row_of(1, 3)))),
+        ("finite", with(&|r| r[3] = row_with(vec![f32::NAN, 1.0]))),
+        ("finite", with(&|r| r[3] = row_with(vec![1.0]))),
+        ("does not exist", with(&|r| r[8] = point(12, 2, 1))),
+        (
+            "expected Sealed with 3",
+            with(&|r| {
+                r[1] = RecordV1::Segment(SegmentV1 {
+                    id: 1,
+                    state: SegmentState::Sealed,
+                    rows: 3,
+                    sealed_lsn: 0,
+                })
+            }),
+        ),
+        ("not the highest", shard(&|s| s.growing = 1)),
+        ("expected Growing with 2", shard(&|s| s.growing_rows = 2)),
+        ("does not match term history", shard(&|s| s.last_term = 1)),
+        ("is not ascending", shard(&|s| s.history = vec![(4, 3), (1, 1)])),
+        ("is not ascending", shard(&|s| s.history.push((9, 6)))),
+        ("below the last op", shard(&|s| s.term = 3)),
+        ("no shard record", vec![]),
+    ];
+    for (want, records) in cases {
+        write_records(&path, records);
+        match read_all(&path, &config()) {
+            Err(EngineError::Corrupt { message, .. }) => assert!(message.contains(want), "{want}: {message}"),
+            other => panic!("{want}: expected Corrupt, got {other:?}"),
+        }
+    }
+}
+
+fn row_of(segment: u64, row: u32) -> RecordV1 {
+    RecordV1::Row {
+        segment,
+        row,
+        id: 99,
+        vector: vec![0.0, 0.0],
+    }
+}
+
+fn row_with(vector: Vec<f32>) -> RecordV1 {
+    RecordV1::Row {
+        segment: 1,
+        row: 0,
+        id: 10,
+        vector,
+    }
+}
+
+fn point(id: u64, segment: u64, row: u32) -> RecordV1 {
+    RecordV1::Point { id, segment, row }
+}

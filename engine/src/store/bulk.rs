@@ -1,0 +1,342 @@
+//! Whole-state reads and writes of a shard file, for exports and imports.
+//!
+//! [`ShardStore::read_applied`] hands over the applied state as ONE redb
+//! read transaction sees it, so applies that commit meanwhile (redb's
+//! readers see a fixed snapshot and never block the writer) cannot tear
+//! it: the meta record, its term history and every row belong to the same
+//! applied LSN. The op log is not read: an export carries state, not ops.
+//!
+//! [`StoreImport`] writes such a state into a new shard file: records are
+//! buffered and committed in bounded batches without fsync (a staging file
+//! is trusted only once complete), and the meta record with the term
+//! history goes in last, in the one durable commit. Until then the file has
+//! no meta record, so it cannot be mistaken for a complete shard.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+
+use super::{
+    encode, RowRecord, SegmentRecord, SegmentRecordV1, ShardMeta, ShardMetaV2, ShardStore, META, META_KEY, OPLOG,
+    PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
+};
+use crate::error::EngineError;
+use crate::plan::Location;
+
+/// One piece of a shard's applied state, in the order
+/// [`ShardStore::read_applied`] visits them: the meta first, then each
+/// table in key order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateItem<'a> {
+    /// The shard record as stored, the full term history (entries above
+    /// the applied LSN included: the reader trims) and the rows of the
+    /// growing segment.
+    Meta {
+        meta: ShardMetaV2,
+        history: Vec<(u64, u64)>,
+        growing_rows: u32,
+    },
+    Segment {
+        id: u64,
+        record: SegmentRecordV1,
+    },
+    Row {
+        at: Location,
+        id: u64,
+        vector: Vec<f32>,
+    },
+    Payload {
+        at: Location,
+        json: &'a str,
+    },
+    Tombstone {
+        at: Location,
+        id: u64,
+    },
+    Point {
+        id: u64,
+        at: Location,
+    },
+}
+
+impl ShardStore {
+    /// Visits the applied state read from one transaction (see the module
+    /// doc). Writers go on meanwhile; the snapshot stays as it was.
+    pub fn read_applied(
+        &self,
+        mut visit: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let txn = self.db.begin_read()?;
+        let meta = {
+            let raw = txn
+                .open_table(META)?
+                .get(META_KEY)?
+                .ok_or_else(|| self.corrupt("missing shard record"))?;
+            self.decode_meta(raw.value())?
+        };
+        let mut history = Vec::new();
+        for entry in txn.open_table(TERMS)?.iter()? {
+            let (term, first) = entry?;
+            history.push((term.value(), first.value()));
+        }
+        let rows = txn.open_table(ROWS)?;
+        let mut growing_rows = 0u32;
+        for entry in rows.range((meta.growing, 0)..=(meta.growing, u32::MAX))? {
+            entry?;
+            growing_rows += 1;
+        }
+        visit(StateItem::Meta {
+            meta,
+            history,
+            growing_rows,
+        })?;
+
+        for entry in txn.open_table(SEGMENTS)?.iter()? {
+            let (k, v) = entry?;
+            let SegmentRecord::V1(record) = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
+            visit(StateItem::Segment { id: k.value(), record })?;
+        }
+        for entry in rows.iter()? {
+            let (k, v) = entry?;
+            let (segment, row) = k.value();
+            let RowRecord::V1 { id, vector } = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
+            visit(StateItem::Row {
+                at: Location { segment, row },
+                id,
+                vector,
+            })?;
+        }
+        for entry in txn.open_table(PAYLOADS)?.iter()? {
+            let (k, v) = entry?;
+            let (segment, row) = k.value();
+            visit(StateItem::Payload {
+                at: Location { segment, row },
+                json: v.value(),
+            })?;
+        }
+        for entry in txn.open_table(TOMBSTONES)?.iter()? {
+            let (k, v) = entry?;
+            let (segment, row) = k.value();
+            visit(StateItem::Tombstone {
+                at: Location { segment, row },
+                id: v.value(),
+            })?;
+        }
+        for entry in txn.open_table(POINTS)?.iter()? {
+            let (k, v) = entry?;
+            let (segment, row) = v.value();
+            visit(StateItem::Point {
+                id: k.value(),
+                at: Location { segment, row },
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of buffered records after which [`StoreImport`] commits a batch.
+const BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// Records waiting for the next batch commit, one list per table.
+#[derive(Default)]
+struct Batch {
+    segments: Vec<(u64, Vec<u8>)>,
+    rows: Vec<((u64, u32), Vec<u8>)>,
+    payloads: Vec<((u64, u32), String)>,
+    tombstones: Vec<((u64, u32), u64)>,
+    points: Vec<(u64, (u64, u32))>,
+    bytes: usize,
+}
+
+/// Writes a whole applied state into a new shard file (see the module
+/// doc). Nothing is durable, and the file holds no meta record, until
+/// [`StoreImport::finish`].
+pub struct StoreImport {
+    db: Database,
+    path: PathBuf,
+    batch: Batch,
+    /// [`BATCH_BYTES`]; tests lower it to exercise many batches.
+    batch_bytes: usize,
+    meta: Option<(ShardMetaV2, Vec<(u64, u64)>)>,
+}
+
+impl StoreImport {
+    /// Creates the file at `path`, which must not exist yet.
+    pub fn create(path: &Path) -> Result<StoreImport, EngineError> {
+        if path.exists() {
+            return Err(EngineError::corrupt(
+                path.display().to_string(),
+                "an import found a file where it was to create a new one",
+            ));
+        }
+        let db = Database::builder().set_cache_size(SHARD_CACHE_BYTES).create(path)?;
+        Ok(StoreImport {
+            db,
+            path: path.to_owned(),
+            batch: Batch::default(),
+            batch_bytes: BATCH_BYTES,
+            meta: None,
+        })
+    }
+
+    /// Takes the next item. The meta record is kept for
+    /// [`StoreImport::finish`]; everything else is buffered and written in
+    /// batches.
+    pub fn push(&mut self, item: StateItem<'_>) -> Result<(), EngineError> {
+        let b = &mut self.batch;
+        match item {
+            StateItem::Meta { meta, history, .. } => self.meta = Some((meta, history)),
+            StateItem::Segment { id, record } => {
+                b.bytes += 32;
+                b.segments.push((id, encode(&SegmentRecord::V1(record))));
+            }
+            StateItem::Row { at, id, vector } => {
+                let bytes = encode(&RowRecord::V1 { id, vector });
+                b.bytes += bytes.len() + 16;
+                b.rows.push(((at.segment, at.row), bytes));
+            }
+            StateItem::Payload { at, json } => {
+                b.bytes += json.len() + 16;
+                b.payloads.push(((at.segment, at.row), json.to_owned()));
+            }
+            StateItem::Tombstone { at, id } => {
+                b.bytes += 24;
+                b.tombstones.push(((at.segment, at.row), id));
+            }
+            StateItem::Point { id, at } => {
+                b.bytes += 24;
+                b.points.push((id, (at.segment, at.row)));
+            }
+        }
+        if self.batch.bytes >= self.batch_bytes {
+            self.commit(false)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered and the meta record with the term history
+    /// in one fsynced commit, then closes the file.
+    pub fn finish(mut self) -> Result<(), EngineError> {
+        if self.meta.is_none() {
+            return Err(EngineError::corrupt(
+                self.path.display().to_string(),
+                "an import ended without its shard record",
+            ));
+        }
+        self.commit(true)
+    }
+
+    /// Commits the buffered records; `last` adds the meta record and term
+    /// history and makes the commit durable.
+    fn commit(&mut self, last: bool) -> Result<(), EngineError> {
+        let b = std::mem::take(&mut self.batch);
+        let mut txn = self.db.begin_write()?;
+        let durability = if last { Durability::Immediate } else { Durability::None };
+        txn.set_durability(durability)
+            .map_err(|e| EngineError::Storage(e.into()))?;
+        {
+            // Every table exists even if empty, as a new shard file has them.
+            let mut meta = txn.open_table(META)?;
+            txn.open_table(OPLOG)?;
+            let mut terms = txn.open_table(TERMS)?;
+            let mut segments = txn.open_table(SEGMENTS)?;
+            let mut rows = txn.open_table(ROWS)?;
+            let mut payloads = txn.open_table(PAYLOADS)?;
+            let mut tombstones = txn.open_table(TOMBSTONES)?;
+            let mut points = txn.open_table(POINTS)?;
+            for (id, bytes) in &b.segments {
+                segments.insert(*id, bytes.as_slice())?;
+            }
+            for (key, bytes) in &b.rows {
+                rows.insert(*key, bytes.as_slice())?;
+            }
+            for (key, json) in &b.payloads {
+                payloads.insert(*key, json.as_str())?;
+            }
+            for (key, id) in &b.tombstones {
+                tombstones.insert(*key, *id)?;
+            }
+            for (id, at) in &b.points {
+                points.insert(*id, *at)?;
+            }
+            if let (true, Some((m, history))) = (last, &self.meta) {
+                for &(term, first) in history {
+                    terms.insert(term, first)?;
+                }
+                meta.insert(META_KEY, encode(&ShardMeta::V2(*m)).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use edgevec_proto::{Metric, OpId, Point};
+
+    use crate::builder::IndexBuilder;
+    use crate::hnsw::IndexParams;
+    use crate::op::ShardOp;
+    use crate::shard::{ShardConfig, ShardReplica};
+    use crate::store::ShardStore;
+
+    use super::*;
+
+    fn items(store: &ShardStore) -> Vec<String> {
+        let mut out = Vec::new();
+        store
+            .read_applied(|item| {
+                out.push(format!("{item:?}"));
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_state_written_in_many_batches_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ShardConfig {
+            shard: 0,
+            dim: 2,
+            metric: Metric::L2,
+            seal_rows: 64,
+            index: IndexParams {
+                ef_construction: 8,
+                ef_search: 8,
+            },
+            retain_bytes: 0,
+        };
+        let builder = Arc::new(IndexBuilder::start());
+        let source = ShardReplica::open(&dir.path().join("a"), config, builder.clone()).unwrap();
+        for lsn in 1..=5u64 {
+            let points = (0..40)
+                .map(|i| Point {
+                    id: (lsn * 17 + i) % 100,
+                    vector: vec![lsn as f32, i as f32],
+                    payload: (i % 3 == 0).then(|| format!("{{\"lsn\":{lsn}}}")),
+                })
+                .collect();
+            crate::testutil::write(&source, ShardOp::Upsert(points)).unwrap();
+        }
+        crate::testutil::write(&source, ShardOp::Delete(vec![1, 2, 3])).unwrap();
+        // Builds hold the replica while they run.
+        assert!(builder.wait_idle(std::time::Duration::from_secs(30)));
+        drop(source);
+        let (store, _) = ShardStore::open(&dir.path().join("a/shard.redb"), 0, 2).unwrap();
+        let want = items(&store);
+
+        let path = dir.path().join("b.redb");
+        let mut import = StoreImport::create(&path).unwrap();
+        import.batch_bytes = 64;
+        store.read_applied(|item| import.push(item)).unwrap();
+        import.finish().unwrap();
+        let (copy, loaded) = ShardStore::open(&path, 0, 2).unwrap();
+        assert_eq!(items(&copy), want);
+        assert_eq!((loaded.meta.last(), loaded.first_logged), (OpId::new(1, 6), None));
+        assert!(StoreImport::create(&path).is_err(), "never over an existing file");
+    }
+}
