@@ -169,11 +169,19 @@ impl DataPlane {
         view.verified = view.verified.max(verified.lsn);
         view.commit = view.commit.max(msg.commit_lsn);
         let through = applicable(view.commit, view.verified);
+        let last = local.replica.last_op();
+        drop(view);
         if through > local.replica.applied_lsn() {
-            local.persist(move |replica| replica.apply_through(through)).await?;
+            // Making committed ops searchable is off the ack's path: the
+            // ack only promises the ops are persisted. Applies of one
+            // replica are serialised by the engine, and idempotent.
+            let local = local.clone();
+            self.tasks.spawn(async move {
+                if let Err(e) = local.persist(move |replica| replica.apply_through(through)).await {
+                    tracing::warn!(shard = %local.key, error = %e.message, "applying committed ops failed");
+                }
+            });
         }
-        Ok(ReplicateReply::Ack {
-            last: local.replica.last_op(),
-        })
+        Ok(ReplicateReply::Ack { last })
     }
 }

@@ -312,14 +312,18 @@ impl DataPlane {
             .config_of(key)
             .ok_or_else(|| unavailable(format!("{key} is not in the metadata")))?;
         let term = p.term;
-        let starts: Vec<(u64, u64)> = p
+        // (node, next LSN to send, what it acknowledged before if known).
+        let starts: Vec<(u64, u64, Option<u64>)> = p
             .backups(&cfg, self.me)
             .into_iter()
-            .map(|node| (node, p.next.get(&node).copied().unwrap_or(fresh.id.lsn)))
+            .map(|node| {
+                let known = p.next.get(&node).copied();
+                (node, known.unwrap_or(fresh.id.lsn), known.map(|n| n - 1))
+            })
             .collect();
-        let sends = starts.into_iter().map(|(node, next)| async move {
+        let sends = starts.into_iter().map(|(node, next, acked)| async move {
             let mut next = next;
-            let r = self.bring_up_to(local, term, node, &mut next, Some(fresh), true).await;
+            let r = self.bring_up_to(local, term, node, &mut next, Some(fresh), acked).await;
             (node, next, r)
         });
         let results = futures::future::join_all(sends).await;
@@ -424,10 +428,13 @@ impl DataPlane {
         node: u64,
         next: &mut u64,
         fresh: Option<&LogEntry>,
-        locked: bool,
+        acked: Option<u64>,
     ) -> Result<OpId, SendError> {
         let key = local.key;
         let started = Instant::now();
+        // A member of the ack set answers under the primary lock, quickly;
+        // a catch-up may take its time.
+        let locked = acked.is_some() || fresh.is_some();
         let budget = if locked {
             REPLICATE_TIMEOUT
         } else {
@@ -501,6 +508,13 @@ impl DataPlane {
                     }
                 }
                 Ok(NodeReplyV1::Replicated(ReplicateReply::Mismatch { last, history })) => {
+                    // Its disk went back in time: it lost ops it had
+                    // acknowledged. That is a failure, never a resend.
+                    if let Some(a) = acked.filter(|a| last.lsn < *a) {
+                        return Err(SendError::Failed(format!(
+                            "node {node}'s log ends at {last} but it had acknowledged LSN {a}: it lost acknowledged ops"
+                        )));
+                    }
                     let mine = LogShape {
                         last: target,
                         history: &status.history,
@@ -627,7 +641,7 @@ impl DataPlane {
                 node,
                 format!("catching up: sent through LSN {}", next.saturating_sub(1)),
             );
-            match self.bring_up_to(local, term, node, &mut next, None, false).await {
+            match self.bring_up_to(local, term, node, &mut next, None, None).await {
                 Ok(_) => {}
                 Err(SendError::NeedsExport(why)) => {
                     info!(shard = %key, node, reason = %why, "catching up through an export");
@@ -662,7 +676,8 @@ impl DataPlane {
                 return;
             };
             let Some((cfg, _)) = self.config_of(key) else { return };
-            if let Err(e) = self.bring_up_to(local, term, node, &mut next, None, true).await {
+            let acked = Some(next.saturating_sub(1));
+            if let Err(e) = self.bring_up_to(local, term, node, &mut next, None, acked).await {
                 debug!(shard = %key, node, error = %e.message(), "catch-up final step failed");
                 continue;
             }
