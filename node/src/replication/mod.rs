@@ -72,6 +72,8 @@ pub struct Local {
     pub damaged: Mutex<Option<String>>,
     /// An export being received from the primary.
     pub incoming: tokio::sync::Mutex<Option<transfer::Incoming>>,
+    /// Writes waiting for the primary's next group commit.
+    pub queued: Mutex<Vec<primary::Queued>>,
 }
 
 impl Local {
@@ -87,6 +89,7 @@ impl Local {
             floors: Mutex::new(BTreeMap::new()),
             damaged: Mutex::new(None),
             incoming: tokio::sync::Mutex::new(None),
+            queued: Mutex::new(Vec::new()),
         })
     }
 

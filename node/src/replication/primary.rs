@@ -43,6 +43,39 @@ pub struct EpochMark {
     pub ready: u64,
 }
 
+/// A write waiting for the group commit, and where to answer it.
+pub type Queued = (ShardOp, tokio::sync::oneshot::Sender<Result<OpId, WireError>>);
+
+/// Most encoded op bytes one group commit takes (at least one op).
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Takes the writes that go into the next batch, oldest first.
+fn take_batch(queue: &mut Vec<Queued>) -> Vec<Queued> {
+    let mut bytes = 0usize;
+    let mut n = 0;
+    for (op, _) in queue.iter() {
+        let size = op_size(op);
+        if n > 0 && bytes + size > BATCH_BYTES {
+            break;
+        }
+        bytes += size;
+        n += 1;
+    }
+    queue.drain(..n).collect()
+}
+
+/// Rough encoded size of an op, to bound a batch.
+fn op_size(op: &ShardOp) -> usize {
+    match op {
+        ShardOp::Upsert(points) => points
+            .iter()
+            .map(|p| 16 + p.vector.len() * 4 + p.payload.as_ref().map_or(0, String::len))
+            .sum(),
+        ShardOp::Delete(ids) => ids.len() * 8,
+        ShardOp::EpochStart => 1,
+    }
+}
+
 /// The primary role of one replica, for one term.
 #[derive(Debug)]
 pub struct Primary {
@@ -202,7 +235,7 @@ impl DataPlane {
             id: epoch,
             op: ShardOp::EpochStart.encode(term),
         };
-        let committed = match self.replicate_to_ack_set(&local, p, &fresh).await {
+        let committed = match self.replicate_to_ack_set(&local, p, std::slice::from_ref(&fresh)).await {
             Ok(()) => local.persist(move |replica| replica.apply_through(epoch.lsn)).await,
             Err(e) => Err(e),
         };
@@ -231,8 +264,46 @@ impl DataPlane {
     /// Primary write: assigns the next op id, persists it, brings every
     /// member of the ack set up to it, commits and applies it.
     pub async fn primary_write(&self, local: &Arc<Local>, op: ShardOp) -> Result<OpId, WireError> {
-        let key = local.key;
+        // Group commit: writes queue up; whoever holds the primary lock
+        // commits everything queued as one batch (one fsync per replica,
+        // one message per backup), and answers each write.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        local.queued.lock().expect("queue lock").push((op, tx));
         let mut guard = local.primary.lock().await;
+        if let Ok(done) = rx.try_recv() {
+            return done;
+        }
+        let batch = take_batch(&mut local.queued.lock().expect("queue lock"));
+        let (ops, replies): (Vec<ShardOp>, Vec<_>) = batch.into_iter().unzip();
+        match self.commit_batch(local, &mut guard, ops).await {
+            Ok(ids) => {
+                for (reply, id) in replies.into_iter().zip(ids) {
+                    let _ = reply.send(Ok(id));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+        drop(guard);
+        rx.await.unwrap_or_else(|_| {
+            Err(WireError::new(
+                ErrorCode::Internal,
+                "write dropped before it was committed",
+            ))
+        })
+    }
+
+    /// Commits `ops` (in this order, consecutive LSNs) as primary.
+    async fn commit_batch(
+        &self,
+        local: &Arc<Local>,
+        guard: &mut Option<Primary>,
+        ops: Vec<ShardOp>,
+    ) -> Result<Vec<OpId>, WireError> {
+        let key = local.key;
         let Some(p) = guard.as_mut() else {
             return Err(unavailable(format!(
                 "node {} is not the primary of {key} (it may be failing over); retry",
@@ -262,17 +333,26 @@ impl DataPlane {
             )));
         }
         let term = p.term;
+        let last = local.replica.last_op();
+        let entries: Vec<(OpId, ShardOp)> = ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| (OpId::new(term, last.lsn + 1 + i as u64), op))
+            .collect();
+        let ids: Vec<OpId> = entries.iter().map(|(id, _)| *id).collect();
+        let end = *ids.last().expect("a batch has at least one op");
+        let fresh: Vec<LogEntry> = entries
+            .iter()
+            .map(|(id, op)| LogEntry {
+                id: *id,
+                op: op.encode(term),
+            })
+            .collect();
         // The local fsync and the backups' run at the same time: no op is
         // acknowledged before all of them hold it, so the order does not
         // matter, and a failed local write makes this node step down
         // before it could write again in this term.
-        let last = local.replica.last_op();
-        let id = OpId::new(term, last.lsn + 1);
-        let fresh = LogEntry {
-            id,
-            op: op.encode(term),
-        };
-        let local_append = local.persist(move |replica| replica.append(last, &[(id, op)]));
+        let local_append = local.persist(move |replica| replica.append(last, &entries));
         let (appended, replicated) = tokio::join!(local_append, self.replicate_to_ack_set(local, p, &fresh));
         if let Err(e) = appended {
             self.step_down_if_damaged(local, &cfg).await;
@@ -282,19 +362,18 @@ impl DataPlane {
             )));
         }
         replicated?;
-        if let Err(e) = local.persist(move |replica| replica.apply_through(id.lsn)).await {
-            // Every in-sync replica holds the op: it is committed, but this
-            // node cannot serve it. Hand the shard to another replica.
+        if let Err(e) = local.persist(move |replica| replica.apply_through(end.lsn)).await {
+            // Every in-sync replica holds the ops: they are committed, but
+            // this node cannot serve them. Hand the shard to another replica.
             self.step_down_if_damaged(local, &cfg).await;
             return Err(outcome_unknown(format!(
                 "{key}: the write is replicated but the primary failed to apply it ({}); retry",
                 e.message
             )));
         }
-        p.commit_lsn = id.lsn;
-        drop(guard);
-        self.notify_commit(local, id);
-        Ok(id)
+        p.commit_lsn = end.lsn;
+        self.notify_commit(local, end);
+        Ok(ids)
     }
 
     /// Brings every member of the ack set up to `fresh` (just appended
@@ -305,7 +384,7 @@ impl DataPlane {
         &self,
         local: &Arc<Local>,
         p: &mut Primary,
-        fresh: &LogEntry,
+        fresh: &[LogEntry],
     ) -> Result<(), WireError> {
         let key = local.key;
         let (cfg, _) = self
@@ -318,12 +397,12 @@ impl DataPlane {
             .into_iter()
             .map(|node| {
                 let known = p.next.get(&node).copied();
-                (node, known.unwrap_or(fresh.id.lsn), known.map(|n| n - 1))
+                (node, known.unwrap_or(fresh[0].id.lsn), known.map(|n| n - 1))
             })
             .collect();
         let sends = starts.into_iter().map(|(node, next, acked)| async move {
             let mut next = next;
-            let r = self.bring_up_to(local, term, node, &mut next, Some(fresh), acked).await;
+            let r = self.bring_up_to(local, term, node, &mut next, fresh, acked).await;
             (node, next, r)
         });
         let results = futures::future::join_all(sends).await;
@@ -427,14 +506,14 @@ impl DataPlane {
         term: u64,
         node: u64,
         next: &mut u64,
-        fresh: Option<&LogEntry>,
+        fresh: &[LogEntry],
         acked: Option<u64>,
     ) -> Result<OpId, SendError> {
         let key = local.key;
         let started = Instant::now();
         // A member of the ack set answers under the primary lock, quickly;
         // a catch-up may take its time.
-        let locked = acked.is_some() || fresh.is_some();
+        let locked = acked.is_some() || !fresh.is_empty();
         let budget = if locked {
             REPLICATE_TIMEOUT
         } else {
@@ -447,14 +526,14 @@ impl DataPlane {
             let status = local.replica.log_status();
             // `fresh` may still be on its way to this node's disk (it is
             // persisted in parallel): it is the end of this log all the same.
-            let target = fresh.map_or(status.last, |f| f.id.max(status.last));
+            let target = fresh.last().map_or(status.last, |f| f.id.max(status.last));
             let prev_lsn = next.saturating_sub(1).min(target.lsn);
             let prev = local
                 .replica
                 .op_id_at(prev_lsn)
                 .ok_or_else(|| SendError::Failed(format!("no op id at {prev_lsn}")))?;
-            let entries: Vec<LogEntry> = match fresh {
-                Some(f) if prev_lsn + 1 == f.id.lsn => vec![f.clone()],
+            let entries: Vec<LogEntry> = match fresh.first() {
+                Some(f) if f.id.lsn <= prev_lsn + 1 => fresh.iter().filter(|e| e.id.lsn > prev_lsn).cloned().collect(),
                 _ if prev_lsn >= target.lsn => Vec::new(),
                 _ => {
                     let replica = local.replica.clone();
@@ -495,7 +574,7 @@ impl DataPlane {
                         last: target,
                         history: &status.history,
                     };
-                    if Some(last) == fresh.map(|f| f.id) || mine.holds(last) {
+                    if fresh.iter().any(|f| f.id == last) || mine.holds(last) {
                         local.hold_log_for(node, Some(last.lsn));
                         *next = last.lsn + 1;
                         if last.lsn >= target.lsn {
@@ -641,7 +720,7 @@ impl DataPlane {
                 node,
                 format!("catching up: sent through LSN {}", next.saturating_sub(1)),
             );
-            match self.bring_up_to(local, term, node, &mut next, None, None).await {
+            match self.bring_up_to(local, term, node, &mut next, &[], None).await {
                 Ok(_) => {}
                 Err(SendError::NeedsExport(why)) => {
                     info!(shard = %key, node, reason = %why, "catching up through an export");
@@ -677,7 +756,7 @@ impl DataPlane {
             };
             let Some((cfg, _)) = self.config_of(key) else { return };
             let acked = Some(next.saturating_sub(1));
-            if let Err(e) = self.bring_up_to(local, term, node, &mut next, None, acked).await {
+            if let Err(e) = self.bring_up_to(local, term, node, &mut next, &[], acked).await {
                 debug!(shard = %key, node, error = %e.message(), "catch-up final step failed");
                 continue;
             }
