@@ -817,3 +817,68 @@ async fn a_paused_primary_cannot_get_a_write_acknowledged() {
         check_never_sent(&cluster, &c, &via, name, &ledger).await;
     }
 }
+
+/// An export transfer cut in the middle (the receiving node killed while
+/// chunks arrive) restarts when the node is back: the replica is never
+/// left half-imported, and joins the in-sync set only holding exactly the
+/// primary's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_cut_in_the_middle_starts_over_and_never_leaves_half_a_replica() {
+    const WIDE: usize = 256;
+    let mut cluster = TestCluster::running(fast(3, 0, "oplog_retain_kb = 64\n")).await;
+    let name = "cut";
+    let admin = cluster.client(1, ADMIN).await;
+    let spec = CollectionSpec::new(name, WIDE as u32, Metric::L2);
+    if let Err(e) = admin.create_replicated(spec, ReplicationSpec::new(3)).await {
+        cluster.fail(format!("create failed: {e}"));
+    }
+    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    let backup = only_shard(&shards)
+        .replicas
+        .iter()
+        .find(|r| !r.primary)
+        .expect("a backup")
+        .node;
+    cluster.kill9(backup);
+    // About 24 MB of vectors: an export of several 4 MiB chunks.
+    let writer = cluster.client_excluding(&[backup], WRITER).await;
+    let observer = cluster.client_excluding(&[backup], ADMIN).await;
+    let mut ledger = Ledger::default();
+    ledger.write_all(&cluster, &writer, name, WIDE, 24_000, 500).await;
+
+    // Back; cut it off as soon as the export is on its way.
+    cluster.start(backup);
+    let cut = cluster
+        .wait_shards(&observer, name, Duration::from_secs(60), "an export on its way", |c| {
+            c.shards[0]
+                .replicas
+                .iter()
+                .any(|r| r.node == backup && r.catch_up.as_deref().is_some_and(|p| p.contains("export")))
+        })
+        .await;
+    cluster.kill9(backup);
+    let r = cut.shards[0].replicas.iter().find(|r| r.node == backup).unwrap();
+    assert_ne!(
+        r.state,
+        "in-sync",
+        "a replica receiving an export is not in sync:\n{}",
+        show_shards(&cut)
+    );
+
+    // Back again: the transfer starts over and completes.
+    cluster.start(backup);
+    let settled = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(90)).await;
+    let points = only_shard(&settled).replicas[0].points.unwrap();
+    assert_eq!(points, ledger.acked.len() as u64, "{}", show_shards(&settled));
+    let log = strip_ansi(&std::fs::read_to_string(cluster.log_path(backup)).unwrap());
+    assert!(
+        log.contains("rebuilt from the primary's export"),
+        "node {backup} caught up without an export:\n{}",
+        cluster.log_tail(backup, 40)
+    );
+    let c = cluster.client(backup, READER).await;
+    for round in 0..3 {
+        let p = check_through(&cluster, &c, &format!("node {backup} round {round}"), name, &ledger).await;
+        assert_eq!(p.len(), ledger.acked.len());
+    }
+}
