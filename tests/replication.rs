@@ -882,3 +882,98 @@ async fn an_export_cut_in_the_middle_starts_over_and_never_leaves_half_a_replica
         assert_eq!(p.len(), ledger.acked.len());
     }
 }
+
+/// A small filesystem of its own (tmpfs, mounted by the test; the tests
+/// run as root), unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(mb: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "cannot mount a {mb} MB tmpfs (the test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// A backup whose disk fills up leaves the in-sync set; writes go on
+/// through the other replicas and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_with_a_full_disk_leaves_the_in_sync_set_and_nothing_is_lost() {
+    const WIDE: usize = 256;
+    // Declared first, dropped last: after the cluster's processes.
+    let disk = SmallDisk::new(40);
+    let mut cluster = TestCluster::with_layout(fast(3, 0, ""));
+    // Node 3 keeps its data (metadata and replicas) on the small disk.
+    std::fs::create_dir_all(cluster.path("data")).unwrap();
+    std::os::unix::fs::symlink(disk.dir.path(), cluster.path("data/node3")).unwrap();
+    for id in 1..=3 {
+        cluster.start(id);
+    }
+    cluster
+        .wait_view(1, Duration::from_secs(30), "all nodes up", |v| all_nodes_up(v, 3))
+        .await;
+    let name = "full";
+    let admin = cluster.client(1, ADMIN).await;
+    let spec = CollectionSpec::new(name, WIDE as u32, Metric::L2);
+    if let Err(e) = admin.create_replicated(spec, ReplicationSpec::new(3)).await {
+        cluster.fail(format!("create failed: {e}"));
+    }
+    wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+
+    // About 60 MB of vectors: more than node 3's disk holds.
+    let writer = cluster.client_excluding(&[3], WRITER).await;
+    let mut ledger = Ledger::default();
+    for _ in 0..120 {
+        let start = ledger.next_id();
+        if let Err(e) = ledger.upsert(&writer, name, WIDE, start..start + 500).await {
+            // A write may be refused while the shard sheds the full
+            // replica; it must say so and be retryable.
+            assert!(e.is_retryable(), "a write failed for good: {e}");
+        }
+    }
+    let failed = ledger.failed().len();
+    assert!(
+        ledger.acked.len() >= 50_000,
+        "too few writes went through ({failed} batches failed)"
+    );
+
+    // Node 3 is out of the in-sync set (its replica damaged, or the node
+    // itself out of service); the others hold every acknowledged write.
+    let observer = cluster.client_excluding(&[3], ADMIN).await;
+    let settled = cluster
+        .wait_shards(
+            &observer,
+            name,
+            Duration::from_secs(30),
+            "node 3 out of the in-sync set",
+            |c| {
+                let s = &c.shards[0];
+                s.replicas.iter().any(|r| r.node == 3 && r.state != "in-sync")
+                    && s.replicas.iter().filter(|r| r.state == "in-sync").count() == 2
+            },
+        )
+        .await;
+    println!("{}", show_shards(&settled));
+    for id in [1, 2] {
+        let c = cluster.client_of(&[id], READER).await;
+        let p = check_through(&cluster, &c, &format!("node {id}"), name, &ledger).await;
+        assert!(p.len() >= ledger.acked.len());
+    }
+}
