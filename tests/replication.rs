@@ -906,6 +906,22 @@ impl SmallDisk {
     }
 }
 
+impl SmallDisk {
+    /// Gives the filesystem more room (tmpfs resizes in place).
+    fn grow(&self, mb: u64) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mb}m")])
+            .arg(self.dir.path())
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "remount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
@@ -913,7 +929,8 @@ impl Drop for SmallDisk {
 }
 
 /// A backup whose disk fills up leaves the in-sync set; writes go on
-/// through the other replicas and nothing acknowledged is lost.
+/// through the other replicas and nothing acknowledged is lost. Once there
+/// is room again, its damaged replica is rebuilt from the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_with_a_full_disk_leaves_the_in_sync_set_and_nothing_is_lost() {
     const WIDE: usize = 256;
@@ -974,6 +991,17 @@ async fn a_backup_with_a_full_disk_leaves_the_in_sync_set_and_nothing_is_lost() 
     for id in [1, 2] {
         let c = cluster.client_of(&[id], READER).await;
         let p = check_through(&cluster, &c, &format!("node {id}"), name, &ledger).await;
+        assert!(p.len() >= ledger.acked.len());
+    }
+
+    // Space comes back: the damaged replica is rebuilt from the primary's
+    // export without anyone acting, and rejoins holding exactly its data.
+    disk.grow(400);
+    let healed = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(120)).await;
+    println!("{}", show_shards(&healed));
+    let c = cluster.client(3, READER).await;
+    for round in 0..3 {
+        let p = check_through(&cluster, &c, &format!("node 3 round {round}"), name, &ledger).await;
         assert!(p.len() >= ledger.acked.len());
     }
 }

@@ -90,6 +90,13 @@ impl DataPlane {
         self.check_sender(peer, key, msg.term).await?;
         let local = self.local_or_sync(key).await?;
         let mut view = local.backup.lock().await;
+        // A damaged replica takes no more ops: the primary rebuilds it
+        // from an export of its own (the import replaces it whole).
+        if local.damaged.lock().expect("damaged lock").is_some() {
+            return Ok(ReplicateReply::NeedsRebuild {
+                last: local.replica.last_op(),
+            });
+        }
         if msg.term < local.replica.term() {
             return Err(WireError::new(
                 ErrorCode::Conflict,

@@ -702,6 +702,9 @@ impl DataPlane {
         let mut next = local.replica.last_op().lsn + 1;
         let started = Instant::now();
         let from = local.replica.last_op().lsn;
+        // Failed exports back off (a full disk on the other side would
+        // otherwise cost an export a second).
+        let mut export_backoff = Duration::from_secs(1);
         for round in 0..1000u32 {
             if self.shutdown.is_cancelled() {
                 return;
@@ -728,12 +731,17 @@ impl DataPlane {
                     match self.send_export(local, term, node).await {
                         Ok(last) => next = last.lsn + 1,
                         Err(e) => {
-                            warn!(shard = %key, node, error = %e, "export transfer failed; retrying");
-                            self.set_progress(local, node, format!("export failed, retrying: {e}"));
+                            warn!(shard = %key, node, error = %e, retry_in = ?export_backoff, "export transfer failed");
+                            self.set_progress(
+                                local,
+                                node,
+                                format!("export failed, retrying in {export_backoff:?}: {e}"),
+                            );
                             tokio::select! {
                                 _ = self.shutdown.cancelled() => return,
-                                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                                _ = tokio::time::sleep(export_backoff) => {}
                             }
+                            export_backoff = (export_backoff * 2).min(Duration::from_secs(60));
                         }
                     }
                     continue;
