@@ -21,6 +21,7 @@
 //! Engine calls block (fsync) and run on the blocking pool.
 
 pub mod backup;
+pub mod catch_up;
 pub mod log_match;
 pub mod manager;
 pub mod primary;

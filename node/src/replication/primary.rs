@@ -1,11 +1,13 @@
-//! The primary of a shard: epoch start, the write path, and catch-up of
-//! lagging replicas (REPLICATION.md, "Write", "Change of primary",
-//! "Catch-up").
+//! The primary of a shard: epoch start, the write path with group commit,
+//! and bringing one backup up to this log (REPLICATION.md, "Write",
+//! "Change of primary"); the catch-up of replicas outside the in-sync set
+//! is `catch_up`.
 //!
 //! Invariants:
-//! - a write holds the replica's primary lock from assigning its LSN to
-//!   its ack, so ops reach every backup in LSN order and the ack set cannot
-//!   change under a write;
+//! - a batch of writes holds the replica's primary lock from assigning its
+//!   LSNs to its ack, so ops reach every backup in LSN order and the ack
+//!   set cannot change under a write; writes that queue meanwhile form the
+//!   next batch;
 //! - a write is acknowledged only when every member of the ack set (the
 //!   committed in-sync set, plus joiners whose in-sync CAS may still
 //!   commit) has persisted it, and at least `min_insync` replicas hold it;
@@ -18,7 +20,7 @@
 //! - a new primary takes writes only once every in-sync replica holds its
 //!   epoch-start op; everything before it is then committed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -96,7 +98,7 @@ fn outcome_unknown(msg: impl Into<String>) -> WireError {
 }
 
 /// Why a backup could not be brought up to date.
-enum SendError {
+pub(super) enum SendError {
     /// It did not answer, refused, or failed: remove it from the ack set.
     Failed(String),
     /// This node is no longer the primary of the term (fenced).
@@ -107,7 +109,7 @@ enum SendError {
 }
 
 impl SendError {
-    fn message(self) -> String {
+    pub(super) fn message(self) -> String {
         match self {
             SendError::Failed(m) | SendError::Fenced(m) | SendError::NeedsExport(m) => m,
         }
@@ -500,7 +502,7 @@ impl DataPlane {
     /// Sends log entries to `node` from `*next` until it holds everything
     /// through `fresh` (or through this log's end), following its answers:
     /// a mismatch moves `next` back to where the logs diverge.
-    async fn bring_up_to(
+    pub(super) async fn bring_up_to(
         &self,
         local: &Arc<Local>,
         term: u64,
@@ -658,138 +660,10 @@ impl DataPlane {
         }
     }
 
-    /// Starts a catch-up for every replica of `cfg` that is not in sync
-    /// and has none running.
-    fn start_catch_ups(self: &Arc<Self>, local: &Arc<Local>, cfg: &ShardConfig) {
-        let state = self.meta.state();
-        let in_sync: BTreeSet<u64> = cfg.in_sync().into_iter().collect();
-        for r in &cfg.replicas {
-            if in_sync.contains(&r.node) || r.node == self.me {
-                continue;
-            }
-            let up = state
-                .node(r.node)
-                .is_some_and(|n| n.state == edgevec_meta::NodeState::Up);
-            if !up {
-                continue;
-            }
-            {
-                let mut running = local.catch_ups.lock().expect("catch-up lock");
-                if running.contains_key(&r.node) {
-                    continue;
-                }
-                running.insert(r.node, "starting".into());
-            }
-            let (this, local, node, term) = (self.clone(), local.clone(), r.node, cfg.term);
-            self.tasks.spawn(async move {
-                this.catch_up(&local, node, term).await;
-                local.catch_ups.lock().expect("catch-up lock").remove(&node);
-                if !this
-                    .config_of(local.key)
-                    .is_some_and(|(c, _)| c.in_sync().contains(&node))
-                {
-                    local.hold_log_for(node, None);
-                }
-            });
-        }
-    }
-
-    /// Brings `node` up to this log, then adds it to the in-sync set: the
-    /// last stretch and the CAS happen under the primary lock, so no write
-    /// can slip between "it holds everything" and "it is in the ack set".
-    async fn catch_up(&self, local: &Arc<Local>, node: u64, term: u64) {
-        let key = local.key;
-        let mut next = local.replica.last_op().lsn + 1;
-        let started = Instant::now();
-        let from = local.replica.last_op().lsn;
-        // Failed exports back off (a full disk on the other side would
-        // otherwise cost an export a second).
-        let mut export_backoff = Duration::from_secs(1);
-        for round in 0..1000u32 {
-            if self.shutdown.is_cancelled() {
-                return;
-            }
-            let Some((cfg, replication)) = self.config_of(key) else {
-                return;
-            };
-            if cfg.term != term || cfg.primary != Some(self.me) || cfg.replica(node).is_none() {
-                return;
-            }
-            if cfg.in_sync().contains(&node) {
-                return;
-            }
-            self.set_progress(
-                local,
-                node,
-                format!("catching up: sent through LSN {}", next.saturating_sub(1)),
-            );
-            match self.bring_up_to(local, term, node, &mut next, &[], None).await {
-                Ok(_) => {}
-                Err(SendError::NeedsExport(why)) => {
-                    info!(shard = %key, node, reason = %why, "catching up through an export");
-                    self.set_progress(local, node, "exporting the shard".into());
-                    match self.send_export(local, term, node).await {
-                        Ok(last) => next = last.lsn + 1,
-                        Err(e) => {
-                            warn!(shard = %key, node, error = %e, retry_in = ?export_backoff, "export transfer failed");
-                            self.set_progress(
-                                local,
-                                node,
-                                format!("export failed, retrying in {export_backoff:?}: {e}"),
-                            );
-                            tokio::select! {
-                                _ = self.shutdown.cancelled() => return,
-                                _ = tokio::time::sleep(export_backoff) => {}
-                            }
-                            export_backoff = (export_backoff * 2).min(Duration::from_secs(60));
-                        }
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    let e = e.message();
-                    debug!(shard = %key, node, round, error = %e, "catch-up round failed");
-                    self.set_progress(local, node, format!("waiting to retry: {e}"));
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                    continue;
-                }
-            }
-            // Close the gap under the lock and join.
-            let mut guard = local.primary.lock().await;
-            let Some(p) = guard.as_mut().filter(|p| p.term == term) else {
-                return;
-            };
-            let Some((cfg, _)) = self.config_of(key) else { return };
-            let acked = Some(next.saturating_sub(1));
-            if let Err(e) = self.bring_up_to(local, term, node, &mut next, &[], acked).await {
-                debug!(shard = %key, node, error = %e.message(), "catch-up final step failed");
-                continue;
-            }
-            p.joiners.insert(node, cfg.version);
-            p.next.insert(node, next);
-            let joined = edgevec_meta::add_to_in_sync(&cfg, node, replication.min_insync);
-            match self.cas(key, cfg.version, joined).await {
-                Ok(true) => {
-                    let done = local.replica.last_op().lsn;
-                    info!(
-                        shard = %key, node, ops = done.saturating_sub(from), secs = started.elapsed().as_secs_f64(),
-                        "replica caught up and joined the in-sync set"
-                    );
-                    return;
-                }
-                Ok(false) => debug!(shard = %key, node, "in-sync CAS lost to another change; retrying"),
-                Err(e) => debug!(shard = %key, node, error = %e.message, "in-sync CAS not confirmed; retrying"),
-            }
-        }
-    }
-
     /// A primary whose disk failed hands the shard over: it leaves the
     /// in-sync set by CAS (which also clears it as primary and bumps the
     /// term), so the metadata leader promotes another replica.
-    async fn step_down_if_damaged(&self, local: &Local, cfg: &ShardConfig) {
+    pub(super) async fn step_down_if_damaged(&self, local: &Local, cfg: &ShardConfig) {
         if local.damaged.lock().expect("damaged lock").is_none() {
             return;
         }
@@ -801,9 +675,5 @@ impl DataPlane {
             Ok(_) => warn!(shard = %local.key, "damaged primary left the in-sync set"),
             Err(e) => warn!(shard = %local.key, error = %e.message, "damaged primary could not leave the in-sync set"),
         }
-    }
-
-    fn set_progress(&self, local: &Local, node: u64, text: String) {
-        local.catch_ups.lock().expect("catch-up lock").insert(node, text);
     }
 }
