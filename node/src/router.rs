@@ -83,10 +83,6 @@ impl Router {
         }
     }
 
-    pub fn plane(&self) -> &Arc<DataPlane> {
-        &self.plane
-    }
-
     fn collection(&self, name: &str) -> Result<CollectionRecord, WireError> {
         self.plane
             .meta
@@ -249,22 +245,7 @@ impl Router {
         candidates.rotate_left(start);
         let mut errors = Vec::new();
         for node in candidates {
-            let r = if node == self.plane.me {
-                self.plane.read(req.clone()).await
-            } else {
-                match self
-                    .plane
-                    .call(node, NodeOpV1::ShardRead(req.clone()), READ_TIMEOUT)
-                    .await
-                {
-                    Ok(NodeReplyV1::ShardRead(reply)) => Ok(reply),
-                    Ok(other) => Err(WireError::new(
-                        ErrorCode::Internal,
-                        format!("unexpected reply {other:?}"),
-                    )),
-                    Err(e) => Err(e),
-                }
-            };
+            let r = self.plane.read_on(node, req.clone(), READ_TIMEOUT).await;
             match r {
                 Ok(reply) => return Ok(reply),
                 Err(e) => errors.push(format!("node {node}: {}", e.message)),
@@ -434,23 +415,10 @@ impl Router {
             };
         };
         let probes = cfg.replicas.iter().map(|r| async move {
-            let report = if r.node == self.plane.me {
-                self.plane.read(ShardRead::Status { shard: key }).await
-            } else {
-                match self
-                    .plane
-                    .call(
-                        r.node,
-                        NodeOpV1::ShardRead(ShardRead::Status { shard: key }),
-                        STATUS_TIMEOUT,
-                    )
-                    .await
-                {
-                    Ok(NodeReplyV1::ShardRead(reply)) => Ok(reply),
-                    Ok(_) => Err(unavailable("unexpected reply")),
-                    Err(e) => Err(e),
-                }
-            };
+            let report = self
+                .plane
+                .read_on(r.node, ShardRead::Status { shard: key }, STATUS_TIMEOUT)
+                .await;
             match report {
                 Ok(ShardReadReply::Status(rep)) => Some(rep),
                 _ => None,
@@ -541,23 +509,10 @@ impl Router {
                     ready = false;
                     break;
                 };
-                let status = if primary == self.plane.me {
-                    self.plane.read(ShardRead::Status { shard: key }).await
-                } else {
-                    match self
-                        .plane
-                        .call(
-                            primary,
-                            NodeOpV1::ShardRead(ShardRead::Status { shard: key }),
-                            STATUS_TIMEOUT,
-                        )
-                        .await
-                    {
-                        Ok(NodeReplyV1::ShardRead(r)) => Ok(r),
-                        Ok(_) => Err(unavailable("unexpected reply")),
-                        Err(e) => Err(e),
-                    }
-                };
+                let status = self
+                    .plane
+                    .read_on(primary, ShardRead::Status { shard: key }, STATUS_TIMEOUT)
+                    .await;
                 ready = matches!(status, Ok(ShardReadReply::Status(r)) if r.serving && r.term == cfg.term);
             }
             if ready {

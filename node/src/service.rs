@@ -348,7 +348,7 @@ impl Dispatch for Service {
         };
         let result = match op {
             NodeOpV1::Ping { .. } => Ok(NodeReplyV1::Pong { node_id: self.node.id }),
-            NodeOpV1::Raft(rpc) => crate::meta::network::serve(&self.meta.raft, rpc)
+            NodeOpV1::Raft(rpc) => crate::meta::network::serve(&self.meta.raft, peer, rpc)
                 .await
                 .map(NodeReplyV1::Raft),
             NodeOpV1::Heartbeat(hb) => Ok(self.health.clone().observe(hb)),
@@ -399,21 +399,15 @@ impl Dispatch for Service {
 }
 
 /// Refuses a node request that speaks for another node than the one
-/// its certificate names (Raft messages name their sender too).
+/// its certificate names (Raft messages are checked where they are
+/// decoded, in `meta::network::serve`).
 pub fn check_claim(peer: u64, op: &NodeOpV1) -> Result<(), WireError> {
     let claimed = match op {
         NodeOpV1::Ping { from } => Some(*from),
         NodeOpV1::Heartbeat(hb) => Some(hb.from),
-        NodeOpV1::Raft(rpc) => crate::meta::network::sender(rpc)?,
         _ => None,
     };
-    match claimed {
-        Some(id) if id != peer => Err(WireError::new(
-            ErrorCode::PermissionDenied,
-            format!("the message claims to come from node {id}, but the caller's certificate is node {peer}'s"),
-        )),
-        _ => Ok(()),
-    }
+    crate::net::check_claim(peer, claimed)
 }
 
 #[cfg(test)]

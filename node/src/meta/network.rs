@@ -122,33 +122,31 @@ impl RaftNetwork<TypeConfig> for PeerLink {
     }
 }
 
-/// Serves an incoming Raft RPC on `raft` and encodes the result.
-pub async fn serve(raft: &edgevec_meta::Raft, rpc: RaftRpc) -> Result<Vec<u8>, edgevec_proto::WireError> {
+/// Serves an incoming Raft RPC from node `peer` (named by its certificate)
+/// and encodes the result. The message is decoded once; one that speaks
+/// for another node (the vote it carries names its sender) is refused.
+pub async fn serve(raft: &edgevec_meta::Raft, peer: u64, rpc: RaftRpc) -> Result<Vec<u8>, edgevec_proto::WireError> {
     fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, edgevec_proto::WireError> {
         postcard::from_bytes(b).map_err(|e| {
             edgevec_proto::WireError::new(edgevec_proto::ErrorCode::Malformed, format!("bad raft message: {e}"))
         })
     }
     let encoded = match rpc {
-        RaftRpc::Append(b) => postcard::to_stdvec(&raft.append_entries(decode(&b)?).await),
-        RaftRpc::Vote(b) => postcard::to_stdvec(&raft.vote(decode(&b)?).await),
-        RaftRpc::Snapshot(b) => postcard::to_stdvec(&raft.install_snapshot(decode(&b)?).await),
+        RaftRpc::Append(b) => {
+            let req: AppendEntriesRequest = decode(&b)?;
+            crate::net::check_claim(peer, req.vote.leader_id().voted_for())?;
+            postcard::to_stdvec(&raft.append_entries(req).await)
+        }
+        RaftRpc::Vote(b) => {
+            let req: VoteRequest = decode(&b)?;
+            crate::net::check_claim(peer, req.vote.leader_id().voted_for())?;
+            postcard::to_stdvec(&raft.vote(req).await)
+        }
+        RaftRpc::Snapshot(b) => {
+            let req: InstallSnapshotRequest = decode(&b)?;
+            crate::net::check_claim(peer, req.vote.leader_id().voted_for())?;
+            postcard::to_stdvec(&raft.install_snapshot(req).await)
+        }
     };
     encoded.map_err(|e| edgevec_proto::WireError::new(edgevec_proto::ErrorCode::Internal, e.to_string()))
-}
-
-/// The node a Raft message speaks for (the vote it carries names it), so
-/// the server can check it against the caller's certificate.
-pub fn sender(rpc: &RaftRpc) -> Result<Option<u64>, edgevec_proto::WireError> {
-    fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, edgevec_proto::WireError> {
-        postcard::from_bytes(b).map_err(|e| {
-            edgevec_proto::WireError::new(edgevec_proto::ErrorCode::Malformed, format!("bad raft message: {e}"))
-        })
-    }
-    let vote = match rpc {
-        RaftRpc::Append(b) => decode::<AppendEntriesRequest>(b)?.vote,
-        RaftRpc::Vote(b) => decode::<VoteRequest>(b)?.vote,
-        RaftRpc::Snapshot(b) => decode::<InstallSnapshotRequest>(b)?.vote,
-    };
-    Ok(vote.leader_id().voted_for())
 }

@@ -21,3 +21,15 @@ pub mod close {
     /// Unknown ALPN (cannot happen with rustls' ALPN enforcement; kept for safety).
     pub const BAD_ALPN: u32 = 3;
 }
+
+/// Refuses a node request that speaks for node `claimed` when the caller's
+/// certificate names node `peer`.
+pub fn check_claim(peer: u64, claimed: Option<u64>) -> Result<(), edgevec_proto::WireError> {
+    match claimed {
+        Some(id) if id != peer => Err(edgevec_proto::WireError::new(
+            edgevec_proto::ErrorCode::PermissionDenied,
+            format!("the message claims to come from node {id}, but the caller's certificate is node {peer}'s"),
+        )),
+        _ => Ok(()),
+    }
+}

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use edgevec_meta::{DataNode, MetaState, NodeState, ShardConfig};
-use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
 use edgevec_proto::replication::{ShardRead, ShardReadReply, ShardRef};
 use edgevec_proto::OpId;
 use tracing::{info, warn};
@@ -171,15 +170,11 @@ impl DataPlane {
             .into_iter()
             .filter(|n| *n != failed && up.contains(n))
             .map(|node| async move {
-                let r = self
-                    .call(
-                        node,
-                        NodeOpV1::ShardRead(ShardRead::Status { shard: key }),
-                        REPORT_TIMEOUT,
-                    )
-                    .await;
-                match r {
-                    Ok(NodeReplyV1::ShardRead(ShardReadReply::Status(report))) => Some((node, report.last)),
+                match self
+                    .read_on(node, ShardRead::Status { shard: key }, REPORT_TIMEOUT)
+                    .await
+                {
+                    Ok(ShardReadReply::Status(report)) => Some((node, report.last)),
                     _ => None,
                 }
             });

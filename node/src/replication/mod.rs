@@ -122,7 +122,7 @@ impl Local {
                     tracing::error!(shard = %self.key, error = %e, "persisting failed: replica marked damaged");
                     *self.damaged.lock().expect("damaged lock") = Some(e.to_string());
                 }
-                Err(engine_error(e))
+                Err(e.to_wire())
             }
             Err(e) => Err(WireError::new(ErrorCode::Internal, format!("storage task failed: {e}"))),
         }
@@ -184,17 +184,12 @@ pub struct DataPlane {
     pub tasks: TaskTracker,
 }
 
-/// Maps an engine failure onto the wire.
-pub fn engine_error(e: EngineError) -> WireError {
-    e.to_wire()
-}
-
 /// Runs blocking engine work on the blocking pool.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, WireError> {
     match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(engine_error),
+        Ok(r) => r.map_err(|e| e.to_wire()),
         Err(e) => Err(WireError::new(ErrorCode::Internal, format!("storage task failed: {e}"))),
     }
 }
@@ -237,10 +232,6 @@ impl DataPlane {
     /// The local replica of `shard`, if this node holds one.
     pub fn local(&self, shard: ShardRef) -> Option<Arc<Local>> {
         self.locals.lock().expect("locals lock").get(&shard).cloned()
-    }
-
-    pub fn locals(&self) -> Vec<Arc<Local>> {
-        self.locals.lock().expect("locals lock").values().cloned().collect()
     }
 
     /// The QUIC address of node `id` from the metadata.
@@ -390,6 +381,20 @@ impl DataPlane {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tick.tick() => {}
             }
+        }
+    }
+
+    /// A read of node `id`'s replica: served here when `id` is this node.
+    pub async fn read_on(&self, id: u64, req: ShardRead, timeout: Duration) -> Result<ShardReadReply, WireError> {
+        if id == self.me {
+            return self.read(req).await;
+        }
+        match self.call(id, NodeOpV1::ShardRead(req), timeout).await? {
+            NodeReplyV1::ShardRead(reply) => Ok(reply),
+            other => Err(WireError::new(
+                ErrorCode::Internal,
+                format!("node {id} answered a read with {other:?}"),
+            )),
         }
     }
 
