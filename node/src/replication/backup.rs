@@ -177,6 +177,9 @@ impl DataPlane {
         view.commit = view.commit.max(msg.commit_lsn);
         let through = applicable(view.commit, view.verified);
         let last = local.replica.last_op();
+        local
+            .apply_target
+            .fetch_max(through, std::sync::atomic::Ordering::AcqRel);
         drop(view);
         if through > local.replica.applied_lsn() {
             // Making committed ops searchable is off the ack's path: the
@@ -187,6 +190,7 @@ impl DataPlane {
                 if let Err(e) = local.persist(move |replica| replica.apply_through(through)).await {
                     tracing::warn!(shard = %local.key, error = %e.message, "applying committed ops failed");
                 }
+                local.applied.send_replace(local.replica.applied_lsn());
             });
         }
         Ok(ReplicateReply::Ack { last })

@@ -50,6 +50,9 @@ pub const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const CATCH_UP_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most entries in one catch-up message.
 pub const CATCH_UP_BATCH_OPS: usize = 256;
+/// How long a read waits for its replica to apply ops it already knows
+/// are committed before it answers "not caught up".
+pub const APPLY_WAIT: Duration = Duration::from_secs(1);
 
 /// The runtime of one local shard replica.
 pub struct Local {
@@ -75,10 +78,17 @@ pub struct Local {
     pub incoming: tokio::sync::Mutex<Option<transfer::Incoming>>,
     /// Writes waiting for the primary's next group commit.
     pub queued: Mutex<Vec<primary::Queued>>,
+    /// On a backup: the LSN it may apply through (committed and verified
+    /// against the current primary). A read is served only once the
+    /// replica has applied through the target it saw on arrival.
+    pub apply_target: std::sync::atomic::AtomicU64,
+    /// The applied LSN, published after each apply.
+    pub applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Local {
     pub fn new(key: ShardRef, spec: ReplicaSpec, replica: Arc<ShardReplica>) -> Arc<Self> {
+        let applied = tokio::sync::watch::Sender::new(replica.applied_lsn());
         Arc::new(Local {
             key,
             spec,
@@ -91,7 +101,29 @@ impl Local {
             damaged: Mutex::new(None),
             incoming: tokio::sync::Mutex::new(None),
             queued: Mutex::new(Vec::new()),
+            apply_target: std::sync::atomic::AtomicU64::new(0),
+            applied,
         })
+    }
+
+    /// Waits (at most `timeout`) until this replica has applied everything
+    /// it knew to be committed when the call began; an error names how
+    /// far behind it is, so a reader can try another replica.
+    pub async fn wait_applied(&self, node: u64, timeout: Duration) -> Result<(), WireError> {
+        let target = self.apply_target.load(std::sync::atomic::Ordering::Acquire);
+        if self.replica.applied_lsn() >= target {
+            return Ok(());
+        }
+        let mut rx = self.applied.subscribe();
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= target)).await;
+        if matches!(reached, Ok(Ok(_))) || self.replica.applied_lsn() >= target {
+            return Ok(());
+        }
+        Err(unavailable(format!(
+            "replica of {} on node {node} has applied through LSN {} of {target} committed; not caught up",
+            self.key,
+            self.replica.applied_lsn()
+        )))
     }
 
     /// Runs a write to this replica's files (append, apply, truncate,
@@ -404,6 +436,9 @@ impl DataPlane {
         let local = self
             .local(shard)
             .ok_or_else(|| unavailable(format!("node {} holds no replica of {shard}", self.me)))?;
+        if !matches!(req, ShardRead::Status { .. }) {
+            local.wait_applied(self.me, APPLY_WAIT).await?;
+        }
         match req {
             ShardRead::Search {
                 queries,

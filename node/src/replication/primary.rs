@@ -241,6 +241,7 @@ impl DataPlane {
             Ok(()) => local.persist(move |replica| replica.apply_through(epoch.lsn)).await,
             Err(e) => Err(e),
         };
+        local.applied.send_replace(local.replica.applied_lsn());
         match committed {
             Ok(_) => {
                 p.commit_lsn = epoch.lsn;
@@ -364,7 +365,9 @@ impl DataPlane {
             )));
         }
         replicated?;
-        if let Err(e) = local.persist(move |replica| replica.apply_through(end.lsn)).await {
+        let applied = local.persist(move |replica| replica.apply_through(end.lsn)).await;
+        local.applied.send_replace(local.replica.applied_lsn());
+        if let Err(e) = applied {
             // Every in-sync replica holds the ops: they are committed, but
             // this node cannot serve them. Hand the shard to another replica.
             self.step_down_if_damaged(local, &cfg).await;
