@@ -818,6 +818,95 @@ async fn a_paused_primary_cannot_get_a_write_acknowledged() {
     }
 }
 
+/// A primary cut off from the other nodes by a network partition, while a
+/// client can still reach it, cannot get a write acknowledged once the
+/// others chose a new primary; when the partition heals it rejoins as a
+/// backup and what it took alone is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_primary_cannot_get_a_write_acknowledged() {
+    let cluster = TestCluster::running(fast(3, 0, "fault_injection = true\n")).await;
+    let name = "partitioned";
+    let admin = create(&cluster, name, 1, 3).await;
+    let c = cluster.client_any(WRITER).await;
+    let mut ledger = Ledger::default();
+    ledger.write_all(&cluster, &c, name, DIM, 300, 100).await;
+    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    let old = only_shard(&shards).clone();
+    let cut = old.primary.unwrap();
+    let others = cluster.client_excluding(&[cut], WRITER).await;
+    let observer = cluster.client_excluding(&[cut], ADMIN).await;
+    let mut config = cluster.client_config(cut, WRITER);
+    config.request_timeout = Duration::from_secs(5);
+    config.retry_budget = Duration::from_secs(3);
+    let through_cut = edgevec_client::Client::connect(config).await.unwrap();
+
+    cluster.partition(&[cut]);
+    let started = Instant::now();
+    let after = cluster
+        .wait_shards(
+            &observer,
+            name,
+            Duration::from_secs(20),
+            "a new primary on the majority side",
+            |c| {
+                c.shards
+                    .iter()
+                    .all(|s| s.primary.is_some_and(|p| p != cut) && s.term > old.term)
+            },
+        )
+        .await;
+    println!(
+        "node {cut} cut off; new primary after {:?}:\n{}",
+        started.elapsed(),
+        show_shards(&after)
+    );
+
+    // The majority side takes writes; the cut-off node, which still
+    // believes it leads, acknowledges none.
+    ledger.write_all(&cluster, &others, name, DIM, 300, 100).await;
+    let mut alone = Ledger::default();
+    let first = ledger.next_id() + 10_000;
+    for b in 0..3u64 {
+        let start = first + b * 20;
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            alone.upsert(&through_cut, name, DIM, start..start + 20),
+        )
+        .await;
+        match r {
+            Err(_) => cluster.fail(format!("a write through the cut-off node {cut} hung for 20 s")),
+            Ok(Ok(())) => cluster.fail(format!(
+                "node {cut}, cut off from every other node, acknowledged ids {}..{}",
+                start,
+                start + 20
+            )),
+            Ok(Err(e)) => println!("batch {b} through node {cut}: {e}"),
+        }
+    }
+    ledger.write_all(&cluster, &others, name, DIM, 200, 100).await;
+
+    cluster.heal();
+    let settled = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(30)).await;
+    println!("healed:\n{}", show_shards(&settled));
+    let refused: Vec<u64> = alone.batches.iter().flat_map(|b| b.ids.clone()).collect();
+    for id in 1..=3 {
+        let via = format!("node {id}");
+        let c = cluster.client(id, READER).await;
+        let p = check_through(&cluster, &c, &via, name, &ledger).await;
+        assert_eq!(p.len(), ledger.acked.len(), "through {via}");
+        check_count(&cluster, &c, &via, name, ledger.acked.len()).await;
+        check_never_sent(&cluster, &c, &via, name, &ledger).await;
+        match c.get(name, &refused).await {
+            Ok(found) if found.is_empty() => {}
+            Ok(found) => cluster.fail(format!(
+                "{via} reads ids the cut-off primary took alone: {:?}",
+                found.iter().map(|p| p.id).collect::<Vec<_>>()
+            )),
+            Err(e) => cluster.fail(format!("get through {via} failed: {e}")),
+        }
+    }
+}
+
 /// An export transfer cut in the middle (the receiving node killed while
 /// chunks arrive) restarts when the node is back: the replica is never
 /// left half-imported, and joins the in-sync set only holding exactly the

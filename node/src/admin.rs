@@ -5,26 +5,70 @@
 //! is caught up with it ([`readiness`]); otherwise 503 with the reason. `/metrics`
 //! reads Raft and membership state at scrape time and adds the RPC counters
 //! and latency histograms the service records.
+//!
+//! With `fault_injection` on in cluster.toml (tests only), `PUT
+//! /fault/partition` with a body of comma-separated node ids cuts this
+//! node's calls to those nodes (an empty body heals); otherwise the route
+//! answers 404.
 
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 use crate::meta::Meta;
 use crate::metrics::Metrics;
+use crate::net::peer::PeerPool;
 
 #[derive(Clone)]
 struct AdminState {
     meta: Meta,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    faults: Option<Faults>,
+}
+
+/// What fault injection needs: the peer pool and every node's address.
+#[derive(Clone)]
+pub struct Faults {
+    pub peers: Arc<PeerPool>,
+    pub addrs: BTreeMap<u64, SocketAddr>,
+}
+
+/// Parses a partition request: node ids separated by commas or spaces.
+fn parse_partition(body: &str, addrs: &BTreeMap<u64, SocketAddr>) -> Result<HashSet<SocketAddr>, String> {
+    body.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let id: u64 = t.parse().map_err(|_| format!("{t:?} is not a node id"))?;
+            addrs
+                .get(&id)
+                .copied()
+                .ok_or_else(|| format!("node {id} is not in cluster.toml"))
+        })
+        .collect()
+}
+
+async fn partition(State(s): State<AdminState>, body: String) -> impl IntoResponse {
+    let Some(faults) = s.faults else {
+        return (StatusCode::NOT_FOUND, "fault injection is off\n".to_string());
+    };
+    match parse_partition(&body, &faults.addrs) {
+        Ok(blocked) => {
+            tracing::warn!(blocked = ?blocked, "fault injection: calls to these nodes are cut");
+            let n = blocked.len();
+            faults.peers.set_blocked(blocked);
+            (StatusCode::OK, format!("cut off from {n} nodes\n"))
+        }
+        Err(why) => (StatusCode::BAD_REQUEST, format!("{why}\n")),
+    }
 }
 
 /// Whether the node is ready to serve, or why not: a member of the
@@ -86,6 +130,7 @@ pub async fn bind(
     meta: Meta,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    faults: Option<Faults>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -94,7 +139,13 @@ pub async fn bind(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_page))
-        .with_state(AdminState { meta, health, metrics });
+        .route("/fault/partition", put(partition))
+        .with_state(AdminState {
+            meta,
+            health,
+            metrics,
+            faults,
+        });
     let serve = async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -104,4 +155,21 @@ pub async fn bind(
         }
     };
     Ok((local, serve))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_requests_name_known_nodes() {
+        let addrs: BTreeMap<u64, SocketAddr> =
+            [(1, "127.0.0.1:1".parse().unwrap()), (2, "127.0.0.1:2".parse().unwrap())]
+                .into_iter()
+                .collect();
+        assert_eq!(parse_partition("", &addrs).unwrap().len(), 0);
+        assert_eq!(parse_partition("1, 2\n", &addrs).unwrap().len(), 2);
+        assert!(parse_partition("3", &addrs).unwrap_err().contains("node 3"));
+        assert!(parse_partition("x", &addrs).unwrap_err().contains("\"x\""));
+    }
 }

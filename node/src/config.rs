@@ -133,6 +133,10 @@ struct RawCluster {
     /// rebuilt from an export of the shard.
     #[serde(default = "default_oplog_retain_kb")]
     oplog_retain_kb: Spanned<u64>,
+    /// Testing only: enables `PUT /fault/partition` on the admin HTTP
+    /// endpoint, which cuts this node off from the nodes it names.
+    #[serde(default)]
+    fault_injection: bool,
 }
 
 fn default_raft_snapshot_logs() -> Spanned<u64> {
@@ -243,6 +247,8 @@ pub struct ClusterConfig {
     pub raft_snapshot_logs: u64,
     /// Bytes of applied ops a shard replica's op log keeps.
     pub oplog_retain_bytes: u64,
+    /// Whether the admin endpoint takes fault-injection requests (tests).
+    pub fault_injection: bool,
     /// Things that are legal but probably not meant (printed at start-up).
     pub warnings: Vec<String>,
 }
@@ -434,6 +440,7 @@ impl ClusterConfig {
             election_timeout_ms: (emin, emax),
             raft_snapshot_logs,
             oplog_retain_bytes: oplog_retain_kb.saturating_mul(1024),
+            fault_injection: raw.cluster.fault_injection,
             warnings,
         })
     }

@@ -227,16 +227,52 @@ impl TestCluster {
 
     /// Admin HTTP GET on node `id`: (status code, body).
     pub fn http_get(&self, id: u64, path: &str) -> (u16, String) {
+        self.http(id, "GET", path, "")
+    }
+
+    /// One admin HTTP request to node `id`: (status code, body).
+    pub fn http(&self, id: u64, method: &str, path: &str, body: &str) -> (u16, String) {
         use std::io::{Read, Write};
         let addr = self.config.node(id).unwrap().admin_addr.unwrap();
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
         (code, body)
+    }
+
+    /// Cuts node `id`'s calls to `others` (needs `fault_injection = true`);
+    /// an empty list heals.
+    pub fn cut(&self, id: u64, others: &[u64]) {
+        let list: Vec<String> = others.iter().map(u64::to_string).collect();
+        let (code, body) = self.http(id, "PUT", "/fault/partition", &list.join(","));
+        if code != 200 {
+            self.fail(format!("partitioning node {id} failed: {code} {body}"));
+        }
+    }
+
+    /// Cuts every link between `side` and the other nodes, both ways.
+    pub fn partition(&self, side: &[u64]) {
+        let all: Vec<u64> = self.config.nodes.iter().map(|n| n.id).collect();
+        let rest: Vec<u64> = all.iter().copied().filter(|n| !side.contains(n)).collect();
+        for &id in &all {
+            self.cut(id, if side.contains(&id) { &rest } else { side });
+        }
+    }
+
+    /// Heals every partition.
+    pub fn heal(&self) {
+        for n in &self.config.nodes {
+            self.cut(n.id, &[]);
+        }
     }
 
     /// A client of node `id`, once the node answers (waits up to 60 s).

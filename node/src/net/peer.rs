@@ -4,8 +4,12 @@
 //! when it dies or stops answering; each call is a fresh stream on it.
 //! Each address has its own slot lock, so a handshake with a dead peer never
 //! delays calls to live ones.
+//!
+//! Fault injection (tests, `fault_injection` in cluster.toml): calls to a
+//! blocked address go unanswered until their deadline, like calls across
+//! a network partition; the pooled connection is dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +23,7 @@ pub struct PeerPool {
     endpoint: quinn::Endpoint,
     slots: Mutex<HashMap<SocketAddr, Slot>>,
     connect_timeout: Duration,
+    blocked: Mutex<HashSet<SocketAddr>>,
 }
 
 impl PeerPool {
@@ -28,7 +33,29 @@ impl PeerPool {
             endpoint,
             slots: Mutex::new(HashMap::new()),
             connect_timeout: Duration::from_secs(1),
+            blocked: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Replaces the set of addresses this node cannot reach (fault
+    /// injection); connections to them are closed.
+    pub fn set_blocked(&self, addrs: HashSet<SocketAddr>) {
+        let slots: Vec<Slot> = {
+            let slots = self.slots.lock().expect("peer pool lock");
+            addrs.iter().filter_map(|a| slots.get(a).cloned()).collect()
+        };
+        *self.blocked.lock().expect("peer pool lock") = addrs;
+        for slot in slots {
+            if let Ok(mut held) = slot.try_lock() {
+                if let Some(c) = held.take() {
+                    c.close(0u32.into(), b"partitioned");
+                }
+            }
+        }
+    }
+
+    fn is_blocked(&self, addr: SocketAddr) -> bool {
+        self.blocked.lock().expect("peer pool lock").contains(&addr)
     }
 
     fn slot(&self, addr: SocketAddr) -> Slot {
@@ -67,6 +94,10 @@ impl PeerPool {
         req: &NodeRequest,
         timeout: Duration,
     ) -> Result<NodeResponse, CallError> {
+        if self.is_blocked(addr) {
+            tokio::time::sleep(timeout).await;
+            return Err(CallError::Timeout(timeout));
+        }
         let conn = self.connection(addr).await?;
         let result = rpc::call(&conn, req, timeout).await;
         if matches!(result, Err(CallError::Connection(_) | CallError::Timeout(_))) {
