@@ -122,7 +122,7 @@ impl Client {
             "0.0.0.0:0".parse().expect("literal")
         };
         let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(format!("cannot open a UDP socket: {e}")))?;
+            tls::endpoint(bind, None).map_err(|e| ClientError::Config(format!("cannot open a UDP socket: {e}")))?;
         endpoint.set_default_client_config(quic);
         let client = Client {
             inner: Arc::new(Inner {

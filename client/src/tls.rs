@@ -118,6 +118,41 @@ pub fn transport() -> quinn::TransportConfig {
     t
 }
 
+/// Bytes of kernel buffer asked for each QUIC socket, each way. The
+/// default (about 200 KiB) drops datagrams when a 512 KiB write batch
+/// arrives while the receiving process is busy; every drop costs a
+/// retransmission and halves the congestion window.
+pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A UDP socket bound to `addr` with [`UDP_BUFFER_BYTES`] of send and
+/// receive buffer (the kernel may grant less: `net.core.rmem_max` and
+/// `wmem_max` cap it; what was granted is logged at debug level).
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // As std's bind does for "[::]": accept IPv4 too.
+        let _ = socket.set_only_v6(false);
+    }
+    // Smaller buffers still work: a failure here is not fatal.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    tracing::debug!(
+        recv = ?socket.recv_buffer_size().ok(),
+        send = ?socket.send_buffer_size().ok(),
+        "UDP socket buffers"
+    );
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A QUIC endpoint on a socket made by [`udp_socket`].
+pub fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime found for the QUIC endpoint"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, udp_socket(addr)?, runtime)
+}
+
 /// The TLS server name to verify for an endpoint address: its IP literal.
 /// Node certificates made by `edgevec certs` carry their IP as a SAN.
 pub fn server_name(addr: &std::net::SocketAddr) -> String {

@@ -300,6 +300,13 @@ impl Drop for Engine {
         // Finish the running build and join the thread before the shard
         // files close, so nothing writes into the directory afterwards.
         self.builder.shutdown();
+        // Applies are committed without fsync: make them durable, so a
+        // clean restart does not apply those ops again.
+        for (spec, replica) in self.read_map().values() {
+            if let Err(e) = replica.flush() {
+                tracing::warn!(replica = ?spec.key, error = %e, "could not flush applied ops at close");
+            }
+        }
     }
 }
 

@@ -320,6 +320,12 @@ impl ShardReplica {
         });
     }
 
+    /// Makes every applied op durable (applies are not fsynced each).
+    pub fn flush(&self) -> Result<(), EngineError> {
+        let _writer = self.writer.lock().expect("shard writer lock");
+        self.store.flush()
+    }
+
     /// Marks the replica as dropped: queued builds will not write files.
     /// Waits for an index file being saved right now, so that nothing of
     /// this replica writes into its directory after this returns.

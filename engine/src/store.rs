@@ -14,11 +14,14 @@
 //! | `tombstones` | (segment, row)   | point id the dead row held              |
 //!
 //! Invariants:
-//! - every change is one write transaction committed with
-//!   `Durability::Immediate` (fsync) before the caller goes on: appended
-//!   ops with the term and history they raise; a truncation with its
-//!   history cut; a batch of applied ops with their rows, location and
-//!   tombstone changes, seals, the applied LSN and the retention trim;
+//! - every change is one write transaction: appended ops with the term
+//!   and history they raise, and a truncation with its history cut, are
+//!   committed with `Durability::Immediate` (fsync) before the caller goes
+//!   on; a batch of applied ops with their rows, location and tombstone
+//!   changes, the applied LSN and the retention trim is committed without
+//!   fsync unless it seals a segment (it becomes durable with the next
+//!   fsynced commit, and a crash before that takes it back whole, leaving
+//!   its ops in the log above the applied LSN);
 //! - each transaction updates the meta record read inside it, so the
 //!   record is right whatever the caller holds in memory;
 //! - `log bytes` is the sum of the encoded sizes of the entries in `oplog`;
@@ -290,9 +293,20 @@ impl ShardStore {
         &self,
         f: impl FnOnce(&WriteTransaction, &mut ShardMetaV2) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        let mut txn = self.db.begin_write()?;
         // Callers acknowledge what they wrote once this returns: fsync first.
-        txn.set_durability(Durability::Immediate)
+        self.write_as(Durability::Immediate, f)
+    }
+
+    /// [`Store::write`] with the given durability. A `Durability::None`
+    /// commit is visible at once and becomes durable with the next durable
+    /// commit; a crash before that takes it back whole.
+    fn write_as<T>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&WriteTransaction, &mut ShardMetaV2) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(durability)
             .map_err(|e| EngineError::Storage(e.into()))?;
         let out = {
             let mut meta_table = txn.open_table(META)?;
@@ -308,6 +322,11 @@ impl ShardStore {
         };
         txn.commit()?;
         Ok(out)
+    }
+
+    /// Makes every commit so far durable (an empty fsynced transaction).
+    pub fn flush(&self) -> Result<(), EngineError> {
+        self.write(|_, _| Ok(()))
     }
 
     /// Raises the durable term.
@@ -423,11 +442,20 @@ impl ShardStore {
     }
 
     /// Writes the effect of a batch of logged ops, in LSN order, and the new
-    /// applied LSN (the batch's last) in one durable transaction; then lets
+    /// applied LSN (the batch's last) in one transaction; then lets
     /// retention trim the log. `growing` is the growing segment after the
     /// batch. Returns the oldest LSN in the log afterwards.
+    ///
+    /// The transaction is not fsynced unless the batch seals a segment (an
+    /// index file may be written for a sealed segment, so the seal must
+    /// not be taken back): the ops are durable in the log already, the
+    /// next durable commit (an append) makes the apply durable with it,
+    /// and a crash before that only lowers the applied LSN, whose ops the
+    /// replica applies again once it learns they are committed.
     pub fn apply(&self, batch: &[Applied<'_>], growing: u64, retention: Retention) -> Result<Option<u64>, EngineError> {
-        self.write(|txn, meta| {
+        let seals = batch.iter().any(|a| !a.plan.sealed.is_empty());
+        let durability = if seals { Durability::Immediate } else { Durability::None };
+        self.write_as(durability, |txn, meta| {
             for a in batch {
                 write_effect(txn, a)?;
             }

@@ -63,7 +63,9 @@ pub struct Collection {
 
 impl Collection {
     /// Creates (or, after a restart, finds again) every shard replica of
-    /// collection `id`.
+    /// collection `id`. As the only replica of each shard, it applies
+    /// whatever its log holds (what a primary's epoch start does): an
+    /// apply a crash took back is applied again.
     pub fn create(engine: &Engine, id: u64, spec: CollectionSpec) -> Collection {
         let replicas = (0..spec.shards)
             .map(|shard| {
@@ -74,7 +76,9 @@ impl Collection {
                     metric: spec.metric,
                     seal_rows: spec.seal_rows,
                 };
-                engine.create_replica(rs).unwrap()
+                let r = engine.create_replica(rs).unwrap();
+                r.apply_through(r.last_op().lsn).unwrap();
+                r
             })
             .collect();
         Collection { spec, replicas }

@@ -111,10 +111,11 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
         .expect("engine open task does not panic")?;
     let engine = Arc::new(engine);
 
-    let mut endpoint = quinn::Endpoint::server(server_config, node.addr).map_err(|source| NodeError::Bind {
-        addr: node.addr,
-        source,
-    })?;
+    let mut endpoint =
+        edgevec_client::tls::endpoint(node.addr, Some(server_config)).map_err(|source| NodeError::Bind {
+            addr: node.addr,
+            source,
+        })?;
     endpoint.set_default_client_config(identity.peer_client_config()?);
     let addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
         addr: node.addr,

@@ -3,8 +3,9 @@
 //!
 //! A batch is planned op by op against the state as the previous ops of
 //! the batch left it (so the result is the one applying them one at a time
-//! would give), committed in one fsynced transaction with the new applied
-//! LSN and the retention trim, and only then mirrored in memory.
+//! would give), committed in one transaction with the new applied LSN and
+//! the retention trim (fsynced only when it seals a segment: see
+//! `Store::apply`), and only then mirrored in memory.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

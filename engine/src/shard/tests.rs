@@ -81,6 +81,7 @@ fn appended_ops_are_searchable_only_once_applied_and_survive_restart() {
         vec![1, 2, 3],
         "the epoch start changes no rows"
     );
+    s.flush().unwrap();
     drop(s);
 
     let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
@@ -92,6 +93,35 @@ fn appended_ops_are_searchable_only_once_applied_and_survive_restart() {
     );
     assert_eq!(s.apply_through(5).unwrap(), 5);
     assert_eq!(found(&s, &[5]), vec![5]);
+}
+
+/// Applies are not fsynced each: until the next durable commit, a crash
+/// may take one back. It then lowers only the applied LSN; the ops are
+/// still in the log and apply again to the same state.
+#[test]
+fn an_apply_lost_in_a_crash_is_applied_again_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
+    s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap();
+    s.apply_through(3).unwrap();
+    s.append(id(1, 3), &entries(1, 4..=6)).unwrap();
+    s.apply_through(5).unwrap();
+    assert_eq!(found(&s, &[1, 2, 3, 4, 5, 6]), vec![1, 2, 3, 4, 5]);
+    // Dropped without a flush: what was applied after the last durable
+    // commit (the append of 4..=6) is not on disk.
+    drop(s);
+
+    let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
+    let status = s.log_status();
+    assert_eq!(status.last, id(1, 6), "appends are durable");
+    assert!(
+        (3..=5).contains(&status.applied),
+        "the apply before the last append is durable with it: {status:?}"
+    );
+    assert_eq!(found(&s, &[1, 2, 3]), vec![1, 2, 3]);
+    assert_eq!(s.apply_through(6).unwrap(), 6);
+    assert_eq!(found(&s, &[1, 2, 3, 4, 5, 6]), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(s.info().0.points, 6);
 }
 
 #[test]

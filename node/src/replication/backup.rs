@@ -177,9 +177,7 @@ impl DataPlane {
         view.commit = view.commit.max(msg.commit_lsn);
         let through = applicable(view.commit, view.verified);
         let last = local.replica.last_op();
-        local
-            .apply_target
-            .fetch_max(through, std::sync::atomic::Ordering::AcqRel);
+        local.raise_apply_target(through);
         drop(view);
         if through > local.replica.applied_lsn() {
             // Making committed ops searchable is off the ack's path: the
@@ -190,7 +188,7 @@ impl DataPlane {
                 if let Err(e) = local.persist(move |replica| replica.apply_through(through)).await {
                     tracing::warn!(shard = %local.key, error = %e.message, "applying committed ops failed");
                 }
-                local.applied.send_replace(local.replica.applied_lsn());
+                local.publish_applied();
             });
         }
         Ok(ReplicateReply::Ack { last })

@@ -54,6 +54,20 @@ pub const CATCH_UP_BATCH_OPS: usize = 256;
 /// are committed before it answers "not caught up".
 pub const APPLY_WAIT: Duration = Duration::from_secs(1);
 
+/// How far a replica may be read: what it knows to be committed, and what
+/// it has applied.
+///
+/// A replica opened after a restart has `target: None` until the primary
+/// of its term reaches it (its op log may hold committed ops it has not
+/// applied, and it cannot know which): it serves no reads until then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyGate {
+    /// Committed LSN this replica verified against its primary's log, or
+    /// (on the primary) its epoch start.
+    pub target: Option<u64>,
+    pub applied: u64,
+}
+
 /// The runtime of one local shard replica.
 pub struct Local {
     pub key: ShardRef,
@@ -78,17 +92,16 @@ pub struct Local {
     pub incoming: tokio::sync::Mutex<Option<transfer::Incoming>>,
     /// Writes waiting for the primary's next group commit.
     pub queued: Mutex<Vec<primary::Queued>>,
-    /// On a backup: the LSN it may apply through (committed and verified
-    /// against the current primary). A read is served only once the
-    /// replica has applied through the target it saw on arrival.
-    pub apply_target: std::sync::atomic::AtomicU64,
-    /// The applied LSN, published after each apply.
-    pub applied: tokio::sync::watch::Sender<u64>,
+    /// What a read of this replica waits for (see [`ApplyGate`]).
+    pub gate: tokio::sync::watch::Sender<ApplyGate>,
 }
 
 impl Local {
     pub fn new(key: ShardRef, spec: ReplicaSpec, replica: Arc<ShardReplica>) -> Arc<Self> {
-        let applied = tokio::sync::watch::Sender::new(replica.applied_lsn());
+        let gate = tokio::sync::watch::Sender::new(ApplyGate {
+            target: None,
+            applied: replica.applied_lsn(),
+        });
         Arc::new(Local {
             key,
             spec,
@@ -101,29 +114,61 @@ impl Local {
             damaged: Mutex::new(None),
             incoming: tokio::sync::Mutex::new(None),
             queued: Mutex::new(Vec::new()),
-            apply_target: std::sync::atomic::AtomicU64::new(0),
-            applied,
+            gate,
         })
     }
 
+    /// Records that everything through `lsn` is committed and verified
+    /// here (never lowers what was recorded).
+    pub fn raise_apply_target(&self, lsn: u64) {
+        self.gate.send_if_modified(|g| {
+            let raised = Some(g.target.map_or(lsn, |t| t.max(lsn)));
+            let changed = raised != g.target;
+            g.target = raised;
+            changed
+        });
+    }
+
+    /// Publishes the replica's applied LSN to waiting reads.
+    pub fn publish_applied(&self) {
+        let applied = self.replica.applied_lsn();
+        self.gate.send_if_modified(|g| {
+            let changed = g.applied != applied;
+            g.applied = applied;
+            changed
+        });
+    }
+
     /// Waits (at most `timeout`) until this replica has applied everything
-    /// it knew to be committed when the call began; an error names how
-    /// far behind it is, so a reader can try another replica.
+    /// it knew to be committed when the call began (or, after a restart,
+    /// when its primary first reached it); an error says how far behind
+    /// it is, so a reader can try another replica.
     pub async fn wait_applied(&self, node: u64, timeout: Duration) -> Result<(), WireError> {
-        let target = self.apply_target.load(std::sync::atomic::Ordering::Acquire);
-        if self.replica.applied_lsn() >= target {
+        let mut wanted: Option<u64> = None;
+        let mut ready = |g: &ApplyGate| {
+            if wanted.is_none() {
+                wanted = g.target;
+            }
+            wanted.is_some_and(|t| g.applied >= t)
+        };
+        let mut rx = self.gate.subscribe();
+        if ready(&rx.borrow_and_update()) {
             return Ok(());
         }
-        let mut rx = self.applied.subscribe();
-        let reached = tokio::time::timeout(timeout, rx.wait_for(|a| *a >= target)).await;
-        if matches!(reached, Ok(Ok(_))) || self.replica.applied_lsn() >= target {
+        if let Ok(Ok(_)) = tokio::time::timeout(timeout, rx.wait_for(&mut ready)).await {
             return Ok(());
         }
-        Err(unavailable(format!(
-            "replica of {} on node {node} has applied through LSN {} of {target} committed; not caught up",
-            self.key,
-            self.replica.applied_lsn()
-        )))
+        let g = *self.gate.borrow();
+        Err(unavailable(match g.target {
+            None => format!(
+                "replica of {} on node {node} has not heard from its primary since it opened; not caught up",
+                self.key
+            ),
+            Some(t) => format!(
+                "replica of {} on node {node} has applied through LSN {} of {t} committed; not caught up",
+                self.key, g.applied
+            ),
+        }))
     }
 
     /// Runs a write to this replica's files (append, apply, truncate,

@@ -93,6 +93,9 @@ pub struct Primary {
     pub joiners: BTreeMap<u64, u64>,
 }
 
+/// How often an idle primary tells its backups the commit point.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+
 fn outcome_unknown(msg: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::OutcomeUnknown, msg)
 }
@@ -241,15 +244,17 @@ impl DataPlane {
             Ok(()) => local.persist(move |replica| replica.apply_through(epoch.lsn)).await,
             Err(e) => Err(e),
         };
-        local.applied.send_replace(local.replica.applied_lsn());
+        local.publish_applied();
         match committed {
             Ok(_) => {
                 p.commit_lsn = epoch.lsn;
                 p.ready = true;
                 info!(shard = %key, term, "primary ready");
                 local.epoch.lock().expect("epoch lock").ready = term;
+                local.raise_apply_target(epoch.lsn);
                 drop(guard);
                 self.notify_commit(&local, epoch);
+                self.tasks.spawn(self.clone().heartbeat(local.clone(), term));
             }
             Err(e) => {
                 // Retried at a later sync (after a removal, a catch-up
@@ -366,7 +371,7 @@ impl DataPlane {
         }
         replicated?;
         let applied = local.persist(move |replica| replica.apply_through(end.lsn)).await;
-        local.applied.send_replace(local.replica.applied_lsn());
+        local.publish_applied();
         if let Err(e) = applied {
             // Every in-sync replica holds the ops: they are committed, but
             // this node cannot serve them. Hand the shard to another replica.
@@ -633,6 +638,35 @@ impl DataPlane {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(SendError::Failed(e.message)),
+            }
+        }
+    }
+
+    /// While this node is primary of `term` for `local`, tells the ack set
+    /// the commit point every [`HEARTBEAT`] (a backup that restarted
+    /// learns it without waiting for a write, and can serve reads again).
+    async fn heartbeat(self: Arc<Self>, local: Arc<Local>, term: u64) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
+            let current = self
+                .config_of(local.key)
+                .is_some_and(|(c, _)| c.term == term && c.primary == Some(self.me));
+            if !current || !self.local(local.key).is_some_and(|l| Arc::ptr_eq(&l, &local)) {
+                return;
+            }
+            // A write in progress tells the commit point itself.
+            let Ok(guard) = local.primary.try_lock() else { continue };
+            let commit = match guard.as_ref() {
+                Some(p) if p.term == term && p.ready => p.commit_lsn,
+                Some(p) if p.term == term => continue,
+                _ => return,
+            };
+            drop(guard);
+            if let Some(id) = local.replica.op_id_at(commit) {
+                self.notify_commit(&local, id);
             }
         }
     }
