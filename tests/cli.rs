@@ -202,7 +202,9 @@ fn up_then_cli_round_trip() {
         let _ = up.kill();
         panic!("`up` did not stop within 20 s of SIGTERM");
     }
-    let status = json(&cluster.cli(&["status", "--json"]));
+    let out = cluster.cli(&["status", "--json"]);
+    assert!(!out.0, "an unreachable cluster is a failure: {out:?}");
+    let status: Value = serde_json::from_str(out.1.trim()).unwrap();
     assert_eq!(status["reachable"], false, "{status}");
 }
 
@@ -215,4 +217,80 @@ fn commands_without_certificates_say_how_to_make_them() {
     let (ok, _, err) = cluster.cli_with(&fresh, &["status"]);
     assert!(!ok);
     assert!(err.contains("not-made-yet") && err.contains("edgevec up"), "{err}");
+}
+
+/// `status` never shows a stale verdict as fact: without a metadata leader
+/// the node states are `unknown`; with no node answering, `--json` still
+/// prints `reachable: false` but the exit code is a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_what_it_does_not_know() {
+    let mut cluster = TestCluster::running(Layout::voters(3)).await;
+
+    // A first endpoint that never answers (a bound UDP socket) does not
+    // hold the client for its whole handshake deadline: the next endpoint
+    // is dialled shortly after.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut config = cluster.client_config(1, ADMIN);
+    config.endpoints.insert(0, silent.local_addr().unwrap());
+    config.connect_timeout = Duration::from_secs(120);
+    let connected = tokio::time::timeout(Duration::from_secs(60), async {
+        let c = edgevec_client::Client::connect(config).await?;
+        c.cluster_status().await
+    })
+    .await;
+    assert!(
+        matches!(connected, Ok(Ok(_))),
+        "with a silent first endpoint: {connected:?}"
+    );
+
+    // Keep a follower: it loses its leader at the next election timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        let out = cluster.cli(&["status", "--json"]);
+        if let Some(l) = out.0.then(|| json(&out)["leader"].as_u64()).flatten() {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no leader: {out:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let kept = (1..=3).find(|id| *id != leader).unwrap();
+    for id in (1..=3).filter(|id| *id != kept) {
+        cluster.kill9(id);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let out = cluster.cli(&["status", "--json"]);
+        if out.0 {
+            let status = json(&out);
+            if status["leader"].is_null() {
+                break status;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {kept} still names a leader: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let nodes = status["nodes"].as_array().unwrap();
+    assert!(
+        !nodes.is_empty() && nodes.iter().all(|n| n["state"] == "unknown"),
+        "{status}"
+    );
+    let text = cluster.cli(&["status"]);
+    assert!(
+        text.0 && text.1.contains("no leader") && text.1.contains("unknown"),
+        "{text:?}"
+    );
+
+    cluster.kill9(kept);
+    let out = cluster.cli(&["status", "--json"]);
+    assert!(!out.0, "an unreachable cluster is a failure: {out:?}");
+    let v: Value = serde_json::from_str(out.1.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
+    assert_eq!(v["reachable"], false, "{out:?}");
+    assert!(out.2.contains("no node of the cluster answers"), "{out:?}");
+    assert!(
+        !out.2.contains('\u{1b}'),
+        "no colour codes when stderr is not a terminal: {out:?}"
+    );
 }

@@ -158,22 +158,46 @@ impl Client {
                 return Ok((l.index, l.conn.clone()));
             }
         }
-        let endpoints = &self.inner.config.endpoints;
+        let endpoints = self.inner.config.endpoints.clone();
         let start = failed.map(|i| i + 1).unwrap_or(0);
+        let order: Vec<usize> = (0..endpoints.len())
+            .map(|step| (start + step) % endpoints.len())
+            .collect();
+        // Endpoints are dialled in order, each DIAL_STAGGER after the one
+        // before (at once when one fails); the first handshake wins. A dead
+        // first endpoint then costs DIAL_STAGGER, not connect_timeout.
+        let mut dials = tokio::task::JoinSet::new();
+        let mut next = order.into_iter();
         let mut errors = Vec::new();
-        for step in 0..endpoints.len() {
-            let index = (start + step) % endpoints.len();
-            let addr = endpoints[index];
-            match self.dial(addr).await {
-                Ok(conn) => {
-                    tracing::debug!(%addr, "connected");
+        loop {
+            let stagger = next.next().map(|index| {
+                let (endpoint, addr, timeout) = (
+                    self.inner.endpoint.clone(),
+                    endpoints[index],
+                    self.inner.config.connect_timeout,
+                );
+                dials.spawn(async move { (index, dial(&endpoint, addr, timeout).await) });
+                tokio::time::sleep(DIAL_STAGGER)
+            });
+            let done = match stagger {
+                Some(stagger) => tokio::select! {
+                    done = dials.join_next() => done,
+                    _ = stagger => continue,
+                },
+                None => dials.join_next().await,
+            };
+            match done {
+                Some(Ok((index, Ok(conn)))) => {
+                    tracing::debug!(addr = %endpoints[index], "connected");
                     *live = Some(Live {
                         index,
                         conn: conn.clone(),
                     });
                     return Ok((index, conn));
                 }
-                Err(e) => errors.push(format!("{addr}: {e}")),
+                Some(Ok((index, Err(e)))) => errors.push(format!("{}: {e}", endpoints[index])),
+                Some(Err(e)) => errors.push(format!("dial task failed: {e}")),
+                None => break,
             }
         }
         *live = None;
@@ -181,19 +205,6 @@ impl Client {
             "no node reachable ({})",
             errors.join("; ")
         )))
-    }
-
-    async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, String> {
-        let connecting = self
-            .inner
-            .endpoint
-            .connect(addr, &tls::server_name(&addr))
-            .map_err(|e| e.to_string())?;
-        match tokio::time::timeout(self.inner.config.connect_timeout, connecting).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no handshake within {:?}", self.inner.config.connect_timeout)),
-        }
     }
 
     /// Sends one operation. Requests that are safe to repeat are retried,
@@ -436,4 +447,20 @@ fn is_retry_safe(op: &OpV1) -> bool {
 
 fn unexpected(reply: ReplyV1) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+/// How long the client waits for one endpoint's handshake before it also
+/// dials the next one.
+pub const DIAL_STAGGER: Duration = Duration::from_millis(150);
+
+/// One QUIC handshake with `addr`, within `timeout`.
+async fn dial(endpoint: &quinn::Endpoint, addr: SocketAddr, timeout: Duration) -> Result<quinn::Connection, String> {
+    let connecting = endpoint
+        .connect(addr, &tls::server_name(&addr))
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no handshake within {timeout:?}")),
+    }
 }

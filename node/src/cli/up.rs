@@ -319,9 +319,17 @@ pub async fn status(g: &Global) -> Result<()> {
         Err(e) => {
             if g.json {
                 println!("{}", json!({"reachable": false, "error": e.to_string()}));
-                return Ok(());
             }
             bail!("no node of the cluster answers: {e}");
+        }
+    };
+    // Node states are the leader's verdicts: without a leader, what the
+    // answering node last applied may be long out of date.
+    let state_of = |n: &edgevec_proto::ClusterNode| {
+        if status.leader.is_some() {
+            n.state.to_string()
+        } else {
+            "unknown".to_string()
         }
     };
     if g.json {
@@ -329,7 +337,7 @@ pub async fn status(g: &Global) -> Result<()> {
             .nodes
             .iter()
             .map(|n| {
-                json!({"id": n.id, "addr": n.addr, "zone": n.zone, "roles": n.roles, "state": n.state,
+                json!({"id": n.id, "addr": n.addr, "zone": n.zone, "roles": n.roles, "state": state_of(n),
                        "voter": n.voter, "last_heartbeat_ms": n.last_heartbeat_ms, "applied_index": n.applied_index})
             })
             .collect();
@@ -361,7 +369,7 @@ pub async fn status(g: &Global) -> Result<()> {
             n.addr,
             n.zone,
             n.roles.join(","),
-            n.state,
+            state_of(n),
             if n.voter { "yes" } else { "learner" },
             n.last_heartbeat_ms
                 .map(|ms| format!("{ms}ms ago"))
