@@ -84,14 +84,16 @@ pub fn collection_name(name: &str) -> Result<(), EngineError> {
         ));
     }
     if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        return bad(format!("collection name {name:?} must start with a letter or digit"));
+        return bad(format!(
+            "collection name {name:?} must start with an ASCII letter or digit"
+        ));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
     {
         return bad(format!(
-            "collection name {name:?} contains {c:?}; use only letters, digits, '_' and '-'"
+            "collection name {name:?} contains {c:?}; use only ASCII letters, digits, '_' and '-'"
         ));
     }
     Ok(())

@@ -60,10 +60,10 @@ impl Source {
                     path.display()
                 );
             }
-            let dtype = npy.dtype();
+            let dtype = dtype_name(&npy.dtype());
             let rows = npy.data::<f32>().map_err(|_| {
                 anyhow::anyhow!(
-                    "{}: expected float32 data (dtype '<f4'), found {dtype:?}",
+                    "{}: the data is {dtype}, expected float32 (dtype '<f4')",
                     path.display()
                 )
             })?;
@@ -370,5 +370,39 @@ pub fn print_shards(all: &[CollectionShards]) {
                 println!("    ! {p}");
             }
         }
+    }
+}
+
+/// A .npy dtype as a person names it: `float64`, `int32`, ... (the
+/// descriptor itself for anything else).
+fn dtype_name(dtype: &npyz::DType) -> String {
+    let descr = match dtype {
+        npyz::DType::Plain(t) => t.to_string(),
+        other => return format!("a structured or array dtype ({})", other.descr()),
+    };
+    let code = descr.trim_start_matches(['<', '>', '|', '=']);
+    let (kind, size) = code.split_at(code.len().min(1));
+    let bits = size.parse::<u32>().ok().map(|b| b * 8);
+    match (kind, bits) {
+        ("f", Some(b)) => format!("float{b}"),
+        ("i", Some(b)) => format!("int{b}"),
+        ("u", Some(b)) => format!("uint{b}"),
+        ("b", _) => "bool".into(),
+        _ => format!("dtype '{descr}'"),
+    }
+}
+
+#[cfg(test)]
+mod dtype_tests {
+    use super::dtype_name;
+
+    #[test]
+    fn dtypes_are_named_as_numpy_names_them() {
+        let name = |d: &str| dtype_name(&npyz::DType::Plain(d.parse().unwrap()));
+        assert_eq!(name("<f8"), "float64");
+        assert_eq!(name("<f4"), "float32");
+        assert_eq!(name("<i4"), "int32");
+        assert_eq!(name("|u1"), "uint8");
+        assert_eq!(name("|b1"), "bool");
     }
 }
