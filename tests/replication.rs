@@ -125,6 +125,48 @@ async fn check_never_sent(cluster: &TestCluster, client: &edgevec_client::Client
     }
 }
 
+/// A one-shard collection with 3 replicas and 300 acknowledged points,
+/// every replica in sync: the admin client, the ledger and the shard.
+async fn one_shard_with_data(cluster: &TestCluster, name: &str) -> (edgevec_client::Client, Ledger, ShardStatus) {
+    let admin = create(cluster, name, 1, 3).await;
+    let c = cluster.client_any(WRITER).await;
+    let mut ledger = Ledger::default();
+    ledger.write_all(cluster, &c, name, DIM, 300, 100).await;
+    let shards = wait_converged(cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    (admin, ledger, only_shard(&shards).clone())
+}
+
+/// Waits (20 s at most) until the only shard of `name` has a primary other
+/// than `old`'s, in a later term; prints how long that took since `since`.
+async fn wait_primary_replaced(
+    cluster: &TestCluster,
+    observer: &edgevec_client::Client,
+    name: &str,
+    old: &ShardStatus,
+    since: Instant,
+) -> CollectionShards {
+    let lost = old.primary.expect("the old shard had a primary");
+    let after = cluster
+        .wait_shards(
+            observer,
+            name,
+            Duration::from_secs(20),
+            "a new primary without the old one",
+            |c| {
+                c.shards
+                    .iter()
+                    .all(|s| s.primary.is_some_and(|p| p != lost) && s.term > old.term)
+            },
+        )
+        .await;
+    println!(
+        "node {lost} lost; new primary after {:?}:\n{}",
+        since.elapsed(),
+        show_shards(&after)
+    );
+    after
+}
+
 /// Creates `name` with `shards` shards and `replicas` replicas through an
 /// admin client of node 1.
 async fn create(cluster: &TestCluster, name: &str, shards: u32, replicas: u32) -> edgevec_client::Client {
@@ -405,7 +447,7 @@ async fn killing_a_primary_mid_stream_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_backup_catches_up_and_holds_exactly_the_primarys_data() {
     let (cluster, backup) = restarted_backup_catches_up("").await;
-    let log = strip_ansi(&std::fs::read_to_string(cluster.log_path(backup)).unwrap());
+    let log = std::fs::read_to_string(cluster.log_path(backup)).unwrap();
     assert!(
         !log.contains("rebuilt from the primary's export"),
         "with the whole op log at hand, catch-up must not need an export"
@@ -418,7 +460,7 @@ async fn a_restarted_backup_catches_up_and_holds_exactly_the_primarys_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_behind_the_trimmed_log_is_rebuilt_from_an_export() {
     let (cluster, backup) = restarted_backup_catches_up("oplog_retain_kb = 16\n").await;
-    let log = strip_ansi(&std::fs::read_to_string(cluster.log_path(backup)).unwrap());
+    let log = std::fs::read_to_string(cluster.log_path(backup)).unwrap();
     assert!(
         log.contains("rebuilt from the primary's export"),
         "node {backup} caught up without an export:\n{}",
@@ -727,36 +769,13 @@ async fn a_dead_node_has_its_replicas_recreated() {
 async fn a_paused_primary_cannot_get_a_write_acknowledged() {
     let cluster = TestCluster::running(fast(3, 0, "")).await;
     let name = "paused";
-    let admin = create(&cluster, name, 1, 3).await;
-    let c = cluster.client_any(WRITER).await;
-    let mut ledger = Ledger::default();
-    ledger.write_all(&cluster, &c, name, DIM, 300, 100).await;
-    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
-    let old = only_shard(&shards).clone();
+    let (_admin, mut ledger, old) = one_shard_with_data(&cluster, name).await;
     let paused = old.primary.unwrap();
     let others = cluster.client_excluding(&[paused], WRITER).await;
     let observer = cluster.client_excluding(&[paused], ADMIN).await;
 
     cluster.pause(paused);
-    let stopped = Instant::now();
-    let after = cluster
-        .wait_shards(
-            &observer,
-            name,
-            Duration::from_secs(20),
-            "a new primary while the old one is paused",
-            |c| {
-                c.shards
-                    .iter()
-                    .all(|s| s.primary.is_some_and(|p| p != paused) && s.term > old.term)
-            },
-        )
-        .await;
-    println!(
-        "node {paused} paused; new primary after {:?}:\n{}",
-        stopped.elapsed(),
-        show_shards(&after)
-    );
+    let after = wait_primary_replaced(&cluster, &observer, name, &old, Instant::now()).await;
     ledger.write_all(&cluster, &others, name, DIM, 300, 100).await;
 
     // The old primary wakes up believing it leads; a client that knows
@@ -826,12 +845,7 @@ async fn a_paused_primary_cannot_get_a_write_acknowledged() {
 async fn a_partitioned_primary_cannot_get_a_write_acknowledged() {
     let cluster = TestCluster::running(fast(3, 0, "fault_injection = true\n")).await;
     let name = "partitioned";
-    let admin = create(&cluster, name, 1, 3).await;
-    let c = cluster.client_any(WRITER).await;
-    let mut ledger = Ledger::default();
-    ledger.write_all(&cluster, &c, name, DIM, 300, 100).await;
-    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
-    let old = only_shard(&shards).clone();
+    let (_admin, mut ledger, old) = one_shard_with_data(&cluster, name).await;
     let cut = old.primary.unwrap();
     let others = cluster.client_excluding(&[cut], WRITER).await;
     let observer = cluster.client_excluding(&[cut], ADMIN).await;
@@ -841,25 +855,7 @@ async fn a_partitioned_primary_cannot_get_a_write_acknowledged() {
     let through_cut = edgevec_client::Client::connect(config).await.unwrap();
 
     cluster.partition(&[cut]);
-    let started = Instant::now();
-    let after = cluster
-        .wait_shards(
-            &observer,
-            name,
-            Duration::from_secs(20),
-            "a new primary on the majority side",
-            |c| {
-                c.shards
-                    .iter()
-                    .all(|s| s.primary.is_some_and(|p| p != cut) && s.term > old.term)
-            },
-        )
-        .await;
-    println!(
-        "node {cut} cut off; new primary after {:?}:\n{}",
-        started.elapsed(),
-        show_shards(&after)
-    );
+    wait_primary_replaced(&cluster, &observer, name, &old, Instant::now()).await;
 
     // The majority side takes writes; the cut-off node, which still
     // believes it leads, acknowledges none.
@@ -959,7 +955,7 @@ async fn an_export_cut_in_the_middle_starts_over_and_never_leaves_half_a_replica
     let settled = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(90)).await;
     let points = only_shard(&settled).replicas[0].points.unwrap();
     assert_eq!(points, ledger.acked.len() as u64, "{}", show_shards(&settled));
-    let log = strip_ansi(&std::fs::read_to_string(cluster.log_path(backup)).unwrap());
+    let log = std::fs::read_to_string(cluster.log_path(backup)).unwrap();
     assert!(
         log.contains("rebuilt from the primary's export"),
         "node {backup} caught up without an export:\n{}",

@@ -160,14 +160,11 @@ impl Client {
         }
         let endpoints = self.inner.config.endpoints.clone();
         let start = failed.map(|i| i + 1).unwrap_or(0);
-        let order: Vec<usize> = (0..endpoints.len())
-            .map(|step| (start + step) % endpoints.len())
-            .collect();
         // Endpoints are dialled in order, each DIAL_STAGGER after the one
         // before (at once when one fails); the first handshake wins. A dead
         // first endpoint then costs DIAL_STAGGER, not connect_timeout.
         let mut dials = tokio::task::JoinSet::new();
-        let mut next = order.into_iter();
+        let mut next = (0..endpoints.len()).map(|step| (start + step) % endpoints.len());
         let mut errors = Vec::new();
         loop {
             let stagger = next.next().map(|index| {

@@ -425,7 +425,7 @@ impl TestCluster {
     /// The last `lines` lines of node `id`'s log, without colour codes
     /// and without openraft's routine INFO lines (they drown the rest).
     pub fn log_tail(&self, id: u64, lines: usize) -> String {
-        let text = strip_ansi(&fs::read_to_string(self.log_path(id)).unwrap_or_default());
+        let text = fs::read_to_string(self.log_path(id)).unwrap_or_default();
         let all: Vec<&str> = text.lines().filter(|l| !l.contains(" INFO openraft")).collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -506,27 +506,6 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-/// `text` without ANSI escape sequences (the logs are coloured).
-pub fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters, then one final byte in @..~.
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// One line per shard and replica: what a failure message needs to show.
