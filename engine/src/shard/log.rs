@@ -45,6 +45,20 @@ impl ShardReplica {
     ///
     /// The ops are not applied: see [`ShardReplica::apply_through`].
     pub fn append(&self, prev: OpId, entries: &[(OpId, ShardOp)]) -> Result<OpId, EngineError> {
+        let records = entries.iter().map(|(id, op)| op.encode(id.term)).collect();
+        self.append_encoded(prev, entries, records)
+    }
+
+    /// [`ShardReplica::append`] with each entry's log record already
+    /// encoded (`records[i]` is `entries[i].1.encode(entries[i].0.term)`,
+    /// as replication messages carry it), so it is not encoded again.
+    pub fn append_encoded(
+        &self,
+        prev: OpId,
+        entries: &[(OpId, ShardOp)],
+        records: Vec<Vec<u8>>,
+    ) -> Result<OpId, EngineError> {
+        assert_eq!(entries.len(), records.len(), "one record per entry");
         let _writer = self.writer.lock().expect("shard writer lock");
         let appended = self
             .read()
@@ -56,7 +70,7 @@ impl ShardReplica {
         for (_, op) in entries {
             self.check_op(op)?;
         }
-        let encoded: Vec<(u64, Vec<u8>)> = entries.iter().map(|(id, op)| (id.lsn, op.encode(id.term))).collect();
+        let encoded: Vec<(u64, Vec<u8>)> = entries.iter().map(|(id, _)| id.lsn).zip(records).collect();
         let first_logged = self.store.append(&encoded, &appended)?;
         let mut st = self.state.write().expect("shard state lock");
         st.log.term = appended.term;

@@ -112,15 +112,26 @@ impl DataPlane {
             view.verified = 0;
         }
         let mut entries = Vec::with_capacity(msg.entries.len());
-        for (i, e) in msg.entries.iter().enumerate() {
+        let mut records = Vec::with_capacity(msg.entries.len());
+        for (i, e) in msg.entries.into_iter().enumerate() {
             if e.id.lsn != msg.prev.lsn + 1 + i as u64 || e.id.term > msg.term || e.id.term < msg.prev.term {
                 return Err(WireError::new(
                     ErrorCode::Malformed,
                     format!("{key}: entry {i} has op id {} after {}", e.id, msg.prev),
                 ));
             }
-            let op = ShardOp::decode(&e.op).map_err(|err| WireError::new(ErrorCode::Malformed, err.to_string()))?;
+            // The record is stored as received: it must be the one this
+            // node would encode for that op id.
+            let (term, op) = ShardOp::decode_with_term(&e.op)
+                .map_err(|err| WireError::new(ErrorCode::Malformed, err.to_string()))?;
+            if term != e.id.term {
+                return Err(WireError::new(
+                    ErrorCode::Malformed,
+                    format!("{key}: entry {i} ({}) carries a record of term {term}", e.id),
+                ));
+            }
             entries.push((e.id, op));
+            records.push(e.op);
         }
         let (prev, term, ends_log) = (msg.prev, msg.term, msg.ends_log);
         let outcome = local
@@ -144,7 +155,8 @@ impl DataPlane {
                             replica.truncate_after(lsn)?;
                         }
                         let after = if from == 0 { prev } else { ids[from - 1] };
-                        replica.append(after, &entries[from..])?;
+                        let mut records = records;
+                        replica.append_encoded(after, &entries[from..], records.split_off(from))?;
                         let sent_end = ids.last().copied().unwrap_or(prev);
                         if ends_log && replica.last_op().lsn > sent_end.lsn {
                             if sent_end.lsn < replica.applied_lsn() {

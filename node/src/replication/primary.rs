@@ -360,7 +360,8 @@ impl DataPlane {
         // acknowledged before all of them hold it, so the order does not
         // matter, and a failed local write makes this node step down
         // before it could write again in this term.
-        let local_append = local.persist(move |replica| replica.append(last, &entries));
+        let records: Vec<Vec<u8>> = fresh.iter().map(|e| e.op.clone()).collect();
+        let local_append = local.persist(move |replica| replica.append_encoded(last, &entries, records));
         let (appended, replicated) = tokio::join!(local_append, self.replicate_to_ack_set(local, p, &fresh));
         if let Err(e) = appended {
             self.step_down_if_damaged(local, &cfg).await;
