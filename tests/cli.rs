@@ -13,9 +13,16 @@ use common::*;
 use serde_json::Value;
 
 fn npy_f32(rows: &[Vec<f32>]) -> Vec<u8> {
+    npy(rows, false)
+}
+
+/// A .npy float32 matrix of `rows`, stored column after column when
+/// `fortran`.
+fn npy(rows: &[Vec<f32>], fortran: bool) -> Vec<u8> {
     let dim = rows[0].len();
+    let order = if fortran { "True" } else { "False" };
     let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {dim}), }}",
+        "{{'descr': '<f4', 'fortran_order': {order}, 'shape': ({}, {dim}), }}",
         rows.len()
     );
     while (10 + header.len() + 1) % 64 != 0 {
@@ -25,9 +32,17 @@ fn npy_f32(rows: &[Vec<f32>]) -> Vec<u8> {
     let mut out = b"\x93NUMPY\x01\x00".to_vec();
     out.extend((header.len() as u16).to_le_bytes());
     out.extend(header.as_bytes());
-    for r in rows {
-        for x in r {
-            out.extend(x.to_le_bytes());
+    if fortran {
+        for c in 0..dim {
+            for r in rows {
+                out.extend(r[c].to_le_bytes());
+            }
+        }
+    } else {
+        for r in rows {
+            for x in r {
+                out.extend(x.to_le_bytes());
+            }
         }
     }
     out
@@ -112,9 +127,11 @@ fn up_then_cli_round_trip() {
     assert_eq!(inserted["inserted"], 3);
 
     let bad = cluster.path("bad.jsonl");
-    std::fs::write(&bad, "{\"id\":1,\"vector\":[1,0,0]}\n{\"id\":\"x\",\"vector\":[1]}\n").unwrap();
+    std::fs::write(&bad, "{\"id\":4,\"vector\":[0,0,1]}\n{\"id\":\"x\",\"vector\":[1]}\n").unwrap();
     let out = cluster.cli(&["insert", "docs", "--file", bad.to_str().unwrap()]);
-    assert!(!out.0 && out.2.contains("bad.jsonl:2"), "{out:?}");
+    assert!(!out.0 && out.2.contains("bad.jsonl line 2, id: must be"), "{out:?}");
+    // The rows before the bad line were sent, and the report says so.
+    assert!(out.1.contains("inserted 1 rows"), "{out:?}");
 
     let hits = json(&cluster.cli(&["search", "docs", "--vector", "[1, 0, 0]", "--k", "2", "--json"]));
     let hits = hits.as_array().unwrap();
@@ -131,8 +148,11 @@ fn up_then_cli_round_trip() {
     assert_eq!(got.as_array().unwrap().len(), 2);
     assert_eq!(got[0]["payload"]["title"], "north");
 
-    let deleted = json(&cluster.cli(&["delete", "docs", "--ids", "1", "--json"]));
+    // A delete counts the points it removed, not the ids it was given.
+    let deleted = json(&cluster.cli(&["delete", "docs", "--ids", "1,999", "--json"]));
     assert_eq!(deleted["deleted"], 1);
+    let none = cluster.cli(&["delete", "docs", "--ids", "999"]);
+    assert!(none.0 && none.1.contains("deleted 0 points"), "{none:?}");
     let hits = json(&cluster.cli(&["search", "docs", "--vector", "[1, 0, 0]", "--k", "1", "--json"]));
     assert_eq!(hits[0]["id"], 3);
 
@@ -293,4 +313,96 @@ async fn status_says_what_it_does_not_know() {
         !out.2.contains('\u{1b}'),
         "no colour codes when stderr is not a terminal: {out:?}"
     );
+}
+
+/// The failed run of a command: its stdout as JSON, and its stderr.
+fn failed_json(out: &(bool, String, String)) -> (Value, String) {
+    assert!(!out.0, "the command should have failed: {out:?}");
+    let v = serde_json::from_str(out.1.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"));
+    (v, out.2.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_stops_at_the_first_bad_line_and_reports_exactly_what_it_wrote() {
+    let cluster = TestCluster::running(Layout::voters(1)).await;
+    json(&cluster.cli(&["collection", "create", "imp", "--dim", "4", "--json"]));
+    let count = |name: &str| json(&cluster.cli(&["collection", "describe", name, "--json"]))["points"].clone();
+
+    // Line 9,001 of 10,000 has a vector of the wrong length.
+    let mut text = String::new();
+    for i in 1..=10_000u64 {
+        let dim = if i == 9_001 { 3 } else { 4 };
+        let v: Vec<String> = (0..dim).map(|d| format!("{}", (i + d) as f32 / 7.0)).collect();
+        text.push_str(&format!("{{\"id\":{i},\"vector\":[{}]}}\n", v.join(",")));
+    }
+    let file = cluster.path("big.jsonl");
+    std::fs::write(&file, text).unwrap();
+    let f = file.to_str().unwrap();
+    let (report, err) = failed_json(&cluster.cli(&[
+        "insert",
+        "imp",
+        "--file",
+        f,
+        "--batch",
+        "500",
+        "--parallel",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(report["inserted"], 9_000, "{report}");
+    assert_eq!(report["complete"], false);
+    assert_eq!(report["bad_row"]["line"], 9_001, "{report}");
+    assert_eq!(report["bad_row"]["field"], "vector", "{report}");
+    assert!(
+        err.contains("big.jsonl line 9001, vector:") && err.contains("nothing from line 9001 on was sent"),
+        "{err}"
+    );
+    // Exactly what it said, and it stays so after the command exited.
+    assert_eq!(count("imp"), 9_000);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count("imp"), 9_000);
+    let out = cluster.cli(&["insert", "imp", "--file", f, "--batch", "500"]);
+    assert!(!out.0 && out.1.contains("inserted 9000 rows"), "{out:?}");
+
+    // A payload that is not a JSON object is refused, naming line and field.
+    let p = cluster.path("payload.jsonl");
+    std::fs::write(&p, "{\"id\":1,\"vector\":[1,2,3,4],\"payload\":\"just a string\"}\n").unwrap();
+    let (report, err) = failed_json(&cluster.cli(&["insert", "imp", "--file", p.to_str().unwrap(), "--json"]));
+    assert_eq!(
+        (report["inserted"].clone(), report["bad_row"]["field"].clone()),
+        (0.into(), "payload".into())
+    );
+    assert!(err.contains("must be a JSON object"), "{err}");
+
+    // Ids that would pass u64::MAX are refused before anything is sent.
+    let rows = random_vectors(5, 4, 1);
+    let m = cluster.path("m.npy");
+    std::fs::write(&m, npy(&rows, false)).unwrap();
+    let out = cluster.cli(&[
+        "insert",
+        "imp",
+        "--file",
+        m.to_str().unwrap(),
+        "--start-id",
+        "18446744073709551614",
+    ]);
+    assert!(!out.0 && out.2.contains("--start-id"), "{out:?}");
+    assert_eq!(count("imp"), 9_000);
+
+    // A Fortran-order matrix is read row by row.
+    let fm = cluster.path("f.npy");
+    std::fs::write(&fm, npy(&rows, true)).unwrap();
+    let done = json(&cluster.cli(&[
+        "insert",
+        "imp",
+        "--file",
+        fm.to_str().unwrap(),
+        "--start-id",
+        "50000",
+        "--json",
+    ]));
+    assert_eq!(done["inserted"], 5);
+    let got = json(&cluster.cli(&["get", "imp", "--ids", "50003", "--json"]));
+    let v: Vec<f32> = serde_json::from_value(got[0]["vector"].clone()).unwrap();
+    assert_eq!(v, rows[3]);
 }

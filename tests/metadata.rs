@@ -637,3 +637,69 @@ async fn the_client_moves_to_the_next_endpoint_when_its_node_dies() {
     let now = client.current_endpoint().await.unwrap();
     assert_ne!(now, first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_metadata_or_registry_files_refuse_start_naming_the_file() {
+    let mut cluster = running_cluster(3).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(CollectionSpec::new("kept", 4, Metric::L2), ReplicationSpec::new(3))
+        .await
+        .unwrap();
+    let replicas = cluster.path("data/node3/engine/replicas");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&replicas).map_or(0, |d| d.count()) == 0 {
+        assert!(Instant::now() < deadline, "node 3 never opened its replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A second node process on the same data directory is refused.
+    let (status, err) = cluster
+        .run_until_exit(3, Duration::from_secs(20))
+        .expect("a second process on node 3's data directory exits");
+    assert!(!status.success());
+    assert!(err.contains("in use by another process"), "{err}");
+    println!("--- a second process on node 3's data directory:\n{err}");
+
+    assert!(cluster.stop(3).unwrap().success());
+    for file in ["meta/raft-log.redb", "meta/meta-state.redb", "engine/replicas.redb"] {
+        let path = cluster.path(&format!("data/node3/{file}"));
+        let saved = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &saved[..saved.len() / 2]).unwrap();
+        let (status, err) = cluster
+            .run_until_exit(3, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("node 3 with a truncated {file} kept running"));
+        assert!(!status.success(), "{file}: {err}");
+        println!("--- node 3 with {file} cut in half:\n{err}");
+        let shown = path.display().to_string();
+        assert!(
+            err.contains(&shown) && err.contains("Nothing was changed"),
+            "{file}: the error does not name the file or say nothing changed:\n{err}"
+        );
+        assert_eq!(
+            err.matches("Nothing was changed").count(),
+            1,
+            "{file}: the error is printed more than once:\n{err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap().len(),
+            saved.len() / 2,
+            "{file} was changed"
+        );
+        std::fs::write(&path, saved).unwrap();
+    }
+    // With the files restored the node starts and serves its replica.
+    cluster.start(3);
+    let c3 = cluster.client(3, ADMIN).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c3.describe_collection("kept").await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

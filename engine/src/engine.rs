@@ -26,6 +26,14 @@
 //! - create, drop and the swap of an import are serialised by the registry
 //!   mutex; the key → replica map is only read by everything else.
 //!
+//! - damage: a replica whose files fail to open (an error, or a panic of the
+//!   storage library) does not stop the engine. Its directory is moved to
+//!   `damaged/` untouched, the [`Damage`] is recorded in its registry entry
+//!   (fsync), and an empty replica is opened in its place so that an import
+//!   from a healthy replica can replace it. Until an import does, the
+//!   replica is reported by [`Engine::damage`] (across restarts): its
+//!   emptiness is never taken for the data.
+//!
 //! A caller stops using a replica before dropping it: a handle kept past
 //! the drop writes into files that are gone.
 
@@ -72,6 +80,29 @@ pub struct ReplicaSpec {
     pub seal_rows: u32,
 }
 
+/// Why a replica's files could not be opened, and where they were kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The file (or directory) that failed.
+    pub file: PathBuf,
+    /// What failed, as the storage layer said it.
+    pub reason: String,
+    /// Where the replica's directory was moved, as it was found.
+    pub kept_at: PathBuf,
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} cannot be opened ({}); the damaged files are kept at {}",
+            self.file.display(),
+            self.reason,
+            self.kept_at.display()
+        )
+    }
+}
+
 /// Tuning of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
@@ -106,6 +137,8 @@ pub struct Engine {
     registry: Mutex<Registry>,
     replicas: RwLock<Replicas>,
     builder: Arc<IndexBuilder>,
+    /// Replicas set aside at open and not replaced by an import since.
+    damaged: Mutex<BTreeMap<ReplicaKey, Damage>>,
     /// Keys with an import running; a second import of one waits on
     /// `import_done` (they share the import directories).
     importing: Mutex<BTreeSet<ReplicaKey>>,
@@ -119,16 +152,36 @@ impl Engine {
     /// complete one (`.import`) whose key the registry names replaces the
     /// replica's directory (the old one goes to trash); an incomplete one
     /// (`.import.tmp`), or one of a key the registry does not name, goes to
-    /// trash. Refuses, changing nothing, a directory of another layout or
-    /// replica directories without their registry.
+    /// trash. A replica whose files fail to open is set aside (see the
+    /// module's "damage"). Refuses, changing nothing, a directory of another
+    /// layout, replica directories without their registry, or a registry
+    /// that cannot be read.
     pub fn open(dir: &Path, opts: EngineOptions) -> Result<Engine, EngineError> {
         layout::prepare(dir)?;
         layout::check_registry(dir)?;
         fsutil::create_dir_durable(&dir.join(layout::REPLICAS_DIR))?;
-        let (registry, specs) = Registry::open(&dir.join(layout::REGISTRY_FILE))?;
+        let registry_file = dir.join(layout::REGISTRY_FILE);
+        let (registry, specs) = catching(&registry_file, || Registry::open(&registry_file)).map_err(|e| {
+            let message = if matches!(e, EngineError::Storage(redb::Error::DatabaseAlreadyOpen)) {
+                "the file is in use by another process: is another edgevec node running with this data \
+                 directory?"
+                    .to_string()
+            } else {
+                format!(
+                    "the registry of this node's replicas cannot be read: {e}. Nothing was changed. To recover, \
+                     stop the node, move the data directory {} aside and start the node again: its replicas are \
+                     copied again from the other nodes (the moved directory keeps the old files)",
+                    dir.display()
+                )
+            };
+            EngineError::Layout {
+                path: registry_file.clone(),
+                message,
+            }
+        })?;
         fsutil::sync_dir(dir)?;
 
-        let known: BTreeSet<ReplicaKey> = specs.iter().map(|s| s.key).collect();
+        let known: BTreeSet<ReplicaKey> = specs.iter().map(|(s, _)| s.key).collect();
         for layout::ImportDir { key, stage, path } in layout::import_dirs(dir)? {
             if stage == ImportStage::Ready && known.contains(&key) {
                 let old = layout::install_import(dir, key)?;
@@ -163,13 +216,37 @@ impl Engine {
         };
         let builder = Arc::new(IndexBuilder::start());
         let mut replicas = BTreeMap::new();
-        for spec in specs {
+        let mut damaged = BTreeMap::new();
+        for (spec, damage) in specs {
             let path = layout::replica_dir(dir, spec.key);
-            if !path.exists() {
+            if !path.exists() && damage.is_none() {
                 tracing::info!(replica = %spec.key, "creating the files of a replica whose create was interrupted");
             }
             let config = shard_config(&spec, index, opts.oplog_retain_bytes);
-            let replica = ShardReplica::open(&path, config, builder.clone())?;
+            // A panic comes from the storage library, reading the shard file.
+            let store = path.join(crate::shard::STORE_FILE);
+            let replica = match catching(&store, || ShardReplica::open(&path, config, builder.clone())) {
+                Ok(replica) => {
+                    if let Some(d) = damage {
+                        tracing::error!(replica = %spec.key, damage = %d, "replica still damaged: waiting for a rebuild from a healthy replica");
+                        damaged.insert(spec.key, d);
+                    }
+                    replica
+                }
+                Err(e) => {
+                    let d = set_aside(dir, &registry, &spec, &path, &e)?;
+                    tracing::error!(
+                        replica = %spec.key,
+                        file = %d.file.display(),
+                        kept_at = %d.kept_at.display(),
+                        error = %d.reason,
+                        "replica files cannot be opened: set aside, the node serves everything else; the replica is \
+                         rebuilt from a healthy replica if there is one"
+                    );
+                    damaged.insert(spec.key, d);
+                    ShardReplica::open(&path, config, builder.clone())?
+                }
+            };
             replicas.insert(spec.key, (spec, replica));
         }
         Ok(Engine {
@@ -179,6 +256,7 @@ impl Engine {
             registry: Mutex::new(registry),
             replicas: RwLock::new(replicas),
             builder,
+            damaged: Mutex::new(damaged),
             importing: Mutex::new(BTreeSet::new()),
             import_done: Condvar::new(),
         })
@@ -241,6 +319,7 @@ impl Engine {
             return Ok(false);
         }
         registry.remove(key)?;
+        self.damaged.lock().expect("damaged lock").remove(&key);
         let Some((_, replica)) = self.write_map().remove(&key) else {
             return Ok(true);
         };
@@ -257,6 +336,18 @@ impl Engine {
     /// The replica under `key`, if this node holds it.
     pub fn replica(&self, key: ReplicaKey) -> Option<Arc<ShardReplica>> {
         self.read_map().get(&key).map(|(_, r)| r.clone())
+    }
+
+    /// Why the replica under `key` was set aside at open, if it was and no
+    /// import has replaced it since: it is then empty, and not the data.
+    pub fn damage(&self, key: ReplicaKey) -> Option<Damage> {
+        self.damaged.lock().expect("damaged lock").get(&key).cloned()
+    }
+
+    /// Every replica set aside and not replaced yet, by key.
+    pub fn damaged(&self) -> Vec<(ReplicaKey, Damage)> {
+        let damaged = self.damaged.lock().expect("damaged lock");
+        damaged.iter().map(|(k, d)| (*k, d.clone())).collect()
     }
 
     /// Every open replica with its spec, ordered by key.
@@ -308,6 +399,48 @@ impl Drop for Engine {
             }
         }
     }
+}
+
+/// Runs `f`, turning a panic inside it (the storage library panics on some
+/// damaged files) into an error about `path`.
+fn catching<T>(path: &Path, f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = edgevec_proto::error::panic_text(panic.as_ref());
+            Err(EngineError::corrupt(
+                path.display().to_string(),
+                format!("the storage library failed reading it: {what}"),
+            ))
+        }
+    }
+}
+
+/// Moves the directory of a replica that failed to open (`error`) to
+/// `damaged/`, records that in the registry and returns the record.
+fn set_aside(
+    root: &Path,
+    registry: &Registry,
+    spec: &ReplicaSpec,
+    dir: &Path,
+    error: &EngineError,
+) -> Result<Damage, EngineError> {
+    let file = match error {
+        EngineError::Io { path, .. } => path.clone(),
+        EngineError::Corrupt { what, .. } if Path::new(what).starts_with(dir) => PathBuf::from(what),
+        EngineError::Storage(_) => dir.join(crate::shard::STORE_FILE),
+        _ => dir.to_owned(),
+    };
+    let reason = match error {
+        EngineError::Corrupt { message, .. } => message.clone(),
+        EngineError::Io { source, .. } => source.to_string(),
+        other => other.to_string(),
+    };
+    let kept_at = layout::move_to_damaged(root, dir)?;
+    // Names the file where it was found: the path an operator looks for.
+    let damage = Damage { file, reason, kept_at };
+    registry.mark_damaged(spec, &damage)?;
+    Ok(damage)
 }
 
 fn shard_config(spec: &ReplicaSpec, index: IndexParams, retain_bytes: u64) -> ShardConfig {

@@ -87,7 +87,7 @@ pub enum EngineError {
 
     /// The data directory is of a layout this build does not open; nothing
     /// in it was changed.
-    #[error("data directory {path}: {message}")]
+    #[error("{path}: {message}")]
     Layout { path: PathBuf, message: String },
 
     /// The redb store failed (I/O below it, or a corrupt file).

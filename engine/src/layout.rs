@@ -8,6 +8,7 @@
 //! replicas/<collection>-<shard>.import.tmp/   an import being written
 //! replicas/<collection>-<shard>.import/       a complete import, to swap in
 //! trash/<name>-<unix seconds>  leftovers moved aside, for a person to delete
+//! damaged/<name>-<unix seconds>  replicas that failed to open, kept as found
 //! ```
 //!
 //! Rules:
@@ -18,7 +19,7 @@
 //! - replica directories without the registry that says which of them are
 //!   live are refused too: the engine cannot tell live data from leftovers;
 //! - nothing here deletes: a replica directory the registry does not name
-//!   is moved to `trash/`;
+//!   is moved to `trash/`, one whose files cannot be opened to `damaged/`;
 //! - an import is written to `.import.tmp`, fsynced, then renamed to
 //!   `.import`: only a complete import ever carries that name, so it can be
 //!   swapped in ([`install_import`]) after a crash; a `.import.tmp` is never
@@ -36,6 +37,7 @@ pub const LAYOUT_TEXT: &str = "edgevec-engine layout 2\n";
 pub const REGISTRY_FILE: &str = "replicas.redb";
 pub const REPLICAS_DIR: &str = "replicas";
 pub const TRASH_DIR: &str = "trash";
+pub const DAMAGED_DIR: &str = "damaged";
 
 /// Names that only the single-node layout 1 used.
 const LAYOUT_1_NAMES: [&str; 2] = ["catalog.redb", "collections"];
@@ -232,7 +234,17 @@ pub fn install_import(dir: &Path, key: ReplicaKey) -> Result<Option<PathBuf>, En
 /// Moves `path` (a directory under `dir`) to `trash/<name>-<unix seconds>`
 /// durably and returns where it went.
 pub fn move_to_trash(dir: &Path, path: &Path) -> Result<PathBuf, EngineError> {
-    let trash = dir.join(TRASH_DIR);
+    move_aside(dir, path, TRASH_DIR)
+}
+
+/// Moves the directory of a replica that failed to open to
+/// `damaged/<name>-<unix seconds>` durably and returns where it went.
+pub fn move_to_damaged(dir: &Path, path: &Path) -> Result<PathBuf, EngineError> {
+    move_aside(dir, path, DAMAGED_DIR)
+}
+
+fn move_aside(dir: &Path, path: &Path, under: &str) -> Result<PathBuf, EngineError> {
+    let trash = dir.join(under);
     fsutil::create_dir_durable(&trash)?;
     let name = path
         .file_name()

@@ -36,6 +36,8 @@
 //!                                    an import being written / complete
 //! trash/<name>-<unix seconds>        leftover replica directories, moved
 //!                                    aside for a person to delete
+//! damaged/<name>-<unix seconds>      replicas whose files failed to open,
+//!                                    kept as found
 //! ```
 //!
 //! A replica too far behind for the op log is rebuilt from an **export**
@@ -77,7 +79,7 @@ mod testutil;
 pub mod validate;
 
 pub use builder::IndexBuilder;
-pub use engine::{Engine, EngineOptions, ReplicaKey, ReplicaSpec};
+pub use engine::{Damage, Engine, EngineOptions, ReplicaKey, ReplicaSpec};
 pub use error::EngineError;
 pub use export::{ExportInfo, EXPORT_FORMAT};
 pub use hnsw::IndexParams;

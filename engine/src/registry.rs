@@ -5,18 +5,22 @@
 //! is, so a directory without an entry is always a leftover (of a drop, or
 //! of a create that failed), never a live replica.
 //!
+//! A replica whose files could not be opened keeps its entry with the
+//! [`Damage`] recorded (V2): the empty replica put in its directory is
+//! never taken for the data until an import replaces it, across restarts.
+//!
 //! One table, `replicas`: `(collection id, shard)` → [`ReplicaEntry`], a
 //! versioned envelope of the replica's spec (its own shape, so a change of
-//! [`ReplicaSpec`] cannot silently change the file). Every change commits
-//! with fsync.
+//! [`ReplicaSpec`] cannot silently change the file). V1 entries (no damage
+//! field) are still read. Every change commits with fsync.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use edgevec_proto::Metric;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{ReplicaKey, ReplicaSpec};
+use crate::engine::{Damage, ReplicaKey, ReplicaSpec};
 use crate::error::EngineError;
 
 const REPLICAS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("replicas");
@@ -24,6 +28,7 @@ const REPLICAS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("repli
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum ReplicaEntry {
     V1(EntryV1),
+    V2(EntryV2),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,14 +39,50 @@ struct EntryV1 {
     seal_rows: u32,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct EntryV2 {
+    name: String,
+    dim: u32,
+    metric: Metric,
+    seal_rows: u32,
+    damage: Option<DamageV1>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DamageV1 {
+    file: String,
+    reason: String,
+    kept_at: String,
+}
+
+impl EntryV2 {
+    fn new(spec: &ReplicaSpec, damage: Option<&Damage>) -> Self {
+        EntryV2 {
+            name: spec.name.clone(),
+            dim: spec.dim,
+            metric: spec.metric,
+            seal_rows: spec.seal_rows,
+            damage: damage.map(|d| DamageV1 {
+                file: d.file.display().to_string(),
+                reason: d.reason.clone(),
+                kept_at: d.kept_at.display().to_string(),
+            }),
+        }
+    }
+}
+
+/// A replica the registry names: its spec, and why its files were set
+/// aside if they were.
+pub type Entry = (ReplicaSpec, Option<Damage>);
+
 pub struct Registry {
     db: Database,
 }
 
 impl Registry {
     /// Opens (creating if needed) the registry and returns it with every
-    /// replica's spec, ordered by key.
-    pub fn open(path: &Path) -> Result<(Registry, Vec<ReplicaSpec>), EngineError> {
+    /// replica's entry, ordered by key.
+    pub fn open(path: &Path) -> Result<(Registry, Vec<Entry>), EngineError> {
         let db = Database::builder().set_cache_size(4 * 1024 * 1024).create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(REPLICAS)?;
@@ -52,28 +93,49 @@ impl Registry {
         for entry in txn.open_table(REPLICAS)?.iter()? {
             let (k, v) = entry?;
             let (collection, shard) = k.value();
-            let ReplicaEntry::V1(e) =
-                postcard::from_bytes(v.value()).map_err(|e| EngineError::corrupt(path.display().to_string(), e))?;
-            specs.push(ReplicaSpec {
+            let e = match postcard::from_bytes(v.value())
+                .map_err(|e| EngineError::corrupt(path.display().to_string(), e))?
+            {
+                ReplicaEntry::V1(e) => EntryV2 {
+                    name: e.name,
+                    dim: e.dim,
+                    metric: e.metric,
+                    seal_rows: e.seal_rows,
+                    damage: None,
+                },
+                ReplicaEntry::V2(e) => e,
+            };
+            let spec = ReplicaSpec {
                 key: ReplicaKey { collection, shard },
                 name: e.name,
                 dim: e.dim,
                 metric: e.metric,
                 seal_rows: e.seal_rows,
+            };
+            let damage = e.damage.map(|d| Damage {
+                file: PathBuf::from(d.file),
+                reason: d.reason,
+                kept_at: PathBuf::from(d.kept_at),
             });
+            specs.push((spec, damage));
         }
         drop(txn);
         Ok((Registry { db }, specs))
     }
 
-    /// Records `spec` durably (replacing an entry under the same key).
+    /// Records `spec` durably (replacing an entry under the same key, and
+    /// any damage recorded for it).
     pub fn insert(&self, spec: &ReplicaSpec) -> Result<(), EngineError> {
-        let entry = ReplicaEntry::V1(EntryV1 {
-            name: spec.name.clone(),
-            dim: spec.dim,
-            metric: spec.metric,
-            seal_rows: spec.seal_rows,
-        });
+        self.put(spec, None)
+    }
+
+    /// Records durably that the files of `spec`'s replica were set aside.
+    pub fn mark_damaged(&self, spec: &ReplicaSpec, damage: &Damage) -> Result<(), EngineError> {
+        self.put(spec, Some(damage))
+    }
+
+    fn put(&self, spec: &ReplicaSpec, damage: Option<&Damage>) -> Result<(), EngineError> {
+        let entry = ReplicaEntry::V2(EntryV2::new(spec, damage));
         let bytes = postcard::to_stdvec(&entry).expect("entries are plain data");
         let txn = self.begin()?;
         txn.open_table(REPLICAS)?
@@ -126,6 +188,51 @@ mod tests {
             assert!(!r.remove(spec(9, 0).key).unwrap());
         }
         let (_, specs) = Registry::open(&path).unwrap();
-        assert_eq!(specs, vec![spec(2, 0), spec(2, 1)]);
+        assert_eq!(specs, vec![(spec(2, 0), None), (spec(2, 1), None)]);
+    }
+
+    #[test]
+    fn damage_is_kept_until_the_entry_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replicas.redb");
+        let damage = Damage {
+            file: "/d/replicas/2-0/shard.redb".into(),
+            reason: "bad page".into(),
+            kept_at: "/d/damaged/2-0-1".into(),
+        };
+        {
+            let (r, _) = Registry::open(&path).unwrap();
+            r.insert(&spec(2, 0)).unwrap();
+            r.mark_damaged(&spec(2, 0), &damage).unwrap();
+        }
+        let (r, specs) = Registry::open(&path).unwrap();
+        assert_eq!(specs, vec![(spec(2, 0), Some(damage))]);
+        r.insert(&spec(2, 0)).unwrap();
+        drop(r);
+        assert_eq!(Registry::open(&path).unwrap().1, vec![(spec(2, 0), None)]);
+    }
+
+    #[test]
+    fn v1_entries_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replicas.redb");
+        {
+            let (r, _) = Registry::open(&path).unwrap();
+            let s = spec(3, 1);
+            let bytes = postcard::to_stdvec(&ReplicaEntry::V1(EntryV1 {
+                name: s.name.clone(),
+                dim: s.dim,
+                metric: s.metric,
+                seal_rows: s.seal_rows,
+            }))
+            .unwrap();
+            let txn = r.begin().unwrap();
+            txn.open_table(REPLICAS)
+                .unwrap()
+                .insert((3, 1), bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert_eq!(Registry::open(&path).unwrap().1, vec![(spec(3, 1), None)]);
     }
 }

@@ -65,7 +65,7 @@ pub(crate) use export::import_files;
 /// log's encoded ops take more than this.
 pub const OPLOG_RETAIN_BYTES: u64 = 256 * 1024 * 1024;
 
-const STORE_FILE: &str = "shard.redb";
+pub(crate) const STORE_FILE: &str = "shard.redb";
 
 /// Fixed properties of a shard replica.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -136,8 +136,18 @@ fn payload_json(field: &str, payload: &str) -> Result<(), EngineError> {
         ));
     }
     serde_json::from_str::<serde::de::IgnoredAny>(payload)
-        .map(|_| ())
-        .map_err(|e| EngineError::invalid(field, format!("payload is not valid JSON: {e}")))
+        .map_err(|e| EngineError::invalid(field, format!("payload is not valid JSON: {e}")))?;
+    // Valid JSON that starts with `{` is an object.
+    match payload.trim_start().chars().next() {
+        Some('{') => Ok(()),
+        _ => Err(EngineError::invalid(
+            field,
+            format!(
+                "payload must be a JSON object (like {{\"tag\": \"a\"}}), got {}",
+                payload.chars().take(40).collect::<String>()
+            ),
+        )),
+    }
 }
 
 /// Checks one vector (dimension, finiteness, direction for cosine) and
@@ -347,6 +357,12 @@ mod tests {
         let mut batch = vec![point(1, vec![0.0; 3])];
         batch[0].payload = Some("{not json".into());
         assert_eq!(field_of(points(&s, &mut batch)).0, "points[0].payload");
+        for not_an_object in ["\"just a string\"", "42", " [1, 2]", "null"] {
+            batch[0].payload = Some(not_an_object.into());
+            let (f, m) = field_of(points(&s, &mut batch));
+            assert_eq!(f, "points[0].payload");
+            assert!(m.contains("must be a JSON object"), "{m}");
+        }
         batch[0].payload = Some(format!("\"{}\"", "x".repeat(limits::MAX_PAYLOAD_BYTES)));
         let (f, m) = field_of(points(&s, &mut batch));
         assert_eq!(f, "points[0].payload");

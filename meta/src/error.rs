@@ -50,6 +50,24 @@ pub enum MetaStoreError {
         supported: u32,
     },
 
+    /// A file of the store cannot be opened (damaged, truncated, or its
+    /// reader failed on it); nothing in it was changed.
+    #[error(
+        "{path} cannot be read: {message}. Nothing was changed. This node's copy of the cluster metadata is \
+         damaged; the other voters hold the metadata: remove this node from the cluster (`edgevec node remove`), \
+         move {dir} aside, start the node and add it again (`edgevec node add`) to receive the metadata from them"
+    )]
+    Unreadable {
+        path: PathBuf,
+        dir: PathBuf,
+        message: String,
+    },
+
+    /// Another process holds the file (a second node on the same data
+    /// directory).
+    #[error("{path} is in use by another process: is another edgevec node running with this data directory?")]
+    InUse { path: PathBuf },
+
     /// A value could not be encoded (should not happen for our types).
     #[error("cannot encode {what}: {message}")]
     Encode { what: String, message: String },

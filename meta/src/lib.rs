@@ -79,7 +79,34 @@ pub const STATE_FILE: &str = "meta-state.redb";
 /// startup, or from `spawn_blocking`.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), MetaStoreError> {
     std::fs::create_dir_all(dir).map_err(|e| MetaStoreError::io(dir, e))?;
-    let log = LogStore::open(&dir.join(LOG_FILE))?;
-    let sm = StateMachineStore::open(&dir.join(STATE_FILE))?;
+    let log = opening(dir, &dir.join(LOG_FILE), LogStore::open)?;
+    let sm = opening(dir, &dir.join(STATE_FILE), StateMachineStore::open)?;
     Ok((log, sm))
+}
+
+/// Opens the file at `path` with `open`, naming the file in any failure
+/// and catching a panic of the storage library (it panics on some damaged
+/// files).
+fn opening<T>(
+    dir: &Path,
+    path: &Path,
+    open: impl FnOnce(&Path) -> Result<T, MetaStoreError>,
+) -> Result<T, MetaStoreError> {
+    let unreadable = |message: String| MetaStoreError::Unreadable {
+        path: path.to_owned(),
+        dir: dir.to_owned(),
+        message,
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open(path))) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(MetaStoreError::Storage(redb::Error::DatabaseAlreadyOpen))) => {
+            Err(MetaStoreError::InUse { path: path.to_owned() })
+        }
+        Ok(Err(e @ (MetaStoreError::UnsupportedFormat { .. } | MetaStoreError::Io { .. }))) => Err(e),
+        Ok(Err(e)) => Err(unreadable(e.to_string())),
+        Err(panic) => {
+            let what = edgevec_proto::error::panic_text(panic.as_ref());
+            Err(unreadable(format!("the storage library failed reading it: {what}")))
+        }
+    }
 }

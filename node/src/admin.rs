@@ -1,8 +1,9 @@
 //! Admin HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text format).
 //!
 //! `/healthz` answers while the process runs. `/readyz` answers 200 only
-//! when the node is a member of the metadata cluster, knows a leader, and
-//! is caught up with it ([`readiness`]); otherwise 503 with the reason. `/metrics`
+//! when the node is a member of the metadata cluster, knows a leader, is
+//! caught up with it ([`readiness`]) and none of its replicas is damaged;
+//! otherwise 503 with every reason, one per line. `/metrics`
 //! reads Raft and membership state at scrape time and adds the RPC counters
 //! and latency histograms the service records.
 //!
@@ -26,10 +27,12 @@ use crate::health::Health;
 use crate::meta::Meta;
 use crate::metrics::Metrics;
 use crate::net::peer::PeerPool;
+use crate::replication::DataPlane;
 
 #[derive(Clone)]
 struct AdminState {
     meta: Meta,
+    plane: Arc<DataPlane>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     faults: Option<Faults>,
@@ -108,9 +111,15 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    match readiness(&s.meta, &s.health) {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    let mut problems: Vec<String> = readiness(&s.meta, &s.health).err().into_iter().collect();
+    problems.extend(s.plane.problems());
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("\n")),
+        )
     }
 }
 
@@ -128,6 +137,7 @@ async fn metrics_page(State(s): State<AdminState>) -> impl IntoResponse {
 pub async fn bind(
     addr: SocketAddr,
     meta: Meta,
+    plane: Arc<DataPlane>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     faults: Option<Faults>,
@@ -142,6 +152,7 @@ pub async fn bind(
         .route("/fault/partition", put(partition))
         .with_state(AdminState {
             meta,
+            plane,
             health,
             metrics,
             faults,

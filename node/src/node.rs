@@ -162,16 +162,24 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
     }
     tasks.spawn(health.clone().run(shutdown.clone()));
     tasks.spawn(plane.clone().run());
-    tasks.spawn(plane.run_manager());
+    tasks.spawn(plane.clone().run_manager());
     let admin_addr = match node.admin_addr {
         Some(a) => {
             let faults = cluster.fault_injection.then(|| admin::Faults {
                 peers: peers.clone(),
                 addrs: cluster.nodes.iter().map(|n| (n.id, n.addr)).collect(),
             });
-            let (local, serve) = admin::bind(a, meta.clone(), health, metrics, faults, shutdown.clone())
-                .await
-                .map_err(|source| NodeError::Bind { addr: a, source })?;
+            let (local, serve) = admin::bind(
+                a,
+                meta.clone(),
+                plane.clone(),
+                health,
+                metrics,
+                faults,
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|source| NodeError::Bind { addr: a, source })?;
             tasks.spawn(serve);
             Some(local)
         }

@@ -25,10 +25,11 @@ use edgevec_meta::{CollectionRecord, ReplicaState};
 use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
 use edgevec_proto::replication::{ReplicaReport, ShardRead, ShardReadReply, ShardRef, WriteOp};
 use edgevec_proto::{
-    CollectionInfo, CollectionShards, ErrorCode, Hit, Metric, OpId, Point, PointRecord, ReplicaStatus, ShardInfo,
+    CollectionInfo, CollectionShards, ErrorCode, Hit, Metric, Point, PointRecord, ReplicaStatus, ShardInfo,
     ShardStatus, WireError, WriteAck,
 };
 
+use crate::replication::primary::Written;
 use crate::replication::{unavailable, DataPlane};
 
 /// Deadline of a write forwarded to a primary.
@@ -99,20 +100,27 @@ impl Router {
         let count = points.len() as u64;
         let groups = by_shard(last_wins(points), |p| p.id, rec.spec.shards);
         let ops = groups.into_iter().map(|(s, p)| (s, WriteOp::Upsert(p))).collect();
-        self.write(&rec, count, ops).await
+        self.write(&rec, Some(count), ops).await
     }
 
     /// Deletes points of `name` by id.
     pub async fn delete(&self, name: &str, ids: Vec<u64>) -> Result<WriteAck, WireError> {
         let rec = self.collection(name)?;
         validate::ids(&ids).map_err(|e| e.to_wire())?;
-        let count = ids.len() as u64;
         let groups = by_shard(ids, |id| *id, rec.spec.shards);
         let ops = groups.into_iter().map(|(s, ids)| (s, WriteOp::Delete(ids))).collect();
-        self.write(&rec, count, ops).await
+        // The ack counts the points the shards' primaries actually deleted.
+        self.write(&rec, None, ops).await
     }
 
-    async fn write(&self, rec: &CollectionRecord, count: u64, ops: Vec<(u32, WriteOp)>) -> Result<WriteAck, WireError> {
+    /// Writes each shard's op through its primary; the ack carries `count`,
+    /// or (`None`, deletes) the sum of the points the primaries deleted.
+    async fn write(
+        &self,
+        rec: &CollectionRecord,
+        count: Option<u64>,
+        ops: Vec<(u32, WriteOp)>,
+    ) -> Result<WriteAck, WireError> {
         let sends = ops.into_iter().map(|(shard, op)| {
             let key = ShardRef {
                 collection: rec.id,
@@ -126,11 +134,15 @@ impl Router {
         });
         let results = futures::future::join_all(sends).await;
         let mut lsns = Vec::new();
+        let mut deleted = 0;
         let mut failed = Vec::new();
         let mut unwritten = Vec::new();
         for (shard, ids, r) in results {
             match r {
-                Ok(id) => lsns.push((shard, id.lsn)),
+                Ok(w) => {
+                    lsns.push((shard, w.op.lsn));
+                    deleted += w.deleted;
+                }
                 Err(e) => {
                     unwritten.extend(ids);
                     failed.push((shard, e));
@@ -138,7 +150,10 @@ impl Router {
             }
         }
         if failed.is_empty() {
-            return Ok(WriteAck { count, lsns });
+            return Ok(WriteAck {
+                count: count.unwrap_or(deleted),
+                lsns,
+            });
         }
         let code = worst(&failed);
         let total = failed.len() + lsns.len();
@@ -170,7 +185,7 @@ impl Router {
     }
 
     /// Sends one shard's write to its primary.
-    async fn shard_write(&self, key: ShardRef, op: WriteOp) -> Result<OpId, WireError> {
+    async fn shard_write(&self, key: ShardRef, op: WriteOp) -> Result<Written, WireError> {
         let (cfg, _) = self
             .plane
             .config_of(key)
@@ -181,6 +196,12 @@ impl Router {
         if primary == self.plane.me {
             return self.on_shard_write(key, op).await;
         }
+        // What a primary of an older version, which does not count, is
+        // taken to have deleted: every id sent.
+        let sent = match &op {
+            WriteOp::Delete(ids) => ids.len() as u64,
+            WriteOp::Upsert(_) => 0,
+        };
         let call = self
             .plane
             .call(primary, NodeOpV1::ShardWrite { shard: key, op }, WRITE_TIMEOUT);
@@ -196,7 +217,8 @@ impl Router {
             }
         };
         match reply {
-            NodeReplyV1::ShardWritten { op } => Ok(op),
+            NodeReplyV1::ShardCommitted { op, deleted } => Ok(Written { op, deleted }),
+            NodeReplyV1::ShardWritten { op } => Ok(Written { op, deleted: sent }),
             other => Err(WireError::new(
                 ErrorCode::Internal,
                 format!("unexpected reply {other:?}"),
@@ -218,7 +240,7 @@ impl Router {
     }
 
     /// A shard write arriving at this node as the shard's primary.
-    pub async fn on_shard_write(&self, key: ShardRef, op: WriteOp) -> Result<OpId, WireError> {
+    pub async fn on_shard_write(&self, key: ShardRef, op: WriteOp) -> Result<Written, WireError> {
         let local = self
             .plane
             .local(key)
@@ -239,7 +261,13 @@ impl Router {
             .ok_or_else(|| unavailable(format!("{key} has no configuration yet; retry")))?;
         let mut candidates = cfg.in_sync();
         if candidates.is_empty() {
-            return Err(unavailable(format!("{key} has no in-sync replica")));
+            // Rare, and the person who meets it wants to know why.
+            let rec = self.plane.meta.state().collection_by_id(key.collection).cloned();
+            let why = match rec {
+                Some(rec) => self.shard_status(&rec, key).await.problems.join("; "),
+                None => "the collection was dropped".into(),
+            };
+            return Err(unavailable(format!("{key} has no in-sync replica: {why}")));
         }
         let start = self.rotation.fetch_add(1, Ordering::Relaxed) as usize % candidates.len();
         candidates.rotate_left(start);

@@ -376,11 +376,15 @@ impl Dispatch for Service {
                 .await
                 .map(|(voters, learners)| NodeReplyV1::Membership { voters, learners }),
             NodeOpV1::Replicate(msg) => self.plane.on_replicate(peer, msg).await.map(NodeReplyV1::Replicated),
-            NodeOpV1::ShardWrite { shard, op } => self
-                .router
-                .on_shard_write(shard, op)
-                .await
-                .map(|op| NodeReplyV1::ShardWritten { op }),
+            NodeOpV1::ShardWrite { shard, op } => {
+                self.router
+                    .on_shard_write(shard, op)
+                    .await
+                    .map(|w| NodeReplyV1::ShardCommitted {
+                        op: w.op,
+                        deleted: w.deleted,
+                    })
+            }
             NodeOpV1::ShardRead(read) => self.plane.read(read).await.map(NodeReplyV1::ShardRead),
             NodeOpV1::MetaReadIndex => self
                 .meta

@@ -84,3 +84,13 @@ impl WireError {
         self
     }
 }
+
+/// The text of a caught panic's payload (what `panic!` was given), for
+/// the error that reports it.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}

@@ -103,6 +103,12 @@ pub enum NodeReplyV1 {
     ShardWritten {
         op: crate::types::OpId,
     },
+    /// The forwarded write is committed (replaces `ShardWritten`): its op
+    /// id, and for a delete how many points it removed.
+    ShardCommitted {
+        op: crate::types::OpId,
+        deleted: u64,
+    },
     ShardRead(crate::replication::ShardReadReply),
     MetaReadIndex {
         index: u64,

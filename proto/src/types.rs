@@ -148,7 +148,8 @@ pub struct CollectionInfo {
 /// It is the client's session token for read-your-writes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriteAck {
-    /// Rows (upsert) or ids (delete) the request carried.
+    /// Rows the upsert carried; for a delete, the points that existed and
+    /// were deleted (ids that did not exist count for nothing).
     pub count: u64,
     /// `(shard, lsn)` for every shard the write touched.
     pub lsns: Vec<(u32, u64)>,

@@ -153,6 +153,33 @@ impl TestCluster {
         self.procs.insert(id, child);
     }
 
+    /// Runs node `id` as a separate process that is expected to exit by
+    /// itself (a refused start); returns its exit status and stderr, or
+    /// `None` (after killing it) if it still runs after `within`.
+    pub fn run_until_exit(&self, id: u64, within: Duration) -> Option<(std::process::ExitStatus, String)> {
+        let err = self.dir.path().join(format!("node{id}.refused.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgevec"))
+            .args(["node", "--config"])
+            .arg(&self.config_path)
+            .args(["--id", &id.to_string()])
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("edgevec binary runs");
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some((status, fs::read_to_string(&err).unwrap_or_default()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     /// SIGKILL: the node gets no chance to flush anything.
     pub fn kill9(&mut self, id: u64) {
         if let Some(mut c) = self.procs.remove(&id) {

@@ -81,10 +81,13 @@ impl Engine {
         fsutil::sync_dir(&self.root.join(layout::REPLICAS_DIR))?;
 
         let registry = self.registry.lock().expect("registry lock");
+        // Rewriting the entry also clears a recorded damage: the import
+        // is the replica now.
         if let Err(e) = registry.insert(&spec) {
             discard(&ready);
             return Err(e);
         }
+        let healed = self.damaged.lock().expect("damaged lock").remove(&key);
         // Out of the map first (its lock is not held while retiring, which
         // may wait for an index file being saved).
         let old = self.write_map().remove(&key);
@@ -101,6 +104,7 @@ impl Engine {
             points = info.points,
             bytes = info.bytes,
             old = ?trashed,
+            replaced_damaged = healed.is_some(),
             "replica imported from an export"
         );
         Ok(replica)

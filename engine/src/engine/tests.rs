@@ -127,19 +127,22 @@ fn replica_dirs_without_their_registry_are_refused() {
     }
     let registry = dir.path().join("replicas.redb");
     let saved = std::fs::read(&registry).unwrap();
-    for damaged in [None, Some(Vec::new())] {
+    // Missing, empty, or cut in half: refused, naming the file.
+    for damaged in [None, Some(Vec::new()), Some(saved[..saved.len() / 2].to_vec())] {
         match &damaged {
             None => std::fs::remove_file(&registry).unwrap(),
             Some(bytes) => std::fs::write(&registry, bytes).unwrap(),
         }
         let (path, message) = layout_error(Engine::open(dir.path(), EngineOptions::default()));
         assert_eq!(path, registry);
-        assert!(
-            message.contains("missing or empty") && message.contains("Nothing was deleted"),
-            "{message}"
-        );
+        let expected = match damaged.as_ref().map(Vec::len) {
+            Some(n) if n > 0 => ["cannot be read", "Nothing was changed"],
+            _ => ["missing or empty", "Nothing was deleted"],
+        };
+        assert!(expected.iter().all(|e| message.contains(e)), "{message}");
         assert!(dir.path().join("replicas/1-0/shard.redb").exists());
-        assert_eq!(std::fs::metadata(&registry).map(|m| m.len()).ok(), damaged.map(|_| 0));
+        let len = std::fs::metadata(&registry).map(|m| m.len() as usize).ok();
+        assert_eq!(len, damaged.map(|d| d.len()));
     }
     std::fs::write(&registry, saved).unwrap();
     let e = open(dir.path());
@@ -331,4 +334,44 @@ fn kill_9_keeps_acknowledged_writes() {
         assert_eq!(st.last.lsn, st.applied, "{st:?}");
     }
     assert!(c.segments().iter().filter(|s| s.state == SegmentState::Sealed).count() >= 2);
+}
+
+#[test]
+fn a_replica_that_fails_to_open_is_set_aside_until_an_import_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bad, good) = (rspec(1, 0, 2), rspec(2, 0, 2));
+    let exported = dir.path().join("good.export");
+    {
+        let e = open(dir.path());
+        for s in [&bad, &good] {
+            write(&e.create_replica(s.clone()).unwrap(), ShardOp::Upsert(line(0..5))).unwrap();
+        }
+        e.replica(bad.key).unwrap().export_to(&exported).unwrap();
+    }
+    let file = dir.path().join("replicas/1-0/shard.redb");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let len = bytes.len();
+    bytes.truncate(len / 2);
+    std::fs::write(&file, &bytes).unwrap();
+
+    for _ in 0..2 {
+        let e = open(dir.path());
+        let damage = e.damage(bad.key).expect("reported damaged");
+        assert_eq!(damage.file, file);
+        assert!(damage.kept_at.starts_with(dir.path().join("damaged")), "{damage}");
+        assert_eq!(std::fs::read(damage.kept_at.join("shard.redb")).unwrap(), bytes);
+        assert_eq!(e.damaged().len(), 1);
+        // The other replica serves; the damaged one is empty, in place.
+        assert_eq!(e.replica(good.key).unwrap().info().0.points, 5);
+        assert_eq!(e.replica(bad.key).unwrap().info().0.points, 0);
+    }
+    let e = open(dir.path());
+    e.import_replica(bad.clone(), &exported).unwrap();
+    assert!(e.damage(bad.key).is_none());
+    drop(e);
+    let e = open(dir.path());
+    assert!(e.damaged().is_empty());
+    assert_eq!(e.replica(bad.key).unwrap().info().0.points, 5);
+    // What was set aside is still there.
+    assert_eq!(std::fs::read_dir(dir.path().join("damaged")).unwrap().count(), 1);
 }

@@ -27,13 +27,20 @@ impl ShardReplica {
     /// log exceeds `retain_bytes`, keeping everything above the retain
     /// floor ([`ShardReplica::set_retain_floor`]).
     pub fn apply_through(&self, lsn: u64) -> Result<u64, EngineError> {
+        self.apply_through_counting(lsn).map(|(applied, _)| applied)
+    }
+
+    /// [`ShardReplica::apply_through`], also returning, for every delete
+    /// op this call applied, its LSN and how many points it deleted (ids
+    /// that did not exist count for nothing).
+    pub fn apply_through_counting(&self, lsn: u64) -> Result<(u64, Vec<(u64, u64)>), EngineError> {
         let _writer = self.writer.lock().expect("shard writer lock");
         let (applied, target) = {
             let st = self.read();
             (st.applied_lsn, lsn.min(st.log.last.lsn))
         };
         if target <= applied {
-            return Ok(applied);
+            return Ok((applied, Vec::new()));
         }
         let ops = self.store.logged(applied + 1, target)?;
         let (plans, growing) = {
@@ -77,7 +84,12 @@ impl ShardReplica {
         for segment in sealed {
             self.queue_build(segment);
         }
-        Ok(target)
+        let deleted = batch
+            .iter()
+            .filter(|a| matches!(a.op, ShardOp::Delete(_)))
+            .map(|a| (a.lsn, a.plan.tombstones.len() as u64))
+            .collect();
+        Ok((target, deleted))
     }
 
     /// Mirrors a committed plan in memory; returns the segments it sealed.

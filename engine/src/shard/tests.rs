@@ -336,11 +336,15 @@ fn replicas_fed_the_same_entries_reach_the_same_state() {
         b.append(if i == 0 { OpId::ZERO } else { ops[i - 1].0 }, std::slice::from_ref(e))
             .unwrap();
     }
-    // One batch on `a`, one op at a time on `b`.
-    assert_eq!(a.apply_through(6).unwrap(), 6);
+    // One batch on `a`, one op at a time on `b`; both count what the
+    // delete removed (1000 never existed).
+    assert_eq!(a.apply_through_counting(6).unwrap(), (6, vec![(3, 2)]));
+    let mut counted = Vec::new();
     for lsn in 1..=6 {
-        b.apply_through(lsn).unwrap();
+        counted.extend(b.apply_through_counting(lsn).unwrap().1);
     }
+    assert_eq!(counted, vec![(3, 2)]);
+    assert_eq!(b.apply_through_counting(6).unwrap(), (6, vec![]));
     assert!(builder.wait_idle(Duration::from_secs(30)));
     // k above ef_search: every segment is searched exactly, so the
     // comparison does not depend on how each HNSW graph came out.

@@ -1,217 +1,11 @@
-//! Data commands: insert from files, search, get, delete, and the printing
-//! of collections and points.
+//! Data commands: search, get, delete, and the printing of collections and
+//! points (inserts from files live in `insert`).
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
-
-use anyhow::{bail, Context, Result};
-use clap::Args;
-use edgevec_client::{CollectionInfo, CollectionShards, Hit, Point};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::Result;
+use edgevec_client::{CollectionInfo, CollectionShards, Hit};
 use serde_json::{json, Value};
-use tokio::task::JoinSet;
 
 use super::{connect, parse_vector, Global};
-
-#[derive(Args, Debug)]
-pub struct InsertArgs {
-    pub collection: String,
-    /// JSON lines (`{"id":1,"vector":[...],"payload":{...}}`) or a .npy float32 matrix.
-    #[arg(long)]
-    pub file: PathBuf,
-    /// Points per request.
-    #[arg(long, default_value_t = 1000)]
-    pub batch: usize,
-    /// For .npy files: id of the first row (row i gets start_id + i).
-    #[arg(long, default_value_t = 0)]
-    pub start_id: u64,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
-    pub parallel: usize,
-}
-
-/// Reads points from a JSON-lines or .npy file, batch by batch.
-enum Source {
-    Lines {
-        lines: std::io::Lines<BufReader<File>>,
-        line: usize,
-        path: PathBuf,
-    },
-    Npy {
-        rows: Box<dyn Iterator<Item = std::io::Result<f32>>>,
-        dim: usize,
-        left: u64,
-        next_id: u64,
-    },
-}
-
-impl Source {
-    fn open(path: &Path, start_id: u64) -> Result<(Source, Option<u64>)> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        if path.extension().and_then(|e| e.to_str()) == Some("npy") {
-            let npy = npyz::NpyFile::new(BufReader::new(file))
-                .with_context(|| format!("{} is not a .npy file", path.display()))?;
-            let shape = npy.shape().to_vec();
-            if shape.len() != 2 {
-                bail!(
-                    "{}: expected a 2-d matrix (rows × dim), found shape {shape:?}",
-                    path.display()
-                );
-            }
-            let dtype = dtype_name(&npy.dtype());
-            let rows = npy.data::<f32>().map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: the data is {dtype}, expected float32 (dtype '<f4')",
-                    path.display()
-                )
-            })?;
-            Ok((
-                Source::Npy {
-                    rows: Box::new(rows),
-                    dim: shape[1] as usize,
-                    left: shape[0],
-                    next_id: start_id,
-                },
-                Some(shape[0]),
-            ))
-        } else {
-            Ok((
-                Source::Lines {
-                    lines: BufReader::new(file).lines(),
-                    line: 0,
-                    path: path.to_path_buf(),
-                },
-                None,
-            ))
-        }
-    }
-
-    fn next_batch(&mut self, n: usize) -> Result<Vec<Point>> {
-        let mut batch = Vec::with_capacity(n);
-        match self {
-            Source::Lines { lines, line, path } => {
-                while batch.len() < n {
-                    let Some(text) = lines.next() else { break };
-                    *line += 1;
-                    let text = text.with_context(|| format!("reading {}", path.display()))?;
-                    if text.trim().is_empty() {
-                        continue;
-                    }
-                    batch.push(parse_line(&text).with_context(|| format!("{}:{}", path.display(), line))?);
-                }
-            }
-            Source::Npy {
-                rows,
-                dim,
-                left,
-                next_id,
-            } => {
-                while batch.len() < n && *left > 0 {
-                    let vector = rows.by_ref().take(*dim).collect::<std::io::Result<Vec<f32>>>()?;
-                    if vector.len() != *dim {
-                        bail!("the .npy file ended early");
-                    }
-                    batch.push(Point {
-                        id: *next_id,
-                        vector,
-                        payload: None,
-                    });
-                    *next_id += 1;
-                    *left -= 1;
-                }
-            }
-        }
-        Ok(batch)
-    }
-}
-
-fn parse_line(text: &str) -> Result<Point> {
-    let v: Value = serde_json::from_str(text).context("not valid JSON")?;
-    let id = v
-        .get("id")
-        .and_then(Value::as_u64)
-        .context("\"id\" must be a non-negative integer")?;
-    let vector = v
-        .get("vector")
-        .and_then(Value::as_array)
-        .context("\"vector\" must be an array of numbers")?
-        .iter()
-        .map(|x| x.as_f64().map(|f| f as f32))
-        .collect::<Option<Vec<f32>>>()
-        .context("\"vector\" must contain only numbers")?;
-    let payload = match v.get("payload") {
-        None | Some(Value::Null) => None,
-        Some(p) => Some(p.to_string()),
-    };
-    Ok(Point { id, vector, payload })
-}
-
-pub async fn insert(g: &Global, args: InsertArgs) -> Result<()> {
-    if args.batch == 0 || args.batch > edgevec_proto::limits::MAX_BATCH_POINTS {
-        bail!(
-            "--batch must be between 1 and {}",
-            edgevec_proto::limits::MAX_BATCH_POINTS
-        );
-    }
-    let (mut source, total) = Source::open(&args.file, args.start_id)?;
-    let client = connect(g).await?;
-    let bar = match total {
-        Some(t) => ProgressBar::new(t),
-        None => ProgressBar::new_spinner(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} rows  {per_sec}  {msg}")
-            .expect("static template"),
-    );
-    if g.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let started = Instant::now();
-    let mut inflight = JoinSet::new();
-    let mut written = 0u64;
-    loop {
-        let batch = source.next_batch(args.batch)?;
-        if batch.is_empty() {
-            break;
-        }
-        while inflight.len() >= args.parallel.max(1) {
-            written += settle(&mut inflight, &bar).await?;
-        }
-        let client = client.clone();
-        let collection = args.collection.clone();
-        inflight.spawn(async move {
-            let n = batch.len() as u64;
-            client.upsert(&collection, batch).await.map(|_| n)
-        });
-    }
-    while !inflight.is_empty() {
-        written += settle(&mut inflight, &bar).await?;
-    }
-    bar.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
-    let rate = written as f64 / secs.max(1e-9);
-    if g.json {
-        println!(
-            "{}",
-            json!({"inserted": written, "seconds": secs, "rows_per_sec": rate})
-        );
-    } else {
-        println!(
-            "inserted {written} rows into {} in {secs:.2} s ({rate:.0} rows/s)",
-            args.collection
-        );
-    }
-    client.close().await;
-    Ok(())
-}
-
-async fn settle(inflight: &mut JoinSet<Result<u64, edgevec_client::ClientError>>, bar: &ProgressBar) -> Result<u64> {
-    let n = inflight.join_next().await.expect("caller checks non-empty")??;
-    bar.inc(n);
-    Ok(n)
-}
 
 pub async fn search(g: &Global, collection: &str, vector: &str, k: u32, with_payload: bool) -> Result<()> {
     let query = parse_vector(vector)?;
@@ -260,7 +54,11 @@ pub async fn delete(g: &Global, collection: &str, ids: &[u64]) -> Result<()> {
     if g.json {
         println!("{}", json!({"deleted": ack.count, "lsns": ack.lsns}));
     } else {
-        println!("deleted {} ids from {collection}", ack.count);
+        println!(
+            "deleted {} points from {collection} ({} ids given)",
+            ack.count,
+            ids.len()
+        );
     }
     client.close().await;
     Ok(())
@@ -370,39 +168,5 @@ pub fn print_shards(all: &[CollectionShards]) {
                 println!("    ! {p}");
             }
         }
-    }
-}
-
-/// A .npy dtype as a person names it: `float64`, `int32`, ... (the
-/// descriptor itself for anything else).
-fn dtype_name(dtype: &npyz::DType) -> String {
-    let descr = match dtype {
-        npyz::DType::Plain(t) => t.to_string(),
-        other => return format!("a structured or array dtype ({})", other.descr()),
-    };
-    let code = descr.trim_start_matches(['<', '>', '|', '=']);
-    let (kind, size) = code.split_at(code.len().min(1));
-    let bits = size.parse::<u32>().ok().map(|b| b * 8);
-    match (kind, bits) {
-        ("f", Some(b)) => format!("float{b}"),
-        ("i", Some(b)) => format!("int{b}"),
-        ("u", Some(b)) => format!("uint{b}"),
-        ("b", _) => "bool".into(),
-        _ => format!("dtype '{descr}'"),
-    }
-}
-
-#[cfg(test)]
-mod dtype_tests {
-    use super::dtype_name;
-
-    #[test]
-    fn dtypes_are_named_as_numpy_names_them() {
-        let name = |d: &str| dtype_name(&npyz::DType::Plain(d.parse().unwrap()));
-        assert_eq!(name("<f8"), "float64");
-        assert_eq!(name("<f4"), "float32");
-        assert_eq!(name("<i4"), "int32");
-        assert_eq!(name("|u1"), "uint8");
-        assert_eq!(name("|b1"), "bool");
     }
 }

@@ -9,6 +9,7 @@
 //! and, for a development cluster, its strongest token is used.
 
 mod data;
+mod insert;
 mod up;
 
 use std::net::SocketAddr;
@@ -73,7 +74,7 @@ pub enum Command {
     #[command(subcommand)]
     Collection(CollectionCmd),
     /// Insert (upsert) points from a JSON-lines or .npy file.
-    Insert(data::InsertArgs),
+    Insert(insert::InsertArgs),
     /// Nearest neighbours of a vector.
     Search {
         collection: String,
@@ -153,7 +154,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Certs { extra_node, host } => certs(&g, extra_node, host),
         Command::Status => up::status(&g).await,
         Command::Collection(c) => collection(&g, c).await,
-        Command::Insert(args) => data::insert(&g, args).await,
+        Command::Insert(args) => insert::insert(&g, args).await,
         Command::Search {
             collection,
             vector,

@@ -34,10 +34,31 @@ const TICK: Duration = Duration::from_millis(200);
 /// How long the leader waits for a replica's log position at failover.
 const REPORT_TIMEOUT: Duration = Duration::from_millis(700);
 
+/// How often the leader repeats that a shard waits for a replica.
+const WAIT_WARN_EVERY: Duration = Duration::from_secs(30);
+
 /// Shards with a change in flight.
 #[derive(Default)]
 pub struct Manager {
     busy: Mutex<BTreeSet<ShardRef>>,
+    /// When the leader last said that a shard has no replica to promote.
+    warned: Mutex<BTreeMap<ShardRef, std::time::Instant>>,
+}
+
+impl Manager {
+    /// Whether to say again that `key` waits (at most every
+    /// [`WAIT_WARN_EVERY`]).
+    fn warn_due(&self, key: ShardRef) -> bool {
+        let mut warned = self.warned.lock().expect("manager lock");
+        let now = std::time::Instant::now();
+        match warned.get(&key) {
+            Some(at) if now.duration_since(*at) < WAIT_WARN_EVERY => false,
+            _ => {
+                warned.insert(key, now);
+                true
+            }
+        }
+    }
 }
 
 /// The nodes a placement may use, and which are up or dead.
@@ -140,7 +161,7 @@ impl DataPlane {
                             }
                             Err(e) => warn!(shard = %key, error = %e, "cannot place shard"),
                         },
-                        Change::Failover(cfg) => this.failover(key, cfg, &up).await,
+                        Change::Failover(cfg) => this.failover(key, cfg, &up, &manager).await,
                         Change::Resize(version, next) => this.propose(key, version, next, "replica set changed").await,
                     }
                     manager.busy.lock().expect("manager lock").remove(&key);
@@ -163,7 +184,7 @@ impl DataPlane {
 
     /// Installs the next term with the live eligible replica holding the
     /// highest op id as primary.
-    async fn failover(&self, key: ShardRef, cfg: ShardConfig, up: &BTreeSet<u64>) {
+    async fn failover(&self, key: ShardRef, cfg: ShardConfig, up: &BTreeSet<u64>, manager: &Manager) {
         let failed = cfg.primary.unwrap_or(0);
         let asks = cfg
             .eligible()
@@ -174,13 +195,21 @@ impl DataPlane {
                     .read_on(node, ShardRead::Status { shard: key }, REPORT_TIMEOUT)
                     .await
                 {
-                    Ok(ShardReadReply::Status(report)) => Some((node, report.last)),
+                    // A damaged replica's log says nothing of the data.
+                    Ok(ShardReadReply::Status(report)) => Some((node, report.damaged.is_none().then_some(report.last))),
                     _ => None,
                 }
             });
-        let reports: BTreeMap<u64, OpId> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+        let answers: Vec<(u64, Option<OpId>)> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+        let reports: BTreeMap<u64, OpId> = answers.iter().filter_map(|(n, last)| Some((*n, (*last)?))).collect();
         let Some(next) = edgevec_meta::choose_primary(&cfg, failed, up, &reports) else {
-            warn!(shard = %key, failed, "no eligible replica is up: the shard waits for one to return");
+            if manager.warn_due(key) {
+                let damaged: Vec<u64> = answers.iter().filter(|(_, l)| l.is_none()).map(|(n, _)| *n).collect();
+                warn!(
+                    shard = %key, failed, ?damaged,
+                    "no eligible replica is up and undamaged: the shard waits for one to return"
+                );
+            }
             return;
         };
         let promoted = edgevec_meta::promote(&cfg, next);

@@ -86,7 +86,11 @@ pub struct Local {
     /// holds): the op log keeps everything above the lowest.
     pub floors: Mutex<BTreeMap<u64, u64>>,
     /// Set when persisting failed (a failed fsync is never retried and
-    /// then acknowledged): the replica takes no more ops and is reported.
+    /// then acknowledged), or when the replica's files failed to open and
+    /// were set aside (the engine's damage: the replica is then empty). A
+    /// damaged replica takes no ops, serves no reads, is never chosen
+    /// primary and is reported until an import from its primary replaces
+    /// it.
     pub damaged: Mutex<Option<String>>,
     /// An export being received from the primary.
     pub incoming: tokio::sync::Mutex<Option<transfer::Incoming>>,
@@ -97,7 +101,7 @@ pub struct Local {
 }
 
 impl Local {
-    pub fn new(key: ShardRef, spec: ReplicaSpec, replica: Arc<ShardReplica>) -> Arc<Self> {
+    pub fn new(key: ShardRef, spec: ReplicaSpec, replica: Arc<ShardReplica>, damaged: Option<String>) -> Arc<Self> {
         let gate = tokio::sync::watch::Sender::new(ApplyGate {
             target: None,
             applied: replica.applied_lsn(),
@@ -111,7 +115,7 @@ impl Local {
             epoch: Mutex::new(primary::EpochMark::default()),
             catch_ups: Mutex::new(BTreeMap::new()),
             floors: Mutex::new(BTreeMap::new()),
-            damaged: Mutex::new(None),
+            damaged: Mutex::new(damaged),
             incoming: tokio::sync::Mutex::new(None),
             queued: Mutex::new(Vec::new()),
             gate,
@@ -403,7 +407,8 @@ impl DataPlane {
                     let s = spec.clone();
                     match blocking(move || engine.create_replica(s)).await {
                         Ok(replica) => {
-                            let l = Local::new(key, spec, replica);
+                            let damage = self.engine.damage(spec.key).map(|d| d.to_string());
+                            let l = Local::new(key, spec, replica, damage);
                             self.locals.lock().expect("locals lock").insert(key, l.clone());
                             l
                         }
@@ -414,10 +419,25 @@ impl DataPlane {
                     }
                 }
             };
-            if cfg.primary == Some(self.me) {
+            if local.damaged.lock().expect("damaged lock").is_some() {
+                self.clone().leave_if_damaged(local, cfg);
+            } else if cfg.primary == Some(self.me) {
                 self.clone().on_primary_config(local, cfg);
             }
         }
+    }
+
+    /// What keeps this node's replicas from serving: the damaged ones, with
+    /// the reason (`/readyz`).
+    pub fn problems(&self) -> Vec<String> {
+        let locals: Vec<Arc<Local>> = self.locals.lock().expect("locals lock").values().cloned().collect();
+        locals
+            .iter()
+            .filter_map(|l| {
+                let why = l.damaged.lock().expect("damaged lock").clone()?;
+                Some(format!("replica of {} ({}) is damaged: {why}", l.key, l.spec.name))
+            })
+            .collect()
     }
 
     /// The local replica of `key`, opening it first when the metadata names
@@ -482,6 +502,12 @@ impl DataPlane {
             .local(shard)
             .ok_or_else(|| unavailable(format!("node {} holds no replica of {shard}", self.me)))?;
         if !matches!(req, ShardRead::Status { .. }) {
+            if let Some(why) = local.damaged.lock().expect("damaged lock").clone() {
+                return Err(unavailable(format!(
+                    "replica of {shard} on node {} is damaged: {why}",
+                    self.me
+                )));
+            }
             local.wait_applied(self.me, APPLY_WAIT).await?;
         }
         match req {

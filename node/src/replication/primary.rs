@@ -45,8 +45,15 @@ pub struct EpochMark {
     pub ready: u64,
 }
 
+/// A committed write: its op id, and for a delete the points it removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub op: OpId,
+    pub deleted: u64,
+}
+
 /// A write waiting for the group commit, and where to answer it.
-pub type Queued = (ShardOp, tokio::sync::oneshot::Sender<Result<OpId, WireError>>);
+pub type Queued = (ShardOp, tokio::sync::oneshot::Sender<Result<Written, WireError>>);
 
 /// Most encoded op bytes one group commit takes (at least one op).
 const BATCH_BYTES: usize = 16 * 1024 * 1024;
@@ -271,7 +278,7 @@ impl DataPlane {
 
     /// Primary write: assigns the next op id, persists it, brings every
     /// member of the ack set up to it, commits and applies it.
-    pub async fn primary_write(&self, local: &Arc<Local>, op: ShardOp) -> Result<OpId, WireError> {
+    pub async fn primary_write(&self, local: &Arc<Local>, op: ShardOp) -> Result<Written, WireError> {
         // Group commit: writes queue up; whoever holds the primary lock
         // commits everything queued as one batch (one fsync per replica,
         // one message per backup), and answers each write.
@@ -310,7 +317,7 @@ impl DataPlane {
         local: &Arc<Local>,
         guard: &mut Option<Primary>,
         ops: Vec<ShardOp>,
-    ) -> Result<Vec<OpId>, WireError> {
+    ) -> Result<Vec<Written>, WireError> {
         let key = local.key;
         let Some(p) = guard.as_mut() else {
             return Err(unavailable(format!(
@@ -371,20 +378,31 @@ impl DataPlane {
             )));
         }
         replicated?;
-        let applied = local.persist(move |replica| replica.apply_through(end.lsn)).await;
+        let applied = local
+            .persist(move |replica| replica.apply_through_counting(end.lsn))
+            .await;
         local.publish_applied();
-        if let Err(e) = applied {
-            // Every in-sync replica holds the ops: they are committed, but
-            // this node cannot serve them. Hand the shard to another replica.
-            self.step_down_if_damaged(local, &cfg).await;
-            return Err(outcome_unknown(format!(
-                "{key}: the write is replicated but the primary failed to apply it ({}); retry",
-                e.message
-            )));
-        }
+        let deleted: BTreeMap<u64, u64> = match applied {
+            Ok((_, deleted)) => deleted.into_iter().collect(),
+            Err(e) => {
+                // Every in-sync replica holds the ops: they are committed, but
+                // this node cannot serve them. Hand the shard to another replica.
+                self.step_down_if_damaged(local, &cfg).await;
+                return Err(outcome_unknown(format!(
+                    "{key}: the write is replicated but the primary failed to apply it ({}); retry",
+                    e.message
+                )));
+            }
+        };
         p.commit_lsn = end.lsn;
         self.notify_commit(local, end);
-        Ok(ids)
+        Ok(ids
+            .into_iter()
+            .map(|op| Written {
+                op,
+                deleted: deleted.get(&op.lsn).copied().unwrap_or(0),
+            })
+            .collect())
     }
 
     /// Brings every member of the ack set up to `fresh` (just appended
@@ -705,13 +723,29 @@ impl DataPlane {
         if local.damaged.lock().expect("damaged lock").is_none() {
             return;
         }
+        self.leave_in_sync(local, cfg).await;
+    }
+
+    /// A damaged replica named in-sync (or primary) by `cfg` leaves the
+    /// in-sync set by CAS; its primary then rebuilds it from an export.
+    pub(super) fn leave_if_damaged(self: Arc<Self>, local: Arc<Local>, cfg: ShardConfig) {
+        let named = cfg.primary == Some(self.me) || cfg.in_sync().contains(&self.me);
+        if !named {
+            return;
+        }
+        let this = self.clone();
+        self.tasks.spawn(async move { this.leave_in_sync(&local, &cfg).await });
+    }
+
+    async fn leave_in_sync(&self, local: &Local, cfg: &ShardConfig) {
         let Some((_, replication)) = self.config_of(local.key) else {
             return;
         };
         let next = edgevec_meta::remove_from_in_sync(cfg, self.me, replication.min_insync);
         match self.cas(local.key, cfg.version, next).await {
-            Ok(_) => warn!(shard = %local.key, "damaged primary left the in-sync set"),
-            Err(e) => warn!(shard = %local.key, error = %e.message, "damaged primary could not leave the in-sync set"),
+            Ok(true) => warn!(shard = %local.key, "damaged replica left the in-sync set"),
+            Ok(false) => {}
+            Err(e) => warn!(shard = %local.key, error = %e.message, "damaged replica could not leave the in-sync set"),
         }
     }
 }

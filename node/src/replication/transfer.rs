@@ -211,7 +211,7 @@ impl DataPlane {
             ));
         }
         info!(shard = %key, last = %last, bytes = chunk.total, "replica rebuilt from the primary's export");
-        let fresh = Local::new(key, local.spec.clone(), replica);
+        let fresh = Local::new(key, local.spec.clone(), replica, None);
         {
             // The imported state is the primary's committed state at `last`.
             let mut v = fresh.backup.lock().await;
