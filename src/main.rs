@@ -4,6 +4,10 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Metadata};
+use tracing_subscriber::layer::{Context, Filter};
+use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -15,11 +19,13 @@ async fn main() -> std::process::ExitCode {
         edgevec_node::cli::Command::Node(_) | edgevec_node::cli::Command::Up { .. } => "info,openraft=warn",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, never in log files.
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry()
+        .with(output.with_filter(filter).with_filter(KnownNoise))
         .init();
     match edgevec_node::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -45,6 +51,38 @@ fn describe(e: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+/// Drops one openraft 0.9 warning that is noise: a follower that has just
+/// granted its vote gets its own "vote saved" notice back as a vote
+/// response, and warns that it ignores it ("A message will be ignored
+/// because vote changed ... current my vote: None"). Every election logged
+/// it on every voter, so a clean start was never free of warnings.
+struct KnownNoise;
+
+impl<S> Filter<S> for KnownNoise {
+    fn enabled(&self, _: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, _: &Context<'_, S>) -> bool {
+        if event.metadata().target() != "openraft::core::raft_core" {
+            return true;
+        }
+        struct Message(bool);
+        impl Visit for Message {
+            fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    let text = format!("{value:?}");
+                    self.0 |= text.starts_with("A message will be ignored because vote changed")
+                        && text.contains("current my vote: None");
+                }
+            }
+        }
+        let mut noise = Message(false);
+        event.record(&mut noise);
+        !noise.0
+    }
 }
 
 #[cfg(test)]

@@ -703,3 +703,110 @@ async fn damaged_metadata_or_registry_files_refuse_start_naming_the_file() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_builds_on_every_node_do_not_cost_the_metadata_leader() {
+    // Default Raft timings: what an operator runs.
+    let cluster = running_cluster(3).await;
+    let before = cluster
+        .wait_view(1, Duration::from_secs(30), "a leader", |v| v.leader.is_some())
+        .await;
+    let admin = cluster.client(1, ADMIN).await;
+    let (dim, rows) = (128u32, 16_000usize);
+    admin
+        .create_replicated(
+            CollectionSpec::new("heavy", dim, Metric::L2).with_seal_rows(rows as u32),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .unwrap();
+    let vectors = random_vectors(rows, dim as usize, 5);
+    for (b, chunk) in vectors.chunks(2_000).enumerate() {
+        let points: Vec<Point> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Point {
+                id: (b * 2_000 + i) as u64,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect();
+        admin.upsert("heavy", points).await.unwrap();
+    }
+    // Three builds at once on two shared cores; the leader and its term
+    // must hold throughout.
+    let started = Instant::now();
+    let mut views = 0;
+    loop {
+        let view = cluster
+            .wait_view(1, Duration::from_secs(10), "a view", |v| v.leader.is_some())
+            .await;
+        views += 1;
+        assert_eq!(
+            (view.leader, view.term),
+            (before.leader, before.term),
+            "the metadata leader changed during index builds ({views} views, {:?} in)",
+            started.elapsed()
+        );
+        let info = admin.describe_collection("heavy").await.unwrap();
+        let built = info
+            .segments
+            .iter()
+            .all(|s| s.state != edgevec_proto::SegmentState::Sealed || s.index == edgevec_proto::IndexState::Ready);
+        if built && started.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "builds not done in 300 s: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "builds done in {:?}; leader {:?} term {} held",
+        started.elapsed(),
+        before.leader,
+        before.term
+    );
+    let warnings = warnings(&cluster);
+    assert!(
+        warnings.is_empty(),
+        "warnings during index builds:\n{}",
+        warnings.join("\n")
+    );
+}
+
+/// Every WARN or ERROR line of every node's log, labelled.
+fn warnings(cluster: &TestCluster) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in cluster.ids() {
+        let log = std::fs::read_to_string(cluster.log_path(id)).unwrap_or_default();
+        out.extend(
+            log.lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .map(|l| format!("node {id}: {l}")),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_start_and_first_writes_log_no_warning() {
+    let cluster = running_cluster(3).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(CollectionSpec::new("quiet", 4, Metric::L2), ReplicationSpec::new(3))
+        .await
+        .unwrap();
+    let points: Vec<Point> = (0..100)
+        .map(|id| Point {
+            id,
+            vector: vec![id as f32, 1.0, 2.0, 3.0],
+            payload: None,
+        })
+        .collect();
+    admin.upsert("quiet", points).await.unwrap();
+    assert_eq!(admin.get("quiet", &[7]).await.unwrap().len(), 1);
+    let warnings = warnings(&cluster);
+    assert!(warnings.is_empty(), "a clean start logged:\n{}", warnings.join("\n"));
+}

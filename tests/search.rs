@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use edgevec_client::{ClientError, CollectionSpec, Metric, Point};
+use edgevec_proto::{IndexState, SegmentState};
 
 fn exact_top_k(data: &[Vec<f32>], q: &[f32], k: usize, metric: Metric) -> Vec<u64> {
     let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -166,4 +167,60 @@ async fn kill_9_during_inserts_keeps_every_acknowledged_point() {
         let hits = client.search("durable", &p.vector, 1).await.unwrap();
         assert_eq!(hits[0].id, p.id);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_index_build_stops_the_node_within_seconds() {
+    let mut cluster = TestCluster::new(1);
+    cluster.start(1);
+    let client = cluster.client(1, ADMIN).await;
+    let dim = 128;
+    let rows = 20_000u64;
+    client
+        .create_collection(CollectionSpec::new("slow", dim, Metric::L2).with_seal_rows(rows as u32))
+        .await
+        .unwrap();
+    let vectors = random_vectors(rows as usize, dim as usize, 11);
+    for (b, chunk) in vectors.chunks(2_000).enumerate() {
+        let points: Vec<Point> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Point {
+                id: (b * 2_000 + i) as u64,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect();
+        client.upsert("slow", points).await.unwrap();
+    }
+    // The sealed segment's build (tens of seconds here) is running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = client.describe_collection("slow").await.unwrap();
+        if info
+            .segments
+            .iter()
+            .any(|s| s.state == SegmentState::Sealed && s.index == IndexState::Building)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no build started: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.close().await;
+    let at = Instant::now();
+    let status = cluster.stop(1).expect("node 1 was running");
+    let took = at.elapsed();
+    println!("stopped {took:?} after SIGTERM during an index build");
+    // `up` kills a node after 15 s; a clean stop must come well before.
+    assert!(
+        status.success() && took < Duration::from_secs(12),
+        "{status:?} after {took:?}"
+    );
+
+    // The build runs again after a restart, and every point is there.
+    cluster.start(1);
+    let client = cluster.client(1, READER).await;
+    wait_for_indexes(&client, "slow").await;
+    assert_eq!(client.describe_collection("slow").await.unwrap().points, rows);
 }

@@ -388,8 +388,11 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        // Finish the running build and join the thread before the shard
-        // files close, so nothing writes into the directory afterwards.
+        // Retired replicas take no index file any more, so a build that
+        // shutdown abandons cannot write into the directory afterwards.
+        for (_, replica) in self.read_map().values() {
+            replica.retire();
+        }
         self.builder.shutdown();
         // Applies are committed without fsync: make them durable, so a
         // clean restart does not apply those ops again.

@@ -68,6 +68,10 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How much later each voter (in id order) than the previous one
+/// initialises a new metadata cluster, if it has still heard of none.
+const INIT_STAGGER: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Meta {
     /// Opens the store under `node.data_dir/meta`, starts Raft and, when
     /// this node is a configured voter with an empty log, initialises the
@@ -110,12 +114,25 @@ impl Meta {
                 .filter(|n| n.has_role(Role::Meta))
                 .map(|n| (n.id, meta_node(n)))
                 .collect();
-            match raft.initialize(voters.clone()).await {
-                Ok(()) => info!(voters = ?voters.keys().collect::<Vec<_>>(), "initialised the metadata cluster"),
-                // Another voter got there first, or our log is no longer
-                // empty: both mean the cluster exists. Never re-initialise.
-                Err(e) => info!(error = %e, "not initialising"),
-            }
+            // The first voter initialises at once; each next one only if,
+            // INIT_STAGGER later per rank, it has still heard of no
+            // cluster (its predecessors are down). One candidate at a
+            // clean start: no split votes, no contested election.
+            let rank = voters.keys().position(|id| *id == node.id).unwrap_or(0) as u32;
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(INIT_STAGGER * rank).await;
+                if raft.is_initialized().await.unwrap_or(true) {
+                    return;
+                }
+                match raft.initialize(voters.clone()).await {
+                    Ok(()) => info!(voters = ?voters.keys().collect::<Vec<_>>(), "initialised the metadata cluster"),
+                    // Another voter got there first, or our log is no
+                    // longer empty: both mean the cluster exists. Never
+                    // re-initialise.
+                    Err(e) => info!(error = %e, "not initialising"),
+                }
+            });
         }
         Ok(Meta {
             raft,
