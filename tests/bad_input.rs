@@ -209,14 +209,20 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
     send.finish().unwrap();
     assert_eq!(reply_error(&mut recv).await.code, ErrorCode::UnsupportedVersion);
 
-    // A stream closed mid-request.
+    // A stream closed mid-request (after a known token).
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&frame::header(1000)).await.unwrap();
-    send.write_all(&[0u8; 10]).await.unwrap();
+    send.write_all(&claim(1000, READER)).await.unwrap();
     send.finish().unwrap();
     let err = reply_error(&mut recv).await;
     assert_eq!(err.code, ErrorCode::Malformed);
     assert!(err.message.contains("mid-request"), "{err:?}");
+
+    // Without a known token, the rest of a request is never read.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame::header(1000)).await.unwrap();
+    send.write_all(&[0u8; 10]).await.unwrap();
+    let err = reply_error(&mut recv).await;
+    assert_eq!(err.code, ErrorCode::Unauthorized, "{err:?}");
 
     // A stream reset mid-request, with no answer expected.
     let (mut send, _recv) = conn.open_bi().await.unwrap();
@@ -340,4 +346,139 @@ async fn node_protocol_requires_a_node_certificate_of_the_cluster() {
     // The node is still fine.
     let c = cluster.client(1, READER).await;
     c.status().await.unwrap();
+}
+
+/// (VmRSS, VmSize) of process `pid` in MiB.
+fn memory_mib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb / 1024)
+    };
+    (field("VmRSS:"), field("VmSize:"))
+}
+
+/// The first bytes of a request body that claims `len` bytes, carrying
+/// `token` (then nothing more is sent).
+fn claim(len: u32, token: &str) -> Vec<u8> {
+    let mut out = len.to_be_bytes().to_vec();
+    if !token.is_empty() {
+        out.push(0); // ClientRequest::V1
+        out.push(token.len() as u8);
+        out.extend(token.as_bytes());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_length_prefixes_leave_memory_bounded_and_searches_answering() {
+    let mut cluster = TestCluster::new(1);
+    cluster.start(1);
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_collection(CollectionSpec::new("c", 4, Metric::L2))
+        .await
+        .unwrap();
+    admin
+        .upsert("c", (0..100).map(|i| point(i, vec![i as f32, 1.0, 0.0, 0.0])).collect())
+        .await
+        .unwrap();
+    let pid = cluster.pid(1).unwrap();
+    let before = memory_mib(pid);
+
+    // 20 connections × 250 streams, each announcing a 64 MiB body and
+    // sending only its start: no token, an unknown token, a known one.
+    let max = limits::MAX_FRAME_BYTES as u32;
+    let kinds = [claim(max, ""), claim(max, "not-a-token"), claim(max, READER)];
+    let mut conns = Vec::new();
+    let mut streams = Vec::new();
+    for c in 0..20 {
+        let (ep, conn) = raw_connection(&cluster).await;
+        for s in 0..250 {
+            let Ok((mut send, recv)) = conn.open_bi().await else {
+                break;
+            };
+            let kind = (c + s) % kinds.len();
+            let _ = send.write_all(&kinds[kind]).await;
+            streams.push((kind, send, recv));
+        }
+        conns.push((ep, conn));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = memory_mib(pid);
+
+    // Searches answer meanwhile, each within seconds.
+    let reader = cluster.client(1, READER).await;
+    for i in 0..20 {
+        let hits = tokio::time::timeout(
+            Duration::from_secs(5),
+            reader.search("c", &[i as f32, 1.0, 0.0, 0.0], 1),
+        )
+        .await
+        .expect("a search answers while hostile streams are open")
+        .unwrap();
+        assert_eq!(hits[0].id, i);
+    }
+    // Requests with an unknown token were answered at once, unread.
+    let refused = streams.iter_mut().filter(|(kind, _, _)| *kind == 1).take(20);
+    for (_, _, recv) in refused {
+        assert_eq!(reply_error(recv).await.code, ErrorCode::Unauthorized);
+    }
+    let after = memory_mib(pid);
+    println!(
+        "node memory (RSS, virtual) in MiB: before {before:?}, with {} hostile streams {during:?}, after searches {after:?}",
+        streams.len()
+    );
+    assert!(streams.len() >= 4_000, "only {} streams opened", streams.len());
+    // The claims alone would be 5,000 × 64 MiB; nothing of it is reserved.
+    assert!(
+        during.0 < before.0 + 256,
+        "RSS grew from {} to {} MiB",
+        before.0,
+        during.0
+    );
+    assert!(
+        during.1 < before.1 + 4_096,
+        "virtual memory grew from {} to {} MiB",
+        before.1,
+        during.1
+    );
+    drop(streams);
+    drop(conns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_above_the_frame_limit_is_a_typed_error_and_the_connection_goes_on() {
+    let mut cluster = TestCluster::new(1);
+    cluster.start(1);
+    let admin = cluster.client(1, ADMIN).await;
+    let dim = 4096usize;
+    admin
+        .create_collection(CollectionSpec::new("wide", dim as u32, Metric::L2))
+        .await
+        .unwrap();
+    // 4,200 points × 16 KiB: a get of all of them is above 64 MiB.
+    let n = 4_200u64;
+    for start in (0..n).step_by(300) {
+        let points = (start..(start + 300).min(n))
+            .map(|i| point(i, vec![i as f32; dim]))
+            .collect();
+        admin.upsert("wide", points).await.unwrap();
+    }
+    let ids: Vec<u64> = (0..n).collect();
+    match admin.get("wide", &ids).await {
+        Err(ClientError::Protocol(m)) => {
+            assert!(m.contains("frame limit") && m.contains("ask for less"), "{m}")
+        }
+        other => panic!(
+            "expected a typed error naming the limit, got {:?}",
+            other.map(|p| p.len())
+        ),
+    }
+    // The same client and connection go on.
+    assert_eq!(admin.get("wide", &ids[..100]).await.unwrap().len(), 100);
 }

@@ -720,19 +720,7 @@ async fn index_builds_on_every_node_do_not_cost_the_metadata_leader() {
         )
         .await
         .unwrap();
-    let vectors = random_vectors(rows, dim as usize, 5);
-    for (b, chunk) in vectors.chunks(2_000).enumerate() {
-        let points: Vec<Point> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Point {
-                id: (b * 2_000 + i) as u64,
-                vector: v.clone(),
-                payload: None,
-            })
-            .collect();
-        admin.upsert("heavy", points).await.unwrap();
-    }
+    upsert_random(&admin, "heavy", rows as u64, dim as usize, 5).await;
     // Three builds at once on two shared cores; the leader and its term
     // must hold throughout.
     let started = Instant::now();

@@ -180,19 +180,7 @@ async fn sigterm_during_an_index_build_stops_the_node_within_seconds() {
         .create_collection(CollectionSpec::new("slow", dim, Metric::L2).with_seal_rows(rows as u32))
         .await
         .unwrap();
-    let vectors = random_vectors(rows as usize, dim as usize, 11);
-    for (b, chunk) in vectors.chunks(2_000).enumerate() {
-        let points: Vec<Point> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Point {
-                id: (b * 2_000 + i) as u64,
-                vector: v.clone(),
-                payload: None,
-            })
-            .collect();
-        client.upsert("slow", points).await.unwrap();
-    }
+    upsert_random(&client, "slow", rows, dim as usize, 11).await;
     // The sealed segment's build (tens of seconds here) is running.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

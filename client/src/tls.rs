@@ -107,6 +107,9 @@ pub fn client_config(
 /// 500 ms and a 2 s idle timeout, so a dead peer is noticed (and a client
 /// moves to its next endpoint) within about two seconds, not the default
 /// half-minute; four keep-alives must be lost before a live peer is dropped.
+/// A connection may have at most [`CONNECTION_WINDOW_BYTES`] received and
+/// not yet read (quinn's default is unbounded), so what a peer can make
+/// the other side buffer is bounded per connection.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(std::time::Duration::from_millis(500)));
@@ -114,9 +117,14 @@ pub fn transport() -> quinn::TransportConfig {
         quinn::IdleTimeout::try_from(std::time::Duration::from_secs(2)).expect("2 s fits in a VarInt"),
     ));
     t.max_concurrent_bidi_streams(256u32.into());
+    t.receive_window(CONNECTION_WINDOW_BYTES.into());
     t.max_concurrent_uni_streams(0u32.into());
     t
 }
+
+/// Bytes a QUIC connection may have received and not yet read, over all
+/// its streams.
+pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 
 /// Bytes of kernel buffer asked for each QUIC socket, each way. The
 /// default (about 200 KiB) drops datagrams when a 512 KiB write batch

@@ -305,6 +305,10 @@ impl Service {
 }
 
 impl Dispatch for Service {
+    fn knows_token(&self, token: &str) -> bool {
+        self.tokens.contains_key(token)
+    }
+
     async fn client(&self, req: ClientRequest) -> ClientResponse {
         let ClientRequest::V1(req) = req;
         let name = req.op.name();

@@ -129,3 +129,57 @@ pub enum ReplyV1 {
     /// `load` committed the new replica count.
     Loaded,
 }
+
+/// Most bytes a request's token occupies at the start of its body (the
+/// envelope's variant, the token's length and the token): a server reads
+/// this much, checks the token, and only then reads the rest.
+pub const TOKEN_PREFIX_BYTES: usize = 1024;
+
+/// The token of an encoded [`ClientRequest`] from the first bytes of its
+/// body, without decoding the rest; `None` if those bytes do not start a
+/// version-1 request with a UTF-8 token that fits in them.
+pub fn token_prefix(body: &[u8]) -> Option<&str> {
+    // postcard: the variant index (V1 = 0), then the token as a varint
+    // length and its bytes.
+    let (&variant, mut rest) = body.split_first()?;
+    if variant != 0 {
+        return None;
+    }
+    let mut len: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let (&b, tail) = rest.split_first()?;
+        rest = tail;
+        len |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            let len = usize::try_from(len).ok()?;
+            return std::str::from_utf8(rest.get(..len)?).ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_read_from_the_start_of_the_body() {
+        for token in ["", "t", &"x".repeat(200), &"é".repeat(300)] {
+            let req = ClientRequest::V1(RequestV1 {
+                token: token.to_string(),
+                op: OpV1::Get {
+                    collection: "c".into(),
+                    ids: (0..10_000).collect(),
+                },
+            });
+            let body = crate::codec::encode(&req);
+            let prefix = &body[..body.len().min(TOKEN_PREFIX_BYTES)];
+            assert_eq!(token_prefix(prefix), Some(token));
+        }
+        assert_eq!(token_prefix(&[]), None);
+        assert_eq!(token_prefix(&[1, 1, b'a']), None, "not version 1");
+        assert_eq!(token_prefix(&[0, 5, b'a']), None, "cut short");
+        assert_eq!(token_prefix(&[0, 0xff, 0xff, 0xff]), None, "length never ends");
+        assert_eq!(token_prefix(&[0, 2, 0xff, 0xfe]), None, "not UTF-8");
+    }
+}

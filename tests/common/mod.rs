@@ -376,6 +376,24 @@ pub fn random_vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
 }
 
 /// Waits until every sealed segment of `collection` has its index.
+/// Upserts `rows` random vectors of `dim` (ids from 0, seeded by `seed`)
+/// into `collection`, 2,000 a request.
+pub async fn upsert_random(client: &Client, collection: &str, rows: u64, dim: usize, seed: u64) {
+    let vectors = random_vectors(rows as usize, dim, seed);
+    for (b, chunk) in vectors.chunks(2_000).enumerate() {
+        let points: Vec<Point> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Point {
+                id: (b * 2_000 + i) as u64,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect();
+        client.upsert(collection, points).await.unwrap();
+    }
+}
+
 pub async fn wait_for_indexes(client: &Client, collection: &str) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {

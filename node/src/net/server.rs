@@ -14,11 +14,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgevec_proto::client::{ClientRequest, ClientResponse};
+use edgevec_proto::client::{token_prefix, ClientRequest, ClientResponse, TOKEN_PREFIX_BYTES};
 use edgevec_proto::frame::{self, FrameError};
 use edgevec_proto::internal::{NodeRequest, NodeResponse};
 use edgevec_proto::{codec, limits, ErrorCode, WireError};
 use rustls_pki_types::CertificateDer;
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
@@ -29,16 +30,37 @@ use super::close;
 pub const MAX_CONNECTIONS: usize = 4096;
 /// How long a peer may take to send one request.
 pub const READ_DEADLINE: Duration = Duration::from_secs(30);
-/// Bytes of request bodies the node holds at once, over every connection:
-/// a request waits for its share before its body is read, so many peers
-/// sending large frames together cannot exhaust memory.
+/// Bytes of request bodies the node holds at once, over every connection.
+/// A body is read a chunk at a time, each chunk reserved from this budget
+/// as its bytes arrive (a length prefix alone reserves nothing); a request
+/// that cannot get its next chunk within [`BUDGET_WAIT`] is refused.
 pub const MAX_INFLIGHT_REQUEST_BYTES: usize = 512 * 1024 * 1024;
+/// Bytes of a body read (and reserved) in one step.
+const CHUNK_BYTES: usize = 64 * 1024;
+/// How long a request waits for room in the budget before it is refused.
+const BUDGET_WAIT: Duration = Duration::from_secs(2);
+/// Bytes that the requests of one client connection that has not shown a
+/// known token yet may hold at once: only the start of each body (up to
+/// [`TOKEN_PREFIX_BYTES`]) is read before its token is checked.
+pub const UNAUTHENTICATED_CONNECTION_BYTES: usize = 16 * 1024;
 
 /// The node-wide budget of request bytes in flight.
 type Budget = Arc<tokio::sync::Semaphore>;
 
+/// What a connection's streams share.
+struct Conn {
+    peer: Peer,
+    /// Set once a request on it carried a known token.
+    authenticated: std::sync::atomic::AtomicBool,
+    /// Bytes its requests may hold before it is authenticated.
+    unauthenticated: tokio::sync::Semaphore,
+}
+
 /// What the server hands decoded requests to.
 pub trait Dispatch: Send + Sync + 'static {
+    /// Whether `token` is one of the cluster's API tokens (checked on the
+    /// start of a body, before the rest of it is read).
+    fn knows_token(&self, token: &str) -> bool;
     fn client(&self, req: ClientRequest) -> impl Future<Output = ClientResponse> + Send;
     /// A request from the node whose certificate names `peer`.
     fn node(&self, peer: u64, req: NodeRequest) -> impl Future<Output = NodeResponse> + Send;
@@ -111,6 +133,11 @@ async fn connection<D: Dispatch>(
         None => return Ok(()),
     };
     debug!(?peer, "connected");
+    let conn_state = Arc::new(Conn {
+        peer,
+        authenticated: std::sync::atomic::AtomicBool::new(false),
+        unauthenticated: tokio::sync::Semaphore::new(UNAUTHENTICATED_CONNECTION_BYTES),
+    });
     loop {
         let (send, recv) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -122,9 +149,10 @@ async fn connection<D: Dispatch>(
         };
         let dispatch = dispatch.clone();
         let budget = budget.clone();
+        let conn_state = conn_state.clone();
         tracker.spawn(
             async move {
-                stream(peer, send, recv, &*dispatch, &budget).await;
+                stream(&conn_state, send, recv, &*dispatch, &budget).await;
             }
             .instrument(info_span!("req", id = %next_request_id())),
         );
@@ -169,26 +197,157 @@ fn classify(conn: &quinn::Connection) -> Option<Peer> {
     }
 }
 
+/// Why a request body was not read to its end.
+enum ReadError {
+    Frame(FrameError),
+    /// Refused before the body was read: unknown token, budget exhausted.
+    Refused(WireError),
+}
+
+impl From<FrameError> for ReadError {
+    fn from(e: FrameError) -> Self {
+        ReadError::Frame(e)
+    }
+}
+
+/// Reads one request body of `len` bytes. On a client connection the
+/// start of the body is read first, up to the end of its token, and an
+/// unknown token ends the request there; until a request on the
+/// connection has shown a known token, those starts come from the
+/// connection's small allowance. The rest is read a chunk at a time, each
+/// chunk reserved from the node-wide `budget` once its bytes have arrived;
+/// the permit returned holds the reservation until the reply is sent.
+async fn read_body<D: Dispatch>(
+    conn: &Conn,
+    recv: &mut quinn::RecvStream,
+    len: usize,
+    dispatch: &D,
+    budget: &Budget,
+) -> Result<(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>), ReadError> {
+    let mut body = Vec::new();
+    if matches!(conn.peer, Peer::Client) {
+        let head = len.min(TOKEN_PREFIX_BYTES);
+        let _allowance = if conn.authenticated.load(std::sync::atomic::Ordering::Acquire) {
+            None
+        } else {
+            Some(conn.unauthenticated.try_acquire_many(head as u32).map_err(|_| {
+                ReadError::Refused(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "this connection has {UNAUTHENTICATED_CONNECTION_BYTES} bytes of requests in flight without \
+                         a known token; wait for their replies"
+                    ),
+                ))
+            })?)
+        };
+        body.resize(head, 0);
+        // Read until the token is complete (or the start is all there).
+        let mut got = 0;
+        let known = loop {
+            if let Some(t) = token_prefix(&body[..got]) {
+                break Some(dispatch.knows_token(t));
+            }
+            if got == head {
+                break None;
+            }
+            let n = AsyncReadExt::read(recv, &mut body[got..])
+                .await
+                .map_err(FrameError::Io)?;
+            if n == 0 {
+                return Err(FrameError::Truncated { got, expected: len }.into());
+            }
+            got += n;
+        };
+        match known {
+            Some(true) => conn.authenticated.store(true, std::sync::atomic::Ordering::Release),
+            // Complete already: the request's own checks answer it.
+            None if head == len => {}
+            _ => {
+                return Err(ReadError::Refused(WireError::new(
+                    ErrorCode::Unauthorized,
+                    "unknown API token (checked before the rest of the request was read)",
+                )))
+            }
+        }
+        fill(recv, &mut body, got, len).await?;
+    }
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    while body.len() < len {
+        // Bytes QUIC has received already (its flow control bounds what it
+        // buffers): reserved only now that they exist.
+        let chunk = recv
+            .read_chunk((len - body.len()).min(CHUNK_BYTES), true)
+            .await
+            .map_err(|e| FrameError::Io(e.into()))?
+            .ok_or(FrameError::Truncated {
+                got: body.len(),
+                expected: len,
+            })?;
+        let n = chunk.bytes.len();
+        let permit = tokio::time::timeout(BUDGET_WAIT, budget.clone().acquire_many_owned(n as u32))
+            .await
+            .map_err(|_| {
+                ReadError::Refused(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node busy: {MAX_INFLIGHT_REQUEST_BYTES} bytes of requests are in flight; retry, or send \
+                         smaller batches"
+                    ),
+                ))
+            })?
+            .expect("the budget semaphore is never closed");
+        match held.as_mut() {
+            Some(h) => h.merge(permit),
+            None => held = Some(permit),
+        }
+        // Doubling, never past the announced length: the buffer stays
+        // within twice the bytes received.
+        let need = body.len() + n;
+        if body.capacity() < need {
+            let target = (body.capacity() * 2).clamp(need, len);
+            body.reserve_exact(target - body.len());
+        }
+        body.extend_from_slice(&chunk.bytes);
+    }
+    Ok((body, held))
+}
+
+/// Fills `body[from..]` from `recv`; `expected` is the whole body's
+/// length, for the error when the stream ends early.
+async fn fill(recv: &mut quinn::RecvStream, body: &mut [u8], from: usize, expected: usize) -> Result<(), FrameError> {
+    let mut got = from;
+    while got < body.len() {
+        let n = AsyncReadExt::read(recv, &mut body[got..])
+            .await
+            .map_err(FrameError::Io)?;
+        if n == 0 {
+            return Err(FrameError::Truncated { got, expected });
+        }
+        got += n;
+    }
+    Ok(())
+}
+
 async fn stream<D: Dispatch>(
-    peer: Peer,
+    conn: &Conn,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     dispatch: &D,
-    budget: &tokio::sync::Semaphore,
+    budget: &Budget,
 ) {
+    let peer = conn.peer;
     let read = async {
         let len = frame::read_header(&mut recv, limits::MAX_FRAME_BYTES).await?;
-        // Reserve the body's bytes from the node-wide budget first; the
-        // permit is held until the reply is written.
-        let permit = budget
-            .acquire_many(len.max(1) as u32)
-            .await
-            .expect("the budget semaphore is never closed");
-        Ok::<_, FrameError>((frame::read_body(&mut recv, len).await?, permit))
+        read_body(conn, &mut recv, len, dispatch, budget).await
     };
     let (body, _permit) = match tokio::time::timeout(READ_DEADLINE, read).await {
-        Ok(Ok((body, permit))) => (Ok(body), Some(permit)),
-        Ok(Err(e)) => (Err(frame_error(e, &mut recv)), None),
+        Ok(Ok((body, permit))) => (Ok(body), permit),
+        Ok(Err(ReadError::Frame(e))) => (Err(frame_error(e, &mut recv)), None),
+        Ok(Err(ReadError::Refused(e))) => {
+            // Stop the sender instead of draining bytes we will not use.
+            let _ = recv.stop(0u32.into());
+            (Err(e), None)
+        }
         Err(_) => (
             Err(WireError::new(
                 ErrorCode::Timeout,
