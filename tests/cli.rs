@@ -237,6 +237,21 @@ fn commands_without_certificates_say_how_to_make_them() {
     let (ok, _, err) = cluster.cli_with(&fresh, &["status"]);
     assert!(!ok);
     assert!(err.contains("not-made-yet") && err.contains("edgevec up"), "{err}");
+
+    // A --ca file that holds no certificate is named as such, not taken
+    // for an unreachable cluster.
+    let bad = cluster.path("bad-ca.pem");
+    std::fs::write(&bad, "not a certificate\n").unwrap();
+    for args in [&["status"][..], &["collection", "list"][..]] {
+        let mut all = vec!["--ca", bad.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let (ok, _, err) = cluster.cli(&all);
+        assert!(!ok);
+        assert!(
+            err.contains("bad-ca.pem has no usable PEM certificate") && !err.contains("no node"),
+            "{err}"
+        );
+    }
 }
 
 /// `status` never shows a stale verdict as fact: without a metadata leader

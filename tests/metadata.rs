@@ -762,6 +762,46 @@ async fn index_builds_on_every_node_do_not_cost_the_metadata_leader() {
         "warnings during index builds:\n{}",
         warnings.join("\n")
     );
+
+    // /metrics of node 1 shows its replica, segments and builds (its own
+    // build may end after the replica that answered describe).
+    let heavy = "collection=\"heavy\"";
+    let indexed = "state=\"indexed\"";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let metrics = loop {
+        let (code, metrics) = cluster.http_get(1, "/metrics");
+        assert_eq!(code, 200);
+        if metric(&metrics, "edgevec_replica_segments", &[heavy, indexed]) == Some(1.0) {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 1 never showed its indexed segment:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let value = |name: &str, labels: &[&str]| -> f64 {
+        metric(&metrics, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{metrics}"))
+    };
+    assert_eq!(value("edgevec_replica_points", &[heavy]), rows as f64);
+    assert_eq!(value("edgevec_replica_segments", &[heavy, "state=\"indexed\""]), 1.0);
+    assert_eq!(value("edgevec_replica_segments", &[heavy, "state=\"building\""]), 0.0);
+    assert!(value("edgevec_replica_disk_bytes", &[heavy]) > (rows * dim as usize * 4) as f64);
+    assert_eq!(value("edgevec_replica_damaged", &[heavy]), 0.0);
+    assert!(value("edgevec_index_builds_finished", &[]) >= 1.0);
+    assert!(value("edgevec_index_build_seconds", &[]) > 0.0);
+    assert_eq!(value("edgevec_index_builds_queued", &[]), 0.0);
+    assert!(value("edgevec_process_resident_bytes", &[]) > 1e6);
+    value("edgevec_requests_in_flight_bytes", &[]);
+}
+
+/// The value of metric `name` on the first line of `text` (Prometheus
+/// text format) that carries every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Every WARN or ERROR line of every node's log, labelled.

@@ -1013,16 +1013,12 @@ impl Drop for SmallDisk {
     }
 }
 
-/// A backup whose disk fills up leaves the in-sync set; writes go on
-/// through the other replicas and nothing acknowledged is lost. Once there
-/// is room again, its damaged replica is rebuilt from the primary.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_with_a_full_disk_leaves_the_in_sync_set_and_nothing_is_lost() {
-    const WIDE: usize = 256;
-    // Declared first, dropped last: after the cluster's processes.
-    let disk = SmallDisk::new(40);
+/// A running 3-node cluster whose node 3 keeps its whole data directory
+/// (metadata and replicas) on a disk of `mb` MB. Destructure the disk
+/// first, so it is dropped after the cluster's processes.
+async fn node_3_on_a_small_disk(mb: u64) -> (SmallDisk, TestCluster) {
+    let disk = SmallDisk::new(mb);
     let mut cluster = TestCluster::with_layout(fast(3, 0, ""));
-    // Node 3 keeps its data (metadata and replicas) on the small disk.
     std::fs::create_dir_all(cluster.path("data")).unwrap();
     std::os::unix::fs::symlink(disk.dir.path(), cluster.path("data/node3")).unwrap();
     for id in 1..=3 {
@@ -1031,6 +1027,17 @@ async fn a_backup_with_a_full_disk_leaves_the_in_sync_set_and_nothing_is_lost() 
     cluster
         .wait_view(1, Duration::from_secs(30), "all nodes up", |v| all_nodes_up(v, 3))
         .await;
+    (disk, cluster)
+}
+
+/// A backup whose disk fills up leaves the in-sync set; writes go on
+/// through the other replicas and nothing acknowledged is lost. Once there
+/// is room again, its damaged replica is rebuilt from the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_with_a_full_disk_leaves_the_in_sync_set_and_nothing_is_lost() {
+    const WIDE: usize = 256;
+    // Declared first, dropped last: after the cluster's processes.
+    let (disk, mut cluster) = node_3_on_a_small_disk(40).await;
     let name = "full";
     let admin = cluster.client(1, ADMIN).await;
     let spec = CollectionSpec::new(name, WIDE as u32, Metric::L2);
@@ -1081,7 +1088,14 @@ async fn a_backup_with_a_full_disk_leaves_the_in_sync_set_and_nothing_is_lost() 
 
     // Space comes back: the damaged replica is rebuilt from the primary's
     // export without anyone acting, and rejoins holding exactly its data.
+    // Node 3's metadata log shares the disk: if its Raft stopped on the
+    // full disk, the node exited, and is started again as `up` would.
     disk.grow(400);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if let Some(status) = cluster.exited(3) {
+        println!("node 3 exited while its disk was full ({status}); starting it again");
+        cluster.start(3);
+    }
     let healed = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(120)).await;
     println!("{}", show_shards(&healed));
     let c = cluster.client(3, READER).await;
@@ -1214,4 +1228,173 @@ async fn a_damaged_shard_file_is_set_aside_and_the_replica_rebuilt_while_the_nod
     // Other nodes know the solo collection's state too.
     let other = cluster.client_excluding(&[n], READER).await;
     assert!(other.get("solo", &[0]).await.is_err());
+}
+
+/// A node whose disk fills up refuses writes with a retryable error and
+/// reports itself not ready; once there is room again its replica (the
+/// only one of the shard) reopens by itself, writes go on without a
+/// restart, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_survived_without_a_restart_once_there_is_room() {
+    const WIDE: usize = 256;
+    let disk = SmallDisk::new(24);
+    let mut cluster = TestCluster::with_layout(fast(1, 0, ""));
+    // The shard files live on the small disk; the metadata does not.
+    std::fs::create_dir_all(cluster.path("data/node1")).unwrap();
+    std::os::unix::fs::symlink(disk.dir.path(), cluster.path("data/node1/engine")).unwrap();
+    cluster.start(1);
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_collection(CollectionSpec::new("full", WIDE as u32, Metric::L2))
+        .await
+        .unwrap();
+    let c = cluster.client(1, WRITER).await;
+    let mut ledger = Ledger::default();
+    let mut refused = None;
+    for _ in 0..200 {
+        let start = ledger.next_id();
+        if let Err(e) = ledger.upsert(&c, "full", WIDE, start..start + 500).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.unwrap_or_else(|| cluster.fail("the disk never filled up"));
+    assert!(
+        refused.is_retryable(),
+        "a write on a full disk failed for good: {refused}"
+    );
+    println!(
+        "{} points acknowledged before the disk filled: {refused}",
+        ledger.acked.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = cluster.http_get(1, "/readyz");
+        if code == 503 && body.contains("damaged") {
+            println!("readyz while full: {body}");
+            break;
+        }
+        if Instant::now() > deadline {
+            cluster.fail(format!("readyz did not report the full disk: {code} {body}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A collection created meanwhile is in the metadata; its replica
+    // cannot be made on the full disk yet.
+    admin
+        .create_collection(CollectionSpec::new("later", WIDE as u32, Metric::L2))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = cluster.http_get(1, "/readyz");
+        if code == 503 && body.contains("cannot be created or opened yet") {
+            break;
+        }
+        if Instant::now() > deadline {
+            cluster.fail(format!(
+                "readyz does not name the replica it cannot create: {code} {body}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    disk.grow(400);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut later = Ledger::default();
+    loop {
+        let start = ledger.next_id();
+        let resumed = match ledger.upsert(&c, "full", WIDE, start..start + 100).await {
+            Ok(()) => later.upsert(&c, "later", WIDE, 0..100).await,
+            Err(e) => Err(e),
+        };
+        match resumed {
+            Ok(()) => break,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => cluster.fail(format!("writes did not resume once there was room: {e}")),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.http_get(1, "/readyz").0 != 200 {
+        if Instant::now() > deadline {
+            cluster.fail(format!("still not ready: {:?}", cluster.http_get(1, "/readyz")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = check_through(&cluster, &c, "node 1", "full", &ledger).await;
+    assert!(p.len() >= ledger.acked.len());
+    check_count(&cluster, &c, "node 1", "full", p.len()).await;
+    check_through(&cluster, &c, "node 1", "later", &later).await;
+    // No restart happened.
+    assert!(cluster.pid(1).is_some());
+}
+
+/// A full disk under a node's metadata Raft log stops its Raft for good
+/// (openraft stops on a storage error): the node exits with the reason
+/// instead of lingering outside the cluster, and once there is room it
+/// starts again and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_metadata_log_makes_the_node_exit_and_it_comes_back() {
+    let (disk, mut cluster) = node_3_on_a_small_disk(16).await;
+    // Take every byte the disk has left.
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 1 << 20];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let admin = cluster.client(1, ADMIN).await;
+    let mut created = Vec::new();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = cluster.exited(3) {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            cluster.fail("node 3 kept running with its metadata log on a full disk");
+        }
+        let name = format!("m{}", created.len());
+        if admin
+            .create_collection(CollectionSpec::new(&name, 4, Metric::L2))
+            .await
+            .is_ok()
+        {
+            created.push(name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(cluster.log_path(3)).unwrap();
+    assert!(
+        log.contains("the metadata Raft of node 3 stopped"),
+        "{}",
+        cluster.log_tail(3, 30)
+    );
+    println!("node 3 exited after {} metadata writes: {status}", created.len());
+
+    std::fs::remove_file(&filler).unwrap();
+    cluster.start(3);
+    let c3 = cluster.client(3, READER).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = c3
+            .list_collections()
+            .await
+            .map(|l| l.into_iter().map(|c| c.spec.name).collect())
+            .unwrap_or_default();
+        if created.iter().all(|n| names.contains(n)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            cluster.fail(format!(
+                "node 3 did not catch up: it lists {names:?}, {created:?} were created"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

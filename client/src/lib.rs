@@ -85,9 +85,12 @@ impl ClientConfig {
         }
     }
 
-    /// Like [`ClientConfig::new`], reading the CA from a PEM file.
+    /// Like [`ClientConfig::new`], reading the CA from a PEM file; a file
+    /// without a usable certificate is refused here, naming it.
     pub fn from_ca_file(endpoints: Vec<SocketAddr>, ca: &Path, token: impl Into<String>) -> Result<Self, ClientError> {
-        Ok(Self::new(endpoints, tls::read(ca)?, token))
+        let pem = tls::read(ca)?;
+        tls::certs_from_pem(&pem, &format!("CA file {}", ca.display()))?;
+        Ok(Self::new(endpoints, pem, token))
     }
 }
 

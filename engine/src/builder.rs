@@ -69,6 +69,8 @@ pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 struct Shared {
     pending: Mutex<usize>,
+    /// Jobs run to their end, and the seconds they took in all.
+    done: Mutex<(u64, f64)>,
     idle: Condvar,
     stopping: AtomicBool,
 }
@@ -84,6 +86,7 @@ impl IndexBuilder {
         let (tx, rx) = mpsc::channel::<Job>();
         let shared = Arc::new(Shared {
             pending: Mutex::new(0),
+            done: Mutex::new((0, 0.0)),
             idle: Condvar::new(),
             stopping: AtomicBool::new(false),
         });
@@ -102,10 +105,14 @@ impl IndexBuilder {
                         // A panicking build must not take the builder down
                         // with it; the segment stays searchable by brute
                         // force and is rebuilt at the next open.
+                        let started = Instant::now();
                         let run = std::panic::AssertUnwindSafe(|| pool.install(job));
                         if std::panic::catch_unwind(run).is_err() {
                             tracing::error!("index build panicked; segment stays on brute force");
                         }
+                        let mut done = worker.done.lock().expect("builder lock");
+                        done.0 += 1;
+                        done.1 += started.elapsed().as_secs_f64();
                     }
                     let mut pending = worker.pending.lock().expect("builder lock");
                     *pending -= 1;
@@ -130,6 +137,12 @@ impl IndexBuilder {
         if tx.send(Box::new(job)).is_err() {
             *self.shared.pending.lock().expect("builder lock") -= 1;
         }
+    }
+
+    /// Jobs run to their end since start, and the seconds they took in
+    /// all.
+    pub fn done(&self) -> (u64, f64) {
+        *self.shared.done.lock().expect("builder lock")
     }
 
     /// Jobs queued or running.

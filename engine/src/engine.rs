@@ -161,7 +161,7 @@ impl Engine {
         layout::check_registry(dir)?;
         fsutil::create_dir_durable(&dir.join(layout::REPLICAS_DIR))?;
         let registry_file = dir.join(layout::REGISTRY_FILE);
-        let (registry, specs) = catching(&registry_file, || Registry::open(&registry_file)).map_err(|e| {
+        let (mut registry, specs) = catching(&registry_file, || Registry::open(&registry_file)).map_err(|e| {
             let message = if matches!(e, EngineError::Storage(redb::Error::DatabaseAlreadyOpen)) {
                 "the file is in use by another process: is another edgevec node running with this data \
                  directory?"
@@ -234,7 +234,7 @@ impl Engine {
                     replica
                 }
                 Err(e) => {
-                    let d = set_aside(dir, &registry, &spec, &path, &e)?;
+                    let d = set_aside(dir, &mut registry, &spec, &path, &e)?;
                     tracing::error!(
                         replica = %spec.key,
                         file = %d.file.display(),
@@ -267,7 +267,7 @@ impl Engine {
     /// different one is [`EngineError::ReplicaExists`].
     pub fn create_replica(&self, spec: ReplicaSpec) -> Result<Arc<ShardReplica>, EngineError> {
         validate::replica_spec(&spec)?;
-        let registry = self.registry.lock().expect("registry lock");
+        let mut registry = self.registry.lock().expect("registry lock");
         if let Some((existing, replica)) = self.read_map().get(&spec.key) {
             return if *existing == spec {
                 Ok(replica.clone())
@@ -314,7 +314,7 @@ impl Engine {
     /// its pending index builds are retired and its files deleted. `false`
     /// if it did not exist.
     pub fn drop_replica(&self, key: ReplicaKey) -> Result<bool, EngineError> {
-        let registry = self.registry.lock().expect("registry lock");
+        let mut registry = self.registry.lock().expect("registry lock");
         if !self.read_map().contains_key(&key) {
             return Ok(false);
         }
@@ -331,6 +331,56 @@ impl Engine {
             tracing::warn!(error = %e, dir = %dir.display(), "could not remove dropped replica files");
         }
         Ok(true)
+    }
+
+    /// Closes the replica under `key` and opens it again from its files.
+    /// After a storage failure (a full disk) redb refuses every write until
+    /// its database is reopened; a reopen also reloads the replica from
+    /// what is durable, so memory never runs ahead of the files.
+    ///
+    /// First a probe file is written and fsynced in the replica's
+    /// directory: while that fails (the disk is still full) nothing is
+    /// changed and the error says why. Then the replica leaves the map and
+    /// the call waits (at most `wait`) until the caller's handle is the
+    /// last one; the caller drops every handle it keeps before calling
+    /// ([`EngineError::ReplicaBusy`] otherwise, and nothing changed). Files
+    /// that then fail to open are set aside as damaged, as at open.
+    pub fn reopen_replica(&self, key: ReplicaKey, wait: Duration) -> Result<Arc<ShardReplica>, EngineError> {
+        let mut registry = self.registry.lock().expect("registry lock");
+        let dir = layout::replica_dir(&self.root, key);
+        self.probe_replica(key)?;
+        let Some((spec, old)) = self.write_map().remove(&key) else {
+            return Err(EngineError::ReplicaNotFound(key));
+        };
+        let deadline = Instant::now() + wait;
+        while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if Arc::strong_count(&old) > 1 {
+            self.write_map().insert(key, (spec, old));
+            return Err(EngineError::ReplicaBusy(key));
+        }
+        old.retire();
+        drop(old);
+        let config = self.shard_config(&spec);
+        let store = dir.join(crate::shard::STORE_FILE);
+        let replica = match catching(&store, || ShardReplica::open(&dir, config, self.builder.clone())) {
+            Ok(r) => r,
+            Err(e) => {
+                let d = set_aside(&self.root, &mut registry, &spec, &dir, &e)?;
+                tracing::error!(replica = %key, damage = %d, "replica files cannot be opened again: set aside");
+                self.damaged.lock().expect("damaged lock").insert(key, d);
+                ShardReplica::open(&dir, config, self.builder.clone())?
+            }
+        };
+        self.write_map().insert(key, (spec, replica.clone()));
+        Ok(replica)
+    }
+
+    /// Whether the directory of the replica under `key` takes writes
+    /// (see [`fsutil::probe_write`]); the error names the file.
+    pub fn probe_replica(&self, key: ReplicaKey) -> Result<(), EngineError> {
+        fsutil::probe_write(&layout::replica_dir(&self.root, key))
     }
 
     /// The replica under `key`, if this node holds it.
@@ -353,6 +403,13 @@ impl Engine {
     /// Every open replica with its spec, ordered by key.
     pub fn replicas(&self) -> Vec<(ReplicaSpec, Arc<ShardReplica>)> {
         self.read_map().values().cloned().collect()
+    }
+
+    /// Index builds queued or running, builds finished since start, and
+    /// the seconds those took in all.
+    pub fn index_builds(&self) -> (usize, u64, f64) {
+        let (done, secs) = self.builder.done();
+        (self.builder.pending(), done, secs)
     }
 
     /// Blocks until every sealed segment of every replica has its index
@@ -423,7 +480,7 @@ fn catching<T>(path: &Path, f: impl FnOnce() -> Result<T, EngineError>) -> Resul
 /// `damaged/`, records that in the registry and returns the record.
 fn set_aside(
     root: &Path,
-    registry: &Registry,
+    registry: &mut Registry,
     spec: &ReplicaSpec,
     dir: &Path,
     error: &EngineError,

@@ -35,6 +35,11 @@ pub enum EngineError {
     #[error("no replica of {0} on this node; ask a node that holds one, or create it first")]
     ReplicaNotFound(ReplicaKey),
 
+    /// The replica is in use and cannot be closed now (a reopen waits for
+    /// every holder to let go).
+    #[error("the replica of {0} is in use; retry")]
+    ReplicaBusy(ReplicaKey),
+
     /// A replica exists under the key with another spec.
     #[error(
         "a replica of {0} already exists on this node with a different spec; drop it first, or give the new \
@@ -140,6 +145,7 @@ impl EngineError {
             // The shard is moving (replica elsewhere, logs being reconciled or
             // caught up): the same request may succeed later or elsewhere.
             EngineError::ReplicaNotFound(_)
+            | EngineError::ReplicaBusy(_)
             | EngineError::LsnOutOfOrder { .. }
             | EngineError::LogMismatch { .. }
             | EngineError::LogTrimmed { .. } => WireError::new(ErrorCode::Unavailable, self.to_string()),

@@ -36,6 +36,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Bytes a write probe writes: room for a few commits of the store.
+pub const PROBE_BYTES: usize = 1024 * 1024;
+
+/// Whether `dir` takes writes again: writes [`PROBE_BYTES`] to a
+/// temporary file in it, fsyncs and removes it. The error names the file.
+pub fn probe_write(dir: &Path) -> Result<(), EngineError> {
+    let path = dir.join(format!(".write-probe{TMP_SUFFIX}"));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&path)?;
+        f.write_all(&vec![0u8; PROBE_BYTES])?;
+        f.sync_all()
+    };
+    let result = write();
+    let _ = fs::remove_file(&path);
+    result.map_err(|e| EngineError::io(&path, e))
+}
+
 /// Makes the entries of `dir` (files created, renamed or removed in it)
 /// durable.
 pub fn sync_dir(dir: &Path) -> Result<(), EngineError> {

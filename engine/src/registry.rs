@@ -76,14 +76,21 @@ impl EntryV2 {
 pub type Entry = (ReplicaSpec, Option<Damage>);
 
 pub struct Registry {
-    db: Database,
+    path: PathBuf,
+    /// `None` after a write failed: redb refuses every later write until
+    /// the database is reopened, which the next write does.
+    db: Option<Database>,
+}
+
+fn open_db(path: &Path) -> Result<Database, EngineError> {
+    Ok(Database::builder().set_cache_size(4 * 1024 * 1024).create(path)?)
 }
 
 impl Registry {
     /// Opens (creating if needed) the registry and returns it with every
     /// replica's entry, ordered by key.
     pub fn open(path: &Path) -> Result<(Registry, Vec<Entry>), EngineError> {
-        let db = Database::builder().set_cache_size(4 * 1024 * 1024).create(path)?;
+        let db = open_db(path)?;
         let txn = db.begin_write()?;
         txn.open_table(REPLICAS)?;
         txn.commit()?;
@@ -120,43 +127,61 @@ impl Registry {
             specs.push((spec, damage));
         }
         drop(txn);
-        Ok((Registry { db }, specs))
+        let registry = Registry {
+            path: path.to_owned(),
+            db: Some(db),
+        };
+        Ok((registry, specs))
     }
 
     /// Records `spec` durably (replacing an entry under the same key, and
     /// any damage recorded for it).
-    pub fn insert(&self, spec: &ReplicaSpec) -> Result<(), EngineError> {
+    pub fn insert(&mut self, spec: &ReplicaSpec) -> Result<(), EngineError> {
         self.put(spec, None)
     }
 
     /// Records durably that the files of `spec`'s replica were set aside.
-    pub fn mark_damaged(&self, spec: &ReplicaSpec, damage: &Damage) -> Result<(), EngineError> {
+    pub fn mark_damaged(&mut self, spec: &ReplicaSpec, damage: &Damage) -> Result<(), EngineError> {
         self.put(spec, Some(damage))
     }
 
-    fn put(&self, spec: &ReplicaSpec, damage: Option<&Damage>) -> Result<(), EngineError> {
+    fn put(&mut self, spec: &ReplicaSpec, damage: Option<&Damage>) -> Result<(), EngineError> {
         let entry = ReplicaEntry::V2(EntryV2::new(spec, damage));
         let bytes = postcard::to_stdvec(&entry).expect("entries are plain data");
-        let txn = self.begin()?;
-        txn.open_table(REPLICAS)?
-            .insert((spec.key.collection, spec.key.shard), bytes.as_slice())?;
-        txn.commit()?;
-        Ok(())
+        self.write(|txn| {
+            txn.open_table(REPLICAS)?
+                .insert((spec.key.collection, spec.key.shard), bytes.as_slice())?;
+            Ok(())
+        })
     }
 
     /// Removes the entry of `key` durably; false if there was none.
-    pub fn remove(&self, key: ReplicaKey) -> Result<bool, EngineError> {
-        let txn = self.begin()?;
-        let removed = txn.open_table(REPLICAS)?.remove((key.collection, key.shard))?.is_some();
-        txn.commit()?;
-        Ok(removed)
+    pub fn remove(&mut self, key: ReplicaKey) -> Result<bool, EngineError> {
+        self.write(|txn| Ok(txn.open_table(REPLICAS)?.remove((key.collection, key.shard))?.is_some()))
     }
 
-    fn begin(&self) -> Result<redb::WriteTransaction, EngineError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| EngineError::Storage(e.into()))?;
-        Ok(txn)
+    /// Runs `f` in a durable write transaction. A storage failure closes
+    /// the database, so the next write starts from a reopened file.
+    fn write<T>(
+        &mut self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        if self.db.is_none() {
+            self.db = Some(open_db(&self.path)?);
+        }
+        let db = self.db.as_ref().expect("opened above");
+        let result = (|| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| EngineError::Storage(e.into()))?;
+            let out = f(&txn)?;
+            txn.commit()?;
+            Ok(out)
+        })();
+        if matches!(result, Err(EngineError::Storage(_))) {
+            self.db = None;
+        }
+        result
     }
 }
 
@@ -179,7 +204,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("replicas.redb");
         {
-            let (r, specs) = Registry::open(&path).unwrap();
+            let (mut r, specs) = Registry::open(&path).unwrap();
             assert!(specs.is_empty());
             r.insert(&spec(9, 0)).unwrap();
             r.insert(&spec(2, 1)).unwrap();
@@ -201,11 +226,11 @@ mod tests {
             kept_at: "/d/damaged/2-0-1".into(),
         };
         {
-            let (r, _) = Registry::open(&path).unwrap();
+            let (mut r, _) = Registry::open(&path).unwrap();
             r.insert(&spec(2, 0)).unwrap();
             r.mark_damaged(&spec(2, 0), &damage).unwrap();
         }
-        let (r, specs) = Registry::open(&path).unwrap();
+        let (mut r, specs) = Registry::open(&path).unwrap();
         assert_eq!(specs, vec![(spec(2, 0), Some(damage))]);
         r.insert(&spec(2, 0)).unwrap();
         drop(r);
@@ -226,7 +251,7 @@ mod tests {
                 seal_rows: s.seal_rows,
             }))
             .unwrap();
-            let txn = r.begin().unwrap();
+            let txn = r.db.as_ref().unwrap().begin_write().unwrap();
             txn.open_table(REPLICAS)
                 .unwrap()
                 .insert((3, 1), bytes.as_slice())

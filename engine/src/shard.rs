@@ -390,6 +390,19 @@ impl ShardReplica {
         (shard, segments)
     }
 
+    /// Bytes of this replica's files on disk (store, index files).
+    pub fn disk_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// Whether every sealed segment has its index installed.
     pub fn indexes_ready(&self) -> bool {
         self.read()

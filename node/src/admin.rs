@@ -129,7 +129,7 @@ async fn metrics_page(State(s): State<AdminState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.render(&s.meta),
+        s.metrics.render(&s.meta, &s.plane),
     )
 }
 

@@ -1,7 +1,10 @@
 //! The node's metrics registry (Prometheus): RPC counters and latency
-//! histograms recorded by the service, and gauges of the metadata Raft and
-//! node health read from the metadata at scrape time. `/metrics` in
-//! [`crate::admin`] renders it.
+//! histograms recorded by the service, and gauges read at scrape time: the
+//! metadata Raft and node health, every local shard replica (points,
+//! segments by state, bytes on disk, applied LSN, damage), the index
+//! builder (queued, finished, seconds spent), and the process (resident
+//! memory, bytes of requests in flight). `/metrics` in [`crate::admin`]
+//! renders it.
 
 use std::time::Duration;
 
@@ -13,6 +16,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::meta::Meta;
+use crate::net::server::{self, Budget};
+use crate::replication::DataPlane;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -33,6 +38,152 @@ struct NodeLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    collection: String,
+    collection_id: String,
+    shard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SegmentLabels {
+    collection: String,
+    collection_id: String,
+    shard: String,
+    /// `growing`, `building` (sealed, index not ready) or `indexed`.
+    state: &'static str,
+}
+
+/// The gauges read from the data plane at scrape time.
+#[derive(Default)]
+struct DataGauges {
+    points: Family<ReplicaLabels, Gauge>,
+    segments: Family<SegmentLabels, Gauge>,
+    disk_bytes: Family<ReplicaLabels, Gauge>,
+    applied_lsn: Family<ReplicaLabels, Gauge>,
+    damaged: Family<ReplicaLabels, Gauge>,
+    builds_queued: Gauge,
+    builds_done: Gauge,
+    build_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    resident_bytes: Gauge,
+    in_flight_bytes: Gauge,
+}
+
+impl DataGauges {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "replica_points",
+            "Live points of a local shard replica",
+            self.points.clone(),
+        );
+        registry.register(
+            "replica_segments",
+            "Segments of a local shard replica by state (growing, building, indexed)",
+            self.segments.clone(),
+        );
+        registry.register(
+            "replica_disk_bytes",
+            "Bytes of a local shard replica's files on disk",
+            self.disk_bytes.clone(),
+        );
+        registry.register(
+            "replica_applied_lsn",
+            "Last op applied by a local shard replica",
+            self.applied_lsn.clone(),
+        );
+        registry.register(
+            "replica_damaged",
+            "1 while a local shard replica is damaged (see /readyz for why)",
+            self.damaged.clone(),
+        );
+        registry.register(
+            "index_builds_queued",
+            "Index builds queued or running",
+            self.builds_queued.clone(),
+        );
+        registry.register(
+            "index_builds_finished",
+            "Index builds finished since the node started",
+            self.builds_done.clone(),
+        );
+        registry.register(
+            "index_build_seconds",
+            "Seconds spent in finished index builds since the node started",
+            self.build_seconds.clone(),
+        );
+        registry.register(
+            "process_resident_bytes",
+            "Resident memory of the node process",
+            self.resident_bytes.clone(),
+        );
+        registry.register(
+            "requests_in_flight_bytes",
+            "Bytes of request bodies the node holds now",
+            self.in_flight_bytes.clone(),
+        );
+    }
+
+    fn refresh(&self, plane: &DataPlane, budget: &Budget) {
+        for f in [&self.points, &self.disk_bytes, &self.applied_lsn, &self.damaged] {
+            f.clear();
+        }
+        self.segments.clear();
+        for local in plane.locals() {
+            let labels = ReplicaLabels {
+                collection: local.spec.name.clone(),
+                collection_id: local.key.collection.to_string(),
+                shard: local.key.shard.to_string(),
+            };
+            let (info, segments) = local.replica.info();
+            self.points.get_or_create(&labels).set(info.points as i64);
+            self.applied_lsn.get_or_create(&labels).set(info.lsn as i64);
+            self.disk_bytes
+                .get_or_create(&labels)
+                .set(local.replica.disk_bytes() as i64);
+            let damaged = local.damaged.lock().expect("damaged lock").is_some();
+            self.damaged.get_or_create(&labels).set(i64::from(damaged));
+            for state in ["growing", "building", "indexed"] {
+                let n = segments.iter().filter(|s| segment_state(s) == state).count();
+                let labels = SegmentLabels {
+                    collection: labels.collection.clone(),
+                    collection_id: labels.collection_id.clone(),
+                    shard: labels.shard.clone(),
+                    state,
+                };
+                self.segments.get_or_create(&labels).set(n as i64);
+            }
+        }
+        let (queued, done, secs) = plane.engine.index_builds();
+        self.builds_queued.set(queued as i64);
+        self.builds_done.set(done as i64);
+        self.build_seconds.set(secs);
+        self.resident_bytes.set(resident_bytes().unwrap_or(0) as i64);
+        self.in_flight_bytes.set(server::in_flight(budget) as i64);
+    }
+}
+
+fn segment_state(s: &edgevec_proto::SegmentInfo) -> &'static str {
+    use edgevec_proto::{IndexState, SegmentState};
+    match (s.state, s.index) {
+        (SegmentState::Growing, _) => "growing",
+        (_, IndexState::Ready) => "indexed",
+        _ => "building",
+    }
+}
+
+/// Resident memory of this process, from `/proc/self/status` (Linux).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~1.6 s
     Histogram::new(exponential_buckets(0.00005, 2.0, 16))
@@ -51,10 +202,13 @@ pub struct Metrics {
     voters: Gauge,
     learners: Gauge,
     node_state: Family<NodeLabels, Gauge>,
+    data: DataGauges,
+    budget: Budget,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// A registry whose in-flight gauge reads `budget`.
+    pub fn new(budget: Budget) -> Self {
         let mut registry = Registry::with_prefix("edgevec");
         let rpcs = Family::<RpcLabels, Counter>::default();
         let latency = Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
@@ -102,7 +256,11 @@ impl Default for Metrics {
             "1 for each node's current health state",
             node_state.clone(),
         );
+        let data = DataGauges::default();
+        data.register(&mut registry);
         Metrics {
+            data,
+            budget,
             registry,
             rpcs,
             latency,
@@ -150,9 +308,11 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition of everything, refreshed from `meta`.
-    pub fn render(&self, meta: &Meta) -> String {
+    /// Prometheus text exposition of everything, refreshed from `meta`
+    /// and `plane`.
+    pub fn render(&self, meta: &Meta, plane: &DataPlane) -> String {
         self.refresh(meta);
+        self.data.refresh(plane, &self.budget);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

@@ -68,6 +68,22 @@ impl NodeHandle {
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+
+    /// Resolves, with the reason, once the metadata Raft has stopped on an
+    /// error (openraft stops for good when its storage fails, a full disk
+    /// under the Raft log for instance): the node cannot take part in the
+    /// cluster any more and should exit, to be started again.
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.meta.raft.metrics();
+        loop {
+            if let Err(e) = &rx.borrow_and_update().running_state {
+                return e.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "the metadata Raft stopped".into();
+            }
+        }
+    }
 }
 
 /// Starts node `id` of `cluster` and returns once it listens.
@@ -143,7 +159,8 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
         shutdown.clone(),
         tasks.clone(),
     );
-    let metrics = Arc::new(Metrics::default());
+    let budget = server::budget();
+    let metrics = Arc::new(Metrics::new(budget.clone()));
     let parts = Parts {
         meta: meta.clone(),
         health: health.clone(),
@@ -154,7 +171,7 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
 
     {
         let endpoint = endpoint.clone();
-        let serve = server::serve(endpoint.clone(), service, shutdown.clone());
+        let serve = server::serve(endpoint.clone(), service, budget, shutdown.clone());
         tasks.spawn(async move {
             serve.await;
             endpoint.wait_idle().await;

@@ -188,6 +188,14 @@ impl TestCluster {
         }
     }
 
+    /// The exit status of node `id` if its process has exited by itself
+    /// (then it is no longer tracked); `None` while it runs.
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let status = self.procs.get_mut(&id)?.try_wait().unwrap()?;
+        self.procs.remove(&id);
+        Some(status)
+    }
+
     /// SIGTERM and wait (bounded) for a clean exit; returns the exit status.
     pub fn stop(&mut self, id: u64) -> Option<std::process::ExitStatus> {
         let mut c = self.procs.remove(&id)?;

@@ -80,7 +80,7 @@ impl Engine {
         std::fs::rename(&staging, &ready).map_err(|e| EngineError::io(&staging, e))?;
         fsutil::sync_dir(&self.root.join(layout::REPLICAS_DIR))?;
 
-        let registry = self.registry.lock().expect("registry lock");
+        let mut registry = self.registry.lock().expect("registry lock");
         // Rewriting the entry also clears a recorded damage: the import
         // is the replica now.
         if let Err(e) = registry.insert(&spec) {

@@ -375,3 +375,30 @@ fn a_replica_that_fails_to_open_is_set_aside_until_an_import_replaces_it() {
     // What was set aside is still there.
     assert_eq!(std::fs::read_dir(dir.path().join("damaged")).unwrap().count(), 1);
 }
+
+#[test]
+fn reopen_waits_for_the_last_handle_and_reloads_from_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = open(dir.path());
+    let spec = rspec(1, 0, 2);
+    let r = e.create_replica(spec.clone()).unwrap();
+    write(&r, ShardOp::Upsert(line(0..5))).unwrap();
+    // A handle still held: nothing changes.
+    assert!(matches!(
+        e.reopen_replica(spec.key, Duration::from_millis(50)),
+        Err(EngineError::ReplicaBusy(k)) if k == spec.key
+    ));
+    assert!(Arc::ptr_eq(&r, &e.replica(spec.key).unwrap()));
+    drop(r);
+    let again = e.reopen_replica(spec.key, Duration::from_secs(5)).unwrap();
+    assert_eq!(again.info().0.points, 5);
+    write(&again, ShardOp::Upsert(line(5..7))).unwrap();
+    assert_eq!(e.replica(spec.key).unwrap().info().0.points, 7);
+    assert!(e.damaged().is_empty());
+    // The probe leaves nothing behind.
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("replicas/1-0"))
+        .unwrap()
+        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains("probe")), "{names:?}");
+}

@@ -128,10 +128,19 @@ async fn run_node(g: &Global, id: u64, cmd: NodeCmd) -> Result<()> {
         }
     };
     println!("edgevec node {id} listening on {}", node.addr);
-    shutdown_signal().await;
+    let fatal = tokio::select! {
+        () = shutdown_signal() => None,
+        why = node.fatal() => Some(why),
+    };
     tracing::info!("stopping");
     node.stop().await;
-    Ok(())
+    match fatal {
+        None => Ok(()),
+        Some(why) => bail!(
+            "the metadata Raft of node {id} stopped ({why}); the node exits so that it can be started again \
+             (`edgevec up` restarts it) once the cause is fixed"
+        ),
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

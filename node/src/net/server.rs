@@ -45,7 +45,17 @@ const BUDGET_WAIT: Duration = Duration::from_secs(2);
 pub const UNAUTHENTICATED_CONNECTION_BYTES: usize = 16 * 1024;
 
 /// The node-wide budget of request bytes in flight.
-type Budget = Arc<tokio::sync::Semaphore>;
+pub type Budget = Arc<tokio::sync::Semaphore>;
+
+/// A fresh budget of [`MAX_INFLIGHT_REQUEST_BYTES`].
+pub fn budget() -> Budget {
+    Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_REQUEST_BYTES))
+}
+
+/// Bytes of request bodies held now.
+pub fn in_flight(budget: &Budget) -> usize {
+    MAX_INFLIGHT_REQUEST_BYTES.saturating_sub(budget.available_permits())
+}
 
 /// What a connection's streams share.
 struct Conn {
@@ -75,9 +85,13 @@ enum Peer {
 
 /// Serves `endpoint` until `shutdown` fires; returns after every connection
 /// task has finished.
-pub async fn serve<D: Dispatch>(endpoint: quinn::Endpoint, dispatch: Arc<D>, shutdown: CancellationToken) {
+pub async fn serve<D: Dispatch>(
+    endpoint: quinn::Endpoint,
+    dispatch: Arc<D>,
+    budget: Budget,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
-    let budget: Budget = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_REQUEST_BYTES));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,

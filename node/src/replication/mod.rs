@@ -39,7 +39,7 @@ use edgevec_proto::replication::{ReplicaReport, ShardRead, ShardReadReply, Shard
 use edgevec_proto::{ErrorCode, WireError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::meta::Meta;
 use crate::net::peer::PeerPool;
@@ -50,6 +50,8 @@ pub const REPLICATE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const CATCH_UP_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most entries in one catch-up message.
 pub const CATCH_UP_BATCH_OPS: usize = 256;
+/// How long a reopen waits for the old handles of a replica to go.
+pub const REOPEN_WAIT: Duration = Duration::from_secs(3);
 /// How long a read waits for its replica to apply ops it already knows
 /// are committed before it answers "not caught up".
 pub const APPLY_WAIT: Duration = Duration::from_secs(1);
@@ -258,6 +260,9 @@ pub struct DataPlane {
     /// Where shard exports are written and received (temporary files).
     pub transfers: std::path::PathBuf,
     locals: Mutex<BTreeMap<ShardRef, Arc<Local>>>,
+    /// Replicas the metadata names here that could not be created or
+    /// opened yet (retried at every sync), with the error.
+    unopened: Mutex<BTreeMap<ShardRef, String>>,
     this: std::sync::Weak<DataPlane>,
     /// One metadata sync at a time.
     syncing: tokio::sync::Mutex<()>,
@@ -303,11 +308,17 @@ impl DataPlane {
             peers,
             transfers,
             locals: Mutex::new(BTreeMap::new()),
+            unopened: Mutex::new(BTreeMap::new()),
             this: this.clone(),
             syncing: tokio::sync::Mutex::new(()),
             shutdown,
             tasks,
         })
+    }
+
+    /// Every local replica's runtime, by shard.
+    pub fn locals(&self) -> Vec<Arc<Local>> {
+        self.locals.lock().expect("locals lock").values().cloned().collect()
     }
 
     /// The local replica of `shard`, if this node holds one.
@@ -399,7 +410,16 @@ impl DataPlane {
                 warn!(shard = %key, error = %e.message, "could not drop replica; retried at the next sync");
             }
         }
+        self.unopened
+            .lock()
+            .expect("unopened lock")
+            .retain(|key, _| wanted.contains_key(key));
         for (key, (spec, cfg)) in wanted {
+            if let Some(l) = self.local(key) {
+                if self.storage_failed(&l) {
+                    self.reopen(l).await;
+                }
+            }
             let local = match self.local(key) {
                 Some(l) => l,
                 None => {
@@ -407,13 +427,22 @@ impl DataPlane {
                     let s = spec.clone();
                     match blocking(move || engine.create_replica(s)).await {
                         Ok(replica) => {
+                            self.unopened.lock().expect("unopened lock").remove(&key);
                             let damage = self.engine.damage(spec.key).map(|d| d.to_string());
                             let l = Local::new(key, spec, replica, damage);
                             self.locals.lock().expect("locals lock").insert(key, l.clone());
                             l
                         }
                         Err(e) => {
-                            warn!(shard = %key, error = %e.message, "cannot open replica; retried at the next sync");
+                            let first = self
+                                .unopened
+                                .lock()
+                                .expect("unopened lock")
+                                .insert(key, e.message.clone())
+                                .is_none();
+                            if first {
+                                warn!(shard = %key, error = %e.message, "cannot open replica; retried at every sync");
+                            }
                             continue;
                         }
                     }
@@ -427,17 +456,66 @@ impl DataPlane {
         }
     }
 
+    /// Whether `local` was marked damaged by a failed write (a full disk),
+    /// not by files that failed to open, and its directory takes writes
+    /// again: then a reopen can bring it back.
+    fn storage_failed(&self, local: &Local) -> bool {
+        local.damaged.lock().expect("damaged lock").is_some()
+            && self.engine.damage(local.spec.key).is_none()
+            && self.engine.probe_replica(local.spec.key).is_ok()
+    }
+
+    /// Reopens the replica of `local` from its files (redb refuses every
+    /// write after an I/O error until its database is reopened). The
+    /// runtime leaves the map first so that its handle goes away; requests
+    /// meanwhile find no replica here and go elsewhere or wait for this
+    /// sync. The reopened replica is undamaged, serves reads only once its
+    /// primary reaches it, and rejoins like a restarted one.
+    async fn reopen(&self, local: Arc<Local>) {
+        let key = local.key;
+        let spec = local.spec.clone();
+        let why = local.damaged.lock().expect("damaged lock").clone();
+        self.locals.lock().expect("locals lock").remove(&key);
+        drop(local);
+        let engine = self.engine.clone();
+        let rkey = spec.key;
+        let reopened = blocking(move || engine.reopen_replica(rkey, REOPEN_WAIT)).await;
+        let (replica, damage) = match reopened {
+            Ok(replica) => {
+                let damage = self.engine.damage(rkey).map(|d| d.to_string());
+                info!(shard = %key, damaged = ?damage, "replica reopened after its storage failed");
+                (replica, damage)
+            }
+            Err(e) => {
+                debug!(shard = %key, error = %e.message, "replica not reopened yet");
+                match self.engine.replica(rkey) {
+                    Some(replica) => (replica, why),
+                    None => return,
+                }
+            }
+        };
+        let fresh = Local::new(key, spec, replica, damage);
+        self.locals.lock().expect("locals lock").insert(key, fresh);
+    }
+
     /// What keeps this node's replicas from serving: the damaged ones, with
     /// the reason (`/readyz`).
     pub fn problems(&self) -> Vec<String> {
-        let locals: Vec<Arc<Local>> = self.locals.lock().expect("locals lock").values().cloned().collect();
-        locals
+        let mut out: Vec<String> = self
+            .locals()
             .iter()
             .filter_map(|l| {
                 let why = l.damaged.lock().expect("damaged lock").clone()?;
                 Some(format!("replica of {} ({}) is damaged: {why}", l.key, l.spec.name))
             })
-            .collect()
+            .collect();
+        let unopened = self.unopened.lock().expect("unopened lock");
+        out.extend(
+            unopened
+                .iter()
+                .map(|(key, why)| format!("replica of {key} cannot be created or opened yet: {why}")),
+        );
+        out
     }
 
     /// The local replica of `key`, opening it first when the metadata names
