@@ -27,6 +27,18 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::registry()
         .with(output.with_filter(filter).with_filter(KnownNoise))
         .init();
+    // A panic is logged like every other event: one line with where it
+    // happened (a caught one, such as redb's on a damaged file, is then
+    // followed by what the node did about it), with a backtrace only when
+    // RUST_BACKTRACE asks for one.
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!("{info}\n{backtrace}");
+        } else {
+            tracing::error!("{info}");
+        }
+    }));
     match edgevec_node::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -368,6 +368,15 @@ impl ClusterConfig {
                     "tokens must be at least 8 characters".into(),
                 ));
             }
+            if value.len() > edgevec_proto::limits::MAX_TOKEN_BYTES {
+                return Err(invalid(
+                    t.token.span().start,
+                    format!(
+                        "tokens must be at most {} bytes",
+                        edgevec_proto::limits::MAX_TOKEN_BYTES
+                    ),
+                ));
+            }
             if !seen.insert(value.clone()) {
                 return Err(invalid(t.token.span().start, "this token appears twice".into()));
             }
@@ -563,8 +572,11 @@ roles = ["data", "proxy"]
     }
 
     #[test]
-    fn short_token_rejected() {
+    fn short_and_long_tokens_rejected() {
         let text = GOOD.replace("admin-token-1", "short");
         assert!(parse(&text).unwrap_err().to_string().contains("at least 8"));
+        let text = GOOD.replace("admin-token-1", &"t".repeat(513));
+        assert!(parse(&text).unwrap_err().to_string().contains("at most 512 bytes"));
+        assert!(parse(&GOOD.replace("admin-token-1", &"t".repeat(512))).is_ok());
     }
 }

@@ -135,6 +135,10 @@ pub enum ReplyV1 {
 /// this much, checks the token, and only then reads the rest.
 pub const TOKEN_PREFIX_BYTES: usize = 1024;
 
+// The variant (1 byte) and a length varint (at most 10) fit beside the
+// longest token.
+const _: () = assert!(crate::limits::MAX_TOKEN_BYTES + 11 <= TOKEN_PREFIX_BYTES);
+
 /// The token of an encoded [`ClientRequest`] from the first bytes of its
 /// body, without decoding the rest; `None` if those bytes do not start a
 /// version-1 request with a UTF-8 token that fits in them.

@@ -17,6 +17,9 @@ pub const MAX_BATCH_IDS: usize = 100_000;
 pub const MAX_QUERIES: usize = 1024;
 /// Largest JSON payload of one point, in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Longest API token: the server checks a token from the first
+/// [`crate::client::TOKEN_PREFIX_BYTES`] bytes of a request.
+pub const MAX_TOKEN_BYTES: usize = 512;
 /// Longest collection name.
 pub const MAX_NAME_LEN: usize = 128;
 /// Most shards of one collection.
