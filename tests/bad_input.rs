@@ -482,3 +482,72 @@ async fn a_reply_above_the_frame_limit_is_a_typed_error_and_the_connection_goes_
     // The same client and connection go on.
     assert_eq!(admin.get("wide", &ids[..100]).await.unwrap().len(), 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_request_budget_refuses_with_a_typed_error_and_small_requests_go_on() {
+    // The smallest budget a node takes: one request of the frame limit.
+    let mut cluster = TestCluster::with_layout(Layout {
+        voters: 1,
+        learners: 0,
+        cluster_extra: "request_budget_mb = 64\n".into(),
+    });
+    cluster.start(1);
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_collection(CollectionSpec::new("c", 4, Metric::L2))
+        .await
+        .unwrap();
+    admin
+        .upsert("c", vec![point(1, vec![1.0, 0.0, 0.0, 0.0])])
+        .await
+        .unwrap();
+    let in_flight = || {
+        let (_, m) = cluster.http_get(1, "/metrics");
+        m.lines()
+            .find(|l| l.starts_with("edgevec_requests_in_flight_bytes "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no in-flight gauge in:\n{m}"))
+    };
+
+    // A known token announces the largest request and sends all of it
+    // but its last MiB: the node holds 63 MiB of it.
+    let (_ep, conn) = raw_connection(&cluster).await;
+    let (mut big, _big_recv) = conn.open_bi().await.unwrap();
+    big.write_all(&claim(limits::MAX_FRAME_BYTES as u32, READER))
+        .await
+        .unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..63 {
+        big.write_all(&chunk).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while in_flight() < 60 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never held the big request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Another 2 MiB request cannot get room: refused, typed, within
+    // seconds, and nothing of it kept.
+    let (_ep2, conn2) = raw_connection(&cluster).await;
+    let (mut send, mut recv) = conn2.open_bi().await.unwrap();
+    send.write_all(&claim(2 << 20, READER)).await.unwrap();
+    let _ = send.write_all(&vec![0u8; 2 << 20]).await;
+    let err = reply_error(&mut recv).await;
+    assert_eq!(err.code, ErrorCode::Unavailable, "{err:?}");
+    assert!(err.message.contains("node busy"), "{err:?}");
+
+    // Small requests are read whole with their token: they go on.
+    let reader = cluster.client(1, READER).await;
+    assert_eq!(reader.search("c", &[1.0, 0.0, 0.0, 0.0], 1).await.unwrap()[0].id, 1);
+
+    // The big request given up: its bytes are released.
+    big.reset(0u32.into()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while in_flight() > 1 << 20 {
+        assert!(std::time::Instant::now() < deadline, "the budget was not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

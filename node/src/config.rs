@@ -133,6 +133,10 @@ struct RawCluster {
     /// rebuilt from an export of the shard.
     #[serde(default = "default_oplog_retain_kb")]
     oplog_retain_kb: Spanned<u64>,
+    /// Bytes of request bodies a node holds at once (MiB); at least the
+    /// frame limit, so that the largest request can be read.
+    #[serde(default = "default_request_budget_mb")]
+    request_budget_mb: Spanned<u64>,
     /// Testing only: enables `PUT /fault/partition` on the admin HTTP
     /// endpoint, which cuts this node off from the nodes it names.
     #[serde(default)]
@@ -141,6 +145,10 @@ struct RawCluster {
 
 fn default_raft_snapshot_logs() -> Spanned<u64> {
     Spanned::new(0..0, 2_000)
+}
+
+fn default_request_budget_mb() -> Spanned<u64> {
+    Spanned::new(0..0, (crate::net::server::MAX_INFLIGHT_REQUEST_BYTES >> 20) as u64)
 }
 
 fn default_oplog_retain_kb() -> Spanned<u64> {
@@ -247,6 +255,8 @@ pub struct ClusterConfig {
     pub raft_snapshot_logs: u64,
     /// Bytes of applied ops a shard replica's op log keeps.
     pub oplog_retain_bytes: u64,
+    /// Bytes of request bodies a node holds at once.
+    pub request_budget_bytes: usize,
     /// Whether the admin endpoint takes fault-injection requests (tests).
     pub fault_injection: bool,
     /// Things that are legal but probably not meant (printed at start-up).
@@ -430,6 +440,14 @@ impl ClusterConfig {
                 "oplog_retain_kb must be above 0".into(),
             ));
         }
+        let budget_mb = *c.request_budget_mb.get_ref();
+        let min_mb = (edgevec_proto::limits::MAX_FRAME_BYTES >> 20) as u64;
+        if !(min_mb..=1 << 20).contains(&budget_mb) {
+            return Err(invalid(
+                c.request_budget_mb.span().start,
+                format!("request_budget_mb must be between {min_mb} (the largest request) and 1048576"),
+            ));
+        }
         let (emin, emax) = *c.election_timeout_ms.get_ref();
         if emin <= raft_heartbeat || emax <= emin {
             return Err(invalid(
@@ -449,6 +467,7 @@ impl ClusterConfig {
             election_timeout_ms: (emin, emax),
             raft_snapshot_logs,
             oplog_retain_bytes: oplog_retain_kb.saturating_mul(1024),
+            request_budget_bytes: (budget_mb << 20) as usize,
             fault_injection: raw.cluster.fault_injection,
             warnings,
         })
@@ -569,6 +588,15 @@ roles = ["data", "proxy"]
             assert_eq!(r.to_string().parse::<Role>(), Ok(r));
         }
         assert!("chief".parse::<Role>().unwrap_err().contains("meta, data, proxy"));
+    }
+
+    #[test]
+    fn request_budget_bounds() {
+        let with = |v: &str| GOOD.replace("[cluster]\n", &format!("[cluster]\nrequest_budget_mb = {v}\n"));
+        assert_eq!(parse(GOOD).unwrap().request_budget_bytes, 512 << 20);
+        assert_eq!(parse(&with("64")).unwrap().request_budget_bytes, 64 << 20);
+        let err = parse(&with("63")).unwrap_err().to_string();
+        assert!(err.contains("request_budget_mb must be between 64"), "{err}");
     }
 
     #[test]

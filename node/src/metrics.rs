@@ -16,7 +16,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::meta::Meta;
-use crate::net::server::{self, Budget};
+use crate::net::server::Budget;
 use crate::replication::DataPlane;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -158,7 +158,7 @@ impl DataGauges {
         self.builds_done.set(done as i64);
         self.build_seconds.set(secs);
         self.resident_bytes.set(resident_bytes().unwrap_or(0) as i64);
-        self.in_flight_bytes.set(server::in_flight(budget) as i64);
+        self.in_flight_bytes.set(budget.in_flight() as i64);
     }
 }
 

@@ -159,7 +159,7 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
         shutdown.clone(),
         tasks.clone(),
     );
-    let budget = server::budget();
+    let budget = server::Budget::new(cluster.request_budget_bytes);
     let metrics = Arc::new(Metrics::new(budget.clone()));
     let parts = Parts {
         meta: meta.clone(),

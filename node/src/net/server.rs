@@ -30,10 +30,11 @@ use super::close;
 pub const MAX_CONNECTIONS: usize = 4096;
 /// How long a peer may take to send one request.
 pub const READ_DEADLINE: Duration = Duration::from_secs(30);
-/// Bytes of request bodies the node holds at once, over every connection.
-/// A body is read a chunk at a time, each chunk reserved from this budget
-/// as its bytes arrive (a length prefix alone reserves nothing); a request
-/// that cannot get its next chunk within [`BUDGET_WAIT`] is refused.
+/// Bytes of request bodies the node holds at once, over every connection,
+/// unless cluster.toml says otherwise (`request_budget_mb`). A body is
+/// read a chunk at a time, each chunk reserved from this budget as its
+/// bytes arrive (a length prefix alone reserves nothing); a request that
+/// cannot get its next chunk within [`BUDGET_WAIT`] is refused.
 pub const MAX_INFLIGHT_REQUEST_BYTES: usize = 512 * 1024 * 1024;
 /// Bytes of a body read (and reserved) in one step.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -44,17 +45,26 @@ const BUDGET_WAIT: Duration = Duration::from_secs(2);
 /// [`TOKEN_PREFIX_BYTES`]) is read before its token is checked.
 pub const UNAUTHENTICATED_CONNECTION_BYTES: usize = 16 * 1024;
 
-/// The node-wide budget of request bytes in flight.
-pub type Budget = Arc<tokio::sync::Semaphore>;
-
-/// A fresh budget of [`MAX_INFLIGHT_REQUEST_BYTES`].
-pub fn budget() -> Budget {
-    Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_REQUEST_BYTES))
+/// The node-wide budget of request bytes in flight, and its size.
+#[derive(Clone)]
+pub struct Budget {
+    bytes: Arc<tokio::sync::Semaphore>,
+    size: usize,
 }
 
-/// Bytes of request bodies held now.
-pub fn in_flight(budget: &Budget) -> usize {
-    MAX_INFLIGHT_REQUEST_BYTES.saturating_sub(budget.available_permits())
+impl Budget {
+    /// A budget of `size` bytes.
+    pub fn new(size: usize) -> Self {
+        Budget {
+            bytes: Arc::new(tokio::sync::Semaphore::new(size)),
+            size,
+        }
+    }
+
+    /// Bytes of request bodies held now.
+    pub fn in_flight(&self) -> usize {
+        self.size.saturating_sub(self.bytes.available_permits())
+    }
 }
 
 /// What a connection's streams share.
@@ -298,14 +308,15 @@ async fn read_body<D: Dispatch>(
                 expected: len,
             })?;
         let n = chunk.bytes.len();
-        let permit = tokio::time::timeout(BUDGET_WAIT, budget.clone().acquire_many_owned(n as u32))
+        let permit = tokio::time::timeout(BUDGET_WAIT, budget.bytes.clone().acquire_many_owned(n as u32))
             .await
             .map_err(|_| {
                 ReadError::Refused(WireError::new(
                     ErrorCode::Unavailable,
                     format!(
-                        "node busy: {MAX_INFLIGHT_REQUEST_BYTES} bytes of requests are in flight; retry, or send \
-                         smaller batches"
+                        "node busy: its {} bytes for requests in flight stayed taken for {BUDGET_WAIT:?}; retry, \
+                         or send smaller batches",
+                        budget.size
                     ),
                 ))
             })?
