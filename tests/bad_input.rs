@@ -175,7 +175,7 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
         ClientError::PermissionDenied(m) => assert!(m.contains("read") && m.contains("write"), "{m}"),
         e => panic!("{e:?}"),
     }
-    assert_eq!(reader.search("c", &[1.0, 0.0, 0.0, 0.0], 1).await.unwrap()[0].id, 1);
+    assert_eq!(reader.search("c", &[1.0, 1.0, 0.0, 0.0], 1).await.unwrap()[0].id, 1);
     let writer = Client::connect(cluster.client_config(1, WRITER)).await.unwrap();
     assert!(matches!(
         writer.drop_collection("c").await.unwrap_err(),
@@ -348,6 +348,23 @@ async fn node_protocol_requires_a_node_certificate_of_the_cluster() {
     c.status().await.unwrap();
 }
 
+/// One node of `layout` running, with collection `c` (4-d, L2) holding
+/// points 0..n, point i at [i, 1, 0, 0].
+async fn one_node_with_points(layout: Layout, n: u64) -> TestCluster {
+    let mut cluster = TestCluster::with_layout(layout);
+    cluster.start(1);
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_collection(CollectionSpec::new("c", 4, Metric::L2))
+        .await
+        .unwrap();
+    admin
+        .upsert("c", (0..n).map(|i| point(i, vec![i as f32, 1.0, 0.0, 0.0])).collect())
+        .await
+        .unwrap();
+    cluster
+}
+
 /// (VmRSS, VmSize) of process `pid` in MiB.
 fn memory_mib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -376,17 +393,7 @@ fn claim(len: u32, token: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_length_prefixes_leave_memory_bounded_and_searches_answering() {
-    let mut cluster = TestCluster::new(1);
-    cluster.start(1);
-    let admin = cluster.client(1, ADMIN).await;
-    admin
-        .create_collection(CollectionSpec::new("c", 4, Metric::L2))
-        .await
-        .unwrap();
-    admin
-        .upsert("c", (0..100).map(|i| point(i, vec![i as f32, 1.0, 0.0, 0.0])).collect())
-        .await
-        .unwrap();
+    let cluster = one_node_with_points(Layout::voters(1), 100).await;
     let pid = cluster.pid(1).unwrap();
     let before = memory_mib(pid);
 
@@ -486,21 +493,12 @@ async fn a_reply_above_the_frame_limit_is_a_typed_error_and_the_connection_goes_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_request_budget_refuses_with_a_typed_error_and_small_requests_go_on() {
     // The smallest budget a node takes: one request of the frame limit.
-    let mut cluster = TestCluster::with_layout(Layout {
+    let layout = Layout {
         voters: 1,
         learners: 0,
         cluster_extra: "request_budget_mb = 64\n".into(),
-    });
-    cluster.start(1);
-    let admin = cluster.client(1, ADMIN).await;
-    admin
-        .create_collection(CollectionSpec::new("c", 4, Metric::L2))
-        .await
-        .unwrap();
-    admin
-        .upsert("c", vec![point(1, vec![1.0, 0.0, 0.0, 0.0])])
-        .await
-        .unwrap();
+    };
+    let cluster = one_node_with_points(layout, 10).await;
     let in_flight = || {
         let (_, m) = cluster.http_get(1, "/metrics");
         m.lines()
@@ -541,7 +539,7 @@ async fn a_full_request_budget_refuses_with_a_typed_error_and_small_requests_go_
 
     // Small requests are read whole with their token: they go on.
     let reader = cluster.client(1, READER).await;
-    assert_eq!(reader.search("c", &[1.0, 0.0, 0.0, 0.0], 1).await.unwrap()[0].id, 1);
+    assert_eq!(reader.search("c", &[1.0, 1.0, 0.0, 0.0], 1).await.unwrap()[0].id, 1);
 
     // The big request given up: its bytes are released.
     big.reset(0u32.into()).unwrap();
