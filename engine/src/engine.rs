@@ -223,30 +223,17 @@ impl Engine {
                 tracing::info!(replica = %spec.key, "creating the files of a replica whose create was interrupted");
             }
             let config = shard_config(&spec, index, opts.oplog_retain_bytes);
-            // A panic comes from the storage library, reading the shard file.
-            let store = path.join(crate::shard::STORE_FILE);
-            let replica = match catching(&store, || ShardReplica::open(&path, config, builder.clone())) {
-                Ok(replica) => {
-                    if let Some(d) = damage {
-                        tracing::error!(replica = %spec.key, damage = %d, "replica still damaged: waiting for a rebuild from a healthy replica");
-                        damaged.insert(spec.key, d);
-                    }
-                    replica
-                }
-                Err(e) => {
-                    let d = set_aside(dir, &mut registry, &spec, &path, &e)?;
-                    tracing::error!(
-                        replica = %spec.key,
-                        file = %d.file.display(),
-                        kept_at = %d.kept_at.display(),
-                        error = %d.reason,
-                        "replica files cannot be opened: set aside, the node serves everything else; the replica is \
-                         rebuilt from a healthy replica if there is one"
-                    );
+            let (replica, set_aside_now) = open_or_set_aside(dir, &mut registry, &builder, &spec, config)?;
+            match (set_aside_now, damage) {
+                (Some(d), _) => {
                     damaged.insert(spec.key, d);
-                    ShardReplica::open(&path, config, builder.clone())?
                 }
-            };
+                (None, Some(d)) => {
+                    tracing::error!(replica = %spec.key, damage = %d, "replica still damaged: waiting for a rebuild from a healthy replica");
+                    damaged.insert(spec.key, d);
+                }
+                (None, None) => {}
+            }
             replicas.insert(spec.key, (spec, replica));
         }
         Ok(Engine {
@@ -347,7 +334,6 @@ impl Engine {
     /// that then fail to open are set aside as damaged, as at open.
     pub fn reopen_replica(&self, key: ReplicaKey, wait: Duration) -> Result<Arc<ShardReplica>, EngineError> {
         let mut registry = self.registry.lock().expect("registry lock");
-        let dir = layout::replica_dir(&self.root, key);
         self.probe_replica(key)?;
         let Some((spec, old)) = self.write_map().remove(&key) else {
             return Err(EngineError::ReplicaNotFound(key));
@@ -363,16 +349,10 @@ impl Engine {
         old.retire();
         drop(old);
         let config = self.shard_config(&spec);
-        let store = dir.join(crate::shard::STORE_FILE);
-        let replica = match catching(&store, || ShardReplica::open(&dir, config, self.builder.clone())) {
-            Ok(r) => r,
-            Err(e) => {
-                let d = set_aside(&self.root, &mut registry, &spec, &dir, &e)?;
-                tracing::error!(replica = %key, damage = %d, "replica files cannot be opened again: set aside");
-                self.damaged.lock().expect("damaged lock").insert(key, d);
-                ShardReplica::open(&dir, config, self.builder.clone())?
-            }
-        };
+        let (replica, set_aside) = open_or_set_aside(&self.root, &mut registry, &self.builder, &spec, config)?;
+        if let Some(d) = set_aside {
+            self.damaged.lock().expect("damaged lock").insert(key, d);
+        }
         self.write_map().insert(key, (spec, replica.clone()));
         Ok(replica)
     }
@@ -395,7 +375,8 @@ impl Engine {
     }
 
     /// Every replica set aside and not replaced yet, by key.
-    pub fn damaged(&self) -> Vec<(ReplicaKey, Damage)> {
+    #[cfg(test)]
+    pub(crate) fn damaged(&self) -> Vec<(ReplicaKey, Damage)> {
         let damaged = self.damaged.lock().expect("damaged lock");
         damaged.iter().map(|(k, d)| (*k, d.clone())).collect()
     }
@@ -474,6 +455,36 @@ fn catching<T>(path: &Path, f: impl FnOnce() -> Result<T, EngineError>) -> Resul
             ))
         }
     }
+}
+
+/// Opens the replica of `spec` (in its directory under `root`). Files that
+/// fail to open (an error, or a panic of the storage library) are set
+/// aside as damaged and an empty replica is opened in their place; the
+/// damage is returned with it.
+fn open_or_set_aside(
+    root: &Path,
+    registry: &mut Registry,
+    builder: &Arc<IndexBuilder>,
+    spec: &ReplicaSpec,
+    config: ShardConfig,
+) -> Result<(Arc<ShardReplica>, Option<Damage>), EngineError> {
+    let dir = layout::replica_dir(root, spec.key);
+    // A panic comes from the storage library, reading the shard file.
+    let store = dir.join(crate::shard::STORE_FILE);
+    let e = match catching(&store, || ShardReplica::open(&dir, config, builder.clone())) {
+        Ok(replica) => return Ok((replica, None)),
+        Err(e) => e,
+    };
+    let d = set_aside(root, registry, spec, &dir, &e)?;
+    tracing::error!(
+        replica = %spec.key,
+        file = %d.file.display(),
+        kept_at = %d.kept_at.display(),
+        error = %d.reason,
+        "replica files cannot be opened: set aside, the node serves everything else; the replica is rebuilt \
+         from a healthy replica if there is one"
+    );
+    Ok((ShardReplica::open(&dir, config, builder.clone())?, Some(d)))
 }
 
 /// Moves the directory of a replica that failed to open (`error`) to
