@@ -341,11 +341,12 @@ impl ShardStore {
     /// what [`oplog::LogState::check_append`] decided they change: the
     /// history entries they open, the term and the last op. Returns the
     /// oldest LSN in the log afterwards.
-    pub fn append(&self, entries: &[(u64, Vec<u8>)], appended: &Appended) -> Result<Option<u64>, EngineError> {
+    pub fn append(&self, entries: &[(u64, impl AsRef<[u8]>)], appended: &Appended) -> Result<Option<u64>, EngineError> {
         self.write(|txn, meta| {
             let mut oplog = txn.open_table(OPLOG)?;
             for (lsn, bytes) in entries {
-                oplog.insert(*lsn, bytes.as_slice())?;
+                let bytes = bytes.as_ref();
+                oplog.insert(*lsn, bytes)?;
                 meta.log_bytes += bytes.len() as u64;
             }
             let mut terms = txn.open_table(TERMS)?;

@@ -29,7 +29,7 @@ pub enum NodeOpV1 {
     Heartbeat(Heartbeat),
     /// A metadata command forwarded to the leader (postcard-encoded
     /// `MetaCommand` of the metadata crate).
-    MetaWrite(Vec<u8>),
+    MetaWrite(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The leader's view of the cluster (with heartbeat ages).
     ClusterView,
     /// A membership change, forwarded to the leader.
@@ -61,9 +61,9 @@ pub enum MembershipChange {
 /// The three Raft RPCs, each carrying an encoded openraft request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RaftRpc {
-    Append(Vec<u8>),
-    Vote(Vec<u8>),
-    Snapshot(Vec<u8>),
+    Append(#[serde(with = "serde_bytes")] Vec<u8>),
+    Vote(#[serde(with = "serde_bytes")] Vec<u8>),
+    Snapshot(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// What a node tells the metadata leader every heartbeat interval.
@@ -83,7 +83,7 @@ pub enum NodeReplyV1 {
         node_id: u64,
     },
     /// The encoded `Result<openraft response, openraft RaftError>`.
-    Raft(Vec<u8>),
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     HeartbeatAck {
         leader: Option<u64>,
         term: u64,
@@ -92,7 +92,7 @@ pub enum NodeReplyV1 {
         leader_applied: Option<u64>,
     },
     /// The encoded `MetaResponse` of a committed command.
-    MetaWritten(Vec<u8>),
+    MetaWritten(#[serde(with = "serde_bytes")] Vec<u8>),
     ClusterView(crate::types::ClusterStatus),
     Membership {
         voters: Vec<u64>,

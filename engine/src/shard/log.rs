@@ -56,7 +56,7 @@ impl ShardReplica {
         &self,
         prev: OpId,
         entries: &[(OpId, ShardOp)],
-        records: Vec<Vec<u8>>,
+        records: Vec<impl AsRef<[u8]>>,
     ) -> Result<OpId, EngineError> {
         assert_eq!(entries.len(), records.len(), "one record per entry");
         let _writer = self.writer.lock().expect("shard writer lock");
@@ -70,7 +70,7 @@ impl ShardReplica {
         for (_, op) in entries {
             self.check_op(op)?;
         }
-        let encoded: Vec<(u64, Vec<u8>)> = entries.iter().map(|(id, _)| id.lsn).zip(records).collect();
+        let encoded: Vec<(u64, _)> = entries.iter().map(|(id, _)| id.lsn).zip(records).collect();
         let first_logged = self.store.append(&encoded, &appended)?;
         let mut st = self.state.write().expect("shard state lock");
         st.log.term = appended.term;

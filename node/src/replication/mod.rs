@@ -98,6 +98,10 @@ pub struct Local {
     pub incoming: tokio::sync::Mutex<Option<transfer::Incoming>>,
     /// Writes waiting for the primary's next group commit.
     pub queued: Mutex<Vec<primary::Queued>>,
+    /// Taken by a committed batch before it releases the primary lock and
+    /// held while it applies: the next batch replicates meanwhile, and
+    /// batches still apply (and count what they deleted) in commit order.
+    pub applying: Arc<tokio::sync::Mutex<()>>,
     /// What a read of this replica waits for (see [`ApplyGate`]).
     pub gate: tokio::sync::watch::Sender<ApplyGate>,
 }
@@ -120,6 +124,7 @@ impl Local {
             damaged: Mutex::new(damaged),
             incoming: tokio::sync::Mutex::new(None),
             queued: Mutex::new(Vec::new()),
+            applying: Arc::new(tokio::sync::Mutex::new(())),
             gate,
         })
     }

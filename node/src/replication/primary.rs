@@ -5,9 +5,12 @@
 //!
 //! Invariants:
 //! - a batch of writes holds the replica's primary lock from assigning its
-//!   LSNs to its ack, so ops reach every backup in LSN order and the ack
-//!   set cannot change under a write; writes that queue meanwhile form the
-//!   next batch;
+//!   LSNs until every member of the ack set holds it, so ops reach every
+//!   backup in LSN order and the ack set cannot change under a write;
+//!   writes that queue meanwhile form the next batch;
+//! - a committed batch takes the apply lock before it releases the
+//!   primary lock, and is acknowledged once applied: batches apply in
+//!   commit order while the next one replicates;
 //! - a write is acknowledged only when every member of the ack set (the
 //!   committed in-sync set, plus joiners whose in-sync CAS may still
 //!   commit) has persisted it, and at least `min_insync` replicas hold it;
@@ -43,6 +46,16 @@ pub struct EpochMark {
     pub start: Option<OpId>,
     /// Term whose epoch start committed: writes are taken.
     pub ready: u64,
+}
+
+/// A batch every member of the ack set holds, waiting for its turn to
+/// apply.
+pub struct Committed {
+    ids: Vec<OpId>,
+    /// The configuration it was committed under.
+    cfg: ShardConfig,
+    /// This batch's turn on the apply lock.
+    turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// A committed write: its op id, and for a delete the points it removed.
@@ -245,7 +258,7 @@ impl DataPlane {
         });
         let fresh = LogEntry {
             id: epoch,
-            op: ShardOp::EpochStart.encode(term),
+            op: ShardOp::EpochStart.encode(term).into(),
         };
         let committed = match self.replicate_to_ack_set(&local, p, std::slice::from_ref(&fresh)).await {
             Ok(()) => local.persist(move |replica| replica.apply_through(epoch.lsn)).await,
@@ -290,7 +303,13 @@ impl DataPlane {
         }
         let batch = take_batch(&mut local.queued.lock().expect("queue lock"));
         let (ops, replies): (Vec<ShardOp>, Vec<_>) = batch.into_iter().unzip();
-        match self.commit_batch(local, &mut guard, ops).await {
+        let committed = self.commit_batch(local, &mut guard, ops).await;
+        drop(guard);
+        let written = match committed {
+            Ok(c) => self.apply_committed(local, c).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(ids) => {
                 for (reply, id) in replies.into_iter().zip(ids) {
                     let _ = reply.send(Ok(id));
@@ -302,7 +321,6 @@ impl DataPlane {
                 }
             }
         }
-        drop(guard);
         rx.await.unwrap_or_else(|_| {
             Err(WireError::new(
                 ErrorCode::Internal,
@@ -311,13 +329,15 @@ impl DataPlane {
         })
     }
 
-    /// Commits `ops` (in this order, consecutive LSNs) as primary.
+    /// Commits `ops` (in this order, consecutive LSNs) as primary: every
+    /// member of the ack set holds them when this returns. The apply lock
+    /// is taken before the caller releases the primary lock.
     async fn commit_batch(
         &self,
         local: &Arc<Local>,
         guard: &mut Option<Primary>,
         ops: Vec<ShardOp>,
-    ) -> Result<Vec<Written>, WireError> {
+    ) -> Result<Committed, WireError> {
         let key = local.key;
         let Some(p) = guard.as_mut() else {
             return Err(unavailable(format!(
@@ -360,14 +380,14 @@ impl DataPlane {
             .iter()
             .map(|(id, op)| LogEntry {
                 id: *id,
-                op: op.encode(term),
+                op: op.encode(term).into(),
             })
             .collect();
         // The local fsync and the backups' run at the same time: no op is
         // acknowledged before all of them hold it, so the order does not
         // matter, and a failed local write makes this node step down
         // before it could write again in this term.
-        let records: Vec<Vec<u8>> = fresh.iter().map(|e| e.op.clone()).collect();
+        let records: Vec<bytes::Bytes> = fresh.iter().map(|e| e.op.clone()).collect();
         let local_append = local.persist(move |replica| replica.append_encoded(last, &entries, records));
         let (appended, replicated) = tokio::join!(local_append, self.replicate_to_ack_set(local, p, &fresh));
         if let Err(e) = appended {
@@ -378,9 +398,24 @@ impl DataPlane {
             )));
         }
         replicated?;
+        p.commit_lsn = end.lsn;
+        Ok(Committed {
+            ids,
+            cfg,
+            turn: local.applying.clone().lock_owned().await,
+        })
+    }
+
+    /// Applies a committed batch (after the batches committed before it)
+    /// and tells the backups its commit point.
+    async fn apply_committed(&self, local: &Arc<Local>, committed: Committed) -> Result<Vec<Written>, WireError> {
+        let Committed { ids, cfg, turn } = committed;
+        let key = local.key;
+        let end = *ids.last().expect("a batch has at least one op");
         let applied = local
             .persist(move |replica| replica.apply_through_counting(end.lsn))
             .await;
+        drop(turn);
         local.publish_applied();
         let deleted: BTreeMap<u64, u64> = match applied {
             Ok((_, deleted)) => deleted.into_iter().collect(),
@@ -394,7 +429,6 @@ impl DataPlane {
                 )));
             }
         };
-        p.commit_lsn = end.lsn;
         self.notify_commit(local, end);
         Ok(ids
             .into_iter()
@@ -579,7 +613,7 @@ impl DataPlane {
                     read.into_iter()
                         .map(|(id, op)| LogEntry {
                             id,
-                            op: op.encode(id.term),
+                            op: op.encode(id.term).into(),
                         })
                         .collect()
                 }
