@@ -264,6 +264,58 @@ async fn writes_through_one_node_are_read_through_every_node() {
     check_count(&cluster, &c2, "node 2", name, 600).await;
 }
 
+/// Writes that queue on one shard while earlier ones replicate and apply
+/// go out in shared batches; each must be answered once, with its own
+/// outcome. No retries are allowed: a healthy cluster refuses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_to_one_shard_are_each_answered() {
+    const WRITERS: u64 = 8;
+    const BATCHES: u64 = 25;
+    const POINTS: u64 = 20;
+    let cluster = TestCluster::running(fast(3, 0, "")).await;
+    let name = "together";
+    let admin = create(&cluster, name, 1, 3).await;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let mut config = cluster.client_config(1 + w % 3, WRITER);
+        config.retry_budget = Duration::ZERO;
+        let client = edgevec_client::Client::connect(config).await.expect("connect");
+        let ledger = ledger.clone();
+        writers.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for b in 0..BATCHES {
+                let first = (w * BATCHES + b) * POINTS;
+                let ids = first..first + POINTS;
+                let (batch, points) = ledger.lock().unwrap().begin(DIM, ids.clone());
+                let started = Instant::now();
+                let result = client.upsert("together", points).await.map(|_| ());
+                if let Err(e) = &result {
+                    errors.push(format!("writer {w} batch {b}: {e}"));
+                }
+                ledger.lock().unwrap().finish(batch, ids, started, &result);
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    for w in writers {
+        errors.extend(w.await.expect("writer task"));
+    }
+    if !errors.is_empty() {
+        cluster.fail(format!("{} writes failed: {errors:#?}", errors.len()));
+    }
+    let total = (WRITERS * BATCHES * POINTS) as usize;
+    wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
+    let ledger = Arc::try_unwrap(ledger).expect("writers are done").into_inner().unwrap();
+    for id in 1..=3 {
+        let c = cluster.client(id, READER).await;
+        let present = check_through(&cluster, &c, &format!("node {id}"), name, &ledger).await;
+        assert_eq!(present.len(), total);
+        check_count(&cluster, &c, &format!("node {id}"), name, total).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_replicas_than_data_nodes_is_refused() {
     let cluster = TestCluster::running(Layout::voters(3)).await;

@@ -363,12 +363,42 @@ impl TestCluster {
 }
 
 impl Drop for TestCluster {
+    /// Kills the nodes; then a panic of edgevec's own code in any node's
+    /// log fails the test, even one a client's retry made invisible.
+    /// (Panics inside dependencies, such as redb's on a damaged file, are
+    /// caught and handled by the node, and tests provoke them.)
     fn drop(&mut self) {
         for (_, mut c) in self.procs.drain() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if std::thread::panicking() {
+            return;
+        }
+        let mut found = Vec::new();
+        for id in self.ids() {
+            let text = fs::read_to_string(self.log_path(id)).unwrap_or_default();
+            found.extend(
+                own_panics(&text)
+                    .into_iter()
+                    .map(|l| format!("node {id} ({}): {l}", self.log_path(id).display())),
+            );
+        }
+        if !found.is_empty() {
+            panic!("edgevec code panicked in a node:\n{}", found.join("\n"));
+        }
     }
+}
+
+/// Lines of a node log that report a panic located in this workspace's
+/// sources (relative paths; dependencies' sources are absolute paths).
+pub fn own_panics(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| {
+            let at = l.find("panicked at ")? + "panicked at ".len();
+            (!l[at..].starts_with('/')).then(|| l.to_string())
+        })
+        .collect()
 }
 
 /// Seeded random vectors (xorshift; no dependency on rand's value stream).

@@ -302,22 +302,28 @@ impl DataPlane {
             return done;
         }
         let batch = take_batch(&mut local.queued.lock().expect("queue lock"));
-        let (ops, replies): (Vec<ShardOp>, Vec<_>) = batch.into_iter().unzip();
-        let committed = self.commit_batch(local, &mut guard, ops).await;
-        drop(guard);
-        let written = match committed {
-            Ok(c) => self.apply_committed(local, c).await,
-            Err(e) => Err(e),
-        };
-        match written {
-            Ok(ids) => {
-                for (reply, id) in replies.into_iter().zip(ids) {
-                    let _ = reply.send(Ok(id));
+        if batch.is_empty() {
+            // An earlier batch took this write and is still applying it;
+            // it answers once applied.
+            drop(guard);
+        } else {
+            let (ops, replies): (Vec<ShardOp>, Vec<_>) = batch.into_iter().unzip();
+            let committed = self.commit_batch(local, &mut guard, ops).await;
+            drop(guard);
+            let written = match committed {
+                Ok(c) => self.apply_committed(local, c).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(ids) => {
+                    for (reply, id) in replies.into_iter().zip(ids) {
+                        let _ = reply.send(Ok(id));
+                    }
                 }
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
                 }
             }
         }
