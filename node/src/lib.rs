@@ -17,6 +17,7 @@ pub mod meta;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod policy;
 pub mod replication;
 pub mod router;
 pub mod service;
