@@ -172,7 +172,7 @@ fn segment_state(s: &edgevec_proto::SegmentInfo) -> &'static str {
 }
 
 /// Resident memory of this process, from `/proc/self/status` (Linux).
-fn resident_bytes() -> Option<u64> {
+pub fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: u64 = status
         .lines()

@@ -24,6 +24,9 @@
 //! the bench's directory (keep it with `--dir`) and killed when the bench
 //! ends, whichever way it ends. Every wait is bounded.
 //!
+//! With `--mode plugins` it measures policy decisions through the
+//! WebAssembly host against the same code called natively.
+//!
 //! `cargo run --release --bin bench -- --help`
 
 use std::fs::OpenOptions;
@@ -40,13 +43,15 @@ use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, OpId, Point, 
 use edgevec_engine::{search_replicas, Engine, EngineOptions, ShardReplica};
 use rand::{Rng, SeedableRng};
 
+mod plugins;
 mod replication;
 mod usage;
 
 #[derive(Parser, Debug)]
 struct Args {
-    /// `search` (engine and QUIC search/insert), `meta` (metadata Raft) or
-    /// `replication` (shard replication on 3 nodes).
+    /// `search` (engine and QUIC search/insert), `meta` (metadata Raft),
+    /// `replication` (shard replication on 3 nodes) or `plugins` (policy
+    /// decisions, WebAssembly against native).
     #[arg(long, default_value = "search")]
     mode: String,
     /// Metadata writes measured (meta mode).
@@ -407,7 +412,8 @@ async fn main() -> Result<()> {
         "search" => search_bench(&args, &dir).await,
         "meta" => meta_bench(&args, &dir).await,
         "replication" => replication::run(&args, &dir).await,
-        other => bail!("unknown --mode {other:?}: use search, meta or replication"),
+        "plugins" => plugins::run(&args),
+        other => bail!("unknown --mode {other:?}: use search, meta, replication or plugins"),
     }
 }
 

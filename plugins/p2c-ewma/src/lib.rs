@@ -8,7 +8,7 @@
 //! Parameters: `default_latency_us` (default 1000), `decay_ms` (default
 //! 10000).
 
-use edgevec_policy::host::random_below;
+use edgevec_policy::host::random_u64;
 use edgevec_policy::{load_balancer, Configuration, LoadBalancer, Order, Replica, Replicas, Request};
 
 pub struct P2cEwma {
@@ -41,30 +41,31 @@ impl LoadBalancer for P2cEwma {
     }
 
     fn order(&mut self, request: &Request<'_>, replicas: &Replicas<'_>, order: &mut Order) {
-        let mut fresh = [0usize; edgevec_policy::layout::MAX_REPLICAS];
+        // (cost, index) of the fresh candidates.
+        let mut fresh = [(0u64, 0usize); edgevec_policy::layout::MAX_REPLICAS];
         let mut m = 0;
         for (i, r) in replicas.iter() {
             if request.fresh(i, &r) {
-                fresh[m] = i;
+                fresh[m] = (self.cost(&r), i);
                 m += 1;
             }
         }
-        let cost = |i: usize| replicas.get(i).map_or(u64::MAX, |r| self.cost(&r));
+        let fresh = &mut fresh[..m];
         if m >= 2 {
-            let a = random_below(m);
-            let mut b = random_below(m - 1);
+            // Two distinct candidates from one draw.
+            let draw = random_u64();
+            let a = (draw % m as u64) as usize;
+            let mut b = ((draw / m as u64) % (m as u64 - 1)) as usize;
             if b >= a {
                 b += 1;
             }
-            let (a, b) = (fresh[a], fresh[b]);
-            let (first, second) = if cost(b) < cost(a) { (b, a) } else { (a, b) };
-            order.push(first);
-            order.push(second);
+            let (first, second) = if fresh[b].0 < fresh[a].0 { (b, a) } else { (a, b) };
+            order.push(fresh[first].1);
+            order.push(fresh[second].1);
         }
-        // The rest of the fresh ones by cost (stable: given order on ties).
-        let rest = &mut fresh[..m];
-        rest.sort_by_key(|&i| cost(i));
-        for &i in rest.iter() {
+        // The rest of the fresh ones by cost (ties: given order).
+        fresh.sort_unstable();
+        for &(_, i) in fresh.iter() {
             order.push(i);
         }
     }

@@ -28,11 +28,15 @@ impl LoadBalancer for ZoneAware {
         }
         let start = (request.sequence() % n as u64) as usize;
         let zone = request.client_zone();
-        let local = |i: usize| zone.is_some() && replicas.get(i).and_then(|r| r.zone()) == zone;
+        // (local, fresh) per candidate, read once.
+        let mut seen = [(false, false); edgevec_policy::layout::MAX_REPLICAS];
         let mut local_fresh = 0;
         let mut local_busy = 0;
         for (i, r) in replicas.iter() {
-            if local(i) && request.fresh(i, &r) {
+            let local = zone.is_some() && r.zone() == zone;
+            let fresh = request.fresh(i, &r);
+            seen[i] = (local, fresh);
+            if local && fresh {
                 local_fresh += 1;
                 if r.in_flight() >= self.spill_in_flight {
                     local_busy += 1;
@@ -46,13 +50,11 @@ impl LoadBalancer for ZoneAware {
         } else {
             [(true, true), (false, true), (true, false), (false, false)]
         };
-        for (want_local, want_fresh) in passes {
+        for want in passes {
             for k in 0..n {
                 let i = (start + k) % n;
-                if let Some(r) = replicas.get(i) {
-                    if local(i) == want_local && request.fresh(i, &r) == want_fresh {
-                        order.push(i);
-                    }
+                if seen[i] == want {
+                    order.push(i);
                 }
             }
         }

@@ -1,0 +1,189 @@
+//! `--mode plugins`: the cost of a policy decision through the WebAssembly
+//! host next to the same Rust code called natively, for each shipped
+//! plugin at 3 and 16 candidates; and load (check, compile, instantiate,
+//! configure) time and memory per plugin.
+//!
+//! Calls are timed in batches of [`BATCH`] (a clock read costs about as
+//! much as a native decision); p50 and p99 are over the batches' per-call
+//! means. Inputs are seeded and vary from call to call.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use edgevec_node::policy::builtin::BUILTIN;
+use edgevec_node::policy::{HostInputs, Loaded, PolicyEngine};
+use edgevec_policy::{
+    replica_words, Configuration, ConsistencyPolicy, ConsistencyRequest, ConsistencyRequestInfo, LoadBalancer, Order,
+    ReplicaInfo, ReplicaState, Replicas, Request, RequestInfo, Requirements, SplitMix64,
+};
+
+use super::Args;
+
+const BATCH: usize = 64;
+
+/// Seeded inputs: `count` (request words, replica words) pairs.
+fn inputs(n: usize, consistency: bool, count: usize) -> Vec<(Vec<u64>, Vec<u64>)> {
+    let mut rng = SplitMix64::new(n as u64);
+    (0..count)
+        .map(|seq| {
+            let rs: Vec<ReplicaInfo> = (0..n)
+                .map(|i| {
+                    let bits = rng.next_u64();
+                    let mut r = ReplicaInfo::new(i as u64 + 1);
+                    r.zone = Some((bits % 3) as u32);
+                    r.primary = i == 0;
+                    r.ejected = bits >> 8 & 15 == 0;
+                    r.state = if bits >> 12 & 15 == 0 {
+                        ReplicaState::CatchingUp
+                    } else {
+                        ReplicaState::InSync
+                    };
+                    r.in_flight = bits >> 16 & 15;
+                    r.latency_us = Some(200 + (bits >> 20) % 5000);
+                    r.since_sample_ms = Some((bits >> 40) % 1000);
+                    r
+                })
+                .collect();
+            let req = if consistency {
+                ConsistencyRequestInfo {
+                    collection: 1,
+                    level: 1,
+                    bound_ms: 500,
+                    session: Some((1, seq as u64)),
+                    deadline_ms: 1000,
+                    ..ConsistencyRequestInfo::default()
+                }
+                .words()
+                .to_vec()
+            } else {
+                RequestInfo {
+                    collection: 1,
+                    client_zone: Some((seq % 3) as u32),
+                    deadline_ms: 1000,
+                    sequence: seq as u64,
+                    ..RequestInfo::default()
+                }
+                .words()
+                .to_vec()
+            };
+            (req, replica_words(&rs))
+        })
+        .collect()
+}
+
+/// Per-call ns (p50, p99) of `call` over the inputs, in batches.
+fn time_calls(
+    inputs: &[(Vec<u64>, Vec<u64>)],
+    batches: usize,
+    mut call: impl FnMut(&[u64], &[u64]) -> u64,
+) -> (f64, f64) {
+    let mut sink = 0u64;
+    // Warm-up: one pass.
+    for (q, r) in inputs {
+        sink = sink.wrapping_add(call(q, r));
+    }
+    let mut per_call = Vec::with_capacity(batches);
+    let mut k = 0;
+    for _ in 0..batches {
+        let t = Instant::now();
+        for _ in 0..BATCH {
+            let (q, r) = &inputs[k % inputs.len()];
+            sink = sink.wrapping_add(call(q, r));
+            k += 1;
+        }
+        per_call.push(t.elapsed().as_nanos() as f64 / BATCH as f64);
+    }
+    std::hint::black_box(sink);
+    per_call.sort_by(f64::total_cmp);
+    (per_call[per_call.len() / 2], per_call[per_call.len() * 99 / 100])
+}
+
+fn native_lb<P: LoadBalancer>(config: &Configuration) -> impl FnMut(&[u64], &[u64]) -> u64 {
+    let mut p = P::configure(config).expect("configure");
+    move |q, r| {
+        let rs = Replicas(r);
+        let mut o = Order::new(rs.len());
+        p.order(&Request(q), &rs, &mut o);
+        o.packed()
+    }
+}
+
+fn native_cp<P: ConsistencyPolicy>(config: &Configuration) -> impl FnMut(&[u64], &[u64]) -> u64 {
+    let mut p = P::configure(config).expect("configure");
+    move |q, r| {
+        let rs = Replicas(r);
+        let mut o = Requirements::new(rs.len());
+        p.requirements(&ConsistencyRequest(q), &rs, &mut o);
+        o.packed().0
+    }
+}
+
+/// A decision: (request words, replica words) → packed answer.
+type Decide = Box<dyn FnMut(&[u64], &[u64]) -> u64>;
+
+fn native(name: &str, config: &Configuration) -> Decide {
+    match name {
+        "round-robin" => Box::new(native_lb::<edgevec_plugin_round_robin::RoundRobin>(config)),
+        "least-connections" => Box::new(native_lb::<edgevec_plugin_least_connections::LeastConnections>(config)),
+        "random" => Box::new(native_lb::<edgevec_plugin_random::Random>(config)),
+        "p2c-ewma" => Box::new(native_lb::<edgevec_plugin_p2c_ewma::P2cEwma>(config)),
+        "zone-aware" => Box::new(native_lb::<edgevec_plugin_zone_aware::ZoneAware>(config)),
+        "strong" => Box::new(native_cp::<edgevec_plugin_strong::Strong>(config)),
+        "bounded" => Box::new(native_cp::<edgevec_plugin_bounded::Bounded>(config)),
+        "session" => Box::new(native_cp::<edgevec_plugin_session::Session>(config)),
+        "eventually" => Box::new(native_cp::<edgevec_plugin_eventually::Eventually>(config)),
+        other => panic!("no native build of {other}"),
+    }
+}
+
+fn host_call(loaded: &Loaded) -> impl FnMut(&[u64], &[u64]) -> u64 + '_ {
+    move |q, r| match loaded.kind {
+        edgevec_node::policy::Kind::LoadBalancer => loaded.call_order(q, r).expect("plugin call"),
+        edgevec_node::policy::Kind::Consistency => loaded.call_requirements(q, r).expect("plugin call").0,
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let engine = PolicyEngine::new(HostInputs::Live)?;
+    let config = Configuration::with_zones(&["a", "b", "c"]);
+    let batches = args.queries.max(100);
+    println!("### Policy decisions: WebAssembly host against native code\n");
+    println!("Command: `bench --mode plugins --queries {}` (per-call means of batches of {BATCH} calls; {} batches per row)\n", args.queries, batches);
+    println!("Machine: {}\n", super::usage::machine_line());
+    println!(
+        "| plugin | candidates | wasm p50 ns | wasm p99 ns | native p50 ns | native p99 ns | wasm / native (p50) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut loads = Vec::new();
+    let rss_before = edgevec_node::metrics::resident_bytes().unwrap_or(0);
+    let mut kept = Vec::new();
+    for (name, bytes) in BUILTIN {
+        let t = Instant::now();
+        let loaded = engine.load_blocking(name.into(), bytes, config.clone())?;
+        loads.push((name, bytes.len(), t.elapsed()));
+        let consistency = loaded.kind == edgevec_node::policy::Kind::Consistency;
+        for n in [3, 16] {
+            let ins = inputs(n, consistency, 256);
+            let (wp50, wp99) = time_calls(&ins, batches, host_call(&loaded));
+            let (np50, np99) = time_calls(&ins, batches, native(name, &config));
+            println!(
+                "| {name} | {n} | {wp50:.0} | {wp99:.0} | {np50:.0} | {np99:.0} | {:.1}× |",
+                wp50 / np50.max(0.01)
+            );
+        }
+        kept.push(loaded);
+    }
+    let rss_after = edgevec_node::metrics::resident_bytes().unwrap_or(0);
+    println!("\n| plugin | bytes | load ms (check, compile, instantiate, configure) |");
+    println!("|---|---:|---:|");
+    for (name, size, took) in &loads {
+        println!("| {name} | {size} | {:.1} |", took.as_secs_f64() * 1000.0);
+    }
+    println!(
+        "\nResident memory grew by {:.1} MiB for the {} loaded plugins (each compiled, one instance on this thread): {:.2} MiB per plugin.",
+        (rss_after.saturating_sub(rss_before)) as f64 / (1 << 20) as f64,
+        kept.len(),
+        (rss_after.saturating_sub(rss_before)) as f64 / (1 << 20) as f64 / kept.len() as f64
+    );
+    Ok(())
+}
