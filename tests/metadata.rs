@@ -795,15 +795,6 @@ async fn index_builds_on_every_node_do_not_cost_the_metadata_leader() {
     value("edgevec_requests_in_flight_bytes", &[]);
 }
 
-/// The value of metric `name` on the first line of `text` (Prometheus
-/// text format) that carries every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .find(|l| labels.iter().all(|x| l.contains(x)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 /// Every WARN or ERROR line of every node's log, labelled.
 fn warnings(cluster: &TestCluster) -> Vec<String> {
     let mut out = Vec::new();

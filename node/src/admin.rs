@@ -33,6 +33,7 @@ use crate::replication::DataPlane;
 struct AdminState {
     meta: Meta,
     plane: Arc<DataPlane>,
+    router: Arc<crate::router::Router>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     faults: Option<Faults>,
@@ -129,20 +130,24 @@ async fn metrics_page(State(s): State<AdminState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.render(&s.meta, &s.plane),
+        s.metrics.render(&s.meta, &s.plane, &s.router),
     )
 }
 
 /// Binds the admin listener; serve it with the returned future.
 pub async fn bind(
     addr: SocketAddr,
-    meta: Meta,
-    plane: Arc<DataPlane>,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
+    parts: crate::service::Parts,
     faults: Option<Faults>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let crate::service::Parts {
+        meta,
+        health,
+        plane,
+        router,
+        metrics,
+    } = parts;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let app = Router::new()
@@ -153,6 +158,7 @@ pub async fn bind(
         .with_state(AdminState {
             meta,
             plane,
+            router,
             health,
             metrics,
             faults,

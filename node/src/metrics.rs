@@ -54,6 +54,118 @@ struct SegmentLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    plugin: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    collection_id: String,
+    shard: String,
+    node: String,
+}
+
+/// Policy plugins and the reads they routed, read at scrape time.
+#[derive(Default)]
+struct PluginGauges {
+    version: Family<PluginLabels, Gauge>,
+    calls: Family<PluginLabels, Gauge>,
+    failures: Family<PluginLabels, Gauge>,
+    instances: Family<PluginLabels, Gauge>,
+    from_cache: Family<PluginLabels, Gauge>,
+    disabled: Family<PluginLabels, Gauge>,
+    fallbacks: Family<FallbackLabels, Gauge>,
+    reads: Family<ReadLabels, Gauge>,
+}
+
+impl PluginGauges {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "plugin_version",
+            "Active version of each policy plugin (0: not loaded)",
+            self.version.clone(),
+        );
+        registry.register("plugin_calls", "Calls of the active version", self.calls.clone());
+        registry.register(
+            "plugin_failures",
+            "Calls of the active version that failed (trap, fuel, memory, bad answer)",
+            self.failures.clone(),
+        );
+        registry.register(
+            "plugin_instances",
+            "Instances created of the active version (one per thread, and one after each trap)",
+            self.instances.clone(),
+        );
+        registry.register(
+            "plugin_from_cache",
+            "1 when the active version was read from the compiled-artifact cache, 0 when compiled at load",
+            self.from_cache.clone(),
+        );
+        registry.register(
+            "plugin_disabled",
+            "1 while a plugin's circuit breaker keeps it out",
+            self.disabled.clone(),
+        );
+        registry.register(
+            "plugin_fallbacks",
+            "Decisions made by the built-in rule instead of the plugin, by reason",
+            self.fallbacks.clone(),
+        );
+        registry.register(
+            "replica_reads",
+            "Reads this node routed to each replica, by collection id, shard and node",
+            self.reads.clone(),
+        );
+    }
+
+    fn refresh(&self, plane: &DataPlane, router: &crate::router::Router) {
+        for f in [
+            &self.version,
+            &self.calls,
+            &self.failures,
+            &self.instances,
+            &self.from_cache,
+            &self.disabled,
+        ] {
+            f.clear();
+        }
+        self.fallbacks.clear();
+        for r in plane.policies.report() {
+            let l = PluginLabels { plugin: r.name.clone() };
+            self.version.get_or_create(&l).set(r.version as i64);
+            self.calls.get_or_create(&l).set(r.calls as i64);
+            self.failures.get_or_create(&l).set(r.failures as i64);
+            self.instances.get_or_create(&l).set(r.instances as i64);
+            self.from_cache.get_or_create(&l).set(i64::from(r.from_cache));
+            self.disabled.get_or_create(&l).set(i64::from(r.disabled.is_some()));
+            for (why, n) in r.fallbacks {
+                self.fallbacks
+                    .get_or_create(&FallbackLabels {
+                        plugin: r.name.clone(),
+                        reason: why.as_str(),
+                    })
+                    .set(n as i64);
+            }
+        }
+        for ((key, node), n) in router.served() {
+            self.reads
+                .get_or_create(&ReadLabels {
+                    collection_id: key.collection.to_string(),
+                    shard: key.shard.to_string(),
+                    node: node.to_string(),
+                })
+                .set(n as i64);
+        }
+    }
+}
+
 /// The gauges read from the data plane at scrape time.
 #[derive(Default)]
 struct DataGauges {
@@ -203,6 +315,7 @@ pub struct Metrics {
     learners: Gauge,
     node_state: Family<NodeLabels, Gauge>,
     data: DataGauges,
+    plugins: PluginGauges,
     budget: Budget,
 }
 
@@ -258,8 +371,11 @@ impl Metrics {
         );
         let data = DataGauges::default();
         data.register(&mut registry);
+        let plugins = PluginGauges::default();
+        plugins.register(&mut registry);
         Metrics {
             data,
+            plugins,
             budget,
             registry,
             rpcs,
@@ -308,11 +424,12 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition of everything, refreshed from `meta`
-    /// and `plane`.
-    pub fn render(&self, meta: &Meta, plane: &DataPlane) -> String {
+    /// Prometheus text exposition of everything, refreshed from `meta`,
+    /// `plane` and `router`.
+    pub fn render(&self, meta: &Meta, plane: &DataPlane, router: &crate::router::Router) -> String {
         self.refresh(meta);
         self.data.refresh(plane, &self.budget);
+        self.plugins.refresh(plane, router);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

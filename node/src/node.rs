@@ -22,7 +22,9 @@ use crate::health::Health;
 use crate::meta::{Meta, MetaError};
 use crate::metrics::Metrics;
 use crate::net::{peer::PeerPool, server, tls::Identity};
-use crate::replication::DataPlane;
+use crate::policy::registry::Policies;
+use crate::policy::{HostInputs, PolicyEngine};
+use crate::replication::{DataPlane, PlaneParts};
 use crate::service::{Parts, Service};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,18 @@ pub enum NodeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("metadata: {0}")]
     Meta(#[from] MetaError),
+    #[error("policy plugins: {0}")]
+    Plugins(#[from] crate::policy::PluginError),
+}
+
+/// What every plugin is told at `configure`: the zones of the cluster
+/// file, sorted (a zone id is an index into that list), and the standard
+/// consistency levels.
+pub fn plugin_configuration(cluster: &ClusterConfig) -> edgevec_policy::Configuration {
+    let mut zones: Vec<&str> = cluster.nodes.iter().map(|n| n.zone.as_str()).collect();
+    zones.sort_unstable();
+    zones.dedup();
+    edgevec_policy::Configuration::with_zones(&zones)
 }
 
 /// A started node.
@@ -150,23 +164,33 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
         path: transfers.clone(),
         source,
     })?;
-    let plane = DataPlane::new(
-        id,
-        engine,
-        meta.clone(),
-        peers.clone(),
-        transfers,
-        shutdown.clone(),
-        tasks.clone(),
+    let policies = Policies::new(
+        PolicyEngine::new(HostInputs::Live)?.with_cache(&node.data_dir.join("plugins").join("compiled"))?,
     );
+    policies.set_configuration(plugin_configuration(cluster));
+    // Collections balance with round-robin unless they say otherwise.
+    policies.load_builtins(&["round-robin"]);
+    let plane = DataPlane::new(PlaneParts {
+        me: id,
+        engine,
+        meta: meta.clone(),
+        peers: peers.clone(),
+        transfers,
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+        policies,
+    });
     let budget = server::Budget::new(cluster.request_budget_bytes);
     let metrics = Arc::new(Metrics::new(budget.clone()));
+    let router = Arc::new(crate::router::Router::new(plane.clone()));
     let parts = Parts {
         meta: meta.clone(),
         health: health.clone(),
         plane: plane.clone(),
+        router: router.clone(),
         metrics: metrics.clone(),
     };
+    let admin_parts = parts.clone();
     let service = Arc::new(Service::new(cluster, node.clone(), parts));
 
     {
@@ -186,17 +210,9 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
                 peers: peers.clone(),
                 addrs: cluster.nodes.iter().map(|n| (n.id, n.addr)).collect(),
             });
-            let (local, serve) = admin::bind(
-                a,
-                meta.clone(),
-                plane.clone(),
-                health,
-                metrics,
-                faults,
-                shutdown.clone(),
-            )
-            .await
-            .map_err(|source| NodeError::Bind { addr: a, source })?;
+            let (local, serve) = admin::bind(a, admin_parts, faults, shutdown.clone())
+                .await
+                .map_err(|source| NodeError::Bind { addr: a, source })?;
             tasks.spawn(serve);
             Some(local)
         }

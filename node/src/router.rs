@@ -6,19 +6,25 @@
 //!   primary (this node's or another's). A write that spans shards is
 //!   acknowledged only when every shard has it; a partial failure says
 //!   which shards and ids were not written.
-//! - Reads go to one in-sync replica of every shard, taken in rotation; a
-//!   replica that fails is skipped for the next one within the same
-//!   request (the routing milestone replaces the rotation with plugins and
-//!   consistency levels). Per-shard top-k lists are merged by score.
+//! - Reads go to one in-sync replica of every shard, in the order the
+//!   collection's load-balancing plugin gives (round-robin unless the
+//!   collection names another; the given order when the plugin cannot
+//!   answer); a replica that fails is skipped for the next one within the
+//!   same request (consistency levels come with the routing milestone).
+//!   Per-shard top-k lists are merged by score.
+//! - What the plugin sees of each replica's node (requests in flight,
+//!   latency EWMA, recent errors, a short ejection after a failure) is this
+//!   node's own experience of it ([`NodeStats`]).
 //!
 //! Invariant: nothing here decides replication; it reads the shard
 //! configurations from this node's copy of the metadata and leaves every
 //! check (term, primary, in-sync) to the replicas themselves.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgevec_policy::{replica_words, ReplicaInfo, ReplicaState as PolicyState, RequestInfo};
 
 use edgevec_engine::{by_shard, last_wins, validate, ShardOp};
 use edgevec_meta::{CollectionRecord, ReplicaState};
@@ -39,9 +45,79 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of a status probe of one replica.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The load balancer of collections that name none.
+pub const DEFAULT_LOAD_BALANCER: &str = "round-robin";
+/// How long a node that failed a read stays ejected from first choice.
+const EJECT_FOR: Duration = Duration::from_secs(2);
+/// The window of [`NodeStats`]' error count.
+const ERROR_WINDOW: Duration = Duration::from_secs(10);
+
+/// This node's experience of one peer as a read target.
+#[derive(Debug, Default)]
+struct NodeStat {
+    in_flight: u64,
+    /// Latency EWMA (α = 0.3) in µs, and when it was last sampled.
+    ewma_us: f64,
+    sampled: Option<Instant>,
+    errors: VecDeque<Instant>,
+    ejected_until: Option<Instant>,
+}
+
+/// Per-node read statistics, for the load balancer's inputs.
+#[derive(Debug, Default)]
+pub struct NodeStats(Mutex<HashMap<u64, NodeStat>>);
+
+impl NodeStats {
+    fn begin(&self, node: u64) {
+        self.0.lock().expect("stats lock").entry(node).or_default().in_flight += 1;
+    }
+
+    fn end(&self, node: u64, took: Duration, ok: bool) {
+        let mut all = self.0.lock().expect("stats lock");
+        let s = all.entry(node).or_default();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        let now = Instant::now();
+        if ok {
+            let us = took.as_secs_f64() * 1e6;
+            s.ewma_us = if s.sampled.is_some() {
+                0.7 * s.ewma_us + 0.3 * us
+            } else {
+                us
+            };
+            s.sampled = Some(now);
+        } else {
+            s.errors.push_back(now);
+            s.ejected_until = Some(now + EJECT_FOR);
+        }
+        while s.errors.front().is_some_and(|t| now.duration_since(*t) > ERROR_WINDOW) {
+            s.errors.pop_front();
+        }
+    }
+
+    /// Fills the node-side fields of `info`.
+    fn describe(&self, info: &mut ReplicaInfo) {
+        let all = self.0.lock().expect("stats lock");
+        let Some(s) = all.get(&info.node) else { return };
+        let now = Instant::now();
+        info.in_flight = s.in_flight;
+        info.latency_us = s.sampled.map(|_| s.ewma_us.max(1.0) as u64);
+        info.since_sample_ms = s.sampled.map(|t| now.duration_since(t).as_millis() as u64);
+        info.errors = s
+            .errors
+            .iter()
+            .filter(|t| now.duration_since(**t) <= ERROR_WINDOW)
+            .count() as u64;
+        info.ejected = s.ejected_until.is_some_and(|u| now < u);
+    }
+}
+
 pub struct Router {
     plane: Arc<DataPlane>,
-    rotation: AtomicU64,
+    /// Reads per shard so far: the load balancer's sequence number.
+    sequences: Mutex<HashMap<ShardRef, u64>>,
+    nodes: NodeStats,
+    /// Reads served, by (shard, node).
+    served: Mutex<BTreeMap<(ShardRef, u64), u64>>,
 }
 
 fn not_found(name: &str) -> WireError {
@@ -80,7 +156,9 @@ impl Router {
     pub fn new(plane: Arc<DataPlane>) -> Self {
         Router {
             plane,
-            rotation: AtomicU64::new(0),
+            sequences: Mutex::new(HashMap::new()),
+            nodes: NodeStats::default(),
+            served: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -269,13 +347,20 @@ impl Router {
             };
             return Err(unavailable(format!("{key} has no in-sync replica: {why}")));
         }
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed) as usize % candidates.len();
-        candidates.rotate_left(start);
+        candidates.truncate(edgevec_policy::layout::MAX_REPLICAS);
+        let order = self.balance(key, &cfg, &candidates);
         let mut errors = Vec::new();
-        for node in candidates {
+        for i in order {
+            let node = candidates[i];
+            self.nodes.begin(node);
+            let started = Instant::now();
             let r = self.plane.read_on(node, req.clone(), READ_TIMEOUT).await;
+            self.nodes.end(node, started.elapsed(), r.is_ok());
             match r {
-                Ok(reply) => return Ok(reply),
+                Ok(reply) => {
+                    *self.served.lock().expect("served lock").entry((key, node)).or_insert(0) += 1;
+                    return Ok(reply);
+                }
                 Err(e) => errors.push(format!("node {node}: {}", e.message)),
             }
         }
@@ -283,6 +368,65 @@ impl Router {
             "no in-sync replica of {key} answered ({})",
             errors.join("; ")
         )))
+    }
+
+    /// The order to try `candidates` (nodes of in-sync replicas of `key`)
+    /// in, from the collection's load balancer.
+    fn balance(&self, key: ShardRef, cfg: &edgevec_meta::ShardConfig, candidates: &[u64]) -> Vec<usize> {
+        let state = self.plane.meta.state();
+        let sequence = {
+            let mut seqs = self.sequences.lock().expect("sequence lock");
+            let s = seqs.entry(key).or_insert(0);
+            *s += 1;
+            *s - 1
+        };
+        let config = self.plane.policies.configuration();
+        let zone_of = |node: u64| {
+            state
+                .nodes()
+                .find(|n| n.id == node)
+                .and_then(|n| config.zone_id(&n.zone))
+        };
+        let infos: Vec<ReplicaInfo> = candidates
+            .iter()
+            .map(|&node| {
+                let mut info = ReplicaInfo::new(node);
+                info.zone = zone_of(node);
+                info.primary = cfg.primary == Some(node);
+                info.state = PolicyState::InSync;
+                info.term = cfg.term;
+                info.applied = (0, 0);
+                info.report_age_ms = edgevec_policy::layout::NONE;
+                self.nodes.describe(&mut info);
+                info
+            })
+            .collect();
+        let request = RequestInfo {
+            collection: key.collection,
+            shard: key.shard,
+            // The client reached this node: its zone is the client's.
+            client_zone: zone_of(self.plane.me),
+            level: edgevec_policy::layout::EVENTUALLY,
+            deadline_ms: READ_TIMEOUT.as_millis() as u64,
+            tried: 0,
+            sequence,
+        };
+        let lb = DEFAULT_LOAD_BALANCER;
+        let (order, _) = self
+            .plane
+            .policies
+            .order(lb, &request.words(), &replica_words(&infos), infos.len());
+        order
+    }
+
+    /// Reads served so far through this node, by (shard, node).
+    pub fn served(&self) -> Vec<((ShardRef, u64), u64)> {
+        self.served
+            .lock()
+            .expect("served lock")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
     }
 
     /// Up to `k` hits per query over every shard of `name`.

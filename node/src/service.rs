@@ -85,16 +85,18 @@ pub struct Service {
     meta: Meta,
     health: Arc<Health>,
     plane: Arc<DataPlane>,
-    router: Router,
+    router: Arc<Router>,
     metrics: Arc<Metrics>,
     started: Instant,
 }
 
 /// Everything the service needs from the rest of the node.
+#[derive(Clone)]
 pub struct Parts {
     pub meta: Meta,
     pub health: Arc<Health>,
     pub plane: Arc<DataPlane>,
+    pub router: Arc<Router>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -117,7 +119,7 @@ impl Service {
             node,
             meta: parts.meta,
             health: parts.health,
-            router: Router::new(parts.plane.clone()),
+            router: parts.router,
             plane: parts.plane,
             metrics: parts.metrics,
             started: Instant::now(),

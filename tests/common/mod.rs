@@ -877,3 +877,12 @@ pub fn brute_top_k<'a>(points: impl IntoIterator<Item = (u64, &'a [f32])>, q: &[
     all.truncate(k);
     all
 }
+
+/// The value of metric `name` on the first line of `text` (Prometheus
+/// text format) that carries every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}

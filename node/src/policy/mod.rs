@@ -18,6 +18,8 @@
 
 mod bindings;
 pub mod builtin;
+pub mod cache;
+pub mod registry;
 pub mod validate;
 
 use std::cell::RefCell;
@@ -205,6 +207,14 @@ pub struct PolicyEngine {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
     inputs: HostInputs,
+    cache: Option<cache::ArtifactCache>,
+}
+
+/// Whether a loaded version was compiled here or read from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Compiled,
+    Cache,
 }
 
 impl PolicyEngine {
@@ -231,7 +241,17 @@ impl PolicyEngine {
             engine,
             linker: Arc::new(linker),
             inputs,
+            cache: None,
         })
+    }
+
+    /// Keeps compiled plugins in `dir` and loads them from there.
+    pub fn with_cache(mut self, dir: &std::path::Path) -> Result<Self, PluginError> {
+        self.cache = Some(
+            cache::ArtifactCache::open(dir)
+                .map_err(|e| PluginError::Internal(format!("plugin cache {}: {e}", dir.display())))?,
+        );
+        Ok(self)
     }
 
     /// The engine's compatibility hash, part of a compiled artifact's key.
@@ -266,9 +286,19 @@ impl PolicyEngine {
         config: Configuration,
     ) -> Result<Arc<Loaded>, PluginError> {
         let checked = validate::check(bytes)?;
+        let sha = cache::sha256_hex(bytes);
+        let compat = self.compatibility_hash();
+        if let Some(component) = self.cache.as_ref().and_then(|c| c.load(&self.engine, &sha, compat)) {
+            return self.prepare(name, checked.kind, component, config, Source::Cache);
+        }
         let component =
             Component::new(&self.engine, &checked.component).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
-        self.prepare(name, checked.kind, component, config)
+        if let Some(cache) = &self.cache {
+            if let Err(e) = cache.store(&component, &sha, compat) {
+                tracing::warn!(plugin = %name, error = %e, "compiled plugin not cached");
+            }
+        }
+        self.prepare(name, checked.kind, component, config, Source::Compiled)
     }
 
     fn prepare(
@@ -277,6 +307,7 @@ impl PolicyEngine {
         kind: Kind,
         component: Component,
         config: Configuration,
+        source: Source,
     ) -> Result<Arc<Loaded>, PluginError> {
         let pre = self
             .linker
@@ -299,6 +330,8 @@ impl PolicyEngine {
             pre,
             config,
             stats: Stats::default(),
+            retired: Arc::default(),
+            source,
         });
         // Instantiate and configure once now: a plugin that cannot is
         // refused here, not on the first request.
@@ -362,6 +395,9 @@ pub struct Loaded {
     pre: Pre,
     config: Configuration,
     pub stats: Stats,
+    retired: Arc<std::sync::atomic::AtomicBool>,
+    /// Compiled here, or read from the artifact cache.
+    pub source: Source,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -378,6 +414,8 @@ impl std::fmt::Debug for Loaded {
 #[derive(Default)]
 struct Instance {
     live: Option<(Store<HostState>, Bound)>,
+    /// Set when the version is dropped: the instance can go.
+    retired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Bound {
@@ -392,8 +430,9 @@ thread_local! {
 
 impl Drop for Loaded {
     fn drop(&mut self) {
-        // Instances on other threads go when those threads next look
-        // (see `Loaded::with_instance`); this thread's now.
+        // Instances on other threads go when those threads next create
+        // an instance (see `Loaded::with_instance`); this thread's now.
+        self.retired.store(true, Ordering::Relaxed);
         let _ = SLOTS.try_with(|s| s.borrow_mut().remove(&self.id));
     }
 }
@@ -437,6 +476,7 @@ impl Loaded {
         };
         Ok(Instance {
             live: Some((store, bound)),
+            retired: self.retired.clone(),
         })
     }
 
@@ -449,11 +489,14 @@ impl Loaded {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let result = SLOTS.with(|slots| {
             let mut slots = slots.borrow_mut();
-            let slot = slots.entry(self.id).or_default();
-            if slot.live.is_none() {
-                *slot = self.instantiate()?;
+            if slots.get(&self.id).is_none_or(|s| s.live.is_none()) {
+                // A new instance here: drop those of versions gone since.
+                slots.retain(|_, i| !i.retired.load(Ordering::Relaxed));
+                let fresh = self.instantiate()?;
                 self.stats.instances.fetch_add(1, Ordering::Relaxed);
+                slots.insert(self.id, fresh);
             }
+            let slot = slots.get_mut(&self.id).expect("set above");
             let (store, bound) = slot.live.as_mut().expect("set above");
             let r = f(store, bound);
             if r.is_err() {

@@ -292,3 +292,83 @@ fn a_configure_error_refuses_the_load_with_the_plugins_words() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn the_registry_falls_back_swaps_versions_and_opens_the_breaker() {
+    use super::registry::{Fallback, Policies, BREAKER_FAILURES};
+    let policies = Policies::new(engine());
+    let (req, rs) = three();
+    // Nothing loaded under that name: the given order.
+    assert_eq!(
+        policies.order("lb", &req, &rs, 3),
+        (vec![0, 1, 2], Some(Fallback::NotLoaded))
+    );
+    // Version 1 puts candidate 2 first; version 2 candidate 1.
+    let v1 = engine()
+        .load_blocking("lb".into(), &balancer_wat("(i64.const 0x21)", ""), config())
+        .unwrap();
+    policies.install(v1, 1, "test");
+    assert_eq!(policies.order("lb", &req, &rs, 3), (vec![2, 0, 1], None));
+    let v2 = engine()
+        .load_blocking("lb".into(), &balancer_wat("(i64.const 0x11)", ""), config())
+        .unwrap();
+    policies.install(v2, 2, "test");
+    assert_eq!(policies.order("lb", &req, &rs, 3), (vec![1, 0, 2], None));
+    // An answer naming a candidate that does not exist: given order.
+    let bad = engine()
+        .load_blocking("lb".into(), &balancer_wat("(i64.const 0x91)", ""), config())
+        .unwrap();
+    policies.install(bad, 3, "test");
+    assert_eq!(
+        policies.order("lb", &req, &rs, 3),
+        (vec![0, 1, 2], Some(Fallback::Failed))
+    );
+    // A plugin that always traps is disabled after BREAKER_FAILURES calls.
+    let trap = engine()
+        .load_blocking("lb".into(), &balancer_wat("unreachable", ""), config())
+        .unwrap();
+    policies.install(trap, 4, "test");
+    for _ in 0..BREAKER_FAILURES {
+        assert_eq!(policies.order("lb", &req, &rs, 3).1, Some(Fallback::Failed));
+    }
+    assert_eq!(policies.order("lb", &req, &rs, 3).1, Some(Fallback::Disabled));
+    let report = policies.report();
+    let lb = report.iter().find(|r| r.name == "lb").unwrap();
+    assert_eq!(lb.version, 4);
+    assert_eq!(lb.failures, BREAKER_FAILURES);
+    assert!(
+        lb.disabled.as_deref().is_some_and(|d| d.contains("circuit breaker")),
+        "{lb:?}"
+    );
+    assert!(lb.fallbacks.contains(&(Fallback::Disabled, 1)), "{lb:?}");
+}
+
+#[test]
+fn a_compiled_plugin_is_cached_and_a_tampered_artifact_is_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = || engine().with_cache(dir.path()).unwrap();
+    let bytes = builtin("round-robin").unwrap();
+    let (req, rs) = three();
+    let first = engine().load_blocking("rr".into(), bytes, config()).unwrap();
+    assert_eq!(first.source, Source::Compiled);
+    let answer = first.call_order(&req, &rs).unwrap();
+    let second = engine().load_blocking("rr".into(), bytes, config()).unwrap();
+    assert_eq!(second.source, Source::Cache);
+    assert_eq!(second.call_order(&req, &rs).unwrap(), answer);
+    // Flip a byte in the middle of the artifact: detected, recompiled.
+    let artifact = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .unwrap();
+    let mut damaged = std::fs::read(&artifact).unwrap();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0xFF;
+    std::fs::write(&artifact, damaged).unwrap();
+    let third = engine().load_blocking("rr".into(), bytes, config()).unwrap();
+    assert_eq!(third.source, Source::Compiled);
+    assert_eq!(third.call_order(&req, &rs).unwrap(), answer);
+    // And the recompiled artifact replaced the damaged one.
+    let fourth = engine().load_blocking("rr".into(), bytes, config()).unwrap();
+    assert_eq!(fourth.source, Source::Cache);
+}

@@ -273,6 +273,8 @@ pub struct DataPlane {
     syncing: tokio::sync::Mutex<()>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// The policy plugins this node runs.
+    pub policies: Arc<crate::policy::registry::Policies>,
 }
 
 /// Runs blocking engine work on the blocking pool.
@@ -296,16 +298,30 @@ pub fn unavailable(msg: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::Unavailable, msg)
 }
 
+/// What a [`DataPlane`] is made of.
+pub struct PlaneParts {
+    pub me: u64,
+    pub engine: Arc<Engine>,
+    pub meta: Meta,
+    pub peers: Arc<PeerPool>,
+    pub transfers: std::path::PathBuf,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    pub policies: Arc<crate::policy::registry::Policies>,
+}
+
 impl DataPlane {
-    pub fn new(
-        me: u64,
-        engine: Arc<Engine>,
-        meta: Meta,
-        peers: Arc<PeerPool>,
-        transfers: std::path::PathBuf,
-        shutdown: CancellationToken,
-        tasks: TaskTracker,
-    ) -> Arc<Self> {
+    pub fn new(parts: PlaneParts) -> Arc<Self> {
+        let PlaneParts {
+            me,
+            engine,
+            meta,
+            peers,
+            transfers,
+            shutdown,
+            tasks,
+            policies,
+        } = parts;
         Arc::new_cyclic(|this| DataPlane {
             me,
             engine,
@@ -318,6 +334,7 @@ impl DataPlane {
             syncing: tokio::sync::Mutex::new(()),
             shutdown,
             tasks,
+            policies,
         })
     }
 

@@ -1,0 +1,299 @@
+//! The plugins a node runs, by name, and decisions with their fallback.
+//!
+//! Each name has a slot holding its active version behind an `ArcSwap`:
+//! installing a version swaps the slot, calls in flight finish on the old
+//! version, and each thread's instance notices the new version id and
+//! instantiates it on its next call. A name whose plugin is not loaded
+//! yet, fails a call, or is held open by its circuit breaker gets the
+//! built-in decision for that call (load balancing: the given order),
+//! and the reason is counted.
+//!
+//! The shipped plugins are loaded in the background when the node starts:
+//! reads never wait for a compile.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use edgevec_policy::{decode_order, Configuration};
+
+use super::builtin::BUILTIN;
+use super::{CallError, Kind, Loaded, PolicyEngine};
+
+/// Consecutive failed calls that open a plugin's circuit breaker.
+pub const BREAKER_FAILURES: u64 = 20;
+/// How long an open breaker keeps a plugin out before one call tries it.
+pub const BREAKER_OPEN: Duration = Duration::from_secs(30);
+
+/// One active version of a named plugin.
+pub struct Active {
+    pub loaded: Arc<Loaded>,
+    pub version: u64,
+    /// Where it came from ("built-in", or the deploy).
+    pub origin: String,
+    consecutive_failures: AtomicU64,
+    open_until: Mutex<Option<Instant>>,
+}
+
+/// Why a decision used the built-in answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fallback {
+    /// No plugin of that name is loaded (yet).
+    NotLoaded,
+    /// The call failed (trap, fuel, memory) or its answer was invalid.
+    Failed,
+    /// The circuit breaker is open after repeated failures.
+    Disabled,
+}
+
+impl Fallback {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::NotLoaded => "not_loaded",
+            Fallback::Failed => "failed",
+            Fallback::Disabled => "disabled",
+        }
+    }
+}
+
+/// What a plugin's slot shows in status and metrics.
+#[derive(Debug, Clone)]
+pub struct SlotReport {
+    pub name: String,
+    pub kind: Option<Kind>,
+    pub version: u64,
+    pub origin: String,
+    pub calls: u64,
+    pub failures: u64,
+    pub instances: u64,
+    /// Read from the compiled-artifact cache rather than compiled.
+    pub from_cache: bool,
+    pub fallbacks: Vec<(Fallback, u64)>,
+    pub last_failure: Option<String>,
+    pub disabled: Option<String>,
+    pub load_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Slot {
+    active: ArcSwapOption<Active>,
+    fallbacks: Mutex<HashMap<Fallback, u64>>,
+    load_error: Mutex<Option<String>>,
+    /// When the last failure was logged (at most one line per interval).
+    logged: Mutex<Option<Instant>>,
+}
+
+/// The node's plugins.
+pub struct Policies {
+    engine: PolicyEngine,
+    slots: RwLock<HashMap<String, Arc<Slot>>>,
+    config: RwLock<Arc<Configuration>>,
+}
+
+impl Policies {
+    pub fn new(engine: PolicyEngine) -> Arc<Self> {
+        Arc::new(Policies {
+            engine,
+            slots: RwLock::new(HashMap::new()),
+            config: RwLock::new(Arc::new(Configuration::with_zones(&[]))),
+        })
+    }
+
+    pub fn engine(&self) -> &PolicyEngine {
+        &self.engine
+    }
+
+    fn slot(&self, name: &str) -> Arc<Slot> {
+        if let Some(s) = self.slots.read().expect("slots lock").get(name) {
+            return s.clone();
+        }
+        self.slots
+            .write()
+            .expect("slots lock")
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The configuration plugins are given (zones of the cluster, ...).
+    pub fn set_configuration(&self, config: Configuration) {
+        *self.config.write().expect("config lock") = Arc::new(config);
+    }
+
+    pub fn configuration(&self) -> Arc<Configuration> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Makes `loaded` the active version of its name.
+    pub fn install(&self, loaded: Arc<Loaded>, version: u64, origin: impl Into<String>) {
+        let slot = self.slot(&loaded.name);
+        *slot.load_error.lock().expect("slot lock") = None;
+        tracing::info!(
+            plugin = %loaded.name, version, kind = %loaded.kind, source = ?loaded.source,
+            "plugin version active"
+        );
+        slot.active.store(Some(Arc::new(Active {
+            loaded,
+            version,
+            origin: origin.into(),
+            consecutive_failures: AtomicU64::new(0),
+            open_until: Mutex::new(None),
+        })));
+    }
+
+    /// Records that `name` could not be loaded.
+    pub fn load_failed(&self, name: &str, error: String) {
+        tracing::warn!(plugin = %name, %error, "plugin not loaded");
+        *self.slot(name).load_error.lock().expect("slot lock") = Some(error);
+    }
+
+    /// Loads the shipped plugins on a blocking thread, one at a time
+    /// (`first` before the others), and installs each as version 1.
+    pub fn load_builtins(self: &Arc<Self>, first: &[&str]) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        let mut names: Vec<&'static str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+        names.sort_by_key(|n| !first.contains(n));
+        tokio::task::spawn_blocking(move || {
+            for name in names {
+                let bytes = super::builtin::builtin(name).expect("listed");
+                let config = Configuration::clone(&this.configuration());
+                match this.engine.load_blocking(name.into(), bytes, config) {
+                    Ok(loaded) => this.install(loaded, 1, "built-in"),
+                    Err(e) => this.load_failed(name, e.to_string()),
+                }
+            }
+        })
+    }
+
+    /// The order to try `n` candidates in, from load balancer `name`
+    /// (`request` and `replicas` in the contract's layout); the given
+    /// order when the plugin cannot answer, with the reason.
+    pub fn order(&self, name: &str, request: &[u64], replicas: &[u64], n: usize) -> (Vec<usize>, Option<Fallback>) {
+        let given = || (0..n).collect::<Vec<_>>();
+        let slot = self.slot(name);
+        let Some(active) = slot.active.load_full() else {
+            return (given(), Some(self.fell_back(&slot, name, Fallback::NotLoaded, None)));
+        };
+        if active.is_open() {
+            return (given(), Some(self.fell_back(&slot, name, Fallback::Disabled, None)));
+        }
+        let answer = active
+            .loaded
+            .call_order(request, replicas)
+            .and_then(|packed| decode_order(packed, n).map_err(|e| CallError::BadAnswer(e.to_string())));
+        match answer {
+            Ok(order) => {
+                active.consecutive_failures.store(0, Ordering::Relaxed);
+                (order, None)
+            }
+            Err(e) => {
+                active.failed(name);
+                (given(), Some(self.fell_back(&slot, name, Fallback::Failed, Some(&e))))
+            }
+        }
+    }
+
+    fn fell_back(&self, slot: &Slot, name: &str, why: Fallback, error: Option<&CallError>) -> Fallback {
+        *slot.fallbacks.lock().expect("slot lock").entry(why).or_insert(0) += 1;
+        let mut logged = slot.logged.lock().expect("slot lock");
+        if logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            *logged = Some(Instant::now());
+            match error {
+                Some(e) => tracing::warn!(plugin = %name, error = %e, "plugin call failed; built-in decision used"),
+                None => {
+                    tracing::warn!(plugin = %name, reason = why.as_str(), "plugin not used; built-in decision used")
+                }
+            }
+        }
+        why
+    }
+
+    /// Status of every named plugin, by name.
+    pub fn report(&self) -> Vec<SlotReport> {
+        let slots = self.slots.read().expect("slots lock");
+        let mut out: Vec<SlotReport> = slots
+            .iter()
+            .map(|(name, slot)| {
+                let active = slot.active.load_full();
+                let mut fallbacks: Vec<(Fallback, u64)> = slot
+                    .fallbacks
+                    .lock()
+                    .expect("slot lock")
+                    .iter()
+                    .map(|(k, v)| (*k, *v))
+                    .collect();
+                fallbacks.sort();
+                SlotReport {
+                    name: name.clone(),
+                    kind: active.as_ref().map(|a| a.loaded.kind),
+                    version: active.as_ref().map_or(0, |a| a.version),
+                    origin: active.as_ref().map_or_else(String::new, |a| a.origin.clone()),
+                    calls: active
+                        .as_ref()
+                        .map_or(0, |a| a.loaded.stats.calls.load(Ordering::Relaxed)),
+                    failures: active
+                        .as_ref()
+                        .map_or(0, |a| a.loaded.stats.failures.load(Ordering::Relaxed)),
+                    instances: active
+                        .as_ref()
+                        .map_or(0, |a| a.loaded.stats.instances.load(Ordering::Relaxed)),
+                    from_cache: active.as_ref().is_some_and(|a| a.loaded.source == super::Source::Cache),
+                    fallbacks,
+                    last_failure: active
+                        .as_ref()
+                        .and_then(|a| a.loaded.stats.last_failure.lock().expect("stats lock").clone()),
+                    disabled: active.as_ref().and_then(|a| a.disabled_reason()),
+                    load_error: slot.load_error.lock().expect("slot lock").clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+impl Active {
+    fn is_open(&self) -> bool {
+        let mut open = self.open_until.lock().expect("breaker lock");
+        match *open {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                // Half open: let one call through; a failure re-opens.
+                *open = None;
+                self.consecutive_failures.store(BREAKER_FAILURES - 1, Ordering::Relaxed);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn failed(&self, name: &str) {
+        let n = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= BREAKER_FAILURES {
+            let mut open = self.open_until.lock().expect("breaker lock");
+            if open.is_none() {
+                tracing::warn!(plugin = %name, failures = n, "plugin disabled by its circuit breaker for {BREAKER_OPEN:?}");
+            }
+            *open = Some(Instant::now() + BREAKER_OPEN);
+        }
+    }
+
+    fn disabled_reason(&self) -> Option<String> {
+        let open = self.open_until.lock().expect("breaker lock");
+        open.filter(|u| Instant::now() < *u).map(|u| {
+            format!(
+                "circuit breaker open for {:.0?} more after {BREAKER_FAILURES} failed calls in a row; last: {}",
+                u.saturating_duration_since(Instant::now()),
+                self.loaded
+                    .stats
+                    .last_failure
+                    .lock()
+                    .expect("stats lock")
+                    .clone()
+                    .unwrap_or_default()
+            )
+        })
+    }
+}
