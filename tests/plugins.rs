@@ -132,3 +132,108 @@ async fn a_restarted_node_loads_plugins_from_its_cache() {
         cluster.log_tail(1, 80)
     );
 }
+
+/// `plugin list` shows the nine shipped plugins loaded on every node, and
+/// the collections round-robin serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_list_shows_every_shipped_plugin_on_every_node() {
+    let cluster = TestCluster::running(Layout::voters(3)).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(CollectionSpec::new("listed", 4, Metric::L2), ReplicationSpec::new(3))
+        .await
+        .expect("create");
+    for id in 1..=3 {
+        wait_loaded(&cluster, id).await;
+    }
+    let (ok, out, err) = cluster.cli(&["plugin", "list", "--json"]);
+    assert!(ok, "plugin list failed: {err}");
+    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let list = list.as_array().expect("an array");
+    let names: Vec<&str> = list.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let mut want = SHIPPED.to_vec();
+    want.sort_unstable();
+    assert_eq!(names, want);
+    for p in list {
+        assert_eq!(p["version"], 1, "{p}");
+        assert_eq!(p["origin"], "built-in", "{p}");
+        assert_eq!(p["sha256"].as_str().unwrap().len(), 64, "{p}");
+        let nodes = p["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 3, "{p}");
+        assert!(nodes.iter().all(|n| n["state"] == "loaded"), "{p}");
+        let kind = p["kind"].as_str().unwrap();
+        let lb = ["round-robin", "least-connections", "random", "p2c-ewma", "zone-aware"];
+        let want_kind = if lb.contains(&p["name"].as_str().unwrap()) {
+            "load-balancer"
+        } else {
+            "consistency"
+        };
+        assert_eq!(kind, want_kind, "{p}");
+    }
+    let rr = list.iter().find(|p| p["name"] == "round-robin").unwrap();
+    assert_eq!(rr["collections"], serde_json::json!(["listed"]));
+    let (ok, out, _) = cluster.cli(&["plugin", "list"]);
+    assert!(ok && out.contains("round-robin") && out.contains("3/3 nodes"), "{out}");
+}
+
+/// `load --lb` switches a collection's load balancer while it serves:
+/// with `zone-aware`, reads through node 2 (zone-2) stay on node 2's
+/// replica. Wrong names are refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_switches_its_load_balancer() {
+    let cluster = TestCluster::running(Layout::voters(3)).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new("zoned", 8, Metric::L2).with_shards(1),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .expect("create");
+    let writer = cluster.client(1, WRITER).await;
+    upsert_random(&writer, "zoned", 100, 8, 3).await;
+    for id in 1..=3 {
+        wait_loaded(&cluster, id).await;
+    }
+    let (ok, out, err) = cluster.cli(&["load", "zoned", "--lb", "zone-aware"]);
+    assert!(ok, "load --lb failed: {out} {err}");
+    let (ok, _, err) = cluster.cli(&["load", "zoned", "--lb", "strong"]);
+    assert!(!ok && err.contains("consistency policy"), "{err}");
+    let (ok, _, err) = cluster.cli(&["load", "zoned", "--lb", "nope"]);
+    assert!(!ok && err.contains("neither shipped nor deployed"), "{err}");
+
+    let reader = cluster.client(2, READER).await;
+    let count = |m: &str, node: u64| metric(m, "edgevec_replica_reads", &[&format!("node=\"{node}\"")]).unwrap_or(0.0);
+    // Node 2 learns of the change when it applies the metadata: wait for
+    // the first read that stays local, then count.
+    let queries = random_vectors(1, 8, 4);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, before) = cluster.http_get(2, "/metrics");
+        reader.search("zoned", &queries[0], 3).await.expect("search");
+        let (_, after) = cluster.http_get(2, "/metrics");
+        if count(&after, 2) > count(&before, 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reads through node 2 never went to node 2:\n{after}"
+        );
+    }
+    let (_, before) = cluster.http_get(2, "/metrics");
+    for _ in 0..20 {
+        reader.search("zoned", &queries[0], 3).await.expect("search");
+    }
+    let (_, after) = cluster.http_get(2, "/metrics");
+    let served: Vec<f64> = (1..=3).map(|n| count(&after, n) - count(&before, n)).collect();
+    assert_eq!(
+        served,
+        vec![0.0, 20.0, 0.0],
+        "zone-aware keeps node 2's reads local:\n{after}"
+    );
+    let list = admin.list_plugins().await.expect("list");
+    let za = list.iter().find(|p| p.name == "zone-aware").unwrap();
+    assert_eq!(za.collections, vec!["zoned".to_string()]);
+    let rr = list.iter().find(|p| p.name == "round-robin").unwrap();
+    assert!(rr.collections.is_empty(), "{rr:?}");
+}

@@ -321,6 +321,27 @@ impl Client {
         }
     }
 
+    /// Makes `plugin` (a shipped or deployed load balancer) decide which
+    /// replica serves each read of `collection`.
+    pub async fn set_load_balancer(&self, collection: &str, plugin: &str) -> Result<(), ClientError> {
+        let op = OpV1::SetLoadBalancer {
+            collection: collection.into(),
+            plugin: plugin.into(),
+        };
+        match self.request(op).await? {
+            ReplyV1::LoadBalancerSet => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The policy plugins and their state on every node.
+    pub async fn list_plugins(&self) -> Result<Vec<edgevec_proto::PluginInfo>, ClientError> {
+        match self.request(OpV1::ListPlugins).await? {
+            ReplyV1::Plugins(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn list_collections(&self) -> Result<Vec<CollectionInfo>, ClientError> {
         match self.request(OpV1::ListCollections).await? {
             ReplyV1::Collections(c) => Ok(c),

@@ -147,6 +147,30 @@ pub enum CommandV2 {
     /// command (version + 1 for those shards): from then on their primaries
     /// may acknowledge writes those replicas miss.
     SetReplication { collection: u64, replication: Replication },
+    /// Deploy a version of a policy plugin ([`crate::plugins`]): its bytes
+    /// are not in the log, the proposer stored them on `holders` first.
+    /// The state machine numbers the version one past the newest of that
+    /// name (2 for a first deploy of a shipped name, whose version 1 is
+    /// built in); a deploy equal to the newest version (same hash and
+    /// params) changes nothing, so a retried deploy is harmless. A name
+    /// keeps its kind. The newest [`crate::plugins::KEPT_VERSIONS`] are
+    /// kept.
+    DeployPlugin {
+        name: String,
+        kind: crate::plugins::PluginKind,
+        sha256: [u8; 32],
+        size: u64,
+        params: Vec<(String, String)>,
+        holders: Vec<u64>,
+        at_ms: u64,
+    },
+    /// Remove every deployed version of a plugin. A shipped plugin goes
+    /// back to its built-in version; any other is refused while a
+    /// collection uses it.
+    RemovePluginVersions { name: String },
+    /// Choose the load balancer of a collection (by id): a shipped one or
+    /// a deployed load balancer.
+    SetLoadBalancer { collection: u64, name: String },
 }
 
 /// What the state machine answers to a command.

@@ -42,12 +42,14 @@ mod disk;
 mod error;
 pub mod log_store;
 pub mod placement;
+pub mod plugins;
 pub mod shard;
 mod snapshot;
 pub mod state;
 pub mod state_machine;
 mod state_rows;
 mod state_v1;
+mod state_v2;
 pub mod types;
 
 use std::path::Path;

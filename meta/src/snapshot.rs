@@ -2,9 +2,10 @@
 //! current one is kept.
 //!
 //! A snapshot's data is postcard of [`SnapshotBody`], a versioned envelope
-//! around the whole [`MetaState`] (`V2`; a `V1` body, from an older build,
-//! is converted as `state_v1` describes); its [`SnapshotMeta`] (last log
-//! id, last membership, id) travels beside it, as openraft wants.
+//! around the whole [`MetaState`] (`V3`; a `V1` or `V2` body, from an older
+//! build, is converted as `state_v1` and `state_v2` describe); its
+//! [`SnapshotMeta`] (last log id, last membership, id) travels beside it,
+//! as openraft wants.
 //!
 //! Invariants:
 //! - a snapshot is a point-in-time view: the builder captures the state
@@ -28,6 +29,7 @@ use crate::error::{MetaStoreError, Subject};
 use crate::state::MetaState;
 use crate::state_rows::SNAPSHOT;
 use crate::state_v1::MetaStateV1;
+use crate::state_v2::MetaStateV2;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const CURRENT_KEY: &str = "current";
@@ -36,17 +38,18 @@ const CURRENT_KEY: &str = "current";
 #[derive(Serialize, Deserialize)]
 enum SnapshotBody {
     V1(MetaStateV1),
-    V2(MetaState),
+    V2(MetaStateV2),
+    V3(MetaState),
 }
 
-/// `SnapshotBody::V2` for encoding, borrowing the state (it can hold
+/// `SnapshotBody::V3` for encoding, borrowing the state (it can hold
 /// megabytes of plugins): the same bytes as the owned value.
 struct SnapshotBodyRef<'a>(&'a MetaState);
 
 impl Serialize for SnapshotBodyRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // Variant index 1 is `SnapshotBody::V2`.
-        s.serialize_newtype_variant("SnapshotBody", 1, "V2", self.0)
+        // Variant index 2 is `SnapshotBody::V3`.
+        s.serialize_newtype_variant("SnapshotBody", 2, "V3", self.0)
     }
 }
 
@@ -65,7 +68,8 @@ pub(crate) fn encode_body(state: &MetaState) -> Result<Vec<u8>, MetaStoreError> 
 pub(crate) fn decode_body(data: &[u8]) -> Result<MetaState, MetaStoreError> {
     Ok(match decode("snapshot", data)? {
         SnapshotBody::V1(old) => old.upgrade(),
-        SnapshotBody::V2(state) => state,
+        SnapshotBody::V2(old) => old.upgrade(),
+        SnapshotBody::V3(state) => state,
     })
 }
 
@@ -183,13 +187,30 @@ mod tests {
     }
 
     #[test]
-    fn borrowed_body_encodes_like_the_owned_v2() {
+    fn borrowed_body_encodes_like_the_owned_v3() {
         let mut state = MetaState::default();
         state.settings.insert("k".into(), "v".into());
         state.next_collection_id = 7;
-        let owned = postcard::to_allocvec(&SnapshotBody::V2(state.clone())).unwrap();
+        state.balancers.insert(3, "random".into());
+        let owned = postcard::to_allocvec(&SnapshotBody::V3(state.clone())).unwrap();
         assert_eq!(encode_body(&state).unwrap(), owned);
         assert_eq!(decode_body(&owned).unwrap(), state);
+    }
+
+    #[test]
+    fn v2_body_is_converted() {
+        let v2 = MetaStateV2 {
+            nodes: BTreeMap::new(),
+            collections: BTreeMap::new(),
+            plugins: BTreeMap::new(),
+            settings: [("k".to_owned(), "v".to_owned())].into(),
+            next_collection_id: 9,
+        };
+        let data = postcard::to_allocvec(&SnapshotBody::V2(v2)).unwrap();
+        let state = decode_body(&data).unwrap();
+        assert_eq!(state.next_collection_id, 9);
+        assert_eq!(state.setting("k"), Some("v"));
+        assert!(state.deployed.is_empty() && state.balancers.is_empty());
     }
 
     #[test]

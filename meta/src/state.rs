@@ -8,10 +8,11 @@
 //!   every replica applies the same log and must reach the same state;
 //! - **all or nothing**: a rejected command changes nothing;
 //! - every command touches exactly one entity (one node, one collection
-//!   with its shard configurations, one plugin version or one setting),
-//!   except that creating a collection also advances the collection-id
-//!   counter; that is what lets the store write only the rows a command
-//!   touched (see `state_rows`, `Row::touched_by`);
+//!   with its shard configurations, one plugin, one collection's load
+//!   balancer or one setting), except that creating a collection also
+//!   advances the collection-id counter and dropping one also drops its
+//!   load-balancer choice; that is what lets the store write only the rows
+//!   a command touched (see `state_rows`, `Row::touched_by`);
 //! - collection ids come from `next_collection_id` and are never reused: a
 //!   dropped collection's id stays dropped ([`MetaState::collection_dropped`]),
 //!   which is what lets a node delete a replica's files only when the
@@ -29,11 +30,14 @@ use edgevec_proto::CollectionSpec;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::command::{CommandV1, CommandV2, MetaCommand, MetaResponse, NodeState, RejectCode};
+use crate::plugins::{
+    check_name, shipped_kind, DeployedPlugin, PluginKind, PluginVersion, DEFAULT_LOAD_BALANCER, KEPT_VERSIONS,
+};
 use crate::shard::{check_change, Replication, ShardConfig};
 
 /// Everything the metadata Raft replicates.
 ///
-/// Persisted whole in snapshots (`SnapshotBody::V2`): change its shape only
+/// Persisted whole in snapshots (`SnapshotBody::V3`): change its shape only
 /// with a new snapshot body version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetaState {
@@ -46,6 +50,11 @@ pub struct MetaState {
     /// The id the next created collection gets; ids below it were allocated
     /// (first id 1, so 0 never names a collection).
     pub next_collection_id: u64,
+    /// Deployed policy plugins by name (see [`crate::plugins`]).
+    pub deployed: BTreeMap<String, DeployedPlugin>,
+    /// Collection id → its load balancer, for collections that chose one
+    /// other than [`DEFAULT_LOAD_BALANCER`].
+    pub balancers: BTreeMap<u64, String>,
 }
 
 impl Default for MetaState {
@@ -56,6 +65,8 @@ impl Default for MetaState {
             plugins: BTreeMap::new(),
             settings: BTreeMap::new(),
             next_collection_id: 1,
+            deployed: BTreeMap::new(),
+            balancers: BTreeMap::new(),
         }
     }
 }
@@ -197,7 +208,10 @@ impl MetaState {
                 self.create_collection(spec, Replication::with_default_min(1), *at_ms, &[])
             }
             CommandV1::DropCollection { name } => match self.collections.remove(name) {
-                Some(_) => MetaResponse::ok(),
+                Some(c) => {
+                    self.balancers.remove(&c.id);
+                    MetaResponse::ok()
+                }
                 None => not_found(format!("collection {name:?} does not exist")),
             },
             // See the variant's docs: shard configurations change only by
@@ -271,7 +285,117 @@ impl MetaState {
                 collection,
                 replication,
             } => self.set_replication(*collection, *replication),
+            CommandV2::DeployPlugin {
+                name,
+                kind,
+                sha256,
+                size,
+                params,
+                holders,
+                at_ms,
+            } => self.deploy_plugin(
+                name,
+                *kind,
+                PluginVersion {
+                    sha256: *sha256,
+                    size: *size,
+                    params: params.clone(),
+                    holders: holders.clone(),
+                    at_ms: *at_ms,
+                },
+            ),
+            CommandV2::RemovePluginVersions { name } => self.remove_plugin(name),
+            CommandV2::SetLoadBalancer { collection, name } => self.set_load_balancer(*collection, name),
         }
+    }
+
+    fn deploy_plugin(&mut self, name: &str, kind: PluginKind, version: PluginVersion) -> MetaResponse {
+        if let Err(msg) = check_name(name) {
+            return invalid(msg);
+        }
+        if version.size == 0 {
+            return invalid(format!("plugin {name}: no bytes"));
+        }
+        if version.holders.is_empty() {
+            return invalid(format!("plugin {name}: no node holds its bytes"));
+        }
+        let known = self.deployed.get(name).map(|d| d.kind).or(shipped_kind(name));
+        if let Some(k) = known.filter(|k| *k != kind) {
+            return invalid(format!(
+                "plugin {name} is a {k}; this upload is a {kind} (deploy it under another name)"
+            ));
+        }
+        let entry = self.deployed.entry(name.to_owned()).or_insert_with(|| DeployedPlugin {
+            kind,
+            versions: BTreeMap::new(),
+        });
+        if let Some((_, newest)) = entry.active() {
+            if newest.sha256 == version.sha256 && newest.params == version.params {
+                return MetaResponse::ok();
+            }
+        }
+        let number = match entry.active() {
+            Some((v, _)) => v + 1,
+            None if shipped_kind(name).is_some() => 2,
+            None => 1,
+        };
+        entry.versions.insert(number, version);
+        while entry.versions.len() > KEPT_VERSIONS {
+            entry.versions.pop_first();
+        }
+        MetaResponse::ok()
+    }
+
+    fn remove_plugin(&mut self, name: &str) -> MetaResponse {
+        if !self.deployed.contains_key(name) {
+            return not_found(match shipped_kind(name) {
+                Some(_) => format!("plugin {name} has no deployed version (its built-in one cannot be removed)"),
+                None => format!("plugin {name} is not deployed"),
+            });
+        }
+        if shipped_kind(name).is_none() {
+            let users: Vec<&str> = self
+                .collections
+                .values()
+                .filter(|c| self.balancers.get(&c.id).map(String::as_str) == Some(name))
+                .map(|c| c.spec.name.as_str())
+                .collect();
+            if !users.is_empty() {
+                return invalid(format!(
+                    "plugin {name} is the load balancer of {}; give them another one first",
+                    users.join(", ")
+                ));
+            }
+        }
+        self.deployed.remove(name);
+        MetaResponse::ok()
+    }
+
+    fn set_load_balancer(&mut self, collection: u64, name: &str) -> MetaResponse {
+        let Some(c) = self.collection_by_id(collection) else {
+            return not_found(format!("collection {collection} does not exist"));
+        };
+        let kind = self.deployed.get(name).map(|d| d.kind).or(shipped_kind(name));
+        match kind {
+            None => not_found(format!("plugin {name} is neither shipped nor deployed")),
+            Some(PluginKind::Consistency) => {
+                invalid(format!("plugin {name} is a consistency policy, not a load balancer"))
+            }
+            Some(PluginKind::LoadBalancer) => {
+                let id = c.id;
+                if name == DEFAULT_LOAD_BALANCER {
+                    self.balancers.remove(&id);
+                } else {
+                    self.balancers.insert(id, name.to_owned());
+                }
+                MetaResponse::ok()
+            }
+        }
+    }
+
+    /// The load balancer of collection `id`.
+    pub fn load_balancer_of(&self, id: u64) -> &str {
+        self.balancers.get(&id).map_or(DEFAULT_LOAD_BALANCER, String::as_str)
     }
 
     fn create_collection(
@@ -461,6 +585,8 @@ fn unknown_collection(id: u64) -> MetaResponse {
     not_found(format!("collection {id} does not exist (dropped, or not created yet)"))
 }
 
+#[cfg(test)]
+mod plugin_tests;
 #[cfg(test)]
 mod shard_tests;
 #[cfg(test)]

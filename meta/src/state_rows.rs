@@ -11,6 +11,8 @@
 //! | `counters`          | `"next_collection_id"`| [`CounterRow`]                          |
 //! | `plugins`           | (name, version)       | [`PluginRow`] (hash + bytes)            |
 //! | `settings`          | key                   | value (UTF-8)                           |
+//! | `deployed_plugins`  | plugin name           | [`DeployedRow`] (its deployed versions) |
+//! | `load_balancers`    | collection id         | [`BalancerRow`] (plugin name)           |
 //! | `snapshot`          | `"current"`           | `snapshot::StoredSnapshot`              |
 //!
 //! Per-entity rows rather than one blob because plugin modules can be
@@ -18,6 +20,10 @@
 //! shard configurations live in its row; they are small and change with it.
 //! The id counter is a row of its own because it outlives every collection
 //! (a dropped collection's id is never handed out again).
+//!
+//! The last two tables came after format 2 was first written: a file
+//! without them reads as having no deployed plugin and no collection with
+//! its own load balancer, and they are created by the first write.
 //!
 //! Format 1 (before stable collection ids) kept collections by name in a
 //! `collections` table as `CollectionRow::V1` and had no counter; opening
@@ -50,6 +56,8 @@ const COLLECTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("collectio
 const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
 const PLUGINS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("plugins");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+const DEPLOYED: TableDefinition<&str, &[u8]> = TableDefinition::new("deployed_plugins");
+const BALANCERS: TableDefinition<u64, &[u8]> = TableDefinition::new("load_balancers");
 pub(crate) const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 const APPLIED_KEY: &str = "applied";
@@ -85,6 +93,16 @@ enum PluginRow {
     V1(PluginRecord),
 }
 
+#[derive(Serialize, Deserialize)]
+enum DeployedRow {
+    V1(crate::plugins::DeployedPlugin),
+}
+
+#[derive(Serialize, Deserialize)]
+enum BalancerRow {
+    V1(String),
+}
+
 /// An entity row (see `MetaState`'s invariants).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Row {
@@ -94,6 +112,10 @@ pub(crate) enum Row {
     NextCollectionId,
     Plugin(String, String),
     Setting(String),
+    /// A deployed plugin, by name.
+    Deployed(String),
+    /// A collection's load balancer, by collection id.
+    Balancer(u64),
 }
 
 impl Row {
@@ -110,8 +132,9 @@ impl Row {
                 CommandV1::CreateCollection { .. } => created(),
                 CommandV1::DropCollection { name } => before
                     .collection(name)
-                    .map(|c| Row::Collection(c.id))
+                    .map(|c| [Row::Collection(c.id), Row::Balancer(c.id)])
                     .into_iter()
+                    .flatten()
                     .collect(),
                 // Always refused.
                 CommandV1::PutShardMap { .. } => vec![],
@@ -125,6 +148,10 @@ impl Row {
                 CommandV2::ShardCas { collection, .. } | CommandV2::SetReplication { collection, .. } => {
                     vec![Row::Collection(*collection)]
                 }
+                CommandV2::DeployPlugin { name, .. } | CommandV2::RemovePluginVersions { name } => {
+                    vec![Row::Deployed(name.clone())]
+                }
+                CommandV2::SetLoadBalancer { collection, .. } => vec![Row::Balancer(*collection)],
             },
         }
     }
@@ -150,6 +177,14 @@ pub(crate) fn encode_rows(state: &MetaState, rows: BTreeSet<Row>) -> Result<Vec<
                     .plugin(name, version)
                     .map(|p| encode("plugin", &PluginRow::V1(p.clone()))),
                 Row::Setting(key) => state.settings.get(key).map(|v| Ok(v.clone().into_bytes())),
+                Row::Deployed(name) => state
+                    .deployed
+                    .get(name)
+                    .map(|d| encode("deployed plugin", &DeployedRow::V1(d.clone()))),
+                Row::Balancer(id) => state
+                    .balancers
+                    .get(id)
+                    .map(|b| encode("load balancer", &BalancerRow::V1(b.clone()))),
             }
             .transpose()?;
             Ok(RowWrite { row, value })
@@ -164,6 +199,8 @@ pub(crate) fn write_rows(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<
     let mut counters = txn.open_table(COUNTERS)?;
     let mut plugins = txn.open_table(PLUGINS)?;
     let mut settings = txn.open_table(SETTINGS)?;
+    let mut deployed = txn.open_table(DEPLOYED)?;
+    let mut balancers = txn.open_table(BALANCERS)?;
     for w in writes {
         let value = w.value.as_deref();
         match &w.row {
@@ -187,6 +224,14 @@ pub(crate) fn write_rows(txn: &WriteTransaction, writes: &[RowWrite]) -> Result<
                 Some(v) => drop(settings.insert(key.as_str(), v)?),
                 None => drop(settings.remove(key.as_str())?),
             },
+            Row::Deployed(name) => match value {
+                Some(v) => drop(deployed.insert(name.as_str(), v)?),
+                None => drop(deployed.remove(name.as_str())?),
+            },
+            Row::Balancer(id) => match value {
+                Some(v) => drop(balancers.insert(*id, v)?),
+                None => drop(balancers.remove(*id)?),
+            },
         }
     }
     Ok(())
@@ -199,6 +244,8 @@ pub(crate) fn replace_all(txn: &WriteTransaction, state: &MetaState) -> Result<(
     txn.open_table(COUNTERS)?.retain(|_, _| false)?;
     txn.open_table(PLUGINS)?.retain(|_, _| false)?;
     txn.open_table(SETTINGS)?.retain(|_, _| false)?;
+    txn.open_table(DEPLOYED)?.retain(|_, _| false)?;
+    txn.open_table(BALANCERS)?.retain(|_, _| false)?;
     let rows: BTreeSet<Row> = state
         .nodes
         .keys()
@@ -207,6 +254,8 @@ pub(crate) fn replace_all(txn: &WriteTransaction, state: &MetaState) -> Result<(
         .chain([Row::NextCollectionId])
         .chain(state.plugins.keys().map(|(n, v)| Row::Plugin(n.clone(), v.clone())))
         .chain(state.settings.keys().map(|k| Row::Setting(k.clone())))
+        .chain(state.deployed.keys().map(|n| Row::Deployed(n.clone())))
+        .chain(state.balancers.keys().map(|id| Row::Balancer(*id)))
         .collect();
     write_rows(txn, &encode_rows(state, rows)?)
 }
@@ -236,6 +285,8 @@ pub(crate) fn create_tables(txn: &WriteTransaction) -> Result<(), MetaStoreError
     txn.open_table(COUNTERS)?;
     txn.open_table(PLUGINS)?;
     txn.open_table(SETTINGS)?;
+    txn.open_table(DEPLOYED)?;
+    txn.open_table(BALANCERS)?;
     txn.open_table(SNAPSHOT)?;
     Ok(())
 }
@@ -269,6 +320,28 @@ pub(crate) fn load(db: &Database) -> Result<Loaded, MetaStoreError> {
     if let Some(v) = txn.open_table(COUNTERS)?.get(NEXT_COLLECTION_ID)? {
         let CounterRow::V1(next) = decode(NEXT_COLLECTION_ID, v.value())?;
         loaded.state.next_collection_id = next;
+    }
+    match txn.open_table(DEPLOYED) {
+        Ok(table) => {
+            for row in table.iter()? {
+                let (name, v) = row?;
+                let DeployedRow::V1(d) = decode(&format!("deployed plugin {}", name.value()), v.value())?;
+                loaded.state.deployed.insert(name.value().to_owned(), d);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match txn.open_table(BALANCERS) {
+        Ok(table) => {
+            for row in table.iter()? {
+                let (id, v) = row?;
+                let BalancerRow::V1(name) = decode(&format!("load balancer of collection {}", id.value()), v.value())?;
+                loaded.state.balancers.insert(id.value(), name);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
     }
     Ok(loaded)
 }

@@ -63,6 +63,7 @@ impl MetaStateV1 {
             plugins: self.plugins,
             settings: self.settings,
             next_collection_id,
+            ..MetaState::default()
         }
     }
 }

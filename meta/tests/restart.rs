@@ -203,6 +203,56 @@ async fn applied_state_survives_reopen() {
     assert_eq!(sm.state().collection("x").unwrap().id, 4);
     assert!(sm.state().collection_dropped(3));
     assert_eq!(sm.applied_state().await.unwrap().0, Some(id(15)));
+
+    // Deployed plugin versions and load-balancer choices are rows too.
+    let v2 = |index: u64, c: CommandV2| Entry {
+        log_id: id(index),
+        payload: EntryPayload::Normal(MetaCommand::V2(c)),
+    };
+    let replies = sm
+        .apply([
+            v2(
+                16,
+                CommandV2::DeployPlugin {
+                    name: "even-first".into(),
+                    kind: edgevec_meta::plugins::PluginKind::LoadBalancer,
+                    sha256: [7; 32],
+                    size: 30_000,
+                    params: vec![("k".into(), "v".into())],
+                    holders: vec![1, 2],
+                    at_ms: 40,
+                },
+            ),
+            v2(
+                17,
+                CommandV2::SetLoadBalancer {
+                    collection: 1,
+                    name: "even-first".into(),
+                },
+            ),
+            v2(
+                18,
+                CommandV2::SetLoadBalancer {
+                    collection: 4,
+                    name: "random".into(),
+                },
+            ),
+            cmd(19, CommandV1::DropCollection { name: "x".into() }),
+        ])
+        .await
+        .unwrap();
+    assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+    let expected = sm.state();
+    assert_eq!(expected.load_balancer_of(1), "even-first");
+    assert_eq!(
+        expected.load_balancer_of(4),
+        "round-robin",
+        "dropped with its collection"
+    );
+    drop(sm);
+    let sm = open_sm(dir.path());
+    assert_eq!(sm.state(), expected);
+    assert_eq!(sm.state().deployed["even-first"].active().unwrap().0, 1);
 }
 
 #[tokio::test]

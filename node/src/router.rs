@@ -45,8 +45,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of a status probe of one replica.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The load balancer of collections that name none.
-pub const DEFAULT_LOAD_BALANCER: &str = "round-robin";
+pub use edgevec_meta::plugins::DEFAULT_LOAD_BALANCER;
 /// How long a node that failed a read stays ejected from first choice.
 const EJECT_FOR: Duration = Duration::from_secs(2);
 /// The window of [`NodeStats`]' error count.
@@ -411,12 +410,128 @@ impl Router {
             tried: 0,
             sequence,
         };
-        let lb = DEFAULT_LOAD_BALANCER;
+        let lb = state.load_balancer_of(key.collection);
         let (order, _) = self
             .plane
             .policies
             .order(lb, &request.words(), &replica_words(&infos), infos.len());
         order
+    }
+
+    /// The policy plugins of this node and their state.
+    pub fn local_plugins(&self) -> Vec<edgevec_proto::PluginNodeState> {
+        self.plane
+            .policies
+            .report()
+            .into_iter()
+            .map(|r| {
+                let state = if r.disabled.is_some() {
+                    "disabled"
+                } else if r.version > 0 {
+                    "loaded"
+                } else if r.load_error.is_some() {
+                    "failed"
+                } else {
+                    "loading"
+                };
+                edgevec_proto::PluginNodeState {
+                    node: self.plane.me,
+                    name: r.name,
+                    kind: match r.kind {
+                        Some(crate::policy::Kind::LoadBalancer) => "load-balancer".into(),
+                        Some(crate::policy::Kind::Consistency) => "consistency".into(),
+                        None => String::new(),
+                    },
+                    version: r.version,
+                    origin: r.origin,
+                    sha256: r.sha256,
+                    size: r.size,
+                    state: state.into(),
+                    from_cache: r.from_cache,
+                    calls: r.calls,
+                    failures: r.failures,
+                    fallbacks: r.fallbacks.iter().map(|(_, n)| n).sum(),
+                    reason: r.disabled.or(r.load_error).or(r.last_failure),
+                }
+            })
+            .collect()
+    }
+
+    /// Every plugin with its state on every node (a node that does not
+    /// answer within a second is shown `unreachable`), and the collections
+    /// whose reads it decides.
+    pub async fn plugins(&self) -> Vec<edgevec_proto::PluginInfo> {
+        let state = self.plane.meta.state();
+        let others: Vec<u64> = state.nodes().map(|n| n.id).filter(|id| *id != self.plane.me).collect();
+        let calls = others.iter().map(|&node| async move {
+            let r = self.plane.call(node, NodeOpV1::PluginStatus, STATUS_TIMEOUT).await;
+            (node, r)
+        });
+        let mut per_node: Vec<(u64, Result<Vec<edgevec_proto::PluginNodeState>, String>)> =
+            vec![(self.plane.me, Ok(self.local_plugins()))];
+        for (node, r) in futures::future::join_all(calls).await {
+            per_node.push((
+                node,
+                match r {
+                    Ok(NodeReplyV1::PluginStatus(p)) => Ok(p),
+                    Ok(other) => Err(format!("unexpected reply {other:?}")),
+                    Err(e) => Err(e.message),
+                },
+            ));
+        }
+        per_node.sort_by_key(|(n, _)| *n);
+        let mut out: BTreeMap<String, edgevec_proto::PluginInfo> = BTreeMap::new();
+        for (_, r) in &per_node {
+            for p in r.iter().flatten() {
+                let info = out.entry(p.name.clone()).or_insert_with(|| edgevec_proto::PluginInfo {
+                    name: p.name.clone(),
+                    kind: String::new(),
+                    version: 0,
+                    origin: String::new(),
+                    sha256: String::new(),
+                    size: 0,
+                    collections: Vec::new(),
+                    nodes: Vec::new(),
+                });
+                // The newest version any node runs describes the plugin.
+                if p.version > info.version || info.kind.is_empty() {
+                    info.kind = p.kind.clone();
+                    info.version = p.version;
+                    info.origin = p.origin.clone();
+                    info.sha256 = p.sha256.clone();
+                    info.size = p.size;
+                }
+                info.nodes.push(p.clone());
+            }
+        }
+        for info in out.values_mut() {
+            for (node, r) in &per_node {
+                if let Err(e) = r {
+                    info.nodes.push(edgevec_proto::PluginNodeState {
+                        node: *node,
+                        name: info.name.clone(),
+                        kind: String::new(),
+                        version: 0,
+                        origin: String::new(),
+                        sha256: String::new(),
+                        size: 0,
+                        state: "unreachable".into(),
+                        from_cache: false,
+                        calls: 0,
+                        failures: 0,
+                        fallbacks: 0,
+                        reason: Some(e.clone()),
+                    });
+                }
+            }
+            info.nodes.sort_by_key(|n| n.node);
+            info.collections = state
+                .collections()
+                .filter(|c| state.load_balancer_of(c.id) == info.name)
+                .map(|c| c.spec.name.clone())
+                .collect();
+        }
+        out.into_values().collect()
     }
 
     /// Reads served so far through this node, by (shard, node).

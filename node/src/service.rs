@@ -42,11 +42,13 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::Get { .. }
         | OpV1::Search { .. }
         | OpV1::ClusterStatus
-        | OpV1::Shards { .. } => TokenRole::Read,
+        | OpV1::Shards { .. }
+        | OpV1::ListPlugins => TokenRole::Read,
         OpV1::Upsert { .. } | OpV1::Delete { .. } => TokenRole::Write,
         OpV1::CreateCollection(_)
         | OpV1::CreateReplicated { .. }
         | OpV1::Load { .. }
+        | OpV1::SetLoadBalancer { .. }
         | OpV1::DropCollection { .. }
         | OpV1::AddNode(_)
         | OpV1::RemoveNode { .. } => TokenRole::Admin,
@@ -255,6 +257,18 @@ impl Service {
                 ReplyV1::Loaded
             }
             OpV1::Shards { collection } => ReplyV1::Shards(self.router.shards(collection.as_deref()).await?),
+            OpV1::ListPlugins => ReplyV1::Plugins(self.router.plugins().await),
+            OpV1::SetLoadBalancer { collection, plugin } => {
+                let id = self.meta.state().collection(&collection).map(|c| c.id).ok_or_else(|| {
+                    WireError::new(ErrorCode::NotFound, format!("collection {collection:?} does not exist"))
+                })?;
+                self.meta_write(MetaCommand::V2(CommandV2::SetLoadBalancer {
+                    collection: id,
+                    name: plugin,
+                }))
+                .await?;
+                ReplyV1::LoadBalancerSet
+            }
             OpV1::ListCollections => ReplyV1::Collections(self.router.list().await),
             OpV1::DescribeCollection { name } => ReplyV1::Collection(self.router.describe(&name).await?),
             OpV1::DropCollection { name } => {
@@ -351,6 +365,7 @@ impl Dispatch for Service {
             NodeOpV1::ShardRead(_) => "shard_read",
             NodeOpV1::MetaReadIndex => "meta_read_index",
             NodeOpV1::ExportChunk(_) => "export_chunk",
+            NodeOpV1::PluginStatus => "plugin_status",
         };
         let result = match op {
             NodeOpV1::Ping { .. } => Ok(NodeReplyV1::Pong { node_id: self.node.id }),
@@ -402,6 +417,7 @@ impl Dispatch for Service {
                 .on_export_chunk(peer, chunk)
                 .await
                 .map(NodeReplyV1::ExportProgress),
+            NodeOpV1::PluginStatus => Ok(NodeReplyV1::PluginStatus(self.router.local_plugins())),
         };
         self.metrics.record_rpc("node", name, result.is_ok(), started.elapsed());
         NodeResponse::V1(result)

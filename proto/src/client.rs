@@ -82,6 +82,13 @@ pub enum OpV1 {
     Shards {
         collection: Option<String>,
     },
+    /// The policy plugins and their state on every node.
+    ListPlugins,
+    /// Choose the load-balancing plugin of a collection (admin).
+    SetLoadBalancer {
+        collection: String,
+        plugin: String,
+    },
 }
 
 impl OpV1 {
@@ -103,6 +110,8 @@ impl OpV1 {
             OpV1::CreateReplicated { .. } => "create_collection",
             OpV1::Load { .. } => "load",
             OpV1::Shards { .. } => "shards",
+            OpV1::ListPlugins => "list_plugins",
+            OpV1::SetLoadBalancer { .. } => "set_load_balancer",
         }
     }
 }
@@ -128,6 +137,9 @@ pub enum ReplyV1 {
     Shards(Vec<CollectionShards>),
     /// `load` committed the new replica count.
     Loaded,
+    Plugins(Vec<crate::types::PluginInfo>),
+    /// The collection's load balancer is now the one asked for.
+    LoadBalancerSet,
 }
 
 /// Most bytes a request's token occupies at the start of its body (the

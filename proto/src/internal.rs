@@ -49,6 +49,8 @@ pub enum NodeOpV1 {
     MetaReadIndex,
     /// Data plane, primary → replica: a chunk of a shard export.
     ExportChunk(crate::replication::ExportChunk),
+    /// The policy plugins this node runs and their state.
+    PluginStatus,
 }
 
 /// Membership changes an admin can ask for.
@@ -114,4 +116,5 @@ pub enum NodeReplyV1 {
         index: u64,
     },
     ExportProgress(crate::replication::ExportProgress),
+    PluginStatus(Vec<crate::types::PluginNodeState>),
 }

@@ -339,3 +339,45 @@ pub struct CollectionShards {
     pub min_insync: u32,
     pub shards: Vec<ShardStatus>,
 }
+
+/// One policy plugin as one node runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginNodeState {
+    pub node: u64,
+    pub name: String,
+    /// `load-balancer` or `consistency`; empty when not loaded.
+    pub kind: String,
+    /// Active version (0: none loaded).
+    pub version: u64,
+    /// `built-in`, or where a deployed version came from.
+    pub origin: String,
+    /// Hex SHA-256 of the plugin's bytes.
+    pub sha256: String,
+    pub size: u64,
+    /// `loaded`, `loading`, `failed` (could not load), `disabled` (circuit
+    /// breaker open) or `unreachable` (the node did not answer).
+    pub state: String,
+    /// Read from the node's compiled-artifact cache.
+    pub from_cache: bool,
+    pub calls: u64,
+    pub failures: u64,
+    /// Decisions the built-in rule made instead of the plugin.
+    pub fallbacks: u64,
+    /// Why it is failed or disabled, or its last failure.
+    pub reason: Option<String>,
+}
+
+/// A policy plugin across the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub kind: String,
+    pub version: u64,
+    pub origin: String,
+    pub sha256: String,
+    pub size: u64,
+    /// Collections whose reads it decides.
+    pub collections: Vec<String>,
+    /// Its state on each node, by node id.
+    pub nodes: Vec<PluginNodeState>,
+}

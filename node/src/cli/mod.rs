@@ -10,6 +10,7 @@
 
 mod data;
 mod insert;
+mod plugin;
 mod up;
 
 use std::net::SocketAddr;
@@ -101,17 +102,31 @@ pub enum Command {
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u64>,
     },
+    /// Policy plugins: `plugin list` shows each one's version and its state
+    /// on every node.
+    #[command(subcommand)]
+    Plugin(PluginCmd),
     /// Change a collection's replica count while it serves (new replicas
     /// catch up, then join; surplus ones are dropped).
     Load {
         collection: String,
-        #[arg(long)]
-        replicas: u32,
+        #[arg(long, required_unless_present = "lb")]
+        replicas: Option<u32>,
         /// Replicas that must hold a write before it is acknowledged
         /// (default: 2 when replicas >= 3, else 1).
-        #[arg(long)]
+        #[arg(long, requires = "replicas")]
         min_insync: Option<u32>,
+        /// Load-balancing plugin that picks the replica of each read.
+        #[arg(long)]
+        lb: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCmd {
+    /// Every plugin: kind, version, origin, size, hash, collections using
+    /// it, and its state on every node.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -136,6 +151,10 @@ pub enum CollectionCmd {
         /// (default: 2 when replicas >= 3, else 1).
         #[arg(long)]
         min_insync: Option<u32>,
+        /// Load-balancing plugin that picks the replica of each read
+        /// (default: round-robin; `edgevec plugin list` shows them).
+        #[arg(long)]
+        lb: Option<String>,
     },
     /// List collections.
     List,
@@ -163,20 +182,35 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => data::search(&g, &collection, &vector, k, !no_payload).await,
         Command::Get { collection, ids } => data::get(&g, &collection, &ids).await,
         Command::Delete { collection, ids } => data::delete(&g, &collection, &ids).await,
+        Command::Plugin(PluginCmd::List) => plugin::list(&g).await,
         Command::Load {
             collection,
             replicas,
             min_insync,
+            lb,
         } => {
             let client = connect(&g).await?;
-            client
-                .load(&collection, ReplicationSpec { replicas, min_insync })
-                .await?;
+            if let Some(replicas) = replicas {
+                client
+                    .load(&collection, ReplicationSpec { replicas, min_insync })
+                    .await?;
+            }
+            if let Some(lb) = &lb {
+                client.set_load_balancer(&collection, lb).await?;
+            }
             client.close().await;
             if g.json {
-                println!("{}", json!({"loaded": collection, "replicas": replicas}));
+                println!(
+                    "{}",
+                    json!({"loaded": collection, "replicas": replicas, "load_balancer": lb})
+                );
             } else {
-                println!("{collection}: replica count set to {replicas}; new replicas catch up in the background (see `edgevec collection describe {collection}`)");
+                if let Some(replicas) = replicas {
+                    println!("{collection}: replica count set to {replicas}; new replicas catch up in the background (see `edgevec collection describe {collection}`)");
+                }
+                if let Some(lb) = lb {
+                    println!("{collection}: reads now pick their replica with {lb}");
+                }
             }
             Ok(())
         }
@@ -270,6 +304,7 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
             seal_rows,
             replicas,
             min_insync,
+            lb,
         } => {
             let spec = CollectionSpec::new(&name, dim, metric)
                 .with_shards(shards)
@@ -277,10 +312,18 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
             client
                 .create_replicated(spec, ReplicationSpec { replicas, min_insync })
                 .await?;
+            if let Some(lb) = &lb {
+                client.set_load_balancer(&name, lb).await.with_context(|| {
+                    format!("collection {name} was created, but its load balancer is still round-robin")
+                })?;
+            }
+            let lb = lb.as_deref().unwrap_or(edgevec_meta::plugins::DEFAULT_LOAD_BALANCER);
             if g.json {
-                println!("{}", json!({"created": name}));
+                println!("{}", json!({"created": name, "load_balancer": lb}));
             } else {
-                println!("created collection {name} (dim {dim}, {metric}, {shards} shards, {replicas} replicas)");
+                println!(
+                    "created collection {name} (dim {dim}, {metric}, {shards} shards, {replicas} replicas, load balancer {lb})"
+                );
             }
         }
         CollectionCmd::List => {

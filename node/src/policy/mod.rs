@@ -289,7 +289,7 @@ impl PolicyEngine {
         let sha = cache::sha256_hex(bytes);
         let compat = self.compatibility_hash();
         if let Some(component) = self.cache.as_ref().and_then(|c| c.load(&self.engine, &sha, compat)) {
-            return self.prepare(name, checked.kind, component, config, Source::Cache);
+            return self.prepare(name, checked.kind, component, config, (Source::Cache, sha, bytes.len()));
         }
         let component =
             Component::new(&self.engine, &checked.component).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
@@ -298,7 +298,13 @@ impl PolicyEngine {
                 tracing::warn!(plugin = %name, error = %e, "compiled plugin not cached");
             }
         }
-        self.prepare(name, checked.kind, component, config, Source::Compiled)
+        self.prepare(
+            name,
+            checked.kind,
+            component,
+            config,
+            (Source::Compiled, sha, bytes.len()),
+        )
     }
 
     fn prepare(
@@ -307,7 +313,7 @@ impl PolicyEngine {
         kind: Kind,
         component: Component,
         config: Configuration,
-        source: Source,
+        (source, sha256, size): (Source, String, usize),
     ) -> Result<Arc<Loaded>, PluginError> {
         let pre = self
             .linker
@@ -332,6 +338,8 @@ impl PolicyEngine {
             stats: Stats::default(),
             retired: Arc::default(),
             source,
+            sha256,
+            size,
         });
         // Instantiate and configure once now: a plugin that cannot is
         // refused here, not on the first request.
@@ -398,6 +406,9 @@ pub struct Loaded {
     retired: Arc<std::sync::atomic::AtomicBool>,
     /// Compiled here, or read from the artifact cache.
     pub source: Source,
+    /// Hex SHA-256 of the plugin's bytes, and their size.
+    pub sha256: String,
+    pub size: usize,
 }
 
 impl std::fmt::Debug for Loaded {

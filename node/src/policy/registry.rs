@@ -65,6 +65,8 @@ pub struct SlotReport {
     pub kind: Option<Kind>,
     pub version: u64,
     pub origin: String,
+    pub sha256: String,
+    pub size: u64,
     pub calls: u64,
     pub failures: u64,
     pub instances: u64,
@@ -230,6 +232,8 @@ impl Policies {
                     kind: active.as_ref().map(|a| a.loaded.kind),
                     version: active.as_ref().map_or(0, |a| a.version),
                     origin: active.as_ref().map_or_else(String::new, |a| a.origin.clone()),
+                    sha256: active.as_ref().map_or_else(String::new, |a| a.loaded.sha256.clone()),
+                    size: active.as_ref().map_or(0, |a| a.loaded.size as u64),
                     calls: active
                         .as_ref()
                         .map_or(0, |a| a.loaded.stats.calls.load(Ordering::Relaxed)),
