@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -38,6 +39,27 @@ async fn wait_loaded(cluster: &TestCluster, id: u64) -> String {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A 3-node cluster with every shipped plugin loaded on every node, and a
+/// one-shard collection `name` with 3 replicas and 100 points of 8-d;
+/// returns the cluster and an admin client.
+async fn cluster_with(name: &str) -> (TestCluster, edgevec_client::Client) {
+    let cluster = TestCluster::running(Layout::voters(3)).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new(name, 8, Metric::L2).with_shards(1),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .expect("create");
+    let writer = cluster.client(1, WRITER).await;
+    upsert_random(&writer, name, 100, 8, 3).await;
+    for id in 1..=3 {
+        wait_loaded(&cluster, id).await;
+    }
+    (cluster, admin)
 }
 
 /// Every node loads the shipped plugins at start, and round-robin spreads
@@ -181,20 +203,7 @@ async fn plugin_list_shows_every_shipped_plugin_on_every_node() {
 /// replica. Wrong names are refused with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_switches_its_load_balancer() {
-    let cluster = TestCluster::running(Layout::voters(3)).await;
-    let admin = cluster.client(1, ADMIN).await;
-    admin
-        .create_replicated(
-            CollectionSpec::new("zoned", 8, Metric::L2).with_shards(1),
-            ReplicationSpec::new(3),
-        )
-        .await
-        .expect("create");
-    let writer = cluster.client(1, WRITER).await;
-    upsert_random(&writer, "zoned", 100, 8, 3).await;
-    for id in 1..=3 {
-        wait_loaded(&cluster, id).await;
-    }
+    let (cluster, admin) = cluster_with("zoned").await;
     let (ok, out, err) = cluster.cli(&["load", "zoned", "--lb", "zone-aware"]);
     assert!(ok, "load --lb failed: {out} {err}");
     let (ok, _, err) = cluster.cli(&["load", "zoned", "--lb", "strong"]);
@@ -236,4 +245,281 @@ async fn a_collection_switches_its_load_balancer() {
     assert_eq!(za.collections, vec!["zoned".to_string()]);
     let rr = list.iter().find(|p| p.name == "round-robin").unwrap();
     assert!(rr.collections.is_empty(), "{rr:?}");
+}
+
+/// `plugin list --json` through the CLI, parsed.
+fn plugin_list(cluster: &TestCluster) -> Vec<serde_json::Value> {
+    let (ok, out, err) = cluster.cli(&["plugin", "list", "--json"]);
+    assert!(ok, "plugin list failed: {err}");
+    serde_json::from_str::<serde_json::Value>(&out)
+        .expect("JSON")
+        .as_array()
+        .expect("an array")
+        .clone()
+}
+
+/// Waits until every node runs `version` of `name` (0: until no node
+/// lists it).
+async fn wait_version(cluster: &TestCluster, name: &str, version: u64) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = plugin_list(cluster);
+        let p = list.iter().find(|p| p["name"] == name);
+        let done = match (p, version) {
+            (None, 0) => true,
+            (Some(p), v) if v > 0 => p["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["state"] == "loaded" && n["version"] == v),
+            _ => false,
+        };
+        if done {
+            return list;
+        }
+        if Instant::now() > deadline {
+            cluster.fail(format!("{name} never reached version {version} on every node: {p:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A hand-written load balancer module: `configure` accepts anything,
+/// `order` runs `body` (which must leave an i64); `extra` adds fields.
+fn wat_balancer(body: &str, extra: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module {extra}
+  (memory (export "memory") 1)
+  (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) (i32.const 4096))
+  (func (export "edgevec:policy/balancer@1.0.0#configure")
+    (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 0) (i32.const 0)) (i32.const 0))
+  (func (export "edgevec:policy/balancer@1.0.0#order") (param i32 i32 i32 i32) (result i64) {body}))"#
+    ))
+    .unwrap()
+}
+
+/// A plugin deployed through the CLI reaches every node, serves the
+/// collection that chooses it, cannot be removed while used, and goes
+/// when removed. Hostile uploads are refused with the reason, and one
+/// that fails at every call leaves searches answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployed_plugins_reach_every_node_and_hostile_ones_are_contained() {
+    let (cluster, _) = cluster_with("deployed").await;
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/builtin-plugins");
+    let file = |n: &str| shipped.join(format!("{n}.wasm")).display().to_string();
+    let zone_aware = file("zone-aware");
+    let deploy_mine = [
+        "plugin",
+        "deploy",
+        "my-lb",
+        zone_aware.as_str(),
+        "--param",
+        "spill_in_flight=5",
+    ];
+    let (ok, out, err) = cluster.cli(&deploy_mine);
+    assert!(ok && out.contains("version 1"), "{out} {err}");
+    let list = wait_version(&cluster, "my-lb", 1).await;
+    let mine = list.iter().find(|p| p["name"] == "my-lb").unwrap();
+    assert_eq!(mine["kind"], "load-balancer");
+    assert_eq!(mine["origin"], "deployed");
+    // Deploying the same bytes and params again is no new version.
+    let (ok, out, _) = cluster.cli(&deploy_mine);
+    assert!(ok && out.contains("version 1"), "{out}");
+
+    let (ok, _, err) = cluster.cli(&["load", "deployed", "--lb", "my-lb"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cluster.cli(&["plugin", "remove", "my-lb"]);
+    assert!(!ok && err.contains("load balancer of deployed"), "{err}");
+    let reader = cluster.client(3, READER).await;
+    let q = random_vectors(1, 8, 2);
+    for _ in 0..10 {
+        reader.search("deployed", &q[0], 3).await.expect("search through my-lb");
+    }
+
+    // Hostile uploads: refused before anything is stored or proposed.
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.display().to_string()
+    };
+    let noise: Vec<u8> = random_vectors(1, 4096, 1)[0]
+        .iter()
+        .map(|f| f.to_bits() as u8)
+        .collect();
+    let cases = [
+        ("noise", write("noise.wasm", &noise), "not WebAssembly"),
+        (
+            "wasi",
+            write(
+                "wasi.wasm",
+                &wat_balancer(
+                    "(i64.const 0)",
+                    r#"(import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))"#,
+                ),
+            ),
+            "WASI",
+        ),
+        (
+            "other-world",
+            write(
+                "world.wasm",
+                &wat::parse_str(r#"(module (func (export "run")))"#).unwrap(),
+            ),
+            "does not implement the contract",
+        ),
+        (
+            "many-functions",
+            write(
+                "many.wasm",
+                &wat_balancer(
+                    "(i64.const 0)",
+                    &(0..10_001).map(|i| format!("(func $f{i})")).collect::<String>(),
+                ),
+            ),
+            "functions",
+        ),
+        ("huge", write("huge.wasm", &vec![0u8; 10 * 1024 * 1024]), "at most"),
+    ];
+    for (name, path, why) in &cases {
+        let (ok, out, err) = cluster.cli(&["plugin", "deploy", name, path]);
+        assert!(
+            !ok && err.contains(why),
+            "{name}: expected a refusal naming {why:?}, got {out} {err}"
+        );
+    }
+    let list = plugin_list(&cluster);
+    for (name, _, _) in &cases {
+        assert!(
+            list.iter().all(|p| p["name"] != *name),
+            "{name} is listed after a refusal"
+        );
+    }
+    // An endless loop loads (its configure is fine) but runs out of fuel
+    // at every call: reads use the given order and keep answering.
+    let looping = write("loop.wasm", &wat_balancer("(loop $l (br $l)) (i64.const 0)", ""));
+    let (ok, _, err) = cluster.cli(&["plugin", "deploy", "spinner", &looping]);
+    assert!(ok, "{err}");
+    wait_version(&cluster, "spinner", 1).await;
+    let (ok, _, err) = cluster.cli(&["load", "deployed", "--lb", "spinner"]);
+    assert!(ok, "{err}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..30 {
+        reader
+            .search("deployed", &q[0], 3)
+            .await
+            .expect("search through a failing plugin");
+    }
+    let (_, m) = cluster.http_get(3, "/metrics");
+    assert!(
+        metric(&m, "edgevec_plugin_failures", &["plugin=\"spinner\""]).unwrap_or(0.0) >= 20.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "edgevec_plugin_disabled", &["plugin=\"spinner\""]),
+        Some(1.0),
+        "{m}"
+    );
+    let list = plugin_list(&cluster);
+    let spinner = list.iter().find(|p| p["name"] == "spinner").unwrap();
+    let n3 = spinner["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == 3)
+        .unwrap();
+    assert_eq!(n3["state"], "disabled", "{spinner}");
+    assert!(n3["reason"].as_str().unwrap().contains("fuel"), "{spinner}");
+
+    // Back to the default, then both deployed plugins can go.
+    let (ok, _, err) = cluster.cli(&["load", "deployed", "--lb", "round-robin"]);
+    assert!(ok, "{err}");
+    for name in ["my-lb", "spinner"] {
+        let (ok, _, err) = cluster.cli(&["plugin", "remove", name]);
+        assert!(ok, "{name}: {err}");
+        wait_version(&cluster, name, 0).await;
+    }
+}
+
+/// A new version of the active load balancer, deployed while searches run
+/// through every node: no search fails, every node runs it within
+/// seconds, and the replica choice follows it (zone-aware keeps a node's
+/// reads local where round-robin spread them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_of_the_active_load_balancer_loses_no_search() {
+    let (cluster, _) = cluster_with("swapped").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut searchers = Vec::new();
+    for id in 1..=3u64 {
+        let reader = cluster.client(id, READER).await;
+        let stop = stop.clone();
+        searchers.push(tokio::spawn(async move {
+            let q = random_vectors(1, 8, id);
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                match reader.search("swapped", &q[0], 3).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let zone_aware = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/builtin-plugins/zone-aware.wasm");
+    let started = Instant::now();
+    let (ok, out, err) = cluster.cli(&["plugin", "deploy", "round-robin", &zone_aware.display().to_string()]);
+    assert!(ok && out.contains("version 2"), "{out} {err}");
+    wait_version(&cluster, "round-robin", 2).await;
+    let swapped_in = started.elapsed();
+    // After the swap, node 2's reads stay on node 2.
+    let (_, before) = cluster.http_get(2, "/metrics");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, after) = cluster.http_get(2, "/metrics");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for s in searchers {
+        let (ok, failed) = s.await.unwrap();
+        assert!(failed.is_empty(), "searches failed during the swap: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 30, "searches ran throughout ({total})");
+    let count = |m: &str, node: u64| metric(m, "edgevec_replica_reads", &[&format!("node=\"{node}\"")]).unwrap_or(0.0);
+    let served: Vec<f64> = (1..=3).map(|n| count(&after, n) - count(&before, n)).collect();
+    assert!(
+        served[1] > 0.0 && served[0] == 0.0 && served[2] == 0.0,
+        "node 2's reads after the swap: {served:?}"
+    );
+    assert!(swapped_in < Duration::from_secs(30), "{swapped_in:?}");
+    // Removing the deployed versions brings the shipped one back.
+    let (ok, _, err) = cluster.cli(&["plugin", "remove", "round-robin"]);
+    assert!(ok, "{err}");
+    wait_version(&cluster, "round-robin", 1).await;
+}
+
+/// A node that was down during a deploy fetches the bytes from another
+/// node when it returns, and loads the version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_during_a_deploy_fetches_it_when_back() {
+    let mut cluster = TestCluster::running(Layout::voters(3)).await;
+    for id in 1..=3 {
+        wait_loaded(&cluster, id).await;
+    }
+    cluster.stop(3);
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/builtin-plugins/random.wasm");
+    let (ok, out, err) = cluster.cli(&["plugin", "deploy", "late", &file.display().to_string()]);
+    assert!(ok && out.contains("version 1"), "{out} {err}");
+    cluster.start(3);
+    cluster.client(3, READER).await;
+    let list = wait_version(&cluster, "late", 1).await;
+    let late = list.iter().find(|p| p["name"] == "late").unwrap();
+    assert_eq!(late["nodes"].as_array().unwrap().len(), 3, "{late}");
+    let blob = cluster
+        .dir
+        .path()
+        .join("data/node3/plugins/blobs")
+        .join(format!("{}.wasm", late["sha256"].as_str().unwrap()));
+    assert!(blob.exists(), "node 3 keeps the fetched bytes at {}", blob.display());
 }

@@ -334,6 +334,34 @@ impl Client {
         }
     }
 
+    /// Deploys `bytes` (a WebAssembly module or component of the
+    /// `edgevec:policy` contract) as the next version of plugin `name`;
+    /// returns the version and the hex SHA-256 of the bytes.
+    pub async fn deploy_plugin(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        params: Vec<(String, String)>,
+    ) -> Result<(u64, String), ClientError> {
+        let op = OpV1::DeployPlugin {
+            name: name.into(),
+            bytes,
+            params,
+        };
+        match self.request(op).await? {
+            ReplyV1::PluginDeployed { version, sha256 } => Ok((version, sha256)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes every deployed version of plugin `name`.
+    pub async fn remove_plugin(&self, name: &str) -> Result<(), ClientError> {
+        match self.request(OpV1::RemovePlugin { name: name.into() }).await? {
+            ReplyV1::PluginRemoved => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The policy plugins and their state on every node.
     pub async fn list_plugins(&self) -> Result<Vec<edgevec_proto::PluginInfo>, ClientError> {
         match self.request(OpV1::ListPlugins).await? {

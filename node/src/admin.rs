@@ -147,6 +147,7 @@ pub async fn bind(
         plane,
         router,
         metrics,
+        ..
     } = parts;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod deploy;
 pub mod health;
 pub mod meta;
 pub mod metrics;

@@ -183,11 +183,18 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
     let budget = server::Budget::new(cluster.request_budget_bytes);
     let metrics = Arc::new(Metrics::new(budget.clone()));
     let router = Arc::new(crate::router::Router::new(plane.clone()));
+    let blobs = node.data_dir.join("plugins").join("blobs");
+    let store = crate::policy::store::BlobStore::open(&blobs).map_err(|e| match e {
+        crate::policy::store::StoreError::Io { path, source } => NodeError::DataDir { path, source },
+        other => NodeError::Plugins(crate::policy::PluginError::Internal(other.to_string())),
+    })?;
+    let deployer = crate::deploy::Deployer::new(plane.clone(), store);
     let parts = Parts {
         meta: meta.clone(),
         health: health.clone(),
         plane: plane.clone(),
         router: router.clone(),
+        deployer: deployer.clone(),
         metrics: metrics.clone(),
     };
     let admin_parts = parts.clone();
@@ -204,6 +211,7 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
     tasks.spawn(health.clone().run(shutdown.clone()));
     tasks.spawn(plane.clone().run());
     tasks.spawn(plane.clone().run_manager());
+    tasks.spawn(deployer.run());
     let admin_addr = match node.admin_addr {
         Some(a) => {
             let faults = cluster.fault_injection.then(|| admin::Faults {

@@ -49,6 +49,8 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::CreateReplicated { .. }
         | OpV1::Load { .. }
         | OpV1::SetLoadBalancer { .. }
+        | OpV1::DeployPlugin { .. }
+        | OpV1::RemovePlugin { .. }
         | OpV1::DropCollection { .. }
         | OpV1::AddNode(_)
         | OpV1::RemoveNode { .. } => TokenRole::Admin,
@@ -88,6 +90,7 @@ pub struct Service {
     health: Arc<Health>,
     plane: Arc<DataPlane>,
     router: Arc<Router>,
+    deployer: Arc<crate::deploy::Deployer>,
     metrics: Arc<Metrics>,
     started: Instant,
 }
@@ -100,9 +103,11 @@ pub struct Parts {
     pub plane: Arc<DataPlane>,
     pub router: Arc<Router>,
     pub metrics: Arc<Metrics>,
+    pub deployer: Arc<crate::deploy::Deployer>,
 }
 
-fn rejected(resp: &MetaResponse) -> Option<WireError> {
+/// The wire error of a refused metadata command.
+pub(crate) fn rejected(resp: &MetaResponse) -> Option<WireError> {
     let (code, message) = resp.rejection()?;
     let code = match code {
         RejectCode::NotFound => ErrorCode::NotFound,
@@ -124,6 +129,7 @@ impl Service {
             router: parts.router,
             plane: parts.plane,
             metrics: parts.metrics,
+            deployer: parts.deployer,
             started: Instant::now(),
         }
     }
@@ -269,6 +275,14 @@ impl Service {
                 .await?;
                 ReplyV1::LoadBalancerSet
             }
+            OpV1::DeployPlugin { name, bytes, params } => {
+                let (version, sha256) = self.deployer.deploy(&name, bytes, params).await?;
+                ReplyV1::PluginDeployed { version, sha256 }
+            }
+            OpV1::RemovePlugin { name } => {
+                self.deployer.remove(&name).await?;
+                ReplyV1::PluginRemoved
+            }
             OpV1::ListCollections => ReplyV1::Collections(self.router.list().await),
             OpV1::DescribeCollection { name } => ReplyV1::Collection(self.router.describe(&name).await?),
             OpV1::DropCollection { name } => {
@@ -366,6 +380,8 @@ impl Dispatch for Service {
             NodeOpV1::MetaReadIndex => "meta_read_index",
             NodeOpV1::ExportChunk(_) => "export_chunk",
             NodeOpV1::PluginStatus => "plugin_status",
+            NodeOpV1::PluginPut { .. } => "plugin_put",
+            NodeOpV1::PluginGet { .. } => "plugin_get",
         };
         let result = match op {
             NodeOpV1::Ping { .. } => Ok(NodeReplyV1::Pong { node_id: self.node.id }),
@@ -418,6 +434,11 @@ impl Dispatch for Service {
                 .await
                 .map(NodeReplyV1::ExportProgress),
             NodeOpV1::PluginStatus => Ok(NodeReplyV1::PluginStatus(self.router.local_plugins())),
+            NodeOpV1::PluginPut { sha256, bytes } => self
+                .deployer
+                .on_put(&sha256, &bytes)
+                .map(|()| NodeReplyV1::PluginStored),
+            NodeOpV1::PluginGet { sha256 } => self.deployer.on_get(&sha256).map(NodeReplyV1::PluginBytes),
         };
         self.metrics.record_rpc("node", name, result.is_ok(), started.elapsed());
         NodeResponse::V1(result)

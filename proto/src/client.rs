@@ -89,6 +89,19 @@ pub enum OpV1 {
         collection: String,
         plugin: String,
     },
+    /// Deploy a version of a policy plugin (admin): a WebAssembly core
+    /// module or component of the `edgevec:policy` contract, at most
+    /// [`crate::limits::MAX_PLUGIN_BYTES`].
+    DeployPlugin {
+        name: String,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        params: Vec<(String, String)>,
+    },
+    /// Remove every deployed version of a plugin (admin).
+    RemovePlugin {
+        name: String,
+    },
 }
 
 impl OpV1 {
@@ -112,6 +125,8 @@ impl OpV1 {
             OpV1::Shards { .. } => "shards",
             OpV1::ListPlugins => "list_plugins",
             OpV1::SetLoadBalancer { .. } => "set_load_balancer",
+            OpV1::DeployPlugin { .. } => "deploy_plugin",
+            OpV1::RemovePlugin { .. } => "remove_plugin",
         }
     }
 }
@@ -140,6 +155,12 @@ pub enum ReplyV1 {
     Plugins(Vec<crate::types::PluginInfo>),
     /// The collection's load balancer is now the one asked for.
     LoadBalancerSet,
+    /// The deployed version's number and the hex SHA-256 of its bytes.
+    PluginDeployed {
+        version: u64,
+        sha256: String,
+    },
+    PluginRemoved,
 }
 
 /// Most bytes a request's token occupies at the start of its body (the

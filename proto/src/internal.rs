@@ -51,6 +51,15 @@ pub enum NodeOpV1 {
     ExportChunk(crate::replication::ExportChunk),
     /// The policy plugins this node runs and their state.
     PluginStatus,
+    /// Keep these plugin bytes in the content-addressed store (they must
+    /// hash to `sha256`; at most `limits::MAX_PLUGIN_BYTES`).
+    PluginPut {
+        sha256: [u8; 32],
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The plugin bytes hashing to `sha256`, if this node holds them.
+    PluginGet { sha256: [u8; 32] },
 }
 
 /// Membership changes an admin can ask for.
@@ -117,4 +126,6 @@ pub enum NodeReplyV1 {
     },
     ExportProgress(crate::replication::ExportProgress),
     PluginStatus(Vec<crate::types::PluginNodeState>),
+    PluginStored,
+    PluginBytes(#[serde(with = "serde_bytes")] Vec<u8>),
 }

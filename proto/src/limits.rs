@@ -30,3 +30,10 @@ pub const MIN_SEAL_ROWS: u32 = 64;
 pub const MAX_SEAL_ROWS: u32 = 4_000_000;
 /// Seal size used when a create request does not name one.
 pub const DEFAULT_SEAL_ROWS: u32 = 65_536;
+
+/// Largest policy plugin (WebAssembly module or component) a node takes.
+pub const MAX_PLUGIN_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most `--param` pairs of a plugin deploy, and the longest key or value.
+pub const MAX_PLUGIN_PARAMS: usize = 64;
+pub const MAX_PLUGIN_PARAM_BYTES: usize = 1024;

@@ -127,6 +127,25 @@ pub enum PluginCmd {
     /// Every plugin: kind, version, origin, size, hash, collections using
     /// it, and its state on every node.
     List,
+    /// Deploy a WebAssembly module or component as the next version of
+    /// plugin NAME; every node loads it and swaps it in.
+    Deploy {
+        name: String,
+        file: PathBuf,
+        /// `key=value` given to the plugin's `configure` (repeatable).
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+    },
+    /// Remove every deployed version of a plugin (a shipped plugin goes
+    /// back to its built-in version).
+    Remove { name: String },
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -183,6 +202,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Get { collection, ids } => data::get(&g, &collection, &ids).await,
         Command::Delete { collection, ids } => data::delete(&g, &collection, &ids).await,
         Command::Plugin(PluginCmd::List) => plugin::list(&g).await,
+        Command::Plugin(PluginCmd::Deploy { name, file, params }) => plugin::deploy(&g, &name, &file, params).await,
+        Command::Plugin(PluginCmd::Remove { name }) => plugin::remove(&g, &name).await,
         Command::Load {
             collection,
             replicas,

@@ -1,6 +1,6 @@
 //! `edgevec plugin`: the policy plugins of the cluster.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use edgevec_proto::{PluginInfo, PluginNodeState};
 use serde_json::{json, Value};
 
@@ -81,6 +81,44 @@ pub async fn list(g: &Global) -> Result<()> {
     }
     for p in problems {
         println!("  {p}");
+    }
+    Ok(())
+}
+
+/// `plugin deploy`: reads FILE (refused above the size limit before
+/// anything is sent) and deploys it.
+pub async fn deploy(g: &Global, name: &str, file: &std::path::Path, params: Vec<(String, String)>) -> Result<()> {
+    let limit = edgevec_proto::limits::MAX_PLUGIN_BYTES;
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    if size > limit as u64 {
+        bail!(
+            "{} is {size} bytes; a plugin may be at most {limit} bytes",
+            file.display()
+        );
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let client = connect(g).await?;
+    let (version, sha256) = client.deploy_plugin(name, bytes, params).await?;
+    client.close().await;
+    if g.json {
+        println!("{}", json!({"deployed": name, "version": version, "sha256": sha256}));
+    } else {
+        println!("deployed {name} version {version} (sha256 {sha256}); every node loads it in the background (see `edgevec plugin list`)");
+    }
+    Ok(())
+}
+
+/// `plugin remove`.
+pub async fn remove(g: &Global, name: &str) -> Result<()> {
+    let client = connect(g).await?;
+    client.remove_plugin(name).await?;
+    client.close().await;
+    if g.json {
+        println!("{}", json!({"removed": name}));
+    } else {
+        println!("removed the deployed versions of {name}");
     }
     Ok(())
 }

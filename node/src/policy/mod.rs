@@ -20,6 +20,7 @@ mod bindings;
 pub mod builtin;
 pub mod cache;
 pub mod registry;
+pub mod store;
 pub mod validate;
 
 use std::cell::RefCell;
@@ -35,7 +36,8 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsB
 use bindings::lb::edgevec::policy::host::LogLevel;
 
 /// Largest plugin file accepted.
-pub const MAX_PLUGIN_BYTES: usize = 4 * 1024 * 1024;
+/// Largest plugin file accepted (see [`edgevec_proto::limits::MAX_PLUGIN_BYTES`]).
+pub const MAX_PLUGIN_BYTES: usize = edgevec_proto::limits::MAX_PLUGIN_BYTES;
 /// Most functions a plugin may define.
 pub const MAX_FUNCTIONS: usize = 10_000;
 /// Fuel of one call (one 3-replica decision of the shipped plugins uses

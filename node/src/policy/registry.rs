@@ -145,6 +145,52 @@ impl Policies {
         })));
     }
 
+    /// Installs `loaded` unless its name already runs a newer version
+    /// (the shipped plugins load at start while a deployed version of the
+    /// same name may already be in).
+    fn install_unless_newer(&self, loaded: Arc<Loaded>, version: u64, origin: &str) {
+        let newer = self.active_version(&loaded.name).is_some_and(|v| v > version);
+        if !newer {
+            self.install(loaded, version, origin);
+        }
+    }
+
+    /// The active version of `name`, if one is loaded.
+    pub fn active_version(&self, name: &str) -> Option<u64> {
+        let slots = self.slots.read().expect("slots lock");
+        slots.get(name)?.active.load().as_ref().map(|a| a.version)
+    }
+
+    /// (name, active version) of every loaded plugin.
+    pub fn installed(&self) -> Vec<(String, u64)> {
+        let slots = self.slots.read().expect("slots lock");
+        slots
+            .iter()
+            .filter_map(|(n, s)| s.active.load().as_ref().map(|a| (n.clone(), a.version)))
+            .collect()
+    }
+
+    /// Unloads `name` (its deployed versions were removed); calls in
+    /// flight finish on it.
+    pub fn uninstall(&self, name: &str) {
+        if let Some(slot) = self.slots.write().expect("slots lock").remove(name) {
+            tracing::info!(plugin = %name, "plugin removed");
+            slot.active.store(None);
+        }
+    }
+
+    /// Loads the shipped version of `name` again and makes it active
+    /// (its deployed versions were removed). Blocking: compiles or reads
+    /// the cache.
+    pub fn reload_builtin(&self, name: &str) -> Result<(), super::PluginError> {
+        let bytes = super::builtin::builtin(name)
+            .ok_or_else(|| super::PluginError::Internal(format!("{name} is not a shipped plugin")))?;
+        let config = Configuration::clone(&self.configuration());
+        let loaded = self.engine.load_blocking(name.into(), bytes, config)?;
+        self.install(loaded, 1, "built-in");
+        Ok(())
+    }
+
     /// Records that `name` could not be loaded.
     pub fn load_failed(&self, name: &str, error: String) {
         tracing::warn!(plugin = %name, %error, "plugin not loaded");
@@ -162,7 +208,7 @@ impl Policies {
                 let bytes = super::builtin::builtin(name).expect("listed");
                 let config = Configuration::clone(&this.configuration());
                 match this.engine.load_blocking(name.into(), bytes, config) {
-                    Ok(loaded) => this.install(loaded, 1, "built-in"),
+                    Ok(loaded) => this.install_unless_newer(loaded, 1, "built-in"),
                     Err(e) => this.load_failed(name, e.to_string()),
                 }
             }
