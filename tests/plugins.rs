@@ -523,3 +523,70 @@ async fn a_node_down_during_a_deploy_fetches_it_when_back() {
         .join(format!("{}.wasm", late["sha256"].as_str().unwrap()));
     assert!(blob.exists(), "node 3 keeps the fetched bytes at {}", blob.display());
 }
+
+/// Plugins that grow memory without end, recurse without end, or trap at
+/// every call, deployed through the CLI and chosen by a collection: every
+/// search answers, each failure is named in `plugin list`, and the node's
+/// memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_in_use_are_contained() {
+    let (cluster, _) = cluster_with("guarded").await;
+    let dir = tempfile::tempdir().unwrap();
+    let reader = cluster.client(3, READER).await;
+    let q = random_vectors(1, 8, 5);
+    let rss = || {
+        let (_, m) = cluster.http_get(3, "/metrics");
+        metric(&m, "edgevec_process_resident_bytes", &[]).expect("resident bytes")
+    };
+    let before = rss();
+    let cases = [
+        (
+            "grower",
+            wat_balancer(
+                "(loop $l (br_if $l (i32.ne (memory.grow (i32.const 16)) (i32.const -1)))) unreachable",
+                "",
+            ),
+            &["memory limit"][..],
+        ),
+        (
+            "diver",
+            wat_balancer(
+                "(call $down (i64.const 0))",
+                "(func $down (param i64) (result i64) (call $down (i64.add (local.get 0) (i64.const 1))))",
+            ),
+            // Whichever limit it meets first.
+            &["stack overflow", "fuel"][..],
+        ),
+        ("trapper", wat_balancer("unreachable", ""), &["trapped"][..]),
+    ];
+    for (name, bytes, why) in &cases {
+        let path = dir.path().join(format!("{name}.wasm"));
+        std::fs::write(&path, bytes).unwrap();
+        let (ok, _, err) = cluster.cli(&["plugin", "deploy", name, &path.display().to_string()]);
+        assert!(ok, "{name}: {err}");
+        wait_version(&cluster, name, 1).await;
+        let (ok, _, err) = cluster.cli(&["load", "guarded", "--lb", name]);
+        assert!(ok, "{name}: {err}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..25 {
+            reader
+                .search("guarded", &q[0], 3)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: search failed: {e}"));
+        }
+        let list = plugin_list(&cluster);
+        let p = list.iter().find(|p| p["name"] == *name).unwrap();
+        let n3 = p["nodes"].as_array().unwrap().iter().find(|n| n["node"] == 3).unwrap();
+        assert!(n3["failures"].as_u64().unwrap() >= 20, "{name}: {p}");
+        let reason = n3["reason"].as_str().unwrap_or_default();
+        assert!(
+            why.iter().any(|w| reason.contains(w)),
+            "{name}: reason {reason:?} should name one of {why:?}"
+        );
+    }
+    let after = rss();
+    assert!(
+        after < before + 256.0 * 1024.0 * 1024.0,
+        "node 3 grew from {before} to {after} bytes"
+    );
+}

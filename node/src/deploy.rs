@@ -39,6 +39,11 @@ use crate::replication::{unavailable, DataPlane};
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a node retries versions it could not load.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
+/// Stored bytes and compilations that no kept version uses are deleted
+/// once this old (a deploy pushes bytes before its version commits).
+const UNUSED_AFTER: Duration = Duration::from_secs(600);
+/// How often unused bytes and compilations are looked for.
+const COLLECT_EVERY: Duration = Duration::from_secs(60);
 
 fn invalid(msg: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::InvalidArgument, msg)
@@ -204,11 +209,40 @@ impl Deployer {
             .ok_or_else(|| WireError::new(ErrorCode::NotFound, format!("no plugin bytes {} here", hex(sha))))
     }
 
+    /// Deletes stored bytes and compiled artifacts of plugins that no
+    /// version the metadata keeps uses (and that are not shipped): the
+    /// metadata proves they were dropped.
+    pub fn collect_unused(&self, min_age: Duration) -> Vec<std::path::PathBuf> {
+        let state = self.plane.meta.state();
+        let mut keep: std::collections::HashSet<String> = state
+            .deployed
+            .values()
+            .flat_map(|d| d.versions.values().map(|v| hex(&v.sha256)))
+            .collect();
+        keep.extend(
+            crate::policy::builtin::BUILTIN
+                .iter()
+                .map(|(_, b)| crate::policy::cache::sha256_hex(b)),
+        );
+        let mut removed = self.store.remove_unused(&keep, min_age);
+        removed.extend(self.plane.policies.engine().remove_unused_artifacts(&keep, min_age));
+        for path in &removed {
+            tracing::info!(path = %path.display(), "removed plugin bytes no kept version uses");
+        }
+        removed
+    }
+
     /// Follows the metadata until the node stops.
     pub async fn run(self: Arc<Self>) {
         let mut changes = self.plane.meta.subscribe();
+        let mut collected = std::time::Instant::now();
         loop {
             self.sync();
+            if collected.elapsed() > COLLECT_EVERY {
+                collected = std::time::Instant::now();
+                let this = self.clone();
+                let _ = tokio::task::spawn_blocking(move || this.collect_unused(UNUSED_AFTER)).await;
+            }
             tokio::select! {
                 _ = self.plane.shutdown.cancelled() => return,
                 changed = changes.changed() => if changed.is_err() { return },

@@ -76,6 +76,16 @@ impl ArtifactCache {
         }
     }
 
+    /// Deletes artifacts of plugins whose hash `keep` does not name, older
+    /// than `min_age`; returns the paths removed.
+    pub fn remove_unused(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        min_age: std::time::Duration,
+    ) -> Vec<PathBuf> {
+        super::store::remove_unused(&self.dir, keep, min_age, |name| name.split_once('-').map(|(h, _)| h))
+    }
+
     /// Keeps `component` (compiled from the bytes hashing to `plugin_sha`).
     pub fn store(&self, component: &Component, plugin_sha: &str, compat: u64) -> std::io::Result<()> {
         let bytes = component

@@ -256,6 +256,17 @@ impl PolicyEngine {
         Ok(self)
     }
 
+    /// Deletes cached compilations of plugins `keep` does not name.
+    pub fn remove_unused_artifacts(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        min_age: Duration,
+    ) -> Vec<std::path::PathBuf> {
+        self.cache
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.remove_unused(keep, min_age))
+    }
+
     /// The engine's compatibility hash, part of a compiled artifact's key.
     pub fn compatibility_hash(&self) -> u64 {
         use std::hash::{Hash, Hasher};

@@ -79,6 +79,17 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Deletes stored bytes whose hash `keep` does not name and that are
+    /// older than `min_age` (bytes pushed for a deploy that has not
+    /// committed yet are younger); returns the paths removed.
+    pub fn remove_unused(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        min_age: std::time::Duration,
+    ) -> Vec<PathBuf> {
+        remove_unused(&self.dir, keep, min_age, |name| name.strip_suffix(".wasm"))
+    }
+
     /// The bytes hashing to `sha`, if held and intact.
     pub fn get(&self, sha: &[u8; 32]) -> Option<Vec<u8>> {
         let path = self.path(sha);
@@ -95,4 +106,36 @@ impl BlobStore {
         let _ = std::fs::rename(&path, &aside);
         None
     }
+}
+
+/// Deletes the files of `dir` whose hash (from their name, by `hash_of`)
+/// `keep` does not name and that were last written more than `min_age`
+/// ago; returns the paths removed.
+pub(crate) fn remove_unused(
+    dir: &Path,
+    keep: &std::collections::HashSet<String>,
+    min_age: std::time::Duration,
+    hash_of: impl Fn(&str) -> Option<&str>,
+) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(hash) = hash_of(&name) else { continue };
+        if keep.contains(hash) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > min_age);
+        if old && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
 }

@@ -372,3 +372,54 @@ fn a_compiled_plugin_is_cached_and_a_tampered_artifact_is_recompiled() {
     let fourth = engine().load_blocking("rr".into(), bytes, config()).unwrap();
     assert_eq!(fourth.source, Source::Cache);
 }
+
+#[test]
+fn unused_bytes_and_artifacts_go_and_used_ones_stay() {
+    use std::collections::HashSet;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let store = super::store::BlobStore::open(&dir.path().join("blobs")).unwrap();
+    let a = builtin("random").unwrap();
+    let b = builtin("strong").unwrap();
+    let sha = |bytes: &[u8]| -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes).into()
+    };
+    store.put(&sha(a), a).unwrap();
+    store.put(&sha(b), b).unwrap();
+    // A wrong hash is refused and nothing is written.
+    assert!(store.put(&sha(a), b).is_err());
+    let keep: HashSet<String> = [super::cache::sha256_hex(a)].into();
+    // Too young: nothing goes.
+    assert!(store.remove_unused(&keep, Duration::from_secs(600)).is_empty());
+    let removed = store.remove_unused(&keep, Duration::ZERO);
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert!(store.get(&sha(a)).is_some());
+    assert!(store.get(&sha(b)).is_none());
+
+    let cache_dir = dir.path().join("compiled");
+    let engine = engine().with_cache(&cache_dir).unwrap();
+    engine.load_blocking("a".into(), a, config()).unwrap();
+    engine.load_blocking("b".into(), b, config()).unwrap();
+    let removed = engine.remove_unused_artifacts(&keep, Duration::ZERO);
+    assert_eq!(removed.len(), 2, "the artifact of b and its checksum: {removed:?}");
+    assert_eq!(
+        engine.load_blocking("a".into(), a, config()).unwrap().source,
+        Source::Cache
+    );
+    assert_eq!(
+        engine.load_blocking("b".into(), b, config()).unwrap().source,
+        Source::Compiled
+    );
+
+    // Damaged stored bytes are set aside, not served.
+    let path = dir
+        .path()
+        .join("blobs")
+        .join(format!("{}.wasm", super::cache::sha256_hex(a)));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    assert!(store.get(&sha(a)).is_none());
+    assert!(path.with_extension("damaged").exists());
+}
