@@ -190,7 +190,9 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
     send.write_all(&frame::header(limits::MAX_FRAME_BYTES + 1))
         .await
         .unwrap();
-    send.write_all(&[0u8; 1024]).await.unwrap();
+    // The node may stop the stream as soon as it has read the header: a
+    // refused write of the rest is that refusal, not a failure.
+    let _ = send.write_all(&[0u8; 1024]).await;
     let err = reply_error(&mut recv).await;
     assert_eq!(err.code, ErrorCode::FrameTooLarge, "{err:?}");
 

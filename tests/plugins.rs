@@ -102,6 +102,23 @@ async fn round_robin_spreads_reads_over_every_replica() {
         !after.contains("edgevec_plugin_fallbacks{plugin=\"round-robin\",reason=\"failed\"}"),
         "{after}"
     );
+
+    // `plugin native on`: the same rotation, decided by the native build
+    // (the WebAssembly plugin is no longer called).
+    let (ok, _, err) = cluster.cli(&["plugin", "native", "on"]);
+    assert!(ok, "{err}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = |m: &str| metric(m, "edgevec_plugin_calls", &["plugin=\"round-robin\""]).unwrap_or(0.0);
+    let (_, before) = cluster.http_get(2, "/metrics");
+    for _ in 0..30 {
+        reader.search("spread", &queries[0], 5).await.expect("search");
+    }
+    let (_, native) = cluster.http_get(2, "/metrics");
+    let served: Vec<f64> = (1..=3).map(|n| count(&native, n) - count(&before, n)).collect();
+    assert_eq!(served, vec![10.0, 10.0, 10.0], "native rotation:\n{native}");
+    assert_eq!(calls(&native), calls(&before), "no WebAssembly call while native");
+    let (ok, _, err) = cluster.cli(&["plugin", "native", "off"]);
+    assert!(ok, "{err}");
 }
 
 /// A restarted node loads its plugins from its compiled-artifact cache; a

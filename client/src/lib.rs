@@ -354,6 +354,15 @@ impl Client {
         }
     }
 
+    /// Makes the shipped load balancers decide with their native build
+    /// (`true`) or their WebAssembly one, on every node.
+    pub async fn set_native_policies(&self, native: bool) -> Result<(), ClientError> {
+        match self.request(OpV1::SetNativePolicies { native }).await? {
+            ReplyV1::NativePoliciesSet => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Removes every deployed version of plugin `name`.
     pub async fn remove_plugin(&self, name: &str) -> Result<(), ClientError> {
         match self.request(OpV1::RemovePlugin { name: name.into() }).await? {

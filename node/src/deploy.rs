@@ -35,6 +35,10 @@ use crate::policy::store::{hex, BlobStore};
 use crate::policy::Kind;
 use crate::replication::{unavailable, DataPlane};
 
+/// The cluster setting that makes shipped load balancers decide with their
+/// native build (`"true"`).
+pub const NATIVE_SETTING: &str = "plugins.native";
+
 /// Deadline of one push or fetch of plugin bytes.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a node retries versions it could not load.
@@ -257,6 +261,7 @@ impl Deployer {
     pub fn sync(self: &Arc<Self>) {
         let state = self.plane.meta.state();
         let policies = &self.plane.policies;
+        policies.set_native(state.setting(NATIVE_SETTING) == Some("true"));
         for (name, deployed) in &state.deployed {
             let Some((version, v)) = deployed.active() else {
                 continue;

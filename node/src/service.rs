@@ -51,6 +51,7 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::SetLoadBalancer { .. }
         | OpV1::DeployPlugin { .. }
         | OpV1::RemovePlugin { .. }
+        | OpV1::SetNativePolicies { .. }
         | OpV1::DropCollection { .. }
         | OpV1::AddNode(_)
         | OpV1::RemoveNode { .. } => TokenRole::Admin,
@@ -282,6 +283,15 @@ impl Service {
             OpV1::RemovePlugin { name } => {
                 self.deployer.remove(&name).await?;
                 ReplyV1::PluginRemoved
+            }
+            OpV1::SetNativePolicies { native } => {
+                self.meta_write(MetaCommand::V1(edgevec_meta::CommandV1::SetSetting {
+                    key: crate::deploy::NATIVE_SETTING.into(),
+                    value: native.to_string(),
+                }))
+                .await?;
+                self.deployer.sync();
+                ReplyV1::NativePoliciesSet
             }
             OpV1::ListCollections => ReplyV1::Collections(self.router.list().await),
             OpV1::DescribeCollection { name } => ReplyV1::Collection(self.router.describe(&name).await?),

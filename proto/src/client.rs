@@ -102,6 +102,11 @@ pub enum OpV1 {
     RemovePlugin {
         name: String,
     },
+    /// Make the shipped load balancers decide with their native build
+    /// (`true`) or their WebAssembly build (admin; a cluster setting).
+    SetNativePolicies {
+        native: bool,
+    },
 }
 
 impl OpV1 {
@@ -127,6 +132,7 @@ impl OpV1 {
             OpV1::SetLoadBalancer { .. } => "set_load_balancer",
             OpV1::DeployPlugin { .. } => "deploy_plugin",
             OpV1::RemovePlugin { .. } => "remove_plugin",
+            OpV1::SetNativePolicies { .. } => "set_native_policies",
         }
     }
 }
@@ -161,6 +167,7 @@ pub enum ReplyV1 {
         sha256: String,
     },
     PluginRemoved,
+    NativePoliciesSet,
 }
 
 /// Most bytes a request's token occupies at the start of its body (the

@@ -25,7 +25,10 @@
 //! ends, whichever way it ends. Every wait is bounded.
 //!
 //! With `--mode plugins` it measures policy decisions through the
-//! WebAssembly host against the same code called natively.
+//! WebAssembly host against the same code called natively, and with
+//! `--mode plugins-e2e` search QPS on a 3-node cluster with the shipped
+//! load balancer deciding through WebAssembly against its native build,
+//! alternated `--trials` times in one run.
 //!
 //! `cargo run --release --bin bench -- --help`
 
@@ -413,7 +416,14 @@ async fn main() -> Result<()> {
         "meta" => meta_bench(&args, &dir).await,
         "replication" => replication::run(&args, &dir).await,
         "plugins" => plugins::run(&args),
-        other => bail!("unknown --mode {other:?}: use search, meta, replication or plugins"),
+        "plugins-e2e" => {
+            let r = plugins::run_cluster(&args, &dir).await;
+            if let Err(e) = &r {
+                eprintln!("plugins-e2e bench failed: {e:#}");
+            }
+            r
+        }
+        other => bail!("unknown --mode {other:?}: use search, meta, replication, plugins or plugins-e2e"),
     }
 }
 

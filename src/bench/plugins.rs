@@ -7,7 +7,8 @@
 //! much as a native decision); p50 and p99 are over the batches' per-call
 //! means. Inputs are seeded and vary from call to call.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use edgevec_node::policy::builtin::BUILTIN;
@@ -185,5 +186,93 @@ pub fn run(args: &Args) -> Result<()> {
         kept.len(),
         (rss_after.saturating_sub(rss_before)) as f64 / (1 << 20) as f64 / kept.len() as f64
     );
+    Ok(())
+}
+
+/// `--mode plugins-e2e`: search QPS on a 3-node cluster with the shipped
+/// round-robin deciding through WebAssembly against its native build,
+/// alternating the two (`plugin native on|off`) several times in one run.
+pub async fn run_cluster(args: &super::Args, dir: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    use edgevec_client::{CollectionSpec, Metric, Point, ReplicationSpec};
+    let started = Instant::now();
+    let load_before = super::usage::load_average();
+    let cluster = super::Cluster::start(dir, 3, super::replication::TIMINGS)?;
+    let admin = super::connect_any(&cluster.addrs, &cluster.ca).await?;
+    super::replication::wait_all_up(&admin, 3).await?;
+    let spec = CollectionSpec::new("bench", args.dim as u32, Metric::L2)
+        .with_shards(args.shards)
+        .with_seal_rows(args.seal_rows(20_000));
+    admin
+        .create_replicated(spec, ReplicationSpec::new(3))
+        .await
+        .context("creating the bench collection")?;
+    let vectors = super::vectors(args.n, args.dim, 1);
+    for (b, chunk) in vectors.chunks(1000).enumerate() {
+        let points = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Point {
+                id: (b * 1000 + i) as u64,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect();
+        admin.upsert("bench", points).await?;
+    }
+    // Every node's plugins loaded, indexes built: wait for quiet.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let queries = Arc::new(super::vectors(args.queries, args.dim, 2));
+    let mut clients = Vec::new();
+    for i in 0..args.concurrency {
+        clients.push(super::connect(cluster.addrs[i % cluster.addrs.len()], &cluster.ca).await?);
+    }
+    println!("### Search through the WebAssembly load balancer against its native build\n");
+    println!(
+        "Command: `bench --mode plugins-e2e --n {} --dim {} --shards {} --concurrency {} --queries {} --trials {}`\n",
+        args.n, args.dim, args.shards, args.concurrency, args.queries, args.trials
+    );
+    println!(
+        "Machine: {}; load average {load_before} at the start\n",
+        super::usage::machine_line()
+    );
+    println!("| round | decisions | QPS | p50 ms | p99 ms |");
+    println!("|---:|---|---:|---:|---:|");
+    let mut ratios = Vec::new();
+    for round in 1..=args.trials.max(1) {
+        let mut qps = [0.0f64; 2];
+        // Alternate which goes first, so a drift in the machine's load
+        // does not favour one side.
+        let order: [bool; 2] = if round % 2 == 1 { [false, true] } else { [true, false] };
+        for native in order {
+            admin.set_native_policies(native).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let s = super::quic_search(&clients, &queries, 10).await?;
+            qps[usize::from(native)] = s.qps;
+            println!(
+                "| {round} | {} | {:.0} | {:.2} | {:.2} |",
+                if native { "native" } else { "WebAssembly" },
+                s.qps,
+                s.p50_ms,
+                s.p99_ms
+            );
+        }
+        ratios.push(qps[0] / qps[1]);
+    }
+    admin.set_native_policies(false).await?;
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    println!(
+        "\nQPS WebAssembly / native per round: {} — median **{median:.3}** (spread {:.3}-{:.3}; target ≥ 0.97). {} s in all; load average {} at the end.",
+        ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", "),
+        ratios[0],
+        ratios[ratios.len() - 1],
+        started.elapsed().as_secs(),
+        super::usage::load_average()
+    );
+    for c in clients {
+        c.close().await;
+    }
+    admin.close().await;
     Ok(())
 }

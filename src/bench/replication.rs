@@ -12,7 +12,7 @@ use super::*;
 
 /// Failure-detector and metadata Raft timings written into the
 /// cluster file (printed with the results).
-const TIMINGS: &str = "heartbeat_ms = 100\nsuspect_ms = 500\ndead_after_ms = 60000\nraft_heartbeat_ms = 60\nelection_timeout_ms = [250, 500]\n";
+pub(super) const TIMINGS: &str = "heartbeat_ms = 100\nsuspect_ms = 500\ndead_after_ms = 60000\nraft_heartbeat_ms = 60\nelection_timeout_ms = [250, 500]\n";
 const R1: &str = "r1";
 const R3: &str = "r3";
 /// Longest wait for the cluster to reach a state (all up, in-sync).

@@ -139,6 +139,12 @@ pub enum PluginCmd {
     /// Remove every deployed version of a plugin (a shipped plugin goes
     /// back to its built-in version).
     Remove { name: String },
+    /// `on`: the shipped load balancers decide with their native build on
+    /// every node; `off` (the default): with their WebAssembly build.
+    Native {
+        #[arg(value_parser = ["on", "off"])]
+        mode: String,
+    },
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -204,6 +210,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Plugin(PluginCmd::List) => plugin::list(&g).await,
         Command::Plugin(PluginCmd::Deploy { name, file, params }) => plugin::deploy(&g, &name, &file, params).await,
         Command::Plugin(PluginCmd::Remove { name }) => plugin::remove(&g, &name).await,
+        Command::Plugin(PluginCmd::Native { mode }) => {
+            let client = connect(&g).await?;
+            client.set_native_policies(mode == "on").await?;
+            client.close().await;
+            if g.json {
+                println!("{}", json!({"native": mode == "on"}));
+            } else if mode == "on" {
+                println!("the shipped load balancers now decide with their native build");
+            } else {
+                println!("the shipped load balancers now decide with their WebAssembly build");
+            }
+            Ok(())
+        }
         Command::Load {
             collection,
             replicas,

@@ -87,11 +87,41 @@ struct Slot {
     logged: Mutex<Option<Instant>>,
 }
 
+/// A shipped load balancer's logic linked into the node.
+type NativeLb = Box<dyn FnMut(&[u64], &[u64]) -> u64 + Send>;
+
+fn native_lb<P: edgevec_policy::LoadBalancer + Send>(config: &Configuration) -> Option<NativeLb> {
+    let mut p = P::configure(config).ok()?;
+    Some(Box::new(move |q: &[u64], r: &[u64]| {
+        let rs = edgevec_policy::Replicas(r);
+        let mut o = edgevec_policy::Order::new(rs.len());
+        p.order(&edgevec_policy::Request(q), &rs, &mut o);
+        o.packed()
+    }))
+}
+
+/// The native build of shipped load balancer `name`.
+fn native_for(name: &str, config: &Configuration) -> Option<NativeLb> {
+    match name {
+        "round-robin" => native_lb::<edgevec_plugin_round_robin::RoundRobin>(config),
+        "least-connections" => native_lb::<edgevec_plugin_least_connections::LeastConnections>(config),
+        "random" => native_lb::<edgevec_plugin_random::Random>(config),
+        "p2c-ewma" => native_lb::<edgevec_plugin_p2c_ewma::P2cEwma>(config),
+        "zone-aware" => native_lb::<edgevec_plugin_zone_aware::ZoneAware>(config),
+        _ => None,
+    }
+}
+
 /// The node's plugins.
 pub struct Policies {
     engine: PolicyEngine,
     slots: RwLock<HashMap<String, Arc<Slot>>>,
     config: RwLock<Arc<Configuration>>,
+    /// Shipped load balancers decide with their native build instead of
+    /// their WebAssembly one (the cluster setting `plugins.native`): a
+    /// switch for operators, and the baseline of the end-to-end benchmark.
+    native: std::sync::atomic::AtomicBool,
+    natives: Mutex<HashMap<String, NativeLb>>,
 }
 
 impl Policies {
@@ -100,6 +130,8 @@ impl Policies {
             engine,
             slots: RwLock::new(HashMap::new()),
             config: RwLock::new(Arc::new(Configuration::with_zones(&[]))),
+            native: std::sync::atomic::AtomicBool::new(false),
+            natives: Mutex::new(HashMap::new()),
         })
     }
 
@@ -122,6 +154,23 @@ impl Policies {
     /// The configuration plugins are given (zones of the cluster, ...).
     pub fn set_configuration(&self, config: Configuration) {
         *self.config.write().expect("config lock") = Arc::new(config);
+    }
+
+    /// Makes shipped load balancers decide natively (`true`) or through
+    /// their WebAssembly build.
+    pub fn set_native(&self, native: bool) {
+        let was = self.native.swap(native, Ordering::Relaxed);
+        if was != native {
+            tracing::info!(
+                native,
+                "shipped load balancers now decide {}",
+                if native { "natively" } else { "through WebAssembly" }
+            );
+        }
+    }
+
+    pub fn is_native(&self) -> bool {
+        self.native.load(Ordering::Relaxed)
     }
 
     pub fn configuration(&self) -> Arc<Configuration> {
@@ -220,6 +269,19 @@ impl Policies {
     /// order when the plugin cannot answer, with the reason.
     pub fn order(&self, name: &str, request: &[u64], replicas: &[u64], n: usize) -> (Vec<usize>, Option<Fallback>) {
         let given = || (0..n).collect::<Vec<_>>();
+        if self.is_native() && super::builtin::builtin(name).is_some() {
+            let mut natives = self.natives.lock().expect("natives lock");
+            if !natives.contains_key(name) {
+                if let Some(f) = native_for(name, &self.configuration()) {
+                    natives.insert(name.to_string(), f);
+                }
+            }
+            if let Some(f) = natives.get_mut(name) {
+                if let Ok(order) = decode_order(f(request, replicas), n) {
+                    return (order, None);
+                }
+            }
+        }
         let slot = self.slot(name);
         let Some(active) = slot.active.load_full() else {
             return (given(), Some(self.fell_back(&slot, name, Fallback::NotLoaded, None)));
