@@ -42,8 +42,9 @@ pub const BUILD_NICE: i32 = 10;
 
 /// Lowers the calling thread's scheduling priority to [`BUILD_NICE`]. On
 /// Linux `setpriority(PRIO_PROCESS, tid)` affects that thread only; a
-/// failure (not permitted, another OS) leaves it as it was.
-fn lower_priority() {
+/// failure (not permitted, another OS) leaves it as it was. Also used for
+/// other background compile work of the node (policy plugins).
+pub fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: plain syscalls on the calling thread; no memory is shared.
     unsafe {

@@ -78,7 +78,7 @@ mod store;
 mod testutil;
 pub mod validate;
 
-pub use builder::IndexBuilder;
+pub use builder::{lower_priority, IndexBuilder};
 pub use engine::{Damage, Engine, EngineOptions, ReplicaKey, ReplicaSpec};
 pub use error::EngineError;
 pub use export::{ExportInfo, EXPORT_FORMAT};

@@ -246,13 +246,16 @@ impl Policies {
         *self.slot(name).load_error.lock().expect("slot lock") = Some(error);
     }
 
-    /// Loads the shipped plugins on a blocking thread, one at a time
-    /// (`first` before the others), and installs each as version 1.
-    pub fn load_builtins(self: &Arc<Self>, first: &[&str]) -> tokio::task::JoinHandle<()> {
+    /// Loads the shipped plugins on a thread of their own at a low
+    /// scheduling priority (compiling must not starve the node's Raft and
+    /// network work while it starts), one at a time (`first` before the
+    /// others), and installs each as version 1.
+    pub fn load_builtins(self: &Arc<Self>, first: &[&str]) {
         let this = self.clone();
         let mut names: Vec<&'static str> = BUILTIN.iter().map(|(n, _)| *n).collect();
         names.sort_by_key(|n| !first.contains(n));
-        tokio::task::spawn_blocking(move || {
+        let spawned = std::thread::Builder::new().name("plugin-load".into()).spawn(move || {
+            edgevec_engine::lower_priority();
             for name in names {
                 let bytes = super::builtin::builtin(name).expect("listed");
                 let config = Configuration::clone(&this.configuration());
@@ -261,7 +264,12 @@ impl Policies {
                     Err(e) => this.load_failed(name, e.to_string()),
                 }
             }
-        })
+        });
+        if let Err(e) = spawned {
+            for (name, _) in BUILTIN {
+                self.load_failed(name, format!("no thread to load it on: {e}"));
+            }
+        }
     }
 
     /// The order to try `n` candidates in, from load balancer `name`
