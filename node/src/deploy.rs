@@ -100,8 +100,7 @@ impl Deployer {
         }
         // Check, compile and configure here first: a plugin that cannot
         // load is refused before anything is stored or proposed.
-        let mut config = edgevec_policy::Configuration::clone(&self.plane.policies.configuration());
-        config.params = params.clone();
+        let config = self.plane.policies.configuration_with(&params);
         let loaded = self
             .plane
             .policies
@@ -322,8 +321,7 @@ impl Deployer {
             Some(b) => b,
             None => self.fetch(v).await?,
         };
-        let mut config = edgevec_policy::Configuration::clone(&self.plane.policies.configuration());
-        config.params = v.params.clone();
+        let config = self.plane.policies.configuration_with(&v.params);
         let loaded = self
             .plane
             .policies

@@ -228,15 +228,26 @@ impl Policies {
         }
     }
 
-    /// Loads the shipped version of `name` again and makes it active
-    /// (its deployed versions were removed). Blocking: compiles or reads
+    /// What plugins are given at `configure`, with `params` as theirs.
+    pub fn configuration_with(&self, params: &[(String, String)]) -> Configuration {
+        let mut config = Configuration::clone(&self.configuration());
+        config.params = params.to_vec();
+        config
+    }
+
+    /// Loads the shipped version of `name`. Blocking: compiles or reads
     /// the cache.
-    pub fn reload_builtin(&self, name: &str) -> Result<(), super::PluginError> {
+    fn load_builtin(&self, name: &str) -> Result<Arc<Loaded>, super::PluginError> {
         let bytes = super::builtin::builtin(name)
             .ok_or_else(|| super::PluginError::Internal(format!("{name} is not a shipped plugin")))?;
-        let config = Configuration::clone(&self.configuration());
-        let loaded = self.engine.load_blocking(name.into(), bytes, config)?;
-        self.install(loaded, 1, "built-in");
+        self.engine
+            .load_blocking(name.into(), bytes, self.configuration_with(&[]))
+    }
+
+    /// Loads the shipped version of `name` again and makes it active
+    /// (its deployed versions were removed).
+    pub fn reload_builtin(&self, name: &str) -> Result<(), super::PluginError> {
+        self.install(self.load_builtin(name)?, 1, "built-in");
         Ok(())
     }
 
@@ -257,9 +268,7 @@ impl Policies {
         let spawned = std::thread::Builder::new().name("plugin-load".into()).spawn(move || {
             edgevec_engine::lower_priority();
             for name in names {
-                let bytes = super::builtin::builtin(name).expect("listed");
-                let config = Configuration::clone(&this.configuration());
-                match this.engine.load_blocking(name.into(), bytes, config) {
+                match this.load_builtin(name) {
                     Ok(loaded) => this.install_unless_newer(loaded, 1, "built-in"),
                     Err(e) => this.load_failed(name, e.to_string()),
                 }
