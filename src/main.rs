@@ -13,6 +13,11 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = edgevec_node::cli::Cli::parse();
+    // Plugins are compiled by a child of this same binary, with a memory
+    // limit (edgevec_node::policy::compile).
+    if let Ok(exe) = std::env::current_exe() {
+        edgevec_node::policy::compile::set_compiler(exe);
+    }
     // Nodes log at info by default (openraft's own info lines narrate every
     // vote and are left out); one-shot commands only warn.
     let default = match cli.command {

@@ -262,6 +262,12 @@ async fn a_collection_switches_its_load_balancer() {
     assert_eq!(za.collections, vec!["zoned".to_string()]);
     let rr = list.iter().find(|p| p.name == "round-robin").unwrap();
     assert!(rr.collections.is_empty(), "{rr:?}");
+    let (ok, out, err) = cluster.cli(&["collection", "describe", "zoned", "--json"]);
+    assert!(ok, "{err}");
+    let described: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(described["load_balancer"]["name"], "zone-aware", "{described}");
+    let (ok, out, err) = cluster.cli(&["collection", "describe", "zoned"]);
+    assert!(ok && out.contains("load balancer zone-aware"), "{out} {err}");
 }
 
 /// `plugin list --json` through the CLI, parsed.
@@ -299,6 +305,25 @@ async fn wait_version(cluster: &TestCluster, name: &str, version: u64) -> Vec<se
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Resident memory of a process (VmRSS in /proc).
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// CPU time of a process so far, in clock ticks (utime + stime).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in ")".
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// A hand-written load balancer module: `configure` accepts anything,
@@ -398,6 +423,23 @@ async fn deployed_plugins_reach_every_node_and_hostile_ones_are_contained() {
             "functions",
         ),
         ("huge", write("huge.wasm", &vec![0u8; 10 * 1024 * 1024]), "at most"),
+        // Under 4 MiB and valid, but compiling it takes more than 1 GiB
+        // (measured: 1.1 GiB resident when compiled without a limit).
+        (
+            "compile-bomb",
+            write(
+                "bomb.wasm",
+                &wat_balancer(
+                    &format!(
+                        "{}{}(i64.const 0)",
+                        "block\n".repeat(1_300_000),
+                        "end\n".repeat(1_300_000)
+                    ),
+                    "",
+                ),
+            ),
+            "memory limit",
+        ),
     ];
     for (name, path, why) in &cases {
         let (ok, out, err) = cluster.cli(&["plugin", "deploy", name, path]);
@@ -411,6 +453,15 @@ async fn deployed_plugins_reach_every_node_and_hostile_ones_are_contained() {
         assert!(
             list.iter().all(|p| p["name"] != *name),
             "{name} is listed after a refusal"
+        );
+    }
+    // The compile ran in a child with its own limit: the node that was
+    // asked stayed small.
+    for id in cluster.ids() {
+        let rss = resident_bytes(cluster.pid(id).expect("running"));
+        assert!(
+            rss < 512 << 20,
+            "node {id} is {rss} bytes resident after the hostile deploys"
         );
     }
     // An endless loop loads (its configure is fine) but runs out of fuel
@@ -448,6 +499,16 @@ async fn deployed_plugins_reach_every_node_and_hostile_ones_are_contained() {
         .unwrap();
     assert_eq!(n3["state"], "disabled", "{spinner}");
     assert!(n3["reason"].as_str().unwrap().contains("fuel"), "{spinner}");
+    // Nothing keeps spinning once the calls are over: the node that ran
+    // them uses well under half a core over the next two seconds.
+    let pid = cluster.pid(3).expect("running");
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 100,
+        "node 3 used {used} CPU ticks in 2 s after the looping plugin's calls"
+    );
 
     // Back to the default, then both deployed plugins can go.
     let (ok, _, err) = cluster.cli(&["load", "deployed", "--lb", "round-robin"]);

@@ -165,7 +165,9 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
         source,
     })?;
     let policies = Policies::new(
-        PolicyEngine::new(HostInputs::Live)?.with_cache(&node.data_dir.join("plugins").join("compiled"))?,
+        PolicyEngine::new(HostInputs::Live)?
+            .with_cache(&node.data_dir.join("plugins").join("compiled"))?
+            .with_compiler(crate::policy::compile::compiler()),
     );
     policies.set_configuration(plugin_configuration(cluster));
     // Collections balance with round-robin unless they say otherwise.

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, ReplicationSpec};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::config::{ClusterConfig, Role};
 
@@ -71,6 +71,13 @@ pub enum Command {
     },
     /// Show the cluster: leader, term, and every node with its health.
     Status,
+    /// Compiles a plugin component read from stdin to stdout within a
+    /// memory limit (what a node runs as its child; not for people).
+    #[command(name = "plugin-compile", hide = true)]
+    PluginCompile {
+        #[arg(long)]
+        memory_bytes: u64,
+    },
     /// Manage collections.
     #[command(subcommand)]
     Collection(CollectionCmd),
@@ -197,6 +204,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Up { file } => up::up(file.as_ref().unwrap_or(&g.config)).await,
         Command::Certs { extra_node, host } => certs(&g, extra_node, host),
         Command::Status => up::status(&g).await,
+        Command::PluginCompile { memory_bytes } => std::process::exit(crate::policy::compile::child_main(memory_bytes)),
         Command::Collection(c) => collection(&g, c).await,
         Command::Insert(args) => insert::insert(&g, args).await,
         Command::Search {
@@ -391,12 +399,24 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
         CollectionCmd::Describe { name } => {
             let c = client.describe_collection(&name).await?;
             let shards = client.shards(Some(&name)).await?;
+            // The plugin whose list of collections names this one.
+            let balancer = client
+                .list_plugins()
+                .await?
+                .into_iter()
+                .find(|p| p.kind == "load-balancer" && p.collections.contains(&name))
+                .map(|p| (p.name, p.version));
             if g.json {
                 let mut v = data::collection_json(&c);
                 v["replication"] = data::shards_json(&shards);
+                v["load_balancer"] =
+                    balancer.map_or(Value::Null, |(n, version)| json!({"name": n, "version": version}));
                 println!("{v}");
             } else {
                 data::print_collection(&c);
+                if let Some((n, version)) = balancer {
+                    println!("  load balancer {n} (version {version})");
+                }
                 data::print_shards(&shards);
             }
         }

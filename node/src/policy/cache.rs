@@ -86,14 +86,12 @@ impl ArtifactCache {
         super::store::remove_unused(&self.dir, keep, min_age, |name| name.split_once('-').map(|(h, _)| h))
     }
 
-    /// Keeps `component` (compiled from the bytes hashing to `plugin_sha`).
-    pub fn store(&self, component: &Component, plugin_sha: &str, compat: u64) -> std::io::Result<()> {
-        let bytes = component
-            .serialize()
-            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    /// Keeps a serialized artifact (compiled from the bytes hashing to
+    /// `plugin_sha`).
+    pub fn store(&self, bytes: &[u8], plugin_sha: &str, compat: u64) -> std::io::Result<()> {
         let (artifact, sum) = self.paths(plugin_sha, compat);
-        write_atomically(&artifact, &bytes)?;
-        write_atomically(&sum, sha256_hex(&bytes).as_bytes())
+        write_atomically(&artifact, bytes)?;
+        write_atomically(&sum, sha256_hex(bytes).as_bytes())
     }
 }
 

@@ -19,6 +19,7 @@
 mod bindings;
 pub mod builtin;
 pub mod cache;
+pub mod compile;
 pub mod registry;
 pub mod store;
 pub mod validate;
@@ -210,6 +211,8 @@ pub struct PolicyEngine {
     linker: Arc<Linker<HostState>>,
     inputs: HostInputs,
     cache: Option<cache::ArtifactCache>,
+    /// Compiles in a child process ([`compile`]) when set.
+    compiler: Option<Arc<std::path::Path>>,
 }
 
 /// Whether a loaded version was compiled here or read from the cache.
@@ -244,7 +247,15 @@ impl PolicyEngine {
             linker: Arc::new(linker),
             inputs,
             cache: None,
+            compiler: None,
         })
+    }
+
+    /// Compiles plugins by running `exe plugin-compile` with a memory
+    /// limit (see [`compile`]) instead of in this process.
+    pub fn with_compiler(mut self, exe: Option<&std::path::Path>) -> Self {
+        self.compiler = exe.map(Arc::from);
+        self
     }
 
     /// Keeps compiled plugins in `dir` and loads them from there.
@@ -304,10 +315,20 @@ impl PolicyEngine {
         if let Some(component) = self.cache.as_ref().and_then(|c| c.load(&self.engine, &sha, compat)) {
             return self.prepare(name, checked.kind, component, config, (Source::Cache, sha, bytes.len()));
         }
-        let component =
-            Component::new(&self.engine, &checked.component).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+        let artifact = match &self.compiler {
+            Some(exe) => compile::in_child(exe, bytes, compile::COMPILE_MEMORY_BYTES, COMPILE_TIMEOUT)?,
+            None => self
+                .engine
+                .precompile_component(&checked.component)
+                .map_err(|e| PluginError::Compile(format!("{e:#}")))?,
+        };
+        // SAFETY: the artifact was just produced by this engine's
+        // configuration (in this process or by its own executable in a
+        // child); wasmtime checks its header and compatibility hash.
+        let component = unsafe { Component::deserialize(&self.engine, &artifact) }
+            .map_err(|e| PluginError::Compile(format!("compiled artifact refused: {e:#}")))?;
         if let Some(cache) = &self.cache {
-            if let Err(e) = cache.store(&component, &sha, compat) {
+            if let Err(e) = cache.store(&artifact, &sha, compat) {
                 tracing::warn!(plugin = %name, error = %e, "compiled plugin not cached");
             }
         }
