@@ -499,6 +499,11 @@ async fn deployed_plugins_reach_every_node_and_hostile_ones_are_contained() {
         .unwrap();
     assert_eq!(n3["state"], "disabled", "{spinner}");
     assert!(n3["reason"].as_str().unwrap().contains("fuel"), "{spinner}");
+    let (ok, out, err) = cluster.cli(&["status"]);
+    assert!(
+        ok && out.contains("plugin spinner disabled on node 3: ") && out.contains("fuel"),
+        "{out} {err}"
+    );
     // Nothing keeps spinning once the calls are over: the node that ran
     // them uses well under half a core over the next two seconds.
     let pid = cluster.pid(3).expect("running");

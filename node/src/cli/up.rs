@@ -318,12 +318,13 @@ pub async fn status(g: &Global) -> Result<()> {
         request_timeout: Duration::from_secs(5),
         ..super::client_config(g)?
     };
-    let (status, shards) = match Client::connect(config).await {
+    let (status, shards, plugins) = match Client::connect(config).await {
         Ok(c) => {
             let s = c.cluster_status().await;
             let shards = c.shards(None).await;
+            let plugins = c.list_plugins().await;
             c.close().await;
-            (s?, shards.unwrap_or_default())
+            (s?, shards.unwrap_or_default(), plugins.unwrap_or_default())
         }
         Err(e) => {
             if g.json {
@@ -341,7 +342,28 @@ pub async fn status(g: &Global) -> Result<()> {
             "unknown".to_string()
         }
     };
+    // Plugins a node could not load or has disabled, with the reason.
+    let plugin_problems: Vec<(String, u64, String, String)> = plugins
+        .iter()
+        .flat_map(|p| {
+            p.nodes
+                .iter()
+                .filter(|n| n.state == "failed" || n.state == "disabled")
+                .map(|n| {
+                    (
+                        p.name.clone(),
+                        n.node,
+                        n.state.clone(),
+                        n.reason.clone().unwrap_or_default(),
+                    )
+                })
+        })
+        .collect();
     if g.json {
+        let problems: Vec<Value> = plugin_problems
+            .iter()
+            .map(|(name, node, state, reason)| json!({"plugin": name, "node": node, "state": state, "reason": reason}))
+            .collect();
         let nodes: Vec<Value> = status
             .nodes
             .iter()
@@ -353,7 +375,8 @@ pub async fn status(g: &Global) -> Result<()> {
         println!(
             "{}",
             json!({"reachable": true, "leader": status.leader, "term": status.term, "committed_index": status.committed_index,
-                   "answered_by": status.answered_by, "nodes": nodes, "collections": super::data::shards_json(&shards)})
+                   "answered_by": status.answered_by, "nodes": nodes, "collections": super::data::shards_json(&shards),
+                   "plugin_problems": problems})
         );
         return Ok(());
     }
@@ -403,6 +426,9 @@ pub async fn status(g: &Global) -> Result<()> {
         for t in troubled {
             println!("  {t}");
         }
+    }
+    for (name, node, state, reason) in &plugin_problems {
+        println!("plugin {name} {state} on node {node}: {reason}");
     }
     Ok(())
 }
