@@ -67,7 +67,7 @@ impl From<WireError> for ClientError {
             ErrorCode::AlreadyExists => ClientError::AlreadyExists(e.message),
             ErrorCode::Unauthorized => ClientError::Unauthorized(e.message),
             ErrorCode::PermissionDenied => ClientError::PermissionDenied(e.message),
-            ErrorCode::Unavailable => ClientError::Unavailable(e.message),
+            ErrorCode::Unavailable | ErrorCode::NotCaughtUp => ClientError::Unavailable(e.message),
             ErrorCode::Timeout => ClientError::Timeout(e.message),
             ErrorCode::FrameTooLarge | ErrorCode::Malformed | ErrorCode::UnsupportedVersion => {
                 ClientError::Protocol(e.message)

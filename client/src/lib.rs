@@ -37,7 +37,8 @@ use std::time::Duration;
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1, RequestV1};
 pub use edgevec_proto::{
     ClusterNode, ClusterStatus, CollectionInfo, CollectionShards, CollectionSpec, ErrorCode, Hit, Metric, NodeSpec,
-    NodeStatus, OpId, Point, PointRecord, ReplicaStatus, ReplicationSpec, ShardStatus, WireError, WriteAck,
+    NodeStatus, OpId, Point, PointRecord, ReadOptions, ReplicaStatus, ReplicationSpec, SessionToken, ShardStatus,
+    WireError, WriteAck,
 };
 use tokio::sync::Mutex;
 
@@ -59,8 +60,17 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long a request that is safe to repeat keeps being retried after
     /// retryable refusals (a shard failing over, a write whose outcome is
-    /// unknown), with backoff. Zero: never retried.
+    /// unknown), with backoff. Zero: never retried. Reads are not retried
+    /// after a refusal: the node already tried every replica until the
+    /// read's deadline.
     pub retry_budget: Duration,
+    /// Consistency level of reads that name none: `strong`,
+    /// `bounded[:ms]`, `session`, `eventually` or a consistency plugin's
+    /// name; `None`: the cluster's default (`bounded:5000`).
+    pub consistency: Option<String>,
+    /// The client's zone (one of cluster.toml's), for zone-aware load
+    /// balancing; `None`: the zone of the node it reaches.
+    pub zone: Option<String>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -82,6 +92,8 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             retry_budget: Duration::from_secs(10),
+            consistency: None,
+            zone: None,
         }
     }
 
@@ -103,6 +115,19 @@ struct Inner {
     endpoint: quinn::Endpoint,
     config: ClientConfig,
     live: Mutex<Option<Live>>,
+    /// Session tokens by collection name: the latest op of each shard
+    /// this client wrote or read.
+    session: std::sync::Mutex<std::collections::HashMap<String, Vec<SessionToken>>>,
+}
+
+/// How one read is served (see [`Client::search_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadOpts {
+    /// Consistency level; `None`: [`ClientConfig::consistency`].
+    pub consistency: Option<String>,
+    /// How long the cluster may work on the read; `None`: a little less
+    /// than [`ClientConfig::request_timeout`].
+    pub timeout: Option<Duration>,
 }
 
 /// A handle to an edgevec cluster. Cheap to clone; clones share the
@@ -132,6 +157,7 @@ impl Client {
                 endpoint,
                 config,
                 live: Mutex::new(None),
+                session: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         };
         client.connection(None).await?;
@@ -212,7 +238,9 @@ impl Client {
     /// cluster answers with a retryable refusal (a shard between primaries,
     /// a write whose outcome is unknown): ids make writes idempotent.
     async fn request(&self, op: OpV1) -> Result<ReplyV1, ClientError> {
-        let retry_safe = is_retry_safe(&op);
+        // A read the node refused has been tried on every replica until its
+        // deadline: repeating it would only multiply the load.
+        let retry_safe = is_retry_safe(&op) && !matches!(op, OpV1::SearchV2 { .. } | OpV1::GetV2 { .. });
         let deadline = tokio::time::Instant::now() + self.inner.config.retry_budget;
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -242,7 +270,7 @@ impl Client {
         for attempt in 0..attempts {
             let (index, conn) = self.connection(failed).await?;
             match rpc::call::<_, ClientResponse>(&conn, &req, self.inner.config.request_timeout).await {
-                Ok(ClientResponse::V1(Ok(reply))) => return Ok(reply),
+                Ok(ClientResponse::V1(Ok(reply))) => return self.keep_tokens(&req, reply),
                 Ok(ClientResponse::V1(Err(e))) => return Err(e.into()),
                 Err(CallError::Connection(e)) => {
                     last = format!("{}: {e}", self.inner.config.endpoints[index]);
@@ -400,39 +428,110 @@ impl Client {
         }
     }
 
-    /// Inserts or replaces points. Returns once they are durable; the ack's
-    /// LSNs are the session token for read-your-writes.
+    /// Keeps the session tokens a reply carries (also those of a write
+    /// that failed on some shards, which then becomes its error).
+    fn keep_tokens(&self, req: &ClientRequest, reply: ReplyV1) -> Result<ReplyV1, ClientError> {
+        let ClientRequest::V1(RequestV1 { op, .. }) = req;
+        let collection = match op {
+            OpV1::UpsertV2 { collection, .. }
+            | OpV1::DeleteV2 { collection, .. }
+            | OpV1::SearchV2 { collection, .. }
+            | OpV1::GetV2 { collection, .. } => collection,
+            _ => return Ok(reply),
+        };
+        let tokens = match &reply {
+            ReplyV1::WrittenV2(o) => &o.tokens,
+            ReplyV1::HitsAt { tokens, .. } | ReplyV1::PointsAt { tokens, .. } => tokens,
+            _ => return Ok(reply),
+        };
+        self.merge_session(collection, tokens);
+        match reply {
+            ReplyV1::WrittenV2(o) if o.error.is_some() => Err(o.error.expect("checked").into()),
+            other => Ok(other),
+        }
+    }
+
+    /// The session tokens this client holds for `collection` (to hand a
+    /// session to another client or process).
+    pub fn session_tokens(&self, collection: &str) -> Vec<SessionToken> {
+        let session = self.inner.session.lock().expect("session lock");
+        session.get(collection).cloned().unwrap_or_default()
+    }
+
+    /// Adds tokens (from another client's [`Client::session_tokens`]) to
+    /// this client's session for `collection`.
+    pub fn merge_session(&self, collection: &str, tokens: &[SessionToken]) {
+        let mut session = self.inner.session.lock().expect("session lock");
+        let mine = session.entry(collection.to_string()).or_default();
+        for t in tokens {
+            SessionToken::merge_into(mine, *t);
+        }
+    }
+
+    fn read_options(&self, collection: &str, opts: &ReadOpts) -> ReadOptions {
+        // The node gives up a little before this client would, so its
+        // answer (not a timeout) reaches the caller.
+        let default = self
+            .inner
+            .config
+            .request_timeout
+            .saturating_sub(Duration::from_millis(500));
+        let timeout = opts.timeout.unwrap_or(default).max(Duration::from_millis(1));
+        ReadOptions {
+            consistency: opts
+                .consistency
+                .clone()
+                .or_else(|| self.inner.config.consistency.clone()),
+            session: self.session_tokens(collection),
+            zone: self.inner.config.zone.clone(),
+            timeout_ms: Some(timeout.as_millis().min(u128::from(u32::MAX)) as u32),
+        }
+    }
+
+    /// Inserts or replaces points. Returns once they are durable; the
+    /// client keeps the session token of every shard written.
     pub async fn upsert(&self, collection: &str, points: Vec<Point>) -> Result<WriteAck, ClientError> {
-        let op = OpV1::Upsert {
+        let op = OpV1::UpsertV2 {
             collection: collection.into(),
             points,
         };
         match self.request(op).await? {
-            ReplyV1::Written(ack) => Ok(ack),
+            ReplyV1::WrittenV2(o) => Ok(o.ack),
             other => Err(unexpected(other)),
         }
     }
 
     /// Deletes points by id; ids that do not exist are ignored.
     pub async fn delete(&self, collection: &str, ids: &[u64]) -> Result<WriteAck, ClientError> {
-        let op = OpV1::Delete {
+        let op = OpV1::DeleteV2 {
             collection: collection.into(),
             ids: ids.to_vec(),
         };
         match self.request(op).await? {
-            ReplyV1::Written(ack) => Ok(ack),
+            ReplyV1::WrittenV2(o) => Ok(o.ack),
             other => Err(unexpected(other)),
         }
     }
 
     /// Reads points by id; missing ids are absent from the result.
     pub async fn get(&self, collection: &str, ids: &[u64]) -> Result<Vec<PointRecord>, ClientError> {
-        let op = OpV1::Get {
+        self.get_with(collection, ids, &ReadOpts::default()).await
+    }
+
+    /// [`Client::get`] at a consistency level.
+    pub async fn get_with(
+        &self,
+        collection: &str,
+        ids: &[u64],
+        opts: &ReadOpts,
+    ) -> Result<Vec<PointRecord>, ClientError> {
+        let op = OpV1::GetV2 {
             collection: collection.into(),
             ids: ids.to_vec(),
+            read: self.read_options(collection, opts),
         };
         match self.request(op).await? {
-            ReplyV1::Points(p) => Ok(p),
+            ReplyV1::PointsAt { points, .. } => Ok(points),
             other => Err(unexpected(other)),
         }
     }
@@ -451,14 +550,32 @@ impl Client {
         k: u32,
         with_payload: bool,
     ) -> Result<Vec<Vec<Hit>>, ClientError> {
-        let op = OpV1::Search {
+        self.search_with(collection, queries, k, with_payload, &ReadOpts::default())
+            .await
+    }
+
+    /// [`Client::search_batch`] at a consistency level: `strong` (per
+    /// shard linearizable: every write acknowledged before it began),
+    /// `bounded:<ms>`, `session` (this client's own writes and reads, from
+    /// any endpoint, never going back), `eventually`, or a deployed
+    /// consistency plugin.
+    pub async fn search_with(
+        &self,
+        collection: &str,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+        opts: &ReadOpts,
+    ) -> Result<Vec<Vec<Hit>>, ClientError> {
+        let op = OpV1::SearchV2 {
             collection: collection.into(),
             queries,
             k,
             with_payload,
+            read: self.read_options(collection, opts),
         };
         match self.request(op).await? {
-            ReplyV1::Hits(h) => Ok(h),
+            ReplyV1::HitsAt { hits, .. } => Ok(hits),
             other => Err(unexpected(other)),
         }
     }

@@ -13,6 +13,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod faults;
 pub mod health;
 pub mod meta;
 pub mod metrics;

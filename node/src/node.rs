@@ -164,14 +164,17 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
         path: transfers.clone(),
         source,
     })?;
+    crate::faults::announce();
     let policies = Policies::new(
         PolicyEngine::new(HostInputs::Live)?
             .with_cache(&node.data_dir.join("plugins").join("compiled"))?
             .with_compiler(crate::policy::compile::compiler()),
     );
     policies.set_configuration(plugin_configuration(cluster));
-    // Collections balance with round-robin unless they say otherwise.
-    policies.load_builtins(&["round-robin"]);
+    // Collections balance with round-robin unless they say otherwise,
+    // and reads are `bounded` unless they ask for another level: those two
+    // load first.
+    policies.load_builtins(&["round-robin", "bounded"]);
     let plane = DataPlane::new(PlaneParts {
         me: id,
         engine,

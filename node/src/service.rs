@@ -41,10 +41,12 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::DescribeCollection { .. }
         | OpV1::Get { .. }
         | OpV1::Search { .. }
+        | OpV1::GetV2 { .. }
+        | OpV1::SearchV2 { .. }
         | OpV1::ClusterStatus
         | OpV1::Shards { .. }
         | OpV1::ListPlugins => TokenRole::Read,
-        OpV1::Upsert { .. } | OpV1::Delete { .. } => TokenRole::Write,
+        OpV1::Upsert { .. } | OpV1::Delete { .. } | OpV1::UpsertV2 { .. } | OpV1::DeleteV2 { .. } => TokenRole::Write,
         OpV1::CreateCollection(_)
         | OpV1::CreateReplicated { .. }
         | OpV1::Load { .. }
@@ -315,6 +317,27 @@ impl Service {
                 k,
                 with_payload,
             } => ReplyV1::Hits(self.router.search(&collection, queries, k, with_payload).await?),
+            OpV1::UpsertV2 { collection, points } => {
+                ReplyV1::WrittenV2(self.router.upsert_v2(&collection, points).await?)
+            }
+            OpV1::DeleteV2 { collection, ids } => ReplyV1::WrittenV2(self.router.delete_v2(&collection, ids).await?),
+            OpV1::GetV2 { collection, ids, read } => {
+                let (points, tokens) = self.router.get_at(&collection, ids, read).await?;
+                ReplyV1::PointsAt { points, tokens }
+            }
+            OpV1::SearchV2 {
+                collection,
+                queries,
+                k,
+                with_payload,
+                read,
+            } => {
+                let (hits, tokens) = self
+                    .router
+                    .search_at(&collection, queries, k, with_payload, read)
+                    .await?;
+                ReplyV1::HitsAt { hits, tokens }
+            }
             OpV1::ClusterStatus => ReplyV1::ClusterStatus(self.cluster_status().await),
             OpV1::AddNode(spec) => {
                 let (voters, learners) = self.meta.change_membership(MembershipChange::Add(spec)).await?;
@@ -392,6 +415,8 @@ impl Dispatch for Service {
             NodeOpV1::PluginStatus => "plugin_status",
             NodeOpV1::PluginPut { .. } => "plugin_put",
             NodeOpV1::PluginGet { .. } => "plugin_get",
+            NodeOpV1::ShardReadAt(_) => "shard_read_at",
+            NodeOpV1::CommitPoint { .. } => "commit_point",
         };
         let result = match op {
             NodeOpV1::Ping { .. } => Ok(NodeReplyV1::Pong { node_id: self.node.id }),
@@ -449,6 +474,12 @@ impl Dispatch for Service {
                 .on_put(&sha256, &bytes)
                 .map(|()| NodeReplyV1::PluginStored),
             NodeOpV1::PluginGet { sha256 } => self.deployer.on_get(&sha256).map(NodeReplyV1::PluginBytes),
+            NodeOpV1::ShardReadAt(read) => self.plane.read_at(read).await.map(NodeReplyV1::ShardReadAt),
+            NodeOpV1::CommitPoint { shard, term } => self
+                .plane
+                .commit_point(shard, term)
+                .await
+                .map(|lsn| NodeReplyV1::CommitPoint { lsn }),
         };
         self.metrics.record_rpc("node", name, result.is_ok(), started.elapsed());
         NodeResponse::V1(result)

@@ -107,6 +107,30 @@ pub enum OpV1 {
     SetNativePolicies {
         native: bool,
     },
+    /// `Upsert` that answers with session tokens ([`ReplyV1::WrittenV2`]).
+    UpsertV2 {
+        collection: String,
+        points: Vec<Point>,
+    },
+    /// `Delete` that answers with session tokens ([`ReplyV1::WrittenV2`]).
+    DeleteV2 {
+        collection: String,
+        ids: Vec<u64>,
+    },
+    /// `Search` at a consistency level; answers [`ReplyV1::HitsAt`].
+    SearchV2 {
+        collection: String,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+        read: ReadOptions,
+    },
+    /// `Get` at a consistency level; answers [`ReplyV1::PointsAt`].
+    GetV2 {
+        collection: String,
+        ids: Vec<u64>,
+        read: ReadOptions,
+    },
 }
 
 impl OpV1 {
@@ -133,6 +157,10 @@ impl OpV1 {
             OpV1::DeployPlugin { .. } => "deploy_plugin",
             OpV1::RemovePlugin { .. } => "remove_plugin",
             OpV1::SetNativePolicies { .. } => "set_native_policies",
+            OpV1::UpsertV2 { .. } => "upsert",
+            OpV1::DeleteV2 { .. } => "delete",
+            OpV1::SearchV2 { .. } => "search",
+            OpV1::GetV2 { .. } => "get",
         }
     }
 }
@@ -168,6 +196,17 @@ pub enum ReplyV1 {
     },
     PluginRemoved,
     NativePoliciesSet,
+    WrittenV2(WriteOutcome),
+    /// One result list per query, and the op each shard was read at.
+    HitsAt {
+        hits: Vec<Vec<Hit>>,
+        tokens: Vec<SessionToken>,
+    },
+    /// The points found, and the op each shard was read at.
+    PointsAt {
+        points: Vec<PointRecord>,
+        tokens: Vec<SessionToken>,
+    },
 }
 
 /// Most bytes a request's token occupies at the start of its body (the

@@ -39,6 +39,9 @@ pub enum ErrorCode {
     /// it was in flight and the shard could not confirm). Writes are
     /// id-keyed upserts and deletes, so sending it again is safe.
     OutcomeUnknown,
+    /// The replica has not applied what the read's consistency level
+    /// requires within the read's budget; another replica may serve it.
+    NotCaughtUp,
 }
 
 impl ErrorCode {
@@ -47,7 +50,7 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::OutcomeUnknown
+            ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::OutcomeUnknown | ErrorCode::NotCaughtUp
         )
     }
 }

@@ -60,6 +60,16 @@ pub enum NodeOpV1 {
     },
     /// The plugin bytes hashing to `sha256`, if this node holds them.
     PluginGet { sha256: [u8; 32] },
+    /// A read of one shard replica with a consistency requirement
+    /// (replaces `ShardRead` for searches and gets).
+    ShardReadAt(crate::replication::ShardReadAt),
+    /// Replica → the primary of `term`: its commit LSN, confirmed by a
+    /// read-index round that started after this request arrived (the
+    /// asking replica's safe point for bounded-staleness reads).
+    CommitPoint {
+        shard: crate::replication::ShardRef,
+        term: u64,
+    },
 }
 
 /// Membership changes an admin can ask for.
@@ -128,4 +138,9 @@ pub enum NodeReplyV1 {
     PluginStatus(Vec<crate::types::PluginNodeState>),
     PluginStored,
     PluginBytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    ShardReadAt(crate::replication::ShardReadAtReply),
+    /// The primary's commit LSN at a moment after the request arrived.
+    CommitPoint {
+        lsn: u64,
+    },
 }

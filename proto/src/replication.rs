@@ -134,6 +134,55 @@ impl ShardRead {
     }
 }
 
+/// What the serving replica must make sure of before it answers a read:
+/// the consistency plugin's requirement for it (ARCHITECTURE.md,
+/// "Reads"). The replica enforces it itself, waiting at most the read's
+/// budget, else it answers [`crate::ErrorCode::NotCaughtUp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadRequirement {
+    /// Whatever it has applied (it must be serviceable).
+    None,
+    /// It has applied everything its current-term primary had committed
+    /// at a moment at most `ms` ago on this replica's own clock.
+    MaxStaleness { ms: u64 },
+    /// Linearizable: only the primary serves, at its commit LSN after a
+    /// read-index round over its ack set.
+    ReadIndex,
+}
+
+/// A read of one shard replica with its requirement and time budget
+/// (proxy → the replica's node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardReadAt {
+    pub read: ShardRead,
+    pub requirement: ReadRequirement,
+    /// Besides the requirement, the replica must have applied this LSN (a
+    /// client's session token; 0: none). Tokens name committed ops, and
+    /// committed ops form one history, so any replica that applied this
+    /// LSN holds the op the token names.
+    pub min_lsn: u64,
+    /// Longest the replica may wait for its requirement, counted from
+    /// when it reads the request.
+    pub budget_ms: u32,
+    /// The proxy's deadline on its wall clock (Unix ms). A replica whose
+    /// own clock is past it by more than [`DEADLINE_SKEW_MS`] drops the
+    /// read unanswered (a node resumed after a pause must not run a
+    /// stale queue); it never decides anything else.
+    pub deadline_unix_ms: u64,
+}
+
+/// Clock difference between nodes that [`ShardReadAt::deadline_unix_ms`]
+/// tolerates before a replica drops a read as expired.
+pub const DEADLINE_SKEW_MS: u64 = 2_000;
+
+/// A replica's answer to a [`ShardReadAt`]: the reply and the op id of
+/// the last op it had applied (the read's session token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardReadAtReply {
+    pub reply: ShardReadReply,
+    pub served: OpId,
+}
+
 /// What a replica reports about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaReport {

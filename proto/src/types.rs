@@ -155,6 +155,69 @@ pub struct WriteAck {
     pub lsns: Vec<(u32, u64)>,
 }
 
+/// A session token: the op of one shard a client has seen (written, or
+/// read). A `session` read of that shard is served only by a replica
+/// that has applied it. Tokens of a dropped collection never match its
+/// re-creation: the collection id differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionToken {
+    pub collection: u64,
+    pub shard: u32,
+    pub term: u64,
+    pub lsn: u64,
+}
+
+impl SessionToken {
+    /// Keeps the later of two tokens of the same shard (a re-created
+    /// collection's token replaces the old one's).
+    pub fn merge_into(tokens: &mut Vec<SessionToken>, new: SessionToken) {
+        match tokens.iter_mut().find(|t| t.shard == new.shard) {
+            Some(t) if t.collection != new.collection || (new.term, new.lsn) > (t.term, t.lsn) => *t = new,
+            Some(_) => {}
+            None => tokens.push(new),
+        }
+    }
+}
+
+/// How a read is served: its consistency level, the session tokens it
+/// must see, the client's zone and its time budget.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadOptions {
+    /// `strong`, `bounded` (the collection's bound), `bounded:<ms>`,
+    /// `session`, `eventually`, or a deployed consistency plugin as
+    /// `<name>` or `<name>:<number>`; `None`: the default, `bounded:5000`.
+    pub consistency: Option<String>,
+    /// The client's tokens for the collection's shards (used by
+    /// `session`, and given to custom plugins).
+    pub session: Vec<SessionToken>,
+    /// The client's zone (a zone of cluster.toml); `None`: the zone of the
+    /// node it reached.
+    pub zone: Option<String>,
+    /// How long the node may work on the read; `None`: the node's default.
+    pub timeout_ms: Option<u32>,
+}
+
+/// What a write returns, with session tokens: also when some shards
+/// failed (`error`), the tokens of those that were written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WriteOutcome {
+    pub ack: WriteAck,
+    pub tokens: Vec<SessionToken>,
+    /// Set when not every shard was written; `ack.count` then counts only
+    /// what the written shards took.
+    pub error: Option<crate::error::WireError>,
+}
+
+impl WriteOutcome {
+    /// The ack, or the error when not every shard was written.
+    pub fn into_result(self) -> Result<WriteAck, crate::error::WireError> {
+        match self.error {
+            None => Ok(self.ack),
+            Some(e) => Err(e),
+        }
+    }
+}
+
 /// A node's view of itself, for `edgevec status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {

@@ -65,3 +65,6 @@ pub const STRONG: u32 = 0;
 pub const BOUNDED: u32 = 1;
 pub const SESSION: u32 = 2;
 pub const EVENTUALLY: u32 = 3;
+/// The level id of a read that named a deployed consistency plugin as its
+/// level (`--consistency NAME[:N]`); the request's bound word carries `N`.
+pub const CUSTOM: u32 = 4;

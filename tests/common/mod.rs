@@ -30,6 +30,8 @@ pub struct TestCluster {
     pub config_path: PathBuf,
     pub config: ClusterConfig,
     procs: HashMap<u64, Child>,
+    /// Extra environment of each node's process (fault hooks).
+    envs: HashMap<u64, Vec<(String, String)>>,
 }
 
 /// A loopback address of its own for each test cluster of this process.
@@ -116,6 +118,7 @@ impl TestCluster {
             config_path,
             config,
             procs: HashMap::new(),
+            envs: HashMap::new(),
         }
     }
 
@@ -133,6 +136,14 @@ impl TestCluster {
         self.start_with(id, &config, &[]);
     }
 
+    /// Sets an environment variable of node `id`'s process from its next
+    /// start on (the fault hooks of `edgevec_node::faults`).
+    pub fn set_env(&mut self, id: u64, key: &str, value: &str) {
+        let env = self.envs.entry(id).or_default();
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
+    }
+
     /// Starts node `id` with another config file and extra arguments.
     pub fn start_with(&mut self, id: u64, config: &Path, extra: &[&str]) {
         let log = fs::OpenOptions::new()
@@ -146,6 +157,7 @@ impl TestCluster {
             .args(["--id", &id.to_string()])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(self.envs.get(&id).cloned().unwrap_or_default())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

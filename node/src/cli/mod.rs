@@ -49,6 +49,15 @@ pub struct Global {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Consistency level of searches and gets: strong, bounded[:ms],
+    /// session, eventually, or a deployed consistency plugin's name
+    /// (default: the cluster's, bounded:5000).
+    #[arg(long, global = true)]
+    pub consistency: Option<String>,
+    /// The client's zone (for zone-aware load balancing; default: the
+    /// zone of the node reached).
+    #[arg(long, global = true)]
+    pub zone: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -308,7 +317,10 @@ pub fn client_config(g: &Global) -> Result<ClientConfig> {
             .map(|t| t.token.clone())
             .context("no --token, no EDGEVEC_TOKEN and no [[tokens]] in the cluster file")?,
     };
-    Ok(ClientConfig::from_ca_file(endpoints, &ca, token)?)
+    let mut config = ClientConfig::from_ca_file(endpoints, &ca, token)?;
+    config.consistency = g.consistency.clone();
+    config.zone = g.zone.clone();
+    Ok(config)
 }
 
 pub async fn connect(g: &Global) -> Result<Client> {

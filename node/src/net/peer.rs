@@ -98,8 +98,18 @@ impl PeerPool {
             tokio::time::sleep(timeout).await;
             return Err(CallError::Timeout(timeout));
         }
-        let conn = self.connection(addr).await?;
-        let result = rpc::call(&conn, req, timeout).await;
+        // The whole call, dial included, within `timeout`: a caller never
+        // waits behind another's handshake with a dead peer for longer.
+        let started = tokio::time::Instant::now();
+        let conn = match tokio::time::timeout(timeout, self.connection(addr)).await {
+            Ok(c) => c?,
+            Err(_) => return Err(CallError::Timeout(timeout)),
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(CallError::Timeout(timeout));
+        }
+        let result = rpc::call(&conn, req, left).await;
         if matches!(result, Err(CallError::Connection(_) | CallError::Timeout(_))) {
             // A peer that does not answer may be gone without the QUIC idle
             // timeout having noticed yet: dial afresh next time.

@@ -115,9 +115,13 @@ pub fn in_child(exe: &Path, plugin: &[u8], memory_bytes: u64, timeout: Duration)
     )))
 }
 
-/// The child's side: caps the address space, reads a component from
-/// stdin, writes its compiled artifact to stdout. Returns the exit code.
+/// The child's side: lowers its priority (nice 10, as index builds),
+/// caps the address space, reads a plugin from stdin, writes its compiled
+/// artifact to stdout. Returns the exit code.
 pub fn child_main(memory_bytes: u64) -> i32 {
+    // Compiling is background work: it must not starve the node's Raft
+    // and network threads on a small machine.
+    edgevec_engine::lower_priority();
     let limit = libc::rlimit {
         rlim_cur: memory_bytes,
         rlim_max: memory_bytes,

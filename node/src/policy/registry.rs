@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use edgevec_policy::{decode_order, Configuration};
+use edgevec_policy::{decode_order, decode_requirements, Configuration, Requirement};
 
 use super::builtin::BUILTIN;
 use super::{CallError, Kind, Loaded, PolicyEngine};
@@ -46,6 +46,8 @@ pub enum Fallback {
     Failed,
     /// The circuit breaker is open after repeated failures.
     Disabled,
+    /// A consistency answer weaker than its level's floor.
+    Refused,
 }
 
 impl Fallback {
@@ -54,6 +56,7 @@ impl Fallback {
             Fallback::NotLoaded => "not_loaded",
             Fallback::Failed => "failed",
             Fallback::Disabled => "disabled",
+            Fallback::Refused => "refused",
         }
     }
 }
@@ -322,6 +325,60 @@ impl Policies {
         }
     }
 
+    /// The requirement per candidate (`n` of them) and the bound from
+    /// consistency policy `name`; the reason when it cannot answer (the
+    /// caller then uses the level's strict answer).
+    pub fn requirements(
+        &self,
+        name: &str,
+        request: &[u64],
+        replicas: &[u64],
+        n: usize,
+    ) -> Result<(Vec<Requirement>, u64), Fallback> {
+        let slot = self.slot(name);
+        let Some(active) = slot.active.load_full() else {
+            return Err(self.fell_back(&slot, name, Fallback::NotLoaded, None));
+        };
+        if active.is_open() {
+            return Err(self.fell_back(&slot, name, Fallback::Disabled, None));
+        }
+        let answer = active
+            .loaded
+            .call_requirements(request, replicas)
+            .and_then(|packed| decode_requirements(packed, n).map_err(|e| CallError::BadAnswer(e.to_string())));
+        match answer {
+            Ok(a) => {
+                active.consecutive_failures.store(0, Ordering::Relaxed);
+                Ok(a)
+            }
+            Err(e) => {
+                active.failed(name);
+                Err(self.fell_back(&slot, name, Fallback::Failed, Some(&e)))
+            }
+        }
+    }
+
+    /// Counts an answer of consistency policy `name` that the host refused
+    /// as weaker than its level's floor (a failure, for its breaker).
+    pub fn refused(&self, name: &str, why: &str) {
+        let slot = self.slot(name);
+        if let Some(active) = slot.active.load_full() {
+            active.failed(name);
+        }
+        self.fell_back(
+            &slot,
+            name,
+            Fallback::Refused,
+            Some(&CallError::BadAnswer(why.to_string())),
+        );
+    }
+
+    /// What the active version of `name` implements, if one is loaded.
+    pub fn kind(&self, name: &str) -> Option<Kind> {
+        let slots = self.slots.read().expect("slots lock");
+        slots.get(name)?.active.load().as_ref().map(|a| a.loaded.kind)
+    }
+
     fn fell_back(&self, slot: &Slot, name: &str, why: Fallback, error: Option<&CallError>) -> Fallback {
         *slot.fallbacks.lock().expect("slot lock").entry(why).or_insert(0) += 1;
         let mut logged = slot.logged.lock().expect("slot lock");
@@ -329,6 +386,10 @@ impl Policies {
             *logged = Some(Instant::now());
             match error {
                 Some(e) => tracing::warn!(plugin = %name, error = %e, "plugin call failed; built-in decision used"),
+                // Expected while a starting node loads its plugins.
+                None if why == Fallback::NotLoaded => {
+                    tracing::debug!(plugin = %name, "plugin not loaded yet; built-in decision used")
+                }
                 None => {
                     tracing::warn!(plugin = %name, reason = why.as_str(), "plugin not used; built-in decision used")
                 }

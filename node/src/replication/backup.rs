@@ -197,6 +197,9 @@ impl DataPlane {
             // replica are serialised by the engine, and idempotent.
             let local = local.clone();
             self.tasks.spawn(async move {
+                if let Some(lag) = crate::faults::get().apply_delay {
+                    tokio::time::sleep(lag).await;
+                }
                 if let Err(e) = local.persist(move |replica| replica.apply_through(through)).await {
                     tracing::warn!(shard = %local.key, error = %e.message, "applying committed ops failed");
                 }

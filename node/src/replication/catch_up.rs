@@ -87,7 +87,7 @@ impl DataPlane {
                 node,
                 format!("catching up: sent through LSN {}", next.saturating_sub(1)),
             );
-            match self.bring_up_to(local, term, node, &mut next, &[], None).await {
+            match self.bring_up_to(local, term, node, &mut next, &[], (None, false)).await {
                 Ok(_) => {}
                 Err(SendError::NeedsExport(why)) => {
                     info!(shard = %key, node, reason = %why, "catching up through an export");
@@ -128,7 +128,7 @@ impl DataPlane {
             };
             let Some((cfg, _)) = self.config_of(key) else { return };
             let acked = Some(next.saturating_sub(1));
-            if let Err(e) = self.bring_up_to(local, term, node, &mut next, &[], acked).await {
+            if let Err(e) = self.bring_up_to(local, term, node, &mut next, &[], (acked, true)).await {
                 debug!(shard = %key, node, error = %e.message(), "catch-up final step failed");
                 continue;
             }

@@ -25,6 +25,7 @@ pub mod catch_up;
 pub mod log_match;
 pub mod manager;
 pub mod primary;
+pub mod reads;
 pub mod transfer;
 
 use std::collections::BTreeMap;
@@ -104,6 +105,9 @@ pub struct Local {
     pub applying: Arc<tokio::sync::Mutex<()>>,
     /// What a read of this replica waits for (see [`ApplyGate`]).
     pub gate: tokio::sync::watch::Sender<ApplyGate>,
+    /// Confirmed commit points, for strong and bounded reads
+    /// ([`reads::Rounds`]).
+    pub rounds: reads::Rounds,
 }
 
 impl Local {
@@ -126,6 +130,7 @@ impl Local {
             queued: Mutex::new(Vec::new()),
             applying: Arc::new(tokio::sync::Mutex::new(())),
             gate,
+            rounds: reads::Rounds::default(),
         })
     }
 
@@ -354,19 +359,31 @@ impl DataPlane {
     }
 
     /// Sends one node request to node `id`.
-    pub async fn call(&self, id: u64, op: NodeOpV1, timeout: Duration) -> Result<NodeReplyV1, WireError> {
+    /// Sends `op` to node `id`: the outer error is a transport failure or
+    /// timeout (nothing came back), the inner one the node's refusal.
+    pub async fn call_peer(
+        &self,
+        id: u64,
+        op: NodeOpV1,
+        timeout: Duration,
+    ) -> Result<Result<NodeReplyV1, WireError>, WireError> {
         let state = self.meta.state();
         let addr = self
             .addr_of(&state, id)
             .ok_or_else(|| unavailable(format!("node {id} has no known address")))?;
         match self.peers.call(addr, &NodeRequest::V1(op), timeout).await {
-            Ok(NodeResponse::V1(r)) => r,
+            Ok(NodeResponse::V1(r)) => Ok(r),
             Err(edgevec_client::rpc::CallError::Timeout(d)) => Err(WireError::new(
                 ErrorCode::Timeout,
                 format!("node {id} did not answer within {d:?}"),
             )),
             Err(e) => Err(unavailable(format!("node {id} at {addr}: {e}"))),
         }
+    }
+
+    /// [`DataPlane::call_peer`] with both kinds of failure as one.
+    pub async fn call(&self, id: u64, op: NodeOpV1, timeout: Duration) -> Result<NodeReplyV1, WireError> {
+        self.call_peer(id, op, timeout).await?
     }
 
     /// Makes the local replicas follow the metadata, then starts what the
@@ -610,26 +627,6 @@ impl DataPlane {
             }
             local.wait_applied(self.me, APPLY_WAIT).await?;
         }
-        match req {
-            ShardRead::Search {
-                queries,
-                k,
-                with_payload,
-                ..
-            } => {
-                let metric = local.spec.metric;
-                let replica = local.replica.clone();
-                let hits =
-                    blocking(move || edgevec_engine::search_replicas(&[replica], metric, &queries, k, with_payload))
-                        .await?;
-                Ok(ShardReadReply::Hits(hits))
-            }
-            ShardRead::Get { ids, .. } => {
-                let replica = local.replica.clone();
-                let found = blocking(move || replica.get(&ids)).await?;
-                Ok(ShardReadReply::Points(found.into_iter().flatten().collect()))
-            }
-            ShardRead::Status { .. } => Ok(ShardReadReply::Status(local.report(self.me))),
-        }
+        self.serve(&local, req).await
     }
 }

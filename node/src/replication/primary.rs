@@ -395,6 +395,7 @@ impl DataPlane {
         // before it could write again in this term.
         let records: Vec<bytes::Bytes> = fresh.iter().map(|e| e.op.clone()).collect();
         let local_append = local.persist(move |replica| replica.append_encoded(last, &entries, records));
+        let round_started = Instant::now();
         let (appended, replicated) = tokio::join!(local_append, self.replicate_to_ack_set(local, p, &fresh));
         if let Err(e) = appended {
             self.step_down_if_damaged(local, &cfg).await;
@@ -405,11 +406,86 @@ impl DataPlane {
         }
         replicated?;
         p.commit_lsn = end.lsn;
+        // The ack set confirmed this term after `round_started`: a round
+        // for strong and bounded reads too.
+        local.rounds.record(round_started, end.lsn);
         Ok(Committed {
             ids,
             cfg,
             turn: local.applying.clone().lock_owned().await,
         })
+    }
+
+    /// This primary's commit LSN, confirmed current by a round over its
+    /// ack set that started at or after `not_before` (concurrent callers
+    /// share rounds; a write's replication is one). Refused unless this
+    /// node is the ready primary of the current term (its epoch-start op
+    /// committed). A member that fails the round is removed by CAS, as a
+    /// write would. The round runs as a task of its own: a caller that
+    /// stops waiting at its deadline does not cancel it (a removal by CAS
+    /// half-done would otherwise start over with every read).
+    pub async fn confirmed_commit(
+        &self,
+        local: &Arc<Local>,
+        not_before: Instant,
+        deadline: Instant,
+    ) -> Result<u64, WireError> {
+        let key = local.key;
+        if let Some(lsn) = local.rounds.since(not_before) {
+            return Ok(lsn);
+        }
+        let this = self
+            .this
+            .upgrade()
+            .ok_or_else(|| unavailable("the node is shutting down"))?;
+        let local = local.clone();
+        let round = self.tasks.spawn(async move {
+            let _turn = local.rounds.turn.clone().lock_owned().await;
+            if let Some(lsn) = local.rounds.since(not_before) {
+                return Ok(lsn);
+            }
+            this.read_index_round(&local).await
+        });
+        match tokio::time::timeout_at(deadline.into(), round).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(WireError::new(
+                ErrorCode::Internal,
+                format!("read-index round failed: {e}"),
+            )),
+            Err(_) => Err(super::reads::not_caught_up(format!(
+                "the primary of {key} could not confirm its term in time"
+            ))),
+        }
+    }
+
+    /// One read-index round: under the primary lock, every member of the
+    /// ack set confirms this term (or is removed), then the commit LSN is
+    /// recorded as of the round's start.
+    async fn read_index_round(&self, local: &Arc<Local>) -> Result<u64, WireError> {
+        let key = local.key;
+        let not_primary = || {
+            super::reads::not_caught_up(format!(
+                "node {} is not the serving primary of {key}; a strong read needs the primary",
+                self.me
+            ))
+        };
+        let started = Instant::now();
+        let mut guard = local.primary.lock().await;
+        let p = guard.as_mut().ok_or_else(not_primary)?;
+        if !p.ready {
+            return Err(super::reads::not_caught_up(format!(
+                "the primary of {key} is still starting its term (its epoch start is not committed)"
+            )));
+        }
+        let (cfg, _) = self.config_of(key).ok_or_else(not_primary)?;
+        if cfg.primary != Some(self.me) || cfg.term != p.term {
+            return Err(not_primary());
+        }
+        self.replicate_to_ack_set(local, p, &[]).await?;
+        let lsn = p.commit_lsn;
+        drop(guard);
+        local.rounds.record(started, lsn);
+        Ok(lsn)
     }
 
     /// Applies a committed batch (after the batches committed before it)
@@ -466,12 +542,19 @@ impl DataPlane {
             .into_iter()
             .map(|node| {
                 let known = p.next.get(&node).copied();
-                (node, known.unwrap_or(fresh[0].id.lsn), known.map(|n| n - 1))
+                // A round without ops (a read-index round) starts a member
+                // it has no position for after this log's end.
+                let first = fresh
+                    .first()
+                    .map_or_else(|| local.replica.last_op().lsn + 1, |f| f.id.lsn);
+                (node, known.unwrap_or(first), known.map(|n| n - 1))
             })
             .collect();
         let sends = starts.into_iter().map(|(node, next, acked)| async move {
             let mut next = next;
-            let r = self.bring_up_to(local, term, node, &mut next, fresh, acked).await;
+            let r = self
+                .bring_up_to(local, term, node, &mut next, fresh, (acked, true))
+                .await;
             (node, next, r)
         });
         let results = futures::future::join_all(sends).await;
@@ -568,7 +651,9 @@ impl DataPlane {
 
     /// Sends log entries to `node` from `*next` until it holds everything
     /// through `fresh` (or through this log's end), following its answers:
-    /// a mismatch moves `next` back to where the logs diverge.
+    /// a mismatch moves `next` back to where the logs diverge. `acked`: what
+    /// it acknowledged before, if known; `locked`: called under the primary
+    /// lock, so it must answer within [`REPLICATE_TIMEOUT`].
     pub(super) async fn bring_up_to(
         &self,
         local: &Arc<Local>,
@@ -576,13 +661,13 @@ impl DataPlane {
         node: u64,
         next: &mut u64,
         fresh: &[LogEntry],
-        acked: Option<u64>,
+        (acked, locked): (Option<u64>, bool),
     ) -> Result<OpId, SendError> {
         let key = local.key;
         let started = Instant::now();
-        // A member of the ack set answers under the primary lock, quickly;
-        // a catch-up may take its time.
-        let locked = acked.is_some() || !fresh.is_empty();
+        // Under the primary lock (a member of the ack set, or a catch-up's
+        // last stretch) an answer must come quickly; a catch-up outside it
+        // may take its time.
         let budget = if locked {
             REPLICATE_TIMEOUT
         } else {

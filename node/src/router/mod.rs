@@ -29,25 +29,47 @@ use edgevec_policy::{replica_words, ReplicaInfo, ReplicaState as PolicyState, Re
 use edgevec_engine::{by_shard, last_wins, validate, ShardOp};
 use edgevec_meta::{CollectionRecord, ReplicaState};
 use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
-use edgevec_proto::replication::{ReplicaReport, ShardRead, ShardReadReply, ShardRef, WriteOp};
-use edgevec_proto::{
-    CollectionInfo, CollectionShards, ErrorCode, Hit, Metric, Point, PointRecord, ReplicaStatus, ShardInfo,
-    ShardStatus, WireError, WriteAck,
+use edgevec_proto::replication::{
+    ReadRequirement, ReplicaReport, ShardRead, ShardReadAt, ShardReadReply, ShardRef, WriteOp,
 };
+use edgevec_proto::{
+    CollectionInfo, CollectionShards, ErrorCode, Hit, Metric, OpId, Point, PointRecord, ReadOptions, ReplicaStatus,
+    SessionToken, ShardInfo, ShardStatus, WireError, WriteAck, WriteOutcome,
+};
+
+pub mod levels;
+use levels::{Candidate, Level, DEFAULT_LEVEL};
 
 use crate::replication::primary::Written;
 use crate::replication::{unavailable, DataPlane};
 
 /// Deadline of a write forwarded to a primary.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Deadline of one read of one replica.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of a status probe of one replica.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub use edgevec_meta::plugins::DEFAULT_LOAD_BALANCER;
-/// How long a node that failed a read stays ejected from first choice.
-const EJECT_FOR: Duration = Duration::from_secs(2);
+/// How long a node that failed a read stays ejected from first choice
+/// (doubled for each failure in a row, up to [`EJECT_MAX`]).
+const EJECT_FOR: Duration = Duration::from_secs(1);
+const EJECT_MAX: Duration = Duration::from_secs(30);
+/// A read's deadline when the request names none (below the client
+/// library's default request timeout).
+pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(20);
+/// Longest deadline a read may ask for.
+const MAX_READ_DEADLINE: Duration = Duration::from_secs(300);
+/// Longest one replica waits for a read's requirement in one attempt.
+const REQUIREMENT_WAIT: Duration = Duration::from_millis(750);
+/// An attempt may take this many latency EWMAs, within
+/// [`ATTEMPT_MIN`]..[`ATTEMPT_MAX`], beyond its requirement wait.
+const ATTEMPT_LATENCIES: f64 = 8.0;
+const ATTEMPT_MIN: Duration = Duration::from_millis(300);
+const ATTEMPT_MAX: Duration = Duration::from_secs(3);
+/// Pause before a shard's replicas are tried again when none could serve
+/// (a failover in progress), unless the metadata changes first.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Most session tokens a read may carry.
+const MAX_TOKENS: usize = 4096;
 /// The window of [`NodeStats`]' error count.
 const ERROR_WINDOW: Duration = Duration::from_secs(10);
 
@@ -59,10 +81,28 @@ struct NodeStat {
     ewma_us: f64,
     sampled: Option<Instant>,
     errors: VecDeque<Instant>,
+    /// Transport failures and timeouts in a row (reset by an answer).
+    consecutive: u32,
     ejected_until: Option<Instant>,
+    /// A readmission probe of this node is in flight.
+    probing: bool,
 }
 
-/// Per-node read statistics, for the load balancer's inputs.
+/// How one attempt on a replica ended, for [`NodeStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// It answered.
+    Served,
+    /// It answered with a refusal (not caught up, no replica, damaged):
+    /// the node is alive; nothing is held against it.
+    Refused,
+    /// Nothing came back (transport failure or timeout): the whole node
+    /// is ejected for every shard, longer after each failure in a row.
+    Failed,
+}
+
+/// Per-node read statistics, for the load balancer's inputs and the
+/// attempt timeouts.
 #[derive(Debug, Default)]
 pub struct NodeStats(Mutex<HashMap<u64, NodeStat>>);
 
@@ -71,34 +111,89 @@ impl NodeStats {
         self.0.lock().expect("stats lock").entry(node).or_default().in_flight += 1;
     }
 
-    fn end(&self, node: u64, took: Duration, ok: bool) {
+    fn end(&self, node: u64, took: Duration, outcome: Outcome) {
         let mut all = self.0.lock().expect("stats lock");
         let s = all.entry(node).or_default();
         s.in_flight = s.in_flight.saturating_sub(1);
         let now = Instant::now();
-        if ok {
-            let us = took.as_secs_f64() * 1e6;
-            s.ewma_us = if s.sampled.is_some() {
-                0.7 * s.ewma_us + 0.3 * us
-            } else {
-                us
-            };
-            s.sampled = Some(now);
-        } else {
-            s.errors.push_back(now);
-            s.ejected_until = Some(now + EJECT_FOR);
+        match outcome {
+            Outcome::Served => {
+                let us = took.as_secs_f64() * 1e6;
+                s.ewma_us = if s.sampled.is_some() {
+                    0.7 * s.ewma_us + 0.3 * us
+                } else {
+                    us
+                };
+                s.sampled = Some(now);
+                s.consecutive = 0;
+                s.ejected_until = None;
+            }
+            Outcome::Refused => s.consecutive = 0,
+            Outcome::Failed => {
+                s.errors.push_back(now);
+                s.consecutive = s.consecutive.saturating_add(1);
+                let backoff = EJECT_FOR.saturating_mul(1 << (s.consecutive - 1).min(5)).min(EJECT_MAX);
+                s.ejected_until = Some(now + backoff);
+            }
         }
         while s.errors.front().is_some_and(|t| now.duration_since(*t) > ERROR_WINDOW) {
             s.errors.pop_front();
         }
     }
 
-    /// Fills the node-side fields of `info`.
+    /// How long an attempt on `node` may take beyond its requirement wait:
+    /// a few times its latency, within bounds (a silent node must count
+    /// as failed long before QUIC's idle timeout).
+    fn attempt_timeout(&self, node: u64) -> Duration {
+        let all = self.0.lock().expect("stats lock");
+        match all.get(&node).filter(|s| s.sampled.is_some()) {
+            Some(s) => Duration::from_micros((s.ewma_us * ATTEMPT_LATENCIES) as u64).clamp(ATTEMPT_MIN, ATTEMPT_MAX),
+            None => ATTEMPT_MAX,
+        }
+    }
+
+    /// Whether `node` is out of its ejection but not yet readmitted, and
+    /// no probe of it runs: the caller then starts one.
+    fn claim_probe(&self, node: u64) -> bool {
+        let mut all = self.0.lock().expect("stats lock");
+        let Some(s) = all.get_mut(&node) else { return false };
+        let due = s.consecutive > 0 && s.ejected_until.is_some_and(|u| Instant::now() >= u) && !s.probing;
+        if due {
+            s.probing = true;
+        }
+        due
+    }
+
+    /// A probe's result: readmits the node, or ejects it for longer.
+    fn probed(&self, node: u64, ok: bool) {
+        {
+            let mut all = self.0.lock().expect("stats lock");
+            if let Some(s) = all.get_mut(&node) {
+                s.probing = false;
+            }
+        }
+        if ok {
+            let mut all = self.0.lock().expect("stats lock");
+            if let Some(s) = all.get_mut(&node) {
+                s.consecutive = 0;
+                s.ejected_until = None;
+            }
+        } else {
+            self.begin(node);
+            self.end(node, Duration::ZERO, Outcome::Failed);
+        }
+    }
+
+    /// Fills the node-side fields of `info`. A node stays ejected after
+    /// its ejection ends until a probe readmits it: client reads are not
+    /// the probes.
     fn describe(&self, info: &mut ReplicaInfo) {
         let all = self.0.lock().expect("stats lock");
         let Some(s) = all.get(&info.node) else { return };
         let now = Instant::now();
         info.in_flight = s.in_flight;
+        // Decayed towards zero with time since the last sample, so a
+        // node that stopped being chosen gets tried again (Finagle's p2c).
         info.latency_us = s.sampled.map(|_| s.ewma_us.max(1.0) as u64);
         info.since_sample_ms = s.sampled.map(|t| now.duration_since(t).as_millis() as u64);
         info.errors = s
@@ -106,7 +201,7 @@ impl NodeStats {
             .iter()
             .filter(|t| now.duration_since(**t) <= ERROR_WINDOW)
             .count() as u64;
-        info.ejected = s.ejected_until.is_some_and(|u| now < u);
+        info.ejected = s.consecutive > 0 && s.ejected_until.is_some();
     }
 }
 
@@ -114,13 +209,36 @@ pub struct Router {
     plane: Arc<DataPlane>,
     /// Reads per shard so far: the load balancer's sequence number.
     sequences: Mutex<HashMap<ShardRef, u64>>,
-    nodes: NodeStats,
+    nodes: Arc<NodeStats>,
     /// Reads served, by (shard, node).
     served: Mutex<BTreeMap<(ShardRef, u64), u64>>,
+    /// The op each replica last served a read at, and when: the plugins'
+    /// "applied op id" and "age of that report".
+    applied: Mutex<HashMap<(ShardRef, u64), (OpId, Instant)>>,
+}
+
+/// How one read is to be served: its level, the client's token for each
+/// shard, the client's zone and the deadline.
+#[derive(Debug, Clone)]
+pub struct ReadSpec {
+    pub level: Level,
+    pub tokens: HashMap<u32, SessionToken>,
+    pub zone: Option<u32>,
+    pub deadline: Instant,
 }
 
 fn not_found(name: &str) -> WireError {
     WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
+}
+
+/// The session token of a read or write of `key` at `op`.
+fn token_of(key: ShardRef, op: OpId) -> SessionToken {
+    SessionToken {
+        collection: key.collection,
+        shard: key.shard,
+        term: op.term,
+        lsn: op.lsn,
+    }
 }
 
 /// Merges per-shard hit lists (each best first) into the best `k`.
@@ -156,8 +274,9 @@ impl Router {
         Router {
             plane,
             sequences: Mutex::new(HashMap::new()),
-            nodes: NodeStats::default(),
+            nodes: Arc::default(),
             served: Mutex::new(BTreeMap::new()),
+            applied: Mutex::new(HashMap::new()),
         }
     }
 
@@ -171,33 +290,40 @@ impl Router {
     }
 
     /// Inserts or replaces points of `name`.
-    pub async fn upsert(&self, name: &str, mut points: Vec<Point>) -> Result<WriteAck, WireError> {
+    pub async fn upsert(&self, name: &str, points: Vec<Point>) -> Result<WriteAck, WireError> {
+        self.upsert_v2(name, points).await?.into_result()
+    }
+
+    /// Deletes points of `name` by id.
+    pub async fn delete(&self, name: &str, ids: Vec<u64>) -> Result<WriteAck, WireError> {
+        self.delete_v2(name, ids).await?.into_result()
+    }
+
+    /// Inserts or replaces points of `name`; the outcome has a session
+    /// token for every shard written, also when others failed.
+    pub async fn upsert_v2(&self, name: &str, mut points: Vec<Point>) -> Result<WriteOutcome, WireError> {
         let rec = self.collection(name)?;
         validate::points(&rec.spec, &mut points).map_err(|e| e.to_wire())?;
         let count = points.len() as u64;
         let groups = by_shard(last_wins(points), |p| p.id, rec.spec.shards);
         let ops = groups.into_iter().map(|(s, p)| (s, WriteOp::Upsert(p))).collect();
-        self.write(&rec, Some(count), ops).await
+        Ok(self.write(&rec, Some(count), ops).await)
     }
 
-    /// Deletes points of `name` by id.
-    pub async fn delete(&self, name: &str, ids: Vec<u64>) -> Result<WriteAck, WireError> {
+    /// Deletes points of `name` by id, with session tokens as
+    /// [`Router::upsert_v2`].
+    pub async fn delete_v2(&self, name: &str, ids: Vec<u64>) -> Result<WriteOutcome, WireError> {
         let rec = self.collection(name)?;
         validate::ids(&ids).map_err(|e| e.to_wire())?;
         let groups = by_shard(ids, |id| *id, rec.spec.shards);
         let ops = groups.into_iter().map(|(s, ids)| (s, WriteOp::Delete(ids))).collect();
         // The ack counts the points the shards' primaries actually deleted.
-        self.write(&rec, None, ops).await
+        Ok(self.write(&rec, None, ops).await)
     }
 
     /// Writes each shard's op through its primary; the ack carries `count`,
     /// or (`None`, deletes) the sum of the points the primaries deleted.
-    async fn write(
-        &self,
-        rec: &CollectionRecord,
-        count: Option<u64>,
-        ops: Vec<(u32, WriteOp)>,
-    ) -> Result<WriteAck, WireError> {
+    async fn write(&self, rec: &CollectionRecord, count: Option<u64>, ops: Vec<(u32, WriteOp)>) -> WriteOutcome {
         let sends = ops.into_iter().map(|(shard, op)| {
             let key = ShardRef {
                 collection: rec.id,
@@ -211,14 +337,24 @@ impl Router {
         });
         let results = futures::future::join_all(sends).await;
         let mut lsns = Vec::new();
+        let mut tokens = Vec::new();
         let mut deleted = 0;
+        let mut upserted = 0;
         let mut failed = Vec::new();
         let mut unwritten = Vec::new();
         for (shard, ids, r) in results {
             match r {
                 Ok(w) => {
                     lsns.push((shard, w.op.lsn));
+                    tokens.push(token_of(
+                        ShardRef {
+                            collection: rec.id,
+                            shard,
+                        },
+                        w.op,
+                    ));
                     deleted += w.deleted;
+                    upserted += ids.len() as u64;
                 }
                 Err(e) => {
                     unwritten.extend(ids);
@@ -227,10 +363,14 @@ impl Router {
             }
         }
         if failed.is_empty() {
-            return Ok(WriteAck {
-                count: count.unwrap_or(deleted),
-                lsns,
-            });
+            return WriteOutcome {
+                ack: WriteAck {
+                    count: count.unwrap_or(deleted),
+                    lsns,
+                },
+                tokens,
+                error: None,
+            };
         }
         let code = worst(&failed);
         let total = failed.len() + lsns.len();
@@ -249,7 +389,7 @@ impl Router {
                 lsns.iter().map(|(s, _)| s.to_string()).collect::<Vec<_>>().join(", ")
             )
         };
-        Err(WireError::new(
+        let error = WireError::new(
             code,
             format!(
                 "{} of {total} shards failed ({}){written}; ids not written ({}): [{}{more}]",
@@ -258,7 +398,15 @@ impl Router {
                 unwritten.len(),
                 shown.join(", ")
             ),
-        ))
+        );
+        WriteOutcome {
+            ack: WriteAck {
+                count: if count.is_some() { upserted } else { deleted },
+                lsns,
+            },
+            tokens,
+            error: Some(error),
+        }
     }
 
     /// Sends one shard's write to its primary.
@@ -329,56 +477,144 @@ impl Router {
         self.plane.primary_write(&local, op).await
     }
 
-    /// Reads one shard from one in-sync replica, moving to the next one on
-    /// failure.
-    async fn read_shard(&self, key: ShardRef, req: ShardRead) -> Result<ShardReadReply, WireError> {
-        let (cfg, _) = self
-            .plane
-            .config_of(key)
-            .ok_or_else(|| unavailable(format!("{key} has no configuration yet; retry")))?;
-        let mut candidates = cfg.in_sync();
-        if candidates.is_empty() {
-            // Rare, and the person who meets it wants to know why.
-            let rec = self.plane.meta.state().collection_by_id(key.collection).cloned();
-            let why = match rec {
-                Some(rec) => self.shard_status(&rec, key).await.problems.join("; "),
-                None => "the collection was dropped".into(),
-            };
-            return Err(unavailable(format!("{key} has no in-sync replica: {why}")));
-        }
-        candidates.truncate(edgevec_policy::layout::MAX_REPLICAS);
-        let order = self.balance(key, &cfg, &candidates);
-        let mut errors = Vec::new();
-        for i in order {
-            let node = candidates[i];
-            self.nodes.begin(node);
-            let started = Instant::now();
-            let r = self.plane.read_on(node, req.clone(), READ_TIMEOUT).await;
-            self.nodes.end(node, started.elapsed(), r.is_ok());
-            match r {
-                Ok(reply) => {
-                    *self.served.lock().expect("served lock").entry((key, node)).or_insert(0) += 1;
-                    return Ok(reply);
-                }
-                Err(e) => errors.push(format!("node {node}: {}", e.message)),
+    /// The [`ReadSpec`] of a request's options, checked against
+    /// collection `rec`.
+    pub fn read_spec(&self, rec: &CollectionRecord, opts: ReadOptions) -> Result<ReadSpec, WireError> {
+        let invalid = |field: &str, m: String| WireError::new(ErrorCode::InvalidArgument, m).with_field(field);
+        let level = match &opts.consistency {
+            None => DEFAULT_LEVEL,
+            Some(text) => Level::parse(text).map_err(|m| invalid("consistency", m))?,
+        };
+        if let Level::Custom { plugin, .. } = &level {
+            if self.plane.policies.kind(plugin) != Some(crate::policy::Kind::Consistency) {
+                return Err(invalid(
+                    "consistency",
+                    format!(
+                        "no consistency plugin named {plugin:?} is loaded on node {} (see `edgevec plugin list`)",
+                        self.plane.me
+                    ),
+                ));
             }
         }
+        if opts.session.len() > MAX_TOKENS {
+            return Err(invalid(
+                "session",
+                format!("{} session tokens, more than {MAX_TOKENS}", opts.session.len()),
+            ));
+        }
+        let mut tokens: HashMap<u32, SessionToken> = HashMap::new();
+        for t in opts
+            .session
+            .iter()
+            .filter(|t| t.collection == rec.id && t.shard < rec.spec.shards)
+        {
+            let e = tokens.entry(t.shard).or_insert(*t);
+            if (t.term, t.lsn) > (e.term, e.lsn) {
+                *e = *t;
+            }
+        }
+        let config = self.plane.policies.configuration();
+        let zone = match &opts.zone {
+            None => None,
+            Some(z) => Some(config.zone_id(z).ok_or_else(|| {
+                invalid(
+                    "zone",
+                    format!("zone {z:?} is not a zone of the cluster ({})", config.zones.join(", ")),
+                )
+            })?),
+        };
+        let within = match opts.timeout_ms {
+            None => DEFAULT_READ_DEADLINE,
+            Some(0) => return Err(invalid("timeout_ms", "a read timeout of 0 ms".into())),
+            Some(ms) => Duration::from_millis(u64::from(ms)).min(MAX_READ_DEADLINE),
+        };
+        Ok(ReadSpec {
+            level,
+            tokens,
+            zone,
+            deadline: Instant::now() + within,
+        })
+    }
+
+    /// Reads one shard: the replicas the metadata names, the level's
+    /// requirements from its consistency plugin, the order from the
+    /// collection's load balancer (ejected nodes last), then each in turn
+    /// until one serves. When none can (a failover), waits for a newer
+    /// configuration and tries again until the deadline. Returns the
+    /// reply and the op the replica served at.
+    async fn read_shard_at(
+        &self,
+        key: ShardRef,
+        read: ShardRead,
+        spec: &ReadSpec,
+    ) -> Result<(ShardReadReply, OpId), WireError> {
+        let mut errors: Vec<String> = Vec::new();
+        let mut tried = 0u64;
+        let mut rx = self.plane.meta.subscribe();
+        loop {
+            if let Some((cfg, _)) = self.plane.config_of(key) {
+                let live = cfg
+                    .replicas
+                    .iter()
+                    .any(|r| matches!(r.state, ReplicaState::InSync | ReplicaState::CatchingUp));
+                if !live {
+                    // No failover can bring a serviceable replica: say why
+                    // at once (a replica that returns will be in sync again).
+                    let rec = self.plane.meta.state().collection_by_id(key.collection).cloned();
+                    let why = match rec {
+                        Some(rec) => self.shard_status(&rec, key).await.problems.join("; "),
+                        None => "the collection was dropped".into(),
+                    };
+                    return Err(unavailable(format!("{key} has no replica that can serve: {why}")));
+                }
+                let plan = self.plan(key, &cfg, spec, tried);
+                if plan.is_empty() {
+                    errors.push(format!("no replica of {key} may serve at {}", spec.level));
+                }
+                for (node, requirement, min_lsn) in plan {
+                    let now = Instant::now();
+                    if now >= spec.deadline {
+                        break;
+                    }
+                    tried += 1;
+                    match self
+                        .attempt(key, node, &read, requirement, min_lsn, spec.deadline)
+                        .await
+                    {
+                        Ok(r) => return Ok(r),
+                        Err(e) => errors.push(format!("node {node}: {}", e.message)),
+                    }
+                }
+            } else {
+                errors.push(format!("{key} has no configuration on node {}", self.plane.me));
+            }
+            let left = spec.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // A failover in progress: wait for the next configuration (or a
+            // moment), then try again within the same request.
+            let _ = tokio::time::timeout(left.min(RETRY_PAUSE), rx.changed()).await;
+        }
+        errors.dedup();
+        let shown = errors.len().saturating_sub(6);
         Err(unavailable(format!(
-            "no in-sync replica of {key} answered ({})",
-            errors.join("; ")
+            "no replica of {key} served the read at {} in time ({})",
+            spec.level,
+            errors[shown..].join("; ")
         )))
     }
 
-    /// The order to try `candidates` (nodes of in-sync replicas of `key`)
-    /// in, from the collection's load balancer.
-    fn balance(&self, key: ShardRef, cfg: &edgevec_meta::ShardConfig, candidates: &[u64]) -> Vec<usize> {
+    /// The replicas to try for one read of `key`, in order, each with
+    /// its requirement and the session LSN it must have applied.
+    fn plan(
+        &self,
+        key: ShardRef,
+        cfg: &edgevec_meta::ShardConfig,
+        spec: &ReadSpec,
+        tried: u64,
+    ) -> Vec<(u64, ReadRequirement, u64)> {
         let state = self.plane.meta.state();
-        let sequence = {
-            let mut seqs = self.sequences.lock().expect("sequence lock");
-            let s = seqs.entry(key).or_insert(0);
-            *s += 1;
-            *s - 1
-        };
         let config = self.plane.policies.configuration();
         let zone_of = |node: u64| {
             state
@@ -386,36 +622,257 @@ impl Router {
                 .find(|n| n.id == node)
                 .and_then(|n| config.zone_id(&n.zone))
         };
-        let infos: Vec<ReplicaInfo> = candidates
+        let live: Vec<&edgevec_meta::ReplicaRecord> = cfg
+            .replicas
             .iter()
-            .map(|&node| {
-                let mut info = ReplicaInfo::new(node);
-                info.zone = zone_of(node);
-                info.primary = cfg.primary == Some(node);
-                info.state = PolicyState::InSync;
+            .filter(|r| matches!(r.state, ReplicaState::InSync | ReplicaState::CatchingUp))
+            .take(edgevec_policy::layout::MAX_REPLICAS)
+            .collect();
+        let infos: Vec<ReplicaInfo> = live
+            .iter()
+            .map(|r| {
+                let mut info = ReplicaInfo::new(r.node);
+                info.zone = zone_of(r.node);
+                info.primary = cfg.primary == Some(r.node);
+                info.state = match r.state {
+                    ReplicaState::InSync => PolicyState::InSync,
+                    _ => PolicyState::CatchingUp,
+                };
                 info.term = cfg.term;
-                info.applied = (0, 0);
-                info.report_age_ms = edgevec_policy::layout::NONE;
+                match self.applied.lock().expect("applied lock").get(&(key, r.node)) {
+                    Some((op, at)) => {
+                        info.applied = (op.term, op.lsn);
+                        info.report_age_ms = at.elapsed().as_millis() as u64;
+                    }
+                    None => {
+                        info.applied = (0, 0);
+                        info.report_age_ms = edgevec_policy::layout::NONE;
+                    }
+                }
                 self.nodes.describe(&mut info);
                 info
             })
             .collect();
+        for info in infos.iter().filter(|i| i.ejected) {
+            if self.nodes.claim_probe(info.node) {
+                self.probe(key, info.node);
+            }
+        }
+        let candidates: Vec<Candidate> = live
+            .iter()
+            .map(|r| Candidate {
+                primary: cfg.primary == Some(r.node),
+                in_sync: r.state == ReplicaState::InSync,
+                live: true,
+            })
+            .collect();
+        let token = spec.tokens.get(&key.shard).copied();
+        let client_zone = spec.zone.or_else(|| zone_of(self.plane.me));
+        let deadline_ms = spec.deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let request = edgevec_policy::ConsistencyRequestInfo {
+            collection: key.collection,
+            shard: key.shard,
+            client_zone,
+            level: spec.level.id(),
+            bound_ms: spec.level.bound_ms(),
+            session: token.map(|t| (t.term, t.lsn)),
+            deadline_ms,
+        }
+        .words();
+        let replica_words = replica_words(&infos);
+        let plugin = spec.level.plugin();
+        let admitted = match self
+            .plane
+            .policies
+            .requirements(plugin, &request, &replica_words, infos.len())
+        {
+            Ok((answer, bound)) => match levels::admit(&spec.level, &answer, bound, &candidates) {
+                Ok(a) => a,
+                Err(why) => {
+                    self.plane.policies.refused(plugin, &why);
+                    levels::strict(&spec.level, &candidates)
+                }
+            },
+            Err(_) => levels::strict(&spec.level, &candidates),
+        };
+        let chosen: Vec<usize> = (0..infos.len()).filter(|i| admitted[*i].is_some()).collect();
+        if chosen.is_empty() {
+            return Vec::new();
+        }
+        let sub: Vec<ReplicaInfo> = chosen.iter().map(|i| infos[*i].clone()).collect();
+        let order = self.balance(key, &sub, spec, client_zone, tried, deadline_ms);
+        let plan: Vec<(u64, ReadRequirement, u64, bool)> = order
+            .into_iter()
+            .map(|i| {
+                let (requirement, asked_session) = admitted[chosen[i]].expect("admitted");
+                let session = spec.level.enforces_session() || asked_session;
+                let min_lsn = if session { token.map_or(0, |t| t.lsn) } else { 0 };
+                (sub[i].node, requirement, min_lsn, sub[i].ejected)
+            })
+            .collect();
+        // In the plugin's order, except: replicas known (from the reads
+        // they served) not to have applied the session's op yet go after
+        // the others, and ejected nodes go last (panic mode: when every one
+        // is ejected they are still tried).
+        let behind = |node: u64, min_lsn: u64| {
+            min_lsn > 0
+                && self
+                    .applied
+                    .lock()
+                    .expect("applied lock")
+                    .get(&(key, node))
+                    .is_some_and(|(op, _)| op.lsn < min_lsn)
+        };
+        let tier = |(node, _, min_lsn, ejected): &(u64, ReadRequirement, u64, bool)| {
+            if *ejected {
+                2
+            } else if behind(*node, *min_lsn) {
+                1
+            } else {
+                0
+            }
+        };
+        let mut plan = plan;
+        plan.sort_by_key(tier);
+        plan.into_iter().map(|(n, r, l, _)| (n, r, l)).collect()
+    }
+
+    /// Probes an ejected node's replica of `key` in the background (its
+    /// serviceable state, as a read would find it) and readmits the node
+    /// when it answers.
+    fn probe(&self, key: ShardRef, node: u64) {
+        let (plane, nodes) = (self.plane.clone(), self.nodes.clone());
+        self.plane.tasks.spawn(async move {
+            let unix_now = crate::replication::reads::unix_ms();
+            let msg = ShardReadAt {
+                read: ShardRead::Status { shard: key },
+                requirement: ReadRequirement::None,
+                min_lsn: 0,
+                budget_ms: 0,
+                deadline_unix_ms: unix_now + ATTEMPT_MAX.as_millis() as u64,
+            };
+            let ok = matches!(
+                plane.call_peer(node, NodeOpV1::ShardReadAt(msg), ATTEMPT_MAX).await,
+                Ok(Ok(NodeReplyV1::ShardReadAt(_)))
+            );
+            tracing::debug!(node, shard = %key, ok, "readmission probe");
+            nodes.probed(node, ok);
+        });
+    }
+
+    /// One attempt of a read on one replica, with its own timeout.
+    async fn attempt(
+        &self,
+        key: ShardRef,
+        node: u64,
+        read: &ShardRead,
+        requirement: ReadRequirement,
+        min_lsn: u64,
+        deadline: Instant,
+    ) -> Result<(ShardReadReply, OpId), WireError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let waits = requirement != ReadRequirement::None || min_lsn > 0;
+        let wait = if waits {
+            REQUIREMENT_WAIT.min(left)
+        } else {
+            Duration::ZERO
+        };
+        let timeout = (wait + self.nodes.attempt_timeout(node)).min(left);
+        let unix_now = crate::replication::reads::unix_ms();
+        let msg = ShardReadAt {
+            read: read.clone(),
+            requirement,
+            min_lsn,
+            budget_ms: wait.as_millis() as u32,
+            deadline_unix_ms: unix_now + left.as_millis() as u64,
+        };
+        self.nodes.begin(node);
+        let started = Instant::now();
+        let result = if node == self.plane.me {
+            match tokio::time::timeout(timeout, self.plane.read_at(msg)).await {
+                Ok(r) => Ok(r),
+                Err(_) => Err(WireError::new(
+                    ErrorCode::Timeout,
+                    format!("this node's replica did not answer within {timeout:?}"),
+                )),
+            }
+        } else {
+            self.plane
+                .call_peer(node, NodeOpV1::ShardReadAt(msg), timeout)
+                .await
+                .map(|r| match r {
+                    Ok(NodeReplyV1::ShardReadAt(reply)) => Ok(reply),
+                    Ok(other) => Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!("node {node} answered a read with {other:?}"),
+                    )),
+                    Err(e) => Err(e),
+                })
+        };
+        let (outcome, answer) = match result {
+            Ok(Ok(reply)) => (Outcome::Served, Ok(reply)),
+            Ok(Err(refused)) => (Outcome::Refused, Err(refused)),
+            Err(failed) => (Outcome::Failed, Err(failed)),
+        };
+        self.nodes.end(node, started.elapsed(), outcome);
+        let reply = answer?;
+        *self.served.lock().expect("served lock").entry((key, node)).or_insert(0) += 1;
+        self.applied
+            .lock()
+            .expect("applied lock")
+            .insert((key, node), (reply.served, Instant::now()));
+        Ok((reply.reply, reply.served))
+    }
+
+    /// The order to try `infos` (admitted replicas of `key`) in, from the
+    /// collection's load balancer.
+    fn balance(
+        &self,
+        key: ShardRef,
+        infos: &[ReplicaInfo],
+        spec: &ReadSpec,
+        client_zone: Option<u32>,
+        tried: u64,
+        deadline_ms: u64,
+    ) -> Vec<usize> {
+        let state = self.plane.meta.state();
+        let sequence = {
+            let mut seqs = self.sequences.lock().expect("sequence lock");
+            let s = seqs.entry(key).or_insert(0);
+            *s += 1;
+            *s - 1
+        };
         let request = RequestInfo {
             collection: key.collection,
             shard: key.shard,
-            // The client reached this node: its zone is the client's.
-            client_zone: zone_of(self.plane.me),
-            level: edgevec_policy::layout::EVENTUALLY,
-            deadline_ms: READ_TIMEOUT.as_millis() as u64,
-            tried: 0,
+            client_zone,
+            level: spec.level.id(),
+            deadline_ms,
+            tried,
             sequence,
         };
         let lb = state.load_balancer_of(key.collection);
         let (order, _) = self
             .plane
             .policies
-            .order(lb, &request.words(), &replica_words(&infos), infos.len());
+            .order(lb, &request.words(), &replica_words(infos), infos.len());
         order
+    }
+
+    /// One replica's status report, from the first in-sync replica that
+    /// answers (for counts in `describe` and `list`).
+    async fn shard_report(&self, key: ShardRef) -> Option<ReplicaReport> {
+        let (cfg, _) = self.plane.config_of(key)?;
+        for node in cfg.in_sync() {
+            if let Ok(ShardReadReply::Status(r)) = self
+                .plane
+                .read_on(node, ShardRead::Status { shard: key }, STATUS_TIMEOUT)
+                .await
+            {
+                return Some(r);
+            }
+        }
+        None
     }
 
     /// The policy plugins of this node and their state.
@@ -544,7 +1001,8 @@ impl Router {
             .collect()
     }
 
-    /// Up to `k` hits per query over every shard of `name`.
+    /// Up to `k` hits per query over every shard of `name`, at the
+    /// default level.
     pub async fn search(
         &self,
         name: &str,
@@ -552,8 +1010,25 @@ impl Router {
         k: u32,
         with_payload: bool,
     ) -> Result<Vec<Vec<Hit>>, WireError> {
+        Ok(self
+            .search_at(name, queries, k, with_payload, ReadOptions::default())
+            .await?
+            .0)
+    }
+
+    /// Up to `k` hits per query over every shard of `name`, each shard read
+    /// as `opts` asks; with the op each shard was read at.
+    pub async fn search_at(
+        &self,
+        name: &str,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+        opts: ReadOptions,
+    ) -> Result<(Vec<Vec<Hit>>, Vec<SessionToken>), WireError> {
         let rec = self.collection(name)?;
         let queries = validate::search(&rec.spec, &queries, k).map_err(|e| e.to_wire())?;
+        let spec = self.read_spec(&rec, opts)?;
         let reads = (0..rec.spec.shards).map(|shard| {
             let key = ShardRef {
                 collection: rec.id,
@@ -565,11 +1040,15 @@ impl Router {
                 k,
                 with_payload,
             };
-            self.read_shard(key, req)
+            let spec = &spec;
+            async move { (key, self.read_shard_at(key, req, spec).await) }
         });
         let mut per_query: Vec<Vec<Vec<Hit>>> = vec![Vec::new(); queries.len()];
-        for reply in futures::future::join_all(reads).await {
-            match reply? {
+        let mut tokens = Vec::new();
+        for (key, reply) in futures::future::join_all(reads).await {
+            let (reply, served) = reply?;
+            tokens.push(token_of(key, served));
+            match reply {
                 ShardReadReply::Hits(lists) => {
                     for (q, hits) in lists.into_iter().enumerate().take(per_query.len()) {
                         per_query[q].push(hits);
@@ -583,27 +1062,50 @@ impl Router {
                 }
             }
         }
-        Ok(per_query
+        let hits = per_query
             .into_iter()
             .map(|lists| merge_hits(rec.spec.metric, k as usize, lists))
-            .collect())
+            .collect();
+        Ok((hits, tokens))
     }
 
-    /// The points found among `ids`, in request order.
+    /// The points found among `ids`, in request order, at the default
+    /// level.
     pub async fn get(&self, name: &str, ids: Vec<u64>) -> Result<Vec<PointRecord>, WireError> {
+        Ok(self.get_at(name, ids, ReadOptions::default()).await?.0)
+    }
+
+    /// The points found among `ids`, in request order, each shard read as
+    /// `opts` asks; with the op each shard was read at.
+    pub async fn get_at(
+        &self,
+        name: &str,
+        ids: Vec<u64>,
+        opts: ReadOptions,
+    ) -> Result<(Vec<PointRecord>, Vec<SessionToken>), WireError> {
         let rec = self.collection(name)?;
         validate::ids(&ids).map_err(|e| e.to_wire())?;
+        let spec = self.read_spec(&rec, opts)?;
         let groups = by_shard(ids.clone(), |id| *id, rec.spec.shards);
         let reads = groups.into_iter().map(|(shard, ids)| {
             let key = ShardRef {
                 collection: rec.id,
                 shard,
             };
-            self.read_shard(key, ShardRead::Get { shard: key, ids })
+            let spec = &spec;
+            async move {
+                (
+                    key,
+                    self.read_shard_at(key, ShardRead::Get { shard: key, ids }, spec).await,
+                )
+            }
         });
         let mut found: BTreeMap<u64, PointRecord> = BTreeMap::new();
-        for reply in futures::future::join_all(reads).await {
-            match reply? {
+        let mut tokens = Vec::new();
+        for (key, reply) in futures::future::join_all(reads).await {
+            let (reply, served) = reply?;
+            tokens.push(token_of(key, served));
+            match reply {
                 ShardReadReply::Points(points) => found.extend(points.into_iter().map(|p| (p.id, p))),
                 other => {
                     return Err(WireError::new(
@@ -613,7 +1115,7 @@ impl Router {
                 }
             }
         }
-        Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
+        Ok((ids.iter().filter_map(|id| found.remove(id)).collect(), tokens))
     }
 
     /// Counts of `name` from one in-sync replica of every shard.
@@ -631,19 +1133,14 @@ impl Router {
     /// A collection's counts; a shard no replica answers for counts 0.
     async fn info(&self, rec: &CollectionRecord) -> CollectionInfo {
         let reads = (0..rec.spec.shards).map(|shard| {
-            let key = ShardRef {
+            self.shard_report(ShardRef {
                 collection: rec.id,
                 shard,
-            };
-            self.read_shard(key, ShardRead::Status { shard: key })
+            })
         });
         let mut shards = Vec::new();
         let mut segments = Vec::new();
-        for (shard, reply) in futures::future::join_all(reads).await.into_iter().enumerate() {
-            let report = match reply {
-                Ok(ShardReadReply::Status(r)) => Some(r),
-                _ => None,
-            };
+        for (shard, report) in futures::future::join_all(reads).await.into_iter().enumerate() {
             shards.push(ShardInfo {
                 shard: shard as u32,
                 points: report.as_ref().map_or(0, |r| r.points),

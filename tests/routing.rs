@@ -1,0 +1,183 @@
+//! Read routing when a node dies or hangs: 8 clients search continuously
+//! at the default level on a 3-node cluster (replicas = 3) while one node
+//! is killed (kill -9) or paused (SIGSTOP). No search may fail, and every
+//! answer equals the brute-force one.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgevec_client::{CollectionSpec, Metric, Point, ReplicationSpec};
+
+const DIM: usize = 8;
+const ROWS: u64 = 300;
+const K: usize = 10;
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Kill,
+    Pause,
+}
+
+/// Sum of a metric's lines that carry every label in `labels`.
+fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The ids of the `K` nearest rows to `q` by L2, ties by id.
+fn brute_force(rows: &[(u64, Vec<f32>)], q: &[f32]) -> Vec<u64> {
+    let mut scored: Vec<(f32, u64)> = rows.iter().map(|(id, v)| (l2(v, q), *id)).collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().take(K).map(|(_, id)| id).collect()
+}
+
+/// Runs 8 searching clients (endpoints in `order`) for 2 s, applies
+/// `fault` to node `victim`, searches 6 s more; asserts no failed and no
+/// wrong search, and that the victim served reads before the fault.
+async fn searches_survive(fault: Fault, victim_is: impl Fn(&TestCluster, u64) -> u64, name: &str) {
+    let mut cluster = TestCluster::running(Layout::voters(3)).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new(name, DIM as u32, Metric::L2).with_shards(2),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .expect("create");
+    let rows: Vec<(u64, Vec<f32>)> = random_vectors(ROWS as usize, DIM, 5)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (i as u64, v))
+        .collect();
+    let writer = cluster.client(1, WRITER).await;
+    writer
+        .upsert(
+            name,
+            rows.iter()
+                .map(|(id, v)| Point {
+                    id: *id,
+                    vector: v.clone(),
+                    payload: None,
+                })
+                .collect(),
+        )
+        .await
+        .expect("write");
+    let leader = admin.cluster_status().await.expect("status").leader.expect("a leader");
+    let victim = victim_is(&cluster, leader);
+    // Clients reach the victim first when it is the leader (it is then
+    // the node they are connected to), else node 1.
+    let first = if victim == leader { victim } else { 1 };
+    let order: Vec<u64> = std::iter::once(first).chain((1..=3).filter(|n| *n != first)).collect();
+    let queries = Arc::new(random_vectors(16, DIM, 77));
+    let expected: Arc<Vec<Vec<u64>>> = Arc::new(queries.iter().map(|q| brute_force(&rows, q)).collect());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    // When each answer came, and how long it took.
+    let answered = Arc::new(std::sync::Mutex::new(Vec::<(Instant, Duration)>::new()));
+    let mut searchers = Vec::new();
+    for c in 0..8usize {
+        let client = cluster.client_of(&order, READER).await;
+        let (stop, ok, queries, expected) = (stop.clone(), ok.clone(), queries.clone(), expected.clone());
+        let answered = answered.clone();
+        let name = name.to_string();
+        searchers.push(tokio::spawn(async move {
+            let mut problems = Vec::new();
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let q = i % queries.len();
+                i += 1;
+                let started = Instant::now();
+                match client
+                    .search_batch(&name, vec![queries[q].clone()], K as u32, false)
+                    .await
+                {
+                    Ok(mut hits) => {
+                        let ids: Vec<u64> = hits.pop().unwrap_or_default().iter().map(|h| h.id).collect();
+                        if ids != expected[q] {
+                            problems.push(format!("query {q}: got {ids:?}, brute force {:?}", expected[q]));
+                        } else {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            answered.lock().unwrap().push((Instant::now(), started.elapsed()));
+                        }
+                    }
+                    Err(e) => problems.push(format!("search failed after {:?}: {e}", started.elapsed())),
+                }
+            }
+            client.close().await;
+            problems
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let served_before: f64 = (1..=3)
+        .map(|n| {
+            let (_, m) = cluster.http_get(n, "/metrics");
+            metric_sum(&m, "edgevec_replica_reads", &[&format!("node=\"{victim}\"")])
+        })
+        .sum();
+    let before = ok.load(Ordering::Relaxed);
+    match fault {
+        Fault::Kill => cluster.kill9(victim),
+        Fault::Pause => cluster.pause(victim),
+    }
+    let faulted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut problems = Vec::new();
+    for s in searchers {
+        problems.extend(s.await.expect("searcher"));
+    }
+    let after = ok.load(Ordering::Relaxed) - before;
+    // Answers per half second from the fault on, and the slowest one.
+    let answered = answered.lock().unwrap().clone();
+    let mut per_half = [0u32; 13];
+    let mut slowest = Duration::ZERO;
+    for (at, took) in &answered {
+        if *at >= faulted {
+            per_half[((*at - faulted).as_millis() / 500).min(12) as usize] += 1;
+            slowest = slowest.max(*took);
+        }
+    }
+    println!("{fault:?} of node {victim}: answers per 500 ms after it {per_half:?}; slowest {slowest:?}");
+    if let Fault::Pause = fault {
+        cluster.resume(victim);
+    }
+    if !problems.is_empty() {
+        let shown: Vec<&String> = problems.iter().take(10).collect();
+        cluster.fail(format!(
+            "{fault:?} of node {victim} ({:?} ago): {} failed or wrong searches, e.g. {shown:#?}",
+            faulted.elapsed(),
+            problems.len()
+        ));
+    }
+    assert!(served_before > 0.0, "node {victim} served no read before the {fault:?}");
+    assert!(after > 50, "only {after} searches answered after the {fault:?}");
+}
+
+/// kill -9 of a node that holds a replica of every shard (not the one the
+/// clients are connected to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_fails_no_search() {
+    searches_survive(Fault::Kill, |_, leader| if leader == 3 { 2 } else { 3 }, "killed").await;
+}
+
+/// kill -9 of the metadata leader, which is also the node the clients are
+/// connected to and holds a replica (often the primary) of every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_clients_node_and_metadata_leader_fails_no_search() {
+    searches_survive(Fault::Kill, |_, leader| leader, "leader").await;
+}
+
+/// SIGSTOP of a replica's node: silent, its connections open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_replica_fails_no_search() {
+    searches_survive(Fault::Pause, |_, leader| if leader == 3 { 2 } else { 3 }, "paused").await;
+}
