@@ -9,38 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use edgevec_client::{CollectionSpec, Metric, ReplicationSpec};
 
-const SHIPPED: [&str; 9] = [
-    "round-robin",
-    "least-connections",
-    "random",
-    "p2c-ewma",
-    "zone-aware",
-    "strong",
-    "bounded",
-    "session",
-    "eventually",
-];
-
-/// Waits until node `id` reports every shipped plugin loaded; returns its
-/// /metrics then.
-async fn wait_loaded(cluster: &TestCluster, id: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, m) = cluster.http_get(id, "/metrics");
-        let loaded = SHIPPED
-            .iter()
-            .filter(|p| metric(&m, "edgevec_plugin_version", &[&format!("plugin=\"{p}\"")]) == Some(1.0))
-            .count();
-        if loaded == SHIPPED.len() {
-            return m;
-        }
-        if Instant::now() > deadline {
-            cluster.fail(format!("node {id} loaded {loaded} of the 9 shipped plugins:\n{m}"));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A 3-node cluster with every shipped plugin loaded on every node, and a
 /// one-shard collection `name` with 3 replicas and 100 points of 8-d;
 /// returns the cluster and an admin client.
@@ -57,7 +25,7 @@ async fn cluster_with(name: &str) -> (TestCluster, edgevec_client::Client) {
     let writer = cluster.client(1, WRITER).await;
     upsert_random(&writer, name, 100, 8, 3).await;
     for id in 1..=3 {
-        wait_loaded(&cluster, id).await;
+        wait_plugins_loaded(&cluster, id).await;
     }
     (cluster, admin)
 }
@@ -77,7 +45,7 @@ async fn round_robin_spreads_reads_over_every_replica() {
     upsert_random(&writer, "spread", 200, 8, 5).await;
     // The nine shipped plugins load in the background on every node.
     for id in 1..=3 {
-        wait_loaded(&cluster, id).await;
+        wait_plugins_loaded(&cluster, id).await;
     }
     let reader = cluster.client(2, READER).await;
     let (_, before) = cluster.http_get(2, "/metrics");
@@ -127,7 +95,7 @@ async fn round_robin_spreads_reads_over_every_replica() {
 async fn a_restarted_node_loads_plugins_from_its_cache() {
     let mut cluster = TestCluster::running(Layout::voters(3)).await;
     let compiled = |m: &str, p: &str| metric(m, "edgevec_plugin_from_cache", &[&format!("plugin=\"{p}\"")]);
-    let m = wait_loaded(&cluster, 1).await;
+    let m = wait_plugins_loaded(&cluster, 1).await;
     for p in SHIPPED {
         assert_eq!(compiled(&m, p), Some(0.0), "{p} was compiled at first start:\n{m}");
     }
@@ -158,7 +126,7 @@ async fn a_restarted_node_loads_plugins_from_its_cache() {
     cluster.start(1);
     // Answering clients first (the admin listener is up by then).
     cluster.client(1, READER).await;
-    let m = wait_loaded(&cluster, 1).await;
+    let m = wait_plugins_loaded(&cluster, 1).await;
     let from_cache = SHIPPED.iter().filter(|p| compiled(&m, p) == Some(1.0)).count();
     assert_eq!(
         from_cache, 8,
@@ -183,7 +151,7 @@ async fn plugin_list_shows_every_shipped_plugin_on_every_node() {
         .await
         .expect("create");
     for id in 1..=3 {
-        wait_loaded(&cluster, id).await;
+        wait_plugins_loaded(&cluster, id).await;
     }
     let (ok, out, err) = cluster.cli(&["plugin", "list", "--json"]);
     assert!(ok, "plugin list failed: {err}");
@@ -588,7 +556,7 @@ async fn hot_swap_of_the_active_load_balancer_loses_no_search() {
 async fn a_node_down_during_a_deploy_fetches_it_when_back() {
     let mut cluster = TestCluster::running(Layout::voters(3)).await;
     for id in 1..=3 {
-        wait_loaded(&cluster, id).await;
+        wait_plugins_loaded(&cluster, id).await;
     }
     cluster.stop(3);
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/builtin-plugins/random.wasm");

@@ -83,6 +83,8 @@ struct PluginGauges {
     disabled: Family<PluginLabels, Gauge>,
     fallbacks: Family<FallbackLabels, Gauge>,
     reads: Family<ReadLabels, Gauge>,
+    retries: Gauge,
+    retries_refused: Gauge,
 }
 
 impl PluginGauges {
@@ -123,6 +125,16 @@ impl PluginGauges {
             "Reads this node routed to each replica, by collection id, shard and node",
             self.reads.clone(),
         );
+        registry.register(
+            "read_retries",
+            "Reads this node sent on to the next replica at once after one failed",
+            self.retries.clone(),
+        );
+        registry.register(
+            "read_retries_refused",
+            "Immediate re-sends the retry budget refused (the read waited for its next round)",
+            self.retries_refused.clone(),
+        );
     }
 
     fn refresh(&self, plane: &DataPlane, router: &crate::router::Router) {
@@ -154,6 +166,9 @@ impl PluginGauges {
                     .set(n as i64);
             }
         }
+        let (retries, refused) = router.retries();
+        self.retries.set(retries as i64);
+        self.retries_refused.set(refused as i64);
         for ((key, node), n) in router.served() {
             self.reads
                 .get_or_create(&ReadLabels {

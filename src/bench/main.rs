@@ -30,6 +30,10 @@
 //! load balancer deciding through WebAssembly against its native build,
 //! alternated `--trials` times in one run.
 //!
+//! With `--mode reads` it measures the read router on a 3-node cluster:
+//! QPS and latency per consistency level, and failed searches and p99
+//! while a replica's node is killed and while one is paused.
+//!
 //! `cargo run --release --bin bench -- --help`
 
 use std::fs::OpenOptions;
@@ -47,6 +51,7 @@ use edgevec_engine::{search_replicas, Engine, EngineOptions, ShardReplica};
 use rand::{Rng, SeedableRng};
 
 mod plugins;
+mod reads;
 mod replication;
 mod usage;
 
@@ -423,7 +428,8 @@ async fn main() -> Result<()> {
             }
             r
         }
-        other => bail!("unknown --mode {other:?}: use search, meta, replication, plugins or plugins-e2e"),
+        "reads" => reads::run(&args, &dir).await,
+        other => bail!("unknown --mode {other:?}: use search, meta, replication, plugins, plugins-e2e or reads"),
     }
 }
 

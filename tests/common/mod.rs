@@ -892,9 +892,51 @@ pub fn brute_top_k<'a>(points: impl IntoIterator<Item = (u64, &'a [f32])>, q: &[
 
 /// The value of metric `name` on the first line of `text` (Prometheus
 /// text format) that carries every one of `labels`.
+/// Sum of a metric's lines that carry every label in `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .find(|l| labels.iter().all(|x| l.contains(x)))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The plugins every node ships.
+pub const SHIPPED: [&str; 9] = [
+    "round-robin",
+    "least-connections",
+    "random",
+    "p2c-ewma",
+    "zone-aware",
+    "strong",
+    "bounded",
+    "session",
+    "eventually",
+];
+
+/// Waits until node `id` reports every shipped plugin loaded; returns its
+/// /metrics then.
+pub async fn wait_plugins_loaded(cluster: &TestCluster, id: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, m) = cluster.http_get(id, "/metrics");
+        let loaded = SHIPPED
+            .iter()
+            .filter(|p| metric(&m, "edgevec_plugin_version", &[&format!("plugin=\"{p}\"")]) == Some(1.0))
+            .count();
+        if loaded == SHIPPED.len() {
+            return m;
+        }
+        if Instant::now() > deadline {
+            cluster.fail(format!("node {id} loaded {loaded} of the 9 shipped plugins:\n{m}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

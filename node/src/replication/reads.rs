@@ -126,8 +126,9 @@ impl DataPlane {
                 let lsn = self.safe_point(&local, not_before, deadline).await?;
                 self.wait_for_lsn(&local, lsn, deadline, "its primary's recent commit point")
                     .await?;
-                // Ask again ahead of time, so steady reads never wait.
-                if local.rounds.age().is_some_and(|a| a.as_millis() as u64 > ms / 2) {
+                // Ask again ahead of time, so steady reads never wait and
+                // the bound outlives a short failover of the primary.
+                if local.rounds.age().is_some_and(|a| a.as_millis() as u64 > ms / 4) {
                     if let Some(this) = self.this.upgrade() {
                         let local = local.clone();
                         self.tasks.spawn(async move {

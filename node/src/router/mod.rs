@@ -70,6 +70,67 @@ const ATTEMPT_MAX: Duration = Duration::from_secs(3);
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Most session tokens a read may carry.
 const MAX_TOKENS: usize = 4096;
+/// Retry budget: each shard read adds this much to it...
+const RETRY_RATIO: f64 = 0.2;
+/// ...it refills at this many retries per second besides...
+const RETRY_MIN_PER_SEC: f64 = 10.0;
+/// ...and holds at most this many.
+const RETRY_BURST: f64 = 50.0;
+
+/// How many immediate re-sends of reads (to the next replica after one
+/// failed) this node may make: a share of the reads plus a few per second
+/// (Finagle's retry budget). Without budget the next attempt waits for the
+/// next planning round (100 ms, or a metadata change) instead: a sick
+/// cluster sees paced retries, not a storm.
+#[derive(Debug)]
+struct RetryBudget {
+    state: Mutex<(f64, Instant)>,
+    per_sec: f64,
+    retries: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self::with_rate(RETRY_MIN_PER_SEC)
+    }
+}
+
+impl RetryBudget {
+    fn with_rate(per_sec: f64) -> Self {
+        RetryBudget {
+            state: Mutex::new((RETRY_BURST, Instant::now())),
+            per_sec,
+            retries: Default::default(),
+            refused: Default::default(),
+        }
+    }
+
+    fn refill(&self, state: &mut (f64, Instant)) {
+        let now = Instant::now();
+        state.0 = (state.0 + now.duration_since(state.1).as_secs_f64() * self.per_sec).min(RETRY_BURST);
+        state.1 = now;
+    }
+
+    fn deposit(&self) {
+        let mut st = self.state.lock().expect("budget lock");
+        self.refill(&mut st);
+        st.0 = (st.0 + RETRY_RATIO).min(RETRY_BURST);
+    }
+
+    fn withdraw(&self) -> bool {
+        let mut st = self.state.lock().expect("budget lock");
+        self.refill(&mut st);
+        let ok = st.0 >= 1.0;
+        if ok {
+            st.0 -= 1.0;
+            self.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        ok
+    }
+}
 /// The window of [`NodeStats`]' error count.
 const ERROR_WINDOW: Duration = Duration::from_secs(10);
 
@@ -215,6 +276,7 @@ pub struct Router {
     /// The op each replica last served a read at, and when: the plugins'
     /// "applied op id" and "age of that report".
     applied: Mutex<HashMap<(ShardRef, u64), (OpId, Instant)>>,
+    retry_budget: RetryBudget,
 }
 
 /// How one read is to be served: its level, the client's token for each
@@ -277,6 +339,7 @@ impl Router {
             nodes: Arc::default(),
             served: Mutex::new(BTreeMap::new()),
             applied: Mutex::new(HashMap::new()),
+            retry_budget: RetryBudget::default(),
         }
     }
 
@@ -571,9 +634,16 @@ impl Router {
                 if plan.is_empty() {
                     errors.push(format!("no replica of {key} may serve at {}", spec.level));
                 }
-                for (node, requirement, min_lsn) in plan {
+                self.retry_budget.deposit();
+                for (i, (node, requirement, min_lsn)) in plan.into_iter().enumerate() {
                     let now = Instant::now();
                     if now >= spec.deadline {
+                        break;
+                    }
+                    // The first attempt of each planning round is paced by
+                    // the round; the ones after it spend the budget.
+                    if i > 0 && !self.retry_budget.withdraw() {
+                        errors.push("retry budget spent; waiting for the next round".into());
                         break;
                     }
                     tried += 1;
@@ -991,6 +1061,15 @@ impl Router {
         out.into_values().collect()
     }
 
+    /// Immediate re-sends of reads made, and refused for want of budget.
+    pub fn retries(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.retry_budget.retries.load(Relaxed),
+            self.retry_budget.refused.load(Relaxed),
+        )
+    }
+
     /// Reads served so far through this node, by (shard, node).
     pub fn served(&self) -> Vec<((ShardRef, u64), u64)> {
         self.served
@@ -1336,6 +1415,23 @@ mod tests {
             ids(merge_hits(Metric::L2, 2, [vec![hit(9, 1.0)], vec![hit(5, 1.0)]])),
             vec![5, 9]
         );
+    }
+
+    #[test]
+    fn the_retry_budget_is_a_share_of_the_reads() {
+        let b = RetryBudget::with_rate(0.0);
+        for _ in 0..RETRY_BURST as usize {
+            assert!(b.withdraw());
+        }
+        assert!(!b.withdraw(), "the burst is spent");
+        // Five reads earn one retry.
+        for _ in 0..5 {
+            b.deposit();
+        }
+        assert!(b.withdraw());
+        assert!(!b.withdraw());
+        assert_eq!(b.retries.load(std::sync::atomic::Ordering::Relaxed), 51);
+        assert_eq!(b.refused.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -1,0 +1,201 @@
+//! `--mode reads`: search through the read router on a 3-node cluster
+//! (replicas = 3): QPS and latency per consistency level, then failed
+//! searches and p99 while a replica's node is killed (kill -9) and while
+//! one is paused (SIGSTOP), against the steady state just before.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, Point, ReplicationSpec};
+
+use super::{quantile, Args, Cluster};
+
+/// Searches of one continuous load: when each ended, how long it took,
+/// and whether it failed.
+type Samples = Arc<Mutex<Vec<(Instant, Duration, bool)>>>;
+
+async fn client_at(cluster: &Cluster, first: u64, level: Option<&str>) -> Result<Client> {
+    let mut order: Vec<_> = vec![cluster.addr(first)];
+    order.extend(cluster.ids().filter(|id| *id != first).map(|id| cluster.addr(id)));
+    let mut config = ClientConfig::new(order, cluster.ca.clone(), "bench-admin-token");
+    config.connect_timeout = Duration::from_millis(500);
+    config.consistency = level.map(str::to_string);
+    Client::connect(config).await.context("connecting a client")
+}
+
+/// `clients` search continuously (one query after another each) until
+/// `stop`; every search is recorded.
+fn keep_searching(clients: &[Client], queries: &Arc<Vec<Vec<f32>>>, k: u32, stop: &Arc<AtomicBool>) -> Samples {
+    let samples: Samples = Arc::default();
+    for (w, client) in clients.iter().enumerate() {
+        let (client, queries, stop, samples) = (client.clone(), queries.clone(), stop.clone(), samples.clone());
+        tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                let q = queries[i % queries.len()].clone();
+                i += 1;
+                let t = Instant::now();
+                let failed = client.search_batch("bench", vec![q], k, false).await.is_err();
+                samples
+                    .lock()
+                    .expect("samples")
+                    .push((Instant::now(), t.elapsed(), failed));
+            }
+        });
+    }
+    samples
+}
+
+/// (searches, failed, p50 ms, p99 ms) of the searches that ended in
+/// `[from, to)`.
+fn window(samples: &Samples, from: Instant, to: Instant) -> (usize, usize, f64, f64) {
+    let all = samples.lock().expect("samples");
+    let mut lat: Vec<Duration> = Vec::new();
+    let mut failed = 0;
+    for (at, took, f) in all.iter().filter(|(at, _, _)| *at >= from && *at < to) {
+        let _ = at;
+        if *f {
+            failed += 1;
+        } else {
+            lat.push(*took);
+        }
+    }
+    lat.sort();
+    if lat.is_empty() {
+        return (failed, failed, f64::NAN, f64::NAN);
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (
+        lat.len() + failed,
+        failed,
+        ms(quantile(&lat, 0.5)),
+        ms(quantile(&lat, 0.99)),
+    )
+}
+
+pub async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
+    let started = Instant::now();
+    let load_before = super::usage::load_average();
+    let mut cluster = Cluster::start(dir, 3, super::replication::TIMINGS)?;
+    let admin = super::connect_any(&cluster.addrs, &cluster.ca).await?;
+    super::replication::wait_all_up(&admin, 3).await?;
+    let spec = CollectionSpec::new("bench", args.dim as u32, Metric::L2)
+        .with_shards(args.shards)
+        .with_seal_rows(args.seal_rows(20_000));
+    admin
+        .create_replicated(spec, ReplicationSpec::new(3))
+        .await
+        .context("creating the bench collection")?;
+    let vectors = super::vectors(args.n, args.dim, 1);
+    for (b, chunk) in vectors.chunks(1000).enumerate() {
+        let points = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Point {
+                id: (b * 1000 + i) as u64,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect();
+        admin.upsert("bench", points).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let queries = Arc::new(super::vectors(args.queries, args.dim, 2));
+    println!("### Reads per consistency level, and while a replica dies\n");
+    println!(
+        "Command: `bench --mode reads --n {} --dim {} --shards {} --concurrency {} --queries {}`\n",
+        args.n, args.dim, args.shards, args.concurrency, args.queries
+    );
+    println!(
+        "Machine: {}; load average {load_before} at the start\n",
+        super::usage::machine_line()
+    );
+    println!("| level | QPS | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---:|");
+    for level in ["eventually", "session", "bounded:5000", "bounded:100", "strong"] {
+        let mut clients = Vec::new();
+        for i in 0..args.concurrency {
+            clients.push(client_at(&cluster, 1 + (i as u64 % 3), Some(level)).await?);
+        }
+        let s = super::quic_search(&clients, &queries, args.k).await?;
+        println!("| `{level}` | {:.0} | {:.2} | {:.2} |", s.qps, s.p50_ms, s.p99_ms);
+        for c in clients {
+            c.close().await;
+        }
+    }
+
+    // Faults under continuous load at the default level; the clients reach
+    // node 1 first, the victim is node 3 (a replica of every shard).
+    println!("\n| fault on node 3 | searches in 5 s before | p99 ms before | searches in 5 s after | failed | p99 ms after | p99 after / before |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for fault in ["kill -9", "SIGSTOP"] {
+        let mut clients = Vec::new();
+        for _ in 0..args.concurrency {
+            clients.push(client_at(&cluster, 1, None).await?);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = keep_searching(&clients, &queries, args.k, &stop);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let at = Instant::now();
+        match fault {
+            "kill -9" => cluster.kill9(3)?,
+            _ => {
+                let pid = cluster.pid(3).context("node 3 is not running")?;
+                // SAFETY: kill(2) with a pid this bench started.
+                unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (n0, f0, _, p99_0) = window(&samples, at - Duration::from_secs(5), at);
+        let (n1, f1, _, p99_1) = window(&samples, at, at + Duration::from_secs(5));
+        println!(
+            "| {fault} | {n0} ({f0} failed) | {p99_0:.2} | {n1} | {f1} | {p99_1:.2} | {:.1} |",
+            p99_1 / p99_0
+        );
+        for c in clients {
+            c.close().await;
+        }
+        // Back to three live replicas before the next fault.
+        match fault {
+            "kill -9" => cluster.spawn(3)?,
+            _ => {
+                let pid = cluster.pid(3).context("node 3 is not running")?;
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            }
+        }
+        wait_in_sync(&admin).await?;
+    }
+    println!(
+        "\n{} s in all; load average {} at the end.",
+        started.elapsed().as_secs(),
+        super::usage::load_average()
+    );
+    Ok(())
+}
+
+/// Waits (120 s at most) until every shard of the bench collection has
+/// three in-sync replicas again.
+async fn wait_in_sync(admin: &Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(all) = admin.shards(Some("bench")).await {
+            let ok = all.iter().all(|c| {
+                c.shards
+                    .iter()
+                    .all(|s| s.replicas.iter().filter(|r| r.state == "in-sync").count() == 3)
+            });
+            if ok {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the bench collection did not get three in-sync replicas back within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,177 @@
+//! Load balancers in a running cluster, told apart by a slow node (the
+//! read-delay fault hook on node 3), and hot swaps of the policies that
+//! decide reads while searches run.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgevec_client::{ClientConfig, CollectionSpec, Metric, ReplicationSpec};
+
+/// Reads node `via` routed to each node, by node (1..=3).
+fn routed(cluster: &TestCluster, via: u64) -> [f64; 3] {
+    let (_, m) = cluster.http_get(via, "/metrics");
+    [1, 2, 3].map(|n| metric_sum(&m, "edgevec_replica_reads", &[&format!("node=\"{n}\"")]))
+}
+
+/// `clients` × `each` searches through node 1, concurrently; returns the
+/// reads node 1 routed to each node meanwhile.
+async fn spread(cluster: &TestCluster, config: &ClientConfig, clients: usize, each: usize) -> [f64; 3] {
+    let before = routed(cluster, 1);
+    let q = random_vectors(1, 8, 9).remove(0);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let client = edgevec_client::Client::connect(config.clone()).await.expect("connect");
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..each {
+                client.search("lb", &q, 5).await.expect("search");
+            }
+            client.close().await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("searcher");
+    }
+    let after = routed(cluster, 1);
+    [0, 1, 2].map(|i| after[i] - before[i])
+}
+
+/// With node 3 answering reads 40 ms late: round-robin still gives each
+/// replica exactly a third; random gives the slow one its share too;
+/// least-connections and p2c-ewma send it clearly less; zone-aware keeps
+/// a zone-2 client on node 2 and spills to the others when node 2 is
+/// paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_load_balancer_spreads_reads_as_its_name_says() {
+    let mut cluster = TestCluster::with_layout(Layout::voters(3));
+    cluster.set_env(3, "EDGEVEC_FAULT_READ_DELAY_MS", "40");
+    for id in 1..=3 {
+        cluster.start(id);
+    }
+    cluster
+        .wait_view(1, Duration::from_secs(30), "all nodes up", |v| all_nodes_up(v, 3))
+        .await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new("lb", 8, Metric::L2).with_shards(1),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .expect("create");
+    upsert_random(&cluster.client(1, WRITER).await, "lb", 200, 8, 3).await;
+    for id in 1..=3 {
+        wait_plugins_loaded(&cluster, id).await;
+    }
+    let mut config = ClientConfig::new(vec![cluster.addr(1)], cluster.ca_pem(), READER);
+    config.consistency = Some("eventually".into());
+    let share = |s: [f64; 3]| {
+        let total: f64 = s.iter().sum();
+        s.map(|x| x / total)
+    };
+    for lb in ["round-robin", "random", "least-connections", "p2c-ewma"] {
+        admin.set_load_balancer("lb", lb).await.expect("set lb");
+        // Node 1 applies the change with the metadata: a short pause, then
+        // a few reads that warm the latency estimates.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        spread(&cluster, &config, 2, 10).await;
+        let s = spread(&cluster, &config, 8, 30).await;
+        let f = share(s);
+        println!("{lb}: reads per node {s:?}, shares {f:.2?}");
+        match lb {
+            "round-robin" => assert_eq!(s, [80.0, 80.0, 80.0], "round-robin is exact"),
+            "random" => assert!(f.iter().all(|x| *x > 0.15), "random avoided a node: {f:?}"),
+            "least-connections" => assert!(f[2] < 0.25, "least-connections kept sending to the slow node: {f:?}"),
+            "p2c-ewma" => assert!(f[2] < 0.2, "p2c-ewma kept sending to the slow node: {f:?}"),
+            _ => unreachable!(),
+        }
+    }
+
+    admin.set_load_balancer("lb", "zone-aware").await.expect("set lb");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut zoned = config.clone();
+    zoned.zone = Some("zone-2".into());
+    let s = spread(&cluster, &zoned, 4, 20).await;
+    assert_eq!(s, [0.0, 80.0, 0.0], "zone-aware keeps a zone-2 client on node 2");
+    // Node 2 silent: the zone's only replica is ejected and reads spill.
+    cluster.pause(2);
+    let s = spread(&cluster, &zoned, 4, 20).await;
+    cluster.resume(2);
+    assert_eq!(
+        s[0] + s[2],
+        80.0,
+        "with node 2 paused every read spilled to nodes 1 and 3: {s:?}"
+    );
+}
+
+/// New versions of the collection's load balancer and of the default
+/// level's consistency plugin, deployed while 8 clients search through
+/// every node: no search fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swaps_of_the_read_policies_fail_no_search() {
+    let cluster = TestCluster::running(Layout::voters(3)).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new("lb", 8, Metric::L2).with_shards(2),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .expect("create");
+    upsert_random(&cluster.client(1, WRITER).await, "lb", 200, 8, 3).await;
+    for id in 1..=3 {
+        wait_plugins_loaded(&cluster, id).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut searchers = Vec::new();
+    for c in 0..8u64 {
+        let client = cluster.client(1 + c % 3, READER).await;
+        let (stop, ok) = (stop.clone(), ok.clone());
+        searchers.push(tokio::spawn(async move {
+            let q = random_vectors(1, 8, c).remove(0);
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.search("lb", &q, 5).await {
+                    Ok(_) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            failed
+        }));
+    }
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/builtin-plugins");
+    for (name, param) in [("round-robin", "swap=1"), ("bounded", "bound_ms=4000")] {
+        let file = shipped.join(format!("{name}.wasm")).display().to_string();
+        let (done, out, err) = cluster.cli(&["plugin", "deploy", name, &file, "--param", param]);
+        assert!(done, "{out} {err}");
+        // Every node runs version 2 within 30 s.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = admin.list_plugins().await.expect("list");
+            let p = list.iter().find(|p| p.name == name).expect("listed");
+            if p.nodes.iter().all(|n| n.state == "loaded" && n.version == 2) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} version 2 not loaded everywhere: {p:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failed = Vec::new();
+    for s in searchers {
+        failed.extend(s.await.expect("searcher"));
+    }
+    assert!(failed.is_empty(), "searches failed during the swaps: {failed:?}");
+    assert!(ok.load(Ordering::Relaxed) > 100, "too few searches ran");
+}
