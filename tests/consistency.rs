@@ -185,3 +185,128 @@ async fn bad_levels_are_refused_with_the_reason() {
         assert!(ok, "{level}: {out} {err}");
     }
 }
+
+/// `strong` and `session` across a failover: the primary's node is paused
+/// (SIGSTOP) while a writer writes continuously and readers read at
+/// `strong` and at `session` (with the writer's tokens) through the other
+/// nodes; it is resumed after a new primary took over. Every strong read
+/// sees every write acknowledged before it began, and every session read
+/// sees the session's writes, before, during and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strong_and_session_hold_across_a_paused_primary_failover() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let cluster = TestCluster::running(Layout::voters(3)).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new("f", DIM as u32, Metric::L2).with_shards(1),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .expect("create");
+    let shards = admin.shards(Some("f")).await.expect("shards");
+    let primary = shards[0].shards[0].primary.expect("a primary");
+    let others: Vec<u64> = (1..=3).filter(|n| *n != primary).collect();
+    let writer = cluster.client_of(&others, WRITER).await;
+    let strong = cluster.client_of(&[others[1], others[0]], READER).await;
+    let session = cluster.client_of(&[others[1], others[0]], READER).await;
+    let observer = cluster.client_of(&others, READER).await;
+
+    // (id, acked) of every acknowledged write; one clock for all.
+    let acked: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = {
+        let (writer, acked, stop) = (writer.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut id = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                let point = Point {
+                    id,
+                    vector: vector_of(id, DIM),
+                    payload: None,
+                };
+                // A write that fails during the failover is not acked; the
+                // next one uses a new id.
+                if writer.upsert("f", vec![point]).await.is_ok() {
+                    acked.lock().unwrap().push((id, Instant::now()));
+                }
+                id += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let reading = {
+        let (strong, session, writer, acked, stop) = (
+            strong.clone(),
+            session.clone(),
+            writer.clone(),
+            acked.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut problems = Vec::new();
+            let mut reads = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let began = Instant::now();
+                // The last 20 writes acknowledged before the read began.
+                let want: Vec<u64> = {
+                    let a = acked.lock().unwrap();
+                    a.iter()
+                        .rev()
+                        .filter(|(_, t)| *t < began)
+                        .take(20)
+                        .map(|(id, _)| *id)
+                        .collect()
+                };
+                if want.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                match strong.get_with("f", &want, &opts("strong")).await {
+                    Ok(got) if got.len() == want.len() => reads += 1,
+                    Ok(got) => problems.push(format!(
+                        "strong read missed {:?}",
+                        want.iter()
+                            .filter(|id| !got.iter().any(|p| p.id == **id))
+                            .collect::<Vec<_>>()
+                    )),
+                    Err(e) => problems.push(format!("strong read failed: {e}")),
+                }
+                session.merge_session("f", &writer.session_tokens("f"));
+                match session.get_with("f", &want, &opts("session")).await {
+                    Ok(got) if got.len() == want.len() => reads += 1,
+                    Ok(got) => problems.push(format!(
+                        "session read missed {:?}",
+                        want.iter()
+                            .filter(|id| !got.iter().any(|p| p.id == **id))
+                            .collect::<Vec<_>>()
+                    )),
+                    Err(e) => problems.push(format!("session read failed: {e}")),
+                }
+            }
+            (reads, problems)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.pause(primary);
+    // Until another node is the shard's primary, then a little longer.
+    cluster
+        .wait_shards(&observer, "f", Duration::from_secs(30), "a new primary", |c| {
+            c.shards[0].primary.is_some_and(|p| p != primary)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.resume(primary);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    writing.await.expect("writer");
+    let (reads, problems) = reading.await.expect("reader");
+    if !problems.is_empty() {
+        cluster.fail(format!("{} bad reads of {reads}: {problems:#?}", problems.len()));
+    }
+    assert!(reads > 20, "only {reads} reads were checked");
+    let written = acked.lock().unwrap().len();
+    assert!(written > 50, "only {written} writes were acknowledged");
+}
