@@ -175,3 +175,61 @@ async fn hot_swaps_of_the_read_policies_fail_no_search() {
     assert!(failed.is_empty(), "searches failed during the swaps: {failed:?}");
     assert!(ok.load(Ordering::Relaxed) > 100, "too few searches ran");
 }
+
+/// With hedging on (`load NAME --hedge on`), a read whose first replica
+/// does not answer within its usual time also goes to the next one: with
+/// one replica's node paused, searches keep answering and node 1 reports
+/// hedged reads. Off by default: no hedge before it is turned on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_reads_go_around_a_paused_replica() {
+    let cluster = TestCluster::running(Layout::voters(3)).await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new("lb", 8, Metric::L2).with_shards(1),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .expect("create");
+    upsert_random(&cluster.client(1, WRITER).await, "lb", 200, 8, 3).await;
+    let mut config = ClientConfig::new(vec![cluster.addr(1)], cluster.ca_pem(), READER);
+    config.consistency = Some("eventually".into());
+    let hedges = || {
+        let (_, m) = cluster.http_get(1, "/metrics");
+        metric(&m, "edgevec_read_hedges", &[]).unwrap_or(0.0)
+    };
+    spread(&cluster, &config, 4, 30).await;
+    assert_eq!(hedges(), 0.0, "reads were hedged before hedging was turned on");
+    let (ok, out, err) = cluster.cli(&["load", "lb", "--hedge", "on"]);
+    assert!(ok, "{out} {err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Latency samples of every node first.
+    spread(&cluster, &config, 4, 30).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut searchers = Vec::new();
+    for c in 0..4u64 {
+        let client = edgevec_client::Client::connect(config.clone()).await.expect("connect");
+        let stop = stop.clone();
+        searchers.push(tokio::spawn(async move {
+            let q = random_vectors(1, 8, c).remove(0);
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(e) = client.search("lb", &q, 5).await {
+                    failed.push(e.to_string());
+                }
+            }
+            failed
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.pause(3);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.resume(3);
+    stop.store(true, Ordering::Relaxed);
+    let mut failed = Vec::new();
+    for s in searchers {
+        failed.extend(s.await.expect("searcher"));
+    }
+    assert!(failed.is_empty(), "searches failed: {failed:?}");
+    assert!(hedges() > 0.0, "no read was hedged while node 3 was paused");
+}

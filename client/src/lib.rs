@@ -428,6 +428,21 @@ impl Client {
         }
     }
 
+    /// Turns hedged reads of `collection` on or off (admin; off by
+    /// default): a read also goes to the next replica when the first has
+    /// not answered within that node's p95 latency, within the node's
+    /// retry budget.
+    pub async fn set_hedging(&self, collection: &str, on: bool) -> Result<(), ClientError> {
+        let op = OpV1::SetHedging {
+            collection: collection.into(),
+            on,
+        };
+        match self.request(op).await? {
+            ReplyV1::HedgingSet => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Keeps the session tokens a reply carries (also those of a write
     /// that failed on some shards, which then becomes its error).
     fn keep_tokens(&self, req: &ClientRequest, reply: ReplyV1) -> Result<ReplyV1, ClientError> {

@@ -85,6 +85,7 @@ struct PluginGauges {
     reads: Family<ReadLabels, Gauge>,
     retries: Gauge,
     retries_refused: Gauge,
+    hedges: Gauge,
 }
 
 impl PluginGauges {
@@ -135,6 +136,11 @@ impl PluginGauges {
             "Immediate re-sends the retry budget refused (the read waited for its next round)",
             self.retries_refused.clone(),
         );
+        registry.register(
+            "read_hedges",
+            "Reads this node also sent to a second replica because the first was slow",
+            self.hedges.clone(),
+        );
     }
 
     fn refresh(&self, plane: &DataPlane, router: &crate::router::Router) {
@@ -169,6 +175,7 @@ impl PluginGauges {
         let (retries, refused) = router.retries();
         self.retries.set(retries as i64);
         self.retries_refused.set(refused as i64);
+        self.hedges.set(router.hedges() as i64);
         for ((key, node), n) in router.served() {
             self.reads
                 .get_or_create(&ReadLabels {

@@ -51,6 +51,7 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::CreateReplicated { .. }
         | OpV1::Load { .. }
         | OpV1::SetLoadBalancer { .. }
+        | OpV1::SetHedging { .. }
         | OpV1::DeployPlugin { .. }
         | OpV1::RemovePlugin { .. }
         | OpV1::SetNativePolicies { .. }
@@ -277,6 +278,17 @@ impl Service {
                 }))
                 .await?;
                 ReplyV1::LoadBalancerSet
+            }
+            OpV1::SetHedging { collection, on } => {
+                let id = self.meta.state().collection(&collection).map(|c| c.id).ok_or_else(|| {
+                    WireError::new(ErrorCode::NotFound, format!("collection {collection:?} does not exist"))
+                })?;
+                self.meta_write(MetaCommand::V1(edgevec_meta::CommandV1::SetSetting {
+                    key: crate::router::hedge_setting(id),
+                    value: if on { "on" } else { "off" }.into(),
+                }))
+                .await?;
+                ReplyV1::HedgingSet
             }
             OpV1::DeployPlugin { name, bytes, params } => {
                 let (version, sha256) = self.deployer.deploy(&name, bytes, params).await?;

@@ -131,6 +131,12 @@ pub enum OpV1 {
         ids: Vec<u64>,
         read: ReadOptions,
     },
+    /// Hedge the reads of a collection (admin): a read also goes to the
+    /// next replica when the first has not answered within its p95.
+    SetHedging {
+        collection: String,
+        on: bool,
+    },
 }
 
 impl OpV1 {
@@ -161,6 +167,7 @@ impl OpV1 {
             OpV1::DeleteV2 { .. } => "delete",
             OpV1::SearchV2 { .. } => "search",
             OpV1::GetV2 { .. } => "get",
+            OpV1::SetHedging { .. } => "set_hedging",
         }
     }
 }
@@ -207,6 +214,7 @@ pub enum ReplyV1 {
         points: Vec<PointRecord>,
         tokens: Vec<SessionToken>,
     },
+    HedgingSet,
 }
 
 /// Most bytes a request's token occupies at the start of its body (the

@@ -1,7 +1,8 @@
 //! `--mode reads`: search through the read router on a 3-node cluster
 //! (replicas = 3): QPS and latency per consistency level, then failed
 //! searches and p99 while a replica's node is killed (kill -9) and while
-//! one is paused (SIGSTOP), against the steady state just before.
+//! one is paused (SIGSTOP), against the steady state just before; each
+//! fault without and with hedged reads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -130,7 +131,14 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     // node 1 first, the victim is node 3 (a replica of every shard).
     println!("\n| fault on node 3 | searches in 5 s before | p99 ms before | searches in 5 s after | failed | p99 ms after | p99 after / before | slowest ms after |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for fault in ["kill -9", "SIGSTOP"] {
+    for (fault, hedged) in [
+        ("kill -9", false),
+        ("SIGSTOP", false),
+        ("kill -9", true),
+        ("SIGSTOP", true),
+    ] {
+        admin.set_hedging("bench", hedged).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let mut clients = Vec::new();
         for _ in 0..args.concurrency {
             clients.push(client_at(&cluster, 1, None).await?);
@@ -153,7 +161,8 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         let (n0, f0, p99_0, _) = window(&samples, at - Duration::from_secs(5), at);
         let (n1, f1, p99_1, slowest) = window(&samples, at, at + Duration::from_secs(5));
         println!(
-            "| {fault} | {n0} ({f0} failed) | {p99_0:.2} | {n1} | {f1} | {p99_1:.2} | {:.1} | {slowest:.0} |",
+            "| {fault}{} | {n0} ({f0} failed) | {p99_0:.2} | {n1} | {f1} | {p99_1:.2} | {:.1} | {slowest:.0} |",
+            if hedged { ", hedged reads" } else { "" },
             p99_1 / p99_0
         );
         for c in clients {

@@ -126,7 +126,7 @@ pub enum Command {
     /// catch up, then join; surplus ones are dropped).
     Load {
         collection: String,
-        #[arg(long, required_unless_present = "lb")]
+        #[arg(long, required_unless_present_any = ["lb", "hedge"])]
         replicas: Option<u32>,
         /// Replicas that must hold a write before it is acknowledged
         /// (default: 2 when replicas >= 3, else 1).
@@ -135,6 +135,10 @@ pub enum Command {
         /// Load-balancing plugin that picks the replica of each read.
         #[arg(long)]
         lb: Option<String>,
+        /// `on`: a read also goes to the next replica when the first has
+        /// not answered within its usual (p95) time; `off` (the default).
+        #[arg(long, value_parser = ["on", "off"])]
+        hedge: Option<String>,
     },
 }
 
@@ -245,6 +249,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             replicas,
             min_insync,
             lb,
+            hedge,
         } => {
             let client = connect(&g).await?;
             if let Some(replicas) = replicas {
@@ -255,11 +260,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             if let Some(lb) = &lb {
                 client.set_load_balancer(&collection, lb).await?;
             }
+            if let Some(hedge) = &hedge {
+                client.set_hedging(&collection, hedge == "on").await?;
+            }
             client.close().await;
             if g.json {
                 println!(
                     "{}",
-                    json!({"loaded": collection, "replicas": replicas, "load_balancer": lb})
+                    json!({"loaded": collection, "replicas": replicas, "load_balancer": lb, "hedge": hedge})
                 );
             } else {
                 if let Some(replicas) = replicas {
@@ -267,6 +275,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 if let Some(lb) = lb {
                     println!("{collection}: reads now pick their replica with {lb}");
+                }
+                if let Some(hedge) = hedge {
+                    println!("{collection}: hedged reads {hedge}");
                 }
             }
             Ok(())

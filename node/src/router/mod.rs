@@ -52,7 +52,7 @@ pub use edgevec_meta::plugins::DEFAULT_LOAD_BALANCER;
 /// How long a node that failed a read stays ejected from first choice
 /// (doubled for each failure in a row, up to [`EJECT_MAX`]).
 const EJECT_FOR: Duration = Duration::from_secs(1);
-const EJECT_MAX: Duration = Duration::from_secs(30);
+const EJECT_MAX: Duration = Duration::from_secs(5);
 /// A read's deadline when the request names none (below the client
 /// library's default request timeout).
 pub const DEFAULT_READ_DEADLINE: Duration = Duration::from_secs(20);
@@ -147,6 +147,50 @@ struct NodeStat {
     ejected_until: Option<Instant>,
     /// A readmission probe of this node is in flight.
     probing: bool,
+    /// The latest latencies served, in µs (for the hedging delay).
+    recent: VecDeque<u32>,
+}
+
+/// Latencies kept per node for its p95.
+const RECENT_LATENCIES: usize = 128;
+/// Hedging delay bounds: no earlier than this...
+const HEDGE_MIN: Duration = Duration::from_millis(2);
+/// ...and this when a node has no latency yet.
+const HEDGE_UNKNOWN: Duration = Duration::from_millis(50);
+
+/// One attempt in flight on a node: counted in its in-flight requests
+/// until it ends, also when it is cancelled (a hedge's loser).
+struct InFlight<'a> {
+    nodes: &'a NodeStats,
+    node: u64,
+    ended: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn begin(nodes: &'a NodeStats, node: u64) -> Self {
+        nodes.begin(node);
+        InFlight {
+            nodes,
+            node,
+            ended: false,
+        }
+    }
+
+    fn end(mut self, took: Duration, outcome: Outcome) {
+        self.ended = true;
+        self.nodes.end(self.node, took, outcome);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let mut all = self.nodes.0.lock().expect("stats lock");
+            if let Some(s) = all.get_mut(&self.node) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+        }
+    }
 }
 
 /// How one attempt on a replica ended, for [`NodeStats`].
@@ -188,6 +232,10 @@ impl NodeStats {
                 s.sampled = Some(now);
                 s.consecutive = 0;
                 s.ejected_until = None;
+                if s.recent.len() == RECENT_LATENCIES {
+                    s.recent.pop_front();
+                }
+                s.recent.push_back(us.min(f64::from(u32::MAX)) as u32);
             }
             Outcome::Refused => s.consecutive = 0,
             Outcome::Failed => {
@@ -200,6 +248,19 @@ impl NodeStats {
         while s.errors.front().is_some_and(|t| now.duration_since(*t) > ERROR_WINDOW) {
             s.errors.pop_front();
         }
+    }
+
+    /// How long to wait for `node` before hedging: the p95 of its recent
+    /// latencies.
+    fn hedge_delay(&self, node: u64) -> Duration {
+        let all = self.0.lock().expect("stats lock");
+        let Some(s) = all.get(&node).filter(|s| s.recent.len() >= 20) else {
+            return HEDGE_UNKNOWN;
+        };
+        let mut v: Vec<u32> = s.recent.iter().copied().collect();
+        v.sort_unstable();
+        let p95 = v[(v.len() * 95 / 100).min(v.len() - 1)];
+        Duration::from_micros(u64::from(p95)).max(HEDGE_MIN)
     }
 
     /// How long an attempt on `node` may take beyond its requirement wait:
@@ -277,6 +338,8 @@ pub struct Router {
     /// "applied op id" and "age of that report".
     applied: Mutex<HashMap<(ShardRef, u64), (OpId, Instant)>>,
     retry_budget: RetryBudget,
+    /// Hedged reads sent so far.
+    hedges: std::sync::atomic::AtomicU64,
 }
 
 /// How one read is to be served: its level, the client's token for each
@@ -291,6 +354,11 @@ pub struct ReadSpec {
 
 fn not_found(name: &str) -> WireError {
     WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
+}
+
+/// The cluster setting that turns hedging on for collection `id`.
+pub fn hedge_setting(id: u64) -> String {
+    format!("reads.hedge.{id}")
 }
 
 /// The session token of a read or write of `key` at `op`.
@@ -340,6 +408,7 @@ impl Router {
             served: Mutex::new(BTreeMap::new()),
             applied: Mutex::new(HashMap::new()),
             retry_budget: RetryBudget::default(),
+            hedges: Default::default(),
         }
     }
 
@@ -635,9 +704,10 @@ impl Router {
                     errors.push(format!("no replica of {key} may serve at {}", spec.level));
                 }
                 self.retry_budget.deposit();
-                for (i, (node, requirement, min_lsn)) in plan.into_iter().enumerate() {
-                    let now = Instant::now();
-                    if now >= spec.deadline {
+                let hedge = self.hedging(key.collection);
+                let mut i = 0;
+                while i < plan.len() {
+                    if Instant::now() >= spec.deadline {
                         break;
                     }
                     // The first attempt of each planning round is paced by
@@ -647,13 +717,58 @@ impl Router {
                         break;
                     }
                     tried += 1;
-                    match self
-                        .attempt(key, node, &read, requirement, min_lsn, spec.deadline)
-                        .await
-                    {
-                        Ok(r) => return Ok(r),
-                        Err(e) => errors.push(format!("node {node}: {}", e.message)),
+                    let (node, requirement, min_lsn) = plan[i];
+                    let first = self.attempt(key, node, &read, requirement, min_lsn, spec.deadline);
+                    let Some(&(next, next_requirement, next_min)) = plan.get(i + 1).filter(|_| hedge) else {
+                        match first.await {
+                            Ok(r) => return Ok(r),
+                            Err(e) => errors.push(format!("node {node}: {}", e.message)),
+                        }
+                        i += 1;
+                        continue;
+                    };
+                    // Hedging: when the first has not answered within its
+                    // node's p95, the next replica is asked too (if the
+                    // budget allows); the first answer wins and the other
+                    // attempt is cancelled.
+                    tokio::pin!(first);
+                    tokio::select! {
+                        r = &mut first => {
+                            match r {
+                                Ok(r) => return Ok(r),
+                                Err(e) => errors.push(format!("node {node}: {}", e.message)),
+                            }
+                            i += 1;
+                            continue;
+                        }
+                        () = tokio::time::sleep(self.nodes.hedge_delay(node)) => {}
                     }
+                    if !self.retry_budget.withdraw() {
+                        match first.await {
+                            Ok(r) => return Ok(r),
+                            Err(e) => errors.push(format!("node {node}: {}", e.message)),
+                        }
+                        i += 1;
+                        continue;
+                    }
+                    self.hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tried += 1;
+                    let second = self.attempt(key, next, &read, next_requirement, next_min, spec.deadline);
+                    tokio::pin!(second);
+                    let (done, other, other_node) = tokio::select! {
+                        r = &mut first => ((node, r), true, next),
+                        r = &mut second => ((next, r), false, node),
+                    };
+                    match done.1 {
+                        Ok(r) => return Ok(r),
+                        Err(e) => errors.push(format!("node {}: {}", done.0, e.message)),
+                    }
+                    let rest = if other { second.await } else { first.await };
+                    match rest {
+                        Ok(r) => return Ok(r),
+                        Err(e) => errors.push(format!("node {other_node}: {}", e.message)),
+                    }
+                    i += 2;
                 }
             } else {
                 errors.push(format!("{key} has no configuration on node {}", self.plane.me));
@@ -856,7 +971,7 @@ impl Router {
             budget_ms: wait.as_millis() as u32,
             deadline_unix_ms: unix_now + left.as_millis() as u64,
         };
-        self.nodes.begin(node);
+        let flight = InFlight::begin(&self.nodes, node);
         let started = Instant::now();
         let result = if node == self.plane.me {
             match tokio::time::timeout(timeout, self.plane.read_at(msg)).await {
@@ -884,7 +999,7 @@ impl Router {
             Ok(Err(refused)) => (Outcome::Refused, Err(refused)),
             Err(failed) => (Outcome::Failed, Err(failed)),
         };
-        self.nodes.end(node, started.elapsed(), outcome);
+        flight.end(started.elapsed(), outcome);
         let reply = answer?;
         *self.served.lock().expect("served lock").entry((key, node)).or_insert(0) += 1;
         self.applied
@@ -1059,6 +1174,17 @@ impl Router {
                 .collect();
         }
         out.into_values().collect()
+    }
+
+    /// Whether reads of collection `id` are hedged (the collection's
+    /// `hedge` setting; off by default).
+    fn hedging(&self, id: u64) -> bool {
+        self.plane.meta.state().setting(&hedge_setting(id)) == Some("on")
+    }
+
+    /// Hedged reads sent so far.
+    pub fn hedges(&self) -> u64 {
+        self.hedges.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Immediate re-sends of reads made, and refused for want of budget.
