@@ -108,21 +108,28 @@ async fn each_load_balancer_spreads_reads_as_its_name_says() {
     );
 }
 
-/// New versions of the collection's load balancer and of the default
-/// level's consistency plugin, deployed while 8 clients search through
-/// every node: no search fails.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hot_swaps_of_the_read_policies_fail_no_search() {
+/// A running 3-node cluster with collection `lb` (8-d, `shards` shards,
+/// 3 replicas, 200 points); returns it with an admin client.
+async fn cluster_with_lb(shards: u32) -> (TestCluster, edgevec_client::Client) {
     let cluster = TestCluster::running(Layout::voters(3)).await;
     let admin = cluster.client(1, ADMIN).await;
     admin
         .create_replicated(
-            CollectionSpec::new("lb", 8, Metric::L2).with_shards(2),
+            CollectionSpec::new("lb", 8, Metric::L2).with_shards(shards),
             ReplicationSpec::new(3),
         )
         .await
         .expect("create");
     upsert_random(&cluster.client(1, WRITER).await, "lb", 200, 8, 3).await;
+    (cluster, admin)
+}
+
+/// New versions of the collection's load balancer and of the default
+/// level's consistency plugin, deployed while 8 clients search through
+/// every node: no search fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swaps_of_the_read_policies_fail_no_search() {
+    let (cluster, admin) = cluster_with_lb(2).await;
     for id in 1..=3 {
         wait_plugins_loaded(&cluster, id).await;
     }
@@ -182,16 +189,7 @@ async fn hot_swaps_of_the_read_policies_fail_no_search() {
 /// hedged reads. Off by default: no hedge before it is turned on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hedged_reads_go_around_a_paused_replica() {
-    let cluster = TestCluster::running(Layout::voters(3)).await;
-    let admin = cluster.client(1, ADMIN).await;
-    admin
-        .create_replicated(
-            CollectionSpec::new("lb", 8, Metric::L2).with_shards(1),
-            ReplicationSpec::new(3),
-        )
-        .await
-        .expect("create");
-    upsert_random(&cluster.client(1, WRITER).await, "lb", 200, 8, 3).await;
+    let (cluster, _) = cluster_with_lb(1).await;
     let mut config = ClientConfig::new(vec![cluster.addr(1)], cluster.ca_pem(), READER);
     config.consistency = Some("eventually".into());
     let hedges = || {
