@@ -49,12 +49,7 @@ async fn spread(cluster: &TestCluster, config: &ClientConfig, clients: usize, ea
 async fn each_load_balancer_spreads_reads_as_its_name_says() {
     let mut cluster = TestCluster::with_layout(Layout::voters(3));
     cluster.set_env(3, "EDGEVEC_FAULT_READ_DELAY_MS", "40");
-    for id in 1..=3 {
-        cluster.start(id);
-    }
-    cluster
-        .wait_view(1, Duration::from_secs(30), "all nodes up", |v| all_nodes_up(v, 3))
-        .await;
+    cluster.start_all().await;
     let admin = cluster.client(1, ADMIN).await;
     admin
         .create_replicated(

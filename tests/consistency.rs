@@ -43,11 +43,8 @@ async fn each_level_keeps_its_promise_under_replica_lag() {
     let mut cluster = TestCluster::with_layout(Layout::voters(3));
     for id in 1..=3 {
         cluster.set_env(id, "EDGEVEC_FAULT_APPLY_DELAY_MS", &LAG.as_millis().to_string());
-        cluster.start(id);
     }
-    cluster
-        .wait_view(1, Duration::from_secs(30), "all nodes up", |v| all_nodes_up(v, 3))
-        .await;
+    cluster.start_all().await;
     let admin = cluster.client(1, ADMIN).await;
     admin
         .create_replicated(

@@ -305,6 +305,36 @@ impl Drop for Cluster {
     }
 }
 
+/// A 3-node cluster with collection `bench` (3 replicas, `--shards`,
+/// `--dim`, seal at `--seal-rows` or 20000) holding `--n` random vectors
+/// with ids from 0; returns it with an admin client.
+async fn replicated_bench_cluster(args: &Args, dir: &Path) -> Result<(Cluster, Client)> {
+    let cluster = Cluster::start(dir, 3, replication::TIMINGS)?;
+    let admin = connect_any(&cluster.addrs, &cluster.ca).await?;
+    replication::wait_all_up(&admin, 3).await?;
+    let spec = CollectionSpec::new("bench", args.dim as u32, Metric::L2)
+        .with_shards(args.shards)
+        .with_seal_rows(args.seal_rows(20_000));
+    admin
+        .create_replicated(spec, ReplicationSpec::new(3))
+        .await
+        .context("creating the bench collection")?;
+    let vectors = vectors(args.n, args.dim, 1);
+    for (b, chunk) in vectors.chunks(1000).enumerate() {
+        let points = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Point {
+                id: (b * 1000 + i) as u64,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect();
+        admin.upsert("bench", points).await?;
+    }
+    Ok((cluster, admin))
+}
+
 async fn connect(addr: SocketAddr, ca: &[u8]) -> Result<Client> {
     connect_any(&[addr], ca).await
 }

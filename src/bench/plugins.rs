@@ -213,33 +213,9 @@ pub fn run(args: &Args) -> Result<()> {
 /// round-robin deciding through WebAssembly against its native build,
 /// alternating the two (`plugin native on|off`) several times in one run.
 pub async fn run_cluster(args: &super::Args, dir: &std::path::Path) -> Result<()> {
-    use anyhow::Context;
-    use edgevec_client::{CollectionSpec, Metric, Point, ReplicationSpec};
     let started = Instant::now();
     let load_before = super::usage::load_average();
-    let cluster = super::Cluster::start(dir, 3, super::replication::TIMINGS)?;
-    let admin = super::connect_any(&cluster.addrs, &cluster.ca).await?;
-    super::replication::wait_all_up(&admin, 3).await?;
-    let spec = CollectionSpec::new("bench", args.dim as u32, Metric::L2)
-        .with_shards(args.shards)
-        .with_seal_rows(args.seal_rows(20_000));
-    admin
-        .create_replicated(spec, ReplicationSpec::new(3))
-        .await
-        .context("creating the bench collection")?;
-    let vectors = super::vectors(args.n, args.dim, 1);
-    for (b, chunk) in vectors.chunks(1000).enumerate() {
-        let points = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Point {
-                id: (b * 1000 + i) as u64,
-                vector: v.clone(),
-                payload: None,
-            })
-            .collect();
-        admin.upsert("bench", points).await?;
-    }
+    let (cluster, admin) = super::replicated_bench_cluster(args, dir).await?;
     // Every node's plugins loaded, indexes built: wait for quiet.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let queries = Arc::new(super::vectors(args.queries, args.dim, 2));

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, Point, ReplicationSpec};
+use edgevec_client::{Client, ClientConfig};
 
 use super::{quantile, Args, Cluster};
 
@@ -79,29 +79,7 @@ fn window(samples: &Samples, from: Instant, to: Instant) -> (usize, usize, f64, 
 pub async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
     let started = Instant::now();
     let load_before = super::usage::load_average();
-    let mut cluster = Cluster::start(dir, 3, super::replication::TIMINGS)?;
-    let admin = super::connect_any(&cluster.addrs, &cluster.ca).await?;
-    super::replication::wait_all_up(&admin, 3).await?;
-    let spec = CollectionSpec::new("bench", args.dim as u32, Metric::L2)
-        .with_shards(args.shards)
-        .with_seal_rows(args.seal_rows(20_000));
-    admin
-        .create_replicated(spec, ReplicationSpec::new(3))
-        .await
-        .context("creating the bench collection")?;
-    let vectors = super::vectors(args.n, args.dim, 1);
-    for (b, chunk) in vectors.chunks(1000).enumerate() {
-        let points = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Point {
-                id: (b * 1000 + i) as u64,
-                vector: v.clone(),
-                payload: None,
-            })
-            .collect();
-        admin.upsert("bench", points).await?;
-    }
+    let (mut cluster, admin) = super::replicated_bench_cluster(args, dir).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let queries = Arc::new(super::vectors(args.queries, args.dim, 2));
     println!("### Reads per consistency level, and while a replica dies\n");

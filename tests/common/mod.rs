@@ -478,17 +478,21 @@ impl TestCluster {
     /// Writes the config of `layout`, starts every node and waits (30 s)
     /// until node 1 sees all of them up under one leader.
     pub async fn running(layout: Layout) -> TestCluster {
-        let n = layout.voters + layout.learners;
         let mut cluster = TestCluster::with_layout(layout);
-        for id in 1..=n {
-            cluster.start(id);
+        cluster.start_all().await;
+        cluster
+    }
+
+    /// Starts every configured node (with the environment set so far)
+    /// and waits (30 s) until node 1 sees all of them up under one leader.
+    pub async fn start_all(&mut self) {
+        let ids = self.ids();
+        for id in &ids {
+            self.start(*id);
         }
-        cluster
-            .wait_view(1, Duration::from_secs(30), "all nodes up", |v| {
-                all_nodes_up(v, n as usize)
-            })
+        let n = ids.len();
+        self.wait_view(1, Duration::from_secs(30), "all nodes up", |v| all_nodes_up(v, n))
             .await;
-        cluster
     }
 
     /// Ids of every configured node.
