@@ -430,7 +430,7 @@ impl Client {
 
     /// Turns hedged reads of `collection` on or off (admin; off by
     /// default): a read also goes to the next replica when the first has
-    /// not answered within that node's p95 latency, within the node's
+    /// not answered within the p95 of recent reads, within the node's
     /// retry budget.
     pub async fn set_hedging(&self, collection: &str, on: bool) -> Result<(), ClientError> {
         let op = OpV1::SetHedging {

@@ -112,11 +112,15 @@ impl PeerPool {
         let result = rpc::call(&conn, req, left).await;
         if matches!(result, Err(CallError::Connection(_) | CallError::Timeout(_))) {
             // A peer that does not answer may be gone without the QUIC idle
-            // timeout having noticed yet: dial afresh next time.
+            // timeout having noticed yet: dial afresh next time. A slot held
+            // by another call is being redialled already: never wait for it
+            // (a handshake with a dead peer holds it for the dial timeout).
             let slot = self.slot(addr);
-            let mut held = slot.lock().await;
-            if held.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
-                *held = None;
+            let held = slot.try_lock();
+            if let Ok(mut held) = held {
+                if held.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                    *held = None;
+                }
             }
         }
         result

@@ -147,12 +147,10 @@ struct NodeStat {
     ejected_until: Option<Instant>,
     /// A readmission probe of this node is in flight.
     probing: bool,
-    /// The latest latencies served, in µs (for the hedging delay).
-    recent: VecDeque<u32>,
 }
 
-/// Latencies kept per node for its p95.
-const RECENT_LATENCIES: usize = 128;
+/// Latencies kept for the hedging delay's p95.
+const RECENT_LATENCIES: usize = 256;
 /// Hedging delay bounds: no earlier than this...
 const HEDGE_MIN: Duration = Duration::from_millis(2);
 /// ...and this when a node has no latency yet.
@@ -207,9 +205,10 @@ enum Outcome {
 }
 
 /// Per-node read statistics, for the load balancer's inputs and the
-/// attempt timeouts.
+/// attempt timeouts, and the latest latencies of reads served by any node
+/// (for the hedging delay).
 #[derive(Debug, Default)]
-pub struct NodeStats(Mutex<HashMap<u64, NodeStat>>);
+pub struct NodeStats(Mutex<HashMap<u64, NodeStat>>, Mutex<VecDeque<u32>>);
 
 impl NodeStats {
     fn begin(&self, node: u64) {
@@ -232,10 +231,11 @@ impl NodeStats {
                 s.sampled = Some(now);
                 s.consecutive = 0;
                 s.ejected_until = None;
-                if s.recent.len() == RECENT_LATENCIES {
-                    s.recent.pop_front();
+                let mut recent = self.1.lock().expect("stats lock");
+                if recent.len() == RECENT_LATENCIES {
+                    recent.pop_front();
                 }
-                s.recent.push_back(us.min(f64::from(u32::MAX)) as u32);
+                recent.push_back(us.min(f64::from(u32::MAX)) as u32);
             }
             Outcome::Refused => s.consecutive = 0,
             Outcome::Failed => {
@@ -250,17 +250,20 @@ impl NodeStats {
         }
     }
 
-    /// How long to wait for `node` before hedging: the p95 of its recent
-    /// latencies.
-    fn hedge_delay(&self, node: u64) -> Duration {
-        let all = self.0.lock().expect("stats lock");
-        let Some(s) = all.get(&node).filter(|s| s.recent.len() >= 20) else {
+    /// How long to wait before hedging: the p95 of the latest reads served
+    /// by any replica (one node that was slow a while ago, say while it
+    /// caught up after a restart, must not hold hedges back), within
+    /// [`HEDGE_MIN`]..[`ATTEMPT_MIN`].
+    fn hedge_delay(&self) -> Duration {
+        let recent = self.1.lock().expect("stats lock");
+        if recent.len() < 20 {
             return HEDGE_UNKNOWN;
-        };
-        let mut v: Vec<u32> = s.recent.iter().copied().collect();
+        }
+        let mut v: Vec<u32> = recent.iter().copied().collect();
+        drop(recent);
         v.sort_unstable();
         let p95 = v[(v.len() * 95 / 100).min(v.len() - 1)];
-        Duration::from_micros(u64::from(p95)).max(HEDGE_MIN)
+        Duration::from_micros(u64::from(p95)).clamp(HEDGE_MIN, ATTEMPT_MIN)
     }
 
     /// How long an attempt on `node` may take beyond its requirement wait:
@@ -683,6 +686,7 @@ impl Router {
         let mut errors: Vec<String> = Vec::new();
         let mut tried = 0u64;
         let mut rx = self.plane.meta.subscribe();
+
         loop {
             if let Some((cfg, _)) = self.plane.config_of(key) {
                 let live = cfg
@@ -727,10 +731,10 @@ impl Router {
                         i += 1;
                         continue;
                     };
-                    // Hedging: when the first has not answered within its
-                    // node's p95, the next replica is asked too (if the
-                    // budget allows); the first answer wins and the other
-                    // attempt is cancelled.
+                    // Hedging: when the first has not answered within the
+                    // p95 of recent reads, the next replica is asked too (if
+                    // the budget allows); the first answer wins and the
+                    // other attempt is cancelled.
                     tokio::pin!(first);
                     tokio::select! {
                         r = &mut first => {
@@ -741,7 +745,7 @@ impl Router {
                             i += 1;
                             continue;
                         }
-                        () = tokio::time::sleep(self.nodes.hedge_delay(node)) => {}
+                        () = tokio::time::sleep(self.nodes.hedge_delay()) => {}
                     }
                     if !self.retry_budget.withdraw() {
                         match first.await {
