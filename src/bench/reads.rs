@@ -55,8 +55,7 @@ fn window(samples: &Samples, from: Instant, to: Instant) -> (usize, usize, f64, 
     let all = samples.lock().expect("samples");
     let mut lat: Vec<Duration> = Vec::new();
     let mut failed = 0;
-    for (at, took, f) in all.iter().filter(|(at, _, _)| *at >= from && *at < to) {
-        let _ = at;
+    for (_, took, f) in all.iter().filter(|(at, _, _)| *at >= from && *at < to) {
         if *f {
             failed += 1;
         } else {

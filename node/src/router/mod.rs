@@ -191,6 +191,19 @@ impl Drop for InFlight<'_> {
     }
 }
 
+impl NodeStat {
+    /// A transport failure or timeout: counted, and the node ejected for
+    /// longer after each one in a row.
+    fn eject(&mut self, now: Instant) {
+        self.errors.push_back(now);
+        self.consecutive = self.consecutive.saturating_add(1);
+        let backoff = EJECT_FOR
+            .saturating_mul(1 << (self.consecutive - 1).min(5))
+            .min(EJECT_MAX);
+        self.ejected_until = Some(now + backoff);
+    }
+}
+
 /// How one attempt on a replica ended, for [`NodeStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -238,12 +251,7 @@ impl NodeStats {
                 recent.push_back(us.min(f64::from(u32::MAX)) as u32);
             }
             Outcome::Refused => s.consecutive = 0,
-            Outcome::Failed => {
-                s.errors.push_back(now);
-                s.consecutive = s.consecutive.saturating_add(1);
-                let backoff = EJECT_FOR.saturating_mul(1 << (s.consecutive - 1).min(5)).min(EJECT_MAX);
-                s.ejected_until = Some(now + backoff);
-            }
+            Outcome::Failed => s.eject(now),
         }
         while s.errors.front().is_some_and(|t| now.duration_since(*t) > ERROR_WINDOW) {
             s.errors.pop_front();
@@ -291,21 +299,14 @@ impl NodeStats {
 
     /// A probe's result: readmits the node, or ejects it for longer.
     fn probed(&self, node: u64, ok: bool) {
-        {
-            let mut all = self.0.lock().expect("stats lock");
-            if let Some(s) = all.get_mut(&node) {
-                s.probing = false;
-            }
-        }
+        let mut all = self.0.lock().expect("stats lock");
+        let s = all.entry(node).or_default();
+        s.probing = false;
         if ok {
-            let mut all = self.0.lock().expect("stats lock");
-            if let Some(s) = all.get_mut(&node) {
-                s.consecutive = 0;
-                s.ejected_until = None;
-            }
+            s.consecutive = 0;
+            s.ejected_until = None;
         } else {
-            self.begin(node);
-            self.end(node, Duration::ZERO, Outcome::Failed);
+            s.eject(Instant::now());
         }
     }
 
