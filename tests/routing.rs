@@ -35,33 +35,13 @@ fn brute_force(rows: &[(u64, Vec<f32>)], q: &[f32]) -> Vec<u64> {
 /// reads before the fault.
 async fn searches_survive(fault: Fault, victim_is: impl Fn(&TestCluster, u64) -> u64, name: &str) {
     let mut cluster = TestCluster::running(Layout::voters(3)).await;
-    let admin = cluster.client(1, ADMIN).await;
-    admin
-        .create_replicated(
-            CollectionSpec::new(name, DIM as u32, Metric::L2).with_shards(2),
-            ReplicationSpec::new(3),
-        )
+    let rows: Vec<(u64, Vec<f32>)> = loaded(&cluster, name)
         .await
-        .expect("create");
-    let rows: Vec<(u64, Vec<f32>)> = random_vectors(ROWS as usize, DIM, 5)
         .into_iter()
         .enumerate()
         .map(|(i, v)| (i as u64, v))
         .collect();
-    let writer = cluster.client(1, WRITER).await;
-    writer
-        .upsert(
-            name,
-            rows.iter()
-                .map(|(id, v)| Point {
-                    id: *id,
-                    vector: v.clone(),
-                    payload: None,
-                })
-                .collect(),
-        )
-        .await
-        .expect("write");
+    let admin = cluster.client(1, ADMIN).await;
     let leader = admin.cluster_status().await.expect("status").leader.expect("a leader");
     let victim = victim_is(&cluster, leader);
     // Clients reach the victim first when it is the leader (it is then
@@ -185,4 +165,187 @@ async fn killing_the_clients_node_and_metadata_leader_fails_no_search() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_replica_fails_no_search() {
     searches_survive(Fault::Pause, |_, leader| if leader == 3 { 2 } else { 3 }, "paused").await;
+}
+
+/// SIGSTOP of the node the clients are connected to (also the metadata
+/// leader): the client library notices the silent endpoint and moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_the_clients_node_fails_no_search() {
+    searches_survive(Fault::Pause, |_, leader| leader, "paused-leader").await;
+}
+
+/// Creates a 2-shard collection of `ROWS` random rows, replicas = 3.
+async fn loaded(cluster: &TestCluster, name: &str) -> Vec<Vec<f32>> {
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new(name, DIM as u32, Metric::L2).with_shards(2),
+            ReplicationSpec::new(3),
+        )
+        .await
+        .expect("create");
+    let rows = random_vectors(ROWS as usize, DIM, 5);
+    let points = rows
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Point {
+            id: i as u64,
+            vector: v.clone(),
+            payload: None,
+        })
+        .collect();
+    admin.upsert(name, points).await.expect("write");
+    rows
+}
+
+/// Every node's ejections of other nodes, summed.
+fn ejections(cluster: &TestCluster) -> f64 {
+    cluster
+        .ids()
+        .into_iter()
+        .map(|id| metric_sum(&cluster.http_get(id, "/metrics").1, "edgevec_read_ejections", &[]))
+        .sum()
+}
+
+/// Overload is not failure: 24 clients search as fast as they can on two
+/// shared cores (every node slows down), and node 3 answers every read
+/// 100 ms late besides. No node is ejected, no search fails, and the slow
+/// node keeps serving its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_ejects_no_healthy_replica() {
+    let mut cluster = TestCluster::with_layout(Layout::voters(3));
+    cluster.set_env(3, "EDGEVEC_FAULT_READ_DELAY_MS", "100");
+    cluster.start_all().await;
+    let rows = loaded(&cluster, "busy").await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin.set_load_balancer("busy", "round-robin").await.expect("lb");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut searchers = Vec::new();
+    for c in 0..24u64 {
+        let client = cluster.client_of(&[1 + c % 3], READER).await;
+        let (stop, rows) = (stop.clone(), rows.clone());
+        searchers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut i = c as usize;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                match client.search("busy", &rows[i % rows.len()], K as u32).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for s in searchers {
+        let (o, f) = s.await.expect("searcher");
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} searches failed, e.g. {:?}",
+        failed.len(),
+        &failed[..1]
+    );
+    assert!(ok > 200, "only {ok} searches in 8 s");
+    let served_by_3: f64 = cluster
+        .ids()
+        .into_iter()
+        .map(|id| {
+            metric_sum(
+                &cluster.http_get(id, "/metrics").1,
+                "edgevec_replica_reads",
+                &["node=\"3\""],
+            )
+        })
+        .sum();
+    assert!(served_by_3 > 50.0, "the slow node served only {served_by_3} reads");
+    let ejected = ejections(&cluster);
+    if ejected > 0.0 {
+        cluster.fail(format!("{ejected} ejections under overload ({ok} searches)"));
+    }
+}
+
+/// Retry budgets cap amplification: every replica refuses every read at
+/// once (alive, never caught up). 4 clients send 300 ms reads for 4 s;
+/// without a budget each read would try every replica every 100 ms
+/// (about 9 attempts). The routing node makes one attempt per read, plus
+/// the budget's 20 % share, its refill (10/s) and its burst (50).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_budgets_cap_amplification() {
+    let mut cluster = TestCluster::with_layout(Layout::voters(3));
+    for id in 1..=3 {
+        cluster.set_env(id, "EDGEVEC_FAULT_REFUSE_READS", "1");
+    }
+    cluster.start_all().await;
+    let rows = loaded(&cluster, "refused").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    let started = Instant::now();
+    for c in 0..4usize {
+        let client = cluster.client_of(&[1], READER).await;
+        let (stop, rows) = (stop.clone(), rows.clone());
+        readers.push(tokio::spawn(async move {
+            let opts = edgevec_client::ReadOpts {
+                consistency: Some("eventually".into()),
+                timeout: Some(Duration::from_millis(300)),
+            };
+            let (mut reads, mut served) = (0u64, 0u64);
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                reads += 1;
+                if client
+                    .search_with("refused", vec![rows[i % rows.len()].clone()], K as u32, false, &opts)
+                    .await
+                    .is_ok()
+                {
+                    served += 1;
+                }
+            }
+            (reads, served)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut reads, mut served) = (0u64, 0u64);
+    for r in readers {
+        let (n, s) = r.await.expect("reader");
+        reads += n;
+        served += s;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(served, 0, "a replica that refuses every read served one");
+    assert!(reads >= 20, "only {reads} reads");
+    let (_, m) = cluster.http_get(1, "/metrics");
+    let attempts = metric(&m, "edgevec_read_attempts", &[]).expect("an attempts metric");
+    // Each client read is a read of each of the 2 shards.
+    let shard_reads = 2.0 * reads as f64;
+    // 5 % more for the free first attempts of plans made after a
+    // metadata change.
+    let cap = (shard_reads * 1.2 + 10.0 * elapsed + 50.0) * 1.05;
+    println!(
+        "{reads} reads ({shard_reads} shard reads) in {elapsed:.1} s: {attempts} attempts, {:.2} per shard read \
+         (cap {cap:.0}, unbudgeted about {}); retries {:?}, refused {:?}",
+        attempts / shard_reads,
+        shard_reads * 9.0,
+        metric(&m, "edgevec_read_retries", &[]),
+        metric(&m, "edgevec_read_retries_refused", &[]),
+    );
+    assert!(
+        attempts <= cap,
+        "{attempts} attempts for {shard_reads} shard reads: more than the budget allows ({cap:.0})"
+    );
+    assert!(
+        attempts >= shard_reads,
+        "{attempts} attempts for {shard_reads} shard reads"
+    );
+    assert!(
+        metric(&m, "edgevec_read_retries_refused", &[]).is_some_and(|n| n > 0.0),
+        "the budget never refused"
+    );
 }

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use edgevec_meta::plugins::{check_name, shipped_kind, PluginKind, PluginVersion};
 use edgevec_meta::{CommandV2, MetaCommand};
@@ -118,9 +118,7 @@ impl Deployer {
             .put(&sha, &bytes)
             .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
         let holders = self.spread(&sha, &bytes).await?;
-        let at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let at_ms = crate::faults::wall_ms();
         let cmd = MetaCommand::V2(CommandV2::DeployPlugin {
             name: name.to_owned(),
             kind,

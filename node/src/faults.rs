@@ -8,6 +8,10 @@
 //!   still persists and acknowledges at once): a lagging replica.
 //! - `EDGEVEC_FAULT_READ_DELAY_MS`: this node's replicas answer every
 //!   read this much later: a slow node.
+//! - `EDGEVEC_FAULT_REFUSE_READS=1`: this node's replicas answer every
+//!   read "not caught up" at once: replicas that are alive but cannot serve.
+//! - `EDGEVEC_FAULT_CLOCK_OFFSET_MS` (signed): this node's wall clock
+//!   ([`wall_ms`]) is off by this much: a node whose time is not in sync.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -17,6 +21,9 @@ use std::time::Duration;
 pub struct Faults {
     pub apply_delay: Option<Duration>,
     pub read_delay: Option<Duration>,
+    pub refuse_reads: bool,
+    /// Added to this node's wall clock (ms).
+    pub clock_offset_ms: i64,
 }
 
 fn ms(var: &str) -> Option<Duration> {
@@ -37,7 +44,27 @@ pub fn get() -> Faults {
     *FAULTS.get_or_init(|| Faults {
         apply_delay: ms("EDGEVEC_FAULT_APPLY_DELAY_MS"),
         read_delay: ms("EDGEVEC_FAULT_READ_DELAY_MS"),
+        refuse_reads: std::env::var("EDGEVEC_FAULT_REFUSE_READS").is_ok_and(|v| v == "1"),
+        clock_offset_ms: signed_ms("EDGEVEC_FAULT_CLOCK_OFFSET_MS"),
     })
+}
+
+fn signed_ms(var: &str) -> i64 {
+    let Ok(v) = std::env::var(var) else { return 0 };
+    v.trim().parse::<i64>().unwrap_or_else(|_| {
+        tracing::warn!(variable = var, value = %v, "fault hook ignored: not a whole number of ms");
+        0
+    })
+}
+
+/// This node's wall clock in Unix ms (with the clock-offset hook, if set).
+/// Every wall-clock reading of the node goes through here; nothing
+/// compares it with another node's clock.
+pub fn wall_ms() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    now.saturating_add(get().clock_offset_ms).max(0) as u64
 }
 
 /// Logs the hooks in force, if any (at node start).

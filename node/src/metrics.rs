@@ -86,6 +86,13 @@ struct PluginGauges {
     retries: Gauge,
     retries_refused: Gauge,
     hedges: Gauge,
+    attempts: Gauge,
+    ejections: Family<NodeIdLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeIdLabels {
+    node: String,
 }
 
 impl PluginGauges {
@@ -128,13 +135,24 @@ impl PluginGauges {
         );
         registry.register(
             "read_retries",
-            "Reads this node sent on to the next replica at once after one failed",
+            "Attempts of reads beyond their first (and beyond the first after a metadata change) that the \
+             retry budget allowed",
             self.retries.clone(),
         );
         registry.register(
             "read_retries_refused",
-            "Immediate re-sends the retry budget refused (the read waited for its next round)",
+            "Attempts the retry budget refused (the read waited for a metadata change or the refill)",
             self.retries_refused.clone(),
+        );
+        registry.register(
+            "read_attempts",
+            "Attempts this node's reads made on replicas, hedges and retries included",
+            self.attempts.clone(),
+        );
+        registry.register(
+            "read_ejections",
+            "Times this node ejected a node from first choice for reads (a transport failure or timeout)",
+            self.ejections.clone(),
         );
         registry.register(
             "read_hedges",
@@ -176,6 +194,12 @@ impl PluginGauges {
         self.retries.set(retries as i64);
         self.retries_refused.set(refused as i64);
         self.hedges.set(router.hedges() as i64);
+        self.attempts.set(router.attempts() as i64);
+        for (node, n) in router.ejections() {
+            self.ejections
+                .get_or_create(&NodeIdLabels { node: node.to_string() })
+                .set(n as i64);
+        }
         for ((key, node), n) in router.served() {
             self.reads
                 .get_or_create(&ReadLabels {

@@ -486,7 +486,7 @@ impl Dispatch for Service {
                 .on_put(&sha256, &bytes)
                 .map(|()| NodeReplyV1::PluginStored),
             NodeOpV1::PluginGet { sha256 } => self.deployer.on_get(&sha256).map(NodeReplyV1::PluginBytes),
-            NodeOpV1::ShardReadAt(read) => self.plane.read_at(read).await.map(NodeReplyV1::ShardReadAt),
+            NodeOpV1::ShardReadAt(read) => self.plane.read_at(peer, read).await.map(NodeReplyV1::ShardReadAt),
             NodeOpV1::CommitPoint { shard, term } => self
                 .plane
                 .commit_point(shard, term)

@@ -164,16 +164,16 @@ pub struct ShardReadAt {
     /// Longest the replica may wait for its requirement, counted from
     /// when it reads the request.
     pub budget_ms: u32,
-    /// The proxy's deadline on its wall clock (Unix ms). A replica whose
-    /// own clock is past it by more than [`DEADLINE_SKEW_MS`] drops the
-    /// read unanswered (a node resumed after a pause must not run a
-    /// stale queue); it never decides anything else.
-    pub deadline_unix_ms: u64,
+    /// When the proxy sent the read, on its wall clock (Unix ms), and how
+    /// long it will wait for the answer from then. The replica never
+    /// compares this clock with its own: it learns each proxy's offset
+    /// (plus the fastest delivery) from the reads that proxy sends, and
+    /// drops a read that reached it later than that by more than `ttl_ms`
+    /// (a node resumed after a pause must not run a stale queue). Nothing
+    /// else is decided from it.
+    pub sent_unix_ms: u64,
+    pub ttl_ms: u32,
 }
-
-/// Clock difference between nodes that [`ShardReadAt::deadline_unix_ms`]
-/// tolerates before a replica drops a read as expired.
-pub const DEADLINE_SKEW_MS: u64 = 2_000;
 
 /// A replica's answer to a [`ShardReadAt`]: the reply and the op id of
 /// the last op it had applied (the read's session token).

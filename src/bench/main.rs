@@ -32,7 +32,9 @@
 //!
 //! With `--mode reads` it measures the read router on a 3-node cluster:
 //! QPS and latency per consistency level, and failed searches and p99
-//! while a replica's node is killed and while one is paused.
+//! while a replica's node is killed and while one is paused. With
+//! `--mode scaling` it measures search QPS with 1 and 2 replicas of one
+//! shard on two nodes pinned to a core each.
 //!
 //! `cargo run --release --bin bench -- --help`
 
@@ -319,7 +321,13 @@ async fn replicated_bench_cluster(args: &Args, dir: &Path) -> Result<(Cluster, C
         .create_replicated(spec, ReplicationSpec::new(3))
         .await
         .context("creating the bench collection")?;
-    let vectors = vectors(args.n, args.dim, 1);
+    insert(&admin, args.n, args.dim).await?;
+    Ok((cluster, admin))
+}
+
+/// Writes `n` vectors of `dim` (seed 1) to the bench collection, ids 0..n.
+async fn insert(admin: &Client, n: usize, dim: usize) -> Result<()> {
+    let vectors = vectors(n, dim, 1);
     for (b, chunk) in vectors.chunks(1000).enumerate() {
         let points = chunk
             .iter()
@@ -332,7 +340,7 @@ async fn replicated_bench_cluster(args: &Args, dir: &Path) -> Result<(Cluster, C
             .collect();
         admin.upsert("bench", points).await?;
     }
-    Ok((cluster, admin))
+    Ok(())
 }
 
 async fn connect(addr: SocketAddr, ca: &[u8]) -> Result<Client> {
@@ -459,7 +467,10 @@ async fn main() -> Result<()> {
             r
         }
         "reads" => reads::run(&args, &dir).await,
-        other => bail!("unknown --mode {other:?}: use search, meta, replication, plugins, plugins-e2e or reads"),
+        "scaling" => reads::scaling(&args, &dir).await,
+        other => {
+            bail!("unknown --mode {other:?}: use search, meta, replication, plugins, plugins-e2e, reads or scaling")
+        }
     }
 }
 

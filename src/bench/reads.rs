@@ -185,3 +185,105 @@ async fn wait_in_sync(admin: &Client) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `--mode scaling`: search QPS with 1 and then 2 replicas of a one-shard
+/// collection on a 2-node cluster whose nodes are pinned to a core each
+/// (`taskset`); the load generator runs unpinned on the same two cores.
+pub async fn scaling(args: &Args, dir: &std::path::Path) -> Result<()> {
+    let load_before = super::usage::load_average();
+    let cluster = Cluster::start(dir, 2, super::replication::TIMINGS)?;
+    for id in 1..=2u64 {
+        let pid = cluster.pid(id).context("node not running")?;
+        let status = std::process::Command::new("taskset")
+            .args(["-a", "-cp", &(id - 1).to_string(), &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running taskset")?;
+        anyhow::ensure!(status.success(), "taskset could not pin node {id}");
+    }
+    let admin = super::connect_any(&cluster.addrs, &cluster.ca).await?;
+    super::replication::wait_all_up(&admin, 2).await?;
+    let spec = edgevec_client::CollectionSpec::new("bench", args.dim as u32, edgevec_client::Metric::L2)
+        .with_shards(1)
+        .with_seal_rows(args.seal_rows(20_000));
+    admin
+        .create_replicated(spec, edgevec_client::ReplicationSpec::new(1))
+        .await
+        .context("creating the bench collection")?;
+    super::insert(&admin, args.n, args.dim).await?;
+    let queries = Arc::new(super::vectors(args.queries, args.dim, 2));
+    println!("### Search QPS with 1 and 2 replicas, each node pinned to its own core\n");
+    println!(
+        "Command: `bench --mode scaling --n {} --dim {} --concurrency {} --queries {}` (one shard; node 1 on core 0, \
+         node 2 on core 1, the load generator on both)\n",
+        args.n, args.dim, args.concurrency, args.queries
+    );
+    println!(
+        "Machine: {}; load average {load_before} at the start\n",
+        super::usage::machine_line()
+    );
+    println!("| replicas | serving nodes | QPS | p50 ms | p99 ms |");
+    println!("|---:|---|---:|---:|---:|");
+    let mut qps = Vec::new();
+    for replicas in [1u32, 2] {
+        if replicas > 1 {
+            admin
+                .load("bench", edgevec_client::ReplicationSpec::new(replicas))
+                .await
+                .context("adding a replica")?;
+        }
+        let serving = settled(&admin, replicas as usize).await?;
+        let mut clients = Vec::new();
+        for i in 0..args.concurrency {
+            clients.push(client_at(&cluster, 1 + (i as u64 % 2), None).await?);
+        }
+        // A warm-up pass, then the measured one.
+        super::quic_search(&clients, &queries, args.k).await?;
+        let s = super::quic_search(&clients, &queries, args.k).await?;
+        println!(
+            "| {replicas} | {serving:?} | {:.0} | {:.2} | {:.2} |",
+            s.qps, s.p50_ms, s.p99_ms
+        );
+        qps.push(s.qps);
+        for c in clients {
+            c.close().await;
+        }
+    }
+    println!(
+        "\nQPS with 2 replicas / with 1: **{:.2}**; load average {} at the end.",
+        qps[1] / qps[0],
+        super::usage::load_average()
+    );
+    Ok(())
+}
+
+/// Waits (300 s at most) until the bench collection's shard has `n`
+/// in-sync replicas and every sealed segment is indexed; returns the
+/// replicas' nodes.
+async fn settled(admin: &Client, n: usize) -> Result<Vec<u64>> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let shards = admin.shards(Some("bench")).await.ok();
+        let nodes: Vec<u64> = shards
+            .iter()
+            .flatten()
+            .flat_map(|c| c.shards.iter())
+            .flat_map(|s| s.replicas.iter().filter(|r| r.state == "in-sync").map(|r| r.node))
+            .collect();
+        let indexed = admin.describe_collection("bench").await.is_ok_and(|info| {
+            info.segments
+                .iter()
+                .all(|s| s.state != edgevec_proto::SegmentState::Sealed || s.index == edgevec_proto::IndexState::Ready)
+        });
+        if nodes.len() == n && indexed {
+            // A new replica receives sealed segments with their indexes;
+            // a moment for its node to settle after the transfer.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            return Ok(nodes);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the bench collection did not settle at {n} in-sync replicas within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

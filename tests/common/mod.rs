@@ -894,8 +894,6 @@ pub fn brute_top_k<'a>(points: impl IntoIterator<Item = (u64, &'a [f32])>, q: &[
     all
 }
 
-/// The value of metric `name` on the first line of `text` (Prometheus
-/// text format) that carries every one of `labels`.
 /// Sum of a metric's lines that carry every label in `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
@@ -905,6 +903,8 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// The value of metric `name` on the first line of `text` (Prometheus
+/// text format) that carries every one of `labels`.
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))

@@ -62,10 +62,7 @@ fn unavailable(msg: impl Into<String>) -> WireError {
 
 /// Milliseconds since the Unix epoch (for human-facing "since" fields).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::faults::wall_ms()
 }
 
 /// How much later each voter (in id order) than the previous one
@@ -152,9 +149,13 @@ impl Meta {
         self.state.borrow().clone()
     }
 
-    /// A receiver that changes whenever metadata is applied.
+    /// Changes of the metadata from now on: the receiver's first
+    /// `changed()` is the first change after this call (read the current
+    /// state after subscribing, then wait).
     pub fn subscribe(&self) -> watch::Receiver<Arc<MetaState>> {
-        self.state.clone()
+        let mut rx = self.state.clone();
+        rx.mark_unchanged();
+        rx
     }
 
     pub fn metrics(&self) -> edgevec_meta::types::RaftMetrics {

@@ -2,8 +2,14 @@
 //!
 //! One pooled connection per peer address, opened on first use and replaced
 //! when it dies or stops answering; each call is a fresh stream on it.
-//! Each address has its own slot lock, so a handshake with a dead peer never
-//! delays calls to live ones.
+//!
+//! A dial runs in its own task and is shared by every call that needs the
+//! same peer meanwhile: a caller waits for it only as long as its own
+//! deadline allows, but the handshake goes on without it (bounded by the
+//! dial timeout), so a handshake slower than a heartbeat's deadline on a
+//! busy machine still ends in a connection the next call uses. At most one
+//! dial per peer is in flight; a handshake with a dead peer never delays
+//! calls to live ones.
 //!
 //! Fault injection (tests, `fault_injection` in cluster.toml): calls to a
 //! blocked address go unanswered until their deadline, like calls across
@@ -16,8 +22,18 @@ use std::time::Duration;
 
 use edgevec_client::rpc::{self, CallError};
 use edgevec_proto::internal::{NodeRequest, NodeResponse};
+use futures::future::{BoxFuture, FutureExt, Shared};
 
-type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+type Dial = Shared<BoxFuture<'static, Result<quinn::Connection, CallError>>>;
+
+/// One peer's connection, or the dial that will make it.
+#[derive(Default)]
+struct SlotState {
+    conn: Option<quinn::Connection>,
+    dialing: Option<Dial>,
+}
+
+type Slot = Arc<Mutex<SlotState>>;
 
 pub struct PeerPool {
     endpoint: quinn::Endpoint,
@@ -46,11 +62,11 @@ impl PeerPool {
         };
         *self.blocked.lock().expect("peer pool lock") = addrs;
         for slot in slots {
-            if let Ok(mut held) = slot.try_lock() {
-                if let Some(c) = held.take() {
-                    c.close(0u32.into(), b"partitioned");
-                }
+            let mut state = slot.lock().expect("peer slot lock");
+            if let Some(c) = state.conn.take() {
+                c.close(0u32.into(), b"partitioned");
             }
+            state.dialing = None;
         }
     }
 
@@ -67,24 +83,45 @@ impl PeerPool {
             .clone()
     }
 
-    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, CallError> {
+    /// The live connection to `addr`, or the dial in flight to it (started
+    /// here if there is none).
+    fn connection(&self, addr: SocketAddr) -> Dial {
         let slot = self.slot(addr);
-        let mut conn = slot.lock().await;
-        if let Some(c) = conn.as_ref() {
+        let mut state = slot.lock().expect("peer slot lock");
+        if let Some(c) = state.conn.as_ref() {
             if c.close_reason().is_none() {
-                return Ok(c.clone());
+                return futures::future::ready(Ok(c.clone())).boxed().shared();
             }
+            state.conn = None;
         }
-        let connecting = self
-            .endpoint
-            .connect(addr, &edgevec_client::tls::server_name(&addr))
-            .map_err(|e| CallError::Connection(e.to_string()))?;
-        let c = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| CallError::Timeout(self.connect_timeout))?
-            .map_err(|e| CallError::Connection(e.to_string()))?;
-        *conn = Some(c.clone());
-        Ok(c)
+        if let Some(dial) = state.dialing.as_ref() {
+            return dial.clone();
+        }
+        let connecting = self.endpoint.connect(addr, &edgevec_client::tls::server_name(&addr));
+        let (limit, owner) = (self.connect_timeout, slot.clone());
+        let task = tokio::spawn(async move {
+            let result = match connecting {
+                Err(e) => Err(CallError::Connection(e.to_string())),
+                Ok(connecting) => match tokio::time::timeout(limit, connecting).await {
+                    Err(_) => Err(CallError::Timeout(limit)),
+                    Ok(r) => r.map_err(|e| CallError::Connection(e.to_string())),
+                },
+            };
+            let mut state = owner.lock().expect("peer slot lock");
+            state.dialing = None;
+            if let Ok(c) = &result {
+                state.conn = Some(c.clone());
+            }
+            result
+        });
+        let dial = async move {
+            task.await
+                .unwrap_or_else(|e| Err(CallError::Connection(format!("dial task failed: {e}"))))
+        }
+        .boxed()
+        .shared();
+        state.dialing = Some(dial.clone());
+        dial
     }
 
     /// Sends one request to the node at `addr`.
@@ -112,15 +149,12 @@ impl PeerPool {
         let result = rpc::call(&conn, req, left).await;
         if matches!(result, Err(CallError::Connection(_) | CallError::Timeout(_))) {
             // A peer that does not answer may be gone without the QUIC idle
-            // timeout having noticed yet: dial afresh next time. A slot held
-            // by another call is being redialled already: never wait for it
-            // (a handshake with a dead peer holds it for the dial timeout).
+            // timeout having noticed yet: dial afresh next time (unless
+            // another call has replaced the connection already).
             let slot = self.slot(addr);
-            let held = slot.try_lock();
-            if let Ok(mut held) = held {
-                if held.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
-                    *held = None;
-                }
+            let mut state = slot.lock().expect("peer slot lock");
+            if state.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                state.conn = None;
             }
         }
         result

@@ -280,6 +280,8 @@ pub struct DataPlane {
     pub tasks: TaskTracker,
     /// The policy plugins this node runs.
     pub policies: Arc<crate::policy::registry::Policies>,
+    /// How late reads from each proxy arrive (expired reads are dropped).
+    pub arrivals: reads::Arrivals,
 }
 
 /// Runs blocking engine work on the blocking pool.
@@ -340,6 +342,7 @@ impl DataPlane {
             shutdown,
             tasks,
             policies,
+            arrivals: reads::Arrivals::default(),
         })
     }
 

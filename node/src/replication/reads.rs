@@ -49,11 +49,51 @@ pub(crate) fn not_caught_up(msg: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::NotCaughtUp, msg)
 }
 
-/// This node's wall clock in Unix ms (read deadlines only).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// How much later than its proxy's usual delivery a read may arrive
+/// beyond the time the proxy still waits for it (jitter, scheduling).
+const EXPIRY_SLACK_MS: i64 = 500;
+/// A proxy's usual delivery is the fastest seen over the last one to two
+/// of these periods (a proxy's clock that steps back looks late for at
+/// most two periods).
+const DELIVERY_WINDOW: Duration = Duration::from_secs(30);
+
+/// Per proxy node: the smallest `arrival − sent` seen lately, each side
+/// on its own wall clock: the clocks' offset plus the fastest delivery.
+/// A read whose `arrival − sent` exceeds that by more than the time its
+/// proxy still waits was queued here (a paused or starved node) and is
+/// dropped. No clock is compared with another; offsets of any size work.
+#[derive(Default)]
+pub struct Arrivals {
+    by_proxy: std::sync::Mutex<std::collections::HashMap<u64, Fastest>>,
+}
+
+struct Fastest {
+    current: i64,
+    previous: i64,
+    since: Instant,
+}
+
+impl Arrivals {
+    /// Records a read from `proxy` sent at `sent` (its clock) that
+    /// arrived at `arrived` (ours); how much later than the fastest
+    /// delivery lately it arrived (ms).
+    pub fn late_by(&self, proxy: u64, sent: u64, arrived: u64) -> i64 {
+        let sample = arrived as i64 - sent as i64;
+        let now = Instant::now();
+        let mut by = self.by_proxy.lock().expect("arrivals lock");
+        let f = by.entry(proxy).or_insert(Fastest {
+            current: sample,
+            previous: sample,
+            since: now,
+        });
+        if now.duration_since(f.since) >= DELIVERY_WINDOW {
+            f.previous = f.current;
+            f.current = sample;
+            f.since = now;
+        }
+        f.current = f.current.min(sample);
+        sample - f.current.min(f.previous)
+    }
 }
 
 /// The last confirmed round of a replica, and the turn that serialises
@@ -86,22 +126,27 @@ impl Rounds {
 }
 
 impl DataPlane {
-    /// Serves `req` from this node's replica once its requirement holds.
-    pub async fn read_at(&self, req: ShardReadAt) -> Result<ShardReadAtReply, WireError> {
-        let now_unix = unix_ms();
-        if now_unix
-            > req
-                .deadline_unix_ms
-                .saturating_add(edgevec_proto::replication::DEADLINE_SKEW_MS)
-        {
-            return Err(WireError::new(
-                ErrorCode::Timeout,
-                format!(
-                    "node {}: the read expired {} ms before it was taken up; dropped",
-                    self.me,
-                    now_unix - req.deadline_unix_ms
-                ),
-            ));
+    /// Serves `req`, sent by node `proxy`, from this node's replica once
+    /// its requirement holds.
+    pub async fn read_at(&self, proxy: u64, req: ShardReadAt) -> Result<ShardReadAtReply, WireError> {
+        if proxy != self.me {
+            let late = self.arrivals.late_by(proxy, req.sent_unix_ms, crate::faults::wall_ms());
+            if late > i64::from(req.ttl_ms) + EXPIRY_SLACK_MS {
+                return Err(WireError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "node {}: a read from node {proxy} was taken up {late} ms after it would usually \
+                         arrive, past the {} ms its proxy waits; dropped",
+                        self.me, req.ttl_ms
+                    ),
+                ));
+            }
+        }
+        if crate::faults::get().refuse_reads {
+            return Err(not_caught_up(format!(
+                "node {}: refusing every read (fault hook)",
+                self.me
+            )));
         }
         let budget = Duration::from_millis(u64::from(req.budget_ms)).min(MAX_READ_BUDGET);
         let deadline = Instant::now() + budget;
@@ -301,5 +346,27 @@ impl DataPlane {
             }
             ShardRead::Status { .. } => Ok(ShardReadReply::Status(local.report(self.me))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Arrivals;
+
+    #[test]
+    fn lateness_is_measured_against_each_proxys_own_fastest_delivery() {
+        let a = Arrivals::default();
+        // Proxy 2's clock is 8 s behind ours, proxy 3's 8 s ahead: both
+        // are on time when they arrive as fast as usual.
+        assert_eq!(a.late_by(2, 1_000, 9_005), 0);
+        assert_eq!(a.late_by(3, 20_000, 12_004), 0);
+        assert_eq!(a.late_by(2, 2_000, 10_007), 2);
+        assert_eq!(a.late_by(3, 21_000, 13_001), 0);
+        // A faster delivery lowers the baseline.
+        assert_eq!(a.late_by(2, 3_000, 11_003), 0);
+        // A read queued behind a 4 s pause is 4 s late.
+        assert_eq!(a.late_by(2, 4_000, 16_003), 4_000);
+        // Which does not move the baseline of the other proxy.
+        assert_eq!(a.late_by(3, 22_000, 14_001), 0);
     }
 }

@@ -77,11 +77,14 @@ const RETRY_MIN_PER_SEC: f64 = 10.0;
 /// ...and holds at most this many.
 const RETRY_BURST: f64 = 50.0;
 
-/// How many immediate re-sends of reads (to the next replica after one
-/// failed) this node may make: a share of the reads plus a few per second
-/// (Finagle's retry budget). Without budget the next attempt waits for the
-/// next planning round (100 ms, or a metadata change) instead: a sick
-/// cluster sees paced retries, not a storm.
+/// How many attempts beyond the first this node's reads may make: a share
+/// of the reads plus a few per second (Finagle's retry budget). A read's
+/// first attempt is free, and so is the first after a metadata change (a
+/// new plan, not a repeat); every other attempt, the next replica after a
+/// failure or another round while a shard has none that serves, spends
+/// one. Without budget the read waits for a metadata change or the
+/// budget's refill, until its deadline: a sick cluster sees at most
+/// (1 + the share) attempts per read plus the refill rate, not a storm.
 #[derive(Debug)]
 struct RetryBudget {
     state: Mutex<(f64, Instant)>,
@@ -144,6 +147,8 @@ struct NodeStat {
     errors: VecDeque<Instant>,
     /// Transport failures and timeouts in a row (reset by an answer).
     consecutive: u32,
+    /// Ejections so far.
+    ejections: u64,
     ejected_until: Option<Instant>,
     /// A readmission probe of this node is in flight.
     probing: bool,
@@ -197,6 +202,7 @@ impl NodeStat {
     fn eject(&mut self, now: Instant) {
         self.errors.push_back(now);
         self.consecutive = self.consecutive.saturating_add(1);
+        self.ejections += 1;
         let backoff = EJECT_FOR
             .saturating_mul(1 << (self.consecutive - 1).min(5))
             .min(EJECT_MAX);
@@ -344,6 +350,8 @@ pub struct Router {
     retry_budget: RetryBudget,
     /// Hedged reads sent so far.
     hedges: std::sync::atomic::AtomicU64,
+    /// Attempts made on replicas so far.
+    attempts: std::sync::atomic::AtomicU64,
 }
 
 /// How one read is to be served: its level, the client's token for each
@@ -413,6 +421,7 @@ impl Router {
             applied: Mutex::new(HashMap::new()),
             retry_budget: RetryBudget::default(),
             hedges: Default::default(),
+            attempts: Default::default(),
         }
     }
 
@@ -687,6 +696,10 @@ impl Router {
         let mut errors: Vec<String> = Vec::new();
         let mut tried = 0u64;
         let mut rx = self.plane.meta.subscribe();
+        self.retry_budget.deposit();
+        // The first attempt of a round is free while the round follows a
+        // new configuration (or is the first).
+        let mut new_plan = true;
 
         loop {
             if let Some((cfg, _)) = self.plane.config_of(key) {
@@ -708,16 +721,14 @@ impl Router {
                 if plan.is_empty() {
                     errors.push(format!("no replica of {key} may serve at {}", spec.level));
                 }
-                self.retry_budget.deposit();
                 let hedge = self.hedging(key.collection);
                 let mut i = 0;
                 while i < plan.len() {
                     if Instant::now() >= spec.deadline {
                         break;
                     }
-                    // The first attempt of each planning round is paced by
-                    // the round; the ones after it spend the budget.
-                    if i > 0 && !self.retry_budget.withdraw() {
+                    let free = i == 0 && new_plan;
+                    if !free && !self.retry_budget.withdraw() {
                         errors.push("retry budget spent; waiting for the next round".into());
                         break;
                     }
@@ -775,6 +786,13 @@ impl Router {
                     }
                     i += 2;
                 }
+            } else if self.plane.meta.state().collection_by_id(key.collection).is_none() {
+                // Dropped while the read was under way (a collection of the
+                // same name created since has another id): no wait helps.
+                return Err(WireError::new(
+                    ErrorCode::NotFound,
+                    format!("collection {} was dropped while the read was under way", key.collection),
+                ));
             } else {
                 errors.push(format!("{key} has no configuration on node {}", self.plane.me));
             }
@@ -784,7 +802,10 @@ impl Router {
             }
             // A failover in progress: wait for the next configuration (or a
             // moment), then try again within the same request.
-            let _ = tokio::time::timeout(left.min(RETRY_PAUSE), rx.changed()).await;
+            new_plan = matches!(
+                tokio::time::timeout(left.min(RETRY_PAUSE), rx.changed()).await,
+                Ok(Ok(()))
+            );
         }
         errors.dedup();
         let shown = errors.len().saturating_sub(6);
@@ -933,13 +954,13 @@ impl Router {
     fn probe(&self, key: ShardRef, node: u64) {
         let (plane, nodes) = (self.plane.clone(), self.nodes.clone());
         self.plane.tasks.spawn(async move {
-            let unix_now = crate::replication::reads::unix_ms();
             let msg = ShardReadAt {
                 read: ShardRead::Status { shard: key },
                 requirement: ReadRequirement::None,
                 min_lsn: 0,
                 budget_ms: 0,
-                deadline_unix_ms: unix_now + ATTEMPT_MAX.as_millis() as u64,
+                sent_unix_ms: crate::faults::wall_ms(),
+                ttl_ms: ATTEMPT_MAX.as_millis() as u32,
             };
             let ok = matches!(
                 plane.call_peer(node, NodeOpV1::ShardReadAt(msg), ATTEMPT_MAX).await,
@@ -968,18 +989,19 @@ impl Router {
             Duration::ZERO
         };
         let timeout = (wait + self.nodes.attempt_timeout(node)).min(left);
-        let unix_now = crate::replication::reads::unix_ms();
         let msg = ShardReadAt {
             read: read.clone(),
             requirement,
             min_lsn,
             budget_ms: wait.as_millis() as u32,
-            deadline_unix_ms: unix_now + left.as_millis() as u64,
+            sent_unix_ms: crate::faults::wall_ms(),
+            ttl_ms: timeout.as_millis() as u32,
         };
+        self.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let flight = InFlight::begin(&self.nodes, node);
         let started = Instant::now();
         let result = if node == self.plane.me {
-            match tokio::time::timeout(timeout, self.plane.read_at(msg)).await {
+            match tokio::time::timeout(timeout, self.plane.read_at(self.plane.me, msg)).await {
                 Ok(r) => Ok(r),
                 Err(_) => Err(WireError::new(
                     ErrorCode::Timeout,
@@ -1192,7 +1214,18 @@ impl Router {
         self.hedges.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Immediate re-sends of reads made, and refused for want of budget.
+    /// Attempts made on replicas.
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Ejections so far, by node.
+    pub fn ejections(&self) -> Vec<(u64, u64)> {
+        let all = self.nodes.0.lock().expect("stats lock");
+        all.iter().map(|(node, s)| (*node, s.ejections)).collect()
+    }
+
+    /// Attempts beyond the free ones made, and refused for want of budget.
     pub fn retries(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (
