@@ -129,6 +129,16 @@ async fn searches_survive(fault: Fault, victim_is: impl Fn(&TestCluster, u64) ->
         }
     }
     println!("{fault:?} of node {victim}: answers per 500 ms after it {per_half:?}; slowest {slowest:?}");
+    // When the clients' node lives, it rescued the reads in flight on the
+    // silent one (asked the next replica before their attempts timed out).
+    if first != victim {
+        let (_, m) = cluster.http_get(first, "/metrics");
+        let rescues = metric(&m, "edgevec_read_rescues", &[]).unwrap_or(0.0);
+        assert!(
+            rescues > 0.0,
+            "node {first} rescued no read from the silent node {victim}"
+        );
+    }
     if let Fault::Pause = fault {
         cluster.resume(victim);
     }

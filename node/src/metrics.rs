@@ -87,6 +87,7 @@ struct PluginGauges {
     retries_refused: Gauge,
     hedges: Gauge,
     attempts: Gauge,
+    rescues: Gauge,
     ejections: Family<NodeIdLabels, Gauge>,
 }
 
@@ -150,6 +151,11 @@ impl PluginGauges {
             self.attempts.clone(),
         );
         registry.register(
+            "read_rescues",
+            "Reads this node also sent to the next replica because the first one's node had gone silent (stalled)",
+            self.rescues.clone(),
+        );
+        registry.register(
             "read_ejections",
             "Times this node ejected a node from first choice for reads (a transport failure or timeout)",
             self.ejections.clone(),
@@ -195,6 +201,7 @@ impl PluginGauges {
         self.retries_refused.set(refused as i64);
         self.hedges.set(router.hedges() as i64);
         self.attempts.set(router.attempts() as i64);
+        self.rescues.set(router.rescues() as i64);
         for (node, n) in router.ejections() {
             self.ejections
                 .get_or_create(&NodeIdLabels { node: node.to_string() })

@@ -10,11 +10,13 @@
 //!   collection's load-balancing plugin gives (round-robin unless the
 //!   collection names another; the given order when the plugin cannot
 //!   answer); a replica that fails is skipped for the next one within the
-//!   same request (consistency levels come with the routing milestone).
+//!   same request, at the request's consistency level (`levels.rs`).
 //!   Per-shard top-k lists are merged by score.
 //! - What the plugin sees of each replica's node (requests in flight,
-//!   latency EWMA, recent errors, a short ejection after a failure) is this
-//!   node's own experience of it ([`NodeStats`]).
+//!   latency EWMA, recent errors, a short ejection after a failure, a
+//!   stall: no answer for a few latencies while attempts are out) is this
+//!   node's own experience of it ([`NodeStats`]). A read waiting on a
+//!   stalled node asks the next replica too; the first answer wins.
 //!
 //! Invariant: nothing here decides replication; it reads the shard
 //! configurations from this node's copy of the metadata and leaves every
@@ -76,6 +78,9 @@ const RETRY_RATIO: f64 = 0.2;
 const RETRY_MIN_PER_SEC: f64 = 10.0;
 /// ...and holds at most this many.
 const RETRY_BURST: f64 = 50.0;
+/// Speculative hedges never take the budget below this: it stays for
+/// retries after failures (a node that dies while hedges drain the budget).
+const RETRY_RESERVE: f64 = 25.0;
 
 /// How many attempts beyond the first this node's reads may make: a share
 /// of the reads plus a few per second (Finagle's retry budget). A read's
@@ -121,10 +126,22 @@ impl RetryBudget {
         st.0 = (st.0 + RETRY_RATIO).min(RETRY_BURST);
     }
 
+    /// One attempt for a retry: spends the budget down to empty.
     fn withdraw(&self) -> bool {
+        self.take(1.0)
+    }
+
+    /// One speculative attempt (a hedge): only from what is above the
+    /// reserve, which stays for retries after failures.
+    fn withdraw_speculative(&self) -> bool {
+        self.take(1.0 + RETRY_RESERVE)
+    }
+
+    /// Spends one if the budget holds at least `need`.
+    fn take(&self, need: f64) -> bool {
         let mut st = self.state.lock().expect("budget lock");
         self.refill(&mut st);
-        let ok = st.0 >= 1.0;
+        let ok = st.0 >= need;
         if ok {
             st.0 -= 1.0;
             self.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -140,7 +157,10 @@ const ERROR_WINDOW: Duration = Duration::from_secs(10);
 /// This node's experience of one peer as a read target.
 #[derive(Debug, Default)]
 struct NodeStat {
-    in_flight: u64,
+    /// Attempts in flight on the node, by attempt number, with their start.
+    outstanding: BTreeMap<u64, Instant>,
+    /// When the node last answered anything (a refusal too).
+    answered: Option<Instant>,
     /// Latency EWMA (α = 0.3) in µs, and when it was last sampled.
     ewma_us: f64,
     sampled: Option<Instant>,
@@ -161,27 +181,39 @@ const HEDGE_MIN: Duration = Duration::from_millis(2);
 /// ...and this when a node has no latency yet.
 const HEDGE_UNKNOWN: Duration = Duration::from_millis(50);
 
+/// A node that has not answered anything for this long (and a few
+/// latency EWMAs) while attempts were outstanding on it counts as
+/// *stalled*: tried after the others, like an ejected one, though nothing
+/// is held against it (kill -9 and SIGSTOP are silent; the first
+/// attempt's timeout would otherwise be the first sign).
+const STALL_MIN: Duration = Duration::from_millis(50);
+const STALL_LATENCIES: f64 = 4.0;
+/// How often a read waiting on an attempt checks whether its node stalled.
+const STALL_CHECK: Duration = Duration::from_millis(20);
+
 /// One attempt in flight on a node: counted in its in-flight requests
 /// until it ends, also when it is cancelled (a hedge's loser).
 struct InFlight<'a> {
     nodes: &'a NodeStats,
     node: u64,
+    seq: u64,
     ended: bool,
 }
 
 impl<'a> InFlight<'a> {
     fn begin(nodes: &'a NodeStats, node: u64) -> Self {
-        nodes.begin(node);
+        let seq = nodes.begin(node);
         InFlight {
             nodes,
             node,
+            seq,
             ended: false,
         }
     }
 
     fn end(mut self, took: Duration, outcome: Outcome) {
         self.ended = true;
-        self.nodes.end(self.node, took, outcome);
+        self.nodes.end(self.node, self.seq, took, outcome);
     }
 }
 
@@ -190,7 +222,7 @@ impl Drop for InFlight<'_> {
         if !self.ended {
             let mut all = self.nodes.0.lock().expect("stats lock");
             if let Some(s) = all.get_mut(&self.node) {
-                s.in_flight = s.in_flight.saturating_sub(1);
+                s.outstanding.remove(&self.seq);
             }
         }
     }
@@ -207,6 +239,28 @@ impl NodeStat {
             .saturating_mul(1 << (self.consecutive - 1).min(5))
             .min(EJECT_MAX);
         self.ejected_until = Some(now + backoff);
+    }
+
+    /// An attempt has been outstanding for longer than a few latencies
+    /// (at least [`STALL_MIN`]), and the node has answered nothing since
+    /// it began.
+    fn stalled(&self, now: Instant) -> bool {
+        // The oldest attempt begun after the node's last answer (attempts
+        // are numbered in the order they began).
+        let Some(oldest) = self
+            .outstanding
+            .values()
+            .find(|began| self.answered.is_none_or(|a| a < **began))
+        else {
+            return false;
+        };
+        // A node with no latency sample yet gets the attempt floor: a slow
+        // node must be able to give its first answers.
+        let limit = match self.sampled {
+            Some(_) => Duration::from_micros((self.ewma_us * STALL_LATENCIES) as u64).max(STALL_MIN),
+            None => ATTEMPT_MIN,
+        };
+        now.duration_since(*oldest) > limit
     }
 }
 
@@ -227,18 +281,29 @@ enum Outcome {
 /// attempt timeouts, and the latest latencies of reads served by any node
 /// (for the hedging delay).
 #[derive(Debug, Default)]
-pub struct NodeStats(Mutex<HashMap<u64, NodeStat>>, Mutex<VecDeque<u32>>);
+pub struct NodeStats(
+    Mutex<HashMap<u64, NodeStat>>,
+    Mutex<VecDeque<u32>>,
+    std::sync::atomic::AtomicU64,
+);
 
 impl NodeStats {
-    fn begin(&self, node: u64) {
-        self.0.lock().expect("stats lock").entry(node).or_default().in_flight += 1;
+    /// Counts an attempt on `node` as outstanding; returns its number.
+    fn begin(&self, node: u64) -> u64 {
+        let seq = self.2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut all = self.0.lock().expect("stats lock");
+        all.entry(node).or_default().outstanding.insert(seq, Instant::now());
+        seq
     }
 
-    fn end(&self, node: u64, took: Duration, outcome: Outcome) {
+    fn end(&self, node: u64, seq: u64, took: Duration, outcome: Outcome) {
         let mut all = self.0.lock().expect("stats lock");
         let s = all.entry(node).or_default();
-        s.in_flight = s.in_flight.saturating_sub(1);
+        s.outstanding.remove(&seq);
         let now = Instant::now();
+        if outcome != Outcome::Failed {
+            s.answered = Some(now);
+        }
         match outcome {
             Outcome::Served => {
                 let us = took.as_secs_f64() * 1e6;
@@ -316,6 +381,22 @@ impl NodeStats {
         }
     }
 
+    /// A stalled node's attempt lost to another replica's answer: the
+    /// node is ejected, as after a timeout.
+    fn stalled_out(&self, node: u64) {
+        let mut all = self.0.lock().expect("stats lock");
+        let s = all.entry(node).or_default();
+        if s.stalled(Instant::now()) {
+            s.eject(Instant::now());
+        }
+    }
+
+    /// Whether `node` has stalled (see [`STALL_MIN`]).
+    fn is_stalled(&self, node: u64) -> bool {
+        let all = self.0.lock().expect("stats lock");
+        all.get(&node).is_some_and(|s| s.stalled(Instant::now()))
+    }
+
     /// Fills the node-side fields of `info`. A node stays ejected after
     /// its ejection ends until a probe readmits it: client reads are not
     /// the probes.
@@ -323,7 +404,7 @@ impl NodeStats {
         let all = self.0.lock().expect("stats lock");
         let Some(s) = all.get(&info.node) else { return };
         let now = Instant::now();
-        info.in_flight = s.in_flight;
+        info.in_flight = s.outstanding.len() as u64;
         // Decayed towards zero with time since the last sample, so a
         // node that stopped being chosen gets tried again (Finagle's p2c).
         info.latency_us = s.sampled.map(|_| s.ewma_us.max(1.0) as u64);
@@ -333,7 +414,7 @@ impl NodeStats {
             .iter()
             .filter(|t| now.duration_since(**t) <= ERROR_WINDOW)
             .count() as u64;
-        info.ejected = s.consecutive > 0 && s.ejected_until.is_some();
+        info.ejected = (s.consecutive > 0 && s.ejected_until.is_some()) || s.stalled(now);
     }
 }
 
@@ -352,6 +433,8 @@ pub struct Router {
     hedges: std::sync::atomic::AtomicU64,
     /// Attempts made on replicas so far.
     attempts: std::sync::atomic::AtomicU64,
+    /// Reads also sent to the next replica because the first had stalled.
+    rescues: std::sync::atomic::AtomicU64,
 }
 
 /// How one read is to be served: its level, the client's token for each
@@ -422,6 +505,7 @@ impl Router {
             retry_budget: RetryBudget::default(),
             hedges: Default::default(),
             attempts: Default::default(),
+            rescues: Default::default(),
         }
     }
 
@@ -735,7 +819,7 @@ impl Router {
                     tried += 1;
                     let (node, requirement, min_lsn) = plan[i];
                     let first = self.attempt(key, node, &read, requirement, min_lsn, spec.deadline);
-                    let Some(&(next, next_requirement, next_min)) = plan.get(i + 1).filter(|_| hedge) else {
+                    let Some(&(next, next_requirement, next_min)) = plan.get(i + 1) else {
                         match first.await {
                             Ok(r) => return Ok(r),
                             Err(e) => errors.push(format!("node {node}: {}", e.message)),
@@ -743,31 +827,48 @@ impl Router {
                         i += 1;
                         continue;
                     };
-                    // Hedging: when the first has not answered within the
-                    // p95 of recent reads, the next replica is asked too (if
-                    // the budget allows); the first answer wins and the
-                    // other attempt is cancelled.
+                    // While the first is out, the next replica is asked too
+                    // (the first answer wins, the other attempt is
+                    // cancelled) when the first's node has stalled (answered
+                    // nothing for a few latencies while attempts were out:
+                    // a dead or paused node), or, with hedging on, when it
+                    // has not answered within the p95 of recent reads. A
+                    // stall spends the retry budget; a speculative hedge
+                    // only what is above its reserve.
                     tokio::pin!(first);
-                    tokio::select! {
-                        r = &mut first => {
-                            match r {
-                                Ok(r) => return Ok(r),
-                                Err(e) => errors.push(format!("node {node}: {}", e.message)),
-                            }
-                            i += 1;
-                            continue;
+                    let hedge_at = hedge.then(|| Instant::now() + self.nodes.hedge_delay());
+                    let mut speculated = false;
+                    let mut rescue = false;
+                    let outcome = loop {
+                        let now = Instant::now();
+                        let tick = hedge_at
+                            .filter(|_| !speculated)
+                            .map_or(STALL_CHECK, |at| at.saturating_duration_since(now).min(STALL_CHECK));
+                        tokio::select! {
+                            r = &mut first => break Some(r),
+                            () = tokio::time::sleep(tick) => {}
                         }
-                        () = tokio::time::sleep(self.nodes.hedge_delay()) => {}
-                    }
-                    if !self.retry_budget.withdraw() {
-                        match first.await {
+                        if self.nodes.is_stalled(node) && self.retry_budget.withdraw() {
+                            rescue = true;
+                            self.rescues.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            break None;
+                        }
+                        if !speculated && hedge_at.is_some_and(|at| Instant::now() >= at) {
+                            speculated = true;
+                            if self.retry_budget.withdraw_speculative() {
+                                self.hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                break None;
+                            }
+                        }
+                    };
+                    if let Some(r) = outcome {
+                        match r {
                             Ok(r) => return Ok(r),
                             Err(e) => errors.push(format!("node {node}: {}", e.message)),
                         }
                         i += 1;
                         continue;
                     }
-                    self.hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tried += 1;
                     let second = self.attempt(key, next, &read, next_requirement, next_min, spec.deadline);
                     tokio::pin!(second);
@@ -776,7 +877,15 @@ impl Router {
                         r = &mut second => ((next, r), false, node),
                     };
                     match done.1 {
-                        Ok(r) => return Ok(r),
+                        Ok(r) => {
+                            if rescue && !other {
+                                // The stalled node stayed silent while another
+                                // answered: it is ejected as if the attempt had
+                                // timed out (else reads would keep going to it).
+                                self.nodes.stalled_out(node);
+                            }
+                            return Ok(r);
+                        }
                         Err(e) => errors.push(format!("node {}: {}", done.0, e.message)),
                     }
                     let rest = if other { second.await } else { first.await };
@@ -1212,6 +1321,11 @@ impl Router {
     /// Hedged reads sent so far.
     pub fn hedges(&self) -> u64 {
         self.hedges.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads also sent to the next replica because the first had stalled.
+    pub fn rescues(&self) -> u64 {
+        self.rescues.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Attempts made on replicas.
