@@ -249,8 +249,8 @@ fn plugin_list(cluster: &TestCluster) -> Vec<serde_json::Value> {
         .clone()
 }
 
-/// Waits until every node runs `version` of `name` (0: until no node
-/// lists it).
+/// Waits until every configured node runs `version` of `name` (0: until
+/// no node lists it).
 async fn wait_version(cluster: &TestCluster, name: &str, version: u64) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -258,11 +258,11 @@ async fn wait_version(cluster: &TestCluster, name: &str, version: u64) -> Vec<se
         let p = list.iter().find(|p| p["name"] == name);
         let done = match (p, version) {
             (None, 0) => true,
-            (Some(p), v) if v > 0 => p["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|n| n["state"] == "loaded" && n["version"] == v),
+            (Some(p), v) if v > 0 => {
+                // Every configured node, not only those that answered.
+                let nodes = p["nodes"].as_array().unwrap();
+                nodes.len() == cluster.ids().len() && nodes.iter().all(|n| n["state"] == "loaded" && n["version"] == v)
+            }
             _ => false,
         };
         if done {

@@ -359,3 +359,73 @@ async fn retry_budgets_cap_amplification() {
         "the budget never refused"
     );
 }
+
+/// Panic mode: a proxy that holds no replica is cut off from both
+/// replicas of a shard until it has ejected both; once the link is back,
+/// reads answer at once although both are still ejected (ejected replicas
+/// are tried last, never excluded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_answer_when_every_replica_is_ejected() {
+    let cluster = TestCluster::running(Layout {
+        voters: 3,
+        learners: 0,
+        cluster_extra: "fault_injection = true\n".into(),
+    })
+    .await;
+    let admin = cluster.client(1, ADMIN).await;
+    admin
+        .create_replicated(
+            CollectionSpec::new("panic", DIM as u32, Metric::L2).with_shards(1),
+            ReplicationSpec::new(2),
+        )
+        .await
+        .expect("create");
+    let rows = random_vectors(20, DIM, 3);
+    let points = (0..20u64)
+        .map(|id| Point {
+            id,
+            vector: rows[id as usize].clone(),
+            payload: None,
+        })
+        .collect();
+    admin.upsert("panic", points).await.expect("write");
+    let shards = admin.shards(Some("panic")).await.expect("shards");
+    let holders: Vec<u64> = shards[0].shards[0].replicas.iter().map(|r| r.node).collect();
+    let proxy = (1..=3)
+        .find(|n| !holders.contains(n))
+        .expect("a node without a replica");
+    let client = cluster.client_of(&[proxy], READER).await;
+    let opts = |ms| edgevec_client::ReadOpts {
+        consistency: Some("eventually".into()),
+        timeout: Some(Duration::from_millis(ms)),
+    };
+    for _ in 0..10 {
+        client.get_with("panic", &[1], &opts(5_000)).await.expect("read");
+    }
+    cluster.cut(proxy, &holders);
+    let ejected = |node: u64| {
+        let (_, m) = cluster.http_get(proxy, "/metrics");
+        metric(&m, "edgevec_read_ejections", &[&format!("node=\"{node}\"")]).unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while holders.iter().any(|n| ejected(*n) < 2.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off replicas were not ejected twice each"
+        );
+        let _ = client.get_with("panic", &[1], &opts(1_500)).await;
+    }
+    cluster.cut(proxy, &[]);
+    // Both are ejected for seconds (doubling from 1 s after each failure
+    // in a row); the read goes to them anyway.
+    let got = client
+        .get_with("panic", &[1, 2], &opts(5_000))
+        .await
+        .expect("a read with every replica ejected");
+    assert_eq!(got.len(), 2);
+    let (_, m) = cluster.http_get(proxy, "/metrics");
+    assert!(
+        metric(&m, "edgevec_read_attempts", &[]).is_some_and(|n| n > 10.0),
+        "no attempts counted:\n{m}"
+    );
+}

@@ -2,9 +2,11 @@
 //!
 //! A [`Client`] holds one QUIC connection to one node of the cluster and
 //! opens a stream per request. It knows several endpoints: when the node it
-//! talks to is lost, it moves to the next one. Requests that are safe to
-//! repeat (everything but collection create/drop) are retried there
-//! transparently; others report [`ClientError::Unavailable`].
+//! talks to is lost, or sends nothing for [`SILENT_AFTER`] while a request
+//! waits (a live node acks the client's keep-alives even while it works),
+//! it moves to the next one. Requests that are safe to repeat (everything
+//! but collection create/drop) are retried there transparently; others
+//! report [`ClientError::Unavailable`].
 //!
 //! ```no_run
 //! use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, Point};
@@ -118,6 +120,43 @@ struct Inner {
     /// Session tokens by collection name: the latest op of each shard
     /// this client wrote or read.
     session: std::sync::Mutex<std::collections::HashMap<String, Vec<SessionToken>>>,
+    retries: RetryTokens,
+}
+
+/// The client's retry budget: each request adds a fifth of a retry, and
+/// 10 more come each second, up to 50 in store; a retry spends one.
+struct RetryTokens(std::sync::Mutex<(f64, std::time::Instant)>);
+
+impl RetryTokens {
+    const PER_REQUEST: f64 = 0.2;
+    const PER_SEC: f64 = 10.0;
+    const MOST: f64 = 50.0;
+
+    fn new() -> Self {
+        RetryTokens(std::sync::Mutex::new((Self::MOST, std::time::Instant::now())))
+    }
+
+    fn refilled(&self) -> std::sync::MutexGuard<'_, (f64, std::time::Instant)> {
+        let mut st = self.0.lock().expect("retry tokens lock");
+        let now = std::time::Instant::now();
+        st.0 = (st.0 + now.duration_since(st.1).as_secs_f64() * Self::PER_SEC).min(Self::MOST);
+        st.1 = now;
+        st
+    }
+
+    fn deposit(&self) {
+        let mut st = self.refilled();
+        st.0 = (st.0 + Self::PER_REQUEST).min(Self::MOST);
+    }
+
+    fn withdraw(&self) -> bool {
+        let mut st = self.refilled();
+        let ok = st.0 >= 1.0;
+        if ok {
+            st.0 -= 1.0;
+        }
+        ok
+    }
 }
 
 /// How one read is served (see [`Client::search_with`]).
@@ -143,7 +182,8 @@ impl Client {
         if config.endpoints.is_empty() {
             return Err(ClientError::Config("no endpoints given".into()));
         }
-        let quic = tls::client_config(&config.ca_pem, None, edgevec_proto::ALPN_CLIENT)?;
+        let mut quic = tls::client_config(&config.ca_pem, None, edgevec_proto::ALPN_CLIENT)?;
+        quic.transport_config(Arc::new(tls::client_transport()));
         let bind: SocketAddr = if config.endpoints[0].is_ipv6() {
             "[::]:0".parse().expect("literal")
         } else {
@@ -158,6 +198,7 @@ impl Client {
                 config,
                 live: Mutex::new(None),
                 session: std::sync::Mutex::new(std::collections::HashMap::new()),
+                retries: RetryTokens::new(),
             }),
         };
         client.connection(None).await?;
@@ -237,15 +278,24 @@ impl Client {
     /// with backoff and within [`ClientConfig::retry_budget`], while the
     /// cluster answers with a retryable refusal (a shard between primaries,
     /// a write whose outcome is unknown): ids make writes idempotent.
+    /// Retries also spend the client's [`RetryTokens`]: a fifth of its
+    /// requests plus 10 per second, so a client never multiplies its load
+    /// on a sick cluster.
     async fn request(&self, op: OpV1) -> Result<ReplyV1, ClientError> {
         // A read the node refused has been tried on every replica until its
         // deadline: repeating it would only multiply the load.
         let retry_safe = is_retry_safe(&op) && !matches!(op, OpV1::SearchV2 { .. } | OpV1::GetV2 { .. });
         let deadline = tokio::time::Instant::now() + self.inner.config.retry_budget;
         let mut backoff = Duration::from_millis(20);
+        self.inner.retries.deposit();
         loop {
             match self.request_once(&op).await {
-                Err(e) if retry_safe && e.is_retryable() && tokio::time::Instant::now() + backoff < deadline => {
+                Err(e)
+                    if retry_safe
+                        && e.is_retryable()
+                        && tokio::time::Instant::now() + backoff < deadline
+                        && self.inner.retries.withdraw() =>
+                {
                     tracing::debug!(error = %e, ?backoff, "retryable refusal; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(200));
@@ -269,7 +319,13 @@ impl Client {
         let mut last = String::new();
         for attempt in 0..attempts {
             let (index, conn) = self.connection(failed).await?;
-            match rpc::call::<_, ClientResponse>(&conn, &req, self.inner.config.request_timeout).await {
+            let call = rpc::call::<_, ClientResponse>(&conn, &req, self.inner.config.request_timeout);
+            let answer = if retry_safe {
+                unless_silent(&conn, call).await
+            } else {
+                call.await
+            };
+            match answer {
                 Ok(ClientResponse::V1(Ok(reply))) => return self.keep_tokens(&req, reply),
                 Ok(ClientResponse::V1(Err(e))) => return Err(e.into()),
                 Err(CallError::Connection(e)) => {
@@ -635,6 +691,44 @@ fn is_retry_safe(op: &OpV1) -> bool {
     )
 }
 
+/// How long a node may send nothing at all (no answer, no ack of the
+/// client's keep-alives, every [`tls::CLIENT_KEEP_ALIVE`]) while a request
+/// waits on it before the client takes it for dead or paused.
+pub const SILENT_AFTER: Duration = Duration::from_millis(600);
+const SILENCE_CHECK: Duration = Duration::from_millis(50);
+
+/// Runs `call` on `conn`, unless the node goes silent first: then the
+/// connection is closed (every request on it moves to the next endpoint)
+/// and the call fails as a lost connection. A node that is alive acks the
+/// keep-alives even while it works on a long request, so only a dead,
+/// paused or cut-off node is silent; this notices it within
+/// [`SILENT_AFTER`] instead of QUIC's idle timeout.
+async fn unless_silent<T>(
+    conn: &quinn::Connection,
+    call: impl std::future::Future<Output = Result<T, CallError>>,
+) -> Result<T, CallError> {
+    tokio::pin!(call);
+    let mut seen = conn.stats().udp_rx.datagrams;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = &mut call => return r,
+            () = tokio::time::sleep(SILENCE_CHECK) => {}
+        }
+        let now = conn.stats().udp_rx.datagrams;
+        if now != seen {
+            seen = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= SILENT_AFTER {
+            conn.close(0u32.into(), b"node silent");
+            return Err(CallError::Connection(format!(
+                "the node sent nothing for {:?}",
+                since.elapsed()
+            )));
+        }
+    }
+}
+
 fn unexpected(reply: ReplyV1) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {reply:?}"))
 }
@@ -652,5 +746,38 @@ async fn dial(endpoint: &quinn::Endpoint, addr: SocketAddr, timeout: Duration) -
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no handshake within {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RetryTokens;
+
+    #[test]
+    fn retries_are_a_share_of_requests_plus_a_rate() {
+        let t = RetryTokens::new();
+        let mut granted = 0;
+        while t.withdraw() {
+            granted += 1;
+            assert!(granted <= 51, "the store holds 50");
+        }
+        assert!(granted >= 50);
+        // Five requests earn one retry.
+        for _ in 0..5 {
+            t.deposit();
+        }
+        assert!(t.withdraw());
+        let emptied = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        // 10 per second.
+        let mut later = 0;
+        while t.withdraw() {
+            later += 1;
+        }
+        let earned = emptied.elapsed().as_secs_f64() * 10.0;
+        assert!(
+            later >= 2 && f64::from(later) <= earned + 1.0,
+            "{later} retries after {earned:.1} were earned"
+        );
     }
 }

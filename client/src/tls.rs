@@ -122,6 +122,19 @@ pub fn transport() -> quinn::TransportConfig {
     t
 }
 
+/// Keep-alive interval of a client library's connection: a node acks
+/// these, so a request waiting on a node that sends nothing for a few of
+/// them is waiting on a dead or paused node ([`crate::SILENT_AFTER`]).
+pub const CLIENT_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The transport of a client library's connection: [`transport`] with
+/// keep-alives every [`CLIENT_KEEP_ALIVE`].
+pub fn client_transport() -> quinn::TransportConfig {
+    let mut t = transport();
+    t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
+    t
+}
+
 /// Bytes a QUIC connection may have received and not yet read, over all
 /// its streams.
 pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
