@@ -47,6 +47,9 @@ use crate::replication::{unavailable, DataPlane};
 
 /// Deadline of a write forwarded to a primary.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a request naming an unknown collection waits for this node to
+/// catch up with the metadata leader before it answers "not found".
+const NAME_BARRIER: Duration = Duration::from_secs(2);
 /// Deadline of a status probe of one replica.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -509,13 +512,18 @@ impl Router {
         }
     }
 
-    fn collection(&self, name: &str) -> Result<CollectionRecord, WireError> {
-        self.plane
-            .meta
-            .state()
-            .collection(name)
-            .cloned()
-            .ok_or_else(|| not_found(name))
+    /// The collection named `name`. A name this node does not know may have
+    /// been created through another node a moment ago: before answering
+    /// "not found", this node catches up with the metadata leader (a read
+    /// barrier, bounded by [`NAME_BARRIER`]), so a collection is usable
+    /// through every node as soon as its creation is acknowledged.
+    async fn collection(&self, name: &str) -> Result<CollectionRecord, WireError> {
+        let known = |meta: &crate::meta::Meta| meta.state().collection(name).cloned();
+        if let Some(rec) = known(&self.plane.meta) {
+            return Ok(rec);
+        }
+        let _ = tokio::time::timeout(NAME_BARRIER, self.plane.meta.read_index()).await;
+        known(&self.plane.meta).ok_or_else(|| not_found(name))
     }
 
     /// Inserts or replaces points of `name`.
@@ -531,7 +539,7 @@ impl Router {
     /// Inserts or replaces points of `name`; the outcome has a session
     /// token for every shard written, also when others failed.
     pub async fn upsert_v2(&self, name: &str, mut points: Vec<Point>) -> Result<WriteOutcome, WireError> {
-        let rec = self.collection(name)?;
+        let rec = self.collection(name).await?;
         validate::points(&rec.spec, &mut points).map_err(|e| e.to_wire())?;
         let count = points.len() as u64;
         let groups = by_shard(last_wins(points), |p| p.id, rec.spec.shards);
@@ -542,7 +550,7 @@ impl Router {
     /// Deletes points of `name` by id, with session tokens as
     /// [`Router::upsert_v2`].
     pub async fn delete_v2(&self, name: &str, ids: Vec<u64>) -> Result<WriteOutcome, WireError> {
-        let rec = self.collection(name)?;
+        let rec = self.collection(name).await?;
         validate::ids(&ids).map_err(|e| e.to_wire())?;
         let groups = by_shard(ids, |id| *id, rec.spec.shards);
         let ops = groups.into_iter().map(|(s, ids)| (s, WriteOp::Delete(ids))).collect();
@@ -1383,7 +1391,7 @@ impl Router {
         with_payload: bool,
         opts: ReadOptions,
     ) -> Result<(Vec<Vec<Hit>>, Vec<SessionToken>), WireError> {
-        let rec = self.collection(name)?;
+        let rec = self.collection(name).await?;
         let queries = validate::search(&rec.spec, &queries, k).map_err(|e| e.to_wire())?;
         let spec = self.read_spec(&rec, opts)?;
         let reads = (0..rec.spec.shards).map(|shard| {
@@ -1440,7 +1448,7 @@ impl Router {
         ids: Vec<u64>,
         opts: ReadOptions,
     ) -> Result<(Vec<PointRecord>, Vec<SessionToken>), WireError> {
-        let rec = self.collection(name)?;
+        let rec = self.collection(name).await?;
         validate::ids(&ids).map_err(|e| e.to_wire())?;
         let spec = self.read_spec(&rec, opts)?;
         let groups = by_shard(ids.clone(), |id| *id, rec.spec.shards);
@@ -1477,7 +1485,7 @@ impl Router {
 
     /// Counts of `name` from one in-sync replica of every shard.
     pub async fn describe(&self, name: &str) -> Result<CollectionInfo, WireError> {
-        let rec = self.collection(name)?;
+        let rec = self.collection(name).await?;
         Ok(self.info(&rec).await)
     }
 
@@ -1636,7 +1644,7 @@ impl Router {
     pub async fn wait_writable(&self, name: &str, within: Duration) -> Result<(), WireError> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let rec = self.collection(name)?;
+            let rec = self.collection(name).await?;
             let mut ready = rec.shards.len() as u32 == rec.spec.shards;
             for (shard, cfg) in &rec.shards {
                 if !ready {
