@@ -228,10 +228,7 @@ pub async fn run_cluster(args: &super::Args, dir: &std::path::Path) -> Result<()
         "Command: `bench --mode plugins-e2e --n {} --dim {} --shards {} --concurrency {} --queries {} --trials {}`\n",
         args.n, args.dim, args.shards, args.concurrency, args.queries, args.trials
     );
-    println!(
-        "Machine: {}; load average {load_before} at the start\n",
-        super::usage::machine_line()
-    );
+    super::usage::print_machine(&load_before);
     println!("| round | decisions | QPS | p50 ms | p99 ms |");
     println!("|---:|---|---:|---:|---:|");
     let mut ratios = Vec::new();

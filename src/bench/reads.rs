@@ -86,10 +86,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         "Command: `bench --mode reads --n {} --dim {} --shards {} --concurrency {} --queries {}`\n",
         args.n, args.dim, args.shards, args.concurrency, args.queries
     );
-    println!(
-        "Machine: {}; load average {load_before} at the start\n",
-        super::usage::machine_line()
-    );
+    super::usage::print_machine(&load_before);
     println!("| level | QPS | p50 ms | p99 ms |");
     println!("|---|---:|---:|---:|");
     for level in ["eventually", "session", "bounded:5000", "bounded:100", "strong"] {
@@ -218,10 +215,7 @@ pub async fn scaling(args: &Args, dir: &std::path::Path) -> Result<()> {
          node 2 on core 1, the load generator on both)\n",
         args.n, args.dim, args.concurrency, args.queries
     );
-    println!(
-        "Machine: {}; load average {load_before} at the start\n",
-        super::usage::machine_line()
-    );
+    super::usage::print_machine(&load_before);
     println!("| replicas | serving nodes | QPS | p50 ms | p99 ms |");
     println!("|---:|---|---:|---:|---:|");
     let mut qps = Vec::new();

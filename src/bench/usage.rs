@@ -143,6 +143,11 @@ pub fn machine_line() -> String {
 }
 
 /// The 1, 5 and 15 minute load averages.
+/// Prints a bench table's machine line, with the load average at its start.
+pub fn print_machine(load_before: &str) {
+    println!("Machine: {}; load average {load_before} at the start\n", machine_line());
+}
+
 pub fn load_average() -> String {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     text.split_whitespace().take(3).collect::<Vec<_>>().join(" ")

@@ -23,6 +23,7 @@
 //! check (term, primary, in-sync) to the replicas themselves.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -265,6 +266,15 @@ impl NodeStat {
         };
         now.duration_since(*oldest) > limit
     }
+}
+
+/// Why a read also asks the next replica while its first attempt is out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Second {
+    /// The first attempt's node stalled.
+    Rescue,
+    /// Speculative: the first has not answered within the hedging delay.
+    Hedge,
 }
 
 /// How one attempt on a replica ended, for [`NodeStats`].
@@ -518,12 +528,12 @@ impl Router {
     /// barrier, bounded by [`NAME_BARRIER`]), so a collection is usable
     /// through every node as soon as its creation is acknowledged.
     async fn collection(&self, name: &str) -> Result<CollectionRecord, WireError> {
-        let known = |meta: &crate::meta::Meta| meta.state().collection(name).cloned();
-        if let Some(rec) = known(&self.plane.meta) {
+        let known = || self.plane.meta.state().collection(name).cloned();
+        if let Some(rec) = known() {
             return Ok(rec);
         }
         let _ = tokio::time::timeout(NAME_BARRIER, self.plane.meta.read_index()).await;
-        known(&self.plane.meta).ok_or_else(|| not_found(name))
+        known().ok_or_else(|| not_found(name))
     }
 
     /// Inserts or replaces points of `name`.
@@ -844,39 +854,17 @@ impl Router {
                     // stall spends the retry budget; a speculative hedge
                     // only what is above its reserve.
                     tokio::pin!(first);
-                    let hedge_at = hedge.then(|| Instant::now() + self.nodes.hedge_delay());
-                    let mut speculated = false;
-                    let mut rescue = false;
-                    let outcome = loop {
-                        let now = Instant::now();
-                        let tick = hedge_at
-                            .filter(|_| !speculated)
-                            .map_or(STALL_CHECK, |at| at.saturating_duration_since(now).min(STALL_CHECK));
-                        tokio::select! {
-                            r = &mut first => break Some(r),
-                            () = tokio::time::sleep(tick) => {}
-                        }
-                        if self.nodes.is_stalled(node) && self.retry_budget.withdraw() {
-                            rescue = true;
-                            self.rescues.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            break None;
-                        }
-                        if !speculated && hedge_at.is_some_and(|at| Instant::now() >= at) {
-                            speculated = true;
-                            if self.retry_budget.withdraw_speculative() {
-                                self.hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                break None;
+                    let rescue = match self.first_or_second(first.as_mut(), node, hedge).await {
+                        Ok(r) => {
+                            match r {
+                                Ok(r) => return Ok(r),
+                                Err(e) => errors.push(format!("node {node}: {}", e.message)),
                             }
+                            i += 1;
+                            continue;
                         }
+                        Err(second) => second == Second::Rescue,
                     };
-                    if let Some(r) = outcome {
-                        match r {
-                            Ok(r) => return Ok(r),
-                            Err(e) => errors.push(format!("node {node}: {}", e.message)),
-                        }
-                        i += 1;
-                        continue;
-                    }
                     tried += 1;
                     let second = self.attempt(key, next, &read, next_requirement, next_min, spec.deadline);
                     tokio::pin!(second);
@@ -1063,6 +1051,39 @@ impl Router {
         let mut plan = plan;
         plan.sort_by_key(tier);
         plan.into_iter().map(|(n, r, l, _)| (n, r, l)).collect()
+    }
+
+    /// Waits for `first` (an attempt on `node`) alone until it answers, or
+    /// until the next replica should be asked too: `node` has stalled and
+    /// the retry budget allows a rescue, or (with `hedge`) the hedging
+    /// delay passed and the budget above its reserve allows a hedge.
+    async fn first_or_second<F>(&self, mut first: Pin<&mut F>, node: u64, hedge: bool) -> Result<F::Output, Second>
+    where
+        F: std::future::Future,
+    {
+        let hedge_at = hedge.then(|| Instant::now() + self.nodes.hedge_delay());
+        let mut speculated = false;
+        loop {
+            let now = Instant::now();
+            let tick = hedge_at
+                .filter(|_| !speculated)
+                .map_or(STALL_CHECK, |at| at.saturating_duration_since(now).min(STALL_CHECK));
+            tokio::select! {
+                r = &mut first => return Ok(r),
+                () = tokio::time::sleep(tick) => {}
+            }
+            if self.nodes.is_stalled(node) && self.retry_budget.withdraw() {
+                self.rescues.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(Second::Rescue);
+            }
+            if !speculated && hedge_at.is_some_and(|at| Instant::now() >= at) {
+                speculated = true;
+                if self.retry_budget.withdraw_speculative() {
+                    self.hedges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Err(Second::Hedge);
+                }
+            }
+        }
     }
 
     /// Probes an ejected node's replica of `key` in the background (its
