@@ -11,7 +11,7 @@ use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() {
     let cli = edgevec_node::cli::Cli::parse();
     // Plugins are compiled by a child of this same binary, with a memory
     // limit (edgevec_node::policy::compile).
@@ -44,13 +44,21 @@ async fn main() -> std::process::ExitCode {
             tracing::error!("{info}");
         }
     }));
-    match edgevec_node::cli::run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match edgevec_node::cli::run(cli).await {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exit now rather than by returning: returning drops the runtime, which
+    // waits for every blocking task, and a node that decided to stop (its
+    // disk full, its metadata store failed) must not hang on one stuck in
+    // I/O. Everything that must be durable was made so before `run`
+    // returned.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(code)
 }
 
 /// The error and its causes, joined with ": ", leaving out a cause whose

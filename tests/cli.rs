@@ -168,8 +168,17 @@ fn up_then_cli_round_trip() {
         "8",
         "--seal-rows",
         "1000",
+        "--hnsw-m",
+        "8",
+        "--ef-construction",
+        "40",
         "--json",
     ]));
+    let out = cluster.cli(&["collection", "create", "m1", "--dim", "8", "--hnsw-m", "1"]);
+    assert!(
+        !out.0 && out.2.contains("hnsw m must be between 2 and 128, got 1"),
+        "{out:?}"
+    );
     let inserted = json(&cluster.cli(&[
         "insert",
         "mat",
@@ -184,6 +193,14 @@ fn up_then_cli_round_trip() {
     let q = serde_json::to_string(&rows[42]).unwrap();
     let hits = json(&cluster.cli(&["search", "mat", "--vector", &q, "--k", "1", "--json"]));
     assert_eq!(hits[0]["id"], 142);
+    for extra in [&["--ef", "200"][..], &["--exact"][..]] {
+        let mut args = vec!["search", "mat", "--vector", &q, "--k", "1", "--json"];
+        args.extend_from_slice(extra);
+        let hits = json(&cluster.cli(&args));
+        assert_eq!(hits[0]["id"], 142, "{extra:?}");
+    }
+    let out = cluster.cli(&["search", "mat", "--vector", &q, "--ef", "5000"]);
+    assert!(!out.0 && out.2.contains("ef must be at most 4096"), "{out:?}");
 
     let info = json(&cluster.cli(&["collection", "describe", "mat", "--json"]));
     assert_eq!(info["points"], 2500);

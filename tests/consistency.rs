@@ -19,6 +19,7 @@ fn opts(level: &str) -> ReadOpts {
     ReadOpts {
         consistency: Some(level.to_string()),
         timeout: Some(Duration::from_secs(10)),
+        ..Default::default()
     }
 }
 

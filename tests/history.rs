@@ -279,6 +279,7 @@ impl Workload {
         let opts = ReadOpts {
             consistency: Some(level.name()),
             timeout: Some(self.read_timeout),
+            ..Default::default()
         };
         self.tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {

@@ -308,6 +308,7 @@ async fn retry_budgets_cap_amplification() {
             let opts = edgevec_client::ReadOpts {
                 consistency: Some("eventually".into()),
                 timeout: Some(Duration::from_millis(300)),
+                ..Default::default()
             };
             let (mut reads, mut served) = (0u64, 0u64);
             let mut i = c;
@@ -404,6 +405,7 @@ async fn reads_answer_when_every_replica_is_ejected() {
     let opts = |ms| edgevec_client::ReadOpts {
         consistency: Some("eventually".into()),
         timeout: Some(Duration::from_millis(ms)),
+        ..Default::default()
     };
     for _ in 0..10 {
         client.get_with("panic", &[1], &opts(5_000)).await.expect("read");

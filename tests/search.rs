@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use edgevec_client::{ClientError, CollectionSpec, Metric, Point};
+use edgevec_client::{ClientError, CollectionSpec, Metric, Point, ReadOpts};
 use edgevec_proto::{IndexState, SegmentState};
 
 fn exact_top_k(data: &[Vec<f32>], q: &[f32], k: usize, metric: Metric) -> Vec<u64> {
@@ -90,7 +90,51 @@ async fn recall_at_10_for_each_metric() {
         let recall = found as f64 / (queries.len() * 10) as f64;
         println!("{metric}: recall@10 = {recall:.4}");
         assert!(recall >= 0.95, "{metric}: recall@10 {recall} < 0.95");
+
+        // Per-search parameters: recall grows with ef, and exact is the
+        // brute force.
+        let mut curve = Vec::new();
+        for (ef, exact) in [(10, false), (40, false), (400, false), (0, true)] {
+            let opts = ReadOpts {
+                ef: (ef > 0).then_some(ef),
+                exact,
+                ..Default::default()
+            };
+            let results = client
+                .search_with(&name, queries.clone(), 10, false, &opts)
+                .await
+                .unwrap();
+            let found: usize = queries
+                .iter()
+                .zip(&results)
+                .map(|(q, hits)| {
+                    let truth: HashSet<u64> = exact_top_k(&data, q, 10, metric).into_iter().collect();
+                    hits.iter().filter(|h| truth.contains(&h.id)).count()
+                })
+                .sum();
+            curve.push(found as f64 / (queries.len() * 10) as f64);
+        }
+        println!("{metric}: recall@10 at ef 10, 40, 400 and exact: {curve:?}");
+        assert!(curve.windows(2).all(|w| w[1] >= w[0]), "{metric}: {curve:?}");
+        assert!(curve[3] >= 0.99, "{metric}: exact search recall {}", curve[3]);
     }
+    let too_wide = ReadOpts {
+        ef: Some(edgevec_proto::limits::MAX_SEARCH_EF + 1),
+        ..Default::default()
+    };
+    match client
+        .search_with("recall_l2", queries.clone(), 10, false, &too_wide)
+        .await
+    {
+        Err(ClientError::InvalidArgument { field, message }) => {
+            assert_eq!(field.as_deref(), Some("ef"));
+            assert!(message.contains("ef must be at most"), "{message}");
+        }
+        other => panic!("an ef above the limit must be refused: {other:?}"),
+    }
+    // The close is sent before `close` returns (the CLI exits right
+    // after), without waiting out the connection's draining period.
+    assert!(client.close().await, "the close was not seen sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

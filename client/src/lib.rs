@@ -38,9 +38,9 @@ use std::time::Duration;
 
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1, RequestV1};
 pub use edgevec_proto::{
-    ClusterNode, ClusterStatus, CollectionInfo, CollectionShards, CollectionSpec, ErrorCode, Hit, Metric, NodeSpec,
-    NodeStatus, OpId, Point, PointRecord, ReadOptions, ReplicaStatus, ReplicationSpec, SessionToken, ShardStatus,
-    WireError, WriteAck,
+    ClusterNode, ClusterStatus, CollectionInfo, CollectionShards, CollectionSpec, ErrorCode, Hit, IndexSpec, Metric,
+    NodeSpec, NodeStatus, OpId, Point, PointRecord, ReadOptions, ReplicaStatus, ReplicationSpec, SearchParams,
+    SessionToken, ShardStatus, WireError, WriteAck,
 };
 use tokio::sync::Mutex;
 
@@ -167,6 +167,13 @@ pub struct ReadOpts {
     /// How long the cluster may work on the read; `None`: a little less
     /// than [`ClientConfig::request_timeout`].
     pub timeout: Option<Duration>,
+    /// Searches only: the HNSW search expansion (candidates kept while
+    /// walking each segment's graph; larger finds more of the true
+    /// neighbours, slower). `None`: the default (64).
+    pub ef: Option<u32>,
+    /// Searches only: compare with every point (brute force) instead of
+    /// walking the index.
+    pub exact: bool,
 }
 
 /// A handle to an edgevec cluster. Cheap to clone; clones share the
@@ -211,12 +218,30 @@ impl Client {
         live.as_ref().map(|l| self.inner.config.endpoints[l.index])
     }
 
-    /// Closes the connection politely; in-flight requests fail.
-    pub async fn close(&self) {
-        if let Some(live) = self.inner.live.lock().await.take() {
-            live.conn.close(0u32.into(), b"client closed");
+    /// Closes the connection politely; in-flight requests fail. Returns
+    /// once the close has been sent to the node (at most [`CLOSE_WAIT`]),
+    /// not after the connection's draining period: the node learns of the
+    /// close from that packet, and a process that exits right after
+    /// (the CLI) does not wait out three probe timeouts for nothing.
+    /// Returns whether the close was seen sent.
+    pub async fn close(&self) -> bool {
+        let Some(live) = self.inner.live.lock().await.take() else {
+            return true;
+        };
+        // Once closed, a connection sends nothing but its close: the next
+        // datagram it transmits carries it.
+        let before = live.conn.stats().udp_tx.datagrams;
+        live.conn.close(0u32.into(), b"client closed");
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            if live.conn.stats().udp_tx.datagrams > before {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        self.inner.endpoint.wait_idle().await;
     }
 
     /// The live connection, or a new one: starting after `failed` (the
@@ -284,7 +309,8 @@ impl Client {
     async fn request(&self, op: OpV1) -> Result<ReplyV1, ClientError> {
         // A read the node refused has been tried on every replica until its
         // deadline: repeating it would only multiply the load.
-        let retry_safe = is_retry_safe(&op) && !matches!(op, OpV1::SearchV2 { .. } | OpV1::GetV2 { .. });
+        let retry_safe =
+            is_retry_safe(&op) && !matches!(op, OpV1::SearchV2 { .. } | OpV1::SearchV3 { .. } | OpV1::GetV2 { .. });
         let deadline = tokio::time::Instant::now() + self.inner.config.retry_budget;
         let mut backoff = Duration::from_millis(20);
         self.inner.retries.deposit();
@@ -374,6 +400,30 @@ impl Client {
         replication: ReplicationSpec,
     ) -> Result<(), ClientError> {
         match self.request(OpV1::CreateReplicated { spec, replication }).await? {
+            ReplyV1::Created => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`Client::create_replicated`] with the collection's HNSW build
+    /// parameters (graph degree `m`, `ef_construction`), fixed for its
+    /// life. The defaults ([`IndexSpec::default`]) go as the plain create,
+    /// which nodes of earlier builds serve too.
+    pub async fn create_indexed(
+        &self,
+        spec: CollectionSpec,
+        replication: ReplicationSpec,
+        index: IndexSpec,
+    ) -> Result<(), ClientError> {
+        if index == IndexSpec::default() {
+            return self.create_replicated(spec, replication).await;
+        }
+        let op = OpV1::CreateReplicatedV2 {
+            spec,
+            replication,
+            index,
+        };
+        match self.request(op).await? {
             ReplyV1::Created => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -507,6 +557,7 @@ impl Client {
             OpV1::UpsertV2 { collection, .. }
             | OpV1::DeleteV2 { collection, .. }
             | OpV1::SearchV2 { collection, .. }
+            | OpV1::SearchV3 { collection, .. }
             | OpV1::GetV2 { collection, .. } => collection,
             _ => return Ok(reply),
         };
@@ -638,12 +689,30 @@ impl Client {
         with_payload: bool,
         opts: &ReadOpts,
     ) -> Result<Vec<Vec<Hit>>, ClientError> {
-        let op = OpV1::SearchV2 {
-            collection: collection.into(),
-            queries,
-            k,
-            with_payload,
-            read: self.read_options(collection, opts),
+        let params = SearchParams {
+            ef: opts.ef.unwrap_or(0),
+            exact: opts.exact,
+        };
+        let read = self.read_options(collection, opts);
+        // Default parameters go as `SearchV2`, which nodes of earlier
+        // builds serve too.
+        let op = if params == SearchParams::default() {
+            OpV1::SearchV2 {
+                collection: collection.into(),
+                queries,
+                k,
+                with_payload,
+                read,
+            }
+        } else {
+            OpV1::SearchV3 {
+                collection: collection.into(),
+                queries,
+                k,
+                with_payload,
+                read,
+                params,
+            }
         };
         match self.request(op).await? {
             ReplyV1::HitsAt { hits, .. } => Ok(hits),
@@ -685,11 +754,15 @@ fn is_retry_safe(op: &OpV1) -> bool {
         op,
         OpV1::CreateCollection(_)
             | OpV1::CreateReplicated { .. }
+            | OpV1::CreateReplicatedV2 { .. }
             | OpV1::DropCollection { .. }
             | OpV1::AddNode(_)
             | OpV1::RemoveNode { .. }
     )
 }
+
+/// Longest [`Client::close`] waits for its close to be sent.
+pub const CLOSE_WAIT: Duration = Duration::from_millis(100);
 
 /// How long a node may send nothing at all (no answer, no ack of the
 /// client's keep-alives, every [`tls::CLIENT_KEEP_ALIVE`]) while a request

@@ -2,7 +2,7 @@
 //!
 //! Sealing a segment must not make the write that sealed it wait for an
 //! HNSW build (seconds for large segments), so shards hand builds to this
-//! thread and return. instant-distance parallelises each build internally
+//! thread and return. A build adds rows to the usearch graph in parallel
 //! (rayon); builds run inside the builder's *own* rayon pool, never the
 //! global one, because a build keeps every worker of its pool busy for
 //! seconds and searches (which use the global pool) must not queue behind

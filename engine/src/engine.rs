@@ -78,6 +78,8 @@ pub struct ReplicaSpec {
     pub dim: u32,
     pub metric: Metric,
     pub seal_rows: u32,
+    /// HNSW build parameters of its segments' indexes.
+    pub index: IndexParams,
 }
 
 /// Why a replica's files could not be opened, and where they were kept.
@@ -106,11 +108,6 @@ impl fmt::Display for Damage {
 /// Tuning of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
-    /// HNSW `efConstruction`: candidates considered while linking a point.
-    pub hnsw_ef_construction: usize,
-    /// HNSW `ef` at search time, fixed when an index is built: the most
-    /// candidates one index search returns.
-    pub hnsw_ef_search: usize,
     /// Bytes of applied ops each replica's op log keeps
     /// ([`OPLOG_RETAIN_BYTES`] by default): a replica further behind than
     /// this is caught up from an export.
@@ -120,8 +117,6 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
-            hnsw_ef_construction: 200,
-            hnsw_ef_search: 128,
             oplog_retain_bytes: OPLOG_RETAIN_BYTES,
         }
     }
@@ -132,7 +127,6 @@ type Replicas = BTreeMap<ReplicaKey, (ReplicaSpec, Arc<ShardReplica>)>;
 /// Storage and search for every shard replica of one node.
 pub struct Engine {
     root: PathBuf,
-    index: IndexParams,
     retain_bytes: u64,
     registry: Mutex<Registry>,
     replicas: RwLock<Replicas>,
@@ -210,10 +204,6 @@ impl Engine {
             }
         }
 
-        let index = IndexParams {
-            ef_construction: opts.hnsw_ef_construction.max(1),
-            ef_search: opts.hnsw_ef_search.max(1),
-        };
         let builder = Arc::new(IndexBuilder::start());
         let mut replicas = BTreeMap::new();
         let mut damaged = BTreeMap::new();
@@ -222,7 +212,7 @@ impl Engine {
             if !path.exists() && damage.is_none() {
                 tracing::info!(replica = %spec.key, "creating the files of a replica whose create was interrupted");
             }
-            let config = shard_config(&spec, index, opts.oplog_retain_bytes);
+            let config = shard_config(&spec, opts.oplog_retain_bytes);
             let (replica, set_aside_now) = open_or_set_aside(dir, &mut registry, &builder, &spec, config)?;
             match (set_aside_now, damage) {
                 (Some(d), _) => {
@@ -238,7 +228,6 @@ impl Engine {
         }
         Ok(Engine {
             root: dir.to_owned(),
-            index,
             retain_bytes: opts.oplog_retain_bytes,
             registry: Mutex::new(registry),
             replicas: RwLock::new(replicas),
@@ -284,7 +273,7 @@ impl Engine {
     }
 
     fn shard_config(&self, spec: &ReplicaSpec) -> ShardConfig {
-        shard_config(spec, self.index, self.retain_bytes)
+        shard_config(spec, self.retain_bytes)
     }
 
     /// A directory of a replica that has no entry yet is a leftover of an
@@ -514,13 +503,13 @@ fn set_aside(
     Ok(damage)
 }
 
-fn shard_config(spec: &ReplicaSpec, index: IndexParams, retain_bytes: u64) -> ShardConfig {
+fn shard_config(spec: &ReplicaSpec, retain_bytes: u64) -> ShardConfig {
     ShardConfig {
         shard: spec.key.shard,
         dim: spec.dim,
         metric: spec.metric,
         seal_rows: spec.seal_rows,
-        index,
+        index: spec.index,
         retain_bytes,
     }
 }

@@ -1,108 +1,104 @@
-//! The HNSW index of a sealed segment: build, search, save, load.
+//! The HNSW index of a sealed segment (usearch): build, search, save, load.
 //!
-//! Built with instant-distance over *squared Euclidean distance* for every
-//! metric, which keeps one graph type and one distance:
-//! - `l2`: the vectors themselves;
-//! - `cosine`: the (already unit) vectors; on the unit sphere
-//!   `|q - x|² = 2 - 2·cos`, so the order is the cosine order;
-//! - `ip`: plain HNSW on `-dot` is not a metric space and recalls poorly, so
-//!   we use the standard MIPS → L2 reduction: each vector `x` gains one extra
-//!   component `sqrt(M² - |x|²)` where `M` is the largest norm in the
-//!   segment, and a query gains a `0`. Then `|q' - x'|² = |q|² + M² - 2·q·x`,
-//!   so nearest in L2 is largest in inner product.
+//! The graph's keys are the segment's row numbers; the segment keeps the
+//! row → id map. Distances are usearch's own metrics:
+//! - `l2`: squared Euclidean distance;
+//! - `ip` and `cosine`: inner product (`1 - dot`); cosine vectors are unit
+//!   length already (normalised on insert), so the inner-product order is
+//!   the cosine order and no second normalisation is paid per distance.
 //!
-//! The index owns the segment's vectors (the extra component sits after the
-//! original ones, so `vector(row)` is a slice), which is how a sealed
-//! segment keeps its vectors in memory exactly once.
+//! The index owns the segment's vectors (usearch keeps them next to the
+//! graph), which is how a sealed segment holds its vectors in memory
+//! exactly once; [`HnswIndex::vector_into`] copies one out.
 //!
-//! The candidates returned are ordered by index distance; callers rescore
-//! them exactly with [`crate::metric::score`]. A search returns at most
-//! `ef_search` rows (fixed when the index is built).
+//! Search takes its expansion (`ef`) per call: the binding's index-wide
+//! setting is never changed after a build, so concurrent searches with
+//! different `ef` do not race (the per-call entry point is a small patch of
+//! the usearch binding, `vendor/usearch`). Searches need a usearch *thread
+//! slot*; an index reserves [`search_slots`] of them, and a search that
+//! finds none free waits for one.
 //!
-//! File format (`seg-<id>.hnsw`): a 32-byte header — magic `EVHNSW\0\0`,
-//! header version u32, reserved u32, body length u64, FNV-1a checksum u64,
-//! all little endian — then the postcard body [`IndexFile`], itself a
-//! versioned enum. It also carries the segment's row ids, so a sealed
-//! segment can be loaded (or shipped to another replica) from this file.
+//! Indexes are loaded by copying the file into usearch's own memory
+//! (`load_from_buffer`), never by viewing a buffer (`view_from_buffer`):
+//! filtered search on viewed indexes has a reported memory-corruption bug
+//! (usearch issue #624).
+//!
+//! File format (`seg-<id>.hnsw`), header version 2: a 32-byte header —
+//! magic `EVHNSW\0\0`, header version u32, reserved u32, body length u64,
+//! FNV-1a checksum of the body u64, all little endian — then the body: a
+//! u32 length, the postcard [`IndexMeta`] (itself a versioned enum: the
+//! segment, schema, build parameters and row ids), then usearch's own
+//! serialisation. Header version 1 (the instant-distance graph of earlier
+//! builds) and anything this build cannot read is an error, and the caller
+//! rebuilds the index from the segment's rows: an old or foreign file is
+//! never misread.
 
-use std::cell::RefCell;
 use std::path::Path;
 
-use edgevec_proto::Metric;
-use instant_distance::{Builder, Hnsw, PointId, Search};
+use edgevec_proto::{limits, IndexSpec, Metric};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use crate::error::EngineError;
 use crate::fsutil;
-use crate::metric;
 
-/// Fixed so the same segment gives the same layer assignment everywhere.
-const SEED: u64 = 0x5eed_ed9e_7ec0_0001;
 const MAGIC: &[u8; 8] = b"EVHNSW\0\0";
-const HEADER_VERSION: u32 = 1;
+/// 1: instant-distance graph (no longer read); 2: usearch.
+const HEADER_VERSION: u32 = 2;
 const HEADER_LEN: usize = 32;
 
-/// Build-time parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Graph degree used when a collection does not choose one.
+pub const DEFAULT_M: usize = limits::DEFAULT_HNSW_M as usize;
+/// `ef_construction` used when a collection does not choose one.
+pub const DEFAULT_EF_CONSTRUCTION: usize = limits::DEFAULT_EF_CONSTRUCTION as usize;
+/// Search expansion used when a search does not choose one.
+pub const DEFAULT_EF: usize = 64;
+
+/// Build-time parameters of a collection's indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexParams {
+    /// Graph degree (usearch "connectivity"; hnswlib `M`).
+    pub m: usize,
+    /// Candidates considered while linking a row (usearch "expansion_add").
     pub ef_construction: usize,
-    pub ef_search: usize,
 }
 
-/// A vector as the graph sees it (augmented for inner product).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct IndexPoint(Vec<f32>);
-
-impl instant_distance::Point for IndexPoint {
-    fn distance(&self, other: &Self) -> f32 {
-        metric::l2_squared(&self.0, &other.0)
+impl Default for IndexParams {
+    fn default() -> Self {
+        IndexParams {
+            m: DEFAULT_M,
+            ef_construction: DEFAULT_EF_CONSTRUCTION,
+        }
     }
 }
 
-/// A built (or loaded) index over one sealed segment's rows.
-pub struct HnswIndex {
-    metric: Metric,
-    dim: usize,
-    ef_search: usize,
-    hnsw: Hnsw<IndexPoint>,
-    /// Row number → graph point; the graph stores points in its own order.
-    pid_of_row: Vec<PointId>,
-    /// Graph point → row number.
-    row_of_pid: Vec<u32>,
+impl From<IndexSpec> for IndexParams {
+    fn from(s: IndexSpec) -> Self {
+        IndexParams {
+            m: s.m as usize,
+            ef_construction: s.ef_construction as usize,
+        }
+    }
 }
 
-#[derive(Serialize)]
-enum IndexFileRef<'a> {
-    V1(IndexBodyRef<'a>),
+/// How one segment search is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchOptions {
+    /// Expansion: candidates kept while walking the graph (at least `k`
+    /// is used).
+    pub ef: usize,
+    /// Compare every live row instead of walking the graph.
+    pub exact: bool,
 }
 
-#[derive(Serialize)]
-struct IndexBodyRef<'a> {
-    segment: u64,
-    metric: Metric,
-    dim: u32,
-    ef_search: u32,
-    ids: &'a [u64],
-    pid_of_row: &'a [PointId],
-    hnsw: &'a Hnsw<IndexPoint>,
-}
-
-/// The body of an index file. Must stay field-for-field identical to
-/// [`IndexBodyRef`] (the round-trip test checks it).
-#[derive(Deserialize)]
-enum IndexFile {
-    V1(IndexBody),
-}
-
-#[derive(Deserialize)]
-struct IndexBody {
-    segment: u64,
-    metric: Metric,
-    dim: u32,
-    ef_search: u32,
-    ids: Vec<u64>,
-    pid_of_row: Vec<PointId>,
-    hnsw: Hnsw<IndexPoint>,
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions {
+            ef: DEFAULT_EF,
+            exact: false,
+        }
+    }
 }
 
 /// What the caller knows about the segment, checked against a loaded file.
@@ -114,106 +110,174 @@ pub struct Expect {
     pub rows: usize,
 }
 
-thread_local! {
-    // A `Search` holds the visited set and heaps; reusing one per thread
-    // avoids reallocating them for every segment of every query.
-    static SEARCH: RefCell<Search> = RefCell::new(Search::default());
+/// The metadata part of an index file's body.
+#[derive(Serialize, Deserialize)]
+enum IndexMeta {
+    V1 {
+        segment: u64,
+        metric: Metric,
+        dim: u32,
+        m: u32,
+        ef_construction: u32,
+        ids: Vec<u64>,
+    },
+}
+
+/// A built (or loaded) index over one sealed segment's rows.
+pub struct HnswIndex {
+    metric: Metric,
+    dim: usize,
+    rows: usize,
+    params: IndexParams,
+    index: Index,
+}
+
+/// Thread slots an index reserves for concurrent searches (each holds a
+/// visited set and two heaps: a few kilobytes plus one bit per row). More
+/// searches at once than slots wait for one ([`HnswIndex::search`]).
+pub fn search_slots() -> usize {
+    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+    (rayon::current_num_threads().max(cores) * 4).max(64)
+}
+
+fn options(metric: Metric, dim: usize, params: IndexParams) -> IndexOptions {
+    IndexOptions {
+        dimensions: dim,
+        metric: match metric {
+            Metric::L2 => MetricKind::L2sq,
+            Metric::InnerProduct | Metric::Cosine => MetricKind::IP,
+        },
+        quantization: ScalarKind::F32,
+        connectivity: params.m,
+        expansion_add: params.ef_construction,
+        expansion_search: DEFAULT_EF,
+        multi: false,
+    }
+}
+
+fn native(what: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::corrupt(what.to_string(), format!("usearch: {e}"))
 }
 
 impl HnswIndex {
-    /// Builds the index over `vectors` (`rows × dim`, row-major). Blocks for
-    /// a while: call it from the builder thread only.
-    pub fn build(metric: Metric, dim: usize, vectors: &[f32], params: IndexParams) -> HnswIndex {
-        let points: Vec<IndexPoint> = match metric {
-            Metric::L2 | Metric::Cosine => vectors.chunks_exact(dim).map(|v| IndexPoint(v.to_vec())).collect(),
-            Metric::InnerProduct => {
-                let max = vectors.chunks_exact(dim).map(metric::norm).fold(0.0f64, f64::max);
-                vectors
-                    .chunks_exact(dim)
-                    .map(|v| {
-                        let n = metric::norm(v);
-                        let extra = (max * max - n * n).max(0.0).sqrt() as f32;
-                        let mut p = Vec::with_capacity(dim + 1);
-                        p.extend_from_slice(v);
-                        p.push(extra);
-                        IndexPoint(p)
-                    })
-                    .collect()
-            }
-        };
-        let (hnsw, pid_of_row) = Builder::default()
-            .ef_construction(params.ef_construction)
-            .ef_search(params.ef_search)
-            .seed(SEED)
-            .build_hnsw(points);
-        let row_of_pid = invert(&pid_of_row);
-        HnswIndex {
+    /// Builds the index over `vectors` (`rows × dim`, row-major), adding
+    /// rows in parallel on the current rayon pool. Blocks for a while: call
+    /// it from the builder thread only.
+    pub fn build(metric: Metric, dim: usize, vectors: &[f32], params: IndexParams) -> Result<HnswIndex, EngineError> {
+        let rows = vectors.len() / dim.max(1);
+        let index = Index::new(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
+        let threads = rayon::current_num_threads().max(1);
+        index
+            .reserve_capacity_and_threads(rows.max(1), threads)
+            .map_err(|e| native("reserve", e))?;
+        vectors
+            .par_chunks_exact(dim)
+            .enumerate()
+            .try_for_each(|(row, v)| index.add(row as u64, v))
+            .map_err(|e| native("add", e))?;
+        let built = HnswIndex {
             metric,
             dim,
-            ef_search: params.ef_search,
-            hnsw,
-            pid_of_row,
-            row_of_pid,
-        }
+            rows,
+            params,
+            index,
+        };
+        built.ready_for_searches()?;
+        Ok(built)
+    }
+
+    fn ready_for_searches(&self) -> Result<(), EngineError> {
+        self.index
+            .reserve_capacity_and_threads(self.rows.max(1), search_slots())
+            .map_err(|e| native("reserve", e))
     }
 
     pub fn rows(&self) -> usize {
-        self.pid_of_row.len()
+        self.rows
     }
 
-    /// Most candidates one search returns.
-    pub fn ef_search(&self) -> usize {
-        self.ef_search
+    #[cfg(test)]
+    pub fn params(&self) -> IndexParams {
+        self.params
     }
 
-    /// The stored vector of `row` (without the inner-product extra).
-    pub fn vector(&self, row: u32) -> &[f32] {
-        &self.hnsw[self.pid_of_row[row as usize]].0[..self.dim]
+    /// Copies the stored vector of `row` into `out` (`dim` floats).
+    pub fn vector_into(&self, row: u32, out: &mut [f32]) {
+        let found = self.index.get(u64::from(row), out).unwrap_or(0);
+        debug_assert_eq!(found, 1, "row {row} of {}", self.rows);
     }
 
-    /// Approximate nearest rows to `query`, nearest first, at most
-    /// `ef_search` of them.
-    pub fn search(&self, query: &[f32]) -> Vec<u32> {
-        let mut q = Vec::with_capacity(self.dim + 1);
-        q.extend_from_slice(query);
-        if self.metric == Metric::InnerProduct {
-            q.push(0.0);
+    /// The nearest rows to `query` that `live` accepts, nearest first, at
+    /// most `k`, with usearch's distance. A filtered graph walk can come
+    /// back short when few rows pass; the caller decides what to do then.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        opts: SearchOptions,
+        live: Option<&(dyn Fn(u32) -> bool + Sync)>,
+    ) -> Result<Vec<(u32, f32)>, EngineError> {
+        let ef = opts.ef.max(k);
+        let mut tries = 0u32;
+        loop {
+            let found = match live {
+                None => self.index.search_expanded(query, k, ef, opts.exact),
+                Some(f) => self
+                    .index
+                    .filtered_search_expanded(query, k, ef, opts.exact, |key| f(key as u32)),
+            };
+            match found {
+                Ok(m) => return Ok(m.keys.iter().map(|&key| key as u32).zip(m.distances).collect()),
+                // Every thread slot busy: more concurrent searches than
+                // reserved. Wait for one (searches take micro- to
+                // milliseconds), for at most about a second.
+                Err(e) if tries < 10_100 && e.what().contains("Reserve capacity") => {
+                    tries += 1;
+                    if tries <= 100 {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(std::time::Duration::from_micros(100));
+                    }
+                }
+                Err(e) => return Err(native("search", e)),
+            }
         }
-        let q = IndexPoint(q);
-        SEARCH.with(|s| {
-            let mut s = s.borrow_mut();
-            self.hnsw
-                .search(&q, &mut s)
-                .map(|item| self.row_of_pid[item.pid.into_inner() as usize])
-                .collect()
-        })
     }
 
     /// Writes the index (and the segment's row ids) to `path` atomically.
     pub fn save(&self, path: &Path, segment: u64, ids: &[u64]) -> Result<(), EngineError> {
-        let body = postcard::to_stdvec(&IndexFileRef::V1(IndexBodyRef {
+        let what = path.display().to_string();
+        let meta = postcard::to_stdvec(&IndexMeta::V1 {
             segment,
             metric: self.metric,
             dim: self.dim as u32,
-            ef_search: self.ef_search as u32,
-            ids,
-            pid_of_row: &self.pid_of_row,
-            hnsw: &self.hnsw,
-        }))
-        .map_err(|e| EngineError::corrupt(path.display().to_string(), e))?;
-        let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&HEADER_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&0u32.to_le_bytes());
-        bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&fsutil::checksum(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
+            m: self.params.m as u32,
+            ef_construction: self.params.ef_construction as u32,
+            ids: ids.to_vec(),
+        })
+        .map_err(|e| EngineError::corrupt(what.clone(), e))?;
+        let native_len = self.index.serialized_length();
+        let body_len = 4 + meta.len() + native_len;
+        let mut bytes = vec![0u8; HEADER_LEN + body_len];
+        {
+            let body = &mut bytes[HEADER_LEN..];
+            body[..4].copy_from_slice(&(meta.len() as u32).to_le_bytes());
+            body[4..4 + meta.len()].copy_from_slice(&meta);
+            self.index
+                .save_to_buffer(&mut body[4 + meta.len()..])
+                .map_err(|e| native(&what, e))?;
+        }
+        let sum = fsutil::checksum(&bytes[HEADER_LEN..]);
+        bytes[..8].copy_from_slice(MAGIC);
+        bytes[8..12].copy_from_slice(&HEADER_VERSION.to_le_bytes());
+        bytes[16..24].copy_from_slice(&(body_len as u64).to_le_bytes());
+        bytes[24..32].copy_from_slice(&sum.to_le_bytes());
         fsutil::write_atomic(path, &bytes)
     }
 
     /// Loads an index file written by [`HnswIndex::save`] and returns it with
-    /// the segment's row ids. Any mismatch with `expect` (or damage) is an
-    /// error: the caller rebuilds.
+    /// the segment's row ids. Any mismatch with `expect` (or damage, or a
+    /// format this build does not read) is an error: the caller rebuilds.
     pub fn load(path: &Path, expect: Expect) -> Result<(HnswIndex, Vec<u64>), EngineError> {
         let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
         let what = path.display().to_string();
@@ -224,123 +288,75 @@ impl HnswIndex {
         let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if version != HEADER_VERSION {
-            return Err(bad(format!("unknown header version {version}")));
+            return Err(bad(format!(
+                "index file header version {version}, this build reads version {HEADER_VERSION}"
+            )));
         }
         let body = &bytes[HEADER_LEN..];
         if word(16) != body.len() as u64 || word(24) != fsutil::checksum(body) {
             return Err(bad("length or checksum mismatch".into()));
         }
-        let IndexFile::V1(b) = postcard::from_bytes(body).map_err(|e| bad(e.to_string()))?;
-        let fits = b.segment == expect.segment
-            && b.metric == expect.metric
-            && b.dim as usize == expect.dim
-            && b.ids.len() == expect.rows
-            && b.pid_of_row.len() == expect.rows
-            && b.hnsw.iter().count() == expect.rows
-            && b.pid_of_row.iter().all(|p| (p.into_inner() as usize) < expect.rows);
+        let meta_len = u32::from_le_bytes(
+            body[..4.min(body.len())]
+                .try_into()
+                .map_err(|_| bad("short body".into()))?,
+        );
+        let meta_end = 4usize
+            .checked_add(meta_len as usize)
+            .filter(|&end| end <= body.len())
+            .ok_or_else(|| bad("metadata length past the end".into()))?;
+        let IndexMeta::V1 {
+            segment,
+            metric,
+            dim,
+            m,
+            ef_construction,
+            ids,
+        } = postcard::from_bytes(&body[4..meta_end]).map_err(|e| bad(e.to_string()))?;
+        let native_bytes = &body[meta_end..];
+        let fits = segment == expect.segment
+            && metric == expect.metric
+            && dim as usize == expect.dim
+            && ids.len() == expect.rows;
         if !fits {
             return Err(bad(format!(
-                "file is for segment {} ({}, dim {}, {} rows), expected segment {} ({}, dim {}, {} rows)",
-                b.segment,
-                b.metric,
-                b.dim,
-                b.ids.len(),
+                "file is for segment {segment} ({metric}, dim {dim}, {} rows), expected segment {} ({}, dim {}, {} rows)",
+                ids.len(),
                 expect.segment,
                 expect.metric,
                 expect.dim,
                 expect.rows
             )));
         }
-        let row_of_pid = invert(&b.pid_of_row);
-        let index = HnswIndex {
-            metric: b.metric,
-            dim: b.dim as usize,
-            ef_search: b.ef_search as usize,
-            hnsw: b.hnsw,
-            pid_of_row: b.pid_of_row,
-            row_of_pid,
+        let head = Index::metadata_from_buffer(native_bytes).map_err(|e| native(&what, e))?;
+        let want = options(metric, dim as usize, IndexParams::default());
+        if head.dimensions != dim as u64 || head.metric != want.metric || head.quantization != ScalarKind::F32 {
+            return Err(bad("usearch header does not match the segment's schema".into()));
+        }
+        let params = IndexParams {
+            m: m as usize,
+            ef_construction: ef_construction as usize,
         };
-        Ok((index, b.ids))
+        let index = Index::new(&options(metric, dim as usize, params)).map_err(|e| native(&what, e))?;
+        index.load_from_buffer(native_bytes).map_err(|e| native(&what, e))?;
+        if index.size() != ids.len() || (0..ids.len() as u64).any(|row| !index.contains(row)) {
+            return Err(bad(format!(
+                "usearch index holds {} rows, the segment {}",
+                index.size(),
+                ids.len()
+            )));
+        }
+        let loaded = HnswIndex {
+            metric,
+            dim: dim as usize,
+            rows: ids.len(),
+            params,
+            index,
+        };
+        loaded.ready_for_searches()?;
+        Ok((loaded, ids))
     }
-}
-
-fn invert(pid_of_row: &[PointId]) -> Vec<u32> {
-    let mut row_of_pid = vec![0u32; pid_of_row.len()];
-    for (row, pid) in pid_of_row.iter().enumerate() {
-        row_of_pid[pid.into_inner() as usize] = row as u32;
-    }
-    row_of_pid
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{Rng, SeedableRng};
-
-    fn random(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..rows * dim).map(|_| rng.gen_range(-1.0..1.0)).collect()
-    }
-
-    const PARAMS: IndexParams = IndexParams {
-        ef_construction: 64,
-        ef_search: 32,
-    };
-
-    #[test]
-    fn finds_itself_and_keeps_vectors() {
-        for metric in [Metric::L2, Metric::InnerProduct] {
-            let dim = 8;
-            let v = random(300, dim, 1);
-            let ix = HnswIndex::build(metric, dim, &v, PARAMS);
-            assert_eq!(ix.rows(), 300);
-            for row in [0u32, 17, 299] {
-                assert_eq!(ix.vector(row), &v[row as usize * dim..][..dim]);
-            }
-            let got = ix.search(&v[17 * dim..][..dim]);
-            assert!(got.len() <= 32 && !got.is_empty());
-            if metric == Metric::L2 {
-                assert_eq!(got[0], 17);
-            } else {
-                // The best inner product of q = x17 is the row maximising x·x17.
-                let q = &v[17 * dim..][..dim];
-                let best = (0..300u32)
-                    .max_by(|&a, &b| metric::dot(q, ix.vector(a)).total_cmp(&metric::dot(q, ix.vector(b))))
-                    .unwrap();
-                assert_eq!(got[0], best);
-            }
-        }
-    }
-
-    #[test]
-    fn save_load_roundtrip_and_rejects_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("seg-3.hnsw");
-        let dim = 4;
-        let v = random(100, dim, 2);
-        let ids: Vec<u64> = (1000..1100).collect();
-        let ix = HnswIndex::build(Metric::InnerProduct, dim, &v, PARAMS);
-        ix.save(&path, 3, &ids).unwrap();
-        let expect = Expect {
-            segment: 3,
-            metric: Metric::InnerProduct,
-            dim,
-            rows: 100,
-        };
-        let (loaded, loaded_ids) = HnswIndex::load(&path, expect).unwrap();
-        assert_eq!(loaded_ids, ids);
-        assert_eq!(loaded.ef_search(), 32);
-        assert_eq!(loaded.vector(42), ix.vector(42));
-        assert_eq!(loaded.search(&v[..dim]), ix.search(&v[..dim]));
-
-        assert!(HnswIndex::load(&path, Expect { segment: 4, ..expect }).is_err());
-        assert!(HnswIndex::load(&path, Expect { rows: 99, ..expect }).is_err());
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        std::fs::write(&path, &bytes).unwrap();
-        assert!(HnswIndex::load(&path, expect).is_err());
-        std::fs::write(&path, b"short").unwrap();
-        assert!(HnswIndex::load(&path, expect).is_err());
-    }
-}
+mod tests;

@@ -18,7 +18,7 @@
 //! Inside a replica, rows go to a **growing** segment (brute-force search)
 //! until it reaches the collection's `seal_rows`; it is then **sealed**
 //! (immutable but for tombstones) and a background thread builds its HNSW
-//! index (instant-distance), saves it atomically next to the shard file and
+//! index (usearch), saves it atomically next to the shard file and
 //! swaps it in. [`search_replicas`] merges the best `k` of several
 //! replicas.
 //!
@@ -82,7 +82,7 @@ pub use builder::{lower_priority, IndexBuilder};
 pub use engine::{Damage, Engine, EngineOptions, ReplicaKey, ReplicaSpec};
 pub use error::EngineError;
 pub use export::{ExportInfo, EXPORT_FORMAT};
-pub use hnsw::IndexParams;
+pub use hnsw::{IndexParams, SearchOptions, DEFAULT_EF, DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
 pub use metric::Candidate;
 pub use op::{OpRecord, ShardOp};
 pub use plan::Location;

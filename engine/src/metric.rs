@@ -14,36 +14,19 @@ use std::collections::BinaryHeap;
 
 use edgevec_proto::Metric;
 
-/// Dot product. Eight independent accumulators let the compiler vectorise
-/// the loop without `-ffast-math` style reassociation.
+/// Dot product, with the SIMD kernel numkong picks for this CPU at run
+/// time (AVX2/FMA/AVX-512 on x86-64, NEON/SVE on aarch64), accumulated in
+/// f64.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+    <f32 as numkong::Dot>::dot(a, b).unwrap_or(f64::NAN) as f32
 }
 
-/// Squared Euclidean distance (monotone in the distance, no square root).
+/// Squared Euclidean distance (monotone in the distance, no square root),
+/// with numkong's run-time SIMD kernel, accumulated in f64.
 pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            let d = x[i] - y[i];
-            acc[i] += d * d;
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| (x - y) * (x - y)).sum();
-    acc.iter().sum::<f32>() + tail
+    <f32 as numkong::Euclidean>::sqeuclidean(a, b).unwrap_or(f64::NAN) as f32
 }
 
 /// Euclidean norm, accumulated in f64 so large finite components do not

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Damage, ReplicaKey, ReplicaSpec};
 use crate::error::EngineError;
+use crate::hnsw::{IndexParams, DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
 
 const REPLICAS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("replicas");
 
@@ -29,6 +30,7 @@ const REPLICAS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("repli
 enum ReplicaEntry {
     V1(EntryV1),
     V2(EntryV2),
+    V3(EntryV3),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +50,18 @@ struct EntryV2 {
     damage: Option<DamageV1>,
 }
 
+/// V2 and the index parameters (V1 and V2 entries have the defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct EntryV3 {
+    name: String,
+    dim: u32,
+    metric: Metric,
+    seal_rows: u32,
+    damage: Option<DamageV1>,
+    hnsw_m: u32,
+    ef_construction: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct DamageV1 {
     file: String,
@@ -55,9 +69,9 @@ struct DamageV1 {
     kept_at: String,
 }
 
-impl EntryV2 {
+impl EntryV3 {
     fn new(spec: &ReplicaSpec, damage: Option<&Damage>) -> Self {
-        EntryV2 {
+        EntryV3 {
             name: spec.name.clone(),
             dim: spec.dim,
             metric: spec.metric,
@@ -67,6 +81,8 @@ impl EntryV2 {
                 reason: d.reason.clone(),
                 kept_at: d.kept_at.display().to_string(),
             }),
+            hnsw_m: spec.index.m as u32,
+            ef_construction: spec.index.ef_construction as u32,
         }
     }
 }
@@ -103,14 +119,25 @@ impl Registry {
             let e = match postcard::from_bytes(v.value())
                 .map_err(|e| EngineError::corrupt(path.display().to_string(), e))?
             {
-                ReplicaEntry::V1(e) => EntryV2 {
+                ReplicaEntry::V1(e) => EntryV3 {
                     name: e.name,
                     dim: e.dim,
                     metric: e.metric,
                     seal_rows: e.seal_rows,
                     damage: None,
+                    hnsw_m: DEFAULT_M as u32,
+                    ef_construction: DEFAULT_EF_CONSTRUCTION as u32,
                 },
-                ReplicaEntry::V2(e) => e,
+                ReplicaEntry::V2(e) => EntryV3 {
+                    name: e.name,
+                    dim: e.dim,
+                    metric: e.metric,
+                    seal_rows: e.seal_rows,
+                    damage: e.damage,
+                    hnsw_m: DEFAULT_M as u32,
+                    ef_construction: DEFAULT_EF_CONSTRUCTION as u32,
+                },
+                ReplicaEntry::V3(e) => e,
             };
             let spec = ReplicaSpec {
                 key: ReplicaKey { collection, shard },
@@ -118,6 +145,10 @@ impl Registry {
                 dim: e.dim,
                 metric: e.metric,
                 seal_rows: e.seal_rows,
+                index: IndexParams {
+                    m: e.hnsw_m as usize,
+                    ef_construction: e.ef_construction as usize,
+                },
             };
             let damage = e.damage.map(|d| Damage {
                 file: PathBuf::from(d.file),
@@ -146,7 +177,7 @@ impl Registry {
     }
 
     fn put(&mut self, spec: &ReplicaSpec, damage: Option<&Damage>) -> Result<(), EngineError> {
-        let entry = ReplicaEntry::V2(EntryV2::new(spec, damage));
+        let entry = ReplicaEntry::V3(EntryV3::new(spec, damage));
         let bytes = postcard::to_stdvec(&entry).expect("entries are plain data");
         self.write(|txn| {
             txn.open_table(REPLICAS)?
@@ -196,7 +227,17 @@ mod tests {
             dim: 4,
             metric: Metric::Cosine,
             seal_rows: 100,
+            index: Default::default(),
         }
+    }
+
+    /// A spec with index parameters of its own.
+    fn tuned(mut s: ReplicaSpec) -> ReplicaSpec {
+        s.index = IndexParams {
+            m: 8,
+            ef_construction: 40,
+        };
+        s
     }
 
     #[test]
@@ -207,13 +248,13 @@ mod tests {
             let (mut r, specs) = Registry::open(&path).unwrap();
             assert!(specs.is_empty());
             r.insert(&spec(9, 0)).unwrap();
-            r.insert(&spec(2, 1)).unwrap();
+            r.insert(&tuned(spec(2, 1))).unwrap();
             r.insert(&spec(2, 0)).unwrap();
             assert!(r.remove(spec(9, 0).key).unwrap());
             assert!(!r.remove(spec(9, 0).key).unwrap());
         }
         let (_, specs) = Registry::open(&path).unwrap();
-        assert_eq!(specs, vec![(spec(2, 0), None), (spec(2, 1), None)]);
+        assert_eq!(specs, vec![(spec(2, 0), None), (tuned(spec(2, 1)), None)]);
     }
 
     #[test]
@@ -235,6 +276,33 @@ mod tests {
         r.insert(&spec(2, 0)).unwrap();
         drop(r);
         assert_eq!(Registry::open(&path).unwrap().1, vec![(spec(2, 0), None)]);
+    }
+
+    #[test]
+    fn v2_entries_are_read_with_the_default_index_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replicas.redb");
+        {
+            let (r, _) = Registry::open(&path).unwrap();
+            let s = spec(4, 0);
+            let bytes = postcard::to_stdvec(&ReplicaEntry::V2(EntryV2 {
+                name: s.name.clone(),
+                dim: s.dim,
+                metric: s.metric,
+                seal_rows: s.seal_rows,
+                damage: None,
+            }))
+            .unwrap();
+            let txn = r.db.as_ref().unwrap().begin_write().unwrap();
+            txn.open_table(REPLICAS)
+                .unwrap()
+                .insert((4, 0), bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let specs = Registry::open(&path).unwrap().1;
+        assert_eq!(specs, vec![(spec(4, 0), None)]);
+        assert_eq!(specs[0].0.index, IndexParams::default());
     }
 
     #[test]

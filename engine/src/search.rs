@@ -2,7 +2,8 @@
 //!
 //! The node searches the replicas it serves locally (any subset of a
 //! collection's shards), the benchmark all of them. Work is spread with
-//! rayon over (replica, query) pairs, each task taking one replica's read
+//! rayon over (replica, query) pairs (a single pair runs on the calling
+//! thread), each task taking one replica's read
 //! lock on its own (never while holding another, see [`crate::shard`]).
 //! Each hit remembers which replica it came from, and its payload is read
 //! from that replica: segment ids and rows are per replica, and the list
@@ -15,6 +16,7 @@ use edgevec_proto::{Hit, Metric};
 use rayon::prelude::*;
 
 use crate::error::EngineError;
+use crate::hnsw::SearchOptions;
 use crate::metric::{self, Candidate};
 use crate::plan::Location;
 use crate::shard::ShardReplica;
@@ -33,7 +35,8 @@ impl AsRef<Candidate> for Found {
 }
 
 /// Up to `k` hits per query, best first, over every replica in
-/// `replicas` (all of collection `metric`). The queries must be validated
+/// `replicas` (all of collection `metric`), each indexed segment searched
+/// as `opts` says. The queries must be validated
 /// and, for cosine, normalised already ([`crate::validate::search`]).
 pub fn search_replicas(
     replicas: &[Arc<ShardReplica>],
@@ -41,22 +44,27 @@ pub fn search_replicas(
     queries: &[Vec<f32>],
     k: u32,
     with_payload: bool,
+    opts: SearchOptions,
 ) -> Result<Vec<Vec<Hit>>, EngineError> {
     let (k, n) = (k as usize, replicas.len());
     if n == 0 {
         return Ok(vec![Vec::new(); queries.len()]);
     }
-    let per_pair: Vec<Vec<Found>> = (0..queries.len() * n)
-        .into_par_iter()
-        .map(|t| {
-            let replica = t % n;
-            replicas[replica]
-                .search(&queries[t / n], k)
-                .into_iter()
-                .map(|candidate| Found { replica, candidate })
-                .collect()
-        })
-        .collect();
+    let pair = |t: usize| -> Vec<Found> {
+        let replica = t % n;
+        replicas[replica]
+            .search(&queries[t / n], k, opts)
+            .into_iter()
+            .map(|candidate| Found { replica, candidate })
+            .collect()
+    };
+    // One (replica, query) pair, the common case of a node's shard read:
+    // on the calling thread, without the hand-off to the pool and back.
+    let per_pair: Vec<Vec<Found>> = if queries.len() * n == 1 {
+        vec![pair(0)]
+    } else {
+        (0..queries.len() * n).into_par_iter().map(pair).collect()
+    };
     let merged: Vec<Vec<Found>> = per_pair
         .chunks(n)
         .map(|lists| metric::merge(metric, k, lists.iter().cloned()))

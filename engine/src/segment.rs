@@ -8,20 +8,23 @@
 //! ([`IndexState::Ready`]).
 //!
 //! Invariants:
-//! - the vectors are held once: in the growing buffer, in the shared sealed
-//!   buffer (which the builder thread reads), or inside the index;
+//! - the vectors are held once: in the growing buffer (contiguous), in the
+//!   shared sealed buffer (which the builder thread reads), or inside the
+//!   index;
 //! - a row is live iff it is not tombstoned; search and get never return a
-//!   tombstoned row;
-//! - an index search is used only when it can return `k` live rows: if
-//!   `k` plus the segment's tombstones exceed what the index returned (at
-//!   most `ef_search`), the segment is searched exactly instead, so deletes
-//!   never make results go missing.
-
+//!   tombstoned row: the graph walk skips dead rows (a filtered walk), and
+//!   when it comes back with fewer than `k` live rows while the segment has
+//!   more, the segment is searched exactly instead, so deletes never make
+//!   results go missing;
+//! - every candidate's score is computed by [`metric::score`] on the stored
+//!   vector, whatever path found it, so the same point scores the same in
+//!   every segment state and on every replica.
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use edgevec_proto::{IndexState, Metric, SegmentInfo, SegmentState};
 
-use crate::hnsw::HnswIndex;
+use crate::hnsw::{HnswIndex, SearchOptions};
 use crate::metric::{self, Candidate, TopK};
 
 enum Vectors {
@@ -151,35 +154,74 @@ impl Segment {
         self.dead.get(row as usize).is_some_and(|d| !d)
     }
 
-    pub fn vector(&self, row: u32) -> &[f32] {
+    /// The stored vector of `row` (copied out of an index).
+    pub fn vector(&self, row: u32) -> Cow<'_, [f32]> {
         match &self.vectors {
-            Vectors::Growing(v) => &v[row as usize * self.dim..][..self.dim],
-            Vectors::Sealed(v) => &v[row as usize * self.dim..][..self.dim],
-            Vectors::Indexed(ix) => ix.vector(row),
+            Vectors::Growing(v) => Cow::Borrowed(&v[row as usize * self.dim..][..self.dim]),
+            Vectors::Sealed(v) => Cow::Borrowed(&v[row as usize * self.dim..][..self.dim]),
+            Vectors::Indexed(ix) => {
+                let mut out = vec![0.0; self.dim];
+                ix.vector_into(row, &mut out);
+                Cow::Owned(out)
+            }
         }
     }
 
+    /// Rows not tombstoned.
+    pub fn live_rows(&self) -> usize {
+        self.rows() - self.deleted as usize
+    }
+
     /// The best `k` live rows for `query`, best first.
-    pub fn search(&self, metric: Metric, query: &[f32], k: usize) -> Vec<Candidate> {
-        if let Vectors::Indexed(ix) = &self.vectors {
-            let need = k + self.deleted as usize;
-            if need <= ix.ef_search().min(self.rows()) {
-                let rows = ix.search(query);
-                if rows.len() >= need {
-                    let mut top = TopK::new(metric, k);
-                    for row in rows {
-                        self.offer(metric, query, row, &mut top);
-                    }
-                    return top.into_sorted();
-                }
-            }
+    pub fn search(&self, metric: Metric, query: &[f32], k: usize, opts: SearchOptions) -> Vec<Candidate> {
+        let Vectors::Indexed(ix) = &self.vectors else {
+            return self.exact_search(metric, query, k);
+        };
+        let want = k.min(self.live_rows());
+        if want == 0 {
+            return Vec::new();
         }
-        self.exact_search(metric, query, k)
+        let dead = &self.dead;
+        let live = |row: u32| dead.get(row as usize).is_some_and(|d| !d);
+        let filter: Option<&(dyn Fn(u32) -> bool + Sync)> = (self.deleted > 0).then_some(&live);
+        let mut found = ix.search(query, k, opts, filter);
+        if found.as_ref().is_ok_and(|rows| rows.len() < want) {
+            // The walk ran out of live rows before k: compare them all.
+            found = ix.search(query, k, SearchOptions { exact: true, ..opts }, filter);
+        }
+        let rows = match found {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(segment = self.id, error = %e, "index search failed; searching the segment exactly");
+                return self.exact_search(metric, query, k);
+            }
+        };
+        let mut top = TopK::new(metric, k);
+        for (row, _) in rows {
+            self.offer(metric, query, row, &mut top);
+        }
+        top.into_sorted()
     }
 
     /// Brute force over every live row.
     pub fn exact_search(&self, metric: Metric, query: &[f32], k: usize) -> Vec<Candidate> {
         let mut top = TopK::new(metric, k);
+        if let Vectors::Indexed(ix) = &self.vectors {
+            // usearch's own SIMD scan, filtered to live rows, then scored
+            // like every other path.
+            let dead = &self.dead;
+            let live = |row: u32| dead.get(row as usize).is_some_and(|d| !d);
+            let exact = SearchOptions { ef: k, exact: true };
+            match ix.search(query, k, exact, Some(&live)) {
+                Ok(rows) => {
+                    for (row, _) in rows {
+                        self.offer(metric, query, row, &mut top);
+                    }
+                    return top.into_sorted();
+                }
+                Err(e) => tracing::error!(segment = self.id, error = %e, "exact index scan failed; copying rows out"),
+            }
+        }
         for row in 0..self.rows() as u32 {
             self.offer(metric, query, row, &mut top);
         }
@@ -190,7 +232,7 @@ impl Segment {
         if self.is_live(row) {
             top.push(Candidate {
                 id: self.ids[row as usize],
-                score: metric::score(metric, query, self.vector(row)),
+                score: metric::score(metric, query, &self.vector(row)),
                 segment: self.id,
                 row,
             });
@@ -226,35 +268,46 @@ mod tests {
     fn growing_search_skips_tombstones() {
         let mut s = filled(10);
         let ids = |c: Vec<Candidate>| c.iter().map(|c| c.id).collect::<Vec<_>>();
-        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3)), vec![0, 1, 2]);
+        let o = SearchOptions::default();
+        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, o)), vec![0, 1, 2]);
         s.tombstone(1);
         s.tombstone(1);
         assert_eq!(s.info(0).deleted, 1);
-        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3)), vec![0, 2, 3]);
-        assert_eq!(ids(s.search(Metric::InnerProduct, &[1.0, 0.0], 2)), vec![9, 8]);
+        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, o)), vec![0, 2, 3]);
+        assert_eq!(ids(s.search(Metric::InnerProduct, &[1.0, 0.0], 2, o)), vec![9, 8]);
     }
 
     #[test]
-    fn indexed_falls_back_when_tombstones_crowd_the_index() {
+    fn indexed_search_skips_tombstones_and_never_comes_back_short() {
         let mut s = filled(100);
         let v = s.seal();
         assert_eq!(s.index_state(), IndexState::Building);
         let params = IndexParams {
-            ef_construction: 32,
-            ef_search: 8,
+            m: 4,
+            ef_construction: 16,
         };
-        s.install_index(Arc::new(HnswIndex::build(Metric::L2, 2, &v, params)));
+        s.install_index(Arc::new(HnswIndex::build(Metric::L2, 2, &v, params).unwrap()));
         drop(v);
         assert_eq!(s.index_state(), IndexState::Ready);
-        assert_eq!(s.vector(42), &[42.0, 0.0]);
-        // Delete the 6 nearest rows: k + tombstones (5 + 6) exceeds
-        // ef_search (8), so the exact path must answer.
+        assert_eq!(&*s.vector(42), &[42.0, 0.0]);
+        let ids = |c: Vec<Candidate>| c.iter().map(|c| c.id).collect::<Vec<_>>();
+        let small = SearchOptions { ef: 2, exact: false };
+        // Delete the 6 nearest rows: they must not come back, and the 5
+        // next must, whatever the expansion.
         for row in 0..6 {
             s.tombstone(row);
         }
-        let got: Vec<u64> = s.search(Metric::L2, &[0.0, 0.0], 5).iter().map(|c| c.id).collect();
-        assert_eq!(got, vec![6, 7, 8, 9, 10]);
-        // k above ef_search also takes the exact path.
-        assert_eq!(s.search(Metric::L2, &[0.0, 0.0], 50).len(), 50);
+        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 5, small)), vec![6, 7, 8, 9, 10]);
+        let exact = SearchOptions { ef: 1, exact: true };
+        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 5, exact)), vec![6, 7, 8, 9, 10]);
+        // k above the live rows: every live row, once.
+        assert_eq!(s.search(Metric::L2, &[0.0, 0.0], 500, small).len(), 94);
+        // Everything deleted but one row: that row, found through the scan.
+        for row in 6..99 {
+            s.tombstone(row);
+        }
+        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, small)), vec![99]);
+        let c = &s.search(Metric::L2, &[0.0, 0.0], 3, small)[0];
+        assert_eq!(c.score, 99.0, "scored on the stored vector");
     }
 }

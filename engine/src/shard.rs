@@ -48,7 +48,7 @@ use edgevec_proto::{IndexState, Metric, OpId, PointRecord, SegmentInfo, SegmentS
 use crate::builder::IndexBuilder;
 use crate::error::EngineError;
 use crate::fsutil;
-use crate::hnsw::{Expect, HnswIndex, IndexParams};
+use crate::hnsw::{Expect, HnswIndex, IndexParams, SearchOptions};
 use crate::metric::{self, Candidate};
 use crate::oplog::LogState;
 use crate::plan::{Cursor, Location};
@@ -300,7 +300,13 @@ impl ShardReplica {
             if this.upgrade().is_none_or(|s| s.retired.load(Ordering::Acquire)) {
                 return;
             }
-            let index = Arc::new(HnswIndex::build(metric, dim, &vectors, params));
+            let index = match HnswIndex::build(metric, dim, &vectors, params) {
+                Ok(index) => Arc::new(index),
+                Err(e) => {
+                    tracing::error!(error = %e, segment, "index build failed; the segment stays on brute force until the next open");
+                    return;
+                }
+            };
             drop(vectors);
             let Some(shard) = this.upgrade() else { return };
             let _files = shard.files.lock().expect("shard files lock");
@@ -345,7 +351,7 @@ impl ShardReplica {
             ids.iter()
                 .map(|id| {
                     let at = *st.locations.get(id)?;
-                    let v = st.segments.get(&at.segment)?.vector(at.row).to_vec();
+                    let v = st.segments.get(&at.segment)?.vector(at.row).into_owned();
                     Some((at, v))
                 })
                 .collect()
@@ -367,10 +373,14 @@ impl ShardReplica {
 
     /// The best `k` live points for one validated (normalised) query, best
     /// first, over every segment.
-    pub fn search(&self, query: &[f32], k: usize) -> Vec<Candidate> {
+    pub fn search(&self, query: &[f32], k: usize, opts: SearchOptions) -> Vec<Candidate> {
         let metric = self.config.metric;
         let st = self.read();
-        metric::merge(metric, k, st.segments.values().map(|s| s.search(metric, query, k)))
+        metric::merge(
+            metric,
+            k,
+            st.segments.values().map(|s| s.search(metric, query, k, opts)),
+        )
     }
 
     /// Payloads of rows found by [`ShardReplica::search`], in order.

@@ -75,6 +75,7 @@ impl Collection {
                     dim: spec.dim,
                     metric: spec.metric,
                     seal_rows: spec.seal_rows,
+                    index: Default::default(),
                 };
                 let r = engine.create_replica(rs).unwrap();
                 r.apply_through(r.last_op().lsn).unwrap();
@@ -112,7 +113,14 @@ impl Collection {
 
     pub fn search(&self, queries: &[Vec<f32>], k: u32, with_payload: bool) -> Result<Vec<Vec<Hit>>, EngineError> {
         let queries = validate::search(&self.spec, queries, k)?;
-        search_replicas(&self.replicas, self.spec.metric, &queries, k, with_payload)
+        search_replicas(
+            &self.replicas,
+            self.spec.metric,
+            &queries,
+            k,
+            with_payload,
+            Default::default(),
+        )
     }
 
     pub fn points(&self) -> u64 {

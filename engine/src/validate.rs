@@ -10,10 +10,11 @@
 //! replicated already carries unit vectors, so every replica stores the
 //! same bytes.
 
-use edgevec_proto::{limits, CollectionSpec, Metric, Point};
+use edgevec_proto::{limits, CollectionSpec, IndexSpec, Metric, Point, SearchParams};
 
 use crate::engine::ReplicaSpec;
 use crate::error::EngineError;
+use crate::hnsw::SearchOptions;
 use crate::metric;
 
 /// Checks a create-collection request.
@@ -201,6 +202,36 @@ pub fn ids(ids: &[u64]) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Checks a collection's index parameters against [`limits`].
+pub fn index_spec(index: &IndexSpec) -> Result<(), EngineError> {
+    index
+        .check()
+        .map_err(|(field, message)| EngineError::invalid(field, message))
+}
+
+/// Checks a search's parameters and turns them into the engine's options.
+pub fn search_params(params: &SearchParams) -> Result<SearchOptions, EngineError> {
+    if params.ef > limits::MAX_SEARCH_EF {
+        return Err(EngineError::invalid(
+            "ef",
+            format!(
+                "ef must be at most {} (0: the default, {}), got {}",
+                limits::MAX_SEARCH_EF,
+                crate::hnsw::DEFAULT_EF,
+                params.ef
+            ),
+        ));
+    }
+    Ok(SearchOptions {
+        ef: if params.ef == 0 {
+            crate::hnsw::DEFAULT_EF
+        } else {
+            params.ef as usize
+        },
+        exact: params.exact,
+    })
+}
+
 /// Checks a search and returns its queries ready to score (normalised for
 /// cosine).
 pub fn search(spec: &CollectionSpec, queries: &[Vec<f32>], k: u32) -> Result<Vec<Vec<f32>>, EngineError> {
@@ -318,6 +349,7 @@ mod tests {
             dim: 3,
             metric: Metric::L2,
             seal_rows: 64,
+            index: Default::default(),
         };
         assert!(replica_spec(&ok).is_ok());
         let mut s = ok.clone();

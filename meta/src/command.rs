@@ -23,7 +23,7 @@
 
 use std::fmt;
 
-use edgevec_proto::CollectionSpec;
+use edgevec_proto::{CollectionSpec, IndexSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::shard::{Replication, ShardConfig};
@@ -171,6 +171,15 @@ pub enum CommandV2 {
     /// Choose the load balancer of a collection (by id): a shipped one or
     /// a deployed load balancer.
     SetLoadBalancer { collection: u64, name: String },
+    /// `CreateCollection` with the collection's index parameters (the
+    /// first form creates it with the defaults).
+    CreateCollectionV2 {
+        spec: CollectionSpec,
+        replication: Replication,
+        at_ms: u64,
+        placement: Vec<ShardConfig>,
+        index: IndexSpec,
+    },
 }
 
 /// What the state machine answers to a command.

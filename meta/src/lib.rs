@@ -50,6 +50,7 @@ pub mod state_machine;
 mod state_rows;
 mod state_v1;
 mod state_v2;
+mod state_v3;
 pub mod types;
 
 use std::path::Path;

@@ -2,8 +2,8 @@
 //! current one is kept.
 //!
 //! A snapshot's data is postcard of [`SnapshotBody`], a versioned envelope
-//! around the whole [`MetaState`] (`V3`; a `V1` or `V2` body, from an older
-//! build, is converted as `state_v1` and `state_v2` describe); its
+//! around the whole [`MetaState`] (`V4`; a `V1`, `V2` or `V3` body, from an older
+//! build, is converted as `state_v1`, `state_v2` and `state_v3` describe); its
 //! [`SnapshotMeta`] (last log id, last membership, id) travels beside it,
 //! as openraft wants.
 //!
@@ -30,6 +30,7 @@ use crate::state::MetaState;
 use crate::state_rows::SNAPSHOT;
 use crate::state_v1::MetaStateV1;
 use crate::state_v2::MetaStateV2;
+use crate::state_v3::MetaStateV3;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const CURRENT_KEY: &str = "current";
@@ -39,17 +40,18 @@ const CURRENT_KEY: &str = "current";
 enum SnapshotBody {
     V1(MetaStateV1),
     V2(MetaStateV2),
-    V3(MetaState),
+    V3(MetaStateV3),
+    V4(MetaState),
 }
 
-/// `SnapshotBody::V3` for encoding, borrowing the state (it can hold
+/// `SnapshotBody::V4` for encoding, borrowing the state (it can hold
 /// megabytes of plugins): the same bytes as the owned value.
 struct SnapshotBodyRef<'a>(&'a MetaState);
 
 impl Serialize for SnapshotBodyRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // Variant index 2 is `SnapshotBody::V3`.
-        s.serialize_newtype_variant("SnapshotBody", 2, "V3", self.0)
+        // Variant index 3 is `SnapshotBody::V4`.
+        s.serialize_newtype_variant("SnapshotBody", 3, "V4", self.0)
     }
 }
 
@@ -69,7 +71,8 @@ pub(crate) fn decode_body(data: &[u8]) -> Result<MetaState, MetaStoreError> {
     Ok(match decode("snapshot", data)? {
         SnapshotBody::V1(old) => old.upgrade(),
         SnapshotBody::V2(old) => old.upgrade(),
-        SnapshotBody::V3(state) => state,
+        SnapshotBody::V3(old) => old.upgrade(),
+        SnapshotBody::V4(state) => state,
     })
 }
 
@@ -187,14 +190,43 @@ mod tests {
     }
 
     #[test]
-    fn borrowed_body_encodes_like_the_owned_v3() {
+    fn borrowed_body_encodes_like_the_owned_v4() {
         let mut state = MetaState::default();
         state.settings.insert("k".into(), "v".into());
         state.next_collection_id = 7;
         state.balancers.insert(3, "random".into());
-        let owned = postcard::to_allocvec(&SnapshotBody::V3(state.clone())).unwrap();
+        let owned = postcard::to_allocvec(&SnapshotBody::V4(state.clone())).unwrap();
         assert_eq!(encode_body(&state).unwrap(), owned);
         assert_eq!(decode_body(&owned).unwrap(), state);
+    }
+
+    #[test]
+    fn v3_body_is_converted_with_default_index_parameters() {
+        let record = crate::state_v3::CollectionRecordV2 {
+            id: 4,
+            spec: spec("old"),
+            replication: crate::Replication {
+                replicas: 1,
+                min_insync: 1,
+            },
+            created_at_ms: 11,
+            shards: BTreeMap::new(),
+        };
+        let v3 = MetaStateV3 {
+            nodes: BTreeMap::new(),
+            collections: [("old".to_owned(), record)].into(),
+            plugins: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            next_collection_id: 5,
+            deployed: BTreeMap::new(),
+            balancers: [(4, "random".to_owned())].into(),
+        };
+        let data = postcard::to_allocvec(&SnapshotBody::V3(v3)).unwrap();
+        let state = decode_body(&data).unwrap();
+        let c = state.collection("old").unwrap();
+        assert_eq!((c.id, c.created_at_ms), (4, 11));
+        assert_eq!(c.index, edgevec_proto::IndexSpec::default());
+        assert_eq!(state.load_balancer_of(4), "random");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use edgevec_proto::CollectionSpec;
+use edgevec_proto::{CollectionSpec, IndexSpec};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::command::{CommandV1, CommandV2, MetaCommand, MetaResponse, NodeState, RejectCode};
@@ -37,7 +37,7 @@ use crate::shard::{check_change, Replication, ShardConfig};
 
 /// Everything the metadata Raft replicates.
 ///
-/// Persisted whole in snapshots (`SnapshotBody::V3`): change its shape only
+/// Persisted whole in snapshots (`SnapshotBody::V4`): change its shape only
 /// with a new snapshot body version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetaState {
@@ -92,7 +92,8 @@ impl NodeRecord {
 }
 
 /// A collection and the configurations of its shards. Persisted as
-/// `CollectionRow::V2` (the V1 shape is in `state_v1`).
+/// `CollectionRow::V3` (the V1 shape is in `state_v1`, the V2 one in
+/// `state_v3`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CollectionRecord {
     /// Stable id, assigned at creation, never reused.
@@ -103,6 +104,9 @@ pub struct CollectionRecord {
     /// Shard number → configuration. A shard without an entry has not been
     /// placed yet (version 0).
     pub shards: BTreeMap<u32, ShardConfig>,
+    /// HNSW build parameters of its indexes (the defaults for collections
+    /// created before collections chose them).
+    pub index: IndexSpec,
 }
 
 /// One registered plugin version.
@@ -204,9 +208,13 @@ impl MetaState {
                 Some(_) => MetaResponse::ok(),
                 None => not_found(format!("node {id} is not registered")),
             },
-            CommandV1::CreateCollection { spec, at_ms } => {
-                self.create_collection(spec, Replication::with_default_min(1), *at_ms, &[])
-            }
+            CommandV1::CreateCollection { spec, at_ms } => self.create_collection(
+                spec,
+                Replication::with_default_min(1),
+                *at_ms,
+                &[],
+                IndexSpec::default(),
+            ),
             CommandV1::DropCollection { name } => match self.collections.remove(name) {
                 Some(c) => {
                     self.balancers.remove(&c.id);
@@ -274,7 +282,14 @@ impl MetaState {
                 replication,
                 at_ms,
                 placement,
-            } => self.create_collection(spec, *replication, *at_ms, placement),
+            } => self.create_collection(spec, *replication, *at_ms, placement, IndexSpec::default()),
+            CommandV2::CreateCollectionV2 {
+                spec,
+                replication,
+                at_ms,
+                placement,
+                index,
+            } => self.create_collection(spec, *replication, *at_ms, placement, *index),
             CommandV2::ShardCas {
                 collection,
                 shard,
@@ -404,9 +419,15 @@ impl MetaState {
         replication: Replication,
         at_ms: u64,
         placement: &[ShardConfig],
+        index: IndexSpec,
     ) -> MetaResponse {
         if let Err(msg) = check_spec(spec) {
             return invalid(msg);
+        }
+        // Checked by the proposer too; again here, as every node applies
+        // the entry whoever proposed it.
+        if let Err((_, msg)) = index.check() {
+            return invalid(format!("collection {:?}: {msg}", spec.name));
         }
         if let Err(msg) = replication.check() {
             return invalid(format!("collection {:?}: {msg}", spec.name));
@@ -450,6 +471,7 @@ impl MetaState {
                 replication,
                 created_at_ms: at_ms,
                 shards: (0..).zip(placement.iter().cloned()).collect(),
+                index,
             },
         );
         MetaResponse::ok()

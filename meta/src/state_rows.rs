@@ -43,6 +43,7 @@ use crate::disk::{decode, encode};
 use crate::error::MetaStoreError;
 use crate::state::{CollectionRecord, MetaState, NodeRecord, PluginRecord};
 use crate::state_v1::CollectionRecordV1;
+use crate::state_v3::CollectionRecordV2;
 use crate::types::{LogId, StoredMembership};
 
 /// Layout version of `meta-state.redb`.
@@ -80,7 +81,8 @@ enum NodeRow {
 #[derive(Serialize, Deserialize)]
 pub(crate) enum CollectionRow {
     V1(CollectionRecordV1),
-    V2(CollectionRecord),
+    V2(CollectionRecordV2),
+    V3(CollectionRecord),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -144,7 +146,7 @@ impl Row {
                 CommandV1::SetSetting { key, .. } => vec![Row::Setting(key.clone())],
             },
             MetaCommand::V2(c) => match c {
-                CommandV2::CreateCollection { .. } => created(),
+                CommandV2::CreateCollection { .. } | CommandV2::CreateCollectionV2 { .. } => created(),
                 CommandV2::ShardCas { collection, .. } | CommandV2::SetReplication { collection, .. } => {
                     vec![Row::Collection(*collection)]
                 }
@@ -171,7 +173,7 @@ pub(crate) fn encode_rows(state: &MetaState, rows: BTreeSet<Row>) -> Result<Vec<
                 Row::Node(id) => state.nodes.get(id).map(|n| encode("node", &NodeRow::V1(n.clone()))),
                 Row::Collection(id) => state
                     .collection_by_id(*id)
-                    .map(|c| encode("collection", &CollectionRow::V2(c.clone()))),
+                    .map(|c| encode("collection", &CollectionRow::V3(c.clone()))),
                 Row::NextCollectionId => Some(encode(NEXT_COLLECTION_ID, &CounterRow::V1(state.next_collection_id))),
                 Row::Plugin(name, version) => state
                     .plugin(name, version)
@@ -306,8 +308,10 @@ pub(crate) fn load(db: &Database) -> Result<Loaded, MetaStoreError> {
     for row in txn.open_table(COLLECTIONS)?.iter()? {
         let (id, v) = row?;
         let what = format!("collection {}", id.value());
-        let CollectionRow::V2(c) = decode(&what, v.value())? else {
-            return Err(MetaStoreError::corrupt(what, "a format-1 row in a format-2 table"));
+        let c = match decode(&what, v.value())? {
+            CollectionRow::V3(c) => c,
+            CollectionRow::V2(c) => c.upgrade(),
+            CollectionRow::V1(_) => return Err(MetaStoreError::corrupt(what, "a format-1 row in a format-2 table")),
         };
         if c.id != id.value() {
             return Err(MetaStoreError::corrupt(

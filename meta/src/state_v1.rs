@@ -85,6 +85,7 @@ pub(crate) fn upgrade_collections(
                 replication: Replication::with_default_min(1),
                 created_at_ms: c.created_at_ms,
                 shards: BTreeMap::new(),
+                index: edgevec_proto::IndexSpec::default(),
             };
             (record.spec.name.clone(), record)
         })
@@ -93,7 +94,7 @@ pub(crate) fn upgrade_collections(
 }
 
 /// Upgrade a format-1 state file to the current format, in one
-/// transaction: collection rows re-keyed by id as `CollectionRow::V2`, the
+/// transaction: collection rows re-keyed by id as `CollectionRow::V3`, the
 /// counter row written, the stored snapshot (if any) replaced by one of the
 /// converted state at the applied index, and the format stamped. A crash
 /// leaves the format-1 file, upgraded again at the next open.
@@ -107,7 +108,7 @@ pub(crate) fn upgrade_file(db: &Database) -> Result<(), MetaStoreError> {
             let what = format!("collection {:?}", name.value());
             match decode(&what, v.value())? {
                 CollectionRow::V1(c) => v1.push(c),
-                CollectionRow::V2(_) => {
+                CollectionRow::V2(_) | CollectionRow::V3(_) => {
                     return Err(MetaStoreError::corrupt(what, "a format-2 row in a format-1 table"));
                 }
             }

@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{CollectionRecord, MetaState, NodeRecord, PluginRecord};
+use crate::state::{MetaState, NodeRecord, PluginRecord};
+use crate::state_v3::CollectionRecordV2;
 
 /// The whole state as a V2 snapshot holds it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct MetaStateV2 {
     pub nodes: BTreeMap<u64, NodeRecord>,
-    pub collections: BTreeMap<String, CollectionRecord>,
+    pub collections: BTreeMap<String, CollectionRecordV2>,
     pub plugins: BTreeMap<(String, String), PluginRecord>,
     pub settings: BTreeMap<String, String>,
     pub next_collection_id: u64,
@@ -24,7 +25,7 @@ impl MetaStateV2 {
     pub(crate) fn upgrade(self) -> MetaState {
         MetaState {
             nodes: self.nodes,
-            collections: self.collections,
+            collections: self.collections.into_iter().map(|(n, c)| (n, c.upgrade())).collect(),
             plugins: self.plugins,
             settings: self.settings,
             next_collection_id: self.next_collection_id,

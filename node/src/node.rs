@@ -134,7 +134,6 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
     let dir = node.data_dir.join("engine");
     let options = EngineOptions {
         oplog_retain_bytes: cluster.oplog_retain_bytes,
-        ..EngineOptions::default()
     };
     let engine = tokio::task::spawn_blocking(move || Engine::open(&dir, options))
         .await

@@ -19,7 +19,9 @@ use std::time::Duration;
 use edgevec_meta::{CommandV1, CommandV2, MetaCommand, MetaResponse, RejectCode, Replication};
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1};
 use edgevec_proto::internal::{MembershipChange, NodeOpV1, NodeReplyV1, NodeRequest, NodeResponse, RaftRpc};
-use edgevec_proto::{ClusterStatus, CollectionSpec, ErrorCode, NodeStatus, ReplicationSpec, WireError};
+use edgevec_proto::{
+    ClusterStatus, CollectionSpec, ErrorCode, IndexSpec, NodeStatus, ReplicationSpec, SearchParams, WireError,
+};
 use tracing::debug;
 
 use crate::config::{ClusterConfig, NodeConfig, Token, TokenRole};
@@ -43,11 +45,13 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::Search { .. }
         | OpV1::GetV2 { .. }
         | OpV1::SearchV2 { .. }
+        | OpV1::SearchV3 { .. }
         | OpV1::ClusterStatus
         | OpV1::Shards { .. }
         | OpV1::ListPlugins => TokenRole::Read,
         OpV1::Upsert { .. } | OpV1::Delete { .. } | OpV1::UpsertV2 { .. } | OpV1::DeleteV2 { .. } => TokenRole::Write,
         OpV1::CreateCollection(_)
+        | OpV1::CreateReplicatedV2 { .. }
         | OpV1::CreateReplicated { .. }
         | OpV1::Load { .. }
         | OpV1::SetLoadBalancer { .. }
@@ -154,7 +158,9 @@ impl Service {
     /// (the leader died or was slow) may find its own first attempt
     /// committed: same spec, same creation time. That is success.
     fn is_own_create(&self, cmd: &MetaCommand, e: &WireError) -> bool {
-        let MetaCommand::V2(CommandV2::CreateCollection { spec, at_ms, .. }) = cmd else {
+        let (MetaCommand::V2(CommandV2::CreateCollection { spec, at_ms, .. })
+        | MetaCommand::V2(CommandV2::CreateCollectionV2 { spec, at_ms, .. })) = cmd
+        else {
             return false;
         };
         e.code == ErrorCode::AlreadyExists
@@ -195,8 +201,9 @@ impl Service {
 
     /// Creates a collection with its initial placement, then waits until
     /// every shard takes writes.
-    async fn create(&self, spec: CollectionSpec, r: ReplicationSpec) -> Result<ReplyV1, WireError> {
+    async fn create(&self, spec: CollectionSpec, r: ReplicationSpec, index: IndexSpec) -> Result<ReplyV1, WireError> {
         edgevec_engine::validate::collection_spec(&spec).map_err(|e| e.to_wire())?;
+        edgevec_engine::validate::index_spec(&index).map_err(|e| e.to_wire())?;
         let replication = self.replication(r)?;
         let state = self.meta.state();
         // Only nodes the metadata leader heard from lately: a node that
@@ -226,11 +233,23 @@ impl Service {
             )
         })?;
         let name = spec.name.clone();
-        let cmd = CommandV2::CreateCollection {
-            spec,
-            replication,
-            at_ms: now_ms(),
-            placement,
+        let at_ms = now_ms();
+        // The first form for the defaults: nodes of earlier builds apply it.
+        let cmd = if index == IndexSpec::default() {
+            CommandV2::CreateCollection {
+                spec,
+                replication,
+                at_ms,
+                placement,
+            }
+        } else {
+            CommandV2::CreateCollectionV2 {
+                spec,
+                replication,
+                at_ms,
+                placement,
+                index,
+            }
         };
         self.meta_write(MetaCommand::V2(cmd)).await?;
         // The create is committed either way; writes before the primaries
@@ -252,8 +271,15 @@ impl Service {
                 uptime_ms: self.started.elapsed().as_millis() as u64,
                 collections: self.meta.state().collections().count() as u32,
             }),
-            OpV1::CreateCollection(spec) => self.create(spec, ReplicationSpec::new(1)).await?,
-            OpV1::CreateReplicated { spec, replication } => self.create(spec, replication).await?,
+            OpV1::CreateCollection(spec) => self.create(spec, ReplicationSpec::new(1), IndexSpec::default()).await?,
+            OpV1::CreateReplicated { spec, replication } => {
+                self.create(spec, replication, IndexSpec::default()).await?
+            }
+            OpV1::CreateReplicatedV2 {
+                spec,
+                replication,
+                index,
+            } => self.create(spec, replication, index).await?,
             OpV1::Load { name, replication } => {
                 let id = self.meta.state().collection(&name).map(|c| c.id).ok_or_else(|| {
                     WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
@@ -344,9 +370,24 @@ impl Service {
                 with_payload,
                 read,
             } => {
+                let params = SearchParams::default();
                 let (hits, tokens) = self
                     .router
-                    .search_at(&collection, queries, k, with_payload, read)
+                    .search_at(&collection, queries, k, with_payload, read, params)
+                    .await?;
+                ReplyV1::HitsAt { hits, tokens }
+            }
+            OpV1::SearchV3 {
+                collection,
+                queries,
+                k,
+                with_payload,
+                read,
+                params,
+            } => {
+                let (hits, tokens) = self
+                    .router
+                    .search_at(&collection, queries, k, with_payload, read, params)
                     .await?;
                 ReplyV1::HitsAt { hits, tokens }
             }

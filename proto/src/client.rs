@@ -137,6 +137,22 @@ pub enum OpV1 {
         collection: String,
         on: bool,
     },
+    /// `CreateReplicated` with the collection's index parameters.
+    CreateReplicatedV2 {
+        spec: CollectionSpec,
+        replication: ReplicationSpec,
+        index: IndexSpec,
+    },
+    /// `SearchV2` with search parameters (`ef`, exact); answers
+    /// [`ReplyV1::HitsAt`].
+    SearchV3 {
+        collection: String,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+        read: ReadOptions,
+        params: SearchParams,
+    },
 }
 
 impl OpV1 {
@@ -155,7 +171,7 @@ impl OpV1 {
             OpV1::ClusterStatus => "cluster_status",
             OpV1::AddNode(_) => "add_node",
             OpV1::RemoveNode { .. } => "remove_node",
-            OpV1::CreateReplicated { .. } => "create_collection",
+            OpV1::CreateReplicated { .. } | OpV1::CreateReplicatedV2 { .. } => "create_collection",
             OpV1::Load { .. } => "load",
             OpV1::Shards { .. } => "shards",
             OpV1::ListPlugins => "list_plugins",
@@ -165,7 +181,7 @@ impl OpV1 {
             OpV1::SetNativePolicies { .. } => "set_native_policies",
             OpV1::UpsertV2 { .. } => "upsert",
             OpV1::DeleteV2 { .. } => "delete",
-            OpV1::SearchV2 { .. } => "search",
+            OpV1::SearchV2 { .. } | OpV1::SearchV3 { .. } => "search",
             OpV1::GetV2 { .. } => "get",
             OpV1::SetHedging { .. } => "set_hedging",
         }

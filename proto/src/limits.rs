@@ -29,7 +29,19 @@ pub const MIN_SEAL_ROWS: u32 = 64;
 /// Upper bound of a collection's seal size.
 pub const MAX_SEAL_ROWS: u32 = 4_000_000;
 /// Seal size used when a create request does not name one.
-pub const DEFAULT_SEAL_ROWS: u32 = 65_536;
+pub const DEFAULT_SEAL_ROWS: u32 = 10_000;
+/// Largest HNSW search expansion (`ef`) a search may ask for.
+pub const MAX_SEARCH_EF: u32 = 4096;
+/// HNSW graph degree (`M`) of a collection that does not choose one.
+pub const DEFAULT_HNSW_M: u32 = 16;
+/// Bounds of a collection's HNSW graph degree.
+pub const MIN_HNSW_M: u32 = 2;
+pub const MAX_HNSW_M: u32 = 128;
+/// HNSW `ef_construction` of a collection that does not choose one.
+pub const DEFAULT_EF_CONSTRUCTION: u32 = 128;
+/// Bounds of a collection's `ef_construction`.
+pub const MIN_EF_CONSTRUCTION: u32 = 8;
+pub const MAX_EF_CONSTRUCTION: u32 = 4096;
 
 /// Largest policy plugin (WebAssembly module or component) a node takes.
 pub const MAX_PLUGIN_BYTES: usize = 4 * 1024 * 1024;

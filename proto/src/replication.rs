@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Hit, OpId, Point, PointRecord, SegmentInfo};
+use crate::types::{Hit, OpId, Point, PointRecord, SearchParams, SegmentInfo};
 
 /// One shard of one collection, by the collection's stable id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -124,12 +124,24 @@ pub enum ShardRead {
     Status {
         shard: ShardRef,
     },
+    /// `Search` with search parameters (sent only when they are not the
+    /// default, so nodes of earlier builds keep serving default searches).
+    SearchV2 {
+        shard: ShardRef,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+        params: SearchParams,
+    },
 }
 
 impl ShardRead {
     pub fn shard(&self) -> ShardRef {
         match self {
-            ShardRead::Search { shard, .. } | ShardRead::Get { shard, .. } | ShardRead::Status { shard } => *shard,
+            ShardRead::Search { shard, .. }
+            | ShardRead::SearchV2 { shard, .. }
+            | ShardRead::Get { shard, .. }
+            | ShardRead::Status { shard } => *shard,
         }
     }
 }

@@ -66,6 +66,51 @@ pub struct CollectionSpec {
     pub seal_rows: u32,
 }
 
+/// How a collection's segments are indexed (HNSW build parameters);
+/// fixed at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexSpec {
+    /// Graph degree (hnswlib `M`): links per row. Larger recalls better at
+    /// a given `ef` and costs memory (about 8·M bytes per row) and build
+    /// time.
+    pub m: u32,
+    /// Candidates considered while linking a row: larger builds a better
+    /// graph, more slowly.
+    pub ef_construction: u32,
+}
+
+impl IndexSpec {
+    /// Checks the bounds of [`crate::limits`]; the error names the field.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        use crate::limits::*;
+        if !(MIN_HNSW_M..=MAX_HNSW_M).contains(&self.m) {
+            return Err((
+                "hnsw_m",
+                format!("hnsw m must be between {MIN_HNSW_M} and {MAX_HNSW_M}, got {}", self.m),
+            ));
+        }
+        if !(MIN_EF_CONSTRUCTION..=MAX_EF_CONSTRUCTION).contains(&self.ef_construction) {
+            return Err((
+                "ef_construction",
+                format!(
+                    "ef_construction must be between {MIN_EF_CONSTRUCTION} and {MAX_EF_CONSTRUCTION}, got {}",
+                    self.ef_construction
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for IndexSpec {
+    fn default() -> Self {
+        IndexSpec {
+            m: crate::limits::DEFAULT_HNSW_M,
+            ef_construction: crate::limits::DEFAULT_EF_CONSTRUCTION,
+        }
+    }
+}
+
 /// A point as written by a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Point {
@@ -177,6 +222,20 @@ impl SessionToken {
             None => tokens.push(new),
         }
     }
+}
+
+/// How a search looks for neighbours; the default walks each segment's
+/// HNSW graph with the default expansion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchParams {
+    /// HNSW search expansion: candidates kept while walking a segment's
+    /// graph. Larger finds more of the true neighbours and costs more; at
+    /// least `k` is used. 0: the default (64); at most
+    /// [`crate::limits::MAX_SEARCH_EF`].
+    pub ef: u32,
+    /// Compare the query with every live point (brute force) instead of
+    /// walking the index: exact results, at a cost linear in the points.
+    pub exact: bool,
 }
 
 /// How a read is served: its consistency level, the session tokens it

@@ -36,6 +36,10 @@
 //! `--mode scaling` it measures search QPS with 1 and 2 replicas of one
 //! shard on two nodes pinned to a core each.
 //!
+//! With `--mode engine` it measures the search engine in process against
+//! hnswlib (the pip package) on the same clustered data: QPS and recall per
+//! `ef`, and index build time (`scripts/bench-engine.sh` runs it).
+//!
 //! `cargo run --release --bin bench -- --help`
 
 use std::fs::OpenOptions;
@@ -52,6 +56,7 @@ use edgevec_client::{Client, ClientConfig, CollectionSpec, Metric, OpId, Point, 
 use edgevec_engine::{search_replicas, Engine, EngineOptions, ShardReplica};
 use rand::{Rng, SeedableRng};
 
+mod engine;
 mod plugins;
 mod reads;
 mod replication;
@@ -113,6 +118,25 @@ struct Args {
     /// Replication mode: points per write of the failover writers.
     #[arg(long, default_value_t = 10)]
     failover_batch: usize,
+    /// Engine mode: `l2`, `ip` or `cosine`.
+    #[arg(long, default_value = "l2")]
+    metric: String,
+    /// Engine mode: Gaussian clusters of the generated data.
+    #[arg(long, default_value_t = 100)]
+    clusters: usize,
+    /// Engine mode: HNSW graph degree, for the engine and hnswlib alike.
+    #[arg(long, default_value_t = edgevec_engine::DEFAULT_M)]
+    m: usize,
+    /// Engine mode: HNSW ef_construction, for both.
+    #[arg(long, default_value_t = edgevec_engine::DEFAULT_EF_CONSTRUCTION)]
+    ef_construction: usize,
+    /// Engine mode: search expansions measured.
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+    ef_sweep: Vec<usize>,
+    /// Engine mode: the Python with hnswlib and numpy installed
+    /// (scripts/bench-engine.sh makes a venv with them).
+    #[arg(long, default_value = "python3")]
+    python: String,
     /// Keep the data directory (and node logs) here instead of a temp dir.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -419,7 +443,14 @@ impl Local {
     }
 
     fn search(&self, query: &[f32], k: u32) -> Result<Vec<edgevec_proto::Hit>> {
-        let mut hits = search_replicas(&self.replicas, self.metric, &[query.to_vec()], k, false)?;
+        let mut hits = search_replicas(
+            &self.replicas,
+            self.metric,
+            &[query.to_vec()],
+            k,
+            false,
+            Default::default(),
+        )?;
         Ok(hits.pop().unwrap_or_default())
     }
 }
@@ -468,8 +499,9 @@ async fn main() -> Result<()> {
         }
         "reads" => reads::run(&args, &dir).await,
         "scaling" => reads::scaling(&args, &dir).await,
+        "engine" => engine::run(&args, &dir),
         other => {
-            bail!("unknown --mode {other:?}: use search, meta, replication, plugins, plugins-e2e, reads or scaling")
+            bail!("unknown --mode {other:?}: use search, engine, meta, replication, plugins, plugins-e2e, reads or scaling")
         }
     }
 }

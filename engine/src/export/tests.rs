@@ -8,8 +8,8 @@ fn config() -> ShardConfig {
         metric: Metric::L2,
         seal_rows: 2,
         index: IndexParams {
+            m: 4,
             ef_construction: 8,
-            ef_search: 8,
         },
         retain_bytes: 0,
     }

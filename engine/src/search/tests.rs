@@ -63,6 +63,7 @@ fn payloads_come_from_the_replica_each_hit_came_from() {
                 dim: 2,
                 metric: Metric::L2,
                 seal_rows: 64,
+                index: Default::default(),
             })
             .unwrap();
         // Both rows live at segment 1, row 0 of their replica.
@@ -70,12 +71,28 @@ fn payloads_come_from_the_replica_each_hit_came_from() {
         r
     };
     let (a, b) = (replica(1, 10), replica(2, 20));
-    let hits = search_replicas(&[b.clone(), a.clone()], Metric::L2, &[vec![0.0, 0.0]], 2, true).unwrap();
+    let hits = search_replicas(
+        &[b.clone(), a.clone()],
+        Metric::L2,
+        &[vec![0.0, 0.0]],
+        2,
+        true,
+        Default::default(),
+    )
+    .unwrap();
     let got: Vec<(u64, Option<&str>)> = hits[0].iter().map(|h| (h.id, h.payload.as_deref())).collect();
     assert_eq!(got, vec![(10, Some("{\"id\":10}")), (20, Some("{\"id\":20}"))]);
-    let only_b = search_replicas(&[b], Metric::L2, &[vec![0.0, 0.0]], 5, true).unwrap();
+    let only_b = search_replicas(&[b], Metric::L2, &[vec![0.0, 0.0]], 5, true, Default::default()).unwrap();
     assert_eq!(ids(&only_b[0]), vec![20]);
-    let none = search_replicas(&[], Metric::L2, &[vec![0.0, 0.0], vec![1.0, 1.0]], 5, true).unwrap();
+    let none = search_replicas(
+        &[],
+        Metric::L2,
+        &[vec![0.0, 0.0], vec![1.0, 1.0]],
+        5,
+        true,
+        Default::default(),
+    )
+    .unwrap();
     assert_eq!(none, vec![Vec::new(), Vec::new()]);
 }
 

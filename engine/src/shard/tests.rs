@@ -10,8 +10,8 @@ fn config(seal_rows: u32, retain_bytes: u64) -> ShardConfig {
         metric: Metric::L2,
         seal_rows,
         index: IndexParams {
+            m: 8,
             ef_construction: 32,
-            ef_search: 16,
         },
         retain_bytes,
     }
@@ -55,7 +55,7 @@ fn appended_ops_are_searchable_only_once_applied_and_survive_restart() {
     assert_eq!(s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap(), id(1, 3));
     assert_eq!((s.term(), s.applied_lsn()), (1, 0));
     assert!(found(&s, &[1, 2, 3]).is_empty(), "logged is not applied");
-    assert!(s.search(&[1.0, 1.0], 3).is_empty());
+    assert!(s.search(&[1.0, 1.0], 3, Default::default()).is_empty());
     assert_eq!(s.info().0.lsn, 0);
 
     assert_eq!(s.apply_through(2).unwrap(), 2);
@@ -354,7 +354,7 @@ fn replicas_fed_the_same_entries_reach_the_same_state() {
             s.log_status(),
             s.info(),
             s.get(&all).unwrap(),
-            s.search(&[20.0, 1.0], 30),
+            s.search(&[20.0, 1.0], 30, Default::default()),
         )
     };
     let sa = state(&a);
@@ -390,7 +390,11 @@ fn seals_at_seal_rows_and_reopens_identically() {
     assert!(s.indexes_ready());
     assert!(index_path(dir.path(), 1).exists());
 
-    let before = (s.info(), s.get(&[5, 6, 100, 7]).unwrap(), s.search(&[5.0, 1.0], 3));
+    let before = (
+        s.info(),
+        s.get(&[5, 6, 100, 7]).unwrap(),
+        s.search(&[5.0, 1.0], 3, Default::default()),
+    );
     assert_eq!(before.0 .0.points, 64 - 1 + 1);
     assert_eq!(before.0 .1[0].deleted, 2);
     assert_eq!(before.2[0].id, 5);
@@ -398,7 +402,11 @@ fn seals_at_seal_rows_and_reopens_identically() {
     drop(s);
 
     let s = ShardReplica::open(dir.path(), config(64, OPLOG_RETAIN_BYTES), b.clone()).unwrap();
-    let after = (s.info(), s.get(&[5, 6, 100, 7]).unwrap(), s.search(&[5.0, 1.0], 3));
+    let after = (
+        s.info(),
+        s.get(&[5, 6, 100, 7]).unwrap(),
+        s.search(&[5.0, 1.0], 3, Default::default()),
+    );
     assert_eq!(before, after);
     assert_eq!(after.0 .1[0].index, IndexState::Ready, "index loaded, not rebuilt");
     assert_eq!(b.pending(), 0);

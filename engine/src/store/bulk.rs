@@ -305,8 +305,8 @@ mod tests {
             metric: Metric::L2,
             seal_rows: 64,
             index: IndexParams {
+                m: 4,
                 ef_construction: 8,
-                ef_search: 8,
             },
             retain_bytes: 0,
         };

@@ -81,6 +81,52 @@ fn invalid_specs_are_rejected() {
 }
 
 #[test]
+fn a_collection_keeps_the_index_parameters_it_was_created_with() {
+    let mut s = MetaState::default();
+    let create = |name: &str, index: IndexSpec| -> MetaCommand {
+        MetaCommand::V2(CommandV2::CreateCollectionV2 {
+            spec: spec(name),
+            replication: Replication::with_default_min(1),
+            at_ms: 3,
+            placement: Vec::new(),
+            index,
+        })
+    };
+    let tuned = IndexSpec {
+        m: 8,
+        ef_construction: 40,
+    };
+    assert!(s.apply(&create("tuned", tuned)).is_ok());
+    assert_eq!(s.collection("tuned").unwrap().index, tuned);
+    // The first form creates with the defaults.
+    let plain = MetaCommand::V2(CommandV2::CreateCollection {
+        spec: spec("plain"),
+        replication: Replication::with_default_min(1),
+        at_ms: 4,
+        placement: Vec::new(),
+    });
+    assert!(s.apply(&plain).is_ok());
+    assert_eq!(s.collection("plain").unwrap().index, IndexSpec::default());
+    // Out of bounds: refused, nothing changes.
+    let before = s.clone();
+    for bad in [
+        IndexSpec { m: 1, ..tuned },
+        IndexSpec { m: 1000, ..tuned },
+        IndexSpec {
+            ef_construction: 0,
+            ..tuned
+        },
+    ] {
+        assert_eq!(
+            code(&s.apply(&create("bad", bad))),
+            Some(RejectCode::Invalid),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(s, before);
+}
+
+#[test]
 fn register_update_and_state_transitions() {
     let mut s = MetaState::default();
     assert!(s.apply(&register(1)).is_ok());

@@ -7,10 +7,19 @@ use serde_json::{json, Value};
 
 use super::{connect, parse_vector, Global};
 
-pub async fn search(g: &Global, collection: &str, vector: &str, k: u32, with_payload: bool) -> Result<()> {
+pub async fn search(
+    g: &Global,
+    collection: &str,
+    vector: &str,
+    k: u32,
+    with_payload: bool,
+    opts: &edgevec_client::ReadOpts,
+) -> Result<()> {
     let query = parse_vector(vector)?;
     let client = connect(g).await?;
-    let mut hits = client.search_batch(collection, vec![query], k, with_payload).await?;
+    let mut hits = client
+        .search_with(collection, vec![query], k, with_payload, opts)
+        .await?;
     let hits = hits.pop().unwrap_or_default();
     if g.json {
         println!("{}", Value::Array(hits.iter().map(hit_json).collect()));

@@ -103,6 +103,15 @@ pub enum Command {
         /// Leave payloads out of the result.
         #[arg(long)]
         no_payload: bool,
+        /// HNSW search expansion: candidates kept while walking each
+        /// segment's graph (more finds more of the true neighbours, slower;
+        /// at least k is used) [default: 64].
+        #[arg(long)]
+        ef: Option<u32>,
+        /// Compare with every point (brute force) instead of walking the
+        /// index: exact, at a cost linear in the collection's size.
+        #[arg(long)]
+        exact: bool,
     },
     /// Read points by id.
     Get {
@@ -200,6 +209,14 @@ pub enum CollectionCmd {
         /// (default: round-robin; `edgevec plugin list` shows them).
         #[arg(long)]
         lb: Option<String>,
+        /// HNSW graph degree (links per row): higher recalls better at a
+        /// given ef, costs memory and build time.
+        #[arg(long, default_value_t = edgevec_proto::limits::DEFAULT_HNSW_M)]
+        hnsw_m: u32,
+        /// HNSW candidates considered while linking a row: higher builds a
+        /// better graph, more slowly.
+        #[arg(long, default_value_t = edgevec_proto::limits::DEFAULT_EF_CONSTRUCTION)]
+        ef_construction: u32,
     },
     /// List collections.
     List,
@@ -225,7 +242,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             vector,
             k,
             no_payload,
-        } => data::search(&g, &collection, &vector, k, !no_payload).await,
+            ef,
+            exact,
+        } => {
+            let opts = edgevec_client::ReadOpts {
+                ef,
+                exact,
+                ..Default::default()
+            };
+            data::search(&g, &collection, &vector, k, !no_payload, &opts).await
+        }
         Command::Get { collection, ids } => data::get(&g, &collection, &ids).await,
         Command::Delete { collection, ids } => data::delete(&g, &collection, &ids).await,
         Command::Plugin(PluginCmd::List) => plugin::list(&g).await,
@@ -376,12 +402,18 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
             replicas,
             min_insync,
             lb,
+            hnsw_m,
+            ef_construction,
         } => {
             let spec = CollectionSpec::new(&name, dim, metric)
                 .with_shards(shards)
                 .with_seal_rows(seal_rows);
+            let index = edgevec_proto::IndexSpec {
+                m: hnsw_m,
+                ef_construction,
+            };
             client
-                .create_replicated(spec, ReplicationSpec { replicas, min_insync })
+                .create_indexed(spec, ReplicationSpec { replicas, min_insync }, index)
                 .await?;
             if let Some(lb) = &lb {
                 client.set_load_balancer(&name, lb).await.with_context(|| {

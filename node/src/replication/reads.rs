@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
 use edgevec_proto::replication::{ReadRequirement, ShardRead, ShardReadAt, ShardReadAtReply, ShardRef};
-use edgevec_proto::{ErrorCode, OpId, WireError};
+use edgevec_proto::{ErrorCode, Hit, OpId, SearchParams, WireError};
 
 use super::{unavailable, DataPlane, Local};
 
@@ -317,6 +317,26 @@ impl DataPlane {
             .await
     }
 
+    /// Searches the local replica (the proxy validated the queries; the
+    /// parameters are checked again, as everything read from the network).
+    async fn search(
+        &self,
+        local: &Arc<Local>,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+        params: SearchParams,
+    ) -> Result<edgevec_proto::replication::ShardReadReply, WireError> {
+        let opts = edgevec_engine::validate::search_params(&params).map_err(|e| e.to_wire())?;
+        let metric = local.spec.metric;
+        let replica = local.replica.clone();
+        let hits: Vec<Vec<Hit>> = super::blocking(move || {
+            edgevec_engine::search_replicas(&[replica], metric, &queries, k, with_payload, opts)
+        })
+        .await?;
+        Ok(edgevec_proto::replication::ShardReadReply::Hits(hits))
+    }
+
     /// Serves a read whose requirement holds.
     pub(super) async fn serve(
         &self,
@@ -331,14 +351,16 @@ impl DataPlane {
                 with_payload,
                 ..
             } => {
-                let metric = local.spec.metric;
-                let replica = local.replica.clone();
-                let hits = super::blocking(move || {
-                    edgevec_engine::search_replicas(&[replica], metric, &queries, k, with_payload)
-                })
-                .await?;
-                Ok(ShardReadReply::Hits(hits))
+                self.search(local, queries, k, with_payload, SearchParams::default())
+                    .await
             }
+            ShardRead::SearchV2 {
+                queries,
+                k,
+                with_payload,
+                params,
+                ..
+            } => self.search(local, queries, k, with_payload, params).await,
             ShardRead::Get { ids, .. } => {
                 let replica = local.replica.clone();
                 let found = super::blocking(move || replica.get(&ids)).await?;

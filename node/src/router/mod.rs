@@ -37,7 +37,7 @@ use edgevec_proto::replication::{
 };
 use edgevec_proto::{
     CollectionInfo, CollectionShards, ErrorCode, Hit, Metric, OpId, Point, PointRecord, ReadOptions, ReplicaStatus,
-    SessionToken, ShardInfo, ShardStatus, WireError, WriteAck, WriteOutcome,
+    SearchParams, SessionToken, ShardInfo, ShardStatus, WireError, WriteAck, WriteOutcome,
 };
 
 pub mod levels;
@@ -1397,13 +1397,21 @@ impl Router {
         with_payload: bool,
     ) -> Result<Vec<Vec<Hit>>, WireError> {
         Ok(self
-            .search_at(name, queries, k, with_payload, ReadOptions::default())
+            .search_at(
+                name,
+                queries,
+                k,
+                with_payload,
+                ReadOptions::default(),
+                SearchParams::default(),
+            )
             .await?
             .0)
     }
 
     /// Up to `k` hits per query over every shard of `name`, each shard read
-    /// as `opts` asks; with the op each shard was read at.
+    /// as `opts` asks and searched as `params` says; with the op each shard
+    /// was read at.
     pub async fn search_at(
         &self,
         name: &str,
@@ -1411,20 +1419,32 @@ impl Router {
         k: u32,
         with_payload: bool,
         opts: ReadOptions,
+        params: SearchParams,
     ) -> Result<(Vec<Vec<Hit>>, Vec<SessionToken>), WireError> {
         let rec = self.collection(name).await?;
         let queries = validate::search(&rec.spec, &queries, k).map_err(|e| e.to_wire())?;
+        validate::search_params(&params).map_err(|e| e.to_wire())?;
         let spec = self.read_spec(&rec, opts)?;
         let reads = (0..rec.spec.shards).map(|shard| {
             let key = ShardRef {
                 collection: rec.id,
                 shard,
             };
-            let req = ShardRead::Search {
-                shard: key,
-                queries: queries.clone(),
-                k,
-                with_payload,
+            let req = if params == SearchParams::default() {
+                ShardRead::Search {
+                    shard: key,
+                    queries: queries.clone(),
+                    k,
+                    with_payload,
+                }
+            } else {
+                ShardRead::SearchV2 {
+                    shard: key,
+                    queries: queries.clone(),
+                    k,
+                    with_payload,
+                    params,
+                }
             };
             let spec = &spec;
             async move { (key, self.read_shard_at(key, req, spec).await) }

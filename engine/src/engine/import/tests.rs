@@ -19,6 +19,7 @@ fn rspec(collection: u64, dim: u32) -> ReplicaSpec {
         dim,
         metric: Metric::L2,
         seal_rows: 64,
+        index: Default::default(),
     }
 }
 
@@ -77,7 +78,15 @@ fn state(r: &Arc<ShardReplica>) -> State {
     log.first_logged = None;
     let all: Vec<u64> = (0..220).collect();
     let queries = vec![vec![3.0, 1.0], vec![150.0, 4.0]];
-    let hits = search_replicas(std::slice::from_ref(r), Metric::L2, &queries, 200, true).unwrap();
+    let hits = search_replicas(
+        std::slice::from_ref(r),
+        Metric::L2,
+        &queries,
+        200,
+        true,
+        Default::default(),
+    )
+    .unwrap();
     (shard, segments, log, r.get(&all).unwrap(), hits)
 }
 

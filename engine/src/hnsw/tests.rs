@@ -1,0 +1,162 @@
+use super::*;
+use crate::metric;
+use rand::{Rng, SeedableRng};
+
+fn random(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..rows * dim).map(|_| rng.gen_range(-1.0..1.0)).collect()
+}
+
+const PARAMS: IndexParams = IndexParams {
+    m: 8,
+    ef_construction: 64,
+};
+
+fn vector(ix: &HnswIndex, row: u32) -> Vec<f32> {
+    let mut out = vec![0.0; ix.dim];
+    ix.vector_into(row, &mut out);
+    out
+}
+
+fn rows(found: &[(u32, f32)]) -> Vec<u32> {
+    found.iter().map(|(r, _)| *r).collect()
+}
+
+#[test]
+fn finds_itself_and_keeps_vectors() {
+    for metric in [Metric::L2, Metric::InnerProduct] {
+        let dim = 8;
+        let v = random(300, dim, 1);
+        let ix = HnswIndex::build(metric, dim, &v, PARAMS).unwrap();
+        assert_eq!(ix.rows(), 300);
+        for row in [0u32, 17, 299] {
+            assert_eq!(vector(&ix, row), &v[row as usize * dim..][..dim]);
+        }
+        let q = &v[17 * dim..][..dim];
+        let got = ix.search(q, 5, SearchOptions::default(), None).unwrap();
+        assert_eq!(got.len(), 5);
+        if metric == Metric::L2 {
+            assert_eq!(got[0].0, 17);
+        } else {
+            // The best inner product of q = x17 is the row maximising x·x17.
+            let best = (0..300u32)
+                .max_by(|&a, &b| metric::dot(q, &vector(&ix, a)).total_cmp(&metric::dot(q, &vector(&ix, b))))
+                .unwrap();
+            assert_eq!(got[0].0, best);
+        }
+    }
+}
+
+#[test]
+fn exact_and_filtered_searches_keep_their_promises() {
+    let dim = 16;
+    let v = random(2000, dim, 3);
+    let ix = HnswIndex::build(Metric::L2, dim, &v, PARAMS).unwrap();
+    let q = random(1, dim, 4);
+    let mut truth: Vec<(u32, f32)> = (0..2000u32)
+        .map(|r| (r, metric::l2_squared(&q, &v[r as usize * dim..][..dim])))
+        .collect();
+    truth.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let exact = SearchOptions { ef: 1, exact: true };
+    assert_eq!(
+        rows(&ix.search(&q, 10, exact, None).unwrap()),
+        rows(&truth[..10]),
+        "exact search is brute force whatever ef says"
+    );
+    // Only even rows: every answer passes the filter, and exact + filter is
+    // the brute force over the filtered set.
+    let even = |r: u32| r.is_multiple_of(2);
+    let got = ix.search(&q, 10, exact, Some(&even)).unwrap();
+    let want: Vec<u32> = truth
+        .iter()
+        .map(|t| t.0)
+        .filter(|r| r.is_multiple_of(2))
+        .take(10)
+        .collect();
+    assert_eq!(rows(&got), want);
+    let walked = ix.search(&q, 10, SearchOptions::default(), Some(&even)).unwrap();
+    assert!(walked.iter().all(|(r, _)| r.is_multiple_of(2)) && !walked.is_empty());
+}
+
+#[test]
+fn recall_grows_with_ef() {
+    let (dim, n, k) = (24, 4000, 10);
+    let v = random(n, dim, 5);
+    let params = IndexParams {
+        m: 4,
+        ef_construction: 16,
+    };
+    let ix = HnswIndex::build(Metric::L2, dim, &v, params).unwrap();
+    let queries = random(100, dim, 6);
+    let truth: Vec<Vec<u32>> = queries
+        .chunks_exact(dim)
+        .map(|q| rows(&ix.search(q, k, SearchOptions { ef: 1, exact: true }, None).unwrap()))
+        .collect();
+    let recall = |ef: usize| {
+        let mut hit = 0;
+        for (q, want) in queries.chunks_exact(dim).zip(&truth) {
+            let got = rows(&ix.search(q, k, SearchOptions { ef, exact: false }, None).unwrap());
+            hit += got.iter().filter(|r| want.contains(r)).count();
+        }
+        hit as f64 / (truth.len() * k) as f64
+    };
+    let curve: Vec<f64> = [10, 40, 160, 640].into_iter().map(recall).collect();
+    assert!(curve.windows(2).all(|w| w[1] >= w[0]), "{curve:?}");
+    assert!(curve[3] > curve[0], "a larger ef must find more: {curve:?}");
+}
+
+#[test]
+fn save_load_roundtrip_and_rejects_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seg-3.hnsw");
+    let dim = 4;
+    let v = random(100, dim, 2);
+    let ids: Vec<u64> = (1000..1100).collect();
+    let ix = HnswIndex::build(Metric::InnerProduct, dim, &v, PARAMS).unwrap();
+    ix.save(&path, 3, &ids).unwrap();
+    let expect = Expect {
+        segment: 3,
+        metric: Metric::InnerProduct,
+        dim,
+        rows: 100,
+    };
+    let (loaded, loaded_ids) = HnswIndex::load(&path, expect).unwrap();
+    assert_eq!(loaded_ids, ids);
+    assert_eq!(loaded.params(), PARAMS);
+    assert_eq!(vector(&loaded, 42), vector(&ix, 42));
+    let opts = SearchOptions::default();
+    assert_eq!(
+        rows(&loaded.search(&v[..dim], 5, opts, None).unwrap()),
+        rows(&ix.search(&v[..dim], 5, opts, None).unwrap())
+    );
+    // Filtered search on a loaded index (the only load path: a copy).
+    let odd = |r: u32| r % 2 == 1;
+    let got = loaded.search(&v[..dim], 5, opts, Some(&odd)).unwrap();
+    assert!(!got.is_empty() && got.iter().all(|(r, _)| r % 2 == 1));
+
+    assert!(HnswIndex::load(&path, Expect { segment: 4, ..expect }).is_err());
+    assert!(HnswIndex::load(&path, Expect { rows: 99, ..expect }).is_err());
+    assert!(HnswIndex::load(
+        &path,
+        Expect {
+            metric: Metric::L2,
+            ..expect
+        }
+    )
+    .is_err());
+    let good = std::fs::read(&path).unwrap();
+    let mut bytes = good.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(HnswIndex::load(&path, expect).is_err());
+    std::fs::write(&path, b"short").unwrap();
+    assert!(HnswIndex::load(&path, expect).is_err());
+    // A file of another header version (1: the graph of earlier builds) is
+    // refused with its version named, not misread.
+    let mut old = good;
+    old[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&path, &old).unwrap();
+    let e = HnswIndex::load(&path, expect).err().unwrap().to_string();
+    assert!(e.contains("header version 1"), "{e}");
+}
