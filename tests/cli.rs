@@ -16,15 +16,10 @@ fn npy_f32(rows: &[Vec<f32>]) -> Vec<u8> {
     npy(rows, false)
 }
 
-/// A .npy float32 matrix of `rows`, stored column after column when
-/// `fortran`.
-fn npy(rows: &[Vec<f32>], fortran: bool) -> Vec<u8> {
-    let dim = rows[0].len();
+/// The header of a .npy matrix.
+fn npy_header(descr: &str, fortran: bool, rows: usize, cols: usize) -> Vec<u8> {
     let order = if fortran { "True" } else { "False" };
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': {order}, 'shape': ({}, {dim}), }}",
-        rows.len()
-    );
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': ({rows}, {cols}), }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -32,6 +27,14 @@ fn npy(rows: &[Vec<f32>], fortran: bool) -> Vec<u8> {
     let mut out = b"\x93NUMPY\x01\x00".to_vec();
     out.extend((header.len() as u16).to_le_bytes());
     out.extend(header.as_bytes());
+    out
+}
+
+/// A .npy float32 matrix of `rows`, stored column after column when
+/// `fortran`.
+fn npy(rows: &[Vec<f32>], fortran: bool) -> Vec<u8> {
+    let dim = rows[0].len();
+    let mut out = npy_header("<f4", fortran, rows.len(), dim);
     if fortran {
         for c in 0..dim {
             for r in rows {
@@ -48,6 +51,38 @@ fn npy(rows: &[Vec<f32>], fortran: bool) -> Vec<u8> {
     out
 }
 
+/// A .npy int64 matrix (C order).
+fn npy_i64(rows: &[Vec<i64>]) -> Vec<u8> {
+    let mut out = npy_header("<i8", false, rows.len(), rows[0].len());
+    for x in rows.iter().flatten() {
+        out.extend(x.to_le_bytes());
+    }
+    out
+}
+
+/// `edgevec up`, stopped like Ctrl-C (SIGTERM, then killed after 10 s)
+/// when dropped: a failing test leaves no node running.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        for _ in 0..200 {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn json(out: &(bool, String, String)) -> Value {
     assert!(out.0, "command failed: {}", out.2);
     serde_json::from_str(out.1.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {}", out.1))
@@ -56,15 +91,15 @@ fn json(out: &(bool, String, String)) -> Value {
 #[test]
 fn up_then_cli_round_trip() {
     let cluster = TestCluster::new(3);
-    let mut up = Command::new(env!("CARGO_BIN_EXE_edgevec"))
+    let mut up = Up(Command::new(env!("CARGO_BIN_EXE_edgevec"))
         .arg("up")
         .arg(&cluster.config_path)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
     let (tx, rx) = mpsc::channel();
-    let stdout = up.stdout.take().unwrap();
+    let stdout = up.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
@@ -202,8 +237,80 @@ fn up_then_cli_round_trip() {
     let out = cluster.cli(&["search", "mat", "--vector", &q, "--ef", "5000"]);
     assert!(!out.0 && out.2.contains("ef must be at most 4096"), "{out:?}");
 
+    // `bench`: inserts from a .npy, then searches with the true neighbours
+    // (the first 20 rows as queries, exact top 10 by brute force).
+    let more = random_vectors(1000, 8, 4);
+    let more_npy = cluster.path("more.npy");
+    std::fs::write(&more_npy, npy_f32(&more)).unwrap();
+    let loaded = json(&cluster.cli(&[
+        "bench",
+        "insert",
+        "mat",
+        "--file",
+        more_npy.to_str().unwrap(),
+        "--start-id",
+        "10000",
+        "--batch",
+        "100",
+        "--json",
+    ]));
+    assert_eq!(
+        (loaded["rows"].as_u64(), loaded["errors"].as_u64()),
+        (Some(1000), Some(0)),
+        "{loaded}"
+    );
+    let all: Vec<(u64, &Vec<f32>)> = (100u64..).zip(&rows).chain((10_000u64..).zip(&more)).collect();
+    let queries: Vec<Vec<f32>> = rows[..20].to_vec();
+    let truth: Vec<Vec<i64>> = queries
+        .iter()
+        .map(|q| {
+            let mut d: Vec<(f32, u64)> = all
+                .iter()
+                .map(|(id, v)| (v.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(), *id))
+                .collect();
+            d.sort_by(|a, b| a.0.total_cmp(&b.0));
+            d.iter().take(10).map(|(_, id)| *id as i64).collect()
+        })
+        .collect();
+    let (q_npy, t_npy) = (cluster.path("q.npy"), cluster.path("t.npy"));
+    std::fs::write(&q_npy, npy_f32(&queries)).unwrap();
+    std::fs::write(&t_npy, npy_i64(&truth)).unwrap();
+    let measured = json(&cluster.cli(&[
+        "bench",
+        "search",
+        "mat",
+        "--queries",
+        q_npy.to_str().unwrap(),
+        "--truth",
+        t_npy.to_str().unwrap(),
+        "--concurrency",
+        "4",
+        "--duration",
+        "1s",
+        "--exact",
+        "--json",
+    ]));
+    assert_eq!(measured["errors"], 0, "{measured}");
+    assert!(measured["searches"].as_u64().unwrap() >= 20, "{measured}");
+    assert!(measured["qps"].as_f64().unwrap() > 0.0, "{measured}");
+    assert_eq!(
+        measured["recall"].as_f64(),
+        Some(1.0),
+        "exact search finds the truth: {measured}"
+    );
+    let short = cluster.cli(&[
+        "bench",
+        "search",
+        "mat",
+        "--queries",
+        q_npy.to_str().unwrap(),
+        "--truth",
+        q_npy.to_str().unwrap(),
+    ]);
+    assert!(!short.0 && short.2.contains("expected int64"), "{short:?}");
+
     let info = json(&cluster.cli(&["collection", "describe", "mat", "--json"]));
-    assert_eq!(info["points"], 2500);
+    assert_eq!(info["points"], 3500);
     assert_eq!(info["metric"], "l2");
     assert!(
         info["segments"]
@@ -225,18 +332,18 @@ fn up_then_cli_round_trip() {
 
     // SIGTERM to `up` stops every node.
     unsafe {
-        libc::kill(up.id() as i32, libc::SIGTERM);
+        libc::kill(up.0.id() as i32, libc::SIGTERM);
     }
     let mut stopped = false;
     for _ in 0..400 {
-        if up.try_wait().unwrap().is_some() {
+        if up.0.try_wait().unwrap().is_some() {
             stopped = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     if !stopped {
-        let _ = up.kill();
+        let _ = up.0.kill();
         panic!("`up` did not stop within 20 s of SIGTERM");
     }
     let out = cluster.cli(&["status", "--json"]);

@@ -155,6 +155,13 @@ fn options(metric: Metric, dim: usize, params: IndexParams) -> IndexOptions {
     }
 }
 
+/// The SIMD kernels usearch picks on this CPU for `metric` at `dim` (its
+/// own name for them, e.g. "skylake", "haswell", "neon", "serial").
+pub fn kernels(metric: Metric, dim: usize) -> String {
+    Index::new(&options(metric, dim, IndexParams::default()))
+        .map_or_else(|e| format!("unknown ({e})"), |ix| ix.hardware_acceleration())
+}
+
 fn native(what: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::corrupt(what.to_string(), format!("usearch: {e}"))
 }

@@ -312,6 +312,10 @@ pub fn run(args: &Args, dir: &Path) -> Result<()> {
         args.clusters, args.m, args.ef_construction, args.queries, args.concurrency
     );
     crate::usage::print_machine(&load);
+    println!(
+        "usearch kernels on this CPU: {}; hnswlib built by pip with -march=native\n",
+        edgevec_engine::kernels(metric, dim)
+    );
     print!("| ef |");
     for s in &sides {
         print!(" {} QPS | recall@{k} |", s.name);

@@ -227,8 +227,8 @@ impl Source {
 }
 
 /// A column-major `rows × dim` matrix in row-major order.
-fn transpose(columns: Vec<f32>, rows: usize, dim: usize) -> Vec<f32> {
-    let mut out = vec![0f32; columns.len()];
+pub(super) fn transpose<T: Copy>(columns: Vec<T>, rows: usize, dim: usize) -> Vec<T> {
+    let mut out = columns.clone();
     for (c, column) in columns.chunks(rows.max(1)).enumerate().take(dim) {
         for (r, v) in column.iter().enumerate() {
             out[r * dim + c] = *v;
@@ -435,7 +435,7 @@ pub async fn insert(g: &Global, args: InsertArgs) -> Result<()> {
 
 /// A .npy dtype as a person names it: `float64`, `int32`, ... (the
 /// descriptor itself for anything else).
-fn dtype_name(dtype: &npyz::DType) -> String {
+pub(super) fn dtype_name(dtype: &npyz::DType) -> String {
     let descr = match dtype {
         npyz::DType::Plain(t) => t.to_string(),
         other => return format!("a structured or array dtype ({})", other.descr()),

@@ -8,6 +8,7 @@
 //! `./cluster.toml`): its proxy nodes are the endpoints, its CA is trusted
 //! and, for a development cluster, its strongest token is used.
 
+mod bench;
 mod data;
 mod insert;
 mod plugin;
@@ -113,6 +114,10 @@ pub enum Command {
         #[arg(long)]
         exact: bool,
     },
+    /// Load a running cluster and measure it: `bench search` (QPS,
+    /// latency, recall) and `bench insert` (rows per second).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
     /// Read points by id.
     Get {
         collection: String,
@@ -253,6 +258,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             data::search(&g, &collection, &vector, k, !no_payload, &opts).await
         }
         Command::Get { collection, ids } => data::get(&g, &collection, &ids).await,
+        Command::Bench(cmd) => bench::run(&g, cmd).await,
         Command::Delete { collection, ids } => data::delete(&g, &collection, &ids).await,
         Command::Plugin(PluginCmd::List) => plugin::list(&g).await,
         Command::Plugin(PluginCmd::Deploy { name, file, params }) => plugin::deploy(&g, &name, &file, params).await,
