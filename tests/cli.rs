@@ -311,6 +311,18 @@ fn up_then_cli_round_trip() {
 
     let info = json(&cluster.cli(&["collection", "describe", "mat", "--json"]));
     assert_eq!(info["points"], 3500);
+    assert_eq!(info["index"]["hnsw_m"], 8, "{info}");
+    assert_eq!(info["index"]["ef_construction"], 40, "{info}");
+    // Builds under way report rows_indexed ≤ rows.
+    for b in info["builds"].as_array().unwrap() {
+        assert!(b["rows_indexed"].as_u64() <= b["rows"].as_u64(), "{info}");
+    }
+    assert_eq!(info["index"]["hnsw_m"], 8, "{info}");
+    assert_eq!(info["index"]["ef_construction"], 40, "{info}");
+    // Builds under way report rows_indexed ≤ rows.
+    for b in info["builds"].as_array().unwrap() {
+        assert!(b["rows_indexed"].as_u64() <= b["rows"].as_u64(), "{info}");
+    }
     assert_eq!(info["metric"], "l2");
     assert!(
         info["segments"]

@@ -219,24 +219,30 @@ async fn sigterm_during_an_index_build_stops_the_node_within_seconds() {
     cluster.start(1);
     let client = cluster.client(1, ADMIN).await;
     let dim = 128;
-    let rows = 20_000u64;
+    let rows = 100_000u64;
     client
         .create_collection(CollectionSpec::new("slow", dim, Metric::L2).with_seal_rows(rows as u32))
         .await
         .unwrap();
     upsert_random(&client, "slow", rows, dim as usize, 11).await;
-    // The sealed segment's build (tens of seconds here) is running.
+    // The sealed segment's build (seconds here) is running, and describe
+    // reports how far it got.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let info = client.describe_collection("slow").await.unwrap();
-        if info
+        let details = client.collection_details("slow").await.unwrap();
+        let building = details
+            .info
             .segments
             .iter()
-            .any(|s| s.state == SegmentState::Sealed && s.index == IndexState::Building)
-        {
+            .any(|s| s.state == SegmentState::Sealed && s.index == IndexState::Building);
+        // (The segment list and the build list are read one after the
+        // other: a build can end in between.)
+        if let (true, Some(b)) = (building, details.builds.first()) {
+            assert_eq!((b.shard, b.rows), (0, rows), "{details:?}");
+            assert!(b.rows_indexed <= b.rows, "{details:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "no build started: {info:?}");
+        assert!(Instant::now() < deadline, "no build started: {details:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     client.close().await;

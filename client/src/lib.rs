@@ -38,9 +38,9 @@ use std::time::Duration;
 
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1, RequestV1};
 pub use edgevec_proto::{
-    ClusterNode, ClusterStatus, CollectionInfo, CollectionShards, CollectionSpec, ErrorCode, Hit, IndexSpec, Metric,
-    NodeSpec, NodeStatus, OpId, Point, PointRecord, ReadOptions, ReplicaStatus, ReplicationSpec, SearchParams,
-    SessionToken, ShardStatus, WireError, WriteAck,
+    ClusterNode, ClusterStatus, CollectionDetails, CollectionInfo, CollectionShards, CollectionSpec, ErrorCode, Hit,
+    IndexBuild, IndexSpec, Metric, NodeSpec, NodeStatus, OpId, Point, PointRecord, ReadOptions, ReplicaStatus,
+    ReplicationSpec, SearchParams, SessionToken, ShardStatus, WireError, WriteAck,
 };
 use tokio::sync::Mutex;
 
@@ -523,6 +523,16 @@ impl Client {
     pub async fn describe_collection(&self, name: &str) -> Result<CollectionInfo, ClientError> {
         match self.request(OpV1::DescribeCollection { name: name.into() }).await? {
             ReplyV1::Collection(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`Client::describe_collection`] with the collection's index
+    /// parameters and the index builds under way (rows in the graph so
+    /// far), as the replica answering for each shard reports them.
+    pub async fn collection_details(&self, name: &str) -> Result<CollectionDetails, ClientError> {
+        match self.request(OpV1::DescribeCollectionV2 { name: name.into() }).await? {
+            ReplyV1::Details(d) => Ok(d),
             other => Err(unexpected(other)),
         }
     }

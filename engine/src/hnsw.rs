@@ -34,6 +34,7 @@
 //! never misread.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use edgevec_proto::{limits, IndexSpec, Metric};
 use rayon::prelude::*;
@@ -168,20 +169,26 @@ fn native(what: &str, e: impl std::fmt::Display) -> EngineError {
 
 impl HnswIndex {
     /// Builds the index over `vectors` (`rows × dim`, row-major), adding
-    /// rows in parallel on the current rayon pool. Blocks for a while: call
-    /// it from the builder thread only.
-    pub fn build(metric: Metric, dim: usize, vectors: &[f32], params: IndexParams) -> Result<HnswIndex, EngineError> {
+    /// rows in parallel on the current rayon pool and counting them in
+    /// `progress`. Blocks for a while: call it from the builder thread only.
+    pub fn build(
+        metric: Metric,
+        dim: usize,
+        vectors: &[f32],
+        params: IndexParams,
+        progress: &AtomicU64,
+    ) -> Result<HnswIndex, EngineError> {
         let rows = vectors.len() / dim.max(1);
         let index = Index::new(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
         let threads = rayon::current_num_threads().max(1);
         index
             .reserve_capacity_and_threads(rows.max(1), threads)
             .map_err(|e| native("reserve", e))?;
-        vectors
-            .par_chunks_exact(dim)
-            .enumerate()
-            .try_for_each(|(row, v)| index.add(row as u64, v))
-            .map_err(|e| native("add", e))?;
+        vectors.par_chunks_exact(dim).enumerate().try_for_each(|(row, v)| {
+            index.add(row as u64, v).map_err(|e| native("add", e))?;
+            progress.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), EngineError>(())
+        })?;
         let built = HnswIndex {
             metric,
             dim,

@@ -20,6 +20,7 @@
 //!   vector, whatever path found it, so the same point scores the same in
 //!   every segment state and on every replica.
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use edgevec_proto::{IndexState, Metric, SegmentInfo, SegmentState};
@@ -41,6 +42,8 @@ pub struct Segment {
     dead: Vec<bool>,
     deleted: u64,
     vectors: Vectors,
+    /// Rows the running index build has added to its graph.
+    progress: Arc<AtomicU64>,
 }
 
 impl Segment {
@@ -71,7 +74,12 @@ impl Segment {
             ids,
             deleted: 0,
             vectors,
+            progress: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn rows(&self) -> usize {
@@ -135,12 +143,21 @@ impl Segment {
         }
     }
 
-    /// The vectors an index build needs, if the segment is waiting for one.
-    pub fn pending_build(&self) -> Option<Arc<Vec<f32>>> {
+    /// The vectors an index build needs, if the segment is waiting for
+    /// one, and the counter the build reports its progress in.
+    pub fn pending_build(&self) -> Option<(Arc<Vec<f32>>, Arc<AtomicU64>)> {
         match &self.vectors {
-            Vectors::Sealed(v) => Some(v.clone()),
+            Vectors::Sealed(v) => {
+                self.progress.store(0, Ordering::Relaxed);
+                Some((v.clone(), self.progress.clone()))
+            }
             _ => None,
         }
+    }
+
+    /// While the index is being built: rows in its graph so far.
+    pub fn build_progress(&self) -> Option<u64> {
+        matches!(self.vectors, Vectors::Sealed(_)).then(|| self.progress.load(Ordering::Relaxed))
     }
 
     /// Swaps the sealed buffer for the index (which holds the same vectors).
@@ -286,7 +303,13 @@ mod tests {
             m: 4,
             ef_construction: 16,
         };
-        s.install_index(Arc::new(HnswIndex::build(Metric::L2, 2, &v, params).unwrap()));
+        let (_, progress) = s.pending_build().unwrap();
+        assert_eq!(s.build_progress(), Some(0));
+        s.install_index(Arc::new(
+            HnswIndex::build(Metric::L2, 2, &v, params, &progress).unwrap(),
+        ));
+        assert_eq!(progress.load(Ordering::Relaxed), 100);
+        assert_eq!(s.build_progress(), None, "built: no progress to report");
         drop(v);
         assert_eq!(s.index_state(), IndexState::Ready);
         assert_eq!(&*s.vector(42), &[42.0, 0.0]);

@@ -285,7 +285,7 @@ impl ShardReplica {
 
     /// Hands the build of `segment`'s index to the builder thread.
     fn queue_build(&self, segment: u64) {
-        let Some((vectors, ids)) = self
+        let Some(((vectors, progress), ids)) = self
             .read()
             .segments
             .get(&segment)
@@ -300,7 +300,7 @@ impl ShardReplica {
             if this.upgrade().is_none_or(|s| s.retired.load(Ordering::Acquire)) {
                 return;
             }
-            let index = match HnswIndex::build(metric, dim, &vectors, params) {
+            let index = match HnswIndex::build(metric, dim, &vectors, params, &progress) {
                 Ok(index) => Arc::new(index),
                 Err(e) => {
                     tracing::error!(error = %e, segment, "index build failed; the segment stays on brute force until the next open");
@@ -411,6 +411,16 @@ impl ShardReplica {
                     .sum()
             })
             .unwrap_or(0)
+    }
+
+    /// The index builds of this replica under way: segment, rows in its
+    /// graph so far, rows.
+    pub fn index_builds(&self) -> Vec<(u64, u64, u64)> {
+        self.read()
+            .segments
+            .values()
+            .filter_map(|s| s.build_progress().map(|done| (s.id(), done, s.rows() as u64)))
+            .collect()
     }
 
     /// Whether every sealed segment has its index installed.

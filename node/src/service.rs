@@ -41,6 +41,7 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         OpV1::Status
         | OpV1::ListCollections
         | OpV1::DescribeCollection { .. }
+        | OpV1::DescribeCollectionV2 { .. }
         | OpV1::Get { .. }
         | OpV1::Search { .. }
         | OpV1::GetV2 { .. }
@@ -335,6 +336,7 @@ impl Service {
             }
             OpV1::ListCollections => ReplyV1::Collections(self.router.list().await),
             OpV1::DescribeCollection { name } => ReplyV1::Collection(self.router.describe(&name).await?),
+            OpV1::DescribeCollectionV2 { name } => ReplyV1::Details(self.router.details(&name).await?),
             OpV1::DropCollection { name } => {
                 // A drop retried after an attempt of unknown fate (the
                 // leader died mid-request) finds the collection gone. If it

@@ -153,6 +153,11 @@ pub enum OpV1 {
         read: ReadOptions,
         params: SearchParams,
     },
+    /// `DescribeCollection` with the index parameters and builds under way;
+    /// answers [`ReplyV1::Details`].
+    DescribeCollectionV2 {
+        name: String,
+    },
 }
 
 impl OpV1 {
@@ -162,7 +167,7 @@ impl OpV1 {
             OpV1::Status => "status",
             OpV1::CreateCollection(_) => "create_collection",
             OpV1::ListCollections => "list_collections",
-            OpV1::DescribeCollection { .. } => "describe_collection",
+            OpV1::DescribeCollection { .. } | OpV1::DescribeCollectionV2 { .. } => "describe_collection",
             OpV1::DropCollection { .. } => "drop_collection",
             OpV1::Upsert { .. } => "upsert",
             OpV1::Delete { .. } => "delete",
@@ -231,6 +236,7 @@ pub enum ReplyV1 {
         tokens: Vec<SessionToken>,
     },
     HedgingSet,
+    Details(CollectionDetails),
 }
 
 /// Most bytes a request's token occupies at the start of its body (the

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Hit, OpId, Point, PointRecord, SearchParams, SegmentInfo};
+use crate::types::{Hit, IndexBuild, OpId, Point, PointRecord, SearchParams, SegmentInfo};
 
 /// One shard of one collection, by the collection's stable id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -133,6 +133,11 @@ pub enum ShardRead {
         with_payload: bool,
         params: SearchParams,
     },
+    /// `Status` with the replica's index builds under way
+    /// ([`ShardReadReply::StatusV2`]).
+    StatusV2 {
+        shard: ShardRef,
+    },
 }
 
 impl ShardRead {
@@ -141,7 +146,8 @@ impl ShardRead {
             ShardRead::Search { shard, .. }
             | ShardRead::SearchV2 { shard, .. }
             | ShardRead::Get { shard, .. }
-            | ShardRead::Status { shard } => *shard,
+            | ShardRead::Status { shard }
+            | ShardRead::StatusV2 { shard } => *shard,
         }
     }
 }
@@ -225,6 +231,10 @@ pub enum ShardReadReply {
     /// Points found among the asked ids (absent ones left out).
     Points(Vec<PointRecord>),
     Status(ReplicaReport),
+    StatusV2 {
+        report: ReplicaReport,
+        builds: Vec<IndexBuild>,
+    },
 }
 
 #[cfg(test)]

@@ -189,6 +189,26 @@ pub struct CollectionInfo {
     pub segments: Vec<SegmentInfo>,
 }
 
+/// An index build of a sealed segment that has started and not finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexBuild {
+    pub shard: u32,
+    pub segment: u64,
+    /// Rows in the graph so far, of `rows`.
+    pub rows_indexed: u64,
+    pub rows: u64,
+}
+
+/// What `DescribeCollectionV2` returns: [`CollectionInfo`], the index
+/// parameters, and the index builds under way (of the replica that
+/// answered for each shard).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionDetails {
+    pub info: CollectionInfo,
+    pub index: IndexSpec,
+    pub builds: Vec<IndexBuild>,
+}
+
 /// What a write returns: per shard touched, the LSN that now covers it.
 /// It is the client's session token for read-your-writes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

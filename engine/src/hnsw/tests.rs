@@ -1,6 +1,7 @@
 use super::*;
 use crate::metric;
 use rand::{Rng, SeedableRng};
+use std::sync::atomic::AtomicU64;
 
 fn random(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -27,8 +28,10 @@ fn finds_itself_and_keeps_vectors() {
     for metric in [Metric::L2, Metric::InnerProduct] {
         let dim = 8;
         let v = random(300, dim, 1);
-        let ix = HnswIndex::build(metric, dim, &v, PARAMS).unwrap();
+        let progress = AtomicU64::new(0);
+        let ix = HnswIndex::build(metric, dim, &v, PARAMS, &progress).unwrap();
         assert_eq!(ix.rows(), 300);
+        assert_eq!(progress.load(Ordering::Relaxed), 300, "every row counted");
         for row in [0u32, 17, 299] {
             assert_eq!(vector(&ix, row), &v[row as usize * dim..][..dim]);
         }
@@ -51,7 +54,7 @@ fn finds_itself_and_keeps_vectors() {
 fn exact_and_filtered_searches_keep_their_promises() {
     let dim = 16;
     let v = random(2000, dim, 3);
-    let ix = HnswIndex::build(Metric::L2, dim, &v, PARAMS).unwrap();
+    let ix = HnswIndex::build(Metric::L2, dim, &v, PARAMS, &AtomicU64::new(0)).unwrap();
     let q = random(1, dim, 4);
     let mut truth: Vec<(u32, f32)> = (0..2000u32)
         .map(|r| (r, metric::l2_squared(&q, &v[r as usize * dim..][..dim])))
@@ -86,7 +89,7 @@ fn recall_grows_with_ef() {
         m: 4,
         ef_construction: 16,
     };
-    let ix = HnswIndex::build(Metric::L2, dim, &v, params).unwrap();
+    let ix = HnswIndex::build(Metric::L2, dim, &v, params, &AtomicU64::new(0)).unwrap();
     let queries = random(100, dim, 6);
     let truth: Vec<Vec<u32>> = queries
         .chunks_exact(dim)
@@ -112,7 +115,7 @@ fn save_load_roundtrip_and_rejects_damage() {
     let dim = 4;
     let v = random(100, dim, 2);
     let ids: Vec<u64> = (1000..1100).collect();
-    let ix = HnswIndex::build(Metric::InnerProduct, dim, &v, PARAMS).unwrap();
+    let ix = HnswIndex::build(Metric::InnerProduct, dim, &v, PARAMS, &AtomicU64::new(0)).unwrap();
     ix.save(&path, 3, &ids).unwrap();
     let expect = Expect {
         segment: 3,

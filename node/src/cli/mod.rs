@@ -458,7 +458,8 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
             }
         }
         CollectionCmd::Describe { name } => {
-            let c = client.describe_collection(&name).await?;
+            let details = client.collection_details(&name).await?;
+            let c = &details.info;
             let shards = client.shards(Some(&name)).await?;
             // The plugin whose list of collections names this one.
             let balancer = client
@@ -468,13 +469,33 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
                 .find(|p| p.kind == "load-balancer" && p.collections.contains(&name))
                 .map(|p| (p.name, p.version));
             if g.json {
-                let mut v = data::collection_json(&c);
+                let mut v = data::collection_json(c);
+                v["index"] = json!({"hnsw_m": details.index.m, "ef_construction": details.index.ef_construction});
+                v["builds"] = details
+                    .builds
+                    .iter()
+                    .map(|b| json!({"shard": b.shard, "segment": b.segment, "rows_indexed": b.rows_indexed, "rows": b.rows}))
+                    .collect();
                 v["replication"] = data::shards_json(&shards);
                 v["load_balancer"] =
                     balancer.map_or(Value::Null, |(n, version)| json!({"name": n, "version": version}));
                 println!("{v}");
             } else {
-                data::print_collection(&c);
+                data::print_collection(c);
+                println!(
+                    "  index: hnsw m {}, ef_construction {}",
+                    details.index.m, details.index.ef_construction
+                );
+                for b in &details.builds {
+                    println!(
+                        "  shard {} segment {}: index build at {} of {} rows ({:.0}%)",
+                        b.shard,
+                        b.segment,
+                        b.rows_indexed,
+                        b.rows,
+                        100.0 * b.rows_indexed as f64 / b.rows.max(1) as f64
+                    );
+                }
                 if let Some((n, version)) = balancer {
                     println!("  load balancer {n} (version {version})");
                 }

@@ -622,7 +622,7 @@ impl DataPlane {
         let local = self
             .local(shard)
             .ok_or_else(|| unavailable(format!("node {} holds no replica of {shard}", self.me)))?;
-        if !matches!(req, ShardRead::Status { .. }) {
+        if !matches!(req, ShardRead::Status { .. } | ShardRead::StatusV2 { .. }) {
             if let Some(why) = local.damaged.lock().expect("damaged lock").clone() {
                 return Err(unavailable(format!(
                     "replica of {shard} on node {} is damaged: {why}",

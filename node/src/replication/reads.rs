@@ -367,6 +367,20 @@ impl DataPlane {
                 Ok(ShardReadReply::Points(found.into_iter().flatten().collect()))
             }
             ShardRead::Status { .. } => Ok(ShardReadReply::Status(local.report(self.me))),
+            ShardRead::StatusV2 { shard } => Ok(ShardReadReply::StatusV2 {
+                report: local.report(self.me),
+                builds: local
+                    .replica
+                    .index_builds()
+                    .into_iter()
+                    .map(|(segment, rows_indexed, rows)| edgevec_proto::IndexBuild {
+                        shard: shard.shard,
+                        segment,
+                        rows_indexed,
+                        rows,
+                    })
+                    .collect(),
+            }),
         }
     }
 }

@@ -36,8 +36,8 @@ use edgevec_proto::replication::{
     ReadRequirement, ReplicaReport, ShardRead, ShardReadAt, ShardReadReply, ShardRef, WriteOp,
 };
 use edgevec_proto::{
-    CollectionInfo, CollectionShards, ErrorCode, Hit, Metric, OpId, Point, PointRecord, ReadOptions, ReplicaStatus,
-    SearchParams, SessionToken, ShardInfo, ShardStatus, WireError, WriteAck, WriteOutcome,
+    CollectionDetails, CollectionInfo, CollectionShards, ErrorCode, Hit, IndexBuild, Metric, OpId, Point, PointRecord,
+    ReadOptions, ReplicaStatus, SearchParams, SessionToken, ShardInfo, ShardStatus, WireError, WriteAck, WriteOutcome,
 };
 
 pub mod levels;
@@ -1211,15 +1211,30 @@ impl Router {
 
     /// One replica's status report, from the first in-sync replica that
     /// answers (for counts in `describe` and `list`).
-    async fn shard_report(&self, key: ShardRef) -> Option<ReplicaReport> {
+    /// The report of the first in-sync replica that answers, with its
+    /// index builds under way (none from a node of an earlier build, which
+    /// answers only the first form of the request).
+    async fn shard_report(&self, key: ShardRef) -> Option<(ReplicaReport, Vec<IndexBuild>)> {
         let (cfg, _) = self.plane.config_of(key)?;
         for node in cfg.in_sync() {
-            if let Ok(ShardReadReply::Status(r)) = self
+            match self
                 .plane
-                .read_on(node, ShardRead::Status { shard: key }, STATUS_TIMEOUT)
+                .read_on(node, ShardRead::StatusV2 { shard: key }, STATUS_TIMEOUT)
                 .await
             {
-                return Some(r);
+                Ok(ShardReadReply::StatusV2 { report, builds }) => return Some((report, builds)),
+                Ok(_) => {}
+                // A node of an earlier build cannot decode the request.
+                Err(e) if e.code == ErrorCode::Malformed => {
+                    if let Ok(ShardReadReply::Status(r)) = self
+                        .plane
+                        .read_on(node, ShardRead::Status { shard: key }, STATUS_TIMEOUT)
+                        .await
+                    {
+                        return Some((r, Vec::new()));
+                    }
+                }
+                Err(_) => {}
             }
         }
         None
@@ -1527,17 +1542,30 @@ impl Router {
     /// Counts of `name` from one in-sync replica of every shard.
     pub async fn describe(&self, name: &str) -> Result<CollectionInfo, WireError> {
         let rec = self.collection(name).await?;
-        Ok(self.info(&rec).await)
+        Ok(self.info(&rec).await.0)
+    }
+
+    /// [`Router::describe`] with the index parameters and the builds under
+    /// way.
+    pub async fn details(&self, name: &str) -> Result<CollectionDetails, WireError> {
+        let rec = self.collection(name).await?;
+        let (info, builds) = self.info(&rec).await;
+        Ok(CollectionDetails {
+            info,
+            index: rec.index,
+            builds,
+        })
     }
 
     /// Every collection with its counts.
     pub async fn list(&self) -> Vec<CollectionInfo> {
         let all: Vec<CollectionRecord> = self.plane.meta.state().collections().cloned().collect();
-        futures::future::join_all(all.iter().map(|rec| self.info(rec))).await
+        futures::future::join_all(all.iter().map(|rec| async { self.info(rec).await.0 })).await
     }
 
-    /// A collection's counts; a shard no replica answers for counts 0.
-    async fn info(&self, rec: &CollectionRecord) -> CollectionInfo {
+    /// A collection's counts, and its index builds under way; a shard no
+    /// replica answers for counts 0.
+    async fn info(&self, rec: &CollectionRecord) -> (CollectionInfo, Vec<IndexBuild>) {
         let reads = (0..rec.spec.shards).map(|shard| {
             self.shard_report(ShardRef {
                 collection: rec.id,
@@ -1546,22 +1574,25 @@ impl Router {
         });
         let mut shards = Vec::new();
         let mut segments = Vec::new();
+        let mut builds = Vec::new();
         for (shard, report) in futures::future::join_all(reads).await.into_iter().enumerate() {
             shards.push(ShardInfo {
                 shard: shard as u32,
-                points: report.as_ref().map_or(0, |r| r.points),
-                lsn: report.as_ref().map_or(0, |r| r.applied_lsn),
+                points: report.as_ref().map_or(0, |r| r.0.points),
+                lsn: report.as_ref().map_or(0, |r| r.0.applied_lsn),
             });
-            if let Some(r) = report {
+            if let Some((r, b)) = report {
                 segments.extend(r.segments);
+                builds.extend(b);
             }
         }
-        CollectionInfo {
+        let info = CollectionInfo {
             spec: rec.spec.clone(),
             points: shards.iter().map(|s| s.points).sum(),
             shards,
             segments,
-        }
+        };
+        (info, builds)
     }
 
     /// Asks every replica of every shard of the named collections for its
