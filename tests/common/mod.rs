@@ -414,6 +414,25 @@ pub fn own_panics(log: &str) -> Vec<String> {
 }
 
 /// Seeded random vectors (xorshift; no dependency on rand's value stream).
+/// `n` vectors from a mixture of 50 Gaussian clusters (centres from
+/// `random_vectors(50, dim, 1)`, about 0.25 of spread per component), the
+/// way real embeddings bunch up; different seeds draw different points of
+/// the same mixture.
+pub fn clustered_vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
+    let centres = random_vectors(50, dim, 1);
+    let noise = random_vectors(n * 5, dim, seed);
+    (0..n)
+        .map(|i| {
+            let c = &centres[(noise[i * 5][0].abs() * 50.0) as usize % 50];
+            // The mean of four uniforms in [-1, 1] is close to normal
+            // (σ ≈ 0.29).
+            (0..dim)
+                .map(|d| c[d] + (1..5).map(|k| noise[i * 5 + k][d]).sum::<f32>() / 4.0)
+                .collect()
+        })
+        .collect()
+}
+
 pub fn random_vectors(n: usize, dim: usize, seed: u64) -> Vec<Vec<f32>> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = || {
