@@ -49,11 +49,11 @@ use serde::{Deserialize, Serialize};
 use crate::builder::IndexBuilder;
 use crate::error::EngineError;
 use crate::fsutil;
-use crate::hnsw::IndexParams;
 use crate::layout::{self, ImportStage};
 use crate::registry::Registry;
 use crate::shard::{ShardConfig, ShardReplica, OPLOG_RETAIN_BYTES};
 use crate::validate;
+use edgevec_proto::IndexSpec;
 
 /// Names one shard replica on this node: the collection's stable
 /// cluster-wide id (from the metadata, never reused) and the shard.
@@ -79,7 +79,7 @@ pub struct ReplicaSpec {
     pub metric: Metric,
     pub seal_rows: u32,
     /// HNSW build parameters of its segments' indexes.
-    pub index: IndexParams,
+    pub index: IndexSpec,
 }
 
 /// Why a replica's files could not be opened, and where they were kept.

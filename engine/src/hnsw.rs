@@ -49,39 +49,8 @@ const MAGIC: &[u8; 8] = b"EVHNSW\0\0";
 const HEADER_VERSION: u32 = 2;
 const HEADER_LEN: usize = 32;
 
-/// Graph degree used when a collection does not choose one.
-pub const DEFAULT_M: usize = limits::DEFAULT_HNSW_M as usize;
-/// `ef_construction` used when a collection does not choose one.
-pub const DEFAULT_EF_CONSTRUCTION: usize = limits::DEFAULT_EF_CONSTRUCTION as usize;
 /// Search expansion used when a search does not choose one.
-pub const DEFAULT_EF: usize = 64;
-
-/// Build-time parameters of a collection's indexes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexParams {
-    /// Graph degree (usearch "connectivity"; hnswlib `M`).
-    pub m: usize,
-    /// Candidates considered while linking a row (usearch "expansion_add").
-    pub ef_construction: usize,
-}
-
-impl Default for IndexParams {
-    fn default() -> Self {
-        IndexParams {
-            m: DEFAULT_M,
-            ef_construction: DEFAULT_EF_CONSTRUCTION,
-        }
-    }
-}
-
-impl From<IndexSpec> for IndexParams {
-    fn from(s: IndexSpec) -> Self {
-        IndexParams {
-            m: s.m as usize,
-            ef_construction: s.ef_construction as usize,
-        }
-    }
-}
+pub const DEFAULT_EF: usize = limits::DEFAULT_SEARCH_EF as usize;
 
 /// How one segment search is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +98,7 @@ pub struct HnswIndex {
     metric: Metric,
     dim: usize,
     rows: usize,
-    params: IndexParams,
+    params: IndexSpec,
     index: Index,
 }
 
@@ -141,7 +110,7 @@ pub fn search_slots() -> usize {
     (rayon::current_num_threads().max(cores) * 4).max(64)
 }
 
-fn options(metric: Metric, dim: usize, params: IndexParams) -> IndexOptions {
+fn options(metric: Metric, dim: usize, params: IndexSpec) -> IndexOptions {
     IndexOptions {
         dimensions: dim,
         metric: match metric {
@@ -149,8 +118,8 @@ fn options(metric: Metric, dim: usize, params: IndexParams) -> IndexOptions {
             Metric::InnerProduct | Metric::Cosine => MetricKind::IP,
         },
         quantization: ScalarKind::F32,
-        connectivity: params.m,
-        expansion_add: params.ef_construction,
+        connectivity: params.m as usize,
+        expansion_add: params.ef_construction as usize,
         expansion_search: DEFAULT_EF,
         multi: false,
     }
@@ -159,7 +128,7 @@ fn options(metric: Metric, dim: usize, params: IndexParams) -> IndexOptions {
 /// The SIMD kernels usearch picks on this CPU for `metric` at `dim` (its
 /// own name for them, e.g. "skylake", "haswell", "neon", "serial").
 pub fn kernels(metric: Metric, dim: usize) -> String {
-    Index::new(&options(metric, dim, IndexParams::default()))
+    Index::new(&options(metric, dim, IndexSpec::default()))
         .map_or_else(|e| format!("unknown ({e})"), |ix| ix.hardware_acceleration())
 }
 
@@ -175,7 +144,7 @@ impl HnswIndex {
         metric: Metric,
         dim: usize,
         vectors: &[f32],
-        params: IndexParams,
+        params: IndexSpec,
         progress: &AtomicU64,
     ) -> Result<HnswIndex, EngineError> {
         let rows = vectors.len() / dim.max(1);
@@ -211,7 +180,7 @@ impl HnswIndex {
     }
 
     #[cfg(test)]
-    pub fn params(&self) -> IndexParams {
+    pub fn params(&self) -> IndexSpec {
         self.params
     }
 
@@ -222,15 +191,15 @@ impl HnswIndex {
     }
 
     /// The nearest rows to `query` that `live` accepts, nearest first, at
-    /// most `k`, with usearch's distance. A filtered graph walk can come
-    /// back short when few rows pass; the caller decides what to do then.
+    /// most `k`. A filtered graph walk can come back short when few rows
+    /// pass; the caller decides what to do then.
     pub fn search(
         &self,
         query: &[f32],
         k: usize,
         opts: SearchOptions,
         live: Option<&(dyn Fn(u32) -> bool + Sync)>,
-    ) -> Result<Vec<(u32, f32)>, EngineError> {
+    ) -> Result<Vec<u32>, EngineError> {
         let ef = opts.ef.max(k);
         let mut tries = 0u32;
         loop {
@@ -241,7 +210,7 @@ impl HnswIndex {
                     .filtered_search_expanded(query, k, ef, opts.exact, |key| f(key as u32)),
             };
             match found {
-                Ok(m) => return Ok(m.keys.iter().map(|&key| key as u32).zip(m.distances).collect()),
+                Ok(m) => return Ok(m.keys.iter().map(|&key| key as u32).collect()),
                 // Every thread slot busy: more concurrent searches than
                 // reserved. Wait for one (searches take micro- to
                 // milliseconds), for at most about a second.
@@ -265,8 +234,8 @@ impl HnswIndex {
             segment,
             metric: self.metric,
             dim: self.dim as u32,
-            m: self.params.m as u32,
-            ef_construction: self.params.ef_construction as u32,
+            m: self.params.m,
+            ef_construction: self.params.ef_construction,
             ids: ids.to_vec(),
         })
         .map_err(|e| EngineError::corrupt(what.clone(), e))?;
@@ -343,14 +312,11 @@ impl HnswIndex {
             )));
         }
         let head = Index::metadata_from_buffer(native_bytes).map_err(|e| native(&what, e))?;
-        let want = options(metric, dim as usize, IndexParams::default());
+        let want = options(metric, dim as usize, IndexSpec::default());
         if head.dimensions != dim as u64 || head.metric != want.metric || head.quantization != ScalarKind::F32 {
             return Err(bad("usearch header does not match the segment's schema".into()));
         }
-        let params = IndexParams {
-            m: m as usize,
-            ef_construction: ef_construction as usize,
-        };
+        let params = IndexSpec { m, ef_construction };
         let index = Index::new(&options(metric, dim as usize, params)).map_err(|e| native(&what, e))?;
         index.load_from_buffer(native_bytes).map_err(|e| native(&what, e))?;
         if index.size() != ids.len() || (0..ids.len() as u64).any(|row| !index.contains(row)) {

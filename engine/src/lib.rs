@@ -82,7 +82,7 @@ pub use builder::{lower_priority, IndexBuilder};
 pub use engine::{Damage, Engine, EngineOptions, ReplicaKey, ReplicaSpec};
 pub use error::EngineError;
 pub use export::{ExportInfo, EXPORT_FORMAT};
-pub use hnsw::{kernels, IndexParams, SearchOptions, DEFAULT_EF, DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
+pub use hnsw::{kernels, SearchOptions};
 pub use metric::Candidate;
 pub use op::{OpRecord, ShardOp};
 pub use plan::Location;

@@ -16,13 +16,12 @@
 
 use std::path::{Path, PathBuf};
 
-use edgevec_proto::Metric;
+use edgevec_proto::{IndexSpec, Metric};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Damage, ReplicaKey, ReplicaSpec};
 use crate::error::EngineError;
-use crate::hnsw::{IndexParams, DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
 
 const REPLICAS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("replicas");
 
@@ -69,6 +68,22 @@ struct DamageV1 {
     kept_at: String,
 }
 
+impl EntryV2 {
+    /// The same entry, with the default index parameters (V2 had none).
+    fn upgrade(self) -> EntryV3 {
+        let index = IndexSpec::default();
+        EntryV3 {
+            name: self.name,
+            dim: self.dim,
+            metric: self.metric,
+            seal_rows: self.seal_rows,
+            damage: self.damage,
+            hnsw_m: index.m,
+            ef_construction: index.ef_construction,
+        }
+    }
+}
+
 impl EntryV3 {
     fn new(spec: &ReplicaSpec, damage: Option<&Damage>) -> Self {
         EntryV3 {
@@ -81,8 +96,8 @@ impl EntryV3 {
                 reason: d.reason.clone(),
                 kept_at: d.kept_at.display().to_string(),
             }),
-            hnsw_m: spec.index.m as u32,
-            ef_construction: spec.index.ef_construction as u32,
+            hnsw_m: spec.index.m,
+            ef_construction: spec.index.ef_construction,
         }
     }
 }
@@ -119,24 +134,15 @@ impl Registry {
             let e = match postcard::from_bytes(v.value())
                 .map_err(|e| EngineError::corrupt(path.display().to_string(), e))?
             {
-                ReplicaEntry::V1(e) => EntryV3 {
+                ReplicaEntry::V1(e) => EntryV2 {
                     name: e.name,
                     dim: e.dim,
                     metric: e.metric,
                     seal_rows: e.seal_rows,
                     damage: None,
-                    hnsw_m: DEFAULT_M as u32,
-                    ef_construction: DEFAULT_EF_CONSTRUCTION as u32,
-                },
-                ReplicaEntry::V2(e) => EntryV3 {
-                    name: e.name,
-                    dim: e.dim,
-                    metric: e.metric,
-                    seal_rows: e.seal_rows,
-                    damage: e.damage,
-                    hnsw_m: DEFAULT_M as u32,
-                    ef_construction: DEFAULT_EF_CONSTRUCTION as u32,
-                },
+                }
+                .upgrade(),
+                ReplicaEntry::V2(e) => e.upgrade(),
                 ReplicaEntry::V3(e) => e,
             };
             let spec = ReplicaSpec {
@@ -145,9 +151,9 @@ impl Registry {
                 dim: e.dim,
                 metric: e.metric,
                 seal_rows: e.seal_rows,
-                index: IndexParams {
-                    m: e.hnsw_m as usize,
-                    ef_construction: e.ef_construction as usize,
+                index: IndexSpec {
+                    m: e.hnsw_m,
+                    ef_construction: e.ef_construction,
                 },
             };
             let damage = e.damage.map(|d| Damage {
@@ -233,7 +239,7 @@ mod tests {
 
     /// A spec with index parameters of its own.
     fn tuned(mut s: ReplicaSpec) -> ReplicaSpec {
-        s.index = IndexParams {
+        s.index = IndexSpec {
             m: 8,
             ef_construction: 40,
         };
@@ -302,7 +308,7 @@ mod tests {
         }
         let specs = Registry::open(&path).unwrap().1;
         assert_eq!(specs, vec![(spec(4, 0), None)]);
-        assert_eq!(specs[0].0.index, IndexParams::default());
+        assert_eq!(specs[0].0.index, IndexSpec::default());
     }
 
     #[test]

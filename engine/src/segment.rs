@@ -189,56 +189,42 @@ impl Segment {
         self.rows() - self.deleted as usize
     }
 
-    /// The best `k` live rows for `query`, best first.
+    /// The best `k` live rows for `query`, best first: through the index
+    /// when the segment has one (exactly when `opts.exact`), by scanning
+    /// every row otherwise.
     pub fn search(&self, metric: Metric, query: &[f32], k: usize, opts: SearchOptions) -> Vec<Candidate> {
         let Vectors::Indexed(ix) = &self.vectors else {
-            return self.exact_search(metric, query, k);
+            return self.scan(metric, query, k);
         };
         let want = k.min(self.live_rows());
         if want == 0 {
             return Vec::new();
         }
-        let dead = &self.dead;
-        let live = |row: u32| dead.get(row as usize).is_some_and(|d| !d);
+        let live = |row: u32| self.is_live(row);
         let filter: Option<&(dyn Fn(u32) -> bool + Sync)> = (self.deleted > 0).then_some(&live);
         let mut found = ix.search(query, k, opts, filter);
-        if found.as_ref().is_ok_and(|rows| rows.len() < want) {
+        if !opts.exact && found.as_ref().is_ok_and(|rows| rows.len() < want) {
             // The walk ran out of live rows before k: compare them all.
             found = ix.search(query, k, SearchOptions { exact: true, ..opts }, filter);
         }
-        let rows = match found {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!(segment = self.id, error = %e, "index search failed; searching the segment exactly");
-                return self.exact_search(metric, query, k);
+        match found {
+            Ok(rows) => {
+                let mut top = TopK::new(metric, k);
+                for row in rows {
+                    self.offer(metric, query, row, &mut top);
+                }
+                top.into_sorted()
             }
-        };
-        let mut top = TopK::new(metric, k);
-        for (row, _) in rows {
-            self.offer(metric, query, row, &mut top);
+            Err(e) => {
+                tracing::error!(segment = self.id, error = %e, "index search failed; scanning the segment's rows");
+                self.scan(metric, query, k)
+            }
         }
-        top.into_sorted()
     }
 
-    /// Brute force over every live row.
-    pub fn exact_search(&self, metric: Metric, query: &[f32], k: usize) -> Vec<Candidate> {
+    /// Brute force over every live row, one copy at a time.
+    fn scan(&self, metric: Metric, query: &[f32], k: usize) -> Vec<Candidate> {
         let mut top = TopK::new(metric, k);
-        if let Vectors::Indexed(ix) = &self.vectors {
-            // usearch's own SIMD scan, filtered to live rows, then scored
-            // like every other path.
-            let dead = &self.dead;
-            let live = |row: u32| dead.get(row as usize).is_some_and(|d| !d);
-            let exact = SearchOptions { ef: k, exact: true };
-            match ix.search(query, k, exact, Some(&live)) {
-                Ok(rows) => {
-                    for (row, _) in rows {
-                        self.offer(metric, query, row, &mut top);
-                    }
-                    return top.into_sorted();
-                }
-                Err(e) => tracing::error!(segment = self.id, error = %e, "exact index scan failed; copying rows out"),
-            }
-        }
         for row in 0..self.rows() as u32 {
             self.offer(metric, query, row, &mut top);
         }
@@ -271,7 +257,7 @@ impl Segment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hnsw::IndexParams;
+    use edgevec_proto::IndexSpec;
 
     fn filled(n: u64) -> Segment {
         let mut s = Segment::growing(1, 2);
@@ -299,7 +285,7 @@ mod tests {
         let mut s = filled(100);
         let v = s.seal();
         assert_eq!(s.index_state(), IndexState::Building);
-        let params = IndexParams {
+        let params = IndexSpec {
             m: 4,
             ef_construction: 16,
         };

@@ -43,12 +43,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use edgevec_proto::{IndexState, Metric, OpId, PointRecord, SegmentInfo, SegmentState, ShardInfo};
+use edgevec_proto::{IndexSpec, IndexState, Metric, OpId, PointRecord, SegmentInfo, SegmentState, ShardInfo};
 
 use crate::builder::IndexBuilder;
 use crate::error::EngineError;
 use crate::fsutil;
-use crate::hnsw::{Expect, HnswIndex, IndexParams, SearchOptions};
+use crate::hnsw::{Expect, HnswIndex, SearchOptions};
 use crate::metric::{self, Candidate};
 use crate::oplog::LogState;
 use crate::plan::{Cursor, Location};
@@ -74,7 +74,7 @@ pub struct ShardConfig {
     pub dim: u32,
     pub metric: Metric,
     pub seal_rows: u32,
-    pub index: IndexParams,
+    pub index: IndexSpec,
     /// Bytes of encoded ops the op log may keep once they are applied
     /// ([`OPLOG_RETAIN_BYTES`] by default); unapplied ops are always kept.
     pub retain_bytes: u64,

@@ -30,6 +30,8 @@ pub const MIN_SEAL_ROWS: u32 = 64;
 pub const MAX_SEAL_ROWS: u32 = 4_000_000;
 /// Seal size used when a create request does not name one.
 pub const DEFAULT_SEAL_ROWS: u32 = 10_000;
+/// HNSW search expansion (`ef`) of a search that does not choose one.
+pub const DEFAULT_SEARCH_EF: u32 = 64;
 /// Largest HNSW search expansion (`ef`) a search may ask for.
 pub const MAX_SEARCH_EF: u32 = 4096;
 /// HNSW graph degree (`M`) of a collection that does not choose one.

@@ -250,7 +250,7 @@ impl SessionToken {
 pub struct SearchParams {
     /// HNSW search expansion: candidates kept while walking a segment's
     /// graph. Larger finds more of the true neighbours and costs more; at
-    /// least `k` is used. 0: the default (64); at most
+    /// least `k` is used. 0: [`crate::limits::DEFAULT_SEARCH_EF`]; at most
     /// [`crate::limits::MAX_SEARCH_EF`].
     pub ef: u32,
     /// Compare the query with every live point (brute force) instead of

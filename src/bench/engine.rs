@@ -20,10 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use edgevec_engine::{
-    metric, search_replicas, Engine, EngineOptions, IndexParams, ReplicaKey, ReplicaSpec, SearchOptions, ShardOp,
-};
-use edgevec_proto::{limits::DEFAULT_SEAL_ROWS, Metric, OpId, Point};
+use edgevec_engine::{metric, search_replicas, Engine, EngineOptions, ReplicaKey, ReplicaSpec, SearchOptions, ShardOp};
+use edgevec_proto::{limits::DEFAULT_SEAL_ROWS, IndexSpec, Metric, OpId, Point};
 use npyz::WriterBuilder;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
@@ -180,9 +178,9 @@ fn engine_side(
         dim: args.dim as u32,
         metric,
         seal_rows,
-        index: IndexParams {
-            m: args.m,
-            ef_construction: args.ef_construction,
+        index: IndexSpec {
+            m: args.m as u32,
+            ef_construction: args.ef_construction as u32,
         },
     })?;
     let inserted = Instant::now();

@@ -125,10 +125,10 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     clusters: usize,
     /// Engine mode: HNSW graph degree, for the engine and hnswlib alike.
-    #[arg(long, default_value_t = edgevec_engine::DEFAULT_M)]
+    #[arg(long, default_value_t = edgevec_proto::limits::DEFAULT_HNSW_M as usize)]
     m: usize,
     /// Engine mode: HNSW ef_construction, for both.
-    #[arg(long, default_value_t = edgevec_engine::DEFAULT_EF_CONSTRUCTION)]
+    #[arg(long, default_value_t = edgevec_proto::limits::DEFAULT_EF_CONSTRUCTION as usize)]
     ef_construction: usize,
     /// Engine mode: search expansions measured.
     #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]

@@ -1,5 +1,5 @@
 use super::*;
-use crate::hnsw::IndexParams;
+use edgevec_proto::IndexSpec;
 
 fn config() -> ShardConfig {
     ShardConfig {
@@ -7,7 +7,7 @@ fn config() -> ShardConfig {
         dim: 2,
         metric: Metric::L2,
         seal_rows: 2,
-        index: IndexParams {
+        index: IndexSpec {
             m: 4,
             ef_construction: 8,
         },

@@ -8,7 +8,7 @@ fn random(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
     (0..rows * dim).map(|_| rng.gen_range(-1.0..1.0)).collect()
 }
 
-const PARAMS: IndexParams = IndexParams {
+const PARAMS: IndexSpec = IndexSpec {
     m: 8,
     ef_construction: 64,
 };
@@ -17,10 +17,6 @@ fn vector(ix: &HnswIndex, row: u32) -> Vec<f32> {
     let mut out = vec![0.0; ix.dim];
     ix.vector_into(row, &mut out);
     out
-}
-
-fn rows(found: &[(u32, f32)]) -> Vec<u32> {
-    found.iter().map(|(r, _)| *r).collect()
 }
 
 #[test]
@@ -39,13 +35,13 @@ fn finds_itself_and_keeps_vectors() {
         let got = ix.search(q, 5, SearchOptions::default(), None).unwrap();
         assert_eq!(got.len(), 5);
         if metric == Metric::L2 {
-            assert_eq!(got[0].0, 17);
+            assert_eq!(got[0], 17);
         } else {
             // The best inner product of q = x17 is the row maximising x·x17.
             let best = (0..300u32)
                 .max_by(|&a, &b| metric::dot(q, &vector(&ix, a)).total_cmp(&metric::dot(q, &vector(&ix, b))))
                 .unwrap();
-            assert_eq!(got[0].0, best);
+            assert_eq!(got[0], best);
         }
     }
 }
@@ -62,8 +58,8 @@ fn exact_and_filtered_searches_keep_their_promises() {
     truth.sort_by(|a, b| a.1.total_cmp(&b.1));
     let exact = SearchOptions { ef: 1, exact: true };
     assert_eq!(
-        rows(&ix.search(&q, 10, exact, None).unwrap()),
-        rows(&truth[..10]),
+        ix.search(&q, 10, exact, None).unwrap(),
+        truth[..10].iter().map(|t| t.0).collect::<Vec<_>>(),
         "exact search is brute force whatever ef says"
     );
     // Only even rows: every answer passes the filter, and exact + filter is
@@ -76,16 +72,16 @@ fn exact_and_filtered_searches_keep_their_promises() {
         .filter(|r| r.is_multiple_of(2))
         .take(10)
         .collect();
-    assert_eq!(rows(&got), want);
+    assert_eq!(got, want);
     let walked = ix.search(&q, 10, SearchOptions::default(), Some(&even)).unwrap();
-    assert!(walked.iter().all(|(r, _)| r.is_multiple_of(2)) && !walked.is_empty());
+    assert!(walked.iter().all(|r| r.is_multiple_of(2)) && !walked.is_empty());
 }
 
 #[test]
 fn recall_grows_with_ef() {
     let (dim, n, k) = (24, 4000, 10);
     let v = random(n, dim, 5);
-    let params = IndexParams {
+    let params = IndexSpec {
         m: 4,
         ef_construction: 16,
     };
@@ -93,12 +89,12 @@ fn recall_grows_with_ef() {
     let queries = random(100, dim, 6);
     let truth: Vec<Vec<u32>> = queries
         .chunks_exact(dim)
-        .map(|q| rows(&ix.search(q, k, SearchOptions { ef: 1, exact: true }, None).unwrap()))
+        .map(|q| ix.search(q, k, SearchOptions { ef: 1, exact: true }, None).unwrap())
         .collect();
     let recall = |ef: usize| {
         let mut hit = 0;
         for (q, want) in queries.chunks_exact(dim).zip(&truth) {
-            let got = rows(&ix.search(q, k, SearchOptions { ef, exact: false }, None).unwrap());
+            let got = ix.search(q, k, SearchOptions { ef, exact: false }, None).unwrap();
             hit += got.iter().filter(|r| want.contains(r)).count();
         }
         hit as f64 / (truth.len() * k) as f64
@@ -129,13 +125,13 @@ fn save_load_roundtrip_and_rejects_damage() {
     assert_eq!(vector(&loaded, 42), vector(&ix, 42));
     let opts = SearchOptions::default();
     assert_eq!(
-        rows(&loaded.search(&v[..dim], 5, opts, None).unwrap()),
-        rows(&ix.search(&v[..dim], 5, opts, None).unwrap())
+        loaded.search(&v[..dim], 5, opts, None).unwrap(),
+        ix.search(&v[..dim], 5, opts, None).unwrap()
     );
     // Filtered search on a loaded index (the only load path: a copy).
     let odd = |r: u32| r % 2 == 1;
     let got = loaded.search(&v[..dim], 5, opts, Some(&odd)).unwrap();
-    assert!(!got.is_empty() && got.iter().all(|(r, _)| r % 2 == 1));
+    assert!(!got.is_empty() && got.iter().all(|r| r % 2 == 1));
 
     assert!(HnswIndex::load(&path, Expect { segment: 4, ..expect }).is_err());
     assert!(HnswIndex::load(&path, Expect { rows: 99, ..expect }).is_err());

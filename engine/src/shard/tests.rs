@@ -9,7 +9,7 @@ fn config(seal_rows: u32, retain_bytes: u64) -> ShardConfig {
         dim: 2,
         metric: Metric::L2,
         seal_rows,
-        index: IndexParams {
+        index: IndexSpec {
             m: 8,
             ef_construction: 32,
         },

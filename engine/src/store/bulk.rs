@@ -278,10 +278,10 @@ mod tests {
     use edgevec_proto::{Metric, OpId, Point};
 
     use crate::builder::IndexBuilder;
-    use crate::hnsw::IndexParams;
     use crate::op::ShardOp;
     use crate::shard::{ShardConfig, ShardReplica};
     use crate::store::ShardStore;
+    use edgevec_proto::IndexSpec;
 
     use super::*;
 
@@ -304,7 +304,7 @@ mod tests {
             dim: 2,
             metric: Metric::L2,
             seal_rows: 64,
-            index: IndexParams {
+            index: IndexSpec {
                 m: 4,
                 ef_construction: 8,
             },

@@ -413,7 +413,7 @@ impl DataPlane {
                     dim: c.spec.dim,
                     metric: c.spec.metric,
                     seal_rows: c.spec.seal_rows,
-                    index: c.index.into(),
+                    index: c.index,
                 };
                 wanted.insert(key, (spec, cfg.clone()));
             }
