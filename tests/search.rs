@@ -229,10 +229,21 @@ async fn kill_9_during_inserts_keeps_every_acknowledged_point() {
         assert_eq!(want.vector, have.vector);
         assert_eq!(want.payload, have.payload);
     }
-    // And they are searchable: each of a sample finds itself first.
+    // And they are searchable: each of a sample finds itself first by
+    // exact search, and among the first ten through the index (an
+    // approximate walk promises no more).
+    let exact = ReadOpts {
+        exact: true,
+        ..Default::default()
+    };
     for p in acked.iter().step_by(997) {
-        let hits = client.search("durable", &p.vector, 1).await.unwrap();
-        assert_eq!(hits[0].id, p.id);
+        let hits = client
+            .search_with("durable", vec![p.vector.clone()], 1, false, &exact)
+            .await
+            .unwrap();
+        assert_eq!(hits[0][0].id, p.id);
+        let hits = client.search("durable", &p.vector, 10).await.unwrap();
+        assert!(hits.iter().any(|h| h.id == p.id), "{} not among {hits:?}", p.id);
     }
 }
 
