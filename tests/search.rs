@@ -296,3 +296,110 @@ async fn sigterm_during_an_index_build_stops_the_node_within_seconds() {
     wait_for_indexes(&client, "slow").await;
     assert_eq!(client.describe_collection("slow").await.unwrap().points, rows);
 }
+
+/// Compaction on a 3-replica shard: sealed segments are merged in the
+/// background while writes go on (deleted rows dropped), every point stays
+/// readable and findable, and once idle every replica holds the same
+/// segments, row for row (read from each node's files after shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_merges_segments_alike_on_every_replica() {
+    let mut cluster = TestCluster::new(3);
+    cluster.start_all().await;
+    let client = cluster.client(1, ADMIN).await;
+    let (dim, seal) = (16usize, 200u64);
+    client
+        .create_replicated(
+            CollectionSpec::new("compact", dim as u32, Metric::L2).with_seal_rows(seal as u32),
+            edgevec_client::ReplicationSpec::new(3),
+        )
+        .await
+        .unwrap();
+    // 3,000 rows: fifteen seals, merged as they come.
+    let vectors = random_vectors(3_000, dim, 7);
+    let point = |id: u64, v: &[f32]| Point {
+        id,
+        vector: v.to_vec(),
+        payload: Some(format!("{{\"id\":{id}}}")),
+    };
+    for (b, chunk) in vectors.chunks(250).enumerate() {
+        let points = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| point((b * 250 + i) as u64, v))
+            .collect();
+        client.upsert("compact", points).await.unwrap();
+    }
+    // Deletes and replacements while merges run.
+    let deleted: Vec<u64> = (0..3_000).step_by(7).collect();
+    client.delete("compact", &deleted).await.unwrap();
+    let replaced: Vec<Point> = (1..3_000u64)
+        .step_by(11)
+        .map(|id| point(id, &vectors[id as usize]))
+        .collect();
+    client.upsert("compact", replaced).await.unwrap();
+
+    // Idle: merges settle. Fifteen sealed segments of 200 rows become a
+    // few, each larger than one seal.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let segments = loop {
+        let d = client.collection_details("compact").await.unwrap();
+        let sealed: Vec<_> = d
+            .info
+            .segments
+            .iter()
+            .filter(|s| s.state == SegmentState::Sealed)
+            .cloned()
+            .collect();
+        if d.builds.is_empty() && sealed.len() <= 4 && sealed.iter().all(|s| s.index == IndexState::Ready) {
+            break sealed;
+        }
+        assert!(Instant::now() < deadline, "no compaction in 120 s: {d:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(segments.iter().any(|s| s.rows > seal), "{segments:?}");
+
+    let live: Vec<u64> = (0..3_000).filter(|id| id % 7 != 0 || id % 11 == 1).collect();
+    let got = client.get("compact", &live).await.unwrap();
+    assert_eq!(got.len(), live.len());
+    for p in &got {
+        assert_eq!(p.vector, vectors[p.id as usize]);
+        assert_eq!(p.payload.as_deref(), Some(format!("{{\"id\":{}}}", p.id).as_str()));
+    }
+    assert!(client.get("compact", &[7, 14, 21]).await.unwrap().is_empty());
+    let exact = ReadOpts {
+        exact: true,
+        ..Default::default()
+    };
+    for id in live.iter().step_by(97) {
+        let v = vectors[*id as usize].clone();
+        let hits = client
+            .search_with("compact", vec![v.clone()], 1, false, &exact)
+            .await
+            .unwrap();
+        assert_eq!(hits[0][0].id, *id);
+        let hits = client.search("compact", &v, 10).await.unwrap();
+        assert!(hits.iter().any(|h| h.id == *id), "{id} not among {hits:?}");
+    }
+    client.close().await;
+
+    // Every replica, read from its files: the same segments and points.
+    let mut seen = Vec::new();
+    for id in cluster.ids() {
+        cluster.stop(id);
+        let engine = edgevec_engine::Engine::open(
+            &cluster.path(&format!("data/node{id}/engine")),
+            edgevec_engine::EngineOptions::default(),
+        )
+        .unwrap();
+        let replicas = engine.replicas();
+        assert_eq!(replicas.len(), 1, "node {id} holds one replica");
+        let replica = &replicas[0].1;
+        let (info, segments) = replica.info();
+        let rows: Vec<(u64, u64, u64)> = segments.iter().map(|s| (s.id, s.rows, s.deleted)).collect();
+        let points = replica.get(&(0..3_000).collect::<Vec<_>>()).unwrap();
+        seen.push((info, rows, points));
+    }
+    assert_eq!(seen[0].0.points, live.len() as u64);
+    assert_eq!(seen[0], seen[1], "replicas on nodes 1 and 2 differ");
+    assert_eq!(seen[0], seen[2], "replicas on nodes 1 and 3 differ");
+}

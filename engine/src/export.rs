@@ -11,7 +11,8 @@
 //! importer's index builder rebuilds the HNSW index of each sealed segment
 //! as at open (copying index files is a later optimisation).
 //!
-//! File format [`EXPORT_FORMAT`] 1, little-endian:
+//! File format [`EXPORT_FORMAT`] 2, little-endian (version 1, which had no
+//! merged segments, is still read):
 //!
 //! ```text
 //! "EVEXPORT"   8 bytes of magic
@@ -25,7 +26,9 @@
 //! Records come in this order, each kind in its key order: one `Shard`
 //! (shard, dim, metric, seal_rows, last applied op id, durable term, term
 //! history up to the applied LSN, growing segment and its rows), then every
-//! `Segment`, `Row`, `Payload`, `Tombstone` and `Point` (live location).
+//! `Segment`, `Row`, `Payload`, `Tombstone`, `Point` (live location) and
+//! `Merge` (a merged segment: its sources, the segments whose rows it
+//! takes over, its rows, whether the exporter had installed it).
 //! Each record is an [`ExportRecord`] envelope: new shapes become `V2`,
 //! `V1` variants are never reordered (postcard encodes variant indexes).
 //!
@@ -50,14 +53,17 @@ use crate::error::EngineError;
 use crate::fsutil::{self, Checksum};
 use crate::plan::Location;
 use crate::shard::ShardConfig;
-use crate::store::{SegmentRecordV1, ShardMetaV2, StateItem};
+use crate::store::{MergeRecordV1, SegmentRecordV1, ShardMetaV2, StateItem};
 
 mod check;
 
 use check::Checker;
 
 /// Version of the export file format this build writes and reads.
-pub const EXPORT_FORMAT: u32 = 1;
+pub const EXPORT_FORMAT: u32 = 2;
+
+/// Oldest export format this build reads.
+const OLDEST_FORMAT: u32 = 1;
 
 const MAGIC: [u8; 8] = *b"EVEXPORT";
 
@@ -114,6 +120,19 @@ enum RecordV1 {
         segment: u64,
         row: u32,
     },
+    /// Format 2.
+    Merge(MergeV1),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct MergeV1 {
+    id: u64,
+    sources: Vec<u64>,
+    covers: Vec<u64>,
+    lsn: u64,
+    /// `(segment, row, point id)` of each row, in order.
+    rows: Vec<(u64, u32, u64)>,
+    installed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,6 +172,7 @@ impl RecordV1 {
             RecordV1::Payload { .. } => 3,
             RecordV1::Tombstone { .. } => 4,
             RecordV1::Point { .. } => 5,
+            RecordV1::Merge(_) => 6,
         }
     }
 
@@ -209,6 +229,14 @@ impl RecordV1 {
                 segment: at.segment,
                 row: at.row,
             },
+            StateItem::Merge { id, record } => RecordV1::Merge(MergeV1 {
+                id,
+                sources: record.sources,
+                covers: record.covers,
+                lsn: record.lsn,
+                rows: record.rows.iter().map(|(at, id)| (at.segment, at.row, *id)).collect(),
+                installed: record.installed,
+            }),
         }
     }
 
@@ -260,6 +288,16 @@ impl RecordV1 {
             RecordV1::Point { id, segment, row } => sink(StateItem::Point {
                 id,
                 at: at(segment, row),
+            }),
+            RecordV1::Merge(m) => sink(StateItem::Merge {
+                id: m.id,
+                record: MergeRecordV1 {
+                    sources: m.sources,
+                    covers: m.covers,
+                    lsn: m.lsn,
+                    rows: m.rows.into_iter().map(|(s, r, id)| (at(s, r), id)).collect(),
+                    installed: m.installed,
+                },
             }),
         }
     }
@@ -429,12 +467,12 @@ impl Reader {
             return Err(corrupt(path, "not an edgevec export (wrong magic bytes)"));
         }
         let version = r.u32()?;
-        if version != EXPORT_FORMAT {
+        if !(OLDEST_FORMAT..=EXPORT_FORMAT).contains(&version) {
             return Err(corrupt(
                 path,
                 format!(
-                    "export format version {version}, but this edgevec reads only version {EXPORT_FORMAT}; \
-                     export again with a matching version"
+                    "export format version {version}, but this edgevec reads only versions \
+                     {OLDEST_FORMAT} to {EXPORT_FORMAT}; export again with a matching version"
                 ),
             ));
         }

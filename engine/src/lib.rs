@@ -58,6 +58,7 @@
 //! wiring.
 
 mod builder;
+pub mod compaction;
 pub mod engine;
 mod error;
 mod export;

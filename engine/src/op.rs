@@ -28,6 +28,13 @@ pub enum ShardOp {
     /// in-sync replica holds it, everything before it is committed.
     /// Applying it changes no rows.
     EpochStart,
+    /// Merges these sealed segments (segment ids as `describe` shows them;
+    /// merged segments may be sources again) into one new segment holding
+    /// their rows live at this op, in source order; deleted rows are
+    /// dropped. Decided by the primary (`crate::compaction`); applying it
+    /// is deterministic, so every replica merges alike. Sources that are
+    /// not current sealed segments make it a no-op.
+    Merge { sources: Vec<u64> },
 }
 
 /// The stored (and replicated) form of a [`ShardOp`].
@@ -48,7 +55,7 @@ impl ShardOp {
         match self {
             ShardOp::Upsert(p) => p.len(),
             ShardOp::Delete(ids) => ids.len(),
-            ShardOp::EpochStart => 0,
+            ShardOp::EpochStart | ShardOp::Merge { .. } => 0,
         }
     }
 
@@ -115,5 +122,8 @@ mod tests {
         assert!(ShardOp::decode(&[9, 9]).is_err());
         // Variant indexes are the wire format.
         assert_eq!(postcard::to_stdvec(&ShardOp::EpochStart).unwrap(), vec![2]);
+        let merge = ShardOp::Merge { sources: vec![3, 300] };
+        assert_eq!(postcard::to_stdvec(&merge).unwrap(), vec![3, 2, 3, 172, 2]);
+        assert_eq!(ShardOp::decode_with_term(&merge.encode(4)).unwrap(), (4, merge));
     }
 }

@@ -13,8 +13,10 @@
 //!   planned one op at a time, each against the state the previous left;
 //! - a growing segment is sealed the moment its row count reaches
 //!   `seal_rows` (rows count replaced ones too: the segment is append-only);
-//!   the next segment id is the sealed one plus one, so the growing segment
-//!   always has the highest id;
+//!   the next growing segment takes the shard's next unused segment id
+//!   (merges take ids from the same counter, so ids are never reused and
+//!   the growing segment has the highest id of every segment that holds
+//!   rows of its own);
 //! - every id has at most one live row; replacing or deleting it tombstones
 //!   the old row wherever it lives (growing or sealed).
 
@@ -45,6 +47,24 @@ pub struct Append {
     pub point: usize,
 }
 
+/// A merge decided by a [`ShardOp::Merge`]: the new segment, what it
+/// replaces and its rows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MergePlan {
+    /// Id of the merged segment (the shard's next unused id).
+    pub id: u64,
+    /// The segments it replaces, as the op named them.
+    pub sources: Vec<u64>,
+    /// Every segment that holds rows of its own (growing once, then
+    /// sealed) whose rows the merged segment takes over, ascending.
+    pub covers: Vec<u64>,
+    /// Its rows in order: where each row is stored, and the point id.
+    pub rows: Vec<(Location, u64)>,
+    /// The merges whose records it removes once installed: every merge
+    /// whose rows it takes over (not stored: derived from `covers`).
+    pub replaces: Vec<u64>,
+}
+
 /// The effect of one op.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
@@ -58,13 +78,26 @@ pub struct Plan {
     pub sealed: Vec<Cursor>,
     /// The growing segment after the op.
     pub growing: Cursor,
+    /// The shard's next unused segment id after the op.
+    pub next: u64,
+    /// The merge the op makes, decided by the shard.
+    pub merge: Option<MergePlan>,
 }
 
 /// Decides the effect of `op` on a shard whose live rows are given by
-/// `current` and whose growing segment is `growing`.
-pub fn plan(op: &ShardOp, current: impl Fn(u64) -> Option<Location>, growing: Cursor, seal_rows: u32) -> Plan {
+/// `current`, whose growing segment is `growing` and whose next unused
+/// segment id is `next`. A merge's rows are decided by the shard, which
+/// sees its segments; here it changes nothing.
+pub fn plan(
+    op: &ShardOp,
+    current: impl Fn(u64) -> Option<Location>,
+    growing: Cursor,
+    next: u64,
+    seal_rows: u32,
+) -> Plan {
     let mut out = Plan {
         growing,
+        next,
         ..Plan::default()
     };
     // Ids touched earlier in this op shadow the shard's map.
@@ -89,9 +122,10 @@ pub fn plan(op: &ShardOp, current: impl Fn(u64) -> Option<Location>, growing: Cu
                 if out.growing.rows >= seal_rows {
                     out.sealed.push(out.growing);
                     out.growing = Cursor {
-                        segment: out.growing.segment + 1,
+                        segment: out.next,
                         rows: 0,
                     };
+                    out.next += 1;
                 }
             }
         }
@@ -104,7 +138,7 @@ pub fn plan(op: &ShardOp, current: impl Fn(u64) -> Option<Location>, growing: Cu
             }
         }
         // Marks the start of a primary's term in the log; no rows change.
-        ShardOp::EpochStart => {}
+        ShardOp::EpochStart | ShardOp::Merge { .. } => {}
     }
     out.points = touched.into_iter().collect();
     out.points.sort_unstable_by_key(|(id, _)| *id);
@@ -135,18 +169,23 @@ mod tests {
     #[test]
     fn seals_at_exactly_seal_rows() {
         let start = Cursor { segment: 1, rows: 62 };
-        let p = plan(&up(&[1, 2]), |_| None, start, 64);
+        let p = plan(&up(&[1, 2]), |_| None, start, 2, 64);
         assert_eq!(p.sealed, vec![Cursor { segment: 1, rows: 64 }]);
         assert_eq!(p.growing, Cursor { segment: 2, rows: 0 });
+        assert_eq!(p.next, 3);
         assert_eq!(p.appends[1].at, loc(1, 63));
 
-        let p = plan(&up(&[1]), |_| None, start, 64);
+        // Ids a merge took are skipped.
+        let p = plan(&up(&[1, 2]), |_| None, start, 7, 64);
+        assert_eq!((p.growing, p.next), (Cursor { segment: 7, rows: 0 }, 8));
+
+        let p = plan(&up(&[1]), |_| None, start, 2, 64);
         assert!(p.sealed.is_empty());
         assert_eq!(p.growing, Cursor { segment: 1, rows: 63 });
 
         // One large op can seal several segments.
         let ids: Vec<u64> = (0..200).collect();
-        let p = plan(&up(&ids), |_| None, Cursor { segment: 5, rows: 0 }, 64);
+        let p = plan(&up(&ids), |_| None, Cursor { segment: 5, rows: 0 }, 6, 64);
         let sealed: Vec<u64> = p.sealed.iter().map(|c| c.segment).collect();
         assert_eq!(sealed, vec![5, 6, 7]);
         assert!(p.sealed.iter().all(|c| c.rows == 64));
@@ -157,7 +196,7 @@ mod tests {
     #[test]
     fn replace_tombstones_old_row_and_last_wins() {
         let existing = |id| (id == 9).then_some(loc(1, 0));
-        let p = plan(&up(&[9, 4, 4]), existing, Cursor { segment: 2, rows: 0 }, 64);
+        let p = plan(&up(&[9, 4, 4]), existing, Cursor { segment: 2, rows: 0 }, 3, 64);
         assert_eq!(p.tombstones, vec![(loc(1, 0), 9), (loc(2, 1), 4)]);
         assert_eq!(p.points, vec![(4, Some(loc(2, 2))), (9, Some(loc(2, 0)))]);
         // Replaced rows still count toward sealing: the segment is append-only.
@@ -171,6 +210,7 @@ mod tests {
             &ShardOp::Delete(vec![3, 4, 3]),
             existing,
             Cursor { segment: 2, rows: 5 },
+            3,
             64,
         );
         assert_eq!(p.tombstones, vec![(loc(1, 7), 3)]);
@@ -180,15 +220,18 @@ mod tests {
     }
 
     #[test]
-    fn epoch_start_changes_nothing() {
+    fn epoch_start_and_merge_change_no_rows() {
         let start = Cursor { segment: 3, rows: 9 };
-        let p = plan(&ShardOp::EpochStart, |_| Some(loc(1, 1)), start, 64);
-        assert_eq!(
-            p,
-            Plan {
-                growing: start,
-                ..Plan::default()
-            }
-        );
+        for op in [ShardOp::EpochStart, ShardOp::Merge { sources: vec![1, 2] }] {
+            let p = plan(&op, |_| Some(loc(1, 1)), start, 4, 64);
+            assert_eq!(
+                p,
+                Plan {
+                    growing: start,
+                    next: 4,
+                    ..Plan::default()
+                }
+            );
+        }
     }
 }

@@ -7,6 +7,11 @@
 //! ([`IndexState::Building`]) and through the HNSW index once installed
 //! ([`IndexState::Ready`]).
 //!
+//! A **merged** segment (compaction) is sealed from the start and holds
+//! rows that stay stored where they were first written: it maps each of
+//! its rows to that [`Location`], and candidates and tombstones speak in
+//! locations, so a merge moves no row and changes no point's location.
+//!
 //! Invariants:
 //! - the vectors are held once: in the growing buffer (contiguous), in the
 //!   shared sealed buffer (which the builder thread reads), or inside the
@@ -20,6 +25,7 @@
 //!   vector, whatever path found it, so the same point scores the same in
 //!   every segment state and on every replica.
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -27,6 +33,41 @@ use edgevec_proto::{IndexState, Metric, SegmentInfo, SegmentState};
 
 use crate::hnsw::{HnswIndex, SearchOptions};
 use crate::metric::{self, Candidate, TopK};
+use crate::plan::Location;
+
+/// Where the rows of a merged segment are stored.
+struct RowMap {
+    locations: Vec<Location>,
+    /// Stored segment → its rows' positions here (`u32::MAX`: not here).
+    rows: HashMap<u64, Vec<u32>>,
+}
+
+impl RowMap {
+    fn new(locations: Vec<Location>) -> RowMap {
+        let mut rows: HashMap<u64, Vec<u32>> = HashMap::new();
+        for (i, at) in locations.iter().enumerate() {
+            let slots = rows.entry(at.segment).or_default();
+            let r = at.row as usize;
+            if slots.len() <= r {
+                slots.resize(r + 1, u32::MAX);
+            }
+            slots[r] = i as u32;
+        }
+        RowMap { locations, rows }
+    }
+
+    fn row_of(&self, at: Location) -> Option<u32> {
+        let r = *self.rows.get(&at.segment)?.get(at.row as usize)?;
+        (r != u32::MAX).then_some(r)
+    }
+}
+
+/// What a merged segment starts with.
+pub enum MergedData {
+    Index(Arc<HnswIndex>),
+    /// Its vectors, row-major; the index is still to be built.
+    Vectors(Vec<f32>),
+}
 
 enum Vectors {
     Growing(Vec<f32>),
@@ -44,6 +85,8 @@ pub struct Segment {
     vectors: Vectors,
     /// Rows the running index build has added to its graph.
     progress: Arc<AtomicU64>,
+    /// Set for merged segments.
+    map: Option<Box<RowMap>>,
 }
 
 impl Segment {
@@ -66,6 +109,19 @@ impl Segment {
         Segment::from_parts(id, dim, ids, Vectors::Indexed(index))
     }
 
+    /// A merged segment whose rows are stored at `locations`, with its
+    /// index or (to be indexed) its vectors.
+    pub fn merged(id: u64, dim: usize, ids: Vec<u64>, locations: Vec<Location>, data: MergedData) -> Segment {
+        debug_assert_eq!(ids.len(), locations.len());
+        let vectors = match data {
+            MergedData::Index(index) => Vectors::Indexed(index),
+            MergedData::Vectors(v) => Vectors::Sealed(Arc::new(v)),
+        };
+        let mut seg = Segment::from_parts(id, dim, ids, vectors);
+        seg.map = Some(Box::new(RowMap::new(locations)));
+        seg
+    }
+
     fn from_parts(id: u64, dim: usize, ids: Vec<u64>, vectors: Vectors) -> Segment {
         Segment {
             id,
@@ -75,6 +131,28 @@ impl Segment {
             deleted: 0,
             vectors,
             progress: Arc::new(AtomicU64::new(0)),
+            map: None,
+        }
+    }
+
+    /// Whether this is a merged segment.
+    pub fn is_merged(&self) -> bool {
+        self.map.is_some()
+    }
+
+    /// This segment's row stored at `at`, if it holds that row.
+    pub fn row_of(&self, at: Location) -> Option<u32> {
+        match &self.map {
+            Some(map) => map.row_of(at),
+            None => (at.segment == self.id && (at.row as usize) < self.rows()).then_some(at.row),
+        }
+    }
+
+    /// Where `row` is stored.
+    pub fn location(&self, row: u32) -> Location {
+        match &self.map {
+            Some(map) => map.locations[row as usize],
+            None => Location { segment: self.id, row },
         }
     }
 
@@ -233,11 +311,12 @@ impl Segment {
 
     fn offer(&self, metric: Metric, query: &[f32], row: u32, top: &mut TopK) {
         if self.is_live(row) {
+            let at = self.location(row);
             top.push(Candidate {
                 id: self.ids[row as usize],
                 score: metric::score(metric, query, &self.vector(row)),
-                segment: self.id,
-                row,
+                segment: at.segment,
+                row: at.row,
             });
         }
     }

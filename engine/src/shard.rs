@@ -37,6 +37,20 @@
 //! Index builds of sealed segments go to the [`IndexBuilder`] thread; the
 //! segment is searched by brute force until the built index is saved to
 //! `seg-<id>.hnsw` and installed.
+//!
+//! **Compaction** (module `merge`): a logged [`ShardOp::Merge`] names
+//! sealed segments; applying it decides, from the applied state at that
+//! LSN only, a new segment id and the rows live then, in source order, and
+//! records them. So every replica decides the same merged segment,
+//! whatever its timing. The builder then builds the merged index from the
+//! sources' vectors while the sources keep serving; once it is saved, the
+//! merge is *installed*: the merged segment replaces its sources in
+//! searches, taking over the tombstones its rows got since the merge op.
+//! Rows stay where they were written (a merged segment maps its rows to
+//! their stored locations), so installing changes no point's location and
+//! no logical state: only which index serves which rows. *Logically* (for
+//! the next merge op) a merge replaces its sources at its op; physically,
+//! at its install.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -44,6 +58,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use edgevec_proto::{IndexSpec, IndexState, Metric, OpId, PointRecord, SegmentInfo, SegmentState, ShardInfo};
+
+use crate::segment::MergedData;
 
 use crate::builder::IndexBuilder;
 use crate::error::EngineError;
@@ -58,6 +74,9 @@ use crate::store::ShardStore;
 mod apply;
 mod export;
 mod log;
+mod merge;
+
+use merge::MergeUnit;
 
 pub(crate) use export::import_files;
 
@@ -99,8 +118,35 @@ struct ShardState {
     log: LogState,
     applied_lsn: u64,
     growing: Cursor,
+    /// Next unused segment id (growing segments and merges).
+    next_segment: u64,
     locations: HashMap<u64, Location>,
+    /// The segments searches use: sealed and growing segments not replaced
+    /// by an installed merge, and installed merges.
     segments: BTreeMap<u64, Segment>,
+    /// Every merge with a record: pending or installed.
+    merges: BTreeMap<u64, MergeUnit>,
+    /// Stored segment → the segment in `segments` that holds its rows,
+    /// where that is a merge (absent: the segment itself).
+    owner: HashMap<u64, u64>,
+    /// Stored segment → the newest merge (pending or installed) that took
+    /// its rows over.
+    covered: HashMap<u64, u64>,
+}
+
+impl ShardState {
+    /// The segment in `segments` holding the row stored at `at`, and the
+    /// row's position there.
+    fn find(&self, at: Location) -> Option<(&Segment, u32)> {
+        let unit = self.owner.get(&at.segment).copied().unwrap_or(at.segment);
+        let seg = self.segments.get(&unit)?;
+        Some((seg, seg.row_of(at)?))
+    }
+
+    /// Whether the row stored at `at`, holding point `id`, is its live row.
+    fn is_live(&self, at: Location, id: u64) -> bool {
+        self.locations.get(&id) == Some(&at)
+    }
 }
 
 /// One shard replica: its redb file, its segments and their indexes.
@@ -138,28 +184,38 @@ impl ShardReplica {
         let dim = config.dim as usize;
         let corrupt = |m: String| EngineError::corrupt(dir.display().to_string(), m);
 
+        let merges = merge::restore(loaded.merges, &loaded.points);
+        let mut owner = HashMap::new();
+        for (id, m) in merges.iter().filter(|(_, m)| m.installed) {
+            for c in &m.covers {
+                owner.insert(*c, *id);
+            }
+        }
+        let covered = merge::covered(&merges);
+
+        let stored_max = loaded.segments.iter().map(|(id, _)| *id).max().unwrap_or(0);
         let mut segments = BTreeMap::new();
         let mut to_build = Vec::new();
         for (id, rec) in loaded.segments {
+            if owner.contains_key(&id) {
+                // Served by an installed merge.
+                continue;
+            }
             let seg = match rec.state {
                 SegmentState::Growing => {
                     let (ids, vectors) = store.segment_rows(id, dim)?;
                     Segment::growing_with(id, dim, ids, vectors)
                 }
                 SegmentState::Sealed => {
-                    let path = index_path(dir, id);
                     let expect = Expect {
                         segment: id,
                         metric: config.metric,
                         dim,
                         rows: rec.rows as usize,
                     };
-                    match path.exists().then(|| HnswIndex::load(&path, expect)) {
-                        Some(Ok((index, ids))) => Segment::indexed(id, dim, ids, Arc::new(index)),
-                        other => {
-                            if let Some(Err(e)) = other {
-                                tracing::warn!(error = %e, "index file unusable, rebuilding");
-                            }
+                    match load_index(dir, expect) {
+                        Some((index, ids)) => Segment::indexed(id, dim, ids, Arc::new(index)),
+                        None => {
                             let (ids, vectors) = store.segment_rows(id, dim)?;
                             if ids.len() != rec.rows as usize {
                                 return Err(corrupt(format!(
@@ -176,12 +232,44 @@ impl ShardReplica {
             };
             segments.insert(id, seg);
         }
+        for (&id, m) in merges.iter().filter(|(_, m)| m.installed && !m.rows.is_empty()) {
+            let (locations, ids): (Vec<Location>, Vec<u64>) = m.rows.iter().copied().unzip();
+            let expect = Expect {
+                segment: id,
+                metric: config.metric,
+                dim,
+                rows: locations.len(),
+            };
+            let data = match load_index(dir, expect).filter(|(_, file_ids)| *file_ids == ids) {
+                Some((index, _)) => MergedData::Index(Arc::new(index)),
+                None => {
+                    to_build.push(id);
+                    MergedData::Vectors(store.vectors_at(&locations, dim)?)
+                }
+            };
+            segments.insert(id, Segment::merged(id, dim, ids, locations, data));
+        }
         for at in loaded.tombstones {
-            match segments.get_mut(&at.segment) {
-                Some(seg) if (at.row as usize) < seg.rows() => seg.tombstone(at.row),
-                _ => return Err(corrupt(format!("tombstone for missing row {at:?}"))),
+            let unit = owner.get(&at.segment).copied();
+            let found = segments.get_mut(&unit.unwrap_or(at.segment)).and_then(|seg| {
+                let row = seg.row_of(at)?;
+                seg.tombstone(row);
+                Some(())
+            });
+            // A row dead before its segment was merged is in no segment.
+            if found.is_none() && unit.is_none() {
+                return Err(corrupt(format!("tombstone for missing row {at:?}")));
             }
         }
+        // Ids are never reused: the newest segment or merge always keeps
+        // its record (a merge record goes only when a newer one replaces it).
+        let next_segment = merges.keys().copied().max().unwrap_or(0).max(stored_max) + 1;
+        let pending: Vec<u64> = merges
+            .iter()
+            .filter(|(_, m)| !m.installed && m.superseded_by.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        remove_stale_index_files(dir, |id| segments.contains_key(&id) || pending.contains(&id))?;
         let meta = loaded.meta;
         let growing_rows = segments
             .get(&meta.growing)
@@ -207,8 +295,12 @@ impl ShardReplica {
                 segment: meta.growing,
                 rows: growing_rows as u32,
             },
+            next_segment: next_segment.max(meta.growing + 1),
             locations: loaded.points,
             segments,
+            merges,
+            owner,
+            covered,
         };
         let replica = Arc::new_cyclic(|this| ShardReplica {
             config,
@@ -224,6 +316,9 @@ impl ShardReplica {
         });
         for id in to_build {
             replica.queue_build(id);
+        }
+        for id in pending {
+            replica.queue_merge(id);
         }
         Ok(replica)
     }
@@ -351,8 +446,8 @@ impl ShardReplica {
             ids.iter()
                 .map(|id| {
                     let at = *st.locations.get(id)?;
-                    let v = st.segments.get(&at.segment)?.vector(at.row).into_owned();
-                    Some((at, v))
+                    let (seg, row) = st.find(at)?;
+                    Some((at, seg.vector(row).into_owned()))
                 })
                 .collect()
         };
@@ -413,28 +508,68 @@ impl ShardReplica {
             .unwrap_or(0)
     }
 
-    /// The index builds of this replica under way: segment, rows in its
-    /// graph so far, rows.
+    /// The index builds of this replica under way, merges included:
+    /// segment, rows in its graph so far, rows.
     pub fn index_builds(&self) -> Vec<(u64, u64, u64)> {
-        self.read()
+        let st = self.read();
+        let sealed = st
             .segments
             .values()
-            .filter_map(|s| s.build_progress().map(|done| (s.id(), done, s.rows() as u64)))
-            .collect()
+            .filter_map(|s| s.build_progress().map(|done| (s.id(), done, s.rows() as u64)));
+        let merges = st
+            .merges
+            .iter()
+            .filter(|(_, m)| m.is_pending())
+            .map(|(id, m)| (*id, m.progress.load(Ordering::Relaxed), m.rows.len() as u64));
+        sealed.chain(merges).collect()
     }
 
-    /// Whether every sealed segment has its index installed.
+    /// Whether every sealed segment has its index installed and every
+    /// merge is installed.
     pub fn indexes_ready(&self) -> bool {
-        self.read()
-            .segments
-            .values()
-            .all(|s| s.index_state() != IndexState::Building)
+        let st = self.read();
+        st.segments.values().all(|s| s.index_state() != IndexState::Building)
+            && !st.merges.values().any(|m| m.is_pending())
     }
 }
 
 /// Where the index of `segment` is saved.
 pub fn index_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("seg-{segment}.hnsw"))
+}
+
+/// The saved index of a segment, if there is a usable one (an unusable
+/// file is reported and left for the rebuild to replace).
+fn load_index(dir: &Path, expect: Expect) -> Option<(HnswIndex, Vec<u64>)> {
+    let path = index_path(dir, expect.segment);
+    if !path.exists() {
+        return None;
+    }
+    match HnswIndex::load(&path, expect) {
+        Ok(found) => Some(found),
+        Err(e) => {
+            tracing::warn!(error = %e, "index file unusable, rebuilding");
+            None
+        }
+    }
+}
+
+/// Removes the index files of segments nothing serves any more (their
+/// rows are served by an installed merge): an index is derived data, and
+/// these are provably unused.
+fn remove_stale_index_files(dir: &Path, keep: impl Fn(u64) -> bool) -> Result<(), EngineError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| EngineError::io(dir, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let segment = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("seg-")?.strip_suffix(".hnsw")?.parse::<u64>().ok());
+        if let Some(id) = segment.filter(|id| !keep(*id)) {
+            tracing::info!(segment = id, "removing the index of a merged-away segment");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
 }
 
 /// Half-written files from a crash are never valid; remove them.

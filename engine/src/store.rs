@@ -12,6 +12,7 @@
 //! | `payloads`   | (segment, row)   | JSON text of the row, if any (immutable) |
 //! | `points`     | point id         | (segment, row) of its live row          |
 //! | `tombstones` | (segment, row)   | point id the dead row held              |
+//! | `merges`     | segment id       | [`MergeRecordV1`]: a merged segment: sources, rows (where stored, point id), installed |
 //!
 //! Invariants:
 //! - every change is one write transaction: appended ops with the term
@@ -29,7 +30,11 @@
 //!   only a truncation removes entries above the applied LSN;
 //! - rows and payloads are keyed by location and never rewritten, so a
 //!   reader that found a row in memory can always read its payload, even if
-//!   the point was replaced since.
+//!   the point was replaced since. A merge does not move rows: a merged
+//!   segment is an index over rows that stay where they were written;
+//! - a `merges` record is written by the apply of its merge op, marked
+//!   installed (durably) once its index file is saved, and removed only
+//!   when a later merge that covers it is installed.
 //!
 //! Whole-state reads and writes for exports and imports are in `bulk`.
 
@@ -57,6 +62,7 @@ const ROWS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("rows");
 const PAYLOADS: TableDefinition<(u64, u32), &str> = TableDefinition::new("payloads");
 const POINTS: TableDefinition<u64, (u64, u32)> = TableDefinition::new("points");
 const TOMBSTONES: TableDefinition<(u64, u32), u64> = TableDefinition::new("tombstones");
+const MERGES: TableDefinition<u64, &[u8]> = TableDefinition::new("merges");
 
 const META_KEY: &str = "shard";
 const SHARD_CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -115,6 +121,27 @@ pub struct SegmentRecordV1 {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum MergeRecord {
+    V1(MergeRecordV1),
+}
+
+/// A merged segment's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRecordV1 {
+    /// The segments the merge op named.
+    pub sources: Vec<u64>,
+    /// The segments holding rows of their own that it takes over.
+    pub covers: Vec<u64>,
+    /// LSN of the merge op.
+    pub lsn: u64,
+    /// Its rows in order: where stored, and the point id.
+    pub rows: Vec<(Location, u64)>,
+    /// Its index file was saved and it replaced its sources (on this
+    /// replica; the rest of the record is the same on every replica).
+    pub installed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum RowRecord {
     V1 { id: u64, vector: Vec<f32> },
 }
@@ -128,6 +155,7 @@ pub struct Loaded {
     pub segments: Vec<(u64, SegmentRecordV1)>,
     pub points: HashMap<u64, Location>,
     pub tombstones: Vec<Location>,
+    pub merges: Vec<(u64, MergeRecordV1)>,
 }
 
 /// One op of an apply batch with its plan.
@@ -194,6 +222,7 @@ impl ShardStore {
             txn.open_table(PAYLOADS)?;
             txn.open_table(POINTS)?;
             txn.open_table(TOMBSTONES)?;
+            txn.open_table(MERGES)?;
             if fresh {
                 let m = ShardMetaV2 {
                     shard: self.shard,
@@ -260,6 +289,11 @@ impl ShardStore {
             let (segment, row) = entry?.0.value();
             tombstones.push(Location { segment, row });
         }
+        let mut merges = Vec::new();
+        for entry in txn.open_table(MERGES)?.iter()? {
+            let (k, v) = entry?;
+            merges.push((k.value(), self.decode_merge(v.value())?));
+        }
         Ok(Loaded {
             meta,
             history,
@@ -267,6 +301,50 @@ impl ShardStore {
             segments,
             points,
             tombstones,
+            merges,
+        })
+    }
+
+    fn decode_merge(&self, bytes: &[u8]) -> Result<MergeRecordV1, EngineError> {
+        let MergeRecord::V1(rec) = postcard::from_bytes(bytes).map_err(|e| self.corrupt(e))?;
+        Ok(rec)
+    }
+
+    /// The vectors stored at `rows`, in order, row-major.
+    pub fn vectors_at(&self, rows: &[Location], dim: usize) -> Result<Vec<f32>, EngineError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ROWS)?;
+        let mut out = Vec::with_capacity(rows.len() * dim);
+        for at in rows {
+            let raw = table
+                .get((at.segment, at.row))?
+                .ok_or_else(|| self.corrupt(format!("row {} of segment {} is missing", at.row, at.segment)))?;
+            let RowRecord::V1 { vector, .. } = postcard::from_bytes(raw.value()).map_err(|e| self.corrupt(e))?;
+            if vector.len() != dim {
+                return Err(self.corrupt(format!("segment {} row {} is malformed", at.segment, at.row)));
+            }
+            out.extend_from_slice(&vector);
+        }
+        Ok(out)
+    }
+
+    /// Marks merge `id` installed and removes the records of the merges it
+    /// replaces (`replaced`), durably.
+    pub fn install_merge(&self, id: u64, replaced: &[u64]) -> Result<(), EngineError> {
+        self.write(|txn, _| {
+            let mut merges = txn.open_table(MERGES)?;
+            let mut rec = {
+                let raw = merges
+                    .get(id)?
+                    .ok_or_else(|| self.corrupt(format!("merge {id} has no record")))?;
+                self.decode_merge(raw.value())?
+            };
+            rec.installed = true;
+            merges.insert(id, encode(&MergeRecord::V1(rec)).as_slice())?;
+            for old in replaced {
+                merges.remove(*old)?;
+            }
+            Ok(())
         })
     }
 
@@ -447,14 +525,16 @@ impl ShardStore {
     /// retention trim the log. `growing` is the growing segment after the
     /// batch. Returns the oldest LSN in the log afterwards.
     ///
-    /// The transaction is not fsynced unless the batch seals a segment (an
-    /// index file may be written for a sealed segment, so the seal must
-    /// not be taken back): the ops are durable in the log already, the
+    /// The transaction is not fsynced unless the batch seals a segment or
+    /// merges (an index file may be written for the new segment, so it
+    /// must not be taken back): the ops are durable in the log already, the
     /// next durable commit (an append) makes the apply durable with it,
     /// and a crash before that only lowers the applied LSN, whose ops the
     /// replica applies again once it learns they are committed.
     pub fn apply(&self, batch: &[Applied<'_>], growing: u64, retention: Retention) -> Result<Option<u64>, EngineError> {
-        let seals = batch.iter().any(|a| !a.plan.sealed.is_empty());
+        let seals = batch
+            .iter()
+            .any(|a| !a.plan.sealed.is_empty() || a.plan.merge.is_some());
         let durability = if seals { Durability::Immediate } else { Durability::None };
         self.write_as(durability, |txn, meta| {
             for a in batch {
@@ -534,6 +614,23 @@ fn write_effect(txn: &WriteTransaction, a: &Applied<'_>) -> Result<(), EngineErr
             plan.growing.segment,
             encode(&SegmentRecord::V1(growing_record())).as_slice(),
         )?;
+    }
+    if let Some(m) = &plan.merge {
+        let mut merges = txn.open_table(MERGES)?;
+        let rec = MergeRecordV1 {
+            sources: m.sources.clone(),
+            covers: m.covers.clone(),
+            lsn: a.lsn,
+            rows: m.rows.clone(),
+            // A merge of deleted rows only has no index to wait for.
+            installed: m.rows.is_empty(),
+        };
+        if rec.installed {
+            for old in &m.replaces {
+                merges.remove(*old)?;
+            }
+        }
+        merges.insert(m.id, encode(&MergeRecord::V1(rec)).as_slice())?;
     }
     Ok(())
 }

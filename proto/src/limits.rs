@@ -30,6 +30,18 @@ pub const MIN_SEAL_ROWS: u32 = 64;
 pub const MAX_SEAL_ROWS: u32 = 4_000_000;
 /// Seal size used when a create request does not name one.
 pub const DEFAULT_SEAL_ROWS: u32 = 10_000;
+/// Compaction: sealed segments of one size tier merged together.
+pub const MERGE_FACTOR: u32 = 2;
+/// Compaction: no merge the primary proposes makes a segment with more
+/// live rows than this.
+pub const MAX_MERGE_ROWS: u64 = 1_000_000;
+/// Compaction: a sealed segment with this fraction of its rows deleted is
+/// rewritten without them.
+pub const MERGE_VACUUM_FRACTION: f64 = 0.3;
+/// Most rows a merged segment may have: a merge op that would make a
+/// larger one is a no-op on every replica. Replicas must agree on it, so
+/// it is never lowered.
+pub const MAX_MERGED_ROWS: u64 = 2_000_000;
 /// HNSW search expansion (`ef`) of a search that does not choose one.
 pub const DEFAULT_SEARCH_EF: u32 = 64;
 /// Largest HNSW search expansion (`ef`) a search may ask for.

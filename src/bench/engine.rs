@@ -6,9 +6,11 @@
 //! (int64 ids) to the bench directory. Then, in one run on the same files:
 //!
 //! - the engine in process (`search_replicas`, the node's own call), one
-//!   shard replica with one sealed segment of all rows (`--seal-rows`
-//!   above N) and with the default seal size, `--concurrency` searching
-//!   threads, at every `--ef` of the sweep;
+//!   shard replica with one sealed segment of all rows (seal size above
+//!   N), with the default seal size and no merges, and with the default
+//!   seal size merged as a primary merges them (after every insert batch,
+//!   the merge the compaction policy proposes is logged and applied),
+//!   `--concurrency` searching threads, at every `--ef` of the sweep;
 //! - hnswlib (the pip package) at the same M and ef_construction with as
 //!   many threads, run by `scripts/hnswlib_ref.py` under `--python`.
 //!
@@ -20,6 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use edgevec_engine::compaction::MergePolicy;
 use edgevec_engine::{metric, search_replicas, Engine, EngineOptions, ReplicaKey, ReplicaSpec, SearchOptions, ShardOp};
 use edgevec_proto::{limits::DEFAULT_SEAL_ROWS, IndexSpec, Metric, OpId, Point};
 use npyz::WriterBuilder;
@@ -157,16 +160,23 @@ pub fn timed_queries(
     }
 }
 
+/// Rows, queries and the exact top k of each query.
+struct DataSet<'a> {
+    data: &'a [Vec<f32>],
+    queries: &'a [Vec<f32>],
+    truth: &'a [Vec<u64>],
+}
+
 fn engine_side(
     args: &Args,
     dir: &Path,
     metric: Metric,
-    data: &[Vec<f32>],
-    queries: &[Vec<f32>],
-    truth: &[Vec<u64>],
+    set: &DataSet<'_>,
     seal_rows: u32,
+    compact: bool,
 ) -> Result<Side> {
-    let root = dir.join(format!("engine-seal-{seal_rows}"));
+    let (data, queries, truth) = (set.data, set.queries, set.truth);
+    let root = dir.join(format!("engine-seal-{seal_rows}-{compact}"));
     let _ = std::fs::remove_dir_all(&root);
     let engine = Engine::open(&root, EngineOptions::default())?;
     let replica = engine.create_replica(ReplicaSpec {
@@ -195,10 +205,16 @@ fn engine_side(
                 payload: None,
             })
             .collect();
-        let id = OpId::new(1, prev.lsn + 1);
-        replica.append(prev, &[(id, ShardOp::Upsert(points))])?;
-        replica.apply_through(id.lsn)?;
-        prev = id;
+        let mut op = Some(ShardOp::Upsert(points));
+        while let Some(next) = op.take() {
+            let id = OpId::new(1, prev.lsn + 1);
+            replica.append(prev, &[(id, next)])?;
+            replica.apply_through(id.lsn)?;
+            prev = id;
+            if compact {
+                op = replica.merge_proposal(&MergePolicy::default());
+            }
+        }
     }
     replica.flush()?;
     let insert_s = inserted.elapsed().as_secs_f64();
@@ -207,7 +223,7 @@ fn engine_side(
     }
     let (_, builds, build_s) = engine.index_builds();
     eprintln!(
-        "engine (seal_rows {seal_rows}): inserted {} rows in {insert_s:.1} s, {builds} index builds took {build_s:.1} s",
+        "engine (seal_rows {seal_rows}, merged {compact}): inserted {} rows in {insert_s:.1} s, {builds} index builds took {build_s:.1} s",
         data.len()
     );
     let replicas = [replica];
@@ -226,8 +242,9 @@ fn engine_side(
     let segments = replicas[0].info().1.len();
     drop(replicas);
     drop(engine);
+    let merged = if compact { ", merged" } else { "" };
     Ok(Side {
-        name: format!("edgevec engine, seal_rows {seal_rows} ({segments} segment(s))"),
+        name: format!("edgevec engine, seal_rows {seal_rows}{merged} ({segments} segment(s))"),
         build_s,
         curve,
     })
@@ -291,17 +308,16 @@ pub fn run(args: &Args, dir: &Path) -> Result<()> {
     eprintln!("data, queries and exact truth in {:.1} s", t.elapsed().as_secs_f64());
 
     let reference = hnswlib_side(args, dir, metric)?;
-    let mut sides = vec![engine_side(args, dir, metric, &data, &queries, &truth, n as u32)?];
+    let set = DataSet {
+        data: &data,
+        queries: &queries,
+        truth: &truth,
+    };
+    let mut sides = vec![engine_side(args, dir, metric, &set, n as u32, false)?];
     if (n as u32) > DEFAULT_SEAL_ROWS {
-        sides.push(engine_side(
-            args,
-            dir,
-            metric,
-            &data,
-            &queries,
-            &truth,
-            DEFAULT_SEAL_ROWS,
-        )?);
+        for compact in [false, true] {
+            sides.push(engine_side(args, dir, metric, &set, DEFAULT_SEAL_ROWS, compact)?);
+        }
     }
     sides.push(reference);
 

@@ -11,15 +11,17 @@
 //! contiguous from 0 in segments that exist, with `dim` finite components;
 //! payloads, tombstones and points name existing rows; the growing segment
 //! is the highest, is growing and has the rows the `Shard` record says;
-//! every other segment is sealed with the rows its record says. Anything
-//! else is [`EngineError::Corrupt`].
+//! every other segment is sealed with the rows its record says; a merge's
+//! id is no segment's, it covers sealed segments only, and its rows are
+//! distinct existing rows of those. Anything else is
+//! [`EngineError::Corrupt`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use edgevec_proto::{OpId, SegmentState};
 
-use super::{corrupt, RecordV1, ShardV1};
+use super::{corrupt, MergeV1, RecordV1, ShardV1};
 use crate::error::EngineError;
 use crate::shard::ShardConfig;
 
@@ -85,6 +87,7 @@ impl<'a> Checker<'a> {
             | RecordV1::Payload { segment, row, .. }
             | RecordV1::Tombstone { segment, row, .. } => (*segment, u64::from(*row)),
             RecordV1::Point { id, .. } => (*id, 0),
+            RecordV1::Merge(m) => (m.id, 0),
         };
         if self.key.is_some_and(|prev| prev >= key) {
             return Err(self.corrupt(format!("keys do not ascend at {rec:?}")));
@@ -124,6 +127,30 @@ impl<'a> Checker<'a> {
             RecordV1::Point { segment, row, .. } => {
                 self.row_exists(*segment, *row, rec)?;
                 self.points += 1;
+            }
+            RecordV1::Merge(m) => self.check_merge(m)?,
+        }
+        Ok(())
+    }
+
+    fn check_merge(&self, m: &MergeV1) -> Result<(), EngineError> {
+        let growing = self.shard.map(|(_, growing, _)| growing);
+        if self.segments.contains_key(&m.id) {
+            return Err(self.corrupt(format!("merge {} has the id of a segment", m.id)));
+        }
+        for c in &m.covers {
+            if Some(*c) == growing || !self.segments.contains_key(c) {
+                return Err(self.corrupt(format!("merge {} covers {c}, which is not a sealed segment", m.id)));
+            }
+        }
+        let mut seen = HashSet::with_capacity(m.rows.len());
+        for &(segment, row, _) in &m.rows {
+            let exists = self.segments.get(&segment).is_some_and(|s| row < s.seen);
+            if !exists || !m.covers.contains(&segment) || !seen.insert((segment, row)) {
+                return Err(self.corrupt(format!(
+                    "merge {} names row {row} of segment {segment}: missing, twice, or outside what it covers",
+                    m.id
+                )));
             }
         }
         Ok(())

@@ -272,6 +272,22 @@ fn inconsistent_records_are_refused() {
         ("is not ascending", shard(&|s| s.history.push((9, 6)))),
         ("below the last op", shard(&|s| s.term = 3)),
         ("no shard record", vec![]),
+        (
+            "has the id of a segment",
+            with(&|r| r.push(merge(1, vec![1], vec![(1, 1, 11)]))),
+        ),
+        ("not a sealed segment", with(&|r| r.push(merge(3, vec![2], vec![])))),
+        ("not a sealed segment", with(&|r| r.push(merge(3, vec![7], vec![])))),
+        (
+            "twice",
+            with(&|r| r.push(merge(3, vec![1], vec![(1, 1, 11), (1, 1, 11)]))),
+        ),
+        (
+            "outside what it covers",
+            with(&|r| r.push(merge(3, vec![1], vec![(2, 0, 12)]))),
+        ),
+        ("missing", with(&|r| r.push(merge(3, vec![1], vec![(1, 2, 12)])))),
+        ("out of order", with(&|r| r.insert(3, merge(3, vec![1], vec![])))),
     ];
     for (want, records) in cases {
         write_records(&path, records);
@@ -280,6 +296,40 @@ fn inconsistent_records_are_refused() {
             other => panic!("{want}: expected Corrupt, got {other:?}"),
         }
     }
+}
+
+fn merge(id: u64, covers: Vec<u64>, rows: Vec<(u64, u32, u64)>) -> RecordV1 {
+    RecordV1::Merge(MergeV1 {
+        id,
+        sources: covers.clone(),
+        covers,
+        lsn: 5,
+        rows,
+        installed: true,
+    })
+}
+
+#[test]
+fn merges_are_carried_and_version_1_files_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.export");
+    let mut records = valid_records();
+    records.push(merge(3, vec![1], vec![(1, 1, 11)]));
+    write_records(&path, records);
+    let (_, items) = read_all(&path, &config()).unwrap();
+    assert!(items.iter().any(|i| i.contains("Merge { id: 3")), "{items:?}");
+
+    // A version-1 file (no merges) is the same bytes but for the version
+    // and the checksum.
+    write_records(&path, valid_records());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let n = bytes.len();
+    let mut sum = crate::fsutil::Checksum::new();
+    sum.update(&bytes[..n - 8]);
+    bytes[n - 8..].copy_from_slice(&sum.finish().to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(read_all(&path, &config()).unwrap().0.points, 2);
 }
 
 fn row_of(segment: u64, row: u32) -> RecordV1 {

@@ -5,12 +5,16 @@
 //! the batch left it (so the result is the one applying them one at a time
 //! would give), committed in one transaction with the new applied LSN and
 //! the retention trim (fsynced only when it seals a segment: see
-//! `Store::apply`), and only then mirrored in memory.
+//! `Store::apply`), and only then mirrored in memory. A merge op is
+//! applied alone, after the ops before it are in memory: its decision
+//! reads the segments (module `merge`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use super::{ShardReplica, ShardState};
+use edgevec_proto::OpId;
+
 use crate::error::EngineError;
 use crate::op::ShardOp;
 use crate::plan::{self, Location, Plan};
@@ -43,20 +47,47 @@ impl ShardReplica {
             return Ok((applied, Vec::new()));
         }
         let ops = self.store.logged(applied + 1, target)?;
+        let mut deleted = Vec::new();
+        let mut rest = &ops[..];
+        while !rest.is_empty() {
+            // A merge op alone; other ops up to the next merge op together.
+            let n = match rest.iter().position(|(_, op)| matches!(op, ShardOp::Merge { .. })) {
+                Some(0) => 1,
+                Some(i) => i,
+                None => rest.len(),
+            };
+            let (chunk, tail) = rest.split_at(n);
+            deleted.extend(self.apply_chunk(chunk)?);
+            rest = tail;
+        }
+        Ok((target, deleted))
+    }
+
+    /// Applies consecutive logged ops (a merge op only alone); returns the
+    /// LSN and count of each delete.
+    fn apply_chunk(&self, ops: &[(OpId, ShardOp)]) -> Result<Vec<(u64, u64)>, EngineError> {
         let (plans, growing) = {
             let st = self.read();
             // Ids touched by earlier ops of the batch shadow the shard's map.
             let mut touched: HashMap<u64, Option<Location>> = HashMap::new();
-            let mut growing = st.growing;
+            let (mut growing, mut next) = (st.growing, st.next_segment);
             let mut plans = Vec::with_capacity(ops.len());
-            for (_, op) in &ops {
+            for (_, op) in ops {
                 let current = |id| match touched.get(&id) {
                     Some(at) => *at,
                     None => st.locations.get(&id).copied(),
                 };
-                let p = plan::plan(op, current, growing, self.config.seal_rows);
+                let mut p = plan::plan(op, current, growing, next, self.config.seal_rows);
+                if let ShardOp::Merge { sources } = op {
+                    debug_assert_eq!(ops.len(), 1, "a merge op is applied alone");
+                    p.merge = Self::plan_merge(&st, sources, next);
+                    if p.merge.is_some() {
+                        p.next += 1;
+                    }
+                }
                 touched.extend(p.points.iter().copied());
                 growing = p.growing;
+                next = p.next;
                 plans.push(p);
             }
             (plans, growing)
@@ -71,25 +102,33 @@ impl ShardReplica {
             keep_above: self.retain_floor.load(Ordering::Acquire),
         };
         let first_logged = self.store.apply(&batch, growing.segment, retention)?;
-        let sealed: Vec<u64> = {
+        let (sealed, merges) = {
             let mut st = self.state.write().expect("shard state lock");
-            let sealed = batch
-                .iter()
-                .flat_map(|a| self.apply_to_memory(&mut st, a.op, a.plan))
-                .collect();
-            st.applied_lsn = target;
+            let mut sealed = Vec::new();
+            let mut merges = Vec::new();
+            for a in &batch {
+                sealed.extend(self.apply_to_memory(&mut st, a.op, a.plan));
+                if let Some(m) = &a.plan.merge {
+                    if self.apply_merge(&mut st, m) {
+                        merges.push(m.id);
+                    }
+                }
+            }
+            st.applied_lsn = batch.last().map_or(st.applied_lsn, |a| a.lsn);
             st.log.first_logged = first_logged;
-            sealed
+            (sealed, merges)
         };
         for segment in sealed {
             self.queue_build(segment);
         }
-        let deleted = batch
+        for merge in merges {
+            self.queue_merge(merge);
+        }
+        Ok(batch
             .iter()
             .filter(|a| matches!(a.op, ShardOp::Delete(_)))
             .map(|a| (a.lsn, a.plan.tombstones.len() as u64))
-            .collect();
-        Ok((target, deleted))
+            .collect())
     }
 
     /// Mirrors a committed plan in memory; returns the segments it sealed.
@@ -107,8 +146,17 @@ impl ShardReplica {
             }
         }
         for (at, _) in &plan.tombstones {
-            if let Some(seg) = st.segments.get_mut(&at.segment) {
-                seg.tombstone(at.row);
+            let unit = st.owner.get(&at.segment).copied().unwrap_or(at.segment);
+            if let Some(seg) = st.segments.get_mut(&unit) {
+                if let Some(row) = seg.row_of(*at) {
+                    seg.tombstone(row);
+                }
+            }
+            // The merge that took the row over has one live row fewer.
+            if let Some(m) = st.covered.get(&at.segment).copied() {
+                if let Some(m) = st.merges.get_mut(&m) {
+                    m.live = m.live.saturating_sub(1);
+                }
             }
         }
         for (id, at) in &plan.points {
@@ -126,6 +174,7 @@ impl ShardReplica {
             .entry(plan.growing.segment)
             .or_insert_with(|| Segment::growing(plan.growing.segment, dim));
         st.growing = plan.growing;
+        st.next_segment = plan.next;
         plan.sealed.iter().map(|c| c.segment).collect()
     }
 }

@@ -21,7 +21,8 @@ fn open(dir: &Path, seal_rows: u32, retain_bytes: u64) -> Arc<ShardReplica> {
     ShardReplica::open(dir, config(seal_rows, retain_bytes), Arc::new(IndexBuilder::start())).unwrap()
 }
 
-fn upsert(ids: impl IntoIterator<Item = u64>) -> ShardOp {
+/// Points on a line (id at (id, 1)) with a payload naming the id.
+pub(super) fn upsert(ids: impl IntoIterator<Item = u64>) -> ShardOp {
     ShardOp::Upsert(
         ids.into_iter()
             .map(|id| Point {

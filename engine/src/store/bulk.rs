@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 
 use super::{
-    encode, RowRecord, SegmentRecord, SegmentRecordV1, ShardMeta, ShardMetaV2, ShardStore, META, META_KEY, OPLOG,
-    PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
+    encode, MergeRecord, MergeRecordV1, RowRecord, SegmentRecord, SegmentRecordV1, ShardMeta, ShardMetaV2, ShardStore,
+    MERGES, META, META_KEY, OPLOG, PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
 };
 use crate::error::EngineError;
 use crate::plan::Location;
@@ -56,6 +56,10 @@ pub enum StateItem<'a> {
     Point {
         id: u64,
         at: Location,
+    },
+    Merge {
+        id: u64,
+        record: MergeRecordV1,
     },
 }
 
@@ -130,6 +134,13 @@ impl ShardStore {
                 at: Location { segment, row },
             })?;
         }
+        for entry in txn.open_table(MERGES)?.iter()? {
+            let (k, v) = entry?;
+            visit(StateItem::Merge {
+                id: k.value(),
+                record: self.decode_merge(v.value())?,
+            })?;
+        }
         Ok(())
     }
 }
@@ -145,6 +156,7 @@ struct Batch {
     payloads: Vec<((u64, u32), String)>,
     tombstones: Vec<((u64, u32), u64)>,
     points: Vec<(u64, (u64, u32))>,
+    merges: Vec<(u64, Vec<u8>)>,
     bytes: usize,
 }
 
@@ -207,6 +219,11 @@ impl StoreImport {
                 b.bytes += 24;
                 b.points.push((id, (at.segment, at.row)));
             }
+            StateItem::Merge { id, record } => {
+                let bytes = encode(&MergeRecord::V1(record));
+                b.bytes += bytes.len() + 8;
+                b.merges.push((id, bytes));
+            }
         }
         if self.batch.bytes >= self.batch_bytes {
             self.commit(false)?;
@@ -244,6 +261,10 @@ impl StoreImport {
             let mut payloads = txn.open_table(PAYLOADS)?;
             let mut tombstones = txn.open_table(TOMBSTONES)?;
             let mut points = txn.open_table(POINTS)?;
+            let mut merges = txn.open_table(MERGES)?;
+            for (id, bytes) in &b.merges {
+                merges.insert(*id, bytes.as_slice())?;
+            }
             for (id, bytes) in &b.segments {
                 segments.insert(*id, bytes.as_slice())?;
             }

@@ -108,6 +108,8 @@ pub struct Local {
     /// Confirmed commit points, for strong and bounded reads
     /// ([`reads::Rounds`]).
     pub rounds: reads::Rounds,
+    /// A merge op this primary proposed is being written.
+    pub merging: std::sync::atomic::AtomicBool,
 }
 
 impl Local {
@@ -131,6 +133,7 @@ impl Local {
             applying: Arc::new(tokio::sync::Mutex::new(())),
             gate,
             rounds: reads::Rounds::default(),
+            merging: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edgevec_engine::compaction::MergePolicy;
 use edgevec_engine::{EngineError, ShardOp};
 use edgevec_meta::{CommandV2, MetaCommand, Replication, ShardConfig};
 use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
@@ -95,6 +96,7 @@ fn op_size(op: &ShardOp) -> usize {
             .sum(),
         ShardOp::Delete(ids) => ids.len() * 8,
         ShardOp::EpochStart => 1,
+        ShardOp::Merge { sources } => 1 + sources.len() * 8,
     }
 }
 
@@ -788,7 +790,8 @@ impl DataPlane {
 
     /// While this node is primary of `term` for `local`, tells the ack set
     /// the commit point every [`HEARTBEAT`] (a backup that restarted
-    /// learns it without waiting for a write, and can serve reads again).
+    /// learns it without waiting for a write, and can serve reads again),
+    /// and logs the merges the compaction policy asks for.
     async fn heartbeat(self: Arc<Self>, local: Arc<Local>, term: u64) {
         loop {
             tokio::select! {
@@ -801,6 +804,7 @@ impl DataPlane {
             if !current || !self.local(local.key).is_some_and(|l| Arc::ptr_eq(&l, &local)) {
                 return;
             }
+            self.propose_merge(&local);
             // A write in progress tells the commit point itself.
             let Ok(guard) = local.primary.try_lock() else { continue };
             let commit = match guard.as_ref() {
@@ -813,6 +817,30 @@ impl DataPlane {
                 self.notify_commit(&local, id);
             }
         }
+    }
+
+    /// Logs the merge the compaction policy wants next, if any and if no
+    /// merge op of this replica is being written already. The op goes
+    /// through the write path like any write, so every in-sync replica
+    /// merges at the same LSN.
+    fn propose_merge(self: &Arc<Self>, local: &Arc<Local>) {
+        use std::sync::atomic::Ordering;
+        if local.damaged.lock().expect("damaged lock").is_some() || local.merging.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(op) = local.replica.merge_proposal(&MergePolicy::default()) else {
+            local.merging.store(false, Ordering::Release);
+            return;
+        };
+        let (this, local) = (self.clone(), local.clone());
+        self.tasks.spawn(async move {
+            let what = format!("{op:?}");
+            match this.primary_write(&local, op).await {
+                Ok(w) => info!(shard = %local.key, op = %w.op, "{what} logged"),
+                Err(e) => debug!(shard = %local.key, error = %e.message, "{what} not logged; proposed again later"),
+            }
+            local.merging.store(false, Ordering::Release);
+        });
     }
 
     /// Tells the ack set that everything through `id` is committed, so

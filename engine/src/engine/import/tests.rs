@@ -315,9 +315,9 @@ fn damaged_or_mismatched_exports_are_refused_and_change_nothing() {
     assert!(corrupt(refused(&e, &r, rspec(1, 2), &path)).contains("truncated"));
 
     let mut version = good.clone();
-    version[8..12].copy_from_slice(&2u32.to_le_bytes());
+    version[8..12].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(&path, &version).unwrap();
-    assert!(corrupt(refused(&e, &r, rspec(1, 2), &path)).contains("version 2"));
+    assert!(corrupt(refused(&e, &r, rspec(1, 2), &path)).contains("version 3"));
 
     let mut magic = good.clone();
     magic[0] = b'X';

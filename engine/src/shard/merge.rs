@@ -1,0 +1,385 @@
+//! Compaction inside a replica: deciding a merge when its op applies,
+//! building the merged index in the background, installing it.
+//!
+//! - **Decide** ([`ShardReplica::plan_merge`], at the merge op's apply,
+//!   with memory exactly as of the op before): the op's sources must be
+//!   current sealed segments (sealed segments no merge took over, and
+//!   merges no later merge took over), distinct, and their live rows at
+//!   most [`limits::MAX_MERGED_ROWS`]; otherwise the op is a no-op. The
+//!   merged segment takes the shard's next segment id and the rows of its
+//!   sources that are live at this op, in source order. All of that
+//!   depends on the applied state only, so every replica decides alike.
+//! - **Build** (builder thread): the vectors are copied from whichever
+//!   segments serve the rows now; the sources keep serving meanwhile. A
+//!   merge that a later merge has taken over before its build starts is
+//!   skipped (the later one builds its rows).
+//! - **Install** (under the writer lock): the index file is saved, the
+//!   record marked installed (fsynced), then in memory the merged segment
+//!   replaces every segment serving its rows, with the rows deleted since
+//!   the op tombstoned. The files of the replaced segments' indexes go.
+//!
+//! Invariant: logically, a merge replaces its sources at its op (the next
+//! merge op sees the merged segment); physically, at its install. Only
+//! physical state differs between replicas, and only for a while.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use edgevec_proto::{limits, SegmentState};
+
+use super::{index_path, ShardReplica, ShardState};
+use crate::compaction::{self, MergePolicy, SegmentSize};
+use crate::hnsw::{Expect, HnswIndex};
+use crate::op::ShardOp;
+use crate::plan::{Location, MergePlan};
+use crate::segment::{MergedData, Segment};
+use crate::store::MergeRecordV1;
+
+/// A merge with a record, in memory.
+pub(super) struct MergeUnit {
+    pub sources: Vec<u64>,
+    pub covers: Vec<u64>,
+    /// Its rows: where stored, and the point id.
+    pub rows: Arc<Vec<(Location, u64)>>,
+    pub installed: bool,
+    /// The later merge that took it over (logically), if any.
+    pub superseded_by: Option<u64>,
+    /// Its rows still live (kept for the policy).
+    pub live: u64,
+    /// The merges whose records its install removes.
+    pub replaces: Vec<u64>,
+    /// Rows its running build has added.
+    pub progress: Arc<AtomicU64>,
+}
+
+impl MergeUnit {
+    /// Waiting for its build and install (a superseded one never will).
+    pub fn is_pending(&self) -> bool {
+        !self.installed && self.superseded_by.is_none()
+    }
+}
+
+/// The merges of a shard as its file holds them.
+pub(super) fn restore(records: Vec<(u64, MergeRecordV1)>, points: &HashMap<u64, Location>) -> BTreeMap<u64, MergeUnit> {
+    let mut out: BTreeMap<u64, MergeUnit> = records
+        .into_iter()
+        .map(|(id, r)| {
+            let live = r.rows.iter().filter(|(at, pid)| points.get(pid) == Some(at)).count() as u64;
+            let unit = MergeUnit {
+                sources: r.sources,
+                covers: r.covers,
+                rows: Arc::new(r.rows),
+                installed: r.installed,
+                superseded_by: None,
+                live,
+                replaces: Vec::new(),
+                progress: Arc::new(AtomicU64::new(0)),
+            };
+            (id, unit)
+        })
+        .collect();
+    let ids: Vec<u64> = out.keys().copied().collect();
+    for id in ids {
+        let sources = out[&id].sources.clone();
+        for s in sources {
+            if let Some(m) = out.get_mut(&s) {
+                m.superseded_by = Some(id);
+            }
+        }
+        out.get_mut(&id).expect("listed").replaces = replaced_by(&out, id);
+    }
+    out
+}
+
+/// Every merge whose rows merge `id` takes over: those covering only
+/// segments it covers.
+fn replaced_by(merges: &BTreeMap<u64, MergeUnit>, id: u64) -> Vec<u64> {
+    let covers: HashSet<u64> = merges[&id].covers.iter().copied().collect();
+    merges
+        .iter()
+        .filter(|(other, m)| **other != id && m.covers.iter().all(|c| covers.contains(c)))
+        .map(|(other, _)| *other)
+        .collect()
+}
+
+/// Stored segment → the newest merge covering it.
+pub(super) fn covered(merges: &BTreeMap<u64, MergeUnit>) -> HashMap<u64, u64> {
+    let mut out = HashMap::new();
+    // Ascending ids: a newer merge overwrites an older one.
+    for (id, m) in merges {
+        for c in &m.covers {
+            out.insert(*c, *id);
+        }
+    }
+    out
+}
+
+impl ShardReplica {
+    /// The sealed segments a merge op may name now, with their sizes:
+    /// sealed segments no merge took over, and merges no later merge took
+    /// over (installed or not).
+    fn mergeable(st: &ShardState) -> Vec<SegmentSize> {
+        let sealed = st
+            .segments
+            .values()
+            .filter(|s| !s.is_merged() && s.state() == SegmentState::Sealed && !st.covered.contains_key(&s.id()))
+            .map(|s| SegmentSize {
+                id: s.id(),
+                rows: s.rows() as u64,
+                live: s.live_rows() as u64,
+            });
+        let merged = st
+            .merges
+            .iter()
+            .filter(|(_, m)| m.superseded_by.is_none())
+            .map(|(id, m)| SegmentSize {
+                id: *id,
+                rows: m.rows.len() as u64,
+                live: m.live,
+            });
+        sealed.chain(merged).collect()
+    }
+
+    /// The merge op the compaction policy wants next, if any: for the
+    /// primary to log.
+    pub fn merge_proposal(&self, policy: &MergePolicy) -> Option<ShardOp> {
+        let units = Self::mergeable(&self.read());
+        compaction::choose(&units, self.config.seal_rows, policy).map(|sources| ShardOp::Merge { sources })
+    }
+
+    /// The segments (ids) searches use now, merged ones included, and
+    /// the merges still waiting for their index: for tests and `describe`.
+    pub fn merge_state(&self) -> (Vec<u64>, Vec<u64>) {
+        let st = self.read();
+        let pending = st
+            .merges
+            .iter()
+            .filter(|(_, m)| m.is_pending())
+            .map(|(id, _)| *id)
+            .collect();
+        (st.segments.keys().copied().collect(), pending)
+    }
+
+    /// Decides what `Merge { sources }` does on the state `st` (exactly the
+    /// state before the op): `None` when it is a no-op.
+    pub(super) fn plan_merge(st: &ShardState, sources: &[u64], next: u64) -> Option<MergePlan> {
+        let mergeable: HashSet<u64> = Self::mergeable(st).iter().map(|s| s.id).collect();
+        let distinct: HashSet<u64> = sources.iter().copied().collect();
+        if sources.is_empty() || distinct.len() != sources.len() || !sources.iter().all(|s| mergeable.contains(s)) {
+            tracing::debug!(?sources, "merge op names segments that cannot merge now; nothing to do");
+            return None;
+        }
+        let mut covers = BTreeSet::new();
+        let mut rows = Vec::new();
+        for s in sources {
+            match st.merges.get(s) {
+                Some(m) => {
+                    covers.extend(m.covers.iter().copied());
+                    rows.extend(m.rows.iter().filter(|(at, id)| st.is_live(*at, *id)));
+                }
+                None => {
+                    let seg = &st.segments[s];
+                    covers.insert(*s);
+                    rows.extend(
+                        (0..seg.rows() as u32)
+                            .filter(|r| seg.is_live(*r))
+                            .map(|r| (Location { segment: *s, row: r }, seg.ids()[r as usize])),
+                    );
+                }
+            }
+        }
+        if rows.len() as u64 > limits::MAX_MERGED_ROWS {
+            tracing::warn!(
+                ?sources,
+                rows = rows.len(),
+                "merge op would make a segment too large; nothing to do"
+            );
+            return None;
+        }
+        let covers: Vec<u64> = covers.into_iter().collect();
+        let covered: HashSet<u64> = covers.iter().copied().collect();
+        let replaces = st
+            .merges
+            .iter()
+            .filter(|(_, m)| m.covers.iter().all(|c| covered.contains(c)))
+            .map(|(id, _)| *id)
+            .collect();
+        Some(MergePlan {
+            id: next,
+            sources: sources.to_vec(),
+            covers,
+            rows,
+            replaces,
+        })
+    }
+
+    /// Mirrors a committed merge decision in memory. Returns whether its
+    /// build is to be queued (a merge of deleted rows only is installed at
+    /// once: it has no index to build).
+    pub(super) fn apply_merge(&self, st: &mut ShardState, m: &MergePlan) -> bool {
+        let live = m.rows.len() as u64;
+        for s in &m.sources {
+            if let Some(src) = st.merges.get_mut(s) {
+                src.superseded_by = Some(m.id);
+            }
+        }
+        for c in &m.covers {
+            st.covered.insert(*c, m.id);
+        }
+        st.merges.insert(
+            m.id,
+            MergeUnit {
+                sources: m.sources.clone(),
+                covers: m.covers.clone(),
+                rows: Arc::new(m.rows.clone()),
+                installed: false,
+                superseded_by: None,
+                live,
+                replaces: m.replaces.clone(),
+                progress: Arc::new(AtomicU64::new(0)),
+            },
+        );
+        if m.rows.is_empty() {
+            let replaced = Self::install_in_memory(st, m.id, None);
+            self.remove_index_files(&replaced);
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Makes merge `id` serve its rows: removes every segment serving them
+    /// and the merges it replaces, inserts `seg`. Returns the ids of the
+    /// segments removed from searches.
+    fn install_in_memory(st: &mut ShardState, id: u64, seg: Option<Segment>) -> Vec<u64> {
+        let (covers, replaces) = {
+            let m = &st.merges[&id];
+            (m.covers.clone(), m.replaces.clone())
+        };
+        let mut removed = BTreeSet::new();
+        for c in &covers {
+            let unit = st.owner.insert(*c, id).unwrap_or(*c);
+            if st.segments.remove(&unit).is_some() {
+                removed.insert(unit);
+            }
+        }
+        for r in &replaces {
+            st.merges.remove(r);
+        }
+        if let Some(seg) = seg {
+            st.segments.insert(id, seg);
+        }
+        st.merges.get_mut(&id).expect("installing a known merge").installed = true;
+        removed.into_iter().collect()
+    }
+
+    /// Removes the index files of segments no search uses any more.
+    fn remove_index_files(&self, segments: &[u64]) {
+        let _files = self.files.lock().expect("shard files lock");
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
+        for s in segments {
+            let _ = std::fs::remove_file(index_path(&self.dir, *s));
+        }
+    }
+
+    /// Hands the build and install of merge `id` to the builder thread.
+    pub(super) fn queue_merge(&self, id: u64) {
+        let this = self.this.clone();
+        self.builder.submit(move || {
+            let Some(shard) = this.upgrade() else { return };
+            if shard.retired.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = shard.build_merge(id) {
+                tracing::error!(error = %e, merge = id, "merge failed; its sources keep serving until the next open");
+            }
+        });
+    }
+
+    fn build_merge(&self, id: u64) -> Result<(), crate::EngineError> {
+        let (metric, dim, params) = (self.config.metric, self.config.dim as usize, self.config.index);
+        let (rows, progress) = {
+            let st = self.read();
+            match st.merges.get(&id) {
+                Some(m) if m.is_pending() => (m.rows.clone(), m.progress.clone()),
+                // Installed already, or taken over by a later merge.
+                _ => return Ok(()),
+            }
+        };
+        let ids: Vec<u64> = rows.iter().map(|(_, pid)| *pid).collect();
+        let path = index_path(&self.dir, id);
+        let expect = Expect {
+            segment: id,
+            metric,
+            dim,
+            rows: rows.len(),
+        };
+        // A crash after the save and before the install leaves the file.
+        let saved = super::load_index(&self.dir, expect).filter(|(_, file_ids)| *file_ids == ids);
+        let index = match saved {
+            Some((index, _)) => Arc::new(index),
+            None => {
+                let vectors = self.gather(&rows)?;
+                let index = Arc::new(HnswIndex::build(metric, dim, &vectors, params, &progress)?);
+                drop(vectors);
+                let _files = self.files.lock().expect("shard files lock");
+                if self.retired.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                index.save(&path, id, &ids)?;
+                index
+            }
+        };
+
+        let _writer = self.writer.lock().expect("shard writer lock");
+        let replaces = match self.read().merges.get(&id) {
+            Some(m) if !m.installed => m.replaces.clone(),
+            _ => return Ok(()),
+        };
+        if self.retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.store.install_merge(id, &replaces)?;
+        let replaced = {
+            let mut st = self.state.write().expect("shard state lock");
+            let locations: Vec<Location> = rows.iter().map(|(at, _)| *at).collect();
+            let mut seg = Segment::merged(id, dim, ids, locations, MergedData::Index(index));
+            for (row, (at, pid)) in rows.iter().enumerate() {
+                if !st.is_live(*at, *pid) {
+                    seg.tombstone(row as u32);
+                }
+            }
+            Self::install_in_memory(&mut st, id, Some(seg))
+        };
+        self.remove_index_files(&replaced);
+        tracing::info!(shard = self.config.shard, merge = id, rows = rows.len(), replaced = ?replaced, "merged segment installed");
+        Ok(())
+    }
+
+    /// The vectors stored at `rows`, copied from the segments serving them
+    /// (rows never move, so whichever segment serves a row has its vector;
+    /// the lock is taken a chunk at a time so writes are not held up).
+    fn gather(&self, rows: &[(Location, u64)]) -> Result<Vec<f32>, crate::EngineError> {
+        let dim = self.config.dim as usize;
+        let mut out = Vec::with_capacity(rows.len() * dim);
+        for chunk in rows.chunks(4096) {
+            let st = self.read();
+            for (at, _) in chunk {
+                let (seg, row) = st.find(*at).ok_or_else(|| {
+                    crate::EngineError::corrupt(
+                        self.dir.display().to_string(),
+                        format!("no segment serves row {} of segment {}", at.row, at.segment),
+                    )
+                })?;
+                out.extend_from_slice(&seg.vector(row));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,350 @@
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use edgevec_proto::{IndexSpec, Metric, PointRecord};
+
+use super::super::tests::upsert;
+use super::super::{index_path, ShardConfig, ShardReplica, OPLOG_RETAIN_BYTES};
+use crate::builder::IndexBuilder;
+use crate::compaction::MergePolicy;
+use crate::metric::Candidate;
+use crate::op::ShardOp;
+use crate::testutil::write;
+use edgevec_proto::OpId;
+use std::sync::Arc;
+
+const SEAL: u32 = 64;
+
+fn config() -> ShardConfig {
+    ShardConfig {
+        shard: 0,
+        dim: 2,
+        metric: Metric::L2,
+        seal_rows: SEAL,
+        index: IndexSpec {
+            m: 8,
+            ef_construction: 32,
+        },
+        retain_bytes: OPLOG_RETAIN_BYTES,
+    }
+}
+
+fn open(dir: &Path, builder: &Arc<IndexBuilder>) -> Arc<ShardReplica> {
+    ShardReplica::open(dir, config(), builder.clone()).unwrap()
+}
+
+fn merge(sources: &[u64]) -> ShardOp {
+    ShardOp::Merge {
+        sources: sources.to_vec(),
+    }
+}
+
+/// Holds the builder thread until the returned sender is used or
+/// dropped, so a merge stays decided but not installed.
+fn stall(builder: &IndexBuilder) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    builder.submit(move || {
+        let _ = rx.recv();
+    });
+    tx
+}
+
+fn idle(builder: &IndexBuilder) {
+    assert!(builder.wait_idle(Duration::from_secs(60)));
+}
+
+/// Points present; per exact search, `(id, segment, row)` of each hit.
+type Seen = (Vec<u64>, Vec<Vec<(u64, u64, u32)>>);
+
+/// What a user sees of the replica, short: the points present (checked
+/// whole: ids, vectors, payloads) and exact searches (ids and where their
+/// rows are stored). Searches through the indexes are checked for
+/// well-formed answers only: each build makes its own graph (parallel
+/// inserts), and on points along a line a walk may miss a neighbour.
+fn seen(s: &ShardReplica) -> Seen {
+    let all: Vec<u64> = (0..1000).collect();
+    let present: Vec<PointRecord> = s.get(&all).unwrap().into_iter().flatten().collect();
+    for p in &present {
+        assert_eq!(p.vector, vec![p.id as f32, 1.0]);
+        assert_eq!(p.payload.as_deref(), Some(format!("{{\"id\":{}}}", p.id).as_str()));
+    }
+    let ids: Vec<u64> = present.iter().map(|p| p.id).collect();
+    let mut searches = Vec::new();
+    // Off the grid, so no two points tie.
+    for x in [0.3, 10.3, 70.3, 150.3, 199.3, 320.3] {
+        let walk = s.search(&[x, 1.0], 6, crate::SearchOptions { ef: 64, exact: false });
+        assert_eq!(walk.len(), 6.min(ids.len()));
+        for c in &walk {
+            assert!(ids.binary_search(&c.id).is_ok(), "{} is not a live point", c.id);
+            assert!(
+                (c.score - (c.id as f32 - x).abs()).abs() < 1e-3,
+                "{c:?} scored on its vector"
+            );
+        }
+        let exact: Vec<Candidate> = s.search(&[x, 1.0], 6, crate::SearchOptions { ef: 64, exact: true });
+        searches.push(exact.iter().map(|c| (c.id, c.segment, c.row)).collect());
+    }
+    (ids, searches)
+}
+
+#[track_caller]
+fn same(a: Seen, b: Seen) {
+    assert_eq!(a.0, b.0, "points present");
+    for (i, (x, y)) in a.1.iter().zip(&b.1).enumerate() {
+        assert_eq!(x, y, "search {i}");
+    }
+}
+
+fn segments(s: &ShardReplica) -> Vec<(u64, u64, u64)> {
+    s.info().1.iter().map(|i| (i.id, i.rows, i.deleted)).collect()
+}
+
+#[test]
+fn a_merge_keeps_live_points_drops_deleted_ones_and_takes_later_deletes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..200)).unwrap();
+    write(&s, ShardOp::Delete(vec![5, 70])).unwrap();
+    idle(&builder);
+    assert_eq!(s.merge_state(), (vec![1, 2, 3, 4], vec![]));
+    let before = seen(&s);
+
+    // Decided at its op; built while later writes change its rows.
+    let release = stall(&builder);
+    write(&s, merge(&[1, 2])).unwrap();
+    assert_eq!(s.merge_state(), (vec![1, 2, 3, 4], vec![5]));
+    write(&s, ShardOp::Delete(vec![6])).unwrap();
+    write(&s, upsert([71])).unwrap();
+    assert_eq!(s.get(&[6, 71]).unwrap()[1].as_ref().unwrap().id, 71);
+    let during = seen(&s);
+    drop(release);
+    idle(&builder);
+
+    assert_eq!(s.merge_state(), (vec![3, 4, 5], vec![]));
+    // 128 rows less the two deleted before the op; two deleted since.
+    assert_eq!(segments(&s), vec![(3, 64, 0), (4, 9, 0), (5, 126, 2)]);
+    same(seen(&s), during.clone());
+    assert_ne!(during, before);
+    assert!(!index_path(dir.path(), 1).exists() && !index_path(dir.path(), 2).exists());
+    assert!(index_path(dir.path(), 5).exists());
+    let got = s.get(&[4, 5, 6, 7, 70, 71]).unwrap();
+    let ids: Vec<Option<u64>> = got.iter().map(|p| p.as_ref().map(|p| p.id)).collect();
+    assert_eq!(ids, vec![Some(4), None, None, Some(7), None, Some(71)]);
+    assert_eq!(got[0].as_ref().unwrap().payload.as_deref(), Some("{\"id\":4}"));
+    let hits: Vec<u64> = s
+        .search(&[6.0, 1.0], 3, Default::default())
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(hits, vec![7, 4, 8]);
+
+    // The merged segment merges again; the policy proposes it.
+    let policy = MergePolicy {
+        factor: 2,
+        max_rows: 1_000_000,
+        vacuum: 0.5,
+    };
+    assert_eq!(s.merge_proposal(&policy), Some(merge(&[3, 5])));
+    write(&s, merge(&[3, 5])).unwrap();
+    idle(&builder);
+    assert_eq!(s.merge_state(), (vec![4, 6], vec![]));
+    assert_eq!(segments(&s), vec![(4, 9, 0), (6, 188, 0)]);
+    same(seen(&s), during.clone());
+    assert_eq!(s.read().merges.keys().copied().collect::<Vec<_>>(), vec![6]);
+
+    // Sealing after merges takes the next unused id.
+    write(&s, upsert(200..260)).unwrap();
+    idle(&builder);
+    assert_eq!(s.merge_state().0, vec![4, 6, 7]);
+    let after = seen(&s);
+    drop(s);
+    let s = open(dir.path(), &builder);
+    idle(&builder);
+    assert_eq!(s.merge_state().0, vec![4, 6, 7]);
+    same(seen(&s), after.clone());
+    assert_eq!(
+        s.info().1[1].index,
+        edgevec_proto::IndexState::Ready,
+        "merged index loaded"
+    );
+}
+
+#[test]
+fn replicas_merge_alike_whatever_their_batching_and_build_timing() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ba, bb) = (Arc::new(IndexBuilder::start()), Arc::new(IndexBuilder::start()));
+    let (a, b) = (open(da.path(), &ba), open(db.path(), &bb));
+    let ops = [
+        upsert(0..300),
+        ShardOp::Delete(vec![1, 2, 100, 250]),
+        merge(&[1, 2]),
+        upsert([3, 64, 299]),
+        merge(&[3, 4]),
+        ShardOp::Delete(vec![130, 131]),
+        merge(&[6, 7]),
+        upsert(300..330),
+        ShardOp::Delete(vec![0]),
+    ];
+    let entries: Vec<(OpId, ShardOp)> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| (OpId::new(1, i as u64 + 1), op.clone()))
+        .collect();
+    // `a`: one batch, builder free. `b`: one op at a time, builder held
+    // until the end, so its merges install only after every later op.
+    a.append(OpId::ZERO, &entries).unwrap();
+    a.apply_through(entries.len() as u64).unwrap();
+    let release = stall(&bb);
+    for (i, e) in entries.iter().enumerate() {
+        let prev = if i == 0 { OpId::ZERO } else { entries[i - 1].0 };
+        b.append(prev, std::slice::from_ref(e)).unwrap();
+        b.apply_through(e.0.lsn).unwrap();
+    }
+    assert_eq!(b.merge_state().1, vec![8], "pending on b; 6 and 7 were taken over by 8");
+    drop(release);
+    idle(&ba);
+    idle(&bb);
+    assert_eq!(a.merge_state(), (vec![5, 8, 9], vec![]));
+    assert_eq!(a.merge_state(), b.merge_state());
+    assert_eq!(segments(&a), segments(&b));
+    same(seen(&a), seen(&b));
+    // The same state on disk: exports are byte for byte the same.
+    let (ea, eb) = (da.path().join("a.export"), db.path().join("b.export"));
+    a.export_to(&ea).unwrap();
+    b.export_to(&eb).unwrap();
+    assert_eq!(std::fs::read(&ea).unwrap(), std::fs::read(&eb).unwrap());
+}
+
+#[test]
+fn merge_ops_naming_what_cannot_merge_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..140)).unwrap();
+    idle(&builder);
+    let before = (s.merge_state(), seen(&s));
+    // 3 is the growing segment; 9 does not exist.
+    for bad in [merge(&[]), merge(&[1, 1]), merge(&[1, 3]), merge(&[9]), merge(&[1, 9])] {
+        write(&s, bad).unwrap();
+    }
+    idle(&builder);
+    assert_eq!((s.merge_state(), seen(&s)), before);
+    assert_eq!(s.applied_lsn(), 6);
+    assert_eq!(s.read().next_segment, 4, "no id was taken");
+    // A merged-away segment cannot be named again.
+    write(&s, merge(&[1, 2])).unwrap();
+    write(&s, merge(&[1])).unwrap();
+    idle(&builder);
+    assert_eq!(s.merge_state(), (vec![3, 4], vec![]));
+}
+
+#[test]
+fn a_merge_of_deleted_rows_only_is_installed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..130)).unwrap();
+    write(&s, ShardOp::Delete((0..64).collect())).unwrap();
+    idle(&builder);
+    let policy = MergePolicy::default();
+    assert_eq!(s.merge_proposal(&policy), Some(merge(&[1])), "emptied: vacuumed");
+    let release = stall(&builder);
+    write(&s, merge(&[1])).unwrap();
+    assert_eq!(s.merge_state(), (vec![2, 3], vec![]), "nothing to build");
+    drop(release);
+    idle(&builder);
+    drop(s);
+    let s = open(dir.path(), &builder);
+    assert_eq!(s.merge_state(), (vec![2, 3], vec![]));
+    assert_eq!(s.info().0.points, 66);
+}
+
+#[test]
+fn merges_taken_over_before_their_build_are_never_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..300)).unwrap();
+    idle(&builder);
+    let before = seen(&s);
+    let release = stall(&builder);
+    write(&s, merge(&[1, 2])).unwrap(); // 6
+    write(&s, merge(&[3, 4])).unwrap(); // 7
+    write(&s, merge(&[6, 7])).unwrap(); // 8
+    assert_eq!(s.merge_state(), (vec![1, 2, 3, 4, 5], vec![8]));
+    drop(release);
+    idle(&builder);
+    assert_eq!(s.merge_state(), (vec![5, 8], vec![]));
+    assert!(!index_path(dir.path(), 6).exists() && !index_path(dir.path(), 7).exists());
+    assert_eq!(s.read().merges.keys().copied().collect::<Vec<_>>(), vec![8]);
+    same(seen(&s), before.clone());
+}
+
+#[test]
+fn a_merge_pending_at_shutdown_or_without_its_file_is_rebuilt_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..200)).unwrap();
+    write(&s, ShardOp::Delete(vec![10])).unwrap();
+    idle(&builder);
+    let release = stall(&builder);
+    write(&s, merge(&[1, 2])).unwrap();
+    write(&s, ShardOp::Delete(vec![11])).unwrap();
+    let want = seen(&s);
+    drop(s);
+    drop(release);
+    idle(&builder);
+
+    // Pending at close: built and installed after the open.
+    let s = open(dir.path(), &builder);
+    assert_eq!(s.merge_state().1, vec![5]);
+    same(seen(&s), want.clone());
+    idle(&builder);
+    assert_eq!(s.merge_state(), (vec![3, 4, 5], vec![]));
+    same(seen(&s), want.clone());
+    drop(s);
+
+    // Installed, its file gone: served from its stored rows, re-indexed.
+    std::fs::remove_file(index_path(dir.path(), 5)).unwrap();
+    let release = stall(&builder);
+    let s = open(dir.path(), &builder);
+    assert_eq!(s.merge_state().0, vec![3, 4, 5]);
+    assert_eq!(s.info().1[2].index, edgevec_proto::IndexState::Building);
+    same(seen(&s), want.clone());
+    drop(release);
+    idle(&builder);
+    assert_eq!(s.info().1[2].index, edgevec_proto::IndexState::Ready);
+    assert_eq!(segments(&s)[2], (5, 127, 1));
+    same(seen(&s), want.clone());
+}
+
+#[test]
+fn exports_carry_merges_pending_or_installed() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(&dir.path().join("src"), &builder);
+    write(&s, upsert(0..300)).unwrap();
+    write(&s, merge(&[1, 2])).unwrap();
+    idle(&builder);
+    let release = stall(&builder);
+    write(&s, merge(&[3, 4])).unwrap();
+    write(&s, ShardOp::Delete(vec![200])).unwrap();
+    let file = dir.path().join("x.export");
+    s.export_to(&file).unwrap();
+    let want = seen(&s);
+    drop(release);
+    idle(&builder);
+
+    let to = dir.path().join("dst");
+    std::fs::create_dir(&to).unwrap();
+    crate::shard::import_files(&to, &config(), &file).unwrap();
+    let t = open(&to, &builder);
+    assert_eq!(t.merge_state().1, vec![7], "pending on the exporter: pending here");
+    idle(&builder);
+    assert_eq!(t.merge_state(), s.merge_state());
+    assert_eq!(segments(&t), segments(&s));
+    same(seen(&t), want.clone());
+}
