@@ -841,6 +841,8 @@ fn warnings_since(cluster: &TestCluster, marks: &BTreeMap<u64, usize>) -> Vec<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_start_and_first_writes_log_no_warning() {
     let cluster = running_cluster(3).await;
+    // Every node is up and a leader is elected: from here on, nothing.
+    let formed = log_marks(&cluster);
     let admin = cluster.client(1, ADMIN).await;
     admin
         .create_replicated(CollectionSpec::new("quiet", 4, Metric::L2), ReplicationSpec::new(3))
@@ -869,13 +871,18 @@ async fn a_clean_start_and_first_writes_log_no_warning() {
         })
         .max()
         .expect("every node logs where it listens");
+    // Before the cluster formed, only the first election may complain: on
+    // a loaded machine a vote request to a node that listens but is slow
+    // to answer times out, and Raft says so.
     let warnings: Vec<String> = warnings(&cluster)
         .into_iter()
         .filter(|l| {
             // "node N: <timestamp> LEVEL ..."
             let stamp = l.split_whitespace().nth(2).unwrap_or("");
-            stamp >= all_listening.as_str()
+            stamp >= all_listening.as_str() && !l.contains("while requesting vote")
         })
         .collect();
     assert!(warnings.is_empty(), "a clean start logged:\n{}", warnings.join("\n"));
+    let after = warnings_since(&cluster, &formed);
+    assert!(after.is_empty(), "a formed cluster logged:\n{}", after.join("\n"));
 }

@@ -1142,11 +1142,23 @@ async fn a_backup_with_a_full_disk_leaves_the_in_sync_set_and_nothing_is_lost() 
     // export without anyone acting, and rejoins holding exactly its data.
     // Node 3's metadata log shares the disk: if its Raft stopped on the
     // full disk, the node exited, and is started again as `up` would.
+    // A node whose Raft stopped may still be shutting down (it gives a
+    // running index build a moment): wait until it has exited or serves.
     disk.grow(400);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    if let Some(status) = cluster.exited(3) {
-        println!("node 3 exited while its disk was full ({status}); starting it again");
-        cluster.start(3);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = cluster.exited(3) {
+            println!("node 3 exited while its disk was full ({status}); starting it again");
+            cluster.start(3);
+            break;
+        }
+        let ready = cluster
+            .try_http(3, "GET", "/readyz", "")
+            .is_ok_and(|(code, _)| code == 200);
+        if ready || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let healed = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(120)).await;
     println!("{}", show_shards(&healed));
@@ -1295,6 +1307,10 @@ async fn a_full_disk_is_survived_without_a_restart_once_there_is_room() {
     std::fs::create_dir_all(cluster.path("data/node1")).unwrap();
     std::os::unix::fs::symlink(disk.dir.path(), cluster.path("data/node1/engine")).unwrap();
     cluster.start(1);
+    // Listening comes before the node has registered as a data node.
+    cluster
+        .wait_view(1, Duration::from_secs(30), "node 1 up", |v| all_nodes_up(v, 1))
+        .await;
     let admin = cluster.client(1, ADMIN).await;
     admin
         .create_collection(CollectionSpec::new("full", WIDE as u32, Metric::L2))

@@ -460,7 +460,7 @@ fn open_or_set_aside(
     let dir = layout::replica_dir(root, spec.key);
     // A panic comes from the storage library, reading the shard file.
     let store = dir.join(crate::shard::STORE_FILE);
-    let e = match catching(&store, || ShardReplica::open(&dir, config, builder.clone())) {
+    let e = match catching(&store, || ShardReplica::open(&dir, config.clone(), builder.clone())) {
         Ok(replica) => return Ok((replica, None)),
         Err(e) => e,
     };
@@ -511,6 +511,7 @@ fn shard_config(spec: &ReplicaSpec, retain_bytes: u64) -> ShardConfig {
         seal_rows: spec.seal_rows,
         index: spec.index,
         retain_bytes,
+        fields: Vec::new(),
     }
 }
 

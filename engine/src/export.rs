@@ -328,7 +328,7 @@ impl Exporter {
         let mut out = Exporter {
             out: BufWriter::with_capacity(1 << 20, file),
             path: path.to_owned(),
-            config: *config,
+            config: config.clone(),
             sum: Checksum::new(),
             records: 0,
             bytes: 0,

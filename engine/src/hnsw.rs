@@ -179,7 +179,6 @@ impl HnswIndex {
         self.rows
     }
 
-    #[cfg(test)]
     pub fn params(&self) -> IndexSpec {
         self.params
     }

@@ -68,6 +68,7 @@ mod layout;
 pub mod metric;
 mod op;
 mod oplog;
+pub mod payload;
 pub mod plan;
 mod registry;
 mod search;

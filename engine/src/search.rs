@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use edgevec_proto::{Hit, Metric};
+use edgevec_proto::{Filter, Hit, Metric};
 use rayon::prelude::*;
 
 use crate::error::EngineError;
@@ -36,8 +36,9 @@ impl AsRef<Candidate> for Found {
 
 /// Up to `k` hits per query, best first, over every replica in
 /// `replicas` (all of collection `metric`), each indexed segment searched
-/// as `opts` says. The queries must be validated
-/// and, for cosine, normalised already ([`crate::validate::search`]).
+/// as `opts` says, only points that pass `filter` (if any). The queries
+/// must be validated and, for cosine, normalised already
+/// ([`crate::validate::search`]).
 pub fn search_replicas(
     replicas: &[Arc<ShardReplica>],
     metric: Metric,
@@ -45,25 +46,29 @@ pub fn search_replicas(
     k: u32,
     with_payload: bool,
     opts: SearchOptions,
+    filter: Option<&Filter>,
 ) -> Result<Vec<Vec<Hit>>, EngineError> {
     let (k, n) = (k as usize, replicas.len());
     if n == 0 {
         return Ok(vec![Vec::new(); queries.len()]);
     }
-    let pair = |t: usize| -> Vec<Found> {
+    let pair = |t: usize| -> Result<Vec<Found>, EngineError> {
         let replica = t % n;
-        replicas[replica]
-            .search(&queries[t / n], k, opts)
+        Ok(replicas[replica]
+            .search(&queries[t / n], k, opts, filter)?
             .into_iter()
             .map(|candidate| Found { replica, candidate })
-            .collect()
+            .collect())
     };
     // One (replica, query) pair, the common case of a node's shard read:
     // on the calling thread, without the hand-off to the pool and back.
     let per_pair: Vec<Vec<Found>> = if queries.len() * n == 1 {
-        vec![pair(0)]
+        vec![pair(0)?]
     } else {
-        (0..queries.len() * n).into_par_iter().map(pair).collect()
+        (0..queries.len() * n)
+            .into_par_iter()
+            .map(pair)
+            .collect::<Result<_, _>>()?
     };
     let merged: Vec<Vec<Found>> = per_pair
         .chunks(n)

@@ -29,11 +29,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use edgevec_proto::{IndexState, Metric, SegmentInfo, SegmentState};
+use edgevec_proto::{limits, IndexState, Metric, SegmentInfo, SegmentState};
 
 use crate::hnsw::{HnswIndex, SearchOptions};
 use crate::metric::{self, Candidate, TopK};
+use crate::payload::{Cell, Columns, Compiled};
 use crate::plan::Location;
+
+/// A filtered search scans the passing rows of a segment exactly, instead
+/// of walking its graph, when at most this many rows pass (or when the
+/// walk would cost more, see [`Segment::search`]).
+pub const EXACT_FILTERED_ROWS: usize = 2048;
 
 /// Where the rows of a merged segment are stored.
 struct RowMap {
@@ -87,6 +93,8 @@ pub struct Segment {
     progress: Arc<AtomicU64>,
     /// Set for merged segments.
     map: Option<Box<RowMap>>,
+    /// The payload index columns (one per declared field).
+    columns: Columns,
 }
 
 impl Segment {
@@ -132,7 +140,18 @@ impl Segment {
             vectors,
             progress: Arc::new(AtomicU64::new(0)),
             map: None,
+            columns: Columns::default(),
         }
+    }
+
+    /// Sets the payload index columns (a cell per row of each).
+    pub fn with_columns(mut self, columns: Columns) -> Segment {
+        self.columns = columns;
+        self
+    }
+
+    pub fn columns(&self) -> &Columns {
+        &self.columns
     }
 
     /// Whether this is a merged segment.
@@ -183,14 +202,16 @@ impl Segment {
         }
     }
 
-    /// Appends a row; returns its row number. Only growing segments take
-    /// rows (the plan never appends elsewhere).
-    pub fn push(&mut self, id: u64, vector: &[f32]) -> u32 {
+    /// Appends a row with its payload index cells; returns its row
+    /// number. Only growing segments take rows (the plan never appends
+    /// elsewhere).
+    pub fn push(&mut self, id: u64, vector: &[f32], cells: &[Cell]) -> u32 {
         let Vectors::Growing(buf) = &mut self.vectors else {
             panic!("segment {} is sealed and takes no rows", self.id);
         };
         debug_assert_eq!(vector.len(), self.dim);
         buf.extend_from_slice(vector);
+        self.columns.push(cells);
         self.ids.push(id);
         self.dead.push(false);
         (self.ids.len() - 1) as u32
@@ -212,6 +233,7 @@ impl Segment {
             Vectors::Growing(buf) => {
                 let mut buf = std::mem::take(buf);
                 buf.shrink_to_fit();
+                self.columns.shrink();
                 let shared = Arc::new(buf);
                 self.vectors = Vectors::Sealed(shared.clone());
                 shared
@@ -267,22 +289,85 @@ impl Segment {
         self.rows() - self.deleted as usize
     }
 
-    /// The best `k` live rows for `query`, best first: through the index
-    /// when the segment has one (exactly when `opts.exact`), by scanning
-    /// every row otherwise.
-    pub fn search(&self, metric: Metric, query: &[f32], k: usize, opts: SearchOptions) -> Vec<Candidate> {
+    /// The best `k` live rows for `query` that pass `filter` (if any), best
+    /// first: through the index when the segment has one (exactly when
+    /// `opts.exact`), by scanning the rows otherwise.
+    ///
+    /// With a filter, the plan is chosen per segment from the number of
+    /// rows that pass, `p` of `n`: a walk that skips failing rows visits
+    /// about `n / p` rows for each one it keeps, so it costs about
+    /// `2·ef·m·n / p` distances against `p` for comparing the passing rows
+    /// exactly. The segment is scanned (those rows only) when
+    /// `p ≤` [`EXACT_FILTERED_ROWS`] or `p²/n ≤ 2·ef·m`; otherwise the walk
+    /// keeps `ef·n/p` candidates (at most [`limits::MAX_SEARCH_EF`]), so
+    /// about `ef` of them pass, as an unfiltered walk would keep.
+    pub fn search(
+        &self,
+        metric: Metric,
+        query: &[f32],
+        k: usize,
+        opts: SearchOptions,
+        filter: Option<&Compiled>,
+    ) -> Vec<Candidate> {
+        let Some(filter) = filter else {
+            return self.search_rows(metric, query, k, opts, None);
+        };
+        let passing: Vec<u32> = (0..self.rows() as u32)
+            .filter(|r| self.is_live(*r) && filter.passes(&self.columns, *r))
+            .collect();
+        let (p, n) = (passing.len() as f64, self.rows().max(1) as f64);
+        let ef = opts.ef.max(k).max(1) as f64;
+        let scan = match &self.vectors {
+            Vectors::Indexed(ix) => {
+                let m = f64::from(ix.params().m);
+                opts.exact || passing.len() <= EXACT_FILTERED_ROWS || p * p / n <= 2.0 * ef * m
+            }
+            _ => true,
+        };
+        if scan {
+            let mut top = TopK::new(metric, k);
+            for row in passing {
+                self.offer(metric, query, row, &mut top);
+            }
+            return top.into_sorted();
+        }
+        let mut allowed = vec![false; self.rows()];
+        for r in &passing {
+            allowed[*r as usize] = true;
+        }
+        let widened = SearchOptions {
+            ef: (ef * n / p).ceil().min(f64::from(limits::MAX_SEARCH_EF)) as usize,
+            ..opts
+        };
+        self.search_rows(metric, query, k, widened, Some((&allowed, passing.len())))
+    }
+
+    /// [`Segment::search`] over the live rows, or over the rows `allowed`
+    /// marks (live ones only, `count` of them).
+    fn search_rows(
+        &self,
+        metric: Metric,
+        query: &[f32],
+        k: usize,
+        opts: SearchOptions,
+        allowed: Option<(&[bool], usize)>,
+    ) -> Vec<Candidate> {
         let Vectors::Indexed(ix) = &self.vectors else {
             return self.scan(metric, query, k);
         };
-        let want = k.min(self.live_rows());
+        let want = k.min(allowed.map_or(self.live_rows(), |(_, count)| count));
         if want == 0 {
             return Vec::new();
         }
         let live = |row: u32| self.is_live(row);
-        let filter: Option<&(dyn Fn(u32) -> bool + Sync)> = (self.deleted > 0).then_some(&live);
+        let pass = |row: u32| allowed.is_some_and(|(a, _)| a[row as usize]);
+        let filter: Option<&(dyn Fn(u32) -> bool + Sync)> = match allowed {
+            Some(_) => Some(&pass),
+            None => (self.deleted > 0).then_some(&live),
+        };
         let mut found = ix.search(query, k, opts, filter);
         if !opts.exact && found.as_ref().is_ok_and(|rows| rows.len() < want) {
-            // The walk ran out of live rows before k: compare them all.
+            // The walk ran out of rows before k: compare them all.
             found = ix.search(query, k, SearchOptions { exact: true, ..opts }, filter);
         }
         match found {
@@ -295,9 +380,20 @@ impl Segment {
             }
             Err(e) => {
                 tracing::error!(segment = self.id, error = %e, "index search failed; scanning the segment's rows");
-                self.scan(metric, query, k)
+                let mut top = TopK::new(metric, k);
+                for row in (0..self.rows() as u32).filter(|r| allowed.is_none_or(|(a, _)| a[*r as usize])) {
+                    self.offer(metric, query, row, &mut top);
+                }
+                top.into_sorted()
             }
         }
+    }
+
+    /// Ids of the live rows that pass `filter`.
+    pub fn passing_ids<'a>(&'a self, filter: &'a Compiled) -> impl Iterator<Item = u64> + 'a {
+        (0..self.rows() as u32)
+            .filter(move |r| self.is_live(*r) && filter.passes(&self.columns, *r))
+            .map(|r| self.ids[r as usize])
     }
 
     /// Brute force over every live row, one copy at a time.
@@ -341,7 +437,7 @@ mod tests {
     fn filled(n: u64) -> Segment {
         let mut s = Segment::growing(1, 2);
         for id in 0..n {
-            s.push(id, &[id as f32, 0.0]);
+            s.push(id, &[id as f32, 0.0], &[]);
         }
         s
     }
@@ -351,12 +447,12 @@ mod tests {
         let mut s = filled(10);
         let ids = |c: Vec<Candidate>| c.iter().map(|c| c.id).collect::<Vec<_>>();
         let o = SearchOptions::default();
-        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, o)), vec![0, 1, 2]);
+        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, o, None)), vec![0, 1, 2]);
         s.tombstone(1);
         s.tombstone(1);
         assert_eq!(s.info(0).deleted, 1);
-        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, o)), vec![0, 2, 3]);
-        assert_eq!(ids(s.search(Metric::InnerProduct, &[1.0, 0.0], 2, o)), vec![9, 8]);
+        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, o, None)), vec![0, 2, 3]);
+        assert_eq!(ids(s.search(Metric::InnerProduct, &[1.0, 0.0], 2, o, None)), vec![9, 8]);
     }
 
     #[test]
@@ -385,17 +481,23 @@ mod tests {
         for row in 0..6 {
             s.tombstone(row);
         }
-        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 5, small)), vec![6, 7, 8, 9, 10]);
+        assert_eq!(
+            ids(s.search(Metric::L2, &[0.0, 0.0], 5, small, None)),
+            vec![6, 7, 8, 9, 10]
+        );
         let exact = SearchOptions { ef: 1, exact: true };
-        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 5, exact)), vec![6, 7, 8, 9, 10]);
+        assert_eq!(
+            ids(s.search(Metric::L2, &[0.0, 0.0], 5, exact, None)),
+            vec![6, 7, 8, 9, 10]
+        );
         // k above the live rows: every live row, once.
-        assert_eq!(s.search(Metric::L2, &[0.0, 0.0], 500, small).len(), 94);
+        assert_eq!(s.search(Metric::L2, &[0.0, 0.0], 500, small, None).len(), 94);
         // Everything deleted but one row: that row, found through the scan.
         for row in 6..99 {
             s.tombstone(row);
         }
-        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, small)), vec![99]);
-        let c = &s.search(Metric::L2, &[0.0, 0.0], 3, small)[0];
+        assert_eq!(ids(s.search(Metric::L2, &[0.0, 0.0], 3, small, None)), vec![99]);
+        let c = &s.search(Metric::L2, &[0.0, 0.0], 3, small, None)[0];
         assert_eq!(c.score, 99.0, "scored on the stored vector");
     }
 }

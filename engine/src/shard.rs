@@ -29,6 +29,9 @@
 //! - the state `RwLock` is held for writing only to update memory after a
 //!   commit (or to install a built index), never during an fsync, so
 //!   searches keep running while a write is being persisted;
+//! - locks are taken in the order writer → files → state (a build saving
+//!   its index holds `files` and then takes the state lock), never the
+//!   state lock before `files`;
 //! - no rayon work is ever started while the state lock is held: a rayon
 //!   thread waiting in a join may steal a task that takes the same lock
 //!   again, which deadlocks a writer-preferring `RwLock`. Callers
@@ -57,7 +60,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use edgevec_proto::{IndexSpec, IndexState, Metric, OpId, PointRecord, SegmentInfo, SegmentState, ShardInfo};
+use edgevec_proto::{
+    FieldSpec, Filter, IndexSpec, IndexState, Metric, OpId, PointRecord, SegmentInfo, SegmentState, ShardInfo,
+};
 
 use crate::segment::MergedData;
 
@@ -67,6 +72,7 @@ use crate::fsutil;
 use crate::hnsw::{Expect, HnswIndex, SearchOptions};
 use crate::metric::{self, Candidate};
 use crate::oplog::LogState;
+use crate::payload::{Columns, Schema};
 use crate::plan::{Cursor, Location};
 use crate::segment::Segment;
 use crate::store::ShardStore;
@@ -87,7 +93,7 @@ pub const OPLOG_RETAIN_BYTES: u64 = 256 * 1024 * 1024;
 pub(crate) const STORE_FILE: &str = "shard.redb";
 
 /// Fixed properties of a shard replica.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShardConfig {
     pub shard: u32,
     pub dim: u32,
@@ -97,6 +103,8 @@ pub struct ShardConfig {
     /// Bytes of encoded ops the op log may keep once they are applied
     /// ([`OPLOG_RETAIN_BYTES`] by default); unapplied ops are always kept.
     pub retain_bytes: u64,
+    /// Payload indexes: the fields filters may use (module `payload`).
+    pub fields: Vec<FieldSpec>,
 }
 
 /// A consistent snapshot of a replica's log position.
@@ -132,6 +140,8 @@ struct ShardState {
     /// Stored segment → the newest merge (pending or installed) that took
     /// its rows over.
     covered: HashMap<u64, u64>,
+    /// The payload index fields and their keyword dictionaries.
+    schema: Schema,
 }
 
 impl ShardState {
@@ -194,6 +204,21 @@ impl ShardReplica {
         let covered = merge::covered(&merges);
 
         let stored_max = loaded.segments.iter().map(|(id, _)| *id).max().unwrap_or(0);
+        let mut schema = Schema::new(&config.fields);
+        let mut columns = |locations: &mut dyn Iterator<Item = Location>| -> Result<Columns, EngineError> {
+            let mut cols = Columns::new(&schema);
+            if schema.fields().is_empty() {
+                return Ok(cols);
+            }
+            let locations: Vec<Location> = locations.collect();
+            for chunk in locations.chunks(4096) {
+                for payload in store.payloads(chunk)? {
+                    cols.push(&schema.cells(payload.as_deref()));
+                }
+            }
+            cols.shrink();
+            Ok(cols)
+        };
         let mut segments = BTreeMap::new();
         let mut to_build = Vec::new();
         for (id, rec) in loaded.segments {
@@ -230,7 +255,9 @@ impl ShardReplica {
                     }
                 }
             };
-            segments.insert(id, seg);
+            let mut rows = (0..seg.rows() as u32).map(|row| Location { segment: id, row });
+            let cols = columns(&mut rows)?;
+            segments.insert(id, seg.with_columns(cols));
         }
         for (&id, m) in merges.iter().filter(|(_, m)| m.installed && !m.rows.is_empty()) {
             let (locations, ids): (Vec<Location>, Vec<u64>) = m.rows.iter().copied().unzip();
@@ -247,7 +274,8 @@ impl ShardReplica {
                     MergedData::Vectors(store.vectors_at(&locations, dim)?)
                 }
             };
-            segments.insert(id, Segment::merged(id, dim, ids, locations, data));
+            let cols = columns(&mut locations.iter().copied())?;
+            segments.insert(id, Segment::merged(id, dim, ids, locations, data).with_columns(cols));
         }
         for at in loaded.tombstones {
             let unit = owner.get(&at.segment).copied();
@@ -301,6 +329,7 @@ impl ShardReplica {
             merges,
             owner,
             covered,
+            schema,
         };
         let replica = Arc::new_cyclic(|this| ShardReplica {
             config,
@@ -466,16 +495,46 @@ impl ShardReplica {
             .collect())
     }
 
-    /// The best `k` live points for one validated (normalised) query, best
-    /// first, over every segment.
-    pub fn search(&self, query: &[f32], k: usize, opts: SearchOptions) -> Vec<Candidate> {
+    /// The best `k` live points for one validated (normalised) query that
+    /// pass `filter` (if any), best first, over every segment. A filter on
+    /// a field without a payload index is refused.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        opts: SearchOptions,
+        filter: Option<&Filter>,
+    ) -> Result<Vec<Candidate>, EngineError> {
         let metric = self.config.metric;
         let st = self.read();
-        metric::merge(
+        let compiled = filter.map(|f| st.schema.compile(f)).transpose()?;
+        Ok(metric::merge(
             metric,
             k,
-            st.segments.values().map(|s| s.search(metric, query, k, opts)),
-        )
+            st.segments
+                .values()
+                .map(|s| s.search(metric, query, k, opts, compiled.as_ref())),
+        ))
+    }
+
+    /// Live points that pass `filter`.
+    pub fn count(&self, filter: &Filter) -> Result<u64, EngineError> {
+        let st = self.read();
+        let compiled = st.schema.compile(filter)?;
+        Ok(st
+            .segments
+            .values()
+            .map(|s| s.passing_ids(&compiled).count() as u64)
+            .sum())
+    }
+
+    /// Ids of the live points that pass `filter`, ascending.
+    pub fn ids_matching(&self, filter: &Filter) -> Result<Vec<u64>, EngineError> {
+        let st = self.read();
+        let compiled = st.schema.compile(filter)?;
+        let mut ids: Vec<u64> = st.segments.values().flat_map(|s| s.passing_ids(&compiled)).collect();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Payloads of rows found by [`ShardReplica::search`], in order.
@@ -584,5 +643,7 @@ fn remove_tmp_files(dir: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
+#[cfg(test)]
+mod filter_tests;
 #[cfg(test)]
 mod tests;

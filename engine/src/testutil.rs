@@ -120,6 +120,7 @@ impl Collection {
             k,
             with_payload,
             Default::default(),
+            None,
         )
     }
 

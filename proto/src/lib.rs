@@ -3,8 +3,9 @@
 //! Everything that crosses a QUIC stream is defined here: the frame format
 //! ([`frame`]), the versioned request/response envelopes ([`client`] for the
 //! client ALPN, [`internal`] for node-to-node traffic), the domain types they
-//! carry ([`types`]), the hard limits both sides enforce ([`limits`]) and the
-//! one error type that can cross the wire ([`error`]).
+//! carry ([`types`], payload filters in [`filter`]), the hard limits both
+//! sides enforce ([`limits`]) and the one error type that can cross the
+//! wire ([`error`]).
 //!
 //! Invariants:
 //! - every message is a postcard-encoded enum whose variant *is* the protocol
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod codec;
 pub mod error;
+pub mod filter;
 pub mod frame;
 pub mod internal;
 pub mod limits;
@@ -21,6 +23,7 @@ pub mod replication;
 pub mod types;
 
 pub use error::{ErrorCode, WireError};
+pub use filter::{Condition, FieldKind, FieldSpec, FieldValue, Filter, FilterError, Range, Scalar};
 pub use types::*;
 
 /// ALPN protocol id of client connections (token-authenticated).

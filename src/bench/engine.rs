@@ -231,7 +231,7 @@ fn engine_side(
     for &ef in &args.ef_sweep {
         let opts = SearchOptions { ef, exact: false };
         let one = |q: &[f32]| -> Result<Vec<u64>> {
-            let hits = search_replicas(&replicas, metric, &[q.to_vec()], args.k, false, opts)?;
+            let hits = search_replicas(&replicas, metric, &[q.to_vec()], args.k, false, opts, None)?;
             Ok(hits.into_iter().flatten().map(|h| h.id).collect())
         };
         let (qps, found) = timed_queries(args.concurrency, queries, Duration::from_secs(2), &one)?;

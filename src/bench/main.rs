@@ -450,6 +450,7 @@ impl Local {
             k,
             false,
             Default::default(),
+            None,
         )?;
         Ok(hits.pop().unwrap_or_default())
     }

@@ -279,21 +279,25 @@ impl TestCluster {
 
     /// One admin HTTP request to node `id`: (status code, body).
     pub fn http(&self, id: u64, method: &str, path: &str, body: &str) -> (u16, String) {
+        self.try_http(id, method, path, body).unwrap()
+    }
+
+    /// [`TestCluster::http`], with an error when the node does not answer.
+    pub fn try_http(&self, id: u64, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
         use std::io::{Read, Write};
         let addr = self.config.node(id).unwrap().admin_addr.unwrap();
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(
             s,
             "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        )
-        .unwrap();
+        )?;
         let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        s.read_to_string(&mut out)?;
         let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        (code, body)
+        Ok((code, body))
     }
 
     /// Cuts node `id`'s calls to `others` (needs `fault_injection = true`);

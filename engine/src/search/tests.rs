@@ -78,11 +78,12 @@ fn payloads_come_from_the_replica_each_hit_came_from() {
         2,
         true,
         Default::default(),
+        None,
     )
     .unwrap();
     let got: Vec<(u64, Option<&str>)> = hits[0].iter().map(|h| (h.id, h.payload.as_deref())).collect();
     assert_eq!(got, vec![(10, Some("{\"id\":10}")), (20, Some("{\"id\":20}"))]);
-    let only_b = search_replicas(&[b], Metric::L2, &[vec![0.0, 0.0]], 5, true, Default::default()).unwrap();
+    let only_b = search_replicas(&[b], Metric::L2, &[vec![0.0, 0.0]], 5, true, Default::default(), None).unwrap();
     assert_eq!(ids(&only_b[0]), vec![20]);
     let none = search_replicas(
         &[],
@@ -91,6 +92,7 @@ fn payloads_come_from_the_replica_each_hit_came_from() {
         5,
         true,
         Default::default(),
+        None,
     )
     .unwrap();
     assert_eq!(none, vec![Vec::new(), Vec::new()]);

@@ -17,6 +17,7 @@ use edgevec_proto::OpId;
 
 use crate::error::EngineError;
 use crate::op::ShardOp;
+use crate::payload::Columns;
 use crate::plan::{self, Location, Plan};
 use crate::segment::Segment;
 use crate::store::{Applied, Retention};
@@ -102,22 +103,24 @@ impl ShardReplica {
             keep_above: self.retain_floor.load(Ordering::Acquire),
         };
         let first_logged = self.store.apply(&batch, growing.segment, retention)?;
-        let (sealed, merges) = {
+        let (sealed, merges, unused) = {
             let mut st = self.state.write().expect("shard state lock");
-            let mut sealed = Vec::new();
-            let mut merges = Vec::new();
+            let (mut sealed, mut merges, mut unused) = (Vec::new(), Vec::new(), Vec::new());
             for a in &batch {
                 sealed.extend(self.apply_to_memory(&mut st, a.op, a.plan));
                 if let Some(m) = &a.plan.merge {
-                    if self.apply_merge(&mut st, m) {
+                    let (build, replaced) = Self::apply_merge(&mut st, m);
+                    if build {
                         merges.push(m.id);
                     }
+                    unused.extend(replaced);
                 }
             }
             st.applied_lsn = batch.last().map_or(st.applied_lsn, |a| a.lsn);
             st.log.first_logged = first_logged;
-            (sealed, merges)
+            (sealed, merges, unused)
         };
+        self.remove_index_files(&unused);
         for segment in sealed {
             self.queue_build(segment);
         }
@@ -137,11 +140,13 @@ impl ShardReplica {
         if let ShardOp::Upsert(points) = op {
             for a in &plan.appends {
                 let p = &points[a.point];
+                let cells = st.schema.cells(p.payload.as_deref());
+                let columns = Columns::new(&st.schema);
                 let seg = st
                     .segments
                     .entry(a.at.segment)
-                    .or_insert_with(|| Segment::growing(a.at.segment, dim));
-                let row = seg.push(p.id, &p.vector);
+                    .or_insert_with(|| Segment::growing(a.at.segment, dim).with_columns(columns));
+                let row = seg.push(p.id, &p.vector, &cells);
                 debug_assert_eq!(row, a.at.row);
             }
         }
@@ -170,9 +175,10 @@ impl ShardReplica {
                 seg.seal();
             }
         }
+        let columns = Columns::new(&st.schema);
         st.segments
             .entry(plan.growing.segment)
-            .or_insert_with(|| Segment::growing(plan.growing.segment, dim));
+            .or_insert_with(|| Segment::growing(plan.growing.segment, dim).with_columns(columns));
         st.growing = plan.growing;
         st.next_segment = plan.next;
         plan.sealed.iter().map(|c| c.segment).collect()

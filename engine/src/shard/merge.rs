@@ -32,6 +32,7 @@ use super::{index_path, ShardReplica, ShardState};
 use crate::compaction::{self, MergePolicy, SegmentSize};
 use crate::hnsw::{Expect, HnswIndex};
 use crate::op::ShardOp;
+use crate::payload::Columns;
 use crate::plan::{Location, MergePlan};
 use crate::segment::{MergedData, Segment};
 use crate::store::MergeRecordV1;
@@ -215,9 +216,12 @@ impl ShardReplica {
     }
 
     /// Mirrors a committed merge decision in memory. Returns whether its
-    /// build is to be queued (a merge of deleted rows only is installed at
-    /// once: it has no index to build).
-    pub(super) fn apply_merge(&self, st: &mut ShardState, m: &MergePlan) -> bool {
+    /// build is to be queued, and the segments whose index files are to go
+    /// (a merge of deleted rows only is installed at once: it has no index
+    /// to build). The caller removes the files once it has released the
+    /// state lock (a build saving a file holds the files lock and waits for
+    /// the state lock).
+    pub(super) fn apply_merge(st: &mut ShardState, m: &MergePlan) -> (bool, Vec<u64>) {
         let live = m.rows.len() as u64;
         for s in &m.sources {
             if let Some(src) = st.merges.get_mut(s) {
@@ -241,11 +245,9 @@ impl ShardReplica {
             },
         );
         if m.rows.is_empty() {
-            let replaced = Self::install_in_memory(st, m.id, None);
-            self.remove_index_files(&replaced);
-            false
+            (false, Self::install_in_memory(st, m.id, None))
         } else {
-            true
+            (true, Vec::new())
         }
     }
 
@@ -274,8 +276,9 @@ impl ShardReplica {
         removed.into_iter().collect()
     }
 
-    /// Removes the index files of segments no search uses any more.
-    fn remove_index_files(&self, segments: &[u64]) {
+    /// Removes the index files of segments no search uses any more. Never
+    /// called with the state lock held.
+    pub(super) fn remove_index_files(&self, segments: &[u64]) {
         let _files = self.files.lock().expect("shard files lock");
         if self.retired.load(Ordering::Acquire) {
             return;
@@ -346,7 +349,14 @@ impl ShardReplica {
         let replaced = {
             let mut st = self.state.write().expect("shard state lock");
             let locations: Vec<Location> = rows.iter().map(|(at, _)| *at).collect();
-            let mut seg = Segment::merged(id, dim, ids, locations, MergedData::Index(index));
+            let columns = Columns::gather(
+                &st.schema,
+                locations.iter().map(|at| {
+                    let (seg, row) = st.find(*at).expect("every row of a pending merge is served");
+                    (seg.columns(), row)
+                }),
+            );
+            let mut seg = Segment::merged(id, dim, ids, locations, MergedData::Index(index)).with_columns(columns);
             for (row, (at, pid)) in rows.iter().enumerate() {
                 if !st.is_live(*at, *pid) {
                     seg.tombstone(row as u32);

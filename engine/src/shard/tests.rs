@@ -14,6 +14,7 @@ fn config(seal_rows: u32, retain_bytes: u64) -> ShardConfig {
             ef_construction: 32,
         },
         retain_bytes,
+        fields: Vec::new(),
     }
 }
 
@@ -56,7 +57,7 @@ fn appended_ops_are_searchable_only_once_applied_and_survive_restart() {
     assert_eq!(s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap(), id(1, 3));
     assert_eq!((s.term(), s.applied_lsn()), (1, 0));
     assert!(found(&s, &[1, 2, 3]).is_empty(), "logged is not applied");
-    assert!(s.search(&[1.0, 1.0], 3, Default::default()).is_empty());
+    assert!(s.search(&[1.0, 1.0], 3, Default::default(), None).unwrap().is_empty());
     assert_eq!(s.info().0.lsn, 0);
 
     assert_eq!(s.apply_through(2).unwrap(), 2);
@@ -355,7 +356,7 @@ fn replicas_fed_the_same_entries_reach_the_same_state() {
             s.log_status(),
             s.info(),
             s.get(&all).unwrap(),
-            s.search(&[20.0, 1.0], 30, Default::default()),
+            s.search(&[20.0, 1.0], 30, Default::default(), None).unwrap(),
         )
     };
     let sa = state(&a);
@@ -394,7 +395,7 @@ fn seals_at_seal_rows_and_reopens_identically() {
     let before = (
         s.info(),
         s.get(&[5, 6, 100, 7]).unwrap(),
-        s.search(&[5.0, 1.0], 3, Default::default()),
+        s.search(&[5.0, 1.0], 3, Default::default(), None).unwrap(),
     );
     assert_eq!(before.0 .0.points, 64 - 1 + 1);
     assert_eq!(before.0 .1[0].deleted, 2);
@@ -406,7 +407,7 @@ fn seals_at_seal_rows_and_reopens_identically() {
     let after = (
         s.info(),
         s.get(&[5, 6, 100, 7]).unwrap(),
-        s.search(&[5.0, 1.0], 3, Default::default()),
+        s.search(&[5.0, 1.0], 3, Default::default(), None).unwrap(),
     );
     assert_eq!(before, after);
     assert_eq!(after.0 .1[0].index, IndexState::Ready, "index loaded, not rebuilt");

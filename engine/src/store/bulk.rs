@@ -330,6 +330,7 @@ mod tests {
                 ef_construction: 8,
             },
             retain_bytes: 0,
+            fields: Vec::new(),
         };
         let builder = Arc::new(IndexBuilder::start());
         let source = ShardReplica::open(&dir.path().join("a"), config, builder.clone()).unwrap();

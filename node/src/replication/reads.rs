@@ -331,7 +331,7 @@ impl DataPlane {
         let metric = local.spec.metric;
         let replica = local.replica.clone();
         let hits: Vec<Vec<Hit>> = super::blocking(move || {
-            edgevec_engine::search_replicas(&[replica], metric, &queries, k, with_payload, opts)
+            edgevec_engine::search_replicas(&[replica], metric, &queries, k, with_payload, opts, None)
         })
         .await?;
         Ok(edgevec_proto::replication::ShardReadReply::Hits(hits))

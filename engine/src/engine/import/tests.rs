@@ -85,6 +85,7 @@ fn state(r: &Arc<ShardReplica>) -> State {
         200,
         true,
         Default::default(),
+        None,
     )
     .unwrap();
     (shard, segments, log, r.get(&all).unwrap(), hits)

@@ -27,6 +27,7 @@ fn config() -> ShardConfig {
             ef_construction: 32,
         },
         retain_bytes: OPLOG_RETAIN_BYTES,
+        fields: Vec::new(),
     }
 }
 
@@ -73,7 +74,9 @@ fn seen(s: &ShardReplica) -> Seen {
     let mut searches = Vec::new();
     // Off the grid, so no two points tie.
     for x in [0.3, 10.3, 70.3, 150.3, 199.3, 320.3] {
-        let walk = s.search(&[x, 1.0], 6, crate::SearchOptions { ef: 64, exact: false });
+        let walk = s
+            .search(&[x, 1.0], 6, crate::SearchOptions { ef: 64, exact: false }, None)
+            .unwrap();
         assert_eq!(walk.len(), 6.min(ids.len()));
         for c in &walk {
             assert!(ids.binary_search(&c.id).is_ok(), "{} is not a live point", c.id);
@@ -82,7 +85,9 @@ fn seen(s: &ShardReplica) -> Seen {
                 "{c:?} scored on its vector"
             );
         }
-        let exact: Vec<Candidate> = s.search(&[x, 1.0], 6, crate::SearchOptions { ef: 64, exact: true });
+        let exact: Vec<Candidate> = s
+            .search(&[x, 1.0], 6, crate::SearchOptions { ef: 64, exact: true }, None)
+            .unwrap();
         searches.push(exact.iter().map(|c| (c.id, c.segment, c.row)).collect());
     }
     (ids, searches)
@@ -134,7 +139,8 @@ fn a_merge_keeps_live_points_drops_deleted_ones_and_takes_later_deletes_over() {
     assert_eq!(ids, vec![Some(4), None, None, Some(7), None, Some(71)]);
     assert_eq!(got[0].as_ref().unwrap().payload.as_deref(), Some("{\"id\":4}"));
     let hits: Vec<u64> = s
-        .search(&[6.0, 1.0], 3, Default::default())
+        .search(&[6.0, 1.0], 3, Default::default(), None)
+        .unwrap()
         .iter()
         .map(|c| c.id)
         .collect();
