@@ -403,3 +403,151 @@ async fn compaction_merges_segments_alike_on_every_replica() {
     assert_eq!(seen[0], seen[1], "replicas on nodes 1 and 2 differ");
     assert_eq!(seen[0], seen[2], "replicas on nodes 1 and 3 differ");
 }
+
+/// Search filtered by payload through a node, over QUIC, as the client
+/// library and the CLI send it: only passing points come back, the index
+/// walk finds what an exact filtered search finds, and bad filters are
+/// refused with what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_search_through_the_client_and_the_cli() {
+    let mut cluster = TestCluster::new(1);
+    cluster.start(1);
+    let client = cluster.client(1, ADMIN).await;
+    let dim = 16usize;
+    let fields = vec![
+        edgevec_client::FieldSpec::parse("lang:keyword").unwrap(),
+        edgevec_client::FieldSpec::parse("year:int").unwrap(),
+    ];
+    client
+        .create_with_fields(
+            CollectionSpec::new("docs", dim as u32, Metric::L2)
+                .with_shards(2)
+                .with_seal_rows(1000),
+            edgevec_client::ReplicationSpec::new(1),
+            Default::default(),
+            fields,
+        )
+        .await
+        .unwrap();
+    let n = 6_000usize;
+    let vectors = clustered_vectors(n, dim, 5);
+    let langs = ["en", "de", "fr"];
+    let payload = |i: usize| format!("{{\"lang\":\"{}\",\"year\":{}}}", langs[i % 3], 2000 + i % 30);
+    for (b, chunk) in vectors.chunks(1000).enumerate() {
+        let points = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, v)| {
+                let i = b * 1000 + j;
+                Point {
+                    id: i as u64,
+                    vector: v.clone(),
+                    payload: Some(payload(i)),
+                }
+            })
+            .collect();
+        client.upsert("docs", points).await.unwrap();
+    }
+    wait_for_indexes(&client, "docs").await;
+
+    let filter = r#"{"must":[{"key":"lang","match":"de"},{"key":"year","range":{"gte":2020}}]}"#;
+    let passes = |id: u64| id % 3 == 1 && 2000 + id % 30 >= 2020;
+    let with = |exact: bool| ReadOpts {
+        exact,
+        filter: Some(filter.to_owned()),
+        ..Default::default()
+    };
+    let (mut hit, mut total) = (0, 0);
+    for q in vectors.iter().step_by(150) {
+        let walk = client
+            .search_with("docs", vec![q.clone()], 10, true, &with(false))
+            .await
+            .unwrap();
+        let exact = client
+            .search_with("docs", vec![q.clone()], 10, false, &with(true))
+            .await
+            .unwrap();
+        assert_eq!(exact[0].len(), 10);
+        for h in walk[0].iter().chain(&exact[0]) {
+            assert!(passes(h.id), "{} does not pass {filter}", h.id);
+        }
+        assert_eq!(
+            walk[0][0].payload.as_deref(),
+            Some(payload(walk[0][0].id as usize).as_str())
+        );
+        let want: HashSet<u64> = exact[0].iter().map(|h| h.id).collect();
+        hit += walk[0].iter().filter(|h| want.contains(&h.id)).count();
+        total += want.len();
+    }
+    assert!(hit as f64 / total as f64 >= 0.95, "filtered recall {hit}/{total}");
+
+    // Bad filters: not JSON, a field without an index, a type mismatch.
+    for (bad, says) in [
+        (r#"{"must":[{"key":"lang"}]}"#, "exactly one of"),
+        (
+            r#"{"must":[{"key":"colour","match":"red"}]}"#,
+            "--index-field colour:keyword",
+        ),
+        (r#"{"must":[{"key":"year","match":"2020"}]}"#, "indexed as int"),
+    ] {
+        let opts = ReadOpts {
+            filter: Some(bad.to_owned()),
+            ..Default::default()
+        };
+        match client
+            .search_with("docs", vec![vectors[0].clone()], 3, false, &opts)
+            .await
+        {
+            Err(ClientError::InvalidArgument { field, message }) => {
+                assert_eq!(field.as_deref(), Some("filter"));
+                assert!(message.contains(says), "{bad}: {message}");
+            }
+            other => panic!("{bad} must be refused: {other:?}"),
+        }
+    }
+
+    // The CLI: create with --index-field, search with --filter.
+    let v = serde_json::to_string(&vectors[7]).unwrap();
+    let (ok, out, err) = cluster.cli(&[
+        "search", "docs", "--vector", &v, "--k", "5", "--filter", filter, "--json",
+    ]);
+    assert!(ok, "{err}");
+    let hits: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<u64> = hits
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert!(ids.iter().all(|id| passes(*id)), "{ids:?}");
+    let (ok, _, err) = cluster.cli(&[
+        "collection",
+        "create",
+        "tagged",
+        "--dim",
+        "4",
+        "--index-field",
+        "year:date",
+    ]);
+    assert!(!ok && err.contains("keyword, int, float or bool"), "{err}");
+    let (ok, _, err) = cluster.cli(&[
+        "collection",
+        "create",
+        "tagged",
+        "--dim",
+        "4",
+        "--index-field",
+        "tag:keyword",
+        "--index-field",
+        "n:int",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cluster.cli(&["collection", "describe", "tagged", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["payload_indexes"],
+        serde_json::json!([{"field": "tag", "type": "keyword"}, {"field": "n", "type": "int"}])
+    );
+}

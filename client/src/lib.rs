@@ -38,9 +38,9 @@ use std::time::Duration;
 
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1, RequestV1};
 pub use edgevec_proto::{
-    ClusterNode, ClusterStatus, CollectionDetails, CollectionInfo, CollectionShards, CollectionSpec, ErrorCode, Hit,
-    IndexBuild, IndexSpec, Metric, NodeSpec, NodeStatus, OpId, Point, PointRecord, ReadOptions, ReplicaStatus,
-    ReplicationSpec, SearchParams, SessionToken, ShardStatus, WireError, WriteAck,
+    ClusterNode, ClusterStatus, CollectionDetails, CollectionInfo, CollectionShards, CollectionSpec, ErrorCode,
+    FieldKind, FieldSpec, Filter, Hit, IndexBuild, IndexSpec, Metric, NodeSpec, NodeStatus, OpId, Point, PointRecord,
+    ReadOptions, ReplicaStatus, ReplicationSpec, SearchParams, SessionToken, ShardStatus, WireError, WriteAck,
 };
 use tokio::sync::Mutex;
 
@@ -174,6 +174,12 @@ pub struct ReadOpts {
     /// Searches only: compare with every point (brute force) instead of
     /// walking the index.
     pub exact: bool,
+    /// Searches only: consider only the points whose payload passes this
+    /// filter, JSON such as
+    /// `{"must":[{"key":"lang","match":"en"},{"key":"year","range":{"gte":2020}}]}`
+    /// (`must`/`should`/`must_not` over `match`, `in`, `range`, on fields
+    /// the collection declared as payload indexes). `None`: every point.
+    pub filter: Option<String>,
 }
 
 /// A handle to an edgevec cluster. Cheap to clone; clones share the
@@ -309,8 +315,11 @@ impl Client {
     async fn request(&self, op: OpV1) -> Result<ReplyV1, ClientError> {
         // A read the node refused has been tried on every replica until its
         // deadline: repeating it would only multiply the load.
-        let retry_safe =
-            is_retry_safe(&op) && !matches!(op, OpV1::SearchV2 { .. } | OpV1::SearchV3 { .. } | OpV1::GetV2 { .. });
+        let retry_safe = is_retry_safe(&op)
+            && !matches!(
+                op,
+                OpV1::SearchV2 { .. } | OpV1::SearchV3 { .. } | OpV1::SearchV4 { .. } | OpV1::GetV2 { .. }
+            );
         let deadline = tokio::time::Instant::now() + self.inner.config.retry_budget;
         let mut backoff = Duration::from_millis(20);
         self.inner.retries.deposit();
@@ -429,6 +438,32 @@ impl Client {
         }
     }
 
+    /// [`Client::create_indexed`] with payload indexes: the top-level
+    /// payload fields filters may use, each with its type (`lang:keyword`,
+    /// `year:int`: [`FieldSpec::parse`]). Without any, the same as
+    /// `create_indexed`.
+    pub async fn create_with_fields(
+        &self,
+        spec: CollectionSpec,
+        replication: ReplicationSpec,
+        index: IndexSpec,
+        fields: Vec<FieldSpec>,
+    ) -> Result<(), ClientError> {
+        if fields.is_empty() {
+            return self.create_indexed(spec, replication, index).await;
+        }
+        let op = OpV1::CreateCollectionV3 {
+            spec,
+            replication,
+            index,
+            fields,
+        };
+        match self.request(op).await? {
+            ReplyV1::Created => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Changes the replica count of a collection while it serves reads and
     /// writes; returns once the new count is committed (new replicas then
     /// catch up by themselves: watch [`Client::shards`]).
@@ -528,11 +563,12 @@ impl Client {
     }
 
     /// [`Client::describe_collection`] with the collection's index
-    /// parameters and the index builds under way (rows in the graph so
-    /// far), as the replica answering for each shard reports them.
+    /// parameters, its payload indexes and the index builds under way
+    /// (rows in the graph so far), as the replica answering for each shard
+    /// reports them.
     pub async fn collection_details(&self, name: &str) -> Result<CollectionDetails, ClientError> {
-        match self.request(OpV1::DescribeCollectionV2 { name: name.into() }).await? {
-            ReplyV1::Details(d) => Ok(d),
+        match self.request(OpV1::DescribeCollectionV3 { name: name.into() }).await? {
+            ReplyV1::DetailsV2(d) => Ok(d),
             other => Err(unexpected(other)),
         }
     }
@@ -568,6 +604,7 @@ impl Client {
             | OpV1::DeleteV2 { collection, .. }
             | OpV1::SearchV2 { collection, .. }
             | OpV1::SearchV3 { collection, .. }
+            | OpV1::SearchV4 { collection, .. }
             | OpV1::GetV2 { collection, .. } => collection,
             _ => return Ok(reply),
         };
@@ -706,7 +743,17 @@ impl Client {
         let read = self.read_options(collection, opts);
         // Default parameters go as `SearchV2`, which nodes of earlier
         // builds serve too.
-        let op = if params == SearchParams::default() {
+        let op = if let Some(filter) = &opts.filter {
+            OpV1::SearchV4 {
+                collection: collection.into(),
+                queries,
+                k,
+                with_payload,
+                read,
+                params,
+                filter: filter.clone(),
+            }
+        } else if params == SearchParams::default() {
             OpV1::SearchV2 {
                 collection: collection.into(),
                 queries,
@@ -765,6 +812,7 @@ fn is_retry_safe(op: &OpV1) -> bool {
         OpV1::CreateCollection(_)
             | OpV1::CreateReplicated { .. }
             | OpV1::CreateReplicatedV2 { .. }
+            | OpV1::CreateCollectionV3 { .. }
             | OpV1::DropCollection { .. }
             | OpV1::AddNode(_)
             | OpV1::RemoveNode { .. }

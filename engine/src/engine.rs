@@ -53,7 +53,7 @@ use crate::layout::{self, ImportStage};
 use crate::registry::Registry;
 use crate::shard::{ShardConfig, ShardReplica, OPLOG_RETAIN_BYTES};
 use crate::validate;
-use edgevec_proto::IndexSpec;
+use edgevec_proto::{FieldSpec, IndexSpec};
 
 /// Names one shard replica on this node: the collection's stable
 /// cluster-wide id (from the metadata, never reused) and the shard.
@@ -80,6 +80,8 @@ pub struct ReplicaSpec {
     pub seal_rows: u32,
     /// HNSW build parameters of its segments' indexes.
     pub index: IndexSpec,
+    /// Payload indexes: the fields its filters may use.
+    pub fields: Vec<FieldSpec>,
 }
 
 /// Why a replica's files could not be opened, and where they were kept.
@@ -511,7 +513,7 @@ fn shard_config(spec: &ReplicaSpec, retain_bytes: u64) -> ShardConfig {
         seal_rows: spec.seal_rows,
         index: spec.index,
         retain_bytes,
-        fields: Vec::new(),
+        fields: spec.fields.clone(),
     }
 }
 

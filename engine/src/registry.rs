@@ -16,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
-use edgevec_proto::{IndexSpec, Metric};
+use edgevec_proto::{FieldSpec, IndexSpec, Metric};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,7 @@ enum ReplicaEntry {
     V1(EntryV1),
     V2(EntryV2),
     V3(EntryV3),
+    V4(EntryV4),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +62,19 @@ struct EntryV3 {
     ef_construction: u32,
 }
 
+/// V3 and the payload indexes (earlier entries have none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct EntryV4 {
+    name: String,
+    dim: u32,
+    metric: Metric,
+    seal_rows: u32,
+    damage: Option<DamageV1>,
+    hnsw_m: u32,
+    ef_construction: u32,
+    fields: Vec<FieldSpec>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct DamageV1 {
     file: String,
@@ -85,8 +99,24 @@ impl EntryV2 {
 }
 
 impl EntryV3 {
+    /// The same entry, without payload indexes (V3 had none).
+    fn upgrade(self) -> EntryV4 {
+        EntryV4 {
+            name: self.name,
+            dim: self.dim,
+            metric: self.metric,
+            seal_rows: self.seal_rows,
+            damage: self.damage,
+            hnsw_m: self.hnsw_m,
+            ef_construction: self.ef_construction,
+            fields: Vec::new(),
+        }
+    }
+}
+
+impl EntryV4 {
     fn new(spec: &ReplicaSpec, damage: Option<&Damage>) -> Self {
-        EntryV3 {
+        EntryV4 {
             name: spec.name.clone(),
             dim: spec.dim,
             metric: spec.metric,
@@ -98,6 +128,7 @@ impl EntryV3 {
             }),
             hnsw_m: spec.index.m,
             ef_construction: spec.index.ef_construction,
+            fields: spec.fields.clone(),
         }
     }
 }
@@ -141,9 +172,11 @@ impl Registry {
                     seal_rows: e.seal_rows,
                     damage: None,
                 }
+                .upgrade()
                 .upgrade(),
-                ReplicaEntry::V2(e) => e.upgrade(),
-                ReplicaEntry::V3(e) => e,
+                ReplicaEntry::V2(e) => e.upgrade().upgrade(),
+                ReplicaEntry::V3(e) => e.upgrade(),
+                ReplicaEntry::V4(e) => e,
             };
             let spec = ReplicaSpec {
                 key: ReplicaKey { collection, shard },
@@ -155,6 +188,7 @@ impl Registry {
                     m: e.hnsw_m,
                     ef_construction: e.ef_construction,
                 },
+                fields: e.fields,
             };
             let damage = e.damage.map(|d| Damage {
                 file: PathBuf::from(d.file),
@@ -183,7 +217,7 @@ impl Registry {
     }
 
     fn put(&mut self, spec: &ReplicaSpec, damage: Option<&Damage>) -> Result<(), EngineError> {
-        let entry = ReplicaEntry::V3(EntryV3::new(spec, damage));
+        let entry = ReplicaEntry::V4(EntryV4::new(spec, damage));
         let bytes = postcard::to_stdvec(&entry).expect("entries are plain data");
         self.write(|txn| {
             txn.open_table(REPLICAS)?
@@ -234,15 +268,20 @@ mod tests {
             metric: Metric::Cosine,
             seal_rows: 100,
             index: Default::default(),
+            fields: Vec::new(),
         }
     }
 
-    /// A spec with index parameters of its own.
+    /// A spec with index parameters and payload indexes of its own.
     fn tuned(mut s: ReplicaSpec) -> ReplicaSpec {
         s.index = IndexSpec {
             m: 8,
             ef_construction: 40,
         };
+        s.fields = vec![
+            FieldSpec::parse("lang:keyword").unwrap(),
+            FieldSpec::parse("year:int").unwrap(),
+        ];
         s
     }
 

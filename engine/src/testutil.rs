@@ -76,6 +76,7 @@ impl Collection {
                     metric: spec.metric,
                     seal_rows: spec.seal_rows,
                     index: Default::default(),
+                    fields: Vec::new(),
                 };
                 let r = engine.create_replica(rs).unwrap();
                 r.apply_through(r.last_op().lsn).unwrap();

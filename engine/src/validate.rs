@@ -350,6 +350,7 @@ mod tests {
             metric: Metric::L2,
             seal_rows: 64,
             index: Default::default(),
+            fields: Vec::new(),
         };
         assert!(replica_spec(&ok).is_ok());
         let mut s = ok.clone();

@@ -23,7 +23,7 @@
 
 use std::fmt;
 
-use edgevec_proto::{CollectionSpec, IndexSpec};
+use edgevec_proto::{CollectionSpec, FieldSpec, IndexSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::shard::{Replication, ShardConfig};
@@ -179,6 +179,15 @@ pub enum CommandV2 {
         at_ms: u64,
         placement: Vec<ShardConfig>,
         index: IndexSpec,
+    },
+    /// `CreateCollectionV2` with the collection's payload indexes.
+    CreateCollectionV3 {
+        spec: CollectionSpec,
+        replication: Replication,
+        at_ms: u64,
+        placement: Vec<ShardConfig>,
+        index: IndexSpec,
+        fields: Vec<FieldSpec>,
     },
 }
 

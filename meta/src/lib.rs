@@ -51,6 +51,7 @@ mod state_rows;
 mod state_v1;
 mod state_v2;
 mod state_v3;
+mod state_v4;
 pub mod types;
 
 use std::path::Path;

@@ -2,8 +2,8 @@
 //! current one is kept.
 //!
 //! A snapshot's data is postcard of [`SnapshotBody`], a versioned envelope
-//! around the whole [`MetaState`] (`V4`; a `V1`, `V2` or `V3` body, from an older
-//! build, is converted as `state_v1`, `state_v2` and `state_v3` describe); its
+//! around the whole [`MetaState`] (`V5`; a `V1` to `V4` body, from an older
+//! build, is converted as `state_v1` to `state_v4` describe); its
 //! [`SnapshotMeta`] (last log id, last membership, id) travels beside it,
 //! as openraft wants.
 //!
@@ -31,6 +31,7 @@ use crate::state_rows::SNAPSHOT;
 use crate::state_v1::MetaStateV1;
 use crate::state_v2::MetaStateV2;
 use crate::state_v3::MetaStateV3;
+use crate::state_v4::MetaStateV4;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const CURRENT_KEY: &str = "current";
@@ -41,17 +42,18 @@ enum SnapshotBody {
     V1(MetaStateV1),
     V2(MetaStateV2),
     V3(MetaStateV3),
-    V4(MetaState),
+    V4(MetaStateV4),
+    V5(MetaState),
 }
 
-/// `SnapshotBody::V4` for encoding, borrowing the state (it can hold
+/// `SnapshotBody::V5` for encoding, borrowing the state (it can hold
 /// megabytes of plugins): the same bytes as the owned value.
 struct SnapshotBodyRef<'a>(&'a MetaState);
 
 impl Serialize for SnapshotBodyRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // Variant index 3 is `SnapshotBody::V4`.
-        s.serialize_newtype_variant("SnapshotBody", 3, "V4", self.0)
+        // Variant index 4 is `SnapshotBody::V5`.
+        s.serialize_newtype_variant("SnapshotBody", 4, "V5", self.0)
     }
 }
 
@@ -72,7 +74,8 @@ pub(crate) fn decode_body(data: &[u8]) -> Result<MetaState, MetaStoreError> {
         SnapshotBody::V1(old) => old.upgrade(),
         SnapshotBody::V2(old) => old.upgrade(),
         SnapshotBody::V3(old) => old.upgrade(),
-        SnapshotBody::V4(state) => state,
+        SnapshotBody::V4(old) => old.upgrade(),
+        SnapshotBody::V5(state) => state,
     })
 }
 
@@ -190,12 +193,12 @@ mod tests {
     }
 
     #[test]
-    fn borrowed_body_encodes_like_the_owned_v4() {
+    fn borrowed_body_encodes_like_the_owned_v5() {
         let mut state = MetaState::default();
         state.settings.insert("k".into(), "v".into());
         state.next_collection_id = 7;
         state.balancers.insert(3, "random".into());
-        let owned = postcard::to_allocvec(&SnapshotBody::V4(state.clone())).unwrap();
+        let owned = postcard::to_allocvec(&SnapshotBody::V5(state.clone())).unwrap();
         assert_eq!(encode_body(&state).unwrap(), owned);
         assert_eq!(decode_body(&owned).unwrap(), state);
     }
@@ -227,6 +230,38 @@ mod tests {
         assert_eq!((c.id, c.created_at_ms), (4, 11));
         assert_eq!(c.index, edgevec_proto::IndexSpec::default());
         assert_eq!(state.load_balancer_of(4), "random");
+    }
+
+    #[test]
+    fn v4_body_is_converted_without_payload_indexes() {
+        let record = crate::state_v4::CollectionRecordV3 {
+            id: 6,
+            spec: spec("tuned"),
+            replication: crate::Replication {
+                replicas: 1,
+                min_insync: 1,
+            },
+            created_at_ms: 12,
+            shards: BTreeMap::new(),
+            index: edgevec_proto::IndexSpec {
+                m: 8,
+                ef_construction: 64,
+            },
+        };
+        let v4 = MetaStateV4 {
+            nodes: BTreeMap::new(),
+            collections: [("tuned".to_owned(), record)].into(),
+            plugins: BTreeMap::new(),
+            settings: BTreeMap::new(),
+            next_collection_id: 7,
+            deployed: BTreeMap::new(),
+            balancers: BTreeMap::new(),
+        };
+        let data = postcard::to_allocvec(&SnapshotBody::V4(v4)).unwrap();
+        let state = decode_body(&data).unwrap();
+        let c = state.collection("tuned").unwrap();
+        assert_eq!((c.id, c.index.m, c.index.ef_construction), (6, 8, 64));
+        assert!(c.fields.is_empty());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use edgevec_proto::{CollectionSpec, IndexSpec};
+use edgevec_proto::{CollectionSpec, FieldSpec, IndexSpec};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::command::{CommandV1, CommandV2, MetaCommand, MetaResponse, NodeState, RejectCode};
@@ -37,7 +37,7 @@ use crate::shard::{check_change, Replication, ShardConfig};
 
 /// Everything the metadata Raft replicates.
 ///
-/// Persisted whole in snapshots (`SnapshotBody::V4`): change its shape only
+/// Persisted whole in snapshots (`SnapshotBody::V5`): change its shape only
 /// with a new snapshot body version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetaState {
@@ -92,8 +92,8 @@ impl NodeRecord {
 }
 
 /// A collection and the configurations of its shards. Persisted as
-/// `CollectionRow::V3` (the V1 shape is in `state_v1`, the V2 one in
-/// `state_v3`).
+/// `CollectionRow::V4` (the V1 shape is in `state_v1`, the V2 one in
+/// `state_v3`, the V3 one in `state_v4`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CollectionRecord {
     /// Stable id, assigned at creation, never reused.
@@ -107,6 +107,8 @@ pub struct CollectionRecord {
     /// HNSW build parameters of its indexes (the defaults for collections
     /// created before collections chose them).
     pub index: IndexSpec,
+    /// Its payload indexes: the fields filters may use.
+    pub fields: Vec<FieldSpec>,
 }
 
 /// One registered plugin version.
@@ -214,6 +216,7 @@ impl MetaState {
                 *at_ms,
                 &[],
                 IndexSpec::default(),
+                &[],
             ),
             CommandV1::DropCollection { name } => match self.collections.remove(name) {
                 Some(c) => {
@@ -282,14 +285,22 @@ impl MetaState {
                 replication,
                 at_ms,
                 placement,
-            } => self.create_collection(spec, *replication, *at_ms, placement, IndexSpec::default()),
+            } => self.create_collection(spec, *replication, *at_ms, placement, IndexSpec::default(), &[]),
             CommandV2::CreateCollectionV2 {
                 spec,
                 replication,
                 at_ms,
                 placement,
                 index,
-            } => self.create_collection(spec, *replication, *at_ms, placement, *index),
+            } => self.create_collection(spec, *replication, *at_ms, placement, *index, &[]),
+            CommandV2::CreateCollectionV3 {
+                spec,
+                replication,
+                at_ms,
+                placement,
+                index,
+                fields,
+            } => self.create_collection(spec, *replication, *at_ms, placement, *index, fields),
             CommandV2::ShardCas {
                 collection,
                 shard,
@@ -420,9 +431,13 @@ impl MetaState {
         at_ms: u64,
         placement: &[ShardConfig],
         index: IndexSpec,
+        fields: &[FieldSpec],
     ) -> MetaResponse {
         if let Err(msg) = check_spec(spec) {
             return invalid(msg);
+        }
+        if let Err(msg) = FieldSpec::check(fields) {
+            return invalid(format!("collection {:?}: {msg}", spec.name));
         }
         // Checked by the proposer too; again here, as every node applies
         // the entry whoever proposed it.
@@ -472,6 +487,7 @@ impl MetaState {
                 created_at_ms: at_ms,
                 shards: (0..).zip(placement.iter().cloned()).collect(),
                 index,
+                fields: fields.to_vec(),
             },
         );
         MetaResponse::ok()

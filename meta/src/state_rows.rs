@@ -44,6 +44,7 @@ use crate::error::MetaStoreError;
 use crate::state::{CollectionRecord, MetaState, NodeRecord, PluginRecord};
 use crate::state_v1::CollectionRecordV1;
 use crate::state_v3::CollectionRecordV2;
+use crate::state_v4::CollectionRecordV3;
 use crate::types::{LogId, StoredMembership};
 
 /// Layout version of `meta-state.redb`.
@@ -82,7 +83,8 @@ enum NodeRow {
 pub(crate) enum CollectionRow {
     V1(CollectionRecordV1),
     V2(CollectionRecordV2),
-    V3(CollectionRecord),
+    V3(CollectionRecordV3),
+    V4(CollectionRecord),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -146,7 +148,9 @@ impl Row {
                 CommandV1::SetSetting { key, .. } => vec![Row::Setting(key.clone())],
             },
             MetaCommand::V2(c) => match c {
-                CommandV2::CreateCollection { .. } | CommandV2::CreateCollectionV2 { .. } => created(),
+                CommandV2::CreateCollection { .. }
+                | CommandV2::CreateCollectionV2 { .. }
+                | CommandV2::CreateCollectionV3 { .. } => created(),
                 CommandV2::ShardCas { collection, .. } | CommandV2::SetReplication { collection, .. } => {
                     vec![Row::Collection(*collection)]
                 }
@@ -173,7 +177,7 @@ pub(crate) fn encode_rows(state: &MetaState, rows: BTreeSet<Row>) -> Result<Vec<
                 Row::Node(id) => state.nodes.get(id).map(|n| encode("node", &NodeRow::V1(n.clone()))),
                 Row::Collection(id) => state
                     .collection_by_id(*id)
-                    .map(|c| encode("collection", &CollectionRow::V3(c.clone()))),
+                    .map(|c| encode("collection", &CollectionRow::V4(c.clone()))),
                 Row::NextCollectionId => Some(encode(NEXT_COLLECTION_ID, &CounterRow::V1(state.next_collection_id))),
                 Row::Plugin(name, version) => state
                     .plugin(name, version)
@@ -309,7 +313,8 @@ pub(crate) fn load(db: &Database) -> Result<Loaded, MetaStoreError> {
         let (id, v) = row?;
         let what = format!("collection {}", id.value());
         let c = match decode(&what, v.value())? {
-            CollectionRow::V3(c) => c,
+            CollectionRow::V4(c) => c,
+            CollectionRow::V3(c) => c.upgrade(),
             CollectionRow::V2(c) => c.upgrade(),
             CollectionRow::V1(_) => return Err(MetaStoreError::corrupt(what, "a format-1 row in a format-2 table")),
         };

@@ -86,6 +86,7 @@ pub(crate) fn upgrade_collections(
                 created_at_ms: c.created_at_ms,
                 shards: BTreeMap::new(),
                 index: edgevec_proto::IndexSpec::default(),
+                fields: Vec::new(),
             };
             (record.spec.name.clone(), record)
         })
@@ -108,7 +109,7 @@ pub(crate) fn upgrade_file(db: &Database) -> Result<(), MetaStoreError> {
             let what = format!("collection {:?}", name.value());
             match decode(&what, v.value())? {
                 CollectionRow::V1(c) => v1.push(c),
-                CollectionRow::V2(_) | CollectionRow::V3(_) => {
+                CollectionRow::V2(_) | CollectionRow::V3(_) | CollectionRow::V4(_) => {
                     return Err(MetaStoreError::corrupt(what, "a format-2 row in a format-1 table"));
                 }
             }

@@ -33,15 +33,17 @@ impl CollectionRecordV2 {
             created_at_ms: self.created_at_ms,
             shards: self.shards,
             index: IndexSpec::default(),
+            fields: Vec::new(),
         }
     }
 }
 
-/// The whole state as a V3 snapshot holds it.
+/// The whole state as the V3 and V4 snapshots hold it, with the
+/// collection record of their time (`C`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct MetaStateV3 {
+pub(crate) struct MetaStateWith<C> {
     pub nodes: BTreeMap<u64, NodeRecord>,
-    pub collections: BTreeMap<String, CollectionRecordV2>,
+    pub collections: BTreeMap<String, C>,
     pub plugins: BTreeMap<(String, String), PluginRecord>,
     pub settings: BTreeMap<String, String>,
     pub next_collection_id: u64,
@@ -49,16 +51,25 @@ pub(crate) struct MetaStateV3 {
     pub balancers: BTreeMap<u64, String>,
 }
 
-impl MetaStateV3 {
+/// The whole state as a V3 snapshot holds it.
+pub(crate) type MetaStateV3 = MetaStateWith<CollectionRecordV2>;
+
+impl<C: Into<CollectionRecord>> MetaStateWith<C> {
     pub(crate) fn upgrade(self) -> MetaState {
         MetaState {
             nodes: self.nodes,
-            collections: self.collections.into_iter().map(|(n, c)| (n, c.upgrade())).collect(),
+            collections: self.collections.into_iter().map(|(n, c)| (n, c.into())).collect(),
             plugins: self.plugins,
             settings: self.settings,
             next_collection_id: self.next_collection_id,
             deployed: self.deployed,
             balancers: self.balancers,
         }
+    }
+}
+
+impl From<CollectionRecordV2> for CollectionRecord {
+    fn from(c: CollectionRecordV2) -> CollectionRecord {
+        c.upgrade()
     }
 }

@@ -20,7 +20,8 @@ use edgevec_meta::{CommandV1, CommandV2, MetaCommand, MetaResponse, RejectCode, 
 use edgevec_proto::client::{ClientRequest, ClientResponse, OpV1, ReplyV1};
 use edgevec_proto::internal::{MembershipChange, NodeOpV1, NodeReplyV1, NodeRequest, NodeResponse, RaftRpc};
 use edgevec_proto::{
-    ClusterStatus, CollectionSpec, ErrorCode, IndexSpec, NodeStatus, ReplicationSpec, SearchParams, WireError,
+    ClusterStatus, CollectionSpec, ErrorCode, FieldSpec, IndexSpec, NodeStatus, ReplicationSpec, SearchParams,
+    WireError,
 };
 use tracing::debug;
 
@@ -42,17 +43,20 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::ListCollections
         | OpV1::DescribeCollection { .. }
         | OpV1::DescribeCollectionV2 { .. }
+        | OpV1::DescribeCollectionV3 { .. }
         | OpV1::Get { .. }
         | OpV1::Search { .. }
         | OpV1::GetV2 { .. }
         | OpV1::SearchV2 { .. }
         | OpV1::SearchV3 { .. }
+        | OpV1::SearchV4 { .. }
         | OpV1::ClusterStatus
         | OpV1::Shards { .. }
         | OpV1::ListPlugins => TokenRole::Read,
         OpV1::Upsert { .. } | OpV1::Delete { .. } | OpV1::UpsertV2 { .. } | OpV1::DeleteV2 { .. } => TokenRole::Write,
         OpV1::CreateCollection(_)
         | OpV1::CreateReplicatedV2 { .. }
+        | OpV1::CreateCollectionV3 { .. }
         | OpV1::CreateReplicated { .. }
         | OpV1::Load { .. }
         | OpV1::SetLoadBalancer { .. }
@@ -160,7 +164,8 @@ impl Service {
     /// committed: same spec, same creation time. That is success.
     fn is_own_create(&self, cmd: &MetaCommand, e: &WireError) -> bool {
         let (MetaCommand::V2(CommandV2::CreateCollection { spec, at_ms, .. })
-        | MetaCommand::V2(CommandV2::CreateCollectionV2 { spec, at_ms, .. })) = cmd
+        | MetaCommand::V2(CommandV2::CreateCollectionV2 { spec, at_ms, .. })
+        | MetaCommand::V2(CommandV2::CreateCollectionV3 { spec, at_ms, .. })) = cmd
         else {
             return false;
         };
@@ -202,9 +207,16 @@ impl Service {
 
     /// Creates a collection with its initial placement, then waits until
     /// every shard takes writes.
-    async fn create(&self, spec: CollectionSpec, r: ReplicationSpec, index: IndexSpec) -> Result<ReplyV1, WireError> {
+    async fn create(
+        &self,
+        spec: CollectionSpec,
+        r: ReplicationSpec,
+        index: IndexSpec,
+        fields: Vec<FieldSpec>,
+    ) -> Result<ReplyV1, WireError> {
         edgevec_engine::validate::collection_spec(&spec).map_err(|e| e.to_wire())?;
         edgevec_engine::validate::index_spec(&index).map_err(|e| e.to_wire())?;
+        FieldSpec::check(&fields).map_err(|m| WireError::invalid("index_field", m))?;
         let replication = self.replication(r)?;
         let state = self.meta.state();
         // Only nodes the metadata leader heard from lately: a node that
@@ -235,8 +247,17 @@ impl Service {
         })?;
         let name = spec.name.clone();
         let at_ms = now_ms();
-        // The first form for the defaults: nodes of earlier builds apply it.
-        let cmd = if index == IndexSpec::default() {
+        // The oldest form that says it all: nodes of earlier builds apply it.
+        let cmd = if !fields.is_empty() {
+            CommandV2::CreateCollectionV3 {
+                spec,
+                replication,
+                at_ms,
+                placement,
+                index,
+                fields,
+            }
+        } else if index == IndexSpec::default() {
             CommandV2::CreateCollection {
                 spec,
                 replication,
@@ -272,15 +293,24 @@ impl Service {
                 uptime_ms: self.started.elapsed().as_millis() as u64,
                 collections: self.meta.state().collections().count() as u32,
             }),
-            OpV1::CreateCollection(spec) => self.create(spec, ReplicationSpec::new(1), IndexSpec::default()).await?,
+            OpV1::CreateCollection(spec) => {
+                self.create(spec, ReplicationSpec::new(1), IndexSpec::default(), Vec::new())
+                    .await?
+            }
             OpV1::CreateReplicated { spec, replication } => {
-                self.create(spec, replication, IndexSpec::default()).await?
+                self.create(spec, replication, IndexSpec::default(), Vec::new()).await?
             }
             OpV1::CreateReplicatedV2 {
                 spec,
                 replication,
                 index,
-            } => self.create(spec, replication, index).await?,
+            } => self.create(spec, replication, index, Vec::new()).await?,
+            OpV1::CreateCollectionV3 {
+                spec,
+                replication,
+                index,
+                fields,
+            } => self.create(spec, replication, index, fields).await?,
             OpV1::Load { name, replication } => {
                 let id = self.meta.state().collection(&name).map(|c| c.id).ok_or_else(|| {
                     WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
@@ -336,7 +366,15 @@ impl Service {
             }
             OpV1::ListCollections => ReplyV1::Collections(self.router.list().await),
             OpV1::DescribeCollection { name } => ReplyV1::Collection(self.router.describe(&name).await?),
-            OpV1::DescribeCollectionV2 { name } => ReplyV1::Details(self.router.details(&name).await?),
+            OpV1::DescribeCollectionV2 { name } => {
+                let d = self.router.details(&name).await?;
+                ReplyV1::Details(edgevec_proto::CollectionDetailsV1 {
+                    info: d.info,
+                    index: d.index,
+                    builds: d.builds,
+                })
+            }
+            OpV1::DescribeCollectionV3 { name } => ReplyV1::DetailsV2(self.router.details(&name).await?),
             OpV1::DropCollection { name } => {
                 // A drop retried after an attempt of unknown fate (the
                 // leader died mid-request) finds the collection gone. If it
@@ -375,7 +413,7 @@ impl Service {
                 let params = SearchParams::default();
                 let (hits, tokens) = self
                     .router
-                    .search_at(&collection, queries, k, with_payload, read, params)
+                    .search_at(&collection, queries, k, with_payload, read, params, None)
                     .await?;
                 ReplyV1::HitsAt { hits, tokens }
             }
@@ -389,7 +427,22 @@ impl Service {
             } => {
                 let (hits, tokens) = self
                     .router
-                    .search_at(&collection, queries, k, with_payload, read, params)
+                    .search_at(&collection, queries, k, with_payload, read, params, None)
+                    .await?;
+                ReplyV1::HitsAt { hits, tokens }
+            }
+            OpV1::SearchV4 {
+                collection,
+                queries,
+                k,
+                with_payload,
+                read,
+                params,
+                filter,
+            } => {
+                let (hits, tokens) = self
+                    .router
+                    .search_at(&collection, queries, k, with_payload, read, params, Some(filter))
                     .await?;
                 ReplyV1::HitsAt { hits, tokens }
             }

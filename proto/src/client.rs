@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
+use crate::filter::FieldSpec;
 use crate::types::*;
 
 /// A client request, versioned by variant.
@@ -158,6 +159,31 @@ pub enum OpV1 {
     DescribeCollectionV2 {
         name: String,
     },
+    /// `CreateReplicatedV2` with payload indexes: the fields filters may
+    /// use ([`crate::filter`]).
+    CreateCollectionV3 {
+        spec: CollectionSpec,
+        replication: ReplicationSpec,
+        index: IndexSpec,
+        fields: Vec<FieldSpec>,
+    },
+    /// `DescribeCollectionV2` with the payload indexes; answers
+    /// [`ReplyV1::DetailsV2`].
+    DescribeCollectionV3 {
+        name: String,
+    },
+    /// `SearchV3` of the points that pass `filter`: JSON in the syntax of
+    /// [`crate::filter`] (text, so the node reads it with its bounds);
+    /// answers [`ReplyV1::HitsAt`].
+    SearchV4 {
+        collection: String,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+        read: ReadOptions,
+        params: SearchParams,
+        filter: String,
+    },
 }
 
 impl OpV1 {
@@ -167,7 +193,9 @@ impl OpV1 {
             OpV1::Status => "status",
             OpV1::CreateCollection(_) => "create_collection",
             OpV1::ListCollections => "list_collections",
-            OpV1::DescribeCollection { .. } | OpV1::DescribeCollectionV2 { .. } => "describe_collection",
+            OpV1::DescribeCollection { .. } | OpV1::DescribeCollectionV2 { .. } | OpV1::DescribeCollectionV3 { .. } => {
+                "describe_collection"
+            }
             OpV1::DropCollection { .. } => "drop_collection",
             OpV1::Upsert { .. } => "upsert",
             OpV1::Delete { .. } => "delete",
@@ -176,7 +204,9 @@ impl OpV1 {
             OpV1::ClusterStatus => "cluster_status",
             OpV1::AddNode(_) => "add_node",
             OpV1::RemoveNode { .. } => "remove_node",
-            OpV1::CreateReplicated { .. } | OpV1::CreateReplicatedV2 { .. } => "create_collection",
+            OpV1::CreateReplicated { .. } | OpV1::CreateReplicatedV2 { .. } | OpV1::CreateCollectionV3 { .. } => {
+                "create_collection"
+            }
             OpV1::Load { .. } => "load",
             OpV1::Shards { .. } => "shards",
             OpV1::ListPlugins => "list_plugins",
@@ -186,7 +216,7 @@ impl OpV1 {
             OpV1::SetNativePolicies { .. } => "set_native_policies",
             OpV1::UpsertV2 { .. } => "upsert",
             OpV1::DeleteV2 { .. } => "delete",
-            OpV1::SearchV2 { .. } | OpV1::SearchV3 { .. } => "search",
+            OpV1::SearchV2 { .. } | OpV1::SearchV3 { .. } | OpV1::SearchV4 { .. } => "search",
             OpV1::GetV2 { .. } => "get",
             OpV1::SetHedging { .. } => "set_hedging",
         }
@@ -236,7 +266,9 @@ pub enum ReplyV1 {
         tokens: Vec<SessionToken>,
     },
     HedgingSet,
-    Details(CollectionDetails),
+    Details(CollectionDetailsV1),
+    /// Answer to `DescribeCollectionV3`.
+    DetailsV2(CollectionDetails),
 }
 
 /// Most bytes a request's token occupies at the start of its body (the

@@ -169,6 +169,48 @@ pub struct FieldSpec {
     pub kind: FieldKind,
 }
 
+/// Most payload indexes of one collection.
+pub const MAX_PAYLOAD_INDEXES: usize = 32;
+
+impl FieldSpec {
+    /// Parses `name:kind` (`lang:keyword`, `year:int`).
+    pub fn parse(s: &str) -> Result<FieldSpec, String> {
+        let (name, kind) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("\"{s}\" is not name:type (e.g. lang:keyword, year:int)"))?;
+        let spec = FieldSpec {
+            name: name.to_owned(),
+            kind: kind.parse()?,
+        };
+        FieldSpec::check(std::slice::from_ref(&spec))?;
+        Ok(spec)
+    }
+
+    /// Checks a collection's payload indexes: at most
+    /// [`MAX_PAYLOAD_INDEXES`], names of 1 to [`MAX_FILTER_KEY_BYTES`]
+    /// bytes, each named once.
+    pub fn check(fields: &[FieldSpec]) -> Result<(), String> {
+        if fields.len() > MAX_PAYLOAD_INDEXES {
+            return Err(format!(
+                "{} payload indexes asked; at most {MAX_PAYLOAD_INDEXES}",
+                fields.len()
+            ));
+        }
+        for (i, f) in fields.iter().enumerate() {
+            if f.name.is_empty() || f.name.len() > MAX_FILTER_KEY_BYTES {
+                return Err(format!(
+                    "payload index names are 1 to {MAX_FILTER_KEY_BYTES} bytes, not {:?}",
+                    f.name
+                ));
+            }
+            if fields[..i].iter().any(|g| g.name == f.name) {
+                return Err(format!("payload index \"{}\" is declared twice", f.name));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a filter was refused: where in the JSON, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("filter {path}: {message}")]
@@ -517,6 +559,27 @@ mod tests {
         assert!(Filter::parse(&wide).unwrap_err().message.contains("more than"));
         let long = format!(r#"{{"must":[{{"key":"a","match":"{}"}}]}}"#, "x".repeat(5000));
         assert!(Filter::parse(&long).unwrap_err().message.contains("at most"));
+    }
+
+    #[test]
+    fn field_specs_parse_and_check() {
+        let f = FieldSpec::parse("lang:keyword").unwrap();
+        assert_eq!((f.name.as_str(), f.kind), ("lang", FieldKind::Keyword));
+        assert_eq!(
+            FieldSpec::parse("a:b:int").unwrap().name,
+            "a:b",
+            "the last colon splits"
+        );
+        assert!(FieldSpec::parse("year").unwrap_err().contains("name:type"));
+        assert!(FieldSpec::parse("year:date")
+            .unwrap_err()
+            .contains("keyword, int, float or bool"));
+        assert!(FieldSpec::parse(":int").unwrap_err().contains("1 to 256 bytes"));
+        let twice = [
+            FieldSpec::parse("a:int").unwrap(),
+            FieldSpec::parse("a:keyword").unwrap(),
+        ];
+        assert!(FieldSpec::check(&twice).unwrap_err().contains("declared twice"));
     }
 
     #[test]

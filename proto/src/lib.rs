@@ -23,7 +23,9 @@ pub mod replication;
 pub mod types;
 
 pub use error::{ErrorCode, WireError};
-pub use filter::{Condition, FieldKind, FieldSpec, FieldValue, Filter, FilterError, Range, Scalar};
+pub use filter::{
+    Condition, FieldKind, FieldSpec, FieldValue, Filter, FilterError, Range, Scalar, MAX_PAYLOAD_INDEXES,
+};
 pub use types::*;
 
 /// ALPN protocol id of client connections (token-authenticated).

@@ -138,6 +138,16 @@ pub enum ShardRead {
     StatusV2 {
         shard: ShardRef,
     },
+    /// `SearchV2` of the points that pass `filter` (JSON, see
+    /// [`crate::filter`]).
+    SearchV3 {
+        shard: ShardRef,
+        queries: Vec<Vec<f32>>,
+        k: u32,
+        with_payload: bool,
+        params: SearchParams,
+        filter: String,
+    },
 }
 
 impl ShardRead {
@@ -145,6 +155,7 @@ impl ShardRead {
         match self {
             ShardRead::Search { shard, .. }
             | ShardRead::SearchV2 { shard, .. }
+            | ShardRead::SearchV3 { shard, .. }
             | ShardRead::Get { shard, .. }
             | ShardRead::Status { shard }
             | ShardRead::StatusV2 { shard } => *shard,

@@ -203,10 +203,20 @@ pub struct IndexBuild {
 /// parameters, and the index builds under way (of the replica that
 /// answered for each shard).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionDetailsV1 {
+    pub info: CollectionInfo,
+    pub index: IndexSpec,
+    pub builds: Vec<IndexBuild>,
+}
+
+/// What `DescribeCollectionV3` returns: [`CollectionDetailsV1`] and the
+/// collection's payload indexes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CollectionDetails {
     pub info: CollectionInfo,
     pub index: IndexSpec,
     pub builds: Vec<IndexBuild>,
+    pub fields: Vec<crate::filter::FieldSpec>,
 }
 
 /// What a write returns: per shard touched, the LSN that now covers it.

@@ -192,6 +192,7 @@ fn engine_side(
             m: args.m as u32,
             ef_construction: args.ef_construction as u32,
         },
+        fields: Vec::new(),
     })?;
     let inserted = Instant::now();
     let mut prev = OpId::ZERO;

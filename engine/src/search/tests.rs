@@ -64,6 +64,7 @@ fn payloads_come_from_the_replica_each_hit_came_from() {
                 metric: Metric::L2,
                 seal_rows: 64,
                 index: Default::default(),
+                fields: Vec::new(),
             })
             .unwrap();
         // Both rows live at segment 1, row 0 of their replica.

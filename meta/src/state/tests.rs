@@ -81,6 +81,41 @@ fn invalid_specs_are_rejected() {
 }
 
 #[test]
+fn a_collection_keeps_the_payload_indexes_it_was_created_with() {
+    let mut s = MetaState::default();
+    let create = |name: &str, fields: Vec<FieldSpec>| -> MetaCommand {
+        MetaCommand::V2(CommandV2::CreateCollectionV3 {
+            spec: spec(name),
+            replication: Replication::with_default_min(1),
+            at_ms: 3,
+            placement: Vec::new(),
+            index: IndexSpec::default(),
+            fields,
+        })
+    };
+    let fields = vec![
+        FieldSpec::parse("lang:keyword").unwrap(),
+        FieldSpec::parse("year:int").unwrap(),
+    ];
+    assert!(s.apply(&create("docs", fields.clone())).is_ok());
+    assert_eq!(s.collection("docs").unwrap().fields, fields);
+    // Encoded as a row and read back (what a restart does).
+    let row = crate::disk::encode(
+        "c",
+        &crate::state_rows::CollectionRow::V4(s.collection("docs").unwrap().clone()),
+    )
+    .unwrap();
+    match crate::disk::decode::<crate::state_rows::CollectionRow>("c", &row).unwrap() {
+        crate::state_rows::CollectionRow::V4(c) => assert_eq!(c.fields, fields),
+        _ => panic!("written as V4"),
+    }
+    let before = s.clone();
+    let twice = vec![fields[0].clone(), fields[0].clone()];
+    assert_eq!(code(&s.apply(&create("bad", twice))), Some(RejectCode::Invalid));
+    assert_eq!(s, before);
+}
+
+#[test]
 fn a_collection_keeps_the_index_parameters_it_was_created_with() {
     let mut s = MetaState::default();
     let create = |name: &str, index: IndexSpec| -> MetaCommand {

@@ -59,6 +59,10 @@ pub struct SearchArgs {
     /// Brute-force searches (see `search --exact`).
     #[arg(long)]
     pub exact: bool,
+    /// Payload filter of every search (see `search --filter`); `--truth`
+    /// must then be the true neighbours among the passing points.
+    #[arg(long)]
+    pub filter: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -209,6 +213,7 @@ async fn search(g: &Global, a: SearchArgs) -> Result<()> {
     let opts = ReadOpts {
         ef: a.ef,
         exact: a.exact,
+        filter: a.filter.clone(),
         ..Default::default()
     };
     // One search before the clock starts: the connection is up, the

@@ -113,6 +113,12 @@ pub enum Command {
         /// index: exact, at a cost linear in the collection's size.
         #[arg(long)]
         exact: bool,
+        /// Only points whose payload passes this filter (JSON), e.g.
+        /// '{"must":[{"key":"lang","match":"en"},{"key":"year","range":{"gte":2020}}]}':
+        /// must/should/must_not over match, in, range, on fields the
+        /// collection declared with --index-field.
+        #[arg(long)]
+        filter: Option<String>,
     },
     /// Load a running cluster and measure it: `bench search` (QPS,
     /// latency, recall) and `bench insert` (rows per second).
@@ -222,6 +228,11 @@ pub enum CollectionCmd {
         /// better graph, more slowly.
         #[arg(long, default_value_t = edgevec_proto::limits::DEFAULT_EF_CONSTRUCTION)]
         ef_construction: u32,
+        /// A payload index, `name:type` (keyword, int, float, bool): the
+        /// top-level payload fields that search filters may use. Repeat
+        /// for several.
+        #[arg(long = "index-field", value_parser = edgevec_proto::FieldSpec::parse)]
+        index_fields: Vec<edgevec_proto::FieldSpec>,
     },
     /// List collections.
     List,
@@ -249,10 +260,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             no_payload,
             ef,
             exact,
+            filter,
         } => {
             let opts = edgevec_client::ReadOpts {
                 ef,
                 exact,
+                filter,
                 ..Default::default()
             };
             data::search(&g, &collection, &vector, k, !no_payload, &opts).await
@@ -410,6 +423,7 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
             lb,
             hnsw_m,
             ef_construction,
+            index_fields,
         } => {
             let spec = CollectionSpec::new(&name, dim, metric)
                 .with_shards(shards)
@@ -419,7 +433,7 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
                 ef_construction,
             };
             client
-                .create_indexed(spec, ReplicationSpec { replicas, min_insync }, index)
+                .create_with_fields(spec, ReplicationSpec { replicas, min_insync }, index, index_fields)
                 .await?;
             if let Some(lb) = &lb {
                 client.set_load_balancer(&name, lb).await.with_context(|| {
@@ -471,6 +485,11 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
             if g.json {
                 let mut v = data::collection_json(c);
                 v["index"] = json!({"hnsw_m": details.index.m, "ef_construction": details.index.ef_construction});
+                v["payload_indexes"] = details
+                    .fields
+                    .iter()
+                    .map(|f| json!({"field": f.name, "type": f.kind.name()}))
+                    .collect();
                 v["builds"] = details
                     .builds
                     .iter()
@@ -486,6 +505,14 @@ async fn collection(g: &Global, cmd: CollectionCmd) -> Result<()> {
                     "  index: hnsw m {}, ef_construction {}",
                     details.index.m, details.index.ef_construction
                 );
+                if !details.fields.is_empty() {
+                    let fields: Vec<String> = details
+                        .fields
+                        .iter()
+                        .map(|f| format!("{}:{}", f.name, f.kind.name()))
+                        .collect();
+                    println!("  payload indexes: {}", fields.join(", "));
+                }
                 for b in &details.builds {
                     println!(
                         "  shard {} segment {}: index build at {} of {} rows ({:.0}%)",

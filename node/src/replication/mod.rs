@@ -417,6 +417,7 @@ impl DataPlane {
                     metric: c.spec.metric,
                     seal_rows: c.spec.seal_rows,
                     index: c.index,
+                    fields: c.fields.clone(),
                 };
                 wanted.insert(key, (spec, cfg.clone()));
             }

@@ -326,12 +326,14 @@ impl DataPlane {
         k: u32,
         with_payload: bool,
         params: SearchParams,
+        filter: Option<String>,
     ) -> Result<edgevec_proto::replication::ShardReadReply, WireError> {
         let opts = edgevec_engine::validate::search_params(&params).map_err(|e| e.to_wire())?;
+        let filter = filter.as_deref().map(parse_filter).transpose()?;
         let metric = local.spec.metric;
         let replica = local.replica.clone();
         let hits: Vec<Vec<Hit>> = super::blocking(move || {
-            edgevec_engine::search_replicas(&[replica], metric, &queries, k, with_payload, opts, None)
+            edgevec_engine::search_replicas(&[replica], metric, &queries, k, with_payload, opts, filter.as_ref())
         })
         .await?;
         Ok(edgevec_proto::replication::ShardReadReply::Hits(hits))
@@ -351,7 +353,7 @@ impl DataPlane {
                 with_payload,
                 ..
             } => {
-                self.search(local, queries, k, with_payload, SearchParams::default())
+                self.search(local, queries, k, with_payload, SearchParams::default(), None)
                     .await
             }
             ShardRead::SearchV2 {
@@ -360,7 +362,15 @@ impl DataPlane {
                 with_payload,
                 params,
                 ..
-            } => self.search(local, queries, k, with_payload, params).await,
+            } => self.search(local, queries, k, with_payload, params, None).await,
+            ShardRead::SearchV3 {
+                queries,
+                k,
+                with_payload,
+                params,
+                filter,
+                ..
+            } => self.search(local, queries, k, with_payload, params, Some(filter)).await,
             ShardRead::Get { ids, .. } => {
                 let replica = local.replica.clone();
                 let found = super::blocking(move || replica.get(&ids)).await?;
@@ -383,6 +393,12 @@ impl DataPlane {
             }),
         }
     }
+}
+
+/// Reads a filter sent as JSON, with the filter language's bounds; a bad
+/// one is the caller's error, naming where in the JSON it is wrong.
+pub fn parse_filter(json: &str) -> Result<edgevec_proto::Filter, WireError> {
+    edgevec_proto::Filter::parse(json).map_err(|e| WireError::invalid("filter", e.to_string()))
 }
 
 #[cfg(test)]

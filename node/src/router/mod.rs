@@ -1419,14 +1419,16 @@ impl Router {
                 with_payload,
                 ReadOptions::default(),
                 SearchParams::default(),
+                None,
             )
             .await?
             .0)
     }
 
     /// Up to `k` hits per query over every shard of `name`, each shard read
-    /// as `opts` asks and searched as `params` says; with the op each shard
-    /// was read at.
+    /// as `opts` asks and searched as `params` says, only points that pass
+    /// `filter` (JSON) if one is given; with the op each shard was read at.
+    #[allow(clippy::too_many_arguments)]
     pub async fn search_at(
         &self,
         name: &str,
@@ -1435,17 +1437,34 @@ impl Router {
         with_payload: bool,
         opts: ReadOptions,
         params: SearchParams,
+        filter: Option<String>,
     ) -> Result<(Vec<Vec<Hit>>, Vec<SessionToken>), WireError> {
         let rec = self.collection(name).await?;
         let queries = validate::search(&rec.spec, &queries, k).map_err(|e| e.to_wire())?;
         validate::search_params(&params).map_err(|e| e.to_wire())?;
+        if let Some(json) = &filter {
+            // Refused here, once, rather than by every replica.
+            let parsed = crate::replication::reads::parse_filter(json)?;
+            edgevec_engine::payload::Schema::new(&rec.fields)
+                .compile(&parsed)
+                .map_err(|e| e.to_wire())?;
+        }
         let spec = self.read_spec(&rec, opts)?;
         let reads = (0..rec.spec.shards).map(|shard| {
             let key = ShardRef {
                 collection: rec.id,
                 shard,
             };
-            let req = if params == SearchParams::default() {
+            let req = if let Some(filter) = &filter {
+                ShardRead::SearchV3 {
+                    shard: key,
+                    queries: queries.clone(),
+                    k,
+                    with_payload,
+                    params,
+                    filter: filter.clone(),
+                }
+            } else if params == SearchParams::default() {
                 ShardRead::Search {
                     shard: key,
                     queries: queries.clone(),
@@ -1554,6 +1573,7 @@ impl Router {
             info,
             index: rec.index,
             builds,
+            fields: rec.fields.clone(),
         })
     }
 

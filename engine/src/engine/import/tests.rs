@@ -20,6 +20,7 @@ fn rspec(collection: u64, dim: u32) -> ReplicaSpec {
         metric: Metric::L2,
         seal_rows: 64,
         index: Default::default(),
+        fields: Vec::new(),
     }
 }
 
