@@ -506,7 +506,31 @@ async fn filtered_search_through_the_client_and_the_cli() {
         }
     }
 
-    // The CLI: create with --index-field, search with --filter.
+    // Count and delete by filter, through the client.
+    let opts = ReadOpts::default();
+    assert_eq!(client.count("docs", None, &opts).await.unwrap(), n as u64);
+    let want = (0..n as u64).filter(|id| passes(*id)).count() as u64;
+    assert_eq!(client.count("docs", Some(filter), &opts).await.unwrap(), want);
+    let fr = r#"{"must":[{"key":"lang","match":"fr"}]}"#;
+    let deleted = client.delete_by_filter("docs", fr).await.unwrap();
+    assert_eq!(deleted.count, (n / 3) as u64);
+    assert_eq!(client.count("docs", Some(fr), &opts).await.unwrap(), 0);
+    assert_eq!(client.count("docs", None, &opts).await.unwrap(), (n - n / 3) as u64);
+    assert!(
+        client.get("docs", &[2, 5, 8]).await.unwrap().is_empty(),
+        "ids 2, 5, 8 were fr"
+    );
+    assert_eq!(client.get("docs", &[0, 1]).await.unwrap().len(), 2);
+    match client
+        .count("docs", Some(r#"{"must":[{"key":"colour","match":"red"}]}"#), &opts)
+        .await
+    {
+        Err(ClientError::InvalidArgument { field, .. }) => assert_eq!(field.as_deref(), Some("filter")),
+        other => panic!("a filter on a field without an index must be refused: {other:?}"),
+    }
+
+    // The CLI: count, delete by filter, search with --filter, create with
+    // --index-field.
     let v = serde_json::to_string(&vectors[7]).unwrap();
     let (ok, out, err) = cluster.cli(&[
         "search", "docs", "--vector", &v, "--k", "5", "--filter", filter, "--json",
@@ -521,6 +545,21 @@ async fn filtered_search_through_the_client_and_the_cli() {
         .collect();
     assert_eq!(ids.len(), 5);
     assert!(ids.iter().all(|id| passes(*id)), "{ids:?}");
+    let de_old = r#"{"must":[{"key":"lang","match":"de"},{"key":"year","range":{"lt":2002}}]}"#;
+    let (ok, out, err) = cluster.cli(&["count", "docs", "--filter", de_old, "--json"]);
+    assert!(ok, "{err}");
+    let before: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let want = (0..n as u64).filter(|id| id % 3 == 1 && id % 30 < 2).count() as u64;
+    assert_eq!(want, 200);
+    assert_eq!(before["count"].as_u64(), Some(want));
+    let (ok, out, err) = cluster.cli(&["delete", "docs", "--filter", de_old, "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["deleted"].as_u64(), Some(want));
+    let (ok, out, _) = cluster.cli(&["count", "docs", "--filter", de_old]);
+    assert!(ok && out.trim() == "0", "{out}");
+    let (ok, _, err) = cluster.cli(&["delete", "docs"]);
+    assert!(!ok && err.contains("--ids"), "{err}");
     let (ok, _, err) = cluster.cli(&[
         "collection",
         "create",

@@ -318,7 +318,11 @@ impl Client {
         let retry_safe = is_retry_safe(&op)
             && !matches!(
                 op,
-                OpV1::SearchV2 { .. } | OpV1::SearchV3 { .. } | OpV1::SearchV4 { .. } | OpV1::GetV2 { .. }
+                OpV1::SearchV2 { .. }
+                    | OpV1::SearchV3 { .. }
+                    | OpV1::SearchV4 { .. }
+                    | OpV1::GetV2 { .. }
+                    | OpV1::Count { .. }
             );
         let deadline = tokio::time::Instant::now() + self.inner.config.retry_budget;
         let mut backoff = Duration::from_millis(20);
@@ -605,12 +609,14 @@ impl Client {
             | OpV1::SearchV2 { collection, .. }
             | OpV1::SearchV3 { collection, .. }
             | OpV1::SearchV4 { collection, .. }
+            | OpV1::Count { collection, .. }
+            | OpV1::DeleteByFilter { collection, .. }
             | OpV1::GetV2 { collection, .. } => collection,
             _ => return Ok(reply),
         };
         let tokens = match &reply {
             ReplyV1::WrittenV2(o) => &o.tokens,
-            ReplyV1::HitsAt { tokens, .. } | ReplyV1::PointsAt { tokens, .. } => tokens,
+            ReplyV1::HitsAt { tokens, .. } | ReplyV1::PointsAt { tokens, .. } | ReplyV1::Count { tokens, .. } => tokens,
             _ => return Ok(reply),
         };
         self.merge_session(collection, tokens);
@@ -678,6 +684,35 @@ impl Client {
         };
         match self.request(op).await? {
             ReplyV1::WrittenV2(o) => Ok(o.ack),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes the points whose payload passes `filter` (JSON, see
+    /// [`ReadOpts::filter`]); returns how many were deleted. Each shard's
+    /// matching points are those its primary holds when it serves the
+    /// request: points written meanwhile may or may not be deleted.
+    pub async fn delete_by_filter(&self, collection: &str, filter: &str) -> Result<WriteAck, ClientError> {
+        let op = OpV1::DeleteByFilter {
+            collection: collection.into(),
+            filter: filter.into(),
+        };
+        match self.request(op).await? {
+            ReplyV1::WrittenV2(o) => Ok(o.ack),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Live points of a collection, or (with `filter`, JSON) of those that
+    /// pass it, read as `opts` says (its `filter` is not used).
+    pub async fn count(&self, collection: &str, filter: Option<&str>, opts: &ReadOpts) -> Result<u64, ClientError> {
+        let op = OpV1::Count {
+            collection: collection.into(),
+            filter: filter.map(str::to_owned),
+            read: self.read_options(collection, opts),
+        };
+        match self.request(op).await? {
+            ReplyV1::Count { count, .. } => Ok(count),
             other => Err(unexpected(other)),
         }
     }

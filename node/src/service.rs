@@ -50,10 +50,15 @@ pub fn required_role(op: &OpV1) -> TokenRole {
         | OpV1::SearchV2 { .. }
         | OpV1::SearchV3 { .. }
         | OpV1::SearchV4 { .. }
+        | OpV1::Count { .. }
         | OpV1::ClusterStatus
         | OpV1::Shards { .. }
         | OpV1::ListPlugins => TokenRole::Read,
-        OpV1::Upsert { .. } | OpV1::Delete { .. } | OpV1::UpsertV2 { .. } | OpV1::DeleteV2 { .. } => TokenRole::Write,
+        OpV1::Upsert { .. }
+        | OpV1::Delete { .. }
+        | OpV1::UpsertV2 { .. }
+        | OpV1::DeleteV2 { .. }
+        | OpV1::DeleteByFilter { .. } => TokenRole::Write,
         OpV1::CreateCollection(_)
         | OpV1::CreateReplicatedV2 { .. }
         | OpV1::CreateCollectionV3 { .. }
@@ -399,6 +404,17 @@ impl Service {
                 ReplyV1::WrittenV2(self.router.upsert_v2(&collection, points).await?)
             }
             OpV1::DeleteV2 { collection, ids } => ReplyV1::WrittenV2(self.router.delete_v2(&collection, ids).await?),
+            OpV1::DeleteByFilter { collection, filter } => {
+                ReplyV1::WrittenV2(self.router.delete_by_filter(&collection, filter).await?)
+            }
+            OpV1::Count {
+                collection,
+                filter,
+                read,
+            } => {
+                let (count, tokens) = self.router.count_at(&collection, filter, read).await?;
+                ReplyV1::Count { count, tokens }
+            }
             OpV1::GetV2 { collection, ids, read } => {
                 let (points, tokens) = self.router.get_at(&collection, ids, read).await?;
                 ReplyV1::PointsAt { points, tokens }

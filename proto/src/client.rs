@@ -184,6 +184,20 @@ pub enum OpV1 {
         params: SearchParams,
         filter: String,
     },
+    /// Live points of a collection, or of those that pass `filter` (JSON);
+    /// answers [`ReplyV1::Count`].
+    Count {
+        collection: String,
+        filter: Option<String>,
+        read: ReadOptions,
+    },
+    /// Deletes the points that pass `filter` (JSON) when each shard's
+    /// primary serves it; answers [`ReplyV1::WrittenV2`] with the points
+    /// deleted.
+    DeleteByFilter {
+        collection: String,
+        filter: String,
+    },
 }
 
 impl OpV1 {
@@ -217,6 +231,8 @@ impl OpV1 {
             OpV1::UpsertV2 { .. } => "upsert",
             OpV1::DeleteV2 { .. } => "delete",
             OpV1::SearchV2 { .. } | OpV1::SearchV3 { .. } | OpV1::SearchV4 { .. } => "search",
+            OpV1::Count { .. } => "count",
+            OpV1::DeleteByFilter { .. } => "delete",
             OpV1::GetV2 { .. } => "get",
             OpV1::SetHedging { .. } => "set_hedging",
         }
@@ -269,6 +285,11 @@ pub enum ReplyV1 {
     Details(CollectionDetailsV1),
     /// Answer to `DescribeCollectionV3`.
     DetailsV2(CollectionDetails),
+    /// Answer to `Count`, with the op each shard was read at.
+    Count {
+        count: u64,
+        tokens: Vec<SessionToken>,
+    },
 }
 
 /// Most bytes a request's token occupies at the start of its body (the

@@ -148,6 +148,20 @@ pub enum ShardRead {
         params: SearchParams,
         filter: String,
     },
+    /// Live points, or those that pass `filter` (JSON):
+    /// [`ShardReadReply::Count`].
+    Count {
+        shard: ShardRef,
+        filter: Option<String>,
+    },
+    /// Ids of the live points that pass `filter` (JSON), ascending, above
+    /// `after`, at most `limit`: [`ShardReadReply::Ids`].
+    Ids {
+        shard: ShardRef,
+        filter: String,
+        after: Option<u64>,
+        limit: u32,
+    },
 }
 
 impl ShardRead {
@@ -156,6 +170,8 @@ impl ShardRead {
             ShardRead::Search { shard, .. }
             | ShardRead::SearchV2 { shard, .. }
             | ShardRead::SearchV3 { shard, .. }
+            | ShardRead::Count { shard, .. }
+            | ShardRead::Ids { shard, .. }
             | ShardRead::Get { shard, .. }
             | ShardRead::Status { shard }
             | ShardRead::StatusV2 { shard } => *shard,
@@ -246,6 +262,8 @@ pub enum ShardReadReply {
         report: ReplicaReport,
         builds: Vec<IndexBuild>,
     },
+    Count(u64),
+    Ids(Vec<u64>),
 }
 
 #[cfg(test)]

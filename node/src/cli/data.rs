@@ -73,6 +73,30 @@ pub async fn delete(g: &Global, collection: &str, ids: &[u64]) -> Result<()> {
     Ok(())
 }
 
+pub async fn delete_by_filter(g: &Global, collection: &str, filter: &str) -> Result<()> {
+    let client = connect(g).await?;
+    let ack = client.delete_by_filter(collection, filter).await?;
+    if g.json {
+        println!("{}", json!({"deleted": ack.count, "lsns": ack.lsns}));
+    } else {
+        println!("deleted {} points from {collection} (by filter)", ack.count);
+    }
+    client.close().await;
+    Ok(())
+}
+
+pub async fn count(g: &Global, collection: &str, filter: Option<&str>) -> Result<()> {
+    let client = connect(g).await?;
+    let n = client.count(collection, filter, &Default::default()).await?;
+    if g.json {
+        println!("{}", json!({"count": n}));
+    } else {
+        println!("{n}");
+    }
+    client.close().await;
+    Ok(())
+}
+
 fn payload_json(p: Option<&str>) -> Value {
     p.and_then(|s| serde_json::from_str(s).ok()).unwrap_or(Value::Null)
 }

@@ -135,8 +135,26 @@ pub enum Command {
     Delete {
         collection: String,
         /// Comma-separated ids.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "filter",
+            conflicts_with = "filter"
+        )]
         ids: Vec<u64>,
+        /// Delete the points whose payload passes this filter (JSON, see
+        /// `search --filter`) instead of listed ids.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Count the live points of a collection, or those whose payload
+    /// passes a filter.
+    Count {
+        collection: String,
+        /// Count only points whose payload passes this filter (JSON, see
+        /// `search --filter`).
+        #[arg(long)]
+        filter: Option<String>,
     },
     /// Policy plugins: `plugin list` shows each one's version and its state
     /// on every node.
@@ -272,7 +290,17 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Get { collection, ids } => data::get(&g, &collection, &ids).await,
         Command::Bench(cmd) => bench::run(&g, cmd).await,
-        Command::Delete { collection, ids } => data::delete(&g, &collection, &ids).await,
+        Command::Delete {
+            collection,
+            ids,
+            filter: None,
+        } => data::delete(&g, &collection, &ids).await,
+        Command::Delete {
+            collection,
+            filter: Some(filter),
+            ..
+        } => data::delete_by_filter(&g, &collection, &filter).await,
+        Command::Count { collection, filter } => data::count(&g, &collection, filter.as_deref()).await,
         Command::Plugin(PluginCmd::List) => plugin::list(&g).await,
         Command::Plugin(PluginCmd::Deploy { name, file, params }) => plugin::deploy(&g, &name, &file, params).await,
         Command::Plugin(PluginCmd::Remove { name }) => plugin::remove(&g, &name).await,

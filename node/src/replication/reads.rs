@@ -391,6 +391,26 @@ impl DataPlane {
                     })
                     .collect(),
             }),
+            ShardRead::Count { filter, .. } => {
+                let filter = filter.as_deref().map(parse_filter).transpose()?;
+                let replica = local.replica.clone();
+                let count = super::blocking(move || match &filter {
+                    Some(f) => replica.count(f),
+                    None => Ok(replica.info().0.points),
+                })
+                .await?;
+                Ok(ShardReadReply::Count(count))
+            }
+            ShardRead::Ids {
+                filter, after, limit, ..
+            } => {
+                let filter = parse_filter(&filter)?;
+                let limit = limit.clamp(1, edgevec_proto::limits::MAX_BATCH_IDS as u32) as usize;
+                let replica = local.replica.clone();
+                let ids = super::blocking(move || replica.ids_matching(&filter)).await?;
+                let from = after.map_or(0, |a| ids.partition_point(|id| *id <= a));
+                Ok(ShardReadReply::Ids(ids[from..].iter().take(limit).copied().collect()))
+            }
         }
     }
 }

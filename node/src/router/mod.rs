@@ -1444,10 +1444,7 @@ impl Router {
         validate::search_params(&params).map_err(|e| e.to_wire())?;
         if let Some(json) = &filter {
             // Refused here, once, rather than by every replica.
-            let parsed = crate::replication::reads::parse_filter(json)?;
-            edgevec_engine::payload::Schema::new(&rec.fields)
-                .compile(&parsed)
-                .map_err(|e| e.to_wire())?;
+            Self::check_filter(&rec, json)?;
         }
         let spec = self.read_spec(&rec, opts)?;
         let reads = (0..rec.spec.shards).map(|shard| {
@@ -1556,6 +1553,118 @@ impl Router {
             }
         }
         Ok((ids.iter().filter_map(|id| found.remove(id)).collect(), tokens))
+    }
+
+    /// Checks a filter (JSON) against the collection's payload indexes.
+    fn check_filter(rec: &CollectionRecord, json: &str) -> Result<(), WireError> {
+        let parsed = crate::replication::reads::parse_filter(json)?;
+        edgevec_engine::payload::Schema::new(&rec.fields)
+            .compile(&parsed)
+            .map(|_| ())
+            .map_err(|e| e.to_wire())
+    }
+
+    /// Live points of `name`, or those that pass `filter` (JSON), each
+    /// shard read as `opts` asks; with the op each shard was read at.
+    pub async fn count_at(
+        &self,
+        name: &str,
+        filter: Option<String>,
+        opts: ReadOptions,
+    ) -> Result<(u64, Vec<SessionToken>), WireError> {
+        let rec = self.collection(name).await?;
+        if let Some(json) = &filter {
+            Self::check_filter(&rec, json)?;
+        }
+        let spec = self.read_spec(&rec, opts)?;
+        let reads = (0..rec.spec.shards).map(|shard| {
+            let key = ShardRef {
+                collection: rec.id,
+                shard,
+            };
+            let req = ShardRead::Count {
+                shard: key,
+                filter: filter.clone(),
+            };
+            let spec = &spec;
+            async move { (key, self.read_shard_at(key, req, spec).await) }
+        });
+        let (mut count, mut tokens) = (0, Vec::new());
+        for (key, reply) in futures::future::join_all(reads).await {
+            let (reply, served) = reply?;
+            tokens.push(token_of(key, served));
+            match reply {
+                ShardReadReply::Count(n) => count += n,
+                other => {
+                    return Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!("unexpected reply {other:?}"),
+                    ))
+                }
+            }
+        }
+        Ok((count, tokens))
+    }
+
+    /// Deletes the points of `name` that pass `filter` (JSON): page by
+    /// page, each shard's matching ids are read from its primary (a
+    /// `strong` read, so every acknowledged write is seen) and deleted
+    /// through the write path. Points written meanwhile that pass may or
+    /// may not be deleted. The outcome counts the points deleted.
+    pub async fn delete_by_filter(&self, name: &str, filter: String) -> Result<WriteOutcome, WireError> {
+        const PAGE: u32 = 10_000;
+        let rec = self.collection(name).await?;
+        Self::check_filter(&rec, &filter)?;
+        let strong = ReadOptions {
+            consistency: Some("strong".into()),
+            ..ReadOptions::default()
+        };
+        let spec = self.read_spec(&rec, strong)?;
+        let mut total = WriteOutcome {
+            ack: Default::default(),
+            tokens: Vec::new(),
+            error: None,
+        };
+        'shards: for shard in 0..rec.spec.shards {
+            let key = ShardRef {
+                collection: rec.id,
+                shard,
+            };
+            let mut after = None;
+            loop {
+                let req = ShardRead::Ids {
+                    shard: key,
+                    filter: filter.clone(),
+                    after,
+                    limit: PAGE,
+                };
+                let ids = match self.read_shard_at(key, req, &spec).await?.0 {
+                    ShardReadReply::Ids(ids) => ids,
+                    other => {
+                        return Err(WireError::new(
+                            ErrorCode::Internal,
+                            format!("unexpected reply {other:?}"),
+                        ))
+                    }
+                };
+                let Some(&last) = ids.last() else { break };
+                let full = ids.len() as u32 == PAGE;
+                let outcome = self.write(&rec, None, vec![(shard, WriteOp::Delete(ids))]).await;
+                total.ack.count += outcome.ack.count;
+                total.ack.lsns.extend(outcome.ack.lsns);
+                total.tokens.extend(outcome.tokens);
+                if let Some(e) = outcome.error {
+                    // What was deleted so far is counted; the rest is not.
+                    total.error = Some(e);
+                    break 'shards;
+                }
+                if !full {
+                    break;
+                }
+                after = Some(last);
+            }
+        }
+        Ok(total)
     }
 
     /// Counts of `name` from one in-sync replica of every shard.
