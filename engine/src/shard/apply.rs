@@ -141,11 +141,11 @@ impl ShardReplica {
             for a in &plan.appends {
                 let p = &points[a.point];
                 let cells = st.schema.cells(p.payload.as_deref());
-                let columns = Columns::new(&st.schema);
+                let schema = &st.schema;
                 let seg = st
                     .segments
                     .entry(a.at.segment)
-                    .or_insert_with(|| Segment::growing(a.at.segment, dim).with_columns(columns));
+                    .or_insert_with(|| Segment::growing(a.at.segment, dim).with_columns(Columns::new(schema)));
                 let row = seg.push(p.id, &p.vector, &cells);
                 debug_assert_eq!(row, a.at.row);
             }
@@ -175,10 +175,10 @@ impl ShardReplica {
                 seg.seal();
             }
         }
-        let columns = Columns::new(&st.schema);
+        let schema = &st.schema;
         st.segments
             .entry(plan.growing.segment)
-            .or_insert_with(|| Segment::growing(plan.growing.segment, dim).with_columns(columns));
+            .or_insert_with(|| Segment::growing(plan.growing.segment, dim).with_columns(Columns::new(schema)));
         st.growing = plan.growing;
         st.next_segment = plan.next;
         plan.sealed.iter().map(|c| c.segment).collect()

@@ -150,8 +150,9 @@ impl ShardReplica {
     }
 
     /// The segments (ids) searches use now, merged ones included, and
-    /// the merges still waiting for their index: for tests and `describe`.
-    pub fn merge_state(&self) -> (Vec<u64>, Vec<u64>) {
+    /// the merges still waiting for their index.
+    #[cfg(test)]
+    pub(crate) fn merge_state(&self) -> (Vec<u64>, Vec<u64>) {
         let st = self.read();
         let pending = st
             .merges

@@ -1491,12 +1491,7 @@ impl Router {
                         per_query[q].push(hits);
                     }
                 }
-                other => {
-                    return Err(WireError::new(
-                        ErrorCode::Internal,
-                        format!("unexpected reply {other:?}"),
-                    ))
-                }
+                other => return Err(unexpected(other)),
             }
         }
         let hits = per_query
@@ -1544,12 +1539,7 @@ impl Router {
             tokens.push(token_of(key, served));
             match reply {
                 ShardReadReply::Points(points) => found.extend(points.into_iter().map(|p| (p.id, p))),
-                other => {
-                    return Err(WireError::new(
-                        ErrorCode::Internal,
-                        format!("unexpected reply {other:?}"),
-                    ))
-                }
+                other => return Err(unexpected(other)),
             }
         }
         Ok((ids.iter().filter_map(|id| found.remove(id)).collect(), tokens))
@@ -1595,12 +1585,7 @@ impl Router {
             tokens.push(token_of(key, served));
             match reply {
                 ShardReadReply::Count(n) => count += n,
-                other => {
-                    return Err(WireError::new(
-                        ErrorCode::Internal,
-                        format!("unexpected reply {other:?}"),
-                    ))
-                }
+                other => return Err(unexpected(other)),
             }
         }
         Ok((count, tokens))
@@ -1640,12 +1625,7 @@ impl Router {
                 };
                 let ids = match self.read_shard_at(key, req, &spec).await?.0 {
                     ShardReadReply::Ids(ids) => ids,
-                    other => {
-                        return Err(WireError::new(
-                            ErrorCode::Internal,
-                            format!("unexpected reply {other:?}"),
-                        ))
-                    }
+                    other => return Err(unexpected(other)),
                 };
                 let Some(&last) = ids.last() else { break };
                 let full = ids.len() as u32 == PAGE;
@@ -1876,6 +1856,11 @@ impl Router {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// A shard read answered with a reply of another kind: a bug, reported.
+fn unexpected(reply: ShardReadReply) -> WireError {
+    WireError::new(ErrorCode::Internal, format!("unexpected reply {reply:?}"))
 }
 
 #[cfg(test)]
