@@ -10,8 +10,17 @@ use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Before any thread starts (the runtime's workers included).
+    edgevec_engine::memory::limit_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the async runtime starts")
+        .block_on(run());
+}
+
+async fn run() {
     let cli = edgevec_node::cli::Cli::parse();
     // Plugins are compiled by a child of this same binary, with a memory
     // limit (edgevec_node::policy::compile).

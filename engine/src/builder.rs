@@ -111,6 +111,8 @@ impl IndexBuilder {
                         if std::panic::catch_unwind(run).is_err() {
                             tracing::error!("index build panicked; segment stays on brute force");
                         }
+                        // A build frees its working memory in a burst.
+                        crate::memory::return_free_memory();
                         let mut done = worker.done.lock().expect("builder lock");
                         done.0 += 1;
                         done.1 += started.elapsed().as_secs_f64();

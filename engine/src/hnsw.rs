@@ -9,7 +9,10 @@
 //!
 //! The index owns the segment's vectors (usearch keeps them next to the
 //! graph), which is how a sealed segment holds its vectors in memory
-//! exactly once; [`HnswIndex::vector_into`] copies one out.
+//! exactly once; [`HnswIndex::vector_into`] copies one out. On disk the
+//! vectors are stored once too, in the shard file: an index file holds the
+//! graph alone, and [`HnswIndex::load`] attaches the vectors it is handed
+//! (a small patch of the binding, like the per-search `ef`).
 //!
 //! Search takes its expansion (`ef`) per call: the binding's index-wide
 //! setting is never changed after a build, so concurrent searches with
@@ -23,13 +26,14 @@
 //! filtered search on viewed indexes has a reported memory-corruption bug
 //! (usearch issue #624).
 //!
-//! File format (`seg-<id>.hnsw`), header version 2: a 32-byte header —
+//! File format (`seg-<id>.hnsw`), header version 3: a 32-byte header —
 //! magic `EVHNSW\0\0`, header version u32, reserved u32, body length u64,
 //! FNV-1a checksum of the body u64, all little endian — then the body: a
 //! u32 length, the postcard [`IndexMeta`] (itself a versioned enum: the
 //! segment, schema, build parameters and row ids), then usearch's own
-//! serialisation. Header version 1 (the instant-distance graph of earlier
-//! builds) and anything this build cannot read is an error, and the caller
+//! serialisation of the graph without its vectors. Header version 1 (the
+//! instant-distance graph of earlier builds), 2 (usearch with the vectors
+//! inside) and anything this build cannot read is an error, and the caller
 //! rebuilds the index from the segment's rows: an old or foreign file is
 //! never misread.
 
@@ -45,8 +49,11 @@ use crate::error::EngineError;
 use crate::fsutil;
 
 const MAGIC: &[u8; 8] = b"EVHNSW\0\0";
-/// 1: instant-distance graph (no longer read); 2: usearch.
-const HEADER_VERSION: u32 = 2;
+/// 1: instant-distance graph; 2: usearch with its vectors (neither read
+/// any more); 3: usearch graph, vectors kept by the shard file.
+const HEADER_VERSION: u32 = 3;
+/// Rows whose vectors a build or [`HnswIndex::load`] asks for at a time.
+const ATTACH_CHUNK: usize = 4096;
 const HEADER_LEN: usize = 32;
 
 /// Search expansion used when a search does not choose one.
@@ -148,16 +155,38 @@ impl HnswIndex {
         progress: &AtomicU64,
     ) -> Result<HnswIndex, EngineError> {
         let rows = vectors.len() / dim.max(1);
+        let mut chunk = |r: std::ops::Range<u32>| Ok(vectors[r.start as usize * dim..r.end as usize * dim].to_vec());
+        Self::build_from(metric, dim, rows, params, progress, &mut chunk)
+    }
+
+    /// [`HnswIndex::build`] over `rows` rows whose vectors `vectors` hands
+    /// out a few thousand rows at a time (row-major), so that a build holds
+    /// one chunk beside the index instead of a second copy of every vector.
+    pub fn build_from(
+        metric: Metric,
+        dim: usize,
+        rows: usize,
+        params: IndexSpec,
+        progress: &AtomicU64,
+        vectors: &mut dyn FnMut(std::ops::Range<u32>) -> Result<Vec<f32>, EngineError>,
+    ) -> Result<HnswIndex, EngineError> {
         let index = Index::new(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
         let threads = rayon::current_num_threads().max(1);
         index
             .reserve_capacity_and_threads(rows.max(1), threads)
             .map_err(|e| native("reserve", e))?;
-        vectors.par_chunks_exact(dim).enumerate().try_for_each(|(row, v)| {
-            index.add(row as u64, v).map_err(|e| native("add", e))?;
-            progress.fetch_add(1, Ordering::Relaxed);
-            Ok::<(), EngineError>(())
-        })?;
+        for from in (0..rows).step_by(ATTACH_CHUNK) {
+            let to = (from + ATTACH_CHUNK).min(rows);
+            let chunk = vectors(from as u32..to as u32)?;
+            if chunk.len() != (to - from) * dim {
+                return Err(native("build", format!("{} floats for rows {from}..{to}", chunk.len())));
+            }
+            chunk.par_chunks_exact(dim.max(1)).enumerate().try_for_each(|(i, v)| {
+                index.add((from + i) as u64, v).map_err(|e| native("add", e))?;
+                progress.fetch_add(1, Ordering::Relaxed);
+                Ok::<(), EngineError>(())
+            })?;
+        }
         let built = HnswIndex {
             metric,
             dim,
@@ -238,7 +267,7 @@ impl HnswIndex {
             ids: ids.to_vec(),
         })
         .map_err(|e| EngineError::corrupt(what.clone(), e))?;
-        let native_len = self.index.serialized_length();
+        let native_len = self.index.serialized_graph_length();
         let body_len = 4 + meta.len() + native_len;
         let mut bytes = vec![0u8; HEADER_LEN + body_len];
         {
@@ -246,7 +275,7 @@ impl HnswIndex {
             body[..4].copy_from_slice(&(meta.len() as u32).to_le_bytes());
             body[4..4 + meta.len()].copy_from_slice(&meta);
             self.index
-                .save_to_buffer(&mut body[4 + meta.len()..])
+                .save_graph_to_buffer(&mut body[4 + meta.len()..])
                 .map_err(|e| native(&what, e))?;
         }
         let sum = fsutil::checksum(&bytes[HEADER_LEN..]);
@@ -258,9 +287,16 @@ impl HnswIndex {
     }
 
     /// Loads an index file written by [`HnswIndex::save`] and returns it with
-    /// the segment's row ids. Any mismatch with `expect` (or damage, or a
-    /// format this build does not read) is an error: the caller rebuilds.
-    pub fn load(path: &Path, expect: Expect) -> Result<(HnswIndex, Vec<u64>), EngineError> {
+    /// the segment's row ids. `vectors` gives the stored vectors of a range
+    /// of rows (row-major), asked for a few thousand rows at a time. Any
+    /// mismatch with `expect` (or damage, or a format this build does not
+    /// read) is an error: the caller rebuilds. An error of `vectors` is
+    /// returned as it is.
+    pub fn load(
+        path: &Path,
+        expect: Expect,
+        vectors: &mut dyn FnMut(std::ops::Range<u32>) -> Result<Vec<f32>, EngineError>,
+    ) -> Result<(HnswIndex, Vec<u64>), EngineError> {
         let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
         let what = path.display().to_string();
         let bad = |m: String| EngineError::corrupt(what.clone(), m);
@@ -317,7 +353,10 @@ impl HnswIndex {
         }
         let params = IndexSpec { m, ef_construction };
         let index = Index::new(&options(metric, dim as usize, params)).map_err(|e| native(&what, e))?;
-        index.load_from_buffer(native_bytes).map_err(|e| native(&what, e))?;
+        index
+            .load_graph_from_buffer(native_bytes)
+            .map_err(|e| native(&what, e))?;
+        drop(bytes);
         if index.size() != ids.len() || (0..ids.len() as u64).any(|row| !index.contains(row)) {
             return Err(bad(format!(
                 "usearch index holds {} rows, the segment {}",
@@ -325,9 +364,28 @@ impl HnswIndex {
                 ids.len()
             )));
         }
+        let dim = dim as usize;
+        for from in (0..ids.len()).step_by(ATTACH_CHUNK) {
+            let to = (from + ATTACH_CHUNK).min(ids.len());
+            let chunk = vectors(from as u32..to as u32)?;
+            if chunk.len() != (to - from) * dim {
+                return Err(bad(format!(
+                    "{} floats handed for rows {from}..{to} of dim {dim}",
+                    chunk.len()
+                )));
+            }
+            for (row, v) in (from..to).zip(chunk.chunks_exact(dim.max(1))) {
+                if !index.attach_vector(row as u64, v) {
+                    return Err(bad(format!("row {row} of the graph could not take its vector")));
+                }
+            }
+        }
+        if !index.all_vectors_attached() {
+            return Err(bad("a member of the graph has no row of the segment".into()));
+        }
         let loaded = HnswIndex {
             metric,
-            dim: dim as usize,
+            dim,
             rows: ids.len(),
             params,
             index,

@@ -65,6 +65,7 @@ mod export;
 pub mod fsutil;
 mod hnsw;
 mod layout;
+pub mod memory;
 pub mod metric;
 mod op;
 mod oplog;

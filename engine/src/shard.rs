@@ -87,8 +87,11 @@ use merge::MergeUnit;
 pub(crate) use export::import_files;
 
 /// Default op-log budget: retention drops the oldest applied ops while the
-/// log's encoded ops take more than this.
-pub const OPLOG_RETAIN_BYTES: u64 = 256 * 1024 * 1024;
+/// log's encoded ops take more than this. The log is a second copy of
+/// what it holds (the rows keep the vectors), so it is kept small, like
+/// Qdrant's 32 MiB write-ahead log: a replica further behind is sent an
+/// export of the shard instead of the ops.
+pub const OPLOG_RETAIN_BYTES: u64 = 32 * 1024 * 1024;
 
 pub(crate) const STORE_FILE: &str = "shard.redb";
 
@@ -238,7 +241,7 @@ impl ShardReplica {
                         dim,
                         rows: rec.rows as usize,
                     };
-                    match load_index(dir, expect) {
+                    match load_index(dir, &store, expect, &own_rows(id))? {
                         Some((index, ids)) => Segment::indexed(id, dim, ids, Arc::new(index)),
                         None => {
                             let (ids, vectors) = store.segment_rows(id, dim)?;
@@ -267,7 +270,8 @@ impl ShardReplica {
                 dim,
                 rows: locations.len(),
             };
-            let data = match load_index(dir, expect).filter(|(_, file_ids)| *file_ids == ids) {
+            let at = |rows: std::ops::Range<u32>| locations[rows.start as usize..rows.end as usize].to_vec();
+            let data = match load_index(dir, &store, expect, &at)?.filter(|(_, file_ids)| *file_ids == ids) {
                 Some((index, _)) => MergedData::Index(Arc::new(index)),
                 None => {
                     to_build.push(id);
@@ -597,20 +601,39 @@ pub fn index_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("seg-{segment}.hnsw"))
 }
 
-/// The saved index of a segment, if there is a usable one (an unusable
-/// file is reported and left for the rebuild to replace).
-fn load_index(dir: &Path, expect: Expect) -> Option<(HnswIndex, Vec<u64>)> {
+/// The saved index of a segment whose rows are stored at `locations`, if
+/// there is a usable one (an unusable file is reported and left for the
+/// rebuild to replace). The vectors come from the shard file; failing to
+/// read them is an error, not a reason to rebuild.
+fn load_index(
+    dir: &Path,
+    store: &ShardStore,
+    expect: Expect,
+    locations: &dyn Fn(std::ops::Range<u32>) -> Vec<Location>,
+) -> Result<Option<(HnswIndex, Vec<u64>)>, EngineError> {
     let path = index_path(dir, expect.segment);
     if !path.exists() {
-        return None;
+        return Ok(None);
     }
-    match HnswIndex::load(&path, expect) {
-        Ok(found) => Some(found),
+    let mut store_failed = None;
+    let mut vectors = |rows: std::ops::Range<u32>| {
+        store.vectors_at(&locations(rows), expect.dim).inspect_err(|e| {
+            store_failed = Some(e.to_string());
+        })
+    };
+    match HnswIndex::load(&path, expect, &mut vectors) {
+        Ok(found) => Ok(Some(found)),
+        Err(e) if store_failed.is_some() => Err(e),
         Err(e) => {
             tracing::warn!(error = %e, "index file unusable, rebuilding");
-            None
+            Ok(None)
         }
     }
+}
+
+/// The locations of rows `rows` of a segment that stores its own rows.
+fn own_rows(segment: u64) -> impl Fn(std::ops::Range<u32>) -> Vec<Location> {
+    move |rows| rows.map(|row| Location { segment, row }).collect()
 }
 
 /// Removes the index files of segments nothing serves any more (their

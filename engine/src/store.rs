@@ -65,7 +65,11 @@ const TOMBSTONES: TableDefinition<(u64, u32), u64> = TableDefinition::new("tombs
 const MERGES: TableDefinition<u64, &[u8]> = TableDefinition::new("merges");
 
 const META_KEY: &str = "shard";
-const SHARD_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// redb's page cache per shard file. Vectors are served from memory, so it
+/// mostly holds the B-tree's upper pages for payload reads and the op
+/// log's tail (the OS page cache keeps the file's hot pages too); at
+/// 32 MiB it was a tenth of a node's memory in `bench --mode footprint`.
+const SHARD_CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum ShardMeta {

@@ -152,7 +152,7 @@ fn default_request_budget_mb() -> Spanned<u64> {
 }
 
 fn default_oplog_retain_kb() -> Spanned<u64> {
-    Spanned::new(0..0, 256 * 1024)
+    Spanned::new(0..0, edgevec_engine::OPLOG_RETAIN_BYTES / 1024)
 }
 
 fn default_heartbeat_ms() -> Spanned<u64> {

@@ -39,6 +39,8 @@
 //! With `--mode engine` it measures the search engine in process against
 //! hnswlib (the pip package) on the same clustered data: QPS and recall per
 //! `ef`, and index build time (`scripts/bench-engine.sh` runs it).
+//! With `--mode footprint` it measures a node's memory (settled and peak
+//! RSS) and disk against the raw bytes of the vectors it holds.
 //!
 //! `cargo run --release --bin bench -- --help`
 
@@ -57,6 +59,7 @@ use edgevec_engine::{search_replicas, Engine, EngineOptions, ShardReplica};
 use rand::{Rng, SeedableRng};
 
 mod engine;
+mod footprint;
 mod plugins;
 mod reads;
 mod replication;
@@ -501,8 +504,9 @@ async fn main() -> Result<()> {
         "reads" => reads::run(&args, &dir).await,
         "scaling" => reads::scaling(&args, &dir).await,
         "engine" => engine::run(&args, &dir),
+        "footprint" => footprint::run(&args, &dir).await,
         other => {
-            bail!("unknown --mode {other:?}: use search, engine, meta, replication, plugins, plugins-e2e, reads or scaling")
+            bail!("unknown --mode {other:?}: use search, engine, footprint, meta, replication, plugins, plugins-e2e, reads or scaling")
         }
     }
 }

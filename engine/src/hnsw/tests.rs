@@ -108,21 +108,51 @@ fn recall_grows_with_ef() {
 fn save_load_roundtrip_and_rejects_damage() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("seg-3.hnsw");
-    let dim = 4;
-    let v = random(100, dim, 2);
-    let ids: Vec<u64> = (1000..1100).collect();
+    let dim = 64;
+    let n = 5000;
+    let v = random(n, dim, 2);
+    let ids: Vec<u64> = (1000..1000 + n as u64).collect();
     let ix = HnswIndex::build(Metric::InnerProduct, dim, &v, PARAMS, &AtomicU64::new(0)).unwrap();
     ix.save(&path, 3, &ids).unwrap();
+    // The file holds the graph and the ids, not the vectors (the shard
+    // file keeps those).
+    let size = std::fs::metadata(&path).unwrap().len() as usize;
+    assert!(
+        size < v.len() * 4 / 2,
+        "{size} bytes for {} bytes of vectors",
+        v.len() * 4
+    );
     let expect = Expect {
         segment: 3,
         metric: Metric::InnerProduct,
         dim,
-        rows: 100,
+        rows: n,
     };
-    let (loaded, loaded_ids) = HnswIndex::load(&path, expect).unwrap();
+    let mut asked = Vec::new();
+    let mut rows = |r: std::ops::Range<u32>| -> Result<Vec<f32>, EngineError> {
+        asked.push(r.clone());
+        Ok(v[r.start as usize * dim..r.end as usize * dim].to_vec())
+    };
+    let (loaded, loaded_ids) = HnswIndex::load(&path, expect, &mut rows).unwrap();
+    assert_eq!(asked, vec![0..4096, 4096..5000], "vectors asked for in chunks");
     assert_eq!(loaded_ids, ids);
     assert_eq!(loaded.params(), PARAMS);
-    assert_eq!(vector(&loaded, 42), vector(&ix, 42));
+    for row in [0, 42, 4095, 4096, 4999] {
+        assert_eq!(vector(&loaded, row), vector(&ix, row));
+    }
+    // Vectors of the wrong length, or a failing read, are errors.
+    let mut short = |r: std::ops::Range<u32>| -> Result<Vec<f32>, EngineError> {
+        Ok(vec![0.0; (r.end - r.start) as usize * dim - 1])
+    };
+    assert!(HnswIndex::load(&path, expect, &mut short).is_err());
+    let mut failing = |_: std::ops::Range<u32>| -> Result<Vec<f32>, EngineError> {
+        Err(EngineError::corrupt("shard.redb", "row missing"))
+    };
+    let e = HnswIndex::load(&path, expect, &mut failing).err().unwrap().to_string();
+    assert!(e.contains("row missing"), "{e}");
+    let mut rows = |r: std::ops::Range<u32>| -> Result<Vec<f32>, EngineError> {
+        Ok(v[r.start as usize * dim..r.end as usize * dim].to_vec())
+    };
     let opts = SearchOptions::default();
     assert_eq!(
         loaded.search(&v[..dim], 5, opts, None).unwrap(),
@@ -133,14 +163,15 @@ fn save_load_roundtrip_and_rejects_damage() {
     let got = loaded.search(&v[..dim], 5, opts, Some(&odd)).unwrap();
     assert!(!got.is_empty() && got.iter().all(|r| r % 2 == 1));
 
-    assert!(HnswIndex::load(&path, Expect { segment: 4, ..expect }).is_err());
-    assert!(HnswIndex::load(&path, Expect { rows: 99, ..expect }).is_err());
+    assert!(HnswIndex::load(&path, Expect { segment: 4, ..expect }, &mut rows).is_err());
+    assert!(HnswIndex::load(&path, Expect { rows: 99, ..expect }, &mut rows).is_err());
     assert!(HnswIndex::load(
         &path,
         Expect {
             metric: Metric::L2,
             ..expect
-        }
+        },
+        &mut rows
     )
     .is_err());
     let good = std::fs::read(&path).unwrap();
@@ -148,14 +179,17 @@ fn save_load_roundtrip_and_rejects_damage() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
-    assert!(HnswIndex::load(&path, expect).is_err());
+    assert!(HnswIndex::load(&path, expect, &mut rows).is_err());
     std::fs::write(&path, b"short").unwrap();
-    assert!(HnswIndex::load(&path, expect).is_err());
-    // A file of another header version (1: the graph of earlier builds) is
-    // refused with its version named, not misread.
-    let mut old = good;
-    old[8..12].copy_from_slice(&1u32.to_le_bytes());
-    std::fs::write(&path, &old).unwrap();
-    let e = HnswIndex::load(&path, expect).err().unwrap().to_string();
-    assert!(e.contains("header version 1"), "{e}");
+    assert!(HnswIndex::load(&path, expect, &mut rows).is_err());
+    // A file of another header version (1: the instant-distance graph, 2:
+    // usearch with its vectors inside) is refused with its version named,
+    // not misread: the caller rebuilds it.
+    for version in [1u32, 2] {
+        let mut old = good.clone();
+        old[8..12].copy_from_slice(&version.to_le_bytes());
+        std::fs::write(&path, &old).unwrap();
+        let e = HnswIndex::load(&path, expect, &mut rows).err().unwrap().to_string();
+        assert!(e.contains(&format!("header version {version}")), "{e}");
+    }
 }

@@ -322,13 +322,27 @@ impl ShardReplica {
             rows: rows.len(),
         };
         // A crash after the save and before the install leaves the file.
-        let saved = super::load_index(&self.dir, expect).filter(|(_, file_ids)| *file_ids == ids);
+        let at = |r: std::ops::Range<u32>| {
+            rows[r.start as usize..r.end as usize]
+                .iter()
+                .map(|(at, _)| *at)
+                .collect()
+        };
+        let saved = super::load_index(&self.dir, &self.store, expect, &at)?.filter(|(_, file_ids)| *file_ids == ids);
         let index = match saved {
             Some((index, _)) => Arc::new(index),
             None => {
-                let vectors = self.gather(&rows)?;
-                let index = Arc::new(HnswIndex::build(metric, dim, &vectors, params, &progress)?);
-                drop(vectors);
+                // Vectors are copied from the serving segments a chunk at
+                // a time: no second copy of the merged rows is held.
+                let mut chunk = |r: std::ops::Range<u32>| self.gather(&rows[r.start as usize..r.end as usize]);
+                let index = Arc::new(HnswIndex::build_from(
+                    metric,
+                    dim,
+                    rows.len(),
+                    params,
+                    &progress,
+                    &mut chunk,
+                )?);
                 let _files = self.files.lock().expect("shard files lock");
                 if self.retired.load(Ordering::Acquire) {
                     return Ok(());
@@ -371,14 +385,15 @@ impl ShardReplica {
     }
 
     /// The vectors stored at `rows`, copied from the segments serving them
-    /// (rows never move, so whichever segment serves a row has its vector;
-    /// the lock is taken a chunk at a time so writes are not held up).
+    /// (rows never move, so whichever segment serves a row has its vector).
+    /// Callers ask for a chunk at a time, so the state lock is held only
+    /// briefly and writes are not held up.
     fn gather(&self, rows: &[(Location, u64)]) -> Result<Vec<f32>, crate::EngineError> {
         let dim = self.config.dim as usize;
         let mut out = Vec::with_capacity(rows.len() * dim);
-        for chunk in rows.chunks(4096) {
+        {
             let st = self.read();
-            for (at, _) in chunk {
+            for (at, _) in rows {
                 let (seg, row) = st.find(*at).ok_or_else(|| {
                     crate::EngineError::corrupt(
                         self.dir.display().to_string(),

@@ -340,6 +340,32 @@ void NativeIndex::view_from_buffer(rust::Slice<uint8_t const> buffer) const {
     index_->view(memory_mapped_file_t((byte_t*)buffer.data(), buffer.size())).error.raise();
 }
 
+// edgevec patch: the graph without its vectors, which the caller keeps and
+// attaches after a load.
+static index_dense_serialization_config_t graph_only() {
+    index_dense_serialization_config_t config;
+    config.exclude_vectors = true;
+    return config;
+}
+
+size_t NativeIndex::serialized_graph_length() const { return index_->serialized_length(graph_only()); }
+
+void NativeIndex::save_graph_to_buffer(rust::Slice<uint8_t> buffer) const {
+    index_->save(memory_mapped_file_t((byte_t*)buffer.data(), buffer.size()), 0, graph_only()).error.raise();
+}
+
+void NativeIndex::load_graph_from_buffer(rust::Slice<uint8_t const> buffer) const {
+    index_->load(memory_mapped_file_t((byte_t*)buffer.data(), buffer.size()), 0, graph_only()).error.raise();
+}
+
+bool NativeIndex::attach_vector_f32(uint64_t key, rust::Slice<float const> vector) const {
+    if (vector.size() != index_->dimensions())
+        return false;
+    return index_->attach_vector(key, vector.data());
+}
+
+bool NativeIndex::all_vectors_attached() const { return index_->all_vectors_attached(); }
+
 std::unique_ptr<NativeIndex> wrap(index_t&& index) {
     std::unique_ptr<index_t> punned_ptr;
     punned_ptr.reset(new index_t(std::move(index)));

@@ -136,6 +136,13 @@ class NativeIndex {
     void load_from_buffer(rust::Slice<uint8_t const> buffer) const;
     void view_from_buffer(rust::Slice<uint8_t const> buffer) const;
 
+    // edgevec patch: the graph without its vectors, which the caller keeps.
+    size_t serialized_graph_length() const;
+    void save_graph_to_buffer(rust::Slice<uint8_t> buffer) const;
+    void load_graph_from_buffer(rust::Slice<uint8_t const> buffer) const;
+    bool attach_vector_f32(uint64_t key, rust::Slice<float const> vector) const;
+    bool all_vectors_attached() const;
+
   private:
     std::unique_ptr<index_dense_t> index_;
 };

@@ -583,6 +583,13 @@ pub mod ffi {
         pub fn save_to_buffer(self: &NativeIndex, buffer: &mut [u8]) -> Result<()>;
         pub fn load_from_buffer(self: &NativeIndex, buffer: &[u8]) -> Result<()>;
         pub fn view_from_buffer(self: &NativeIndex, buffer: &[u8]) -> Result<()>;
+
+        // edgevec patch: the graph without its vectors.
+        pub fn serialized_graph_length(self: &NativeIndex) -> usize;
+        pub fn save_graph_to_buffer(self: &NativeIndex, buffer: &mut [u8]) -> Result<()>;
+        pub fn load_graph_from_buffer(self: &NativeIndex, buffer: &[u8]) -> Result<()>;
+        pub fn attach_vector_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> bool;
+        pub fn all_vectors_attached(self: &NativeIndex) -> bool;
     }
 }
 
@@ -1849,6 +1856,36 @@ impl Index {
     /// * `buffer` - The buffer from where the index will be loaded.
     pub fn load_from_buffer(self: &Index, buffer: &[u8]) -> Result<(), cxx::Exception> {
         self.inner.load_from_buffer(buffer)
+    }
+
+    /// Bytes of the graph without its vectors ([`Index::save_graph_to_buffer`]).
+    pub fn serialized_graph_length(self: &Index) -> usize {
+        self.inner.serialized_graph_length()
+    }
+
+    /// Saves the graph without its vectors: the caller keeps them and
+    /// attaches them after [`Index::load_graph_from_buffer`].
+    pub fn save_graph_to_buffer(self: &Index, buffer: &mut [u8]) -> Result<(), cxx::Exception> {
+        self.inner.save_graph_to_buffer(buffer)
+    }
+
+    /// Loads a graph saved by [`Index::save_graph_to_buffer`]. Every member
+    /// must then get its vector by [`Index::attach_vector`] before the
+    /// index is searched or reserved.
+    pub fn load_graph_from_buffer(self: &Index, buffer: &[u8]) -> Result<(), cxx::Exception> {
+        self.inner.load_graph_from_buffer(buffer)
+    }
+
+    /// Gives the member `key` of a loaded graph its vector (a copy). False
+    /// if there is no such member, it has one already, or the length is
+    /// not the index's dimensions.
+    pub fn attach_vector(self: &Index, key: Key, vector: &[f32]) -> bool {
+        self.inner.attach_vector_f32(key, vector)
+    }
+
+    /// Whether every member of a loaded graph has its vector.
+    pub fn all_vectors_attached(self: &Index) -> bool {
+        self.inner.all_vectors_attached()
     }
 
     /// Creates a view of the index from a file without loading it into memory.

@@ -1231,6 +1231,40 @@ class index_dense_gt {
     }
 
     /**
+     *  @brief  edgevec patch: gives the member with `key` of an index loaded
+     *          with `exclude_vectors` its vector (a copy, cast like `add`).
+     *  @return False if no member has `key`, it has a vector already, or
+     *          memory ran out.
+     */
+    bool attach_vector(vector_key_t key, f32_t const* vector) {
+        compressed_slot_t slot;
+        {
+            shared_lock_t lock(slot_lookup_mutex_);
+            auto it = slot_lookup_.find(key_and_slot_t::any_slot(key));
+            if (it == slot_lookup_.end())
+                return false;
+            slot = (*it).slot;
+        }
+        if (static_cast<std::size_t>(slot) >= vectors_lookup_.size() || vectors_lookup_[slot] != nullptr)
+            return false;
+        byte_t* stored = vectors_tape_allocator_.allocate(metric_.bytes_per_vector());
+        if (!stored)
+            return false;
+        if (!casts_.from.f32((byte_t const*)vector, dimensions(), stored))
+            std::memcpy(stored, vector, metric_.bytes_per_vector());
+        vectors_lookup_[slot] = stored;
+        return true;
+    }
+
+    /** @brief edgevec patch: whether every member has its vector. */
+    bool all_vectors_attached() const {
+        for (std::size_t slot = 0; slot != typed_->size(); ++slot)
+            if (vectors_lookup_[slot] == nullptr)
+                return false;
+        return true;
+    }
+
+    /**
      *  @brief Parses the index from file to RAM.
      *  @param[in] input The input stream to read from.
      *  @param[in] config Configuration parameters for imports.
@@ -1325,11 +1359,20 @@ class index_dense_gt {
         result = typed_->load_from_stream(std::forward<input_callback_at>(input), std::forward<progress_at>(progress));
         if (!result)
             return result;
-        if (typed_->size() != static_cast<std::size_t>(matrix_rows))
+        // edgevec patch: a graph saved without its vectors loads with
+        // `exclude_vectors`; the caller then attaches them (`attach_vector`).
+        if (!config.exclude_vectors && typed_->size() != static_cast<std::size_t>(matrix_rows))
             return result.failed("Index size and the number of vectors doesn't match");
-        new_limits.members = static_cast<std::size_t>(matrix_rows);
+        new_limits.members = config.exclude_vectors ? typed_->size() : static_cast<std::size_t>(matrix_rows);
         if (!typed_->try_reserve(new_limits))
             return result.failed("Failed to reserve memory for the index");
+        if (config.exclude_vectors) {
+            vectors_lookup_ = vectors_lookup_t(typed_->size());
+            if (typed_->size() && !vectors_lookup_)
+                return result.failed("Failed to allocate memory to address vectors");
+            for (std::size_t slot = 0; slot != typed_->size(); ++slot)
+                vectors_lookup_[slot] = nullptr;
+        }
 
         // After the index is loaded, resize `available_threads_` to match the new limits.
         available_threads_t available_threads;

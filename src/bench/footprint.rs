@@ -1,0 +1,231 @@
+//! `--mode footprint`: a node's memory and disk for the vectors it holds.
+//!
+//! A 3-node loopback cluster, collection `bench` with 3 replicas (every
+//! node holds every vector) at the default seal size unless `--seal-rows`
+//! says otherwise; `--n` clustered vectors of `--dim` (`--metric`)
+//! inserted through the client library in batches of `--batch`, 4 in
+//! flight. Every node's RSS is sampled every 100 ms from the first insert
+//! until the collection has settled (every sealed segment indexed, no
+//! build or merge under way, the segment list unchanged for 10 s); then
+//! RSS and the bytes of every node's data directory (blocks allocated), by
+//! kind of file, are read once more. Everything is reported against the
+//! raw bytes of the vectors (`n × dim × 4`).
+
+use std::collections::BTreeMap;
+
+use edgevec_proto::{IndexState, SegmentState};
+
+use super::*;
+
+/// Resident set of process `pid`, in bytes.
+fn rss(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The kind of a file in a node's data directory, for the breakdown.
+fn kind(path: &Path) -> &'static str {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let under_engine = path.components().any(|c| c.as_os_str() == "engine");
+    if name == "shard.redb" {
+        "shard files"
+    } else if under_engine && name.ends_with(".hnsw") {
+        "index files"
+    } else if under_engine && name.ends_with(".vec") {
+        "vector files"
+    } else if under_engine {
+        "other engine files"
+    } else {
+        "metadata and the rest"
+    }
+}
+
+/// Bytes (allocated on disk) of every file under `dir`, by [`kind`].
+fn disk_usage(dir: &Path, out: &mut BTreeMap<&'static str, u64>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            disk_usage(&entry.path(), out)?;
+        } else {
+            *out.entry(kind(&entry.path())).or_default() += meta.blocks() * 512;
+        }
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Waits until every sealed segment is indexed, no build or merge is under
+/// way, and the segment list has not changed for 10 s (30 min at most).
+async fn settle(client: &Client) -> Result<Duration> {
+    let started = Instant::now();
+    let mut last: Option<(Vec<(u64, u64)>, Instant)> = None;
+    loop {
+        let details = client.collection_details("bench").await?;
+        let info = details.info;
+        let indexed = details.builds.is_empty()
+            && info
+                .segments
+                .iter()
+                .all(|s| s.state != SegmentState::Sealed || s.index == IndexState::Ready);
+        let shape: Vec<(u64, u64)> = info.segments.iter().map(|s| (s.id, s.rows)).collect();
+        match &last {
+            Some((prev, since)) if *prev == shape && indexed => {
+                if since.elapsed() >= Duration::from_secs(10) {
+                    return Ok(started.elapsed() - Duration::from_secs(10));
+                }
+            }
+            _ => last = Some((shape, Instant::now())),
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            bail!("the collection did not settle within 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn run(args: &Args, dir: &Path) -> Result<()> {
+    let metric: Metric = args.metric.parse().map_err(anyhow::Error::msg)?;
+    let (n, dim) = (args.n, args.dim);
+    let raw = (n * dim * 4) as u64;
+    let data = Arc::new(engine::clustered(n, dim, args.clusters, 1, metric));
+
+    let mut cluster = Cluster::start(dir, 3, replication::TIMINGS)?;
+    let client = connect_any(&cluster.addrs, &cluster.ca).await?;
+    replication::wait_all_up(&client, 3).await?;
+    let mut spec = CollectionSpec::new("bench", dim as u32, metric);
+    if let Some(seal) = args.seal_rows {
+        spec = spec.with_seal_rows(seal);
+    }
+    client
+        .create_replicated(spec, ReplicationSpec::new(3))
+        .await
+        .context("creating the bench collection")?;
+
+    // RSS of every node, sampled until `stop`.
+    let pids: Vec<u32> = cluster.ids().filter_map(|id| cluster.pid(id)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (pids, stop) = (pids.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut peak = vec![0u64; pids.len()];
+            while !stop.load(Ordering::Relaxed) {
+                for (p, pid) in peak.iter_mut().zip(&pids) {
+                    *p = (*p).max(rss(*pid).unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        })
+    };
+
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let batches = n.div_ceil(args.batch) as u64;
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let (client, data, next) = (client.clone(), data.clone(), next.clone());
+        let batch = args.batch;
+        writers.push(tokio::spawn(async move {
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let from = b as usize * batch;
+                let points = data[from..(from + batch).min(data.len())]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| Point {
+                        id: (from + i) as u64,
+                        vector: v.clone(),
+                        payload: None,
+                    })
+                    .collect();
+                client.upsert("bench", points).await?;
+            }
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    let insert_secs = started.elapsed().as_secs_f64();
+    drop(data);
+    eprintln!("inserted {n} rows in {insert_secs:.1} s");
+    let settle_secs = settle(&client).await?.as_secs_f64();
+    eprintln!("settled {settle_secs:.1} s later");
+    stop.store(true, Ordering::Relaxed);
+    let peaks = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("the RSS sampler panicked"))?;
+    let segments = client.describe_collection("bench").await?.segments;
+    client.close().await;
+
+    println!(
+        "### {n} × {dim} {metric}, 3 replicas on 3 nodes, seal_rows {}\n",
+        args.seal_rows.map_or_else(|| "default".to_string(), |s| s.to_string())
+    );
+    println!(
+        "Raw vectors per node: {} MiB. Inserted in {insert_secs:.1} s; settled {settle_secs:.1} s later \
+         (segments of {} rows on the node describe asked).\n",
+        mib(raw),
+        segments
+            .iter()
+            .map(|s| s.rows.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut kinds = BTreeMap::new();
+    for id in cluster.ids() {
+        let mut usage = BTreeMap::new();
+        disk_usage(&dir.join(format!("node{id}")), &mut usage)?;
+        kinds.insert(id, usage);
+    }
+    let names: Vec<&str> = {
+        let mut all: Vec<&str> = kinds.values().flat_map(|u| u.keys().copied()).collect();
+        all.sort();
+        all.dedup();
+        all
+    };
+    print!("| node | RSS settled MiB | × raw | RSS peak MiB | × raw | disk MiB | × raw |");
+    for name in &names {
+        print!(" {name} MiB |");
+    }
+    println!();
+    println!("|---|{}", "---:|".repeat(6 + names.len()));
+    for (i, id) in cluster.ids().enumerate() {
+        let now = cluster.pid(id).and_then(rss).unwrap_or(0);
+        let peak = peaks[i].max(now);
+        let usage = &kinds[&id];
+        let disk: u64 = usage.values().sum();
+        print!(
+            "| {id} | {} | {:.2} | {} | {:.2} | {} | {:.2} |",
+            mib(now),
+            now as f64 / raw as f64,
+            mib(peak),
+            peak as f64 / raw as f64,
+            mib(disk),
+            disk as f64 / raw as f64
+        );
+        for name in &names {
+            print!(" {} |", mib(usage.get(name).copied().unwrap_or(0)));
+        }
+        println!();
+    }
+    for id in cluster.ids().collect::<Vec<_>>() {
+        cluster.stop(id)?;
+    }
+    Ok(())
+}
