@@ -370,7 +370,14 @@ async fn compaction_merges_segments_alike_on_every_replica() {
         exact: true,
         ..Default::default()
     };
-    for id in live.iter().step_by(97) {
+    // Exact search finds every probed point; the graph walk nearly every
+    // one. An HNSW graph can leave a row with no incoming link (its
+    // neighbours keep closer ones), which no walk then reaches; a CI run
+    // once missed one probe of 26 on this uniform noise, so one miss is
+    // allowed, not a pattern of them.
+    let mut missed = Vec::new();
+    let probes: Vec<u64> = live.iter().step_by(97).copied().collect();
+    for id in &probes {
         let v = vectors[*id as usize].clone();
         let hits = client
             .search_with("compact", vec![v.clone()], 1, false, &exact)
@@ -378,8 +385,16 @@ async fn compaction_merges_segments_alike_on_every_replica() {
             .unwrap();
         assert_eq!(hits[0][0].id, *id);
         let hits = client.search("compact", &v, 10).await.unwrap();
-        assert!(hits.iter().any(|h| h.id == *id), "{id} not among {hits:?}");
+        if !hits.iter().any(|h| h.id == *id) {
+            missed.push((*id, hits));
+        }
     }
+    assert!(
+        missed.len() <= 1,
+        "{} of {} probes not found by the walk: {missed:?}",
+        missed.len(),
+        probes.len()
+    );
     client.close().await;
 
     // Every replica, read from its files: the same segments and points.

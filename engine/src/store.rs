@@ -8,7 +8,8 @@
 //! | `oplog`      | LSN              | [`crate::op::OpRecord`]: term and op    |
 //! | `terms`      | term             | first LSN of that term (term history)   |
 //! | `segments`   | segment id       | [`SegmentRecord`]: state, rows once sealed, seal LSN |
-//! | `rows`       | (segment, row)   | [`RowRecord`]: point id and vector (immutable) |
+//! | `row_chunks` | (segment, chunk) | point ids and vectors of consecutive rows (module `rows`) |
+//! | `rows`       | (segment, row)   | [`RowRecord`]: one row, in files written before chunks; moved into chunks at open |
 //! | `payloads`   | (segment, row)   | JSON text of the row, if any (immutable) |
 //! | `points`     | point id         | (segment, row) of its live row          |
 //! | `tombstones` | (segment, row)   | point id the dead row held              |
@@ -51,6 +52,9 @@ use crate::oplog::{self, Appended};
 use crate::plan::{Location, Plan};
 
 mod bulk;
+mod rows;
+
+use rows::{RowReader, ROW_CHUNKS};
 
 pub use bulk::{StateItem, StoreImport};
 
@@ -199,6 +203,10 @@ impl ShardStore {
             shard,
         };
         store.init(dim)?;
+        let moved = rows::migrate(&store.db, path, dim as usize)?;
+        if moved > 0 {
+            tracing::info!(path = %path.display(), rows = moved, "rows moved into chunks");
+        }
         let loaded = store.load()?;
         if loaded.meta.shard != shard || loaded.meta.dim != dim {
             return Err(store.corrupt(format!(
@@ -223,6 +231,7 @@ impl ShardStore {
             txn.open_table(OPLOG)?;
             txn.open_table(TERMS)?;
             txn.open_table(ROWS)?;
+            txn.open_table(ROW_CHUNKS)?;
             txn.open_table(PAYLOADS)?;
             txn.open_table(POINTS)?;
             txn.open_table(TOMBSTONES)?;
@@ -317,17 +326,10 @@ impl ShardStore {
     /// The vectors stored at `rows`, in order, row-major.
     pub fn vectors_at(&self, rows: &[Location], dim: usize) -> Result<Vec<f32>, EngineError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(ROWS)?;
+        let mut reader = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, dim);
         let mut out = Vec::with_capacity(rows.len() * dim);
         for at in rows {
-            let raw = table
-                .get((at.segment, at.row))?
-                .ok_or_else(|| self.corrupt(format!("row {} of segment {} is missing", at.row, at.segment)))?;
-            let RowRecord::V1 { vector, .. } = postcard::from_bytes(raw.value()).map_err(|e| self.corrupt(e))?;
-            if vector.len() != dim {
-                return Err(self.corrupt(format!("segment {} row {} is malformed", at.segment, at.row)));
-            }
-            out.extend_from_slice(&vector);
+            out.extend_from_slice(reader.row(*at)?.1);
         }
         Ok(out)
     }
@@ -355,17 +357,13 @@ impl ShardStore {
     /// The rows of `segment` in row order: ids and row-major vectors.
     pub fn segment_rows(&self, segment: u64, dim: usize) -> Result<(Vec<u64>, Vec<f32>), EngineError> {
         let txn = self.db.begin_read()?;
-        let rows = txn.open_table(ROWS)?;
+        let reader = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, dim);
         let (mut ids, mut vectors) = (Vec::new(), Vec::new());
-        for entry in rows.range((segment, 0)..=(segment, u32::MAX))? {
-            let (k, v) = entry?;
-            let RowRecord::V1 { id, vector } = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
-            if k.value().1 as usize != ids.len() || vector.len() != dim {
-                return Err(self.corrupt(format!("segment {segment} row {} is malformed", k.value().1)));
-            }
+        reader.segment(segment, |_, id, vector| {
             ids.push(id);
-            vectors.extend_from_slice(&vector);
-        }
+            vectors.extend_from_slice(vector);
+            Ok(())
+        })?;
         Ok((ids, vectors))
     }
 
@@ -542,7 +540,7 @@ impl ShardStore {
         let durability = if seals { Durability::Immediate } else { Durability::None };
         self.write_as(durability, |txn, meta| {
             for a in batch {
-                write_effect(txn, a)?;
+                write_effect(txn, &self.path, meta.dim as usize, a)?;
             }
             let applied = batch.last().map_or(meta.applied_lsn, |a| a.lsn);
             meta.applied_lsn = applied;
@@ -575,21 +573,19 @@ impl ShardStore {
 
 /// Writes what one op changes: its rows, payloads, tombstones, locations
 /// and seals.
-fn write_effect(txn: &WriteTransaction, a: &Applied<'_>) -> Result<(), EngineError> {
+fn write_effect(txn: &WriteTransaction, path: &Path, dim: usize, a: &Applied<'_>) -> Result<(), EngineError> {
     let plan = a.plan;
     if let ShardOp::Upsert(points) = a.op {
-        let mut rows = txn.open_table(ROWS)?;
+        let mut chunks = txn.open_table(ROW_CHUNKS)?;
+        let appended = plan.appends.iter().map(|app| {
+            let p = &points[app.point];
+            (app.at, p.id, p.vector.as_slice())
+        });
+        rows::append(&mut chunks, path, dim, appended)?;
         let mut payloads = txn.open_table(PAYLOADS)?;
         for app in &plan.appends {
-            let p = &points[app.point];
-            let key = (app.at.segment, app.at.row);
-            let rec = RowRecord::V1 {
-                id: p.id,
-                vector: p.vector.clone(),
-            };
-            rows.insert(key, encode(&rec).as_slice())?;
-            if let Some(payload) = &p.payload {
-                payloads.insert(key, payload.as_str())?;
+            if let Some(payload) = &points[app.point].payload {
+                payloads.insert((app.at.segment, app.at.row), payload.as_str())?;
             }
         }
     }

@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 
+use super::rows::{self, RowReader, ROW_CHUNKS};
 use super::{
-    encode, MergeRecord, MergeRecordV1, RowRecord, SegmentRecord, SegmentRecordV1, ShardMeta, ShardMetaV2, ShardStore,
-    MERGES, META, META_KEY, OPLOG, PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
+    encode, MergeRecord, MergeRecordV1, SegmentRecord, SegmentRecordV1, ShardMeta, ShardMetaV2, ShardStore, MERGES,
+    META, META_KEY, OPLOG, PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
 };
 use crate::error::EngineError;
 use crate::plan::Location;
@@ -83,12 +84,8 @@ impl ShardStore {
             let (term, first) = entry?;
             history.push((term.value(), first.value()));
         }
-        let rows = txn.open_table(ROWS)?;
-        let mut growing_rows = 0u32;
-        for entry in rows.range((meta.growing, 0)..=(meta.growing, u32::MAX))? {
-            entry?;
-            growing_rows += 1;
-        }
+        let rows = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, meta.dim as usize);
+        let growing_rows = rows.count(meta.growing)?;
         visit(StateItem::Meta {
             meta,
             history,
@@ -100,16 +97,13 @@ impl ShardStore {
             let SegmentRecord::V1(record) = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
             visit(StateItem::Segment { id: k.value(), record })?;
         }
-        for entry in rows.iter()? {
-            let (k, v) = entry?;
-            let (segment, row) = k.value();
-            let RowRecord::V1 { id, vector } = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
+        rows.all(|at, id, vector| {
             visit(StateItem::Row {
-                at: Location { segment, row },
+                at,
                 id,
-                vector,
-            })?;
-        }
+                vector: vector.to_vec(),
+            })
+        })?;
         for entry in txn.open_table(PAYLOADS)?.iter()? {
             let (k, v) = entry?;
             let (segment, row) = k.value();
@@ -152,7 +146,7 @@ const BATCH_BYTES: usize = 32 * 1024 * 1024;
 #[derive(Default)]
 struct Batch {
     segments: Vec<(u64, Vec<u8>)>,
-    rows: Vec<((u64, u32), Vec<u8>)>,
+    rows: Vec<(Location, u64, Vec<f32>)>,
     payloads: Vec<((u64, u32), String)>,
     tombstones: Vec<((u64, u32), u64)>,
     points: Vec<(u64, (u64, u32))>,
@@ -203,9 +197,8 @@ impl StoreImport {
                 b.segments.push((id, encode(&SegmentRecord::V1(record))));
             }
             StateItem::Row { at, id, vector } => {
-                let bytes = encode(&RowRecord::V1 { id, vector });
-                b.bytes += bytes.len() + 16;
-                b.rows.push(((at.segment, at.row), bytes));
+                b.bytes += vector.len() * 4 + 24;
+                b.rows.push((at, id, vector));
             }
             StateItem::Payload { at, json } => {
                 b.bytes += json.len() + 16;
@@ -257,7 +250,8 @@ impl StoreImport {
             txn.open_table(OPLOG)?;
             let mut terms = txn.open_table(TERMS)?;
             let mut segments = txn.open_table(SEGMENTS)?;
-            let mut rows = txn.open_table(ROWS)?;
+            txn.open_table(ROWS)?;
+            let mut chunks = txn.open_table(ROW_CHUNKS)?;
             let mut payloads = txn.open_table(PAYLOADS)?;
             let mut tombstones = txn.open_table(TOMBSTONES)?;
             let mut points = txn.open_table(POINTS)?;
@@ -268,8 +262,9 @@ impl StoreImport {
             for (id, bytes) in &b.segments {
                 segments.insert(*id, bytes.as_slice())?;
             }
-            for (key, bytes) in &b.rows {
-                rows.insert(*key, bytes.as_slice())?;
+            if let Some((_, _, first)) = b.rows.first() {
+                let appended = b.rows.iter().map(|(at, id, v)| (*at, *id, v.as_slice()));
+                rows::append(&mut chunks, &self.path, first.len(), appended)?;
             }
             for (key, json) in &b.payloads {
                 payloads.insert(*key, json.as_str())?;
