@@ -29,10 +29,22 @@ async fn run() {
     }
     // Nodes log at info by default (openraft's own info lines narrate every
     // vote and are left out); one-shot commands only warn.
-    let default = match cli.command {
-        edgevec_node::cli::Command::Node(_) | edgevec_node::cli::Command::Up { .. } => "info,openraft=warn",
-        _ => "warn",
-    };
+    let serves = matches!(
+        cli.command,
+        edgevec_node::cli::Command::Node(_) | edgevec_node::cli::Command::Up { .. }
+    );
+    let default = if serves { "info,openraft=warn" } else { "warn" };
+    if !serves {
+        // A one-shot command whose output is piped into `head` ends quietly
+        // when the reader goes away, like other command-line tools, instead
+        // of panicking on the failed write.
+        #[cfg(unix)]
+        // SAFETY: restores the default action of one signal, before any
+        // write to stdout.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

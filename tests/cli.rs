@@ -259,6 +259,36 @@ fn up_then_cli_round_trip() {
         (Some(1000), Some(0)),
         "{loaded}"
     );
+    // Payloads from a JSON-lines file, one line per row (`null`: none); a
+    // file whose line count is not the row count is refused.
+    let few_npy = cluster.path("few.npy");
+    std::fs::write(&few_npy, npy_f32(&more[..4])).unwrap();
+    let payloads = cluster.path("few.jsonl");
+    std::fs::write(&payloads, "{\"n\":0}\n{\"n\":1}\nnull\n{\"n\":3}\n").unwrap();
+    let bench_insert = |payloads: &std::path::Path| {
+        cluster.cli(&[
+            "bench",
+            "insert",
+            "mat",
+            "--file",
+            few_npy.to_str().unwrap(),
+            "--start-id",
+            "20000",
+            "--payloads",
+            payloads.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let loaded = json(&bench_insert(&payloads));
+    assert_eq!(loaded["errors"], 0, "{loaded}");
+    let got = json(&cluster.cli(&["get", "mat", "--ids", "20001,20002", "--json"]));
+    assert_eq!(got[0]["payload"]["n"], 1, "{got}");
+    assert!(got[1]["payload"].is_null(), "{got}");
+    std::fs::write(&payloads, "{\"n\":0}\n").unwrap();
+    let out = bench_insert(&payloads);
+    assert!(!out.0 && out.2.contains("1 lines for 4 rows"), "{out:?}");
+    cluster.cli(&["delete", "mat", "--ids", "20000,20001,20002,20003"]);
+
     let all: Vec<(u64, &Vec<f32>)> = (100u64..).zip(&rows).chain((10_000u64..).zip(&more)).collect();
     let queries: Vec<Vec<f32>> = rows[..20].to_vec();
     let truth: Vec<Vec<i64>> = queries

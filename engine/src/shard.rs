@@ -190,7 +190,7 @@ impl ShardReplica {
     pub fn open(dir: &Path, config: ShardConfig, builder: Arc<IndexBuilder>) -> Result<Arc<ShardReplica>, EngineError> {
         fsutil::create_dir_durable(dir)?;
         remove_tmp_files(dir)?;
-        let (store, loaded) = ShardStore::open(&dir.join(STORE_FILE), config.shard, config.dim)?;
+        let (store, loaded) = ShardStore::open(&dir.join(STORE_FILE), config.shard, config.dim, config.retain_bytes)?;
         // redb fsyncs the file's contents; the entry of a new file lives in
         // the directory.
         fsutil::sync_dir(dir)?;

@@ -74,6 +74,8 @@ const META_KEY: &str = "shard";
 /// log's tail (the OS page cache keeps the file's hot pages too); at
 /// 32 MiB it was a tenth of a node's memory in `bench --mode footprint`.
 const SHARD_CACHE_BYTES: usize = 8 * 1024 * 1024;
+/// Free bytes below which a shard file is never compacted.
+const COMPACT_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum ShardMeta {
@@ -191,13 +193,17 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl ShardStore {
-    /// Opens (creating if needed) the shard file at `path`.
-    pub fn open(path: &Path, shard: u32, dim: u32) -> Result<(ShardStore, Loaded), EngineError> {
+    /// Opens (creating if needed) the shard file at `path`. Before anything
+    /// else reads it: rows of the one-record-per-row layout are moved into
+    /// chunks, the op log is trimmed to `retain_bytes` (a budget lowered
+    /// since the last open takes effect at once), and a file that is
+    /// mostly free pages is compacted (see [`ShardStore::compact_if_sparse`]).
+    pub fn open(path: &Path, shard: u32, dim: u32, retain_bytes: u64) -> Result<(ShardStore, Loaded), EngineError> {
         // Vectors live in memory already; the page cache mostly serves
         // payload reads. redb's 1 GiB default per file would let hundreds of
         // shard files claim far more than the node has.
         let db = Database::builder().set_cache_size(SHARD_CACHE_BYTES).create(path)?;
-        let store = ShardStore {
+        let mut store = ShardStore {
             db,
             path: path.to_owned(),
             shard,
@@ -207,6 +213,14 @@ impl ShardStore {
         if moved > 0 {
             tracing::info!(path = %path.display(), rows = moved, "rows moved into chunks");
         }
+        store.write(|txn, meta| {
+            let retention = Retention {
+                budget: retain_bytes,
+                keep_above: meta.applied_lsn,
+            };
+            trim_log(&mut txn.open_table(OPLOG)?, meta, retention)
+        })?;
+        store.compact_if_sparse()?;
         let loaded = store.load()?;
         if loaded.meta.shard != shard || loaded.meta.dim != dim {
             return Err(store.corrupt(format!(
@@ -215,6 +229,39 @@ impl ShardStore {
             )));
         }
         Ok((store, loaded))
+    }
+
+    /// Compacts the file when at least [`COMPACT_MIN_BYTES`] and more than
+    /// half of it are free pages (left by a trimmed op log, or by rows moved
+    /// into chunks): redb reuses free pages but never gives them back.
+    /// Only at open, when no transaction can be live.
+    fn compact_if_sparse(&mut self) -> Result<(), EngineError> {
+        let len = std::fs::metadata(&self.path)
+            .map_err(|e| EngineError::io(&self.path, e))?
+            .len();
+        let used = {
+            let txn = self.db.begin_write()?;
+            let stats = txn.stats()?;
+            txn.abort()?;
+            stats.allocated_pages() * stats.page_size() as u64
+        };
+        let free = len.saturating_sub(used);
+        if free < COMPACT_MIN_BYTES || free < used {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        while self.db.compact().map_err(|e| EngineError::Storage(e.into()))? {}
+        let after = std::fs::metadata(&self.path)
+            .map_err(|e| EngineError::io(&self.path, e))?
+            .len();
+        tracing::info!(
+            path = %self.path.display(),
+            before = len,
+            after,
+            secs = started.elapsed().as_secs_f64(),
+            "shard file compacted"
+        );
+        Ok(())
     }
 
     fn corrupt(&self, message: impl ToString) -> EngineError {
@@ -547,15 +594,7 @@ impl ShardStore {
             meta.growing = growing;
 
             let mut oplog = txn.open_table(OPLOG)?;
-            let keep_above = retention.keep_above.min(applied);
-            let sizes = oplog
-                .iter()?
-                .map(|e| e.map(|(k, v)| (k.value(), v.value().len() as u64)));
-            let cut = oplog::retention_cut(sizes, meta.log_bytes, retention.budget, keep_above)?;
-            if let Some((through, dropped)) = cut {
-                oplog.retain_in(..=through, |_, _| false)?;
-                meta.log_bytes = meta.log_bytes.saturating_sub(dropped);
-            }
+            trim_log(&mut oplog, meta, retention)?;
             first_key(&oplog)
         })
     }
@@ -631,6 +670,21 @@ fn write_effect(txn: &WriteTransaction, path: &Path, dim: usize, a: &Applied<'_>
             }
         }
         merges.insert(m.id, encode(&MergeRecord::V1(rec)).as_slice())?;
+    }
+    Ok(())
+}
+
+/// Drops the oldest applied ops while the log takes more than the budget,
+/// keeping every op above `retention.keep_above` and the applied LSN.
+fn trim_log(oplog: &mut Table<u64, &[u8]>, meta: &mut ShardMetaV2, retention: Retention) -> Result<(), EngineError> {
+    let keep_above = retention.keep_above.min(meta.applied_lsn);
+    let sizes = oplog
+        .iter()?
+        .map(|e| e.map(|(k, v)| (k.value(), v.value().len() as u64)));
+    let cut = oplog::retention_cut(sizes, meta.log_bytes, retention.budget, keep_above)?;
+    if let Some((through, dropped)) = cut {
+        oplog.retain_in(..=through, |_, _| false)?;
+        meta.log_bytes = meta.log_bytes.saturating_sub(dropped);
     }
     Ok(())
 }

@@ -41,6 +41,8 @@
 //! `ef`, and index build time (`scripts/bench-engine.sh` runs it).
 //! With `--mode footprint` it measures a node's memory (settled and peak
 //! RSS) and disk against the raw bytes of the vectors it holds.
+//! With `--mode local` it searches a stopped node's data in process, with
+//! the query and truth files of `edgevec bench search`.
 //!
 //! `cargo run --release --bin bench -- --help`
 
@@ -60,6 +62,7 @@ use rand::{Rng, SeedableRng};
 
 mod engine;
 mod footprint;
+mod local;
 mod plugins;
 mod reads;
 mod replication;
@@ -143,6 +146,24 @@ struct Args {
     /// Keep the data directory (and node logs) here instead of a temp dir.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Local mode: a stopped node's engine directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Local mode: the collection searched.
+    #[arg(long, default_value = "bench")]
+    collection: String,
+    /// Local mode: queries (a float32 `.npy` matrix).
+    #[arg(long)]
+    queries_file: Option<PathBuf>,
+    /// Local mode: true ids per query (an int64 `.npy` matrix).
+    #[arg(long)]
+    truth_file: Option<PathBuf>,
+    /// Local mode: search expansion (default: the engine's).
+    #[arg(long)]
+    ef: Option<usize>,
+    /// Local mode: seconds of measurement.
+    #[arg(long, default_value_t = 15)]
+    duration_secs: u64,
 }
 
 impl Args {
@@ -431,30 +452,35 @@ struct Local {
 
 impl Local {
     fn open(engine: &Engine) -> Result<Local> {
+        Self::open_named(engine, "bench")
+    }
+
+    fn open_named(engine: &Engine, name: &str) -> Result<Local> {
         let all = engine.replicas();
         let replicas: Vec<Arc<ShardReplica>> = all
             .iter()
-            .filter(|(spec, _)| spec.name == "bench")
+            .filter(|(spec, _)| spec.name == name)
             .map(|(_, r)| r.clone())
             .collect();
         let metric = all
             .iter()
-            .find(|(spec, _)| spec.name == "bench")
+            .find(|(spec, _)| spec.name == name)
             .map(|(spec, _)| spec.metric)
-            .context("the node holds no replica of the bench collection")?;
+            .with_context(|| format!("the node holds no replica of collection {name}"))?;
         Ok(Local { replicas, metric })
     }
 
     fn search(&self, query: &[f32], k: u32) -> Result<Vec<edgevec_proto::Hit>> {
-        let mut hits = search_replicas(
-            &self.replicas,
-            self.metric,
-            &[query.to_vec()],
-            k,
-            false,
-            Default::default(),
-            None,
-        )?;
+        self.search_with(query, k, Default::default())
+    }
+
+    fn search_with(
+        &self,
+        query: &[f32],
+        k: u32,
+        opts: edgevec_engine::SearchOptions,
+    ) -> Result<Vec<edgevec_proto::Hit>> {
+        let mut hits = search_replicas(&self.replicas, self.metric, &[query.to_vec()], k, false, opts, None)?;
         Ok(hits.pop().unwrap_or_default())
     }
 }
@@ -505,8 +531,9 @@ async fn main() -> Result<()> {
         "scaling" => reads::scaling(&args, &dir).await,
         "engine" => engine::run(&args, &dir),
         "footprint" => footprint::run(&args, &dir).await,
+        "local" => local::run(&args),
         other => {
-            bail!("unknown --mode {other:?}: use search, engine, footprint, meta, replication, plugins, plugins-e2e, reads or scaling")
+            bail!("unknown --mode {other:?}: use search, engine, footprint, local, meta, replication, plugins, plugins-e2e, reads or scaling")
         }
     }
 }

@@ -79,6 +79,37 @@ pub struct InsertArgs {
     pub concurrency: usize,
     #[arg(long, default_value_t = 0)]
     pub start_id: u64,
+    /// Payloads: a JSON-lines file, line i the payload of row i (`null`
+    /// or an empty line: none); as many lines as rows.
+    #[arg(long)]
+    pub payloads: Option<PathBuf>,
+}
+
+/// The payload of every row from a JSON-lines file (see
+/// [`InsertArgs::payloads`]): `rows` lines, each a JSON value or empty.
+fn read_payloads(path: &Path, rows: usize) -> Result<Vec<Option<String>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() != rows {
+        bail!(
+            "{} has {} lines for {rows} rows: one payload line per row",
+            path.display(),
+            lines.len()
+        );
+    }
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let line = line.trim();
+            if line.is_empty() || line == "null" {
+                return Ok(None);
+            }
+            serde_json::from_str::<serde_json::Value>(line)
+                .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+            Ok(Some(line.to_string()))
+        })
+        .collect()
 }
 
 /// `20s`, `1500ms`, `2m`, or plain seconds.
@@ -300,17 +331,23 @@ async fn insert(g: &Global, a: InsertArgs) -> Result<()> {
             u64::MAX
         );
     }
+    let payloads = match &a.payloads {
+        Some(path) => read_payloads(path, rows.len())?,
+        None => vec![None; rows.len()],
+    };
     let batch = a.batch.clamp(1, edgevec_proto::limits::MAX_BATCH_POINTS);
     let batches = rows.len().div_ceil(batch);
     let rows = Arc::new(rows);
+    let payloads = Arc::new(payloads);
     let client: Client = connect(g).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for _ in 0..a.concurrency.max(1) {
-        let (client, rows, next, name, start_id) = (
+        let (client, rows, payloads, next, name, start_id) = (
             client.clone(),
             rows.clone(),
+            payloads.clone(),
             next.clone(),
             a.collection.clone(),
             a.start_id,
@@ -326,7 +363,7 @@ async fn insert(g: &Global, a: InsertArgs) -> Result<()> {
                     .map(|i| Point {
                         id: start_id + i as u64,
                         vector: rows[i].clone(),
-                        payload: None,
+                        payload: payloads[i].clone(),
                     })
                     .collect();
                 let n = points.len();
