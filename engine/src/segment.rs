@@ -21,13 +21,16 @@
 //!   when it comes back with fewer than `k` live rows while the segment has
 //!   more, the segment is searched exactly instead, so deletes never make
 //!   results go missing;
+//! - a sealed segment keeps the rows that pass its last few filters (its
+//!   columns never change once sealed); liveness is checked when they are
+//!   used, so a tombstone never makes a kept set wrong;
 //! - every candidate's score is computed by [`metric::score`] on the stored
 //!   vector, whatever path found it, so the same point scores the same in
 //!   every segment state and on every replica.
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use edgevec_proto::{limits, IndexState, Metric, SegmentInfo, SegmentState};
 
@@ -82,6 +85,24 @@ enum Vectors {
     Indexed(Arc<HnswIndex>),
 }
 
+/// The rows of a segment that pass one filter, live or not.
+struct Passing {
+    rows: Vec<u32>,
+    /// One bit per row of the segment.
+    bits: Vec<u64>,
+}
+
+impl Passing {
+    fn contains(&self, row: u32) -> bool {
+        self.bits
+            .get(row as usize / 64)
+            .is_some_and(|w| w >> (row % 64) & 1 == 1)
+    }
+}
+
+/// Filters whose passing rows a sealed segment keeps (last used first).
+const PASSING_CACHE: usize = 4;
+
 pub struct Segment {
     id: u64,
     dim: usize,
@@ -95,6 +116,9 @@ pub struct Segment {
     map: Option<Box<RowMap>>,
     /// The payload index columns (one per declared field).
     columns: Columns,
+    /// The passing rows of the last filters searched with, by the compiled
+    /// filter's text; kept once sealed, when the columns no longer change.
+    passing: Mutex<Vec<(String, Arc<Passing>)>>,
 }
 
 impl Segment {
@@ -141,6 +165,7 @@ impl Segment {
             progress: Arc::new(AtomicU64::new(0)),
             map: None,
             columns: Columns::default(),
+            passing: Mutex::new(Vec::new()),
         }
     }
 
@@ -312,45 +337,71 @@ impl Segment {
         let Some(filter) = filter else {
             return self.search_rows(metric, query, k, opts, None);
         };
-        let passing: Vec<u32> = (0..self.rows() as u32)
-            .filter(|r| self.is_live(*r) && filter.passes(&self.columns, *r))
-            .collect();
-        let (p, n) = (passing.len() as f64, self.rows().max(1) as f64);
+        let passing = self.passing(filter);
+        let live_passing = passing.rows.iter().filter(|r| self.is_live(**r)).count();
+        let (p, n) = (live_passing as f64, self.rows().max(1) as f64);
         let ef = opts.ef.max(k).max(1) as f64;
         let scan = match &self.vectors {
             Vectors::Indexed(ix) => {
                 let m = f64::from(ix.params().m);
-                opts.exact || passing.len() <= EXACT_FILTERED_ROWS || p * p / n <= 2.0 * ef * m
+                opts.exact || live_passing <= EXACT_FILTERED_ROWS || p * p / n <= 2.0 * ef * m
             }
             _ => true,
         };
         if scan {
             let mut top = TopK::new(metric, k);
-            for row in passing {
+            for &row in passing.rows.iter().filter(|r| self.is_live(**r)) {
                 self.offer(metric, query, row, &mut top);
             }
             return top.into_sorted();
-        }
-        let mut allowed = vec![false; self.rows()];
-        for r in &passing {
-            allowed[*r as usize] = true;
         }
         let widened = SearchOptions {
             ef: (ef * n / p).ceil().min(f64::from(limits::MAX_SEARCH_EF)) as usize,
             ..opts
         };
-        self.search_rows(metric, query, k, widened, Some((&allowed, passing.len())))
+        let allowed = |row: u32| passing.contains(row) && self.is_live(row);
+        self.search_rows(metric, query, k, widened, Some((&allowed, live_passing)))
+    }
+
+    /// The rows that pass `filter`, live or not: from the cache once the
+    /// segment is sealed, evaluated on every row otherwise.
+    fn passing(&self, filter: &Compiled) -> Arc<Passing> {
+        let evaluate = || {
+            let rows: Vec<u32> = (0..self.rows() as u32)
+                .filter(|r| filter.passes(&self.columns, *r))
+                .collect();
+            let mut bits = vec![0u64; self.rows().div_ceil(64)];
+            for r in &rows {
+                bits[*r as usize / 64] |= 1 << (r % 64);
+            }
+            Arc::new(Passing { rows, bits })
+        };
+        if matches!(self.vectors, Vectors::Growing(_)) {
+            return evaluate();
+        }
+        let key = format!("{filter:?}");
+        let mut cache = self.passing.lock().expect("passing cache lock");
+        if let Some(at) = cache.iter().position(|(k, _)| *k == key) {
+            let hit = cache.remove(at);
+            let set = hit.1.clone();
+            cache.insert(0, hit);
+            return set;
+        }
+        let set = evaluate();
+        cache.insert(0, (key, set.clone()));
+        cache.truncate(PASSING_CACHE);
+        set
     }
 
     /// [`Segment::search`] over the live rows, or over the rows `allowed`
-    /// marks (live ones only, `count` of them).
+    /// accepts (live ones only, `count` of them).
     fn search_rows(
         &self,
         metric: Metric,
         query: &[f32],
         k: usize,
         opts: SearchOptions,
-        allowed: Option<(&[bool], usize)>,
+        allowed: Option<(&(dyn Fn(u32) -> bool + Sync), usize)>,
     ) -> Vec<Candidate> {
         let Vectors::Indexed(ix) = &self.vectors else {
             return self.scan(metric, query, k);
@@ -360,7 +411,7 @@ impl Segment {
             return Vec::new();
         }
         let live = |row: u32| self.is_live(row);
-        let pass = |row: u32| allowed.is_some_and(|(a, _)| a[row as usize]);
+        let pass = |row: u32| allowed.is_some_and(|(a, _)| a(row));
         let filter: Option<&(dyn Fn(u32) -> bool + Sync)> = match allowed {
             Some(_) => Some(&pass),
             None => (self.deleted > 0).then_some(&live),
@@ -381,7 +432,7 @@ impl Segment {
             Err(e) => {
                 tracing::error!(segment = self.id, error = %e, "index search failed; scanning the segment's rows");
                 let mut top = TopK::new(metric, k);
-                for row in (0..self.rows() as u32).filter(|r| allowed.is_none_or(|(a, _)| a[*r as usize])) {
+                for row in (0..self.rows() as u32).filter(|r| self.is_live(*r) && allowed.is_none_or(|(a, _)| a(*r))) {
                     self.offer(metric, query, row, &mut top);
                 }
                 top.into_sorted()

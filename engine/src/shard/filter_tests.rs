@@ -201,3 +201,44 @@ fn filters_follow_deletes_replacements_merges_and_reopen() {
         other => panic!("expected Invalid, got {other:?}"),
     }
 }
+
+/// Sealed segments keep the rows that pass a filter for the next search;
+/// deletes, replacements and new rows after that are still seen.
+#[test]
+fn repeated_filters_see_later_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = ShardReplica::open(dir.path(), config(256), builder.clone()).unwrap();
+    let mut data = points(1_000, 5);
+    write(&s, ShardOp::Upsert(data.clone())).unwrap();
+    assert!(builder.wait_idle(Duration::from_secs(60)));
+    let t5 = Filter::parse(r#"{"must":[{"key":"tag","match":"t5"}]}"#).unwrap();
+    let q = data[40].vector.clone();
+    let search = |s: &ShardReplica| -> Vec<u64> {
+        let got = s.search(&q, 10, SearchOptions::default(), Some(&t5)).unwrap();
+        got.iter().map(|c| c.id).collect()
+    };
+    let tagged = |p: &Point| p.payload.as_deref().is_some_and(|j| j.contains("\"t5\""));
+    let first = search(&s);
+    assert_eq!(first, truth(&data, &q, 10, &tagged));
+    assert_eq!(search(&s), first, "the same answer from the kept rows");
+
+    // The best hit is deleted, the second loses its tag, and a new point
+    // at the query itself gets it.
+    write(&s, ShardOp::Delete(vec![first[0]])).unwrap();
+    let mut untagged = data[first[1] as usize].clone();
+    untagged.payload = Some(r#"{"bucket":0,"tag":"t1"}"#.into());
+    let fresh = Point {
+        id: 5_000,
+        vector: q.clone(),
+        payload: Some(r#"{"bucket":0,"tag":"t5"}"#.into()),
+    };
+    write(&s, ShardOp::Upsert(vec![untagged.clone(), fresh.clone()])).unwrap();
+    data.retain(|p| p.id != first[0] && p.id != first[1]);
+    data.push(untagged);
+    data.push(fresh);
+    let after = search(&s);
+    assert_eq!(after[0], 5_000, "{after:?}");
+    assert!(!after.contains(&first[0]) && !after.contains(&first[1]), "{after:?}");
+    assert_eq!(after, truth(&data, &q, 10, &tagged));
+}
