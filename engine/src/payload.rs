@@ -186,10 +186,13 @@ impl Schema {
     /// Compiles `filter` against these fields (see the module doc).
     pub fn compile(&self, filter: &Filter) -> Result<Compiled, EngineError> {
         let list = |conds: &[Condition]| conds.iter().map(|c| self.condition(c)).collect::<Result<Vec<_>, _>>();
+        let (must, should, must_not) = (list(&filter.must)?, list(&filter.should)?, list(&filter.must_not)?);
+        let key = format!("{:?}", (&must, &should, &must_not));
         Ok(Compiled {
-            must: list(&filter.must)?,
-            should: list(&filter.should)?,
-            must_not: list(&filter.must_not)?,
+            must,
+            should,
+            must_not,
+            key,
         })
     }
 
@@ -274,6 +277,9 @@ pub struct Compiled {
     must: Vec<Cond>,
     should: Vec<Cond>,
     must_not: Vec<Cond>,
+    /// The conditions as text: equal for filters that pass the same rows
+    /// of a segment, so a segment can keep its passing rows under it.
+    key: String,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +297,11 @@ enum Cond {
 }
 
 impl Compiled {
+    /// Text that names what the filter passes (see the field).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Whether row `row` of a segment with these columns passes.
     pub fn passes(&self, cols: &Columns, row: u32) -> bool {
         let row = row as usize;

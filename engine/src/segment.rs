@@ -379,16 +379,16 @@ impl Segment {
         if matches!(self.vectors, Vectors::Growing(_)) {
             return evaluate();
         }
-        let key = format!("{filter:?}");
+        let key = filter.key();
         let mut cache = self.passing.lock().expect("passing cache lock");
-        if let Some(at) = cache.iter().position(|(k, _)| *k == key) {
+        if let Some(at) = cache.iter().position(|(k, _)| k == key) {
             let hit = cache.remove(at);
             let set = hit.1.clone();
             cache.insert(0, hit);
             return set;
         }
         let set = evaluate();
-        cache.insert(0, (key, set.clone()));
+        cache.insert(0, (key.to_string(), set.clone()));
         cache.truncate(PASSING_CACHE);
         set
     }

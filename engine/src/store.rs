@@ -196,8 +196,9 @@ impl ShardStore {
     /// Opens (creating if needed) the shard file at `path`. Before anything
     /// else reads it: rows of the one-record-per-row layout are moved into
     /// chunks, the op log is trimmed to `retain_bytes` (a budget lowered
-    /// since the last open takes effect at once), and a file that is
-    /// mostly free pages is compacted (see [`ShardStore::compact_if_sparse`]).
+    /// since the last open takes effect at once), and if either freed
+    /// pages, a file that is mostly free pages is compacted (see
+    /// [`ShardStore::compact_if_sparse`]).
     pub fn open(path: &Path, shard: u32, dim: u32, retain_bytes: u64) -> Result<(ShardStore, Loaded), EngineError> {
         // Vectors live in memory already; the page cache mostly serves
         // payload reads. redb's 1 GiB default per file would let hundreds of
@@ -213,14 +214,19 @@ impl ShardStore {
         if moved > 0 {
             tracing::info!(path = %path.display(), rows = moved, "rows moved into chunks");
         }
-        store.write(|txn, meta| {
+        // Not fsynced: a crash takes the trim back and the next open redoes it.
+        let trimmed = store.write_as(Durability::None, |txn, meta| {
             let retention = Retention {
                 budget: retain_bytes,
                 keep_above: meta.applied_lsn,
             };
             trim_log(&mut txn.open_table(OPLOG)?, meta, retention)
         })?;
-        store.compact_if_sparse()?;
+        // Measuring the free pages walks the whole file: only when this
+        // open freed some.
+        if moved > 0 || trimmed > 0 {
+            store.compact_if_sparse()?;
+        }
         let loaded = store.load()?;
         if loaded.meta.shard != shard || loaded.meta.dim != dim {
             return Err(store.corrupt(format!(
@@ -676,17 +682,19 @@ fn write_effect(txn: &WriteTransaction, path: &Path, dim: usize, a: &Applied<'_>
 
 /// Drops the oldest applied ops while the log takes more than the budget,
 /// keeping every op above `retention.keep_above` and the applied LSN.
-fn trim_log(oplog: &mut Table<u64, &[u8]>, meta: &mut ShardMetaV2, retention: Retention) -> Result<(), EngineError> {
+/// Returns the encoded bytes dropped.
+fn trim_log(oplog: &mut Table<u64, &[u8]>, meta: &mut ShardMetaV2, retention: Retention) -> Result<u64, EngineError> {
     let keep_above = retention.keep_above.min(meta.applied_lsn);
     let sizes = oplog
         .iter()?
         .map(|e| e.map(|(k, v)| (k.value(), v.value().len() as u64)));
     let cut = oplog::retention_cut(sizes, meta.log_bytes, retention.budget, keep_above)?;
-    if let Some((through, dropped)) = cut {
-        oplog.retain_in(..=through, |_, _| false)?;
-        meta.log_bytes = meta.log_bytes.saturating_sub(dropped);
-    }
-    Ok(())
+    let Some((through, dropped)) = cut else {
+        return Ok(0);
+    };
+    oplog.retain_in(..=through, |_, _| false)?;
+    meta.log_bytes = meta.log_bytes.saturating_sub(dropped);
+    Ok(dropped)
 }
 
 fn first_key(oplog: &Table<u64, &[u8]>) -> Result<Option<u64>, EngineError> {

@@ -338,7 +338,13 @@ fn segment_state(s: &edgevec_proto::SegmentInfo) -> &'static str {
 
 /// Resident memory of this process, from `/proc/self/status` (Linux).
 pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    process_resident_bytes("self")
+}
+
+/// Resident memory of process `pid` ("self": this one), from
+/// `/proc/<pid>/status` (Linux).
+pub fn process_resident_bytes(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))?

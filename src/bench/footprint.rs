@@ -19,16 +19,7 @@ use super::*;
 
 /// Resident set of process `pid`, in bytes.
 fn rss(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    edgevec_node::metrics::process_resident_bytes(&pid.to_string())
 }
 
 /// The kind of a file in a node's data directory, for the breakdown.
@@ -39,8 +30,6 @@ fn kind(path: &Path) -> &'static str {
         "shard files"
     } else if under_engine && name.ends_with(".hnsw") {
         "index files"
-    } else if under_engine && name.ends_with(".vec") {
-        "vector files"
     } else if under_engine {
         "other engine files"
     } else {

@@ -8,39 +8,24 @@
 //! Prints QPS, latency percentiles and, with `--truth`, recall@k: the
 //! in-process side of "the cluster against the engine on the same index".
 
-use std::path::Path;
-
 use edgevec_engine::SearchOptions;
+use edgevec_node::cli::read_matrix;
 use edgevec_proto::Hit;
 
 use super::*;
 
-fn read_npy<T: npyz::Deserialize + Copy>(path: &Path) -> Result<Vec<Vec<T>>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let npy = npyz::NpyFile::new(std::io::BufReader::new(file))?;
-    let shape = npy.shape().to_vec();
-    let [rows, cols] = shape[..] else {
-        bail!("{}: expected a 2-d matrix, found shape {shape:?}", path.display());
-    };
-    if npy.order() == npyz::Order::Fortran {
-        bail!("{}: Fortran order is not read here", path.display());
-    }
-    let data: Vec<T> = npy.data::<T>()?.collect::<std::io::Result<_>>()?;
-    Ok(data
-        .chunks(cols.max(1) as usize)
-        .take(rows as usize)
-        .map(<[T]>::to_vec)
-        .collect())
-}
-
 pub fn run(args: &Args) -> Result<()> {
     let dir = args.data_dir.as_deref().context("--mode local needs --data-dir")?;
-    let queries: Arc<Vec<Vec<f32>>> = Arc::new(read_npy(
-        args.queries_file
-            .as_deref()
-            .context("--mode local needs --queries-file")?,
-    )?);
-    let truth: Option<Vec<Vec<i64>>> = args.truth_file.as_deref().map(read_npy).transpose()?;
+    let queries_file = args
+        .queries_file
+        .as_deref()
+        .context("--mode local needs --queries-file")?;
+    let queries: Arc<Vec<Vec<f32>>> = Arc::new(read_matrix(queries_file, "float32 (dtype '<f4')")?);
+    let truth: Option<Vec<Vec<i64>>> = args
+        .truth_file
+        .as_deref()
+        .map(|path| read_matrix(path, "int64 (dtype '<i8')"))
+        .transpose()?;
     let engine = Engine::open(dir, EngineOptions::default()).context("opening the data directory")?;
     if !engine.wait_for_indexes(Duration::from_secs(600)) {
         bail!("indexes not ready within 600 s");

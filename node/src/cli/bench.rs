@@ -134,7 +134,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A 2-d `.npy` matrix as rows.
-fn read_matrix<T: npyz::Deserialize + Copy>(path: &Path, expected: &str) -> Result<Vec<Vec<T>>> {
+pub fn read_matrix<T: npyz::Deserialize + Copy>(path: &Path, expected: &str) -> Result<Vec<Vec<T>>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let npy = npyz::NpyFile::new(std::io::BufReader::new(file))
         .with_context(|| format!("{} is not a .npy file", path.display()))?;

@@ -14,6 +14,8 @@ mod insert;
 mod plugin;
 mod up;
 
+pub use bench::read_matrix;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
