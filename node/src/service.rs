@@ -183,7 +183,11 @@ impl Service {
     }
 
     /// Checks a replication request against the data nodes that exist.
-    fn replication(&self, r: ReplicationSpec) -> Result<Replication, WireError> {
+    /// A read barrier first: a node that joined a moment ago (or a learner
+    /// behind the leader) must not judge by a registry it has not caught
+    /// up with.
+    async fn replication(&self, r: ReplicationSpec) -> Result<Replication, WireError> {
+        self.meta.read_index().await?;
         let data_nodes = self.meta.state().nodes().filter(|n| n.has_role("data")).count() as u32;
         let min = r.effective_min_insync();
         if r.replicas == 0 {
@@ -222,7 +226,7 @@ impl Service {
         edgevec_engine::validate::collection_spec(&spec).map_err(|e| e.to_wire())?;
         edgevec_engine::validate::index_spec(&index).map_err(|e| e.to_wire())?;
         FieldSpec::check(&fields).map_err(|m| WireError::invalid("index_field", m))?;
-        let replication = self.replication(r)?;
+        let replication = self.replication(r).await?;
         let state = self.meta.state();
         // Only nodes the metadata leader heard from lately: a node that
         // died a moment ago is still `up` until the failure detector says
@@ -317,10 +321,10 @@ impl Service {
                 fields,
             } => self.create(spec, replication, index, fields).await?,
             OpV1::Load { name, replication } => {
+                let replication = self.replication(replication).await?;
                 let id = self.meta.state().collection(&name).map(|c| c.id).ok_or_else(|| {
                     WireError::new(ErrorCode::NotFound, format!("collection {name:?} does not exist"))
                 })?;
-                let replication = self.replication(replication)?;
                 self.meta_write(MetaCommand::V2(CommandV2::SetReplication {
                     collection: id,
                     replication,

@@ -268,9 +268,11 @@ impl Meta {
     pub async fn read_index_local(&self) -> Result<u64, WireError> {
         match tokio::time::timeout(FORWARD_ATTEMPT, self.raft.ensure_linearizable()).await {
             Ok(Ok(read)) => Ok(read.map_or(0, |l| l.index)),
-            Ok(Err(e)) => Err(unavailable(format!("not a confirmed metadata leader: {e}"))),
+            Ok(Err(e)) => Err(unavailable(format!(
+                "not a confirmed metadata leader ({e}); a majority of the meta nodes must be up"
+            ))),
             Err(_) => Err(unavailable(
-                "the metadata leader could not confirm its leadership in time",
+                "the metadata leader could not confirm its leadership in time: it cannot reach a majority of the meta nodes",
             )),
         }
     }
@@ -292,7 +294,9 @@ impl Meta {
                         Err(e) => Err(unavailable(format!("leader {id} at {addr}: {e}"))),
                     }
                 }
-                None => Err(unavailable("no metadata leader is known")),
+                None => Err(unavailable(
+                    "no metadata leader is known: a majority of the meta nodes must be up",
+                )),
             };
             match attempt {
                 Ok(index) => break index,
