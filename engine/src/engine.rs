@@ -385,13 +385,17 @@ impl Engine {
     }
 
     /// Blocks until every sealed segment of every replica has its index
-    /// (tests, benchmarks); false on timeout.
+    /// and the builder has finished its jobs (so [`Engine::index_builds`]
+    /// counts them: a job installs its index before it returns its memory
+    /// and is counted); for tests and benchmarks; false on timeout.
     pub fn wait_for_indexes(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let all: Vec<Arc<ShardReplica>> = self.read_map().values().map(|(_, r)| r.clone()).collect();
             if all.iter().all(|r| r.indexes_ready()) {
-                return true;
+                return self
+                    .builder
+                    .wait_idle(deadline.saturating_duration_since(Instant::now()));
             }
             let now = Instant::now();
             if now >= deadline {

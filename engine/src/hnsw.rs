@@ -14,6 +14,14 @@
 //! graph alone, and [`HnswIndex::load`] attaches the vectors it is handed
 //! (a small patch of the binding, like the per-search `ef`).
 //!
+//! Distances in the walk are edgevec's own f32 kernels
+//! ([`crate::metric::walk_kernels`], installed as usearch's metric after
+//! every build start and load), not usearch's numkong ones, which sum in
+//! f64 at half the lanes; the walk only orders candidates, and the scores
+//! returned are computed again exactly by the segment. The walk prefetches
+//! the vectors of the neighbours it is about to measure (a third patch of
+//! `vendor/usearch`).
+//!
 //! Search takes its expansion (`ef`) per call: the binding's index-wide
 //! setting is never changed after a build, so concurrent searches with
 //! different `ef` do not race (the per-call entry point is a small patch of
@@ -132,11 +140,39 @@ fn options(metric: Metric, dim: usize, params: IndexSpec) -> IndexOptions {
     }
 }
 
-/// The SIMD kernels usearch picks on this CPU for `metric` at `dim` (its
-/// own name for them, e.g. "skylake", "haswell", "neon", "serial").
+/// The SIMD kernels used on this CPU for `metric` at `dim`: the graph
+/// walk's build ([`crate::metric::walk_kernels`]) and the one numkong
+/// picks for exact scores (its own name, e.g. "skylake", "neon").
 pub fn kernels(metric: Metric, dim: usize) -> String {
-    Index::new(&options(metric, dim, IndexSpec::default()))
-        .map_or_else(|e| format!("unknown ({e})"), |ix| ix.hardware_acceleration())
+    let exact = Index::new(&options(metric, dim, IndexSpec::default()))
+        .map_or_else(|e| format!("unknown ({e})"), |ix| ix.hardware_acceleration());
+    format!(
+        "graph walk {} (f32), exact scores numkong {exact} (f64 sums)",
+        crate::metric::walk_kernels_name()
+    )
+}
+
+/// Gives `index` the graph-walk kernels of [`crate::metric`] in place of
+/// usearch's own: those accumulate f32 products in f64, eight lanes per
+/// AVX-512 instruction, where a walk (which only orders candidates) does
+/// as well with sixteen f32 lanes. A loaded index gets usearch's metric
+/// back from the file, so this runs after every build start and load.
+fn install_walk_metric(index: &mut Index, metric: Metric, dim: usize) {
+    // SAFETY (both closures): usearch calls the metric with two pointers
+    // to vectors of the index's `dim` f32 components (stored rows or the
+    // query it was handed, whose length the binding checked).
+    let (dot, l2) = crate::metric::walk_kernels();
+    let walk: Box<dyn Fn(*const f32, *const f32) -> f32 + Send + Sync> = match metric {
+        Metric::L2 => Box::new(move |a, b| {
+            let (a, b) = unsafe { (std::slice::from_raw_parts(a, dim), std::slice::from_raw_parts(b, dim)) };
+            l2(a, b)
+        }),
+        Metric::InnerProduct | Metric::Cosine => Box::new(move |a, b| {
+            let (a, b) = unsafe { (std::slice::from_raw_parts(a, dim), std::slice::from_raw_parts(b, dim)) };
+            1.0 - dot(a, b)
+        }),
+    };
+    index.change_metric(walk);
 }
 
 fn native(what: &str, e: impl std::fmt::Display) -> EngineError {
@@ -170,7 +206,8 @@ impl HnswIndex {
         progress: &AtomicU64,
         vectors: &mut dyn FnMut(std::ops::Range<u32>) -> Result<Vec<f32>, EngineError>,
     ) -> Result<HnswIndex, EngineError> {
-        let index = Index::new(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
+        let mut index = Index::new(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
+        install_walk_metric(&mut index, metric, dim);
         let threads = rayon::current_num_threads().max(1);
         index
             .reserve_capacity_and_threads(rows.max(1), threads)
@@ -352,10 +389,11 @@ impl HnswIndex {
             return Err(bad("usearch header does not match the segment's schema".into()));
         }
         let params = IndexSpec { m, ef_construction };
-        let index = Index::new(&options(metric, dim as usize, params)).map_err(|e| native(&what, e))?;
+        let mut index = Index::new(&options(metric, dim as usize, params)).map_err(|e| native(&what, e))?;
         index
             .load_graph_from_buffer(native_bytes)
             .map_err(|e| native(&what, e))?;
+        install_walk_metric(&mut index, metric, dim as usize);
         drop(bytes);
         if index.size() != ids.len() || (0..ids.len() as u64).any(|row| !index.contains(row)) {
             return Err(bad(format!(

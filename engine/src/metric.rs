@@ -29,6 +29,153 @@ pub fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
     <f32 as numkong::Euclidean>::sqeuclidean(a, b).unwrap_or(f64::NAN) as f32
 }
 
+/// Lanes the graph-walk kernels sum side by side: two AVX-512 registers,
+/// four AVX2 or eight NEON ones, so consecutive fused multiply-adds do not
+/// wait on each other's result.
+const LANES: usize = 32;
+
+/// A distance kernel of the graph walk.
+pub type WalkKernel = fn(&[f32], &[f32]) -> f32;
+
+/// The graph-walk kernels for this CPU, chosen once at run time: dot
+/// product and squared Euclidean distance with f32 accumulation in
+/// [`LANES`] lanes, compiled for AVX-512 and for AVX2+FMA on x86-64 (NEON
+/// is part of every aarch64 build). Twice the lanes per instruction of the
+/// f64-accumulating [`dot`] and [`l2_squared`], whose precision a walk
+/// does not need: it only orders candidates, and the scores a client sees
+/// come from [`score`].
+pub fn walk_kernels() -> (WalkKernel, WalkKernel) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            return (x86::dot_avx512, x86::l2_avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return (x86::dot_avx2, x86::l2_avx2);
+        }
+    }
+    // aarch64 has fused multiply-add in its base instruction set.
+    if cfg!(target_arch = "aarch64") {
+        (dot_lanes::<true>, l2_lanes::<true>)
+    } else {
+        (dot_lanes::<false>, l2_lanes::<false>)
+    }
+}
+
+/// Which build of the walk kernels [`walk_kernels`] picks on this CPU.
+pub fn walk_kernels_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            return "avx512";
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    if cfg!(target_arch = "aarch64") {
+        "neon"
+    } else {
+        "portable"
+    }
+}
+
+/// Per-CPU builds of the walk kernels: the same Rust, compiled with the
+/// instruction sets enabled, entered only after the CPU reported them.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{dot_lanes, l2_lanes};
+
+    pub fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: chosen by `walk_kernels` only where the CPU has these.
+        unsafe { dot_512(a, b) }
+    }
+    pub fn l2_avx512(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { l2_512(a, b) }
+    }
+    pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { dot_256(a, b) }
+    }
+    pub fn l2_avx2(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { l2_256(a, b) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn dot_512(a: &[f32], b: &[f32]) -> f32 {
+        dot_lanes::<true>(a, b)
+    }
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn l2_512(a: &[f32], b: &[f32]) -> f32 {
+        l2_lanes::<true>(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_256(a: &[f32], b: &[f32]) -> f32 {
+        dot_lanes::<true>(a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn l2_256(a: &[f32], b: &[f32]) -> f32 {
+        l2_lanes::<true>(a, b)
+    }
+}
+
+/// `a·b + c`, fused when `FUSED` (without the instruction a fused
+/// multiply-add is a slow library call, so the plain form is used).
+#[inline(always)]
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn dot_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let ((xs, xt), (ys, yt)) = (a[..n].as_chunks::<LANES>(), b[..n].as_chunks::<LANES>());
+    let mut acc = [0.0f32; LANES];
+    for (x, y) in xs.iter().zip(ys) {
+        for i in 0..LANES {
+            acc[i] = madd::<FUSED>(x[i], y[i], acc[i]);
+        }
+    }
+    let tail = xt.iter().zip(yt).fold(0.0, |t, (x, y)| madd::<FUSED>(*x, *y, t));
+    lane_sum(&acc) + tail
+}
+
+#[inline(always)]
+fn l2_lanes<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let ((xs, xt), (ys, yt)) = (a[..n].as_chunks::<LANES>(), b[..n].as_chunks::<LANES>());
+    let mut acc = [0.0f32; LANES];
+    for (x, y) in xs.iter().zip(ys) {
+        for i in 0..LANES {
+            let d = x[i] - y[i];
+            acc[i] = madd::<FUSED>(d, d, acc[i]);
+        }
+    }
+    let tail = xt.iter().zip(yt).fold(0.0, |t, (x, y)| madd::<FUSED>(x - y, x - y, t));
+    lane_sum(&acc) + tail
+}
+
+/// Pairwise sum of the lanes. Kept out of line: inlined, its narrowing
+/// adds lead the compiler to split the accumulators into 2-lane vectors.
+#[inline(never)]
+fn lane_sum(acc: &[f32; LANES]) -> f32 {
+    let mut v = *acc;
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            v[i] += v[i + width];
+        }
+    }
+    v[0]
+}
+
 /// Euclidean norm, accumulated in f64 so large finite components do not
 /// overflow to infinity on the way.
 pub fn norm(v: &[f32]) -> f64 {
@@ -181,6 +328,39 @@ mod tests {
         assert_eq!(l2_squared(&a, &b), want_l2);
         assert_eq!(score(Metric::L2, &[0.0, 0.0], &[3.0, 4.0]), 5.0);
         assert_eq!(score(Metric::InnerProduct, &[1.0, 2.0], &[3.0, 4.0]), 11.0);
+    }
+
+    #[test]
+    fn walk_kernels_match_the_exact_ones() {
+        let (walk_dot, walk_l2_squared) = walk_kernels();
+        // Every build, not only the one this CPU gets.
+        let mut kernels: Vec<(WalkKernel, WalkKernel)> = vec![
+            (walk_dot, walk_l2_squared),
+            (dot_lanes::<false>, l2_lanes::<false>),
+            (dot_lanes::<true>, l2_lanes::<true>),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            kernels.push((x86::dot_avx2, x86::l2_avx2));
+        }
+        for (walk_dot, walk_l2_squared) in kernels {
+            check_walk_kernels(walk_dot, walk_l2_squared);
+        }
+    }
+
+    fn check_walk_kernels(walk_dot: WalkKernel, walk_l2_squared: WalkKernel) {
+        // Every length around the lane count (tails of every size) and a
+        // few dimensions users pick.
+        for n in (0..=70).chain([128, 384, 768, 1000]) {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0).collect();
+            let (d, wd) = (dot(&a, &b), walk_dot(&a, &b));
+            assert!((d - wd).abs() <= 1e-4 * (1.0 + d.abs()), "dot at {n}: {d} vs {wd}");
+            let (l, wl) = (l2_squared(&a, &b), walk_l2_squared(&a, &b));
+            assert!((l - wl).abs() <= 1e-4 * (1.0 + l), "l2 at {n}: {l} vs {wl}");
+        }
+        assert_eq!(walk_dot(&[1.0, 2.0], &[3.0, 4.0]), 11.0);
+        assert_eq!(walk_l2_squared(&[0.0, 0.0], &[3.0, 4.0]), 25.0);
     }
 
     #[test]

@@ -328,7 +328,7 @@ pub fn run(args: &Args, dir: &Path) -> Result<()> {
     );
     crate::usage::print_machine(&load);
     println!(
-        "usearch kernels on this CPU: {}; hnswlib built by pip with -march=native\n",
+        "kernels on this CPU: {}; hnswlib built by pip with -march=native\n",
         edgevec_engine::kernels(metric, dim)
     );
     print!("| ef |");
