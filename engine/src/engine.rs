@@ -228,6 +228,9 @@ impl Engine {
             }
             replicas.insert(spec.key, (spec, replica));
         }
+        // Loading indexes read whole files and chunks of rows into memory
+        // that is free now.
+        crate::memory::return_free_memory();
         Ok(Engine {
             root: dir.to_owned(),
             retain_bytes: opts.oplog_retain_bytes,

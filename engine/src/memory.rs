@@ -9,8 +9,10 @@
 //! - [`limit_arenas`] at process start caps the arenas at two: the node's
 //!   allocation-heavy work (builds, batches of writes) is not limited by
 //!   allocator lock contention on the 2-8 cores of an edge board;
-//! - [`return_free_memory`] after each background build or merge hands
-//!   the free pages of every arena back to the OS (`malloc_trim`).
+//! - [`return_free_memory`] hands the free pages of every arena back to
+//!   the OS (`malloc_trim`): after each background build or merge, and
+//!   when the engine has opened its replicas (index loads read whole
+//!   files and chunks of rows).
 //!
 //! Both were measured with `bench --mode footprint` (BENCHMARKS.md).
 
