@@ -19,8 +19,8 @@
 //! every build start and load), not usearch's numkong ones, which sum in
 //! f64 at half the lanes; the walk only orders candidates, and the scores
 //! returned are computed again exactly by the segment. The walk prefetches
-//! the vectors of the neighbours it is about to measure (a third patch of
-//! `vendor/usearch`).
+//! the vectors and graph nodes of the neighbours it is about to measure (a
+//! third patch of `vendor/usearch`).
 //!
 //! Search takes its expansion (`ef`) per call: the binding's index-wide
 //! setting is never changed after a build, so concurrent searches with

@@ -4763,6 +4763,9 @@ class index_gt {
             if (!is_dummy<prefetch_at>()) {
                 candidates_range_t missing_candidates{*this, candidate_neighbors, visits};
                 prefetch(missing_candidates.begin(), missing_candidates.end());
+                // edgevec patch: their nodes too (the key the predicate reads, then the links)
+                for (compressed_slot_t successor_slot : candidate_neighbors)
+                    usearch_prefetch_m(nodes_[successor_slot].tape());
             }
 
             // Assume the worst-case when reserving memory
