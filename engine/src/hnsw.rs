@@ -148,7 +148,7 @@ pub fn kernels(metric: Metric, dim: usize) -> String {
         .map_or_else(|e| format!("unknown ({e})"), |ix| ix.hardware_acceleration());
     format!(
         "graph walk {} (f32), exact scores numkong {exact} (f64 sums)",
-        crate::metric::walk_kernels_name()
+        crate::metric::walk_kernels().name
     )
 }
 
@@ -161,7 +161,8 @@ fn install_walk_metric(index: &mut Index, metric: Metric, dim: usize) {
     // SAFETY (both closures): usearch calls the metric with two pointers
     // to vectors of the index's `dim` f32 components (stored rows or the
     // query it was handed, whose length the binding checked).
-    let (dot, l2) = crate::metric::walk_kernels();
+    let kernels = crate::metric::walk_kernels();
+    let (dot, l2) = (kernels.dot, kernels.l2_squared);
     let walk: Box<dyn Fn(*const f32, *const f32) -> f32 + Send + Sync> = match metric {
         Metric::L2 => Box::new(move |a, b| {
             let (a, b) = unsafe { (std::slice::from_raw_parts(a, dim), std::slice::from_raw_parts(b, dim)) };

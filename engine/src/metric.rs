@@ -37,46 +37,45 @@ const LANES: usize = 32;
 /// A distance kernel of the graph walk.
 pub type WalkKernel = fn(&[f32], &[f32]) -> f32;
 
-/// The graph-walk kernels for this CPU, chosen once at run time: dot
-/// product and squared Euclidean distance with f32 accumulation in
-/// [`LANES`] lanes, compiled for AVX-512 and for AVX2+FMA on x86-64 (NEON
-/// is part of every aarch64 build). Twice the lanes per instruction of the
+/// The graph-walk kernels of one build.
+#[derive(Clone, Copy)]
+pub struct WalkKernels {
+    /// The build: "avx512", "avx2", "neon" or "portable".
+    pub name: &'static str,
+    pub dot: WalkKernel,
+    pub l2_squared: WalkKernel,
+}
+
+/// The graph-walk kernels for this CPU, chosen at run time: dot product
+/// and squared Euclidean distance with f32 accumulation in [`LANES`]
+/// lanes, compiled for AVX-512 and for AVX2+FMA on x86-64 (NEON is part of
+/// every aarch64 build). Twice the lanes per instruction of the
 /// f64-accumulating [`dot`] and [`l2_squared`], whose precision a walk
 /// does not need: it only orders candidates, and the scores a client sees
 /// come from [`score`].
-pub fn walk_kernels() -> (WalkKernel, WalkKernel) {
+pub fn walk_kernels() -> WalkKernels {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            return (x86::dot_avx512, x86::l2_avx512);
+            return x86::AVX512;
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return (x86::dot_avx2, x86::l2_avx2);
+            return x86::AVX2;
         }
     }
     // aarch64 has fused multiply-add in its base instruction set.
     if cfg!(target_arch = "aarch64") {
-        (dot_lanes::<true>, l2_lanes::<true>)
-    } else {
-        (dot_lanes::<false>, l2_lanes::<false>)
-    }
-}
-
-/// Which build of the walk kernels [`walk_kernels`] picks on this CPU.
-pub fn walk_kernels_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-            return "avx512";
+        WalkKernels {
+            name: "neon",
+            dot: dot_lanes::<true>,
+            l2_squared: l2_lanes::<true>,
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return "avx2";
-        }
-    }
-    if cfg!(target_arch = "aarch64") {
-        "neon"
     } else {
-        "portable"
+        WalkKernels {
+            name: "portable",
+            dot: dot_lanes::<false>,
+            l2_squared: l2_lanes::<false>,
+        }
     }
 }
 
@@ -84,41 +83,38 @@ pub fn walk_kernels_name() -> &'static str {
 /// instruction sets enabled, entered only after the CPU reported them.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{dot_lanes, l2_lanes};
+    use super::{dot_lanes, l2_lanes, WalkKernels};
 
-    pub fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: chosen by `walk_kernels` only where the CPU has these.
-        unsafe { dot_512(a, b) }
-    }
-    pub fn l2_avx512(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: as above.
-        unsafe { l2_512(a, b) }
-    }
-    pub fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: as above.
-        unsafe { dot_256(a, b) }
-    }
-    pub fn l2_avx2(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: as above.
-        unsafe { l2_256(a, b) }
+    /// A safe entry `$name` to `$body` compiled with `$features`.
+    macro_rules! built_for {
+        ($name:ident, $features:literal, $body:expr) => {
+            fn $name(a: &[f32], b: &[f32]) -> f32 {
+                #[target_feature(enable = $features)]
+                unsafe fn inner(a: &[f32], b: &[f32]) -> f32 {
+                    $body(a, b)
+                }
+                // SAFETY: reached only through `walk_kernels`, which hands
+                // out this build where the CPU reported these features.
+                unsafe { inner(a, b) }
+            }
+        };
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn dot_512(a: &[f32], b: &[f32]) -> f32 {
-        dot_lanes::<true>(a, b)
-    }
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn l2_512(a: &[f32], b: &[f32]) -> f32 {
-        l2_lanes::<true>(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_256(a: &[f32], b: &[f32]) -> f32 {
-        dot_lanes::<true>(a, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn l2_256(a: &[f32], b: &[f32]) -> f32 {
-        l2_lanes::<true>(a, b)
-    }
+    built_for!(dot_avx512, "avx512f,avx2,fma", dot_lanes::<true>);
+    built_for!(l2_avx512, "avx512f,avx2,fma", l2_lanes::<true>);
+    built_for!(dot_avx2, "avx2,fma", dot_lanes::<true>);
+    built_for!(l2_avx2, "avx2,fma", l2_lanes::<true>);
+
+    pub const AVX512: WalkKernels = WalkKernels {
+        name: "avx512",
+        dot: dot_avx512,
+        l2_squared: l2_avx512,
+    };
+    pub const AVX2: WalkKernels = WalkKernels {
+        name: "avx2",
+        dot: dot_avx2,
+        l2_squared: l2_avx2,
+    };
 }
 
 /// `a·b + c`, fused when `FUSED` (without the instruction a fused
@@ -332,19 +328,26 @@ mod tests {
 
     #[test]
     fn walk_kernels_match_the_exact_ones() {
-        let (walk_dot, walk_l2_squared) = walk_kernels();
-        // Every build, not only the one this CPU gets.
-        let mut kernels: Vec<(WalkKernel, WalkKernel)> = vec![
-            (walk_dot, walk_l2_squared),
-            (dot_lanes::<false>, l2_lanes::<false>),
-            (dot_lanes::<true>, l2_lanes::<true>),
+        // Every build this CPU can run, not only the one it gets.
+        let mut builds = vec![
+            walk_kernels(),
+            WalkKernels {
+                name: "portable",
+                dot: dot_lanes::<false>,
+                l2_squared: l2_lanes::<false>,
+            },
+            WalkKernels {
+                name: "fused",
+                dot: dot_lanes::<true>,
+                l2_squared: l2_lanes::<true>,
+            },
         ];
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            kernels.push((x86::dot_avx2, x86::l2_avx2));
+            builds.push(x86::AVX2);
         }
-        for (walk_dot, walk_l2_squared) in kernels {
-            check_walk_kernels(walk_dot, walk_l2_squared);
+        for build in builds {
+            check_walk_kernels(build.dot, build.l2_squared);
         }
     }
 
