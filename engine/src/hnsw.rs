@@ -7,12 +7,22 @@
 //!   length already (normalised on insert), so the inner-product order is
 //!   the cosine order and no second normalisation is paid per distance.
 //!
-//! The index owns the segment's vectors (usearch keeps them next to the
-//! graph), which is how a sealed segment holds its vectors in memory
-//! exactly once; [`HnswIndex::vector_into`] copies one out. On disk the
-//! vectors are stored once too, in the shard file: an index file holds the
-//! graph alone, and [`HnswIndex::load`] attaches the vectors it is handed
-//! (a small patch of the binding, like the per-search `ef`).
+//! Vectors are held once in memory, in [`Block`]s: row-major buffers that
+//! indexes point into instead of copying (usearch keeps a pointer per row;
+//! a small patch of the binding, like the per-search `ef`). A sealed
+//! segment's buffer becomes the block of its index; a merged index points
+//! into the blocks of the indexes it replaces and keeps them alive, so a
+//! merge adds a graph to memory but no second copy of its vectors. Rows of
+//! a block that a merge would leave mostly unused (deleted rows dropped)
+//! are copied into a block of their own instead ([`RowVectors::gather`]),
+//! so deleted rows do not pin memory for ever.
+//! On disk the vectors are stored once too, in the shard file: an index
+//! file holds the graph alone, and [`HnswIndex::load`] reads the vectors
+//! it is handed into one block.
+//!
+//! Invariant: an index is declared before its blocks in [`HnswIndex`], so
+//! it is dropped first, and a block is never written once an index points
+//! into it.
 //!
 //! Distances in the walk are edgevec's own f32 kernels
 //! ([`crate::metric::walk_kernels`], installed as usearch's metric after
@@ -45,8 +55,10 @@
 //! rebuilds the index from the segment's rows: an old or foreign file is
 //! never misread.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use edgevec_proto::{limits, IndexSpec, Metric};
 use rayon::prelude::*;
@@ -60,7 +72,7 @@ const MAGIC: &[u8; 8] = b"EVHNSW\0\0";
 /// 1: instant-distance graph; 2: usearch with its vectors (neither read
 /// any more); 3: usearch graph, vectors kept by the shard file.
 const HEADER_VERSION: u32 = 3;
-/// Rows whose vectors a build or [`HnswIndex::load`] asks for at a time.
+/// Rows whose vectors [`HnswIndex::load`] asks for at a time.
 const ATTACH_CHUNK: usize = 4096;
 const HEADER_LEN: usize = 32;
 
@@ -108,13 +120,158 @@ enum IndexMeta {
     },
 }
 
+/// Row-major vectors (`dim` floats a row) that indexes point into. Never
+/// written once shared.
+pub type Block = Arc<AlignedRows>;
+
+/// One cache line of floats.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// Floats in memory aligned to a cache line, so that rows whose length is
+/// a multiple of 16 floats (128, 384, 768, ...) each start a cache line:
+/// the walk loads and prefetches a row without touching one line more.
+/// (A `Vec<f32>` from the allocator starts 16 bytes into a line.)
+pub struct AlignedRows {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedRows {
+    /// `len` zeros.
+    pub fn zeroed(len: usize) -> AlignedRows {
+        AlignedRows {
+            lines: vec![Line([0.0; 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+
+    pub fn from_slice(v: &[f32]) -> AlignedRows {
+        let mut out = AlignedRows::zeroed(v.len());
+        out.as_mut_slice().copy_from_slice(v);
+        out
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: `lines` holds at least `len` floats (plain data, no
+        // padding: a line is 16 f32 at their own alignment).
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
+    }
+}
+
+impl std::ops::Deref for AlignedRows {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        // SAFETY: as in `as_mut_slice`.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
+    }
+}
+
+/// Where the vectors of an index's rows are.
+pub enum RowVectors {
+    /// Row `r` is row `r` of the block.
+    One(Block),
+    /// Row `r` is row `at[r].1` of `blocks[at[r].0]`.
+    Gathered { blocks: Vec<Block>, at: Vec<(u32, u32)> },
+}
+
+impl RowVectors {
+    fn rows(&self, dim: usize) -> usize {
+        match self {
+            RowVectors::One(b) => b.len() / dim.max(1),
+            RowVectors::Gathered { at, .. } => at.len(),
+        }
+    }
+
+    fn source(&self, row: u32) -> (&Block, u32) {
+        match self {
+            RowVectors::One(b) => (b, row),
+            RowVectors::Gathered { blocks, at } => {
+                let (b, r) = at[row as usize];
+                (&blocks[b as usize], r)
+            }
+        }
+    }
+
+    fn get(&self, row: u32, dim: usize) -> &[f32] {
+        let (block, r) = self.source(row);
+        &block[r as usize * dim..][..dim]
+    }
+
+    /// The vectors of rows stored at `sources` (a block and a row of it,
+    /// one per row, in row order). Blocks of which fewer than half the rows
+    /// are used here are not kept: those rows are copied into a block of
+    /// their own, so that a merge that drops deleted rows frees their
+    /// memory once the segments it replaces are gone.
+    pub fn gather(sources: Vec<(Block, u32)>, dim: usize) -> RowVectors {
+        let mut blocks: Vec<Block> = Vec::new();
+        let mut used: Vec<usize> = Vec::new();
+        let mut slot: HashMap<*const AlignedRows, u32> = HashMap::new();
+        let mut at: Vec<(u32, u32)> = Vec::with_capacity(sources.len());
+        for (block, row) in sources {
+            let b = *slot.entry(Arc::as_ptr(&block)).or_insert_with(|| {
+                blocks.push(block.clone());
+                used.push(0);
+                blocks.len() as u32 - 1
+            });
+            used[b as usize] += 1;
+            at.push((b, row));
+        }
+        let sparse: Vec<bool> = blocks
+            .iter()
+            .zip(&used)
+            .map(|(b, n)| n * 2 < b.len() / dim.max(1))
+            .collect();
+        if sparse.iter().any(|s| *s) {
+            let mut own = Vec::new();
+            let mut moved = Vec::new();
+            for (b, r) in at.iter_mut().filter(|(b, _)| sparse[*b as usize]) {
+                own.extend_from_slice(&blocks[*b as usize][*r as usize * dim..][..dim]);
+                moved.push(std::mem::replace(r, (own.len() / dim.max(1)) as u32 - 1));
+                *b = u32::MAX;
+            }
+            // Renumber the kept blocks, then the new one last.
+            let mut renumber = vec![u32::MAX; blocks.len()];
+            let mut kept = Vec::new();
+            for (i, b) in blocks.into_iter().enumerate() {
+                if !sparse[i] {
+                    renumber[i] = kept.len() as u32;
+                    kept.push(b);
+                }
+            }
+            let own_slot = kept.len() as u32;
+            kept.push(Arc::new(AlignedRows::from_slice(&own)));
+            for (b, _) in at.iter_mut() {
+                *b = if *b == u32::MAX {
+                    own_slot
+                } else {
+                    renumber[*b as usize]
+                };
+            }
+            blocks = kept;
+        }
+        let identity = blocks.len() == 1
+            && at.len() * dim == blocks[0].len()
+            && at.iter().enumerate().all(|(i, (_, r))| *r as usize == i);
+        if identity {
+            RowVectors::One(blocks.pop().expect("one block"))
+        } else {
+            RowVectors::Gathered { blocks, at }
+        }
+    }
+}
+
 /// A built (or loaded) index over one sealed segment's rows.
 pub struct HnswIndex {
     metric: Metric,
     dim: usize,
     rows: usize,
     params: IndexSpec,
+    /// Points into `vectors`: declared first, dropped first.
     index: Index,
+    vectors: RowVectors,
 }
 
 /// Thread slots an index reserves for concurrent searches (each holds a
@@ -181,56 +338,46 @@ fn native(what: &str, e: impl std::fmt::Display) -> EngineError {
 }
 
 impl HnswIndex {
-    /// Builds the index over `vectors` (`rows × dim`, row-major), adding
-    /// rows in parallel on the current rayon pool and counting them in
-    /// `progress`. Blocks for a while: call it from the builder thread only.
+    /// Builds the index over the rows of `vectors`, adding them in
+    /// parallel on the current rayon pool and counting them in `progress`.
+    /// The index points into the blocks of `vectors` (no copy). Blocks for
+    /// a while: call it from the builder thread only.
     pub fn build(
         metric: Metric,
         dim: usize,
-        vectors: &[f32],
+        vectors: RowVectors,
         params: IndexSpec,
         progress: &AtomicU64,
     ) -> Result<HnswIndex, EngineError> {
-        let rows = vectors.len() / dim.max(1);
-        let mut chunk = |r: std::ops::Range<u32>| Ok(vectors[r.start as usize * dim..r.end as usize * dim].to_vec());
-        Self::build_from(metric, dim, rows, params, progress, &mut chunk)
-    }
-
-    /// [`HnswIndex::build`] over `rows` rows whose vectors `vectors` hands
-    /// out a few thousand rows at a time (row-major), so that a build holds
-    /// one chunk beside the index instead of a second copy of every vector.
-    pub fn build_from(
-        metric: Metric,
-        dim: usize,
-        rows: usize,
-        params: IndexSpec,
-        progress: &AtomicU64,
-        vectors: &mut dyn FnMut(std::ops::Range<u32>) -> Result<Vec<f32>, EngineError>,
-    ) -> Result<HnswIndex, EngineError> {
+        let rows = vectors.rows(dim);
+        if let RowVectors::One(b) = &vectors {
+            if b.len() != rows * dim {
+                return Err(native(
+                    "build",
+                    format!("{} floats for {rows} rows of dim {dim}", b.len()),
+                ));
+            }
+        }
         let mut index = Index::new(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
         install_walk_metric(&mut index, metric, dim);
         let threads = rayon::current_num_threads().max(1);
         index
             .reserve_capacity_and_threads(rows.max(1), threads)
             .map_err(|e| native("reserve", e))?;
-        for from in (0..rows).step_by(ATTACH_CHUNK) {
-            let to = (from + ATTACH_CHUNK).min(rows);
-            let chunk = vectors(from as u32..to as u32)?;
-            if chunk.len() != (to - from) * dim {
-                return Err(native("build", format!("{} floats for rows {from}..{to}", chunk.len())));
-            }
-            chunk.par_chunks_exact(dim.max(1)).enumerate().try_for_each(|(i, v)| {
-                index.add((from + i) as u64, v).map_err(|e| native("add", e))?;
-                progress.fetch_add(1, Ordering::Relaxed);
-                Ok::<(), EngineError>(())
-            })?;
-        }
+        (0..rows as u32).into_par_iter().try_for_each(|row| {
+            // SAFETY: the vector is in a block that the index keeps (in
+            // `vectors`, dropped after it) and nothing writes.
+            unsafe { index.add_view(u64::from(row), vectors.get(row, dim)) }.map_err(|e| native("add", e))?;
+            progress.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), EngineError>(())
+        })?;
         let built = HnswIndex {
             metric,
             dim,
             rows,
             params,
             index,
+            vectors,
         };
         built.ready_for_searches()?;
         Ok(built)
@@ -250,10 +397,16 @@ impl HnswIndex {
         self.params
     }
 
-    /// Copies the stored vector of `row` into `out` (`dim` floats).
-    pub fn vector_into(&self, row: u32, out: &mut [f32]) {
-        let found = self.index.get(u64::from(row), out).unwrap_or(0);
-        debug_assert_eq!(found, 1, "row {row} of {}", self.rows);
+    /// The stored vector of `row`.
+    pub fn vector(&self, row: u32) -> &[f32] {
+        self.vectors.get(row, self.dim)
+    }
+
+    /// The block holding the vector of `row`, and its row there: what a
+    /// merged index points into.
+    pub fn vector_source(&self, row: u32) -> (Block, u32) {
+        let (block, r) = self.vectors.source(row);
+        (block.clone(), r)
     }
 
     /// The nearest rows to `query` that `live` accepts, nearest first, at
@@ -404,6 +557,7 @@ impl HnswIndex {
             )));
         }
         let dim = dim as usize;
+        let mut block = AlignedRows::zeroed(ids.len() * dim);
         for from in (0..ids.len()).step_by(ATTACH_CHUNK) {
             let to = (from + ATTACH_CHUNK).min(ids.len());
             let chunk = vectors(from as u32..to as u32)?;
@@ -413,10 +567,13 @@ impl HnswIndex {
                     chunk.len()
                 )));
             }
-            for (row, v) in (from..to).zip(chunk.chunks_exact(dim.max(1))) {
-                if !index.attach_vector(row as u64, v) {
-                    return Err(bad(format!("row {row} of the graph could not take its vector")));
-                }
+            block.as_mut_slice()[from * dim..to * dim].copy_from_slice(&chunk);
+        }
+        let vectors = RowVectors::One(Arc::new(block));
+        for row in 0..ids.len() as u32 {
+            // SAFETY: as in `build`: the block is kept by the index.
+            if !unsafe { index.attach_vector_view(u64::from(row), vectors.get(row, dim)) } {
+                return Err(bad(format!("row {row} of the graph could not take its vector")));
             }
         }
         if !index.all_vectors_attached() {
@@ -428,6 +585,7 @@ impl HnswIndex {
             rows: ids.len(),
             params,
             index,
+            vectors,
         };
         loaded.ready_for_searches()?;
         Ok((loaded, ids))

@@ -13,9 +13,9 @@
 //! locations, so a merge moves no row and changes no point's location.
 //!
 //! Invariants:
-//! - the vectors are held once: in the growing buffer (contiguous), in the
-//!   shared sealed buffer (which the builder thread reads), or inside the
-//!   index;
+//! - the vectors are held once: in the growing buffer (contiguous), or,
+//!   from the seal on, in the sealed buffer, which becomes the [`Block`]
+//!   its index (and later a merged index) points into without copying;
 //! - a row is live iff it is not tombstoned; search and get never return a
 //!   tombstoned row: the graph walk skips dead rows (a filtered walk), and
 //!   when it comes back with fewer than `k` live rows while the segment has
@@ -27,14 +27,13 @@
 //! - every candidate's score is computed by [`metric::score`] on the stored
 //!   vector, whatever path found it, so the same point scores the same in
 //!   every segment state and on every replica.
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use edgevec_proto::{limits, IndexState, Metric, SegmentInfo, SegmentState};
 
-use crate::hnsw::{HnswIndex, SearchOptions};
+use crate::hnsw::{AlignedRows, Block, HnswIndex, SearchOptions};
 use crate::metric::{self, Candidate, TopK};
 use crate::payload::{Cell, Columns, Compiled};
 use crate::plan::Location;
@@ -81,7 +80,7 @@ pub enum MergedData {
 enum Vectors {
     Growing(Vec<f32>),
     /// Sealed, index not installed yet; shared with the builder thread.
-    Sealed(Arc<Vec<f32>>),
+    Sealed(Block),
     Indexed(Arc<HnswIndex>),
 }
 
@@ -133,7 +132,12 @@ impl Segment {
 
     /// A sealed segment whose index still has to be built.
     pub fn sealed(id: u64, dim: usize, ids: Vec<u64>, vectors: Vec<f32>) -> Segment {
-        Segment::from_parts(id, dim, ids, Vectors::Sealed(Arc::new(vectors)))
+        Segment::from_parts(
+            id,
+            dim,
+            ids,
+            Vectors::Sealed(Arc::new(AlignedRows::from_slice(&vectors))),
+        )
     }
 
     /// A sealed segment with its index.
@@ -147,7 +151,7 @@ impl Segment {
         debug_assert_eq!(ids.len(), locations.len());
         let vectors = match data {
             MergedData::Index(index) => Vectors::Indexed(index),
-            MergedData::Vectors(v) => Vectors::Sealed(Arc::new(v)),
+            MergedData::Vectors(v) => Vectors::Sealed(Arc::new(AlignedRows::from_slice(&v))),
         };
         let mut seg = Segment::from_parts(id, dim, ids, vectors);
         seg.map = Some(Box::new(RowMap::new(locations)));
@@ -253,13 +257,12 @@ impl Segment {
     }
 
     /// Seals a growing segment and returns its vectors for the index build.
-    pub fn seal(&mut self) -> Arc<Vec<f32>> {
+    pub fn seal(&mut self) -> Block {
         match &mut self.vectors {
             Vectors::Growing(buf) => {
-                let mut buf = std::mem::take(buf);
-                buf.shrink_to_fit();
+                let buf = std::mem::take(buf);
                 self.columns.shrink();
-                let shared = Arc::new(buf);
+                let shared = Arc::new(AlignedRows::from_slice(&buf));
                 self.vectors = Vectors::Sealed(shared.clone());
                 shared
             }
@@ -270,7 +273,7 @@ impl Segment {
 
     /// The vectors an index build needs, if the segment is waiting for
     /// one, and the counter the build reports its progress in.
-    pub fn pending_build(&self) -> Option<(Arc<Vec<f32>>, Arc<AtomicU64>)> {
+    pub fn pending_build(&self) -> Option<(Block, Arc<AtomicU64>)> {
         match &self.vectors {
             Vectors::Sealed(v) => {
                 self.progress.store(0, Ordering::Relaxed);
@@ -296,16 +299,23 @@ impl Segment {
         self.dead.get(row as usize).is_some_and(|d| !d)
     }
 
-    /// The stored vector of `row` (copied out of an index).
-    pub fn vector(&self, row: u32) -> Cow<'_, [f32]> {
+    /// The stored vector of `row`.
+    pub fn vector(&self, row: u32) -> &[f32] {
         match &self.vectors {
-            Vectors::Growing(v) => Cow::Borrowed(&v[row as usize * self.dim..][..self.dim]),
-            Vectors::Sealed(v) => Cow::Borrowed(&v[row as usize * self.dim..][..self.dim]),
-            Vectors::Indexed(ix) => {
-                let mut out = vec![0.0; self.dim];
-                ix.vector_into(row, &mut out);
-                Cow::Owned(out)
-            }
+            Vectors::Growing(v) => &v[row as usize * self.dim..][..self.dim],
+            Vectors::Sealed(v) => &v[row as usize * self.dim..][..self.dim],
+            Vectors::Indexed(ix) => ix.vector(row),
+        }
+    }
+
+    /// The block holding the vector of `row` and its row there, for an
+    /// index to point into; `None` while the segment grows (its buffer
+    /// still changes).
+    pub fn vector_source(&self, row: u32) -> Option<(Block, u32)> {
+        match &self.vectors {
+            Vectors::Growing(_) => None,
+            Vectors::Sealed(v) => Some((v.clone(), row)),
+            Vectors::Indexed(ix) => Some(ix.vector_source(row)),
         }
     }
 
@@ -461,7 +471,7 @@ impl Segment {
             let at = self.location(row);
             top.push(Candidate {
                 id: self.ids[row as usize],
-                score: metric::score(metric, query, &self.vector(row)),
+                score: metric::score(metric, query, self.vector(row)),
                 segment: at.segment,
                 row: at.row,
             });
@@ -483,6 +493,7 @@ impl Segment {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hnsw::RowVectors;
     use edgevec_proto::IndexSpec;
 
     fn filled(n: u64) -> Segment {
@@ -518,13 +529,13 @@ mod tests {
         let (_, progress) = s.pending_build().unwrap();
         assert_eq!(s.build_progress(), Some(0));
         s.install_index(Arc::new(
-            HnswIndex::build(Metric::L2, 2, &v, params, &progress).unwrap(),
+            HnswIndex::build(Metric::L2, 2, RowVectors::One(v.clone()), params, &progress).unwrap(),
         ));
         assert_eq!(progress.load(Ordering::Relaxed), 100);
         assert_eq!(s.build_progress(), None, "built: no progress to report");
         drop(v);
         assert_eq!(s.index_state(), IndexState::Ready);
-        assert_eq!(&*s.vector(42), &[42.0, 0.0]);
+        assert_eq!(s.vector(42), &[42.0, 0.0]);
         let ids = |c: Vec<Candidate>| c.iter().map(|c| c.id).collect::<Vec<_>>();
         let small = SearchOptions { ef: 2, exact: false };
         // Delete the 6 nearest rows: they must not come back, and the 5

@@ -69,7 +69,7 @@ use crate::segment::MergedData;
 use crate::builder::IndexBuilder;
 use crate::error::EngineError;
 use crate::fsutil;
-use crate::hnsw::{Expect, HnswIndex, SearchOptions};
+use crate::hnsw::{Expect, HnswIndex, RowVectors, SearchOptions};
 use crate::metric::{self, Candidate};
 use crate::oplog::LogState;
 use crate::payload::{Columns, Schema};
@@ -428,14 +428,13 @@ impl ShardReplica {
             if this.upgrade().is_none_or(|s| s.retired.load(Ordering::Acquire)) {
                 return;
             }
-            let index = match HnswIndex::build(metric, dim, &vectors, params, &progress) {
+            let index = match HnswIndex::build(metric, dim, RowVectors::One(vectors), params, &progress) {
                 Ok(index) => Arc::new(index),
                 Err(e) => {
                     tracing::error!(error = %e, segment, "index build failed; the segment stays on brute force until the next open");
                     return;
                 }
             };
-            drop(vectors);
             let Some(shard) = this.upgrade() else { return };
             let _files = shard.files.lock().expect("shard files lock");
             if shard.retired.load(Ordering::Acquire) {
@@ -480,7 +479,7 @@ impl ShardReplica {
                 .map(|id| {
                     let at = *st.locations.get(id)?;
                     let (seg, row) = st.find(at)?;
-                    Some((at, seg.vector(row).into_owned()))
+                    Some((at, seg.vector(row).to_vec()))
                 })
                 .collect()
         };

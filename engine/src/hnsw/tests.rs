@@ -14,9 +14,11 @@ const PARAMS: IndexSpec = IndexSpec {
 };
 
 fn vector(ix: &HnswIndex, row: u32) -> Vec<f32> {
-    let mut out = vec![0.0; ix.dim];
-    ix.vector_into(row, &mut out);
-    out
+    ix.vector(row).to_vec()
+}
+
+fn one(v: &[f32]) -> RowVectors {
+    RowVectors::One(Arc::new(AlignedRows::from_slice(v)))
 }
 
 #[test]
@@ -25,7 +27,7 @@ fn finds_itself_and_keeps_vectors() {
         let dim = 8;
         let v = random(300, dim, 1);
         let progress = AtomicU64::new(0);
-        let ix = HnswIndex::build(metric, dim, &v, PARAMS, &progress).unwrap();
+        let ix = HnswIndex::build(metric, dim, one(&v), PARAMS, &progress).unwrap();
         assert_eq!(ix.rows(), 300);
         assert_eq!(progress.load(Ordering::Relaxed), 300, "every row counted");
         for row in [0u32, 17, 299] {
@@ -50,7 +52,7 @@ fn finds_itself_and_keeps_vectors() {
 fn exact_and_filtered_searches_keep_their_promises() {
     let dim = 16;
     let v = random(2000, dim, 3);
-    let ix = HnswIndex::build(Metric::L2, dim, &v, PARAMS, &AtomicU64::new(0)).unwrap();
+    let ix = HnswIndex::build(Metric::L2, dim, one(&v), PARAMS, &AtomicU64::new(0)).unwrap();
     let q = random(1, dim, 4);
     let mut truth: Vec<(u32, f32)> = (0..2000u32)
         .map(|r| (r, metric::l2_squared(&q, &v[r as usize * dim..][..dim])))
@@ -85,7 +87,7 @@ fn recall_grows_with_ef() {
         m: 4,
         ef_construction: 16,
     };
-    let ix = HnswIndex::build(Metric::L2, dim, &v, params, &AtomicU64::new(0)).unwrap();
+    let ix = HnswIndex::build(Metric::L2, dim, one(&v), params, &AtomicU64::new(0)).unwrap();
     let queries = random(100, dim, 6);
     let truth: Vec<Vec<u32>> = queries
         .chunks_exact(dim)
@@ -112,7 +114,7 @@ fn save_load_roundtrip_and_rejects_damage() {
     let n = 5000;
     let v = random(n, dim, 2);
     let ids: Vec<u64> = (1000..1000 + n as u64).collect();
-    let ix = HnswIndex::build(Metric::InnerProduct, dim, &v, PARAMS, &AtomicU64::new(0)).unwrap();
+    let ix = HnswIndex::build(Metric::InnerProduct, dim, one(&v), PARAMS, &AtomicU64::new(0)).unwrap();
     ix.save(&path, 3, &ids).unwrap();
     // The file holds the graph and the ids, not the vectors (the shard
     // file keeps those).
@@ -192,4 +194,49 @@ fn save_load_roundtrip_and_rejects_damage() {
         let e = HnswIndex::load(&path, expect, &mut rows).err().unwrap().to_string();
         assert!(e.contains(&format!("header version {version}")), "{e}");
     }
+}
+
+#[test]
+fn indexes_point_into_blocks_and_merges_copy_only_sparse_ones() {
+    let dim = 8;
+    let rows = |seed| Arc::new(AlignedRows::from_slice(&random(400, dim, seed)));
+    let (a, b) = (rows(5), rows(6));
+    let ix = HnswIndex::build(Metric::L2, dim, RowVectors::One(a.clone()), PARAMS, &AtomicU64::new(0)).unwrap();
+    // The index holds no copy: its rows are the block's memory.
+    assert!(std::ptr::eq(ix.vector(7).as_ptr(), a[7 * dim..].as_ptr()));
+    // A merge of every row of `a` (through the index) and a quarter of `b`
+    // keeps `a` and copies the rows of `b`, which it would leave mostly
+    // unused.
+    let mut sources: Vec<(Block, u32)> = (0..400).map(|r| ix.vector_source(r)).collect();
+    sources.extend((0..100).map(|r| (b.clone(), r * 4)));
+    let merged = HnswIndex::build(
+        Metric::L2,
+        dim,
+        RowVectors::gather(sources, dim),
+        PARAMS,
+        &AtomicU64::new(0),
+    )
+    .unwrap();
+    assert_eq!(merged.rows(), 500);
+    assert!(std::ptr::eq(merged.vector(399).as_ptr(), a[399 * dim..].as_ptr()));
+    for r in 0..100u32 {
+        assert_eq!(merged.vector(400 + r), &b[(r as usize * 4) * dim..][..dim]);
+        assert!(!std::ptr::eq(
+            merged.vector(400 + r).as_ptr(),
+            b[(r as usize * 4) * dim..].as_ptr()
+        ));
+    }
+    // The merged index keeps `a` alive, not `b`; searches still work once
+    // every other holder is gone.
+    drop(ix);
+    let (a_weak, b_weak) = (Arc::downgrade(&a), Arc::downgrade(&b));
+    let q = a[123 * dim..][..dim].to_vec();
+    drop((a, b));
+    assert!(a_weak.upgrade().is_some() && b_weak.upgrade().is_none());
+    assert_eq!(merged.search(&q, 1, SearchOptions::default(), None).unwrap(), vec![123]);
+    // Rows of one block in order need no table.
+    let c = Arc::new(AlignedRows::from_slice(&random(10, dim, 7)));
+    assert_eq!(c.as_ptr() as usize % 64, 0, "rows start a cache line");
+    let all = (0..10).map(|r| (c.clone(), r)).collect();
+    assert!(matches!(RowVectors::gather(all, dim), RowVectors::One(_)));
 }

@@ -9,10 +9,12 @@
 //!   merged segment takes the shard's next segment id and the rows of its
 //!   sources that are live at this op, in source order. All of that
 //!   depends on the applied state only, so every replica decides alike.
-//! - **Build** (builder thread): the vectors are copied from whichever
-//!   segments serve the rows now; the sources keep serving meanwhile. A
-//!   merge that a later merge has taken over before its build starts is
-//!   skipped (the later one builds its rows).
+//! - **Build** (builder thread): the merged index points into the vector
+//!   blocks of whichever segments serve the rows now (copying only rows of
+//!   blocks it would leave mostly unused, [`RowVectors::gather`]); the
+//!   sources keep serving meanwhile. A merge that a later merge has taken
+//!   over before its build starts is skipped (the later one builds its
+//!   rows).
 //! - **Install** (under the writer lock): the index file is saved, the
 //!   record marked installed (fsynced), then in memory the merged segment
 //!   replaces every segment serving its rows, with the rows deleted since
@@ -30,7 +32,10 @@ use edgevec_proto::{limits, SegmentState};
 
 use super::{index_path, ShardReplica, ShardState};
 use crate::compaction::{self, MergePolicy, SegmentSize};
-use crate::hnsw::{Expect, HnswIndex};
+use crate::hnsw::{Block, Expect, HnswIndex, RowVectors};
+
+/// Rows whose vector sources a merge looks up per hold of the state lock.
+const SOURCE_CHUNK: usize = 4096;
 use crate::op::ShardOp;
 use crate::payload::Columns;
 use crate::plan::{Location, MergePlan};
@@ -332,17 +337,10 @@ impl ShardReplica {
         let index = match saved {
             Some((index, _)) => Arc::new(index),
             None => {
-                // Vectors are copied from the serving segments a chunk at
-                // a time: no second copy of the merged rows is held.
-                let mut chunk = |r: std::ops::Range<u32>| self.gather(&rows[r.start as usize..r.end as usize]);
-                let index = Arc::new(HnswIndex::build_from(
-                    metric,
-                    dim,
-                    rows.len(),
-                    params,
-                    &progress,
-                    &mut chunk,
-                )?);
+                // The new index points into the vectors the serving
+                // segments hold: no second copy of the merged rows.
+                let vectors = RowVectors::gather(self.vector_sources(&rows)?, dim);
+                let index = Arc::new(HnswIndex::build(metric, dim, vectors, params, &progress)?);
                 let _files = self.files.lock().expect("shard files lock");
                 if self.retired.load(Ordering::Acquire) {
                     return Ok(());
@@ -384,23 +382,22 @@ impl ShardReplica {
         Ok(())
     }
 
-    /// The vectors stored at `rows`, copied from the segments serving them
-    /// (rows never move, so whichever segment serves a row has its vector).
-    /// Callers ask for a chunk at a time, so the state lock is held only
-    /// briefly and writes are not held up.
-    fn gather(&self, rows: &[(Location, u64)]) -> Result<Vec<f32>, crate::EngineError> {
-        let dim = self.config.dim as usize;
-        let mut out = Vec::with_capacity(rows.len() * dim);
-        {
+    /// Where the vectors of `rows` are held: the block and row of the
+    /// segment serving each (rows never move, so whichever segment serves a
+    /// row has its vector). The state lock is taken a chunk of rows at a
+    /// time, so writes are not held up.
+    fn vector_sources(&self, rows: &[(Location, u64)]) -> Result<Vec<(Block, u32)>, crate::EngineError> {
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(SOURCE_CHUNK) {
             let st = self.read();
-            for (at, _) in rows {
-                let (seg, row) = st.find(*at).ok_or_else(|| {
+            for (at, _) in chunk {
+                let source = st.find(*at).and_then(|(seg, row)| seg.vector_source(row));
+                out.push(source.ok_or_else(|| {
                     crate::EngineError::corrupt(
                         self.dir.display().to_string(),
-                        format!("no segment serves row {} of segment {}", at.row, at.segment),
+                        format!("no sealed segment serves row {} of segment {}", at.row, at.segment),
                     )
-                })?;
-                out.extend_from_slice(&seg.vector(row));
+                })?);
             }
         }
         Ok(out)

@@ -133,6 +133,13 @@ auto make_predicate(uptr_t metric, uptr_t metric_state) {
 // clang-format off
 void NativeIndex::add_f64(vector_key_t key, rust::Slice<double const> vec) const { add_(*index_, key, vec.data(), vec.size()); }
 void NativeIndex::add_f32(vector_key_t key, rust::Slice<float const> vec) const { add_(*index_, key, vec.data(), vec.size()); }
+void NativeIndex::add_view_f32(vector_key_t key, rust::Slice<float const> vec) const {
+    if (vec.size() != index_->scalar_words())
+        throw std::invalid_argument("Vector length must match index dimensionality");
+    if (index_->scalar_kind() != scalar_kind_t::f32_k)
+        throw std::invalid_argument("Only f32 indexes keep pointers to the caller's vectors");
+    index_->add(key, vec.data(), index_t::any_thread(), false).error.raise();
+}
 void NativeIndex::add_f16(vector_key_t key, rust::Slice<int16_t const> vec) const { add_(*index_, key, (f16_t const*)vec.data(), vec.size()); }
 void NativeIndex::add_i8(vector_key_t key, rust::Slice<int8_t const> vec) const { add_(*index_, key, vec.data(), vec.size()); }
 void NativeIndex::add_u8(vector_key_t key, rust::Slice<uint8_t const> vec) const { add_(*index_, key, (u8_t const*)vec.data(), vec.size()); }
@@ -362,6 +369,12 @@ bool NativeIndex::attach_vector_f32(uint64_t key, rust::Slice<float const> vecto
     if (vector.size() != index_->dimensions())
         return false;
     return index_->attach_vector(key, vector.data());
+}
+
+bool NativeIndex::attach_vector_view_f32(uint64_t key, rust::Slice<float const> vector) const {
+    if (vector.size() != index_->dimensions())
+        return false;
+    return index_->attach_vector(key, vector.data(), false);
 }
 
 bool NativeIndex::all_vectors_attached() const { return index_->all_vectors_attached(); }

@@ -59,6 +59,8 @@ class NativeIndex {
     void add_u8(vector_key_t key, rust::Slice<uint8_t const> vector) const;
     void add_f16(vector_key_t key, rust::Slice<int16_t const> vector) const;
     void add_f32(vector_key_t key, rust::Slice<float const> vector) const;
+    // edgevec patch: the index keeps a pointer to the caller's vector.
+    void add_view_f32(vector_key_t key, rust::Slice<float const> vector) const;
     void add_f64(vector_key_t key, rust::Slice<double const> vector) const;
 
     Matches search_b1x8(rust::Slice<uint8_t const> query, size_t count) const;
@@ -141,6 +143,7 @@ class NativeIndex {
     void save_graph_to_buffer(rust::Slice<uint8_t> buffer) const;
     void load_graph_from_buffer(rust::Slice<uint8_t const> buffer) const;
     bool attach_vector_f32(uint64_t key, rust::Slice<float const> vector) const;
+    bool attach_vector_view_f32(uint64_t key, rust::Slice<float const> vector) const;
     bool all_vectors_attached() const;
 
   private:

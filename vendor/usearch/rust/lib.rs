@@ -453,6 +453,7 @@ pub mod ffi {
 
         pub fn add_f64(self: &NativeIndex, key: u64, vector: &[f64]) -> Result<()>;
         pub fn add_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> Result<()>;
+        pub fn add_view_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> Result<()>;
         pub fn add_f16(self: &NativeIndex, key: u64, vector: &[i16]) -> Result<()>;
         pub fn add_i8(self: &NativeIndex, key: u64, vector: &[i8]) -> Result<()>;
         pub fn add_u8(self: &NativeIndex, key: u64, vector: &[u8]) -> Result<()>;
@@ -589,6 +590,7 @@ pub mod ffi {
         pub fn save_graph_to_buffer(self: &NativeIndex, buffer: &mut [u8]) -> Result<()>;
         pub fn load_graph_from_buffer(self: &NativeIndex, buffer: &[u8]) -> Result<()>;
         pub fn attach_vector_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> bool;
+        pub fn attach_vector_view_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> bool;
         pub fn all_vectors_attached(self: &NativeIndex) -> bool;
     }
 }
@@ -1881,6 +1883,26 @@ impl Index {
     /// not the index's dimensions.
     pub fn attach_vector(self: &Index, key: Key, vector: &[f32]) -> bool {
         self.inner.attach_vector_f32(key, vector)
+    }
+
+    /// [`Index::attach_vector`] without a copy: the index keeps a pointer to
+    /// `vector` (f32 indexes only; false otherwise).
+    ///
+    /// # Safety
+    /// `vector` must stay valid and unchanged for as long as the index
+    /// exists.
+    pub unsafe fn attach_vector_view(self: &Index, key: Key, vector: &[f32]) -> bool {
+        self.inner.attach_vector_view_f32(key, vector)
+    }
+
+    /// Adds `vector` under `key` without copying it: the index keeps a
+    /// pointer to it (f32 indexes only).
+    ///
+    /// # Safety
+    /// `vector` must stay valid and unchanged for as long as the index
+    /// exists.
+    pub unsafe fn add_view(self: &Index, key: Key, vector: &[f32]) -> Result<(), cxx::Exception> {
+        self.inner.add_view_f32(key, vector)
     }
 
     /// Whether every member of a loaded graph has its vector.

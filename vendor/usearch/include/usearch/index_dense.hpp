@@ -1255,11 +1255,13 @@ class index_dense_gt {
 
     /**
      *  @brief  edgevec patch: gives the member with `key` of an index loaded
-     *          with `exclude_vectors` its vector (a copy, cast like `add`).
-     *  @return False if no member has `key`, it has a vector already, or
-     *          memory ran out.
+     *          with `exclude_vectors` its vector: a copy (cast like `add`),
+     *          or with `copy == false` the pointer itself, which must then
+     *          outlive the index (f32 indexes only).
+     *  @return False if no member has `key`, it has a vector already,
+     *          memory ran out, or a view was asked of a non-f32 index.
      */
-    bool attach_vector(vector_key_t key, f32_t const* vector) {
+    bool attach_vector(vector_key_t key, f32_t const* vector, bool copy = true) {
         compressed_slot_t slot;
         {
             shared_lock_t lock(slot_lookup_mutex_);
@@ -1270,6 +1272,12 @@ class index_dense_gt {
         }
         if (static_cast<std::size_t>(slot) >= vectors_lookup_.size() || vectors_lookup_[slot] != nullptr)
             return false;
+        if (!copy) {
+            if (scalar_kind() != scalar_kind_t::f32_k)
+                return false;
+            vectors_lookup_[slot] = (byte_t*)vector;
+            return true;
+        }
         byte_t* stored = vectors_tape_allocator_.allocate(metric_.bytes_per_vector());
         if (!stored)
             return false;
