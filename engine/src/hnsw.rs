@@ -133,12 +133,29 @@ struct Line([f32; 16]);
 /// a multiple of 16 floats (128, 384, 768, ...) each start a cache line:
 /// the walk loads and prefetches a row without touching one line more.
 /// (A `Vec<f32>` from the allocator starts 16 bytes into a line.)
+#[derive(Default)]
 pub struct AlignedRows {
     lines: Vec<Line>,
     len: usize,
 }
 
 impl AlignedRows {
+    /// Appends `v` (a growing segment's new row).
+    pub fn extend_from_slice(&mut self, v: &[f32]) {
+        let len = self.len + v.len();
+        self.lines.resize(len.div_ceil(16), Line([0.0; 16]));
+        self.len = len;
+        let end = self.as_mut_slice().len();
+        self.as_mut_slice()[end - v.len()..].copy_from_slice(v);
+    }
+
+    /// Gives back the room a growing buffer kept for more rows (for a
+    /// buffer of many pages, glibc moves the pages instead of copying
+    /// them).
+    pub fn shrink_to_fit(&mut self) {
+        self.lines.shrink_to_fit();
+    }
+
     /// `len` zeros.
     pub fn zeroed(len: usize) -> AlignedRows {
         AlignedRows {

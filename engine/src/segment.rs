@@ -78,7 +78,7 @@ pub enum MergedData {
 }
 
 enum Vectors {
-    Growing(Vec<f32>),
+    Growing(AlignedRows),
     /// Sealed, index not installed yet; shared with the builder thread.
     Sealed(Block),
     Indexed(Arc<HnswIndex>),
@@ -122,12 +122,12 @@ pub struct Segment {
 
 impl Segment {
     pub fn growing(id: u64, dim: usize) -> Segment {
-        Segment::from_parts(id, dim, Vec::new(), Vectors::Growing(Vec::new()))
+        Segment::from_parts(id, dim, Vec::new(), Vectors::Growing(AlignedRows::default()))
     }
 
     /// A growing segment restored from disk.
     pub fn growing_with(id: u64, dim: usize, ids: Vec<u64>, vectors: Vec<f32>) -> Segment {
-        Segment::from_parts(id, dim, ids, Vectors::Growing(vectors))
+        Segment::from_parts(id, dim, ids, Vectors::Growing(AlignedRows::from_slice(&vectors)))
     }
 
     /// A sealed segment whose index still has to be built.
@@ -260,9 +260,10 @@ impl Segment {
     pub fn seal(&mut self) -> Block {
         match &mut self.vectors {
             Vectors::Growing(buf) => {
-                let buf = std::mem::take(buf);
+                let mut buf = std::mem::take(buf);
+                buf.shrink_to_fit();
                 self.columns.shrink();
-                let shared = Arc::new(AlignedRows::from_slice(&buf));
+                let shared = Arc::new(buf);
                 self.vectors = Vectors::Sealed(shared.clone());
                 shared
             }
