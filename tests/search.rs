@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use edgevec_client::{ClientError, CollectionSpec, Metric, Point, ReadOpts};
+use edgevec_engine::compaction::{self, MergePolicy, SegmentSize};
 use edgevec_proto::{IndexState, SegmentState};
 
 fn exact_top_k(data: &[Vec<f32>], q: &[f32], k: usize, metric: Metric) -> Vec<u64> {
@@ -298,9 +299,10 @@ async fn sigterm_during_an_index_build_stops_the_node_within_seconds() {
 }
 
 /// Compaction on a 3-replica shard: sealed segments are merged in the
-/// background while writes go on (deleted rows dropped), every point stays
-/// readable and findable, and once idle every replica holds the same
-/// segments, row for row (read from each node's files after shutdown).
+/// background while writes go on (deleted rows dropped), once writes stop
+/// they are merged into one, every point stays readable and findable, and
+/// every replica holds the same segments, row for row (read from each
+/// node's files after shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_merges_segments_alike_on_every_replica() {
     let mut cluster = TestCluster::new(3);
@@ -338,8 +340,11 @@ async fn compaction_merges_segments_alike_on_every_replica() {
         .collect();
     client.upsert("compact", replaced).await.unwrap();
 
-    // Idle: merges settle. Fifteen sealed segments of 200 rows become a
-    // few, each larger than one seal.
+    // Quiet: merges settle. Fifteen sealed segments of 200 rows become a
+    // few while the writes come; once the shard has been quiet for the
+    // policy's few seconds, those are merged into one when the others hold
+    // a quarter of the largest's rows. Settled: no build under way and
+    // nothing left that the policy would merge.
     let deadline = Instant::now() + Duration::from_secs(120);
     let segments = loop {
         let d = client.collection_details("compact").await.unwrap();
@@ -350,7 +355,18 @@ async fn compaction_merges_segments_alike_on_every_replica() {
             .filter(|s| s.state == SegmentState::Sealed)
             .cloned()
             .collect();
-        if d.builds.is_empty() && sealed.len() <= 4 && sealed.iter().all(|s| s.index == IndexState::Ready) {
+        let sizes: Vec<SegmentSize> = sealed
+            .iter()
+            .map(|s| SegmentSize {
+                id: s.id,
+                rows: s.rows,
+                live: s.rows - s.deleted,
+            })
+            .collect();
+        let policy = MergePolicy::default();
+        let more =
+            compaction::choose(&sizes, seal as u32, &policy).or_else(|| compaction::choose_quiet(&sizes, &policy));
+        if d.builds.is_empty() && more.is_none() && sealed.iter().all(|s| s.index == IndexState::Ready) {
             break sealed;
         }
         assert!(Instant::now() < deadline, "no compaction in 120 s: {d:?}");

@@ -16,6 +16,14 @@
 //! is rebuilt about that many times). Separately, a segment whose deleted
 //! rows reach `vacuum` of its rows is rewritten alone, which drops them.
 //! No merge makes a segment above `max_rows` live rows.
+//!
+//! Tiers leave a few segments (100,000 rows at seals of 10,000: 80,000 and
+//! 20,000), and a search walks every one of them: at the same `ef` two
+//! graphs cost almost twice one. So once the shard has had no writes for
+//! `quiet_after`, [`choose_quiet`] merges every sealed segment into one,
+//! when the segments besides the largest hold at least `quiet_tail` of its
+//! rows (each such merge grows the largest by that fraction at least, so a
+//! row is rebuilt a bounded number of times however the writes come).
 
 use edgevec_proto::limits;
 
@@ -39,6 +47,10 @@ pub struct MergePolicy {
     pub max_rows: u64,
     /// Fraction of deleted rows (0..=1) at which a segment is rewritten.
     pub vacuum: f64,
+    /// No writes for this long make a shard quiet ([`choose_quiet`]).
+    pub quiet_after: std::time::Duration,
+    /// See [`choose_quiet`]; above 1 never merges.
+    pub quiet_tail: f64,
 }
 
 impl Default for MergePolicy {
@@ -47,6 +59,8 @@ impl Default for MergePolicy {
             factor: limits::MERGE_FACTOR,
             max_rows: limits::MAX_MERGE_ROWS,
             vacuum: limits::MERGE_VACUUM_FRACTION,
+            quiet_after: std::time::Duration::from_millis(limits::QUIET_MERGE_AFTER_MS),
+            quiet_tail: limits::QUIET_MERGE_TAIL,
         }
     }
 }
@@ -92,6 +106,19 @@ pub fn choose(segments: &[SegmentSize], seal_rows: u32, policy: &MergePolicy) ->
     })
 }
 
+/// For a quiet shard: every sealed segment with rows, oldest first, when
+/// there are two or more, the segments besides the largest hold at least
+/// `quiet_tail` of its live rows, and all of them fit in `max_rows`.
+pub fn choose_quiet(segments: &[SegmentSize], policy: &MergePolicy) -> Option<Vec<u64>> {
+    let mut sorted: Vec<SegmentSize> = segments.iter().filter(|s| s.rows > 0).copied().collect();
+    sorted.sort_unstable_by_key(|s| s.id);
+    let largest = sorted.iter().map(|s| s.live).max()?;
+    let total: u64 = sorted.iter().map(|s| s.live).sum();
+    let tail = (total - largest) as f64;
+    (sorted.len() >= 2 && total <= policy.max_rows && tail >= policy.quiet_tail * largest as f64)
+        .then(|| sorted.iter().map(|s| s.id).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,7 +132,29 @@ mod tests {
             factor,
             max_rows: 1_000,
             vacuum: 0.5,
+            ..MergePolicy::default()
         }
+    }
+
+    #[test]
+    fn a_quiet_shard_merges_into_one_when_the_tail_is_large_enough() {
+        let p = policy(2);
+        // 80 + 20: the tail is a quarter of the largest.
+        assert_eq!(choose_quiet(&[seg(9, 20, 20), seg(4, 80, 80)], &p), Some(vec![4, 9]));
+        // 90 + 10: not yet; it waits for more rows.
+        assert_eq!(choose_quiet(&[seg(4, 90, 90), seg(9, 10, 10)], &p), None);
+        // Live rows count, empty segments are left alone, one is enough.
+        assert_eq!(choose_quiet(&[seg(4, 80, 80), seg(9, 40, 10)], &p), None);
+        assert_eq!(choose_quiet(&[seg(4, 80, 80), seg(5, 0, 0)], &p), None);
+        assert_eq!(choose_quiet(&[seg(4, 80, 80)], &p), None);
+        assert_eq!(choose_quiet(&[], &p), None);
+        // Never above max_rows.
+        assert_eq!(choose_quiet(&[seg(1, 800, 800), seg(2, 300, 300)], &p), None);
+        // Three segments: all of them.
+        let s = [seg(3, 40, 40), seg(1, 50, 50), seg(2, 10, 10)];
+        assert_eq!(choose_quiet(&s, &p), Some(vec![1, 2, 3]));
+        let never = MergePolicy { quiet_tail: 2.0, ..p };
+        assert_eq!(choose_quiet(&s, &never), None);
     }
 
     #[test]

@@ -180,6 +180,9 @@ pub struct ShardReplica {
     /// replica writes into its directory, which an import may have handed
     /// to a new replica already.
     files: Mutex<()>,
+    /// When the last upsert or delete was appended (or the replica
+    /// opened): what makes a shard quiet for the compaction policy.
+    last_write: Mutex<std::time::Instant>,
 }
 
 impl ShardReplica {
@@ -346,6 +349,7 @@ impl ShardReplica {
             this: this.clone(),
             retired: AtomicBool::new(false),
             files: Mutex::new(()),
+            last_write: Mutex::new(std::time::Instant::now()),
         });
         for id in to_build {
             replica.queue_build(id);

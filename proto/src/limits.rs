@@ -38,6 +38,14 @@ pub const MAX_MERGE_ROWS: u64 = 1_000_000;
 /// Compaction: a sealed segment with this fraction of its rows deleted is
 /// rewritten without them.
 pub const MERGE_VACUUM_FRACTION: f64 = 0.3;
+/// Compaction: a shard with no writes for this long merges its sealed
+/// segments into one (see [`QUIET_MERGE_TAIL`]).
+pub const QUIET_MERGE_AFTER_MS: u64 = 5_000;
+/// Compaction: the quiet merge happens when the segments other than the
+/// largest hold at least this fraction of its live rows, so that each one
+/// grows the largest segment by a quarter or more and rebuilding it stays
+/// a bounded multiple of the rows written.
+pub const QUIET_MERGE_TAIL: f64 = 0.25;
 /// Most rows a merged segment may have: a merge op that would make a
 /// larger one is a no-op on every replica. Replicas must agree on it, so
 /// it is never lowered.

@@ -9,7 +9,8 @@
 //!   shard replica with one sealed segment of all rows (seal size above
 //!   N), with the default seal size and no merges, and with the default
 //!   seal size merged as a primary merges them (after every insert batch,
-//!   the merge the compaction policy proposes is logged and applied),
+//!   the merge the compaction policy proposes is logged and applied; once
+//!   the inserts are done, the merges it proposes for a quiet shard),
 //!   `--concurrency` searching threads, at every `--ef` of the sweep;
 //! - hnswlib (the pip package) at the same M and ef_construction with as
 //!   many threads, run by `scripts/hnswlib_ref.py` under `--python`.
@@ -215,6 +216,20 @@ fn engine_side(
             if compact {
                 op = replica.merge_proposal(&MergePolicy::default());
             }
+        }
+    }
+    if compact {
+        // Writes have stopped: what a primary logs once the shard has been
+        // quiet for `quiet_after` (without waiting that long here).
+        let quiet = MergePolicy {
+            quiet_after: Duration::ZERO,
+            ..MergePolicy::default()
+        };
+        while let Some(op) = replica.merge_proposal(&quiet) {
+            let id = OpId::new(1, prev.lsn + 1);
+            replica.append(prev, &[(id, op)])?;
+            replica.apply_through(id.lsn)?;
+            prev = id;
         }
     }
     replica.flush()?;

@@ -148,10 +148,14 @@ impl ShardReplica {
     }
 
     /// The merge op the compaction policy wants next, if any: for the
-    /// primary to log.
+    /// primary to log. The shard is quiet when nothing was written to it
+    /// for `policy.quiet_after` (since it opened, at the least).
     pub fn merge_proposal(&self, policy: &MergePolicy) -> Option<ShardOp> {
         let units = Self::mergeable(&self.read());
-        compaction::choose(&units, self.config.seal_rows, policy).map(|sources| ShardOp::Merge { sources })
+        let quiet = self.last_write.lock().expect("last write lock").elapsed() >= policy.quiet_after;
+        compaction::choose(&units, self.config.seal_rows, policy)
+            .or_else(|| quiet.then(|| compaction::choose_quiet(&units, policy)).flatten())
+            .map(|sources| ShardOp::Merge { sources })
     }
 
     /// The segments (ids) searches use now, merged ones included, and

@@ -151,6 +151,7 @@ fn a_merge_keeps_live_points_drops_deleted_ones_and_takes_later_deletes_over() {
         factor: 2,
         max_rows: 1_000_000,
         vacuum: 0.5,
+        ..MergePolicy::default()
     };
     assert_eq!(s.merge_proposal(&policy), Some(merge(&[3, 5])));
     write(&s, merge(&[3, 5])).unwrap();
@@ -353,4 +354,45 @@ fn exports_carry_merges_pending_or_installed() {
     assert_eq!(t.merge_state(), s.merge_state());
     assert_eq!(segments(&t), segments(&s));
     same(seen(&t), want.clone());
+}
+
+/// Once nothing has been written for `quiet_after`, the policy merges the
+/// sealed segments into one (when the smaller ones hold a quarter of the
+/// largest's rows); before that, only the tiers apply.
+#[test]
+fn a_quiet_shard_proposes_one_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    // Three seals of 64 rows: the tier policy merges two, leaving 128 + 64.
+    write(&s, upsert(0..3 * SEAL as u64)).unwrap();
+    let busy = MergePolicy {
+        quiet_after: Duration::from_secs(3600),
+        ..MergePolicy::default()
+    };
+    while let Some(op) = s.merge_proposal(&busy) {
+        write(&s, op).unwrap();
+    }
+    idle(&builder);
+    let sealed = |s: &ShardReplica| -> Vec<u64> {
+        s.info()
+            .1
+            .iter()
+            .filter(|i| i.state == edgevec_proto::SegmentState::Sealed)
+            .map(|i| i.rows)
+            .collect()
+    };
+    assert_eq!(sealed(&s), vec![64, 128]);
+    assert_eq!(s.merge_proposal(&busy), None, "written a moment ago: not quiet");
+    let quiet = MergePolicy {
+        quiet_after: Duration::ZERO,
+        ..MergePolicy::default()
+    };
+    let op = s.merge_proposal(&quiet).expect("a quiet shard merges");
+    let before = seen(&s);
+    write(&s, op).unwrap();
+    idle(&builder);
+    assert_eq!(sealed(&s), vec![192]);
+    same(seen(&s), before);
+    assert_eq!(s.merge_proposal(&quiet), None, "one segment: nothing more");
 }
