@@ -45,8 +45,9 @@
 //! sealed segments; applying it decides, from the applied state at that
 //! LSN only, a new segment id and the rows live then, in source order, and
 //! records them. So every replica decides the same merged segment,
-//! whatever its timing. The builder then builds the merged index from the
-//! sources' vectors while the sources keep serving; once it is saved, the
+//! whatever its timing. The builder then builds the merged index over the
+//! sources' vectors (pointing into their blocks, not copying them) while
+//! the sources keep serving; once it is saved, the
 //! merge is *installed*: the merged segment replaces its sources in
 //! searches, taking over the tombstones its rows got since the merge op.
 //! Rows stay where they were written (a merged segment maps its rows to
