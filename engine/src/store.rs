@@ -72,8 +72,10 @@ const META_KEY: &str = "shard";
 /// redb's page cache per shard file. Vectors are served from memory, so it
 /// mostly holds the B-tree's upper pages for payload reads and the op
 /// log's tail (the OS page cache keeps the file's hot pages too); at
-/// 32 MiB it was a tenth of a node's memory in `bench --mode footprint`.
-const SHARD_CACHE_BYTES: usize = 8 * 1024 * 1024;
+/// 32 MiB it was a tenth of a node's memory in `bench --mode footprint`,
+/// and a settled node filled 8 MiB (heaptrack), so each shard replica a
+/// node holds costs what this says. 2 MiB changed no insert time there.
+const SHARD_CACHE_BYTES: usize = 2 * 1024 * 1024;
 /// Free bytes below which a shard file is never compacted.
 const COMPACT_MIN_BYTES: u64 = 64 * 1024 * 1024;
 
