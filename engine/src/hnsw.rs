@@ -242,13 +242,13 @@ impl RowVectors {
             .map(|(b, n)| n * 2 < b.len() / dim.max(1))
             .collect();
         if sparse.iter().any(|s| *s) {
-            let mut own = Vec::new();
-            let mut moved = Vec::new();
-            for (b, r) in at.iter_mut().filter(|(b, _)| sparse[*b as usize]) {
+            let mut own = AlignedRows::default();
+            let moved = at.iter_mut().filter(|(b, _)| sparse[*b as usize]);
+            for (copied, (b, r)) in moved.enumerate() {
                 own.extend_from_slice(&blocks[*b as usize][*r as usize * dim..][..dim]);
-                moved.push(std::mem::replace(r, (own.len() / dim.max(1)) as u32 - 1));
-                *b = u32::MAX;
+                (*b, *r) = (u32::MAX, copied as u32);
             }
+            own.shrink_to_fit();
             // Renumber the kept blocks, then the new one last.
             let mut renumber = vec![u32::MAX; blocks.len()];
             let mut kept = Vec::new();
@@ -259,7 +259,7 @@ impl RowVectors {
                 }
             }
             let own_slot = kept.len() as u32;
-            kept.push(Arc::new(AlignedRows::from_slice(&own)));
+            kept.push(Arc::new(own));
             for (b, _) in at.iter_mut() {
                 *b = if *b == u32::MAX {
                     own_slot
