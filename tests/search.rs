@@ -363,9 +363,7 @@ async fn compaction_merges_segments_alike_on_every_replica() {
                 live: s.rows - s.deleted,
             })
             .collect();
-        let policy = MergePolicy::default();
-        let more =
-            compaction::choose(&sizes, seal as u32, &policy).or_else(|| compaction::choose_quiet(&sizes, &policy));
+        let more = compaction::next_merge(&sizes, seal as u32, &MergePolicy::default(), true);
         if d.builds.is_empty() && more.is_none() && sealed.iter().all(|s| s.index == IndexState::Ready) {
             break sealed;
         }

@@ -77,13 +77,25 @@ fn tier(live: u64, seal_rows: u64, factor: u64) -> u32 {
     t
 }
 
+/// The merge the policy wants next: [`choose`], or, for a shard that is
+/// `quiet` (no writes for `quiet_after`), [`choose_quiet`].
+pub fn next_merge(segments: &[SegmentSize], seal_rows: u32, policy: &MergePolicy, quiet: bool) -> Option<Vec<u64>> {
+    choose(segments, seal_rows, policy).or_else(|| quiet.then(|| choose_quiet(segments, policy)).flatten())
+}
+
+/// The segments that may merge, oldest first. An empty segment (a merge
+/// of deleted rows only) costs searches nothing; merging it would only
+/// rewrite its partner.
+fn oldest_first(segments: &[SegmentSize]) -> Vec<SegmentSize> {
+    let mut sorted: Vec<SegmentSize> = segments.iter().filter(|s| s.rows > 0).copied().collect();
+    sorted.sort_unstable_by_key(|s| s.id);
+    sorted
+}
+
 /// The segments to merge next, oldest first, or `None`. `segments` are
 /// the shard's sealed segments in any order.
 pub fn choose(segments: &[SegmentSize], seal_rows: u32, policy: &MergePolicy) -> Option<Vec<u64>> {
-    // An empty segment (a merge of deleted rows only) costs searches
-    // nothing; merging it would only rewrite its partner.
-    let mut sorted: Vec<SegmentSize> = segments.iter().filter(|s| s.rows > 0).copied().collect();
-    sorted.sort_unstable_by_key(|s| s.id);
+    let sorted = oldest_first(segments);
     // Deleted rows first: a rewrite of one segment is cheap and frees them.
     let vacuum = sorted
         .iter()
@@ -110,8 +122,7 @@ pub fn choose(segments: &[SegmentSize], seal_rows: u32, policy: &MergePolicy) ->
 /// there are two or more, the segments besides the largest hold at least
 /// `quiet_tail` of its live rows, and all of them fit in `max_rows`.
 pub fn choose_quiet(segments: &[SegmentSize], policy: &MergePolicy) -> Option<Vec<u64>> {
-    let mut sorted: Vec<SegmentSize> = segments.iter().filter(|s| s.rows > 0).copied().collect();
-    sorted.sort_unstable_by_key(|s| s.id);
+    let sorted = oldest_first(segments);
     let largest = sorted.iter().map(|s| s.live).max()?;
     let total: u64 = sorted.iter().map(|s| s.live).sum();
     let tail = (total - largest) as f64;

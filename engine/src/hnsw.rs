@@ -142,11 +142,10 @@ pub struct AlignedRows {
 impl AlignedRows {
     /// Appends `v` (a growing segment's new row).
     pub fn extend_from_slice(&mut self, v: &[f32]) {
-        let len = self.len + v.len();
-        self.lines.resize(len.div_ceil(16), Line([0.0; 16]));
-        self.len = len;
-        let end = self.as_mut_slice().len();
-        self.as_mut_slice()[end - v.len()..].copy_from_slice(v);
+        let start = self.len;
+        self.len += v.len();
+        self.lines.resize(self.len.div_ceil(16), Line([0.0; 16]));
+        self.as_mut_slice()[start..].copy_from_slice(v);
     }
 
     /// Gives back the room a growing buffer kept for more rows (for a
@@ -223,51 +222,35 @@ impl RowVectors {
     /// their own, so that a merge that drops deleted rows frees their
     /// memory once the segments it replaces are gone.
     pub fn gather(sources: Vec<(Block, u32)>, dim: usize) -> RowVectors {
+        let mut used: HashMap<*const AlignedRows, usize> = HashMap::new();
+        for (block, _) in &sources {
+            *used.entry(Arc::as_ptr(block)).or_default() += 1;
+        }
         let mut blocks: Vec<Block> = Vec::new();
-        let mut used: Vec<usize> = Vec::new();
         let mut slot: HashMap<*const AlignedRows, u32> = HashMap::new();
+        let mut own = AlignedRows::default();
         let mut at: Vec<(u32, u32)> = Vec::with_capacity(sources.len());
         for (block, row) in sources {
-            let b = *slot.entry(Arc::as_ptr(&block)).or_insert_with(|| {
-                blocks.push(block.clone());
-                used.push(0);
-                blocks.len() as u32 - 1
-            });
-            used[b as usize] += 1;
-            at.push((b, row));
+            let key = Arc::as_ptr(&block);
+            if used[&key] * 2 < block.len() / dim.max(1) {
+                // Sparse: copied into `own`, the last block (numbered below).
+                at.push((u32::MAX, (own.len() / dim.max(1)) as u32));
+                own.extend_from_slice(&block[row as usize * dim..][..dim]);
+            } else {
+                let b = *slot.entry(key).or_insert_with(|| {
+                    blocks.push(block.clone());
+                    blocks.len() as u32 - 1
+                });
+                at.push((b, row));
+            }
         }
-        let sparse: Vec<bool> = blocks
-            .iter()
-            .zip(&used)
-            .map(|(b, n)| n * 2 < b.len() / dim.max(1))
-            .collect();
-        if sparse.iter().any(|s| *s) {
-            let mut own = AlignedRows::default();
-            let moved = at.iter_mut().filter(|(b, _)| sparse[*b as usize]);
-            for (copied, (b, r)) in moved.enumerate() {
-                own.extend_from_slice(&blocks[*b as usize][*r as usize * dim..][..dim]);
-                (*b, *r) = (u32::MAX, copied as u32);
-            }
+        if !own.is_empty() {
             own.shrink_to_fit();
-            // Renumber the kept blocks, then the new one last.
-            let mut renumber = vec![u32::MAX; blocks.len()];
-            let mut kept = Vec::new();
-            for (i, b) in blocks.into_iter().enumerate() {
-                if !sparse[i] {
-                    renumber[i] = kept.len() as u32;
-                    kept.push(b);
-                }
-            }
-            let own_slot = kept.len() as u32;
-            kept.push(Arc::new(own));
-            for (b, _) in at.iter_mut() {
-                *b = if *b == u32::MAX {
-                    own_slot
-                } else {
-                    renumber[*b as usize]
-                };
-            }
-            blocks = kept;
+            let own_slot = blocks.len() as u32;
+            blocks.push(Arc::new(own));
+            at.iter_mut()
+                .filter(|(b, _)| *b == u32::MAX)
+                .for_each(|(b, _)| *b = own_slot);
         }
         let identity = blocks.len() == 1
             && at.len() * dim == blocks[0].len()

@@ -197,6 +197,14 @@ fn engine_side(
     })?;
     let inserted = Instant::now();
     let mut prev = OpId::ZERO;
+    // Logs and applies `op` as the next op, as a primary does.
+    let mut log = |op: ShardOp| -> Result<()> {
+        let id = OpId::new(1, prev.lsn + 1);
+        replica.append(prev, &[(id, op)])?;
+        replica.apply_through(id.lsn)?;
+        prev = id;
+        Ok(())
+    };
     for (b, chunk) in data.chunks(args.batch.max(1)).enumerate() {
         let points = chunk
             .iter()
@@ -207,15 +215,12 @@ fn engine_side(
                 payload: None,
             })
             .collect();
-        let mut op = Some(ShardOp::Upsert(points));
-        while let Some(next) = op.take() {
-            let id = OpId::new(1, prev.lsn + 1);
-            replica.append(prev, &[(id, next)])?;
-            replica.apply_through(id.lsn)?;
-            prev = id;
-            if compact {
-                op = replica.merge_proposal(&MergePolicy::default());
-            }
+        log(ShardOp::Upsert(points))?;
+        while let Some(op) = compact
+            .then(|| replica.merge_proposal(&MergePolicy::default()))
+            .flatten()
+        {
+            log(op)?;
         }
     }
     if compact {
@@ -226,10 +231,7 @@ fn engine_side(
             ..MergePolicy::default()
         };
         while let Some(op) = replica.merge_proposal(&quiet) {
-            let id = OpId::new(1, prev.lsn + 1);
-            replica.append(prev, &[(id, op)])?;
-            replica.apply_through(id.lsn)?;
-            prev = id;
+            log(op)?;
         }
     }
     replica.flush()?;

@@ -70,14 +70,14 @@ impl ShardReplica {
         for (_, op) in entries {
             self.check_op(op)?;
         }
+        let encoded: Vec<(u64, _)> = entries.iter().map(|(id, _)| id.lsn).zip(records).collect();
+        let first_logged = self.store.append(&encoded, &appended)?;
         if entries
             .iter()
             .any(|(_, op)| matches!(op, ShardOp::Upsert(_) | ShardOp::Delete(_)))
         {
             *self.last_write.lock().expect("last write lock") = std::time::Instant::now();
         }
-        let encoded: Vec<(u64, _)> = entries.iter().map(|(id, _)| id.lsn).zip(records).collect();
-        let first_logged = self.store.append(&encoded, &appended)?;
         let mut st = self.state.write().expect("shard state lock");
         st.log.term = appended.term;
         st.log.last = appended.last;

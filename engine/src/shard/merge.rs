@@ -33,14 +33,14 @@ use edgevec_proto::{limits, SegmentState};
 use super::{index_path, ShardReplica, ShardState};
 use crate::compaction::{self, MergePolicy, SegmentSize};
 use crate::hnsw::{Block, Expect, HnswIndex, RowVectors};
-
-/// Rows whose vector sources a merge looks up per hold of the state lock.
-const SOURCE_CHUNK: usize = 4096;
 use crate::op::ShardOp;
 use crate::payload::Columns;
 use crate::plan::{Location, MergePlan};
 use crate::segment::{MergedData, Segment};
 use crate::store::MergeRecordV1;
+
+/// Rows whose vector sources a merge looks up per hold of the state lock.
+const SOURCE_CHUNK: usize = 4096;
 
 /// A merge with a record, in memory.
 pub(super) struct MergeUnit {
@@ -153,9 +153,7 @@ impl ShardReplica {
     pub fn merge_proposal(&self, policy: &MergePolicy) -> Option<ShardOp> {
         let units = Self::mergeable(&self.read());
         let quiet = self.last_write.lock().expect("last write lock").elapsed() >= policy.quiet_after;
-        compaction::choose(&units, self.config.seal_rows, policy)
-            .or_else(|| quiet.then(|| compaction::choose_quiet(&units, policy)).flatten())
-            .map(|sources| ShardOp::Merge { sources })
+        compaction::next_merge(&units, self.config.seal_rows, policy, quiet).map(|sources| ShardOp::Merge { sources })
     }
 
     /// The segments (ids) searches use now, merged ones included, and
