@@ -1,7 +1,14 @@
 //! Calls to other nodes over the node ALPN.
 //!
 //! One pooled connection per peer address, opened on first use and replaced
-//! when it dies or stops answering; each call is a fresh stream on it.
+//! when it dies or falls silent; each call is a fresh stream on it.
+//!
+//! A call that times out drops the pooled connection only when the peer
+//! sent nothing on it while the call waited: a slow answer from a live
+//! peer (its QUIC stack acknowledged the request) is not a dead
+//! connection, and dialing again would only add a handshake to a busy
+//! machine. A peer that restarted answers nothing on the old connection
+//! (its keys are gone), so the next call dials it afresh.
 //!
 //! A dial runs in its own task and is shared by every call that needs the
 //! same peer meanwhile: a caller waits for it only as long as its own
@@ -146,11 +153,18 @@ impl PeerPool {
         if left.is_zero() {
             return Err(CallError::Timeout(timeout));
         }
+        let heard = conn.stats().udp_rx.datagrams;
         let result = rpc::call(&conn, req, left).await;
-        if matches!(result, Err(CallError::Connection(_) | CallError::Timeout(_))) {
-            // A peer that does not answer may be gone without the QUIC idle
-            // timeout having noticed yet: dial afresh next time (unless
-            // another call has replaced the connection already).
+        let dead = match &result {
+            Err(CallError::Connection(_)) => true,
+            // Silent while the call waited: gone without the QUIC idle
+            // timeout having noticed yet (restarted, or partitioned).
+            Err(CallError::Timeout(_)) => conn.stats().udp_rx.datagrams == heard,
+            _ => false,
+        };
+        if dead {
+            // Dial afresh next time (unless another call has replaced the
+            // connection already).
             let slot = self.slot(addr);
             let mut state = slot.lock().expect("peer slot lock");
             if state.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
@@ -158,5 +172,126 @@ impl PeerPool {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
+    use edgevec_proto::{codec, frame, limits};
+
+    use super::*;
+    use crate::certs::{self, CertPaths, NodeName};
+    use crate::net::tls::Identity;
+
+    /// A peer that answers every ping after `delay` ms, while its QUIC
+    /// stack acknowledges the request at once (a live but slow node).
+    async fn slow_peer(paths: &CertPaths, delay: Arc<AtomicU64>) -> quinn::Endpoint {
+        let identity = Identity::load(paths, 2).unwrap();
+        let server =
+            edgevec_client::tls::endpoint("127.0.0.1:0".parse().unwrap(), Some(identity.server_config().unwrap()))
+                .unwrap();
+        let accept = server.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let delay = delay.clone();
+                        tokio::spawn(async move {
+                            let _ = frame::read_frame(&mut recv, limits::MAX_FRAME_BYTES).await;
+                            tokio::time::sleep(Duration::from_millis(delay.load(Ordering::SeqCst))).await;
+                            let reply = NodeResponse::V1(Ok(NodeReplyV1::Pong { node_id: 2 }));
+                            let _ = frame::write_frame(&mut send, &codec::encode(&reply)).await;
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                        });
+                    }
+                });
+            }
+        });
+        server
+    }
+
+    /// A UDP relay in front of `server` that drops every datagram both
+    /// ways once `cut` is set (a network partition).
+    async fn relay(server: SocketAddr, cut: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        back.connect(server).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut a) => {
+                        client = Some(from);
+                        if !cut.load(Ordering::SeqCst) {
+                            let _ = back.send(&a[..n]).await;
+                        }
+                    }
+                    Ok(n) = back.recv(&mut b) => {
+                        if let (Some(to), false) = (client, cut.load(Ordering::SeqCst)) {
+                            let _ = front.send_to(&b[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    fn pooled_id(pool: &PeerPool, addr: SocketAddr) -> Option<usize> {
+        pool.slot(addr).lock().unwrap().conn.as_ref().map(|c| c.stable_id())
+    }
+
+    #[tokio::test]
+    async fn a_slow_answer_keeps_the_connection_and_a_silent_peer_loses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = CertPaths::new(dir.path());
+        let nodes: Vec<NodeName> = (1..=2)
+            .map(|id| NodeName {
+                id,
+                hosts: vec!["127.0.0.1".into()],
+            })
+            .collect();
+        certs::ensure(&paths, "t", &nodes).unwrap();
+        let delay = Arc::new(AtomicU64::new(0));
+        let server = slow_peer(&paths, delay.clone()).await;
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addr = relay(server.local_addr().unwrap(), cut.clone()).await;
+
+        let me = Identity::load(&paths, 1).unwrap();
+        let mut endpoint = edgevec_client::tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        endpoint.set_default_client_config(me.peer_client_config().unwrap());
+        let pool = PeerPool::new(endpoint);
+        let ping = NodeRequest::V1(NodeOpV1::Ping { from: 1 });
+
+        let reply = pool.call(addr, &ping, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(reply, NodeResponse::V1(Ok(NodeReplyV1::Pong { node_id: 2 })));
+        let first = pooled_id(&pool, addr).expect("a pooled connection after a call");
+
+        // Live but slow: the call times out, the connection stays.
+        delay.store(1_000, Ordering::SeqCst);
+        let slow = pool.call(addr, &ping, Duration::from_millis(300)).await;
+        assert!(matches!(slow, Err(CallError::Timeout(_))), "{slow:?}");
+        assert_eq!(pooled_id(&pool, addr), Some(first), "a slow answer cost the connection");
+
+        // Silent (partitioned): the timed-out call drops the connection.
+        cut.store(true, Ordering::SeqCst);
+        let silent = pool.call(addr, &ping, Duration::from_millis(300)).await;
+        assert!(matches!(silent, Err(CallError::Timeout(_))), "{silent:?}");
+        assert_eq!(pooled_id(&pool, addr), None, "a silent peer kept its connection");
+
+        // Healed: the next call dials a new connection and is answered.
+        cut.store(false, Ordering::SeqCst);
+        delay.store(0, Ordering::SeqCst);
+        pool.call(addr, &ping, Duration::from_secs(5)).await.unwrap();
+        let second = pooled_id(&pool, addr).expect("a pooled connection after the partition");
+        assert_ne!(second, first);
     }
 }
