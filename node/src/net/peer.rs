@@ -177,7 +177,7 @@ impl PeerPool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
     use edgevec_proto::{codec, frame, limits};
@@ -218,7 +218,7 @@ mod tests {
 
     /// A UDP relay in front of `server` that drops every datagram both
     /// ways once `cut` is set (a network partition).
-    async fn relay(server: SocketAddr, cut: Arc<std::sync::atomic::AtomicBool>) -> SocketAddr {
+    async fn relay(server: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
         let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         back.connect(server).await.unwrap();
@@ -262,7 +262,7 @@ mod tests {
         certs::ensure(&paths, "t", &nodes).unwrap();
         let delay = Arc::new(AtomicU64::new(0));
         let server = slow_peer(&paths, delay.clone()).await;
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
         let addr = relay(server.local_addr().unwrap(), cut.clone()).await;
 
         let me = Identity::load(&paths, 1).unwrap();
