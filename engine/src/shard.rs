@@ -72,6 +72,7 @@ use crate::error::EngineError;
 use crate::fsutil;
 use crate::hnsw::{Expect, HnswIndex, RowVectors, SearchOptions};
 use crate::metric::{self, Candidate};
+use crate::op::ShardOp;
 use crate::oplog::LogState;
 use crate::payload::{Columns, Schema};
 use crate::plan::{Cursor, Location};
@@ -184,6 +185,55 @@ pub struct ShardReplica {
     /// When the last upsert or delete was appended (or the replica
     /// opened): what makes a shard quiet for the compaction policy.
     last_write: Mutex<std::time::Instant>,
+    /// Ops appended by this process and not applied yet, as decoded.
+    unapplied: Mutex<Unapplied>,
+}
+
+/// Most encoded bytes of ops [`Unapplied`] holds per replica; ops beyond it
+/// are read back from the log when applied.
+const UNAPPLIED_BYTES: usize = 32 * 1024 * 1024;
+
+/// Decoded ops appended and not applied yet, by LSN, so that the apply does
+/// not read back and decode the records the append has just written (a
+/// record can be larger than the shard file's page cache). Always a subset
+/// of the log above the applied LSN, with the op at each LSN the log holds:
+/// filled by the append, emptied by the apply, cut by a truncation; an
+/// apply that does not find all its ops here reads them from the log.
+#[derive(Default)]
+struct Unapplied {
+    ops: BTreeMap<u64, (OpId, ShardOp, usize)>,
+    bytes: usize,
+}
+
+impl Unapplied {
+    fn add(&mut self, id: OpId, op: ShardOp, bytes: usize) {
+        if self.bytes + bytes <= UNAPPLIED_BYTES {
+            self.bytes += bytes;
+            if let Some((_, _, old)) = self.ops.insert(id.lsn, (id, op, bytes)) {
+                self.bytes -= old;
+            }
+        }
+    }
+
+    /// Removes and returns the ops at or below `through`; `Some` only when
+    /// they include every LSN of `from ..= through`.
+    fn take(&mut self, from: u64, through: u64) -> Option<Vec<(OpId, ShardOp)>> {
+        let rest = self.ops.split_off(&(through + 1));
+        let taken = std::mem::replace(&mut self.ops, rest);
+        self.bytes -= taken.values().map(|(_, _, b)| b).sum::<usize>();
+        let ops: Vec<(OpId, ShardOp)> = taken
+            .into_values()
+            .filter(|(id, _, _)| id.lsn >= from)
+            .map(|(id, op, _)| (id, op))
+            .collect();
+        (ops.len() as u64 == through + 1 - from).then_some(ops)
+    }
+
+    /// Forgets the ops above `lsn` (truncated from the log).
+    fn cut_after(&mut self, lsn: u64) {
+        let dropped = self.ops.split_off(&(lsn + 1));
+        self.bytes -= dropped.values().map(|(_, _, b)| b).sum::<usize>();
+    }
 }
 
 impl ShardReplica {
@@ -351,6 +401,7 @@ impl ShardReplica {
             retired: AtomicBool::new(false),
             files: Mutex::new(()),
             last_write: Mutex::new(std::time::Instant::now()),
+            unapplied: Mutex::new(Unapplied::default()),
         });
         for id in to_build {
             replica.queue_build(id);

@@ -6,6 +6,7 @@
 //! |--------------|------------------|-----------------------------------------|
 //! | `meta`       | `"shard"`        | [`ShardMeta`]: shard, dim, applied LSN, growing segment, term, last op id, log bytes |
 //! | `oplog`      | LSN              | [`crate::op::OpRecord`]: term and op    |
+//! | `oplog_sizes`| LSN              | encoded bytes of that `oplog` entry     |
 //! | `terms`      | term             | first LSN of that term (term history)   |
 //! | `segments`   | segment id       | [`SegmentRecord`]: state, rows once sealed, seal LSN |
 //! | `row_chunks` | (segment, chunk) | point ids and vectors of consecutive rows (module `rows`) |
@@ -27,6 +28,10 @@
 //! - each transaction updates the meta record read inside it, so the
 //!   record is right whatever the caller holds in memory;
 //! - `log bytes` is the sum of the encoded sizes of the entries in `oplog`;
+//! - `oplog_sizes` has exactly the keys of `oplog`, so retention, the
+//!   oldest LSN and truncation sizes are decided without reading a record
+//!   (a record can be larger than the page cache). A file written before
+//!   the table existed gets it rebuilt at open;
 //! - `oplog` is contiguous, every entry above the applied LSN is in it, and
 //!   only a truncation removes entries above the applied LSN;
 //! - rows and payloads are keyed by location and never rewritten, so a
@@ -43,7 +48,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use edgevec_proto::{OpId, SegmentState};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
@@ -60,6 +68,7 @@ pub use bulk::{StateItem, StoreImport};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const OPLOG: TableDefinition<u64, &[u8]> = TableDefinition::new("oplog");
+const OPLOG_SIZES: TableDefinition<u64, u64> = TableDefinition::new("oplog_sizes");
 const TERMS: TableDefinition<u64, u64> = TableDefinition::new("terms");
 const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
 const ROWS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("rows");
@@ -222,7 +231,9 @@ impl ShardStore {
                 budget: retain_bytes,
                 keep_above: meta.applied_lsn,
             };
-            trim_log(&mut txn.open_table(OPLOG)?, meta, retention)
+            let mut log = LogTables::open(txn)?;
+            log.ensure_sizes()?;
+            log.trim(meta, retention)
         })?;
         // Measuring the free pages walks the whole file: only when this
         // open freed some.
@@ -284,6 +295,7 @@ impl ShardStore {
             let fresh = meta.get(META_KEY)?.is_none();
             let mut segments = txn.open_table(SEGMENTS)?;
             txn.open_table(OPLOG)?;
+            txn.open_table(OPLOG_SIZES)?;
             txn.open_table(TERMS)?;
             txn.open_table(ROWS)?;
             txn.open_table(ROW_CHUNKS)?;
@@ -339,7 +351,7 @@ impl ShardStore {
         if !history.windows(2).all(|w| w[0].1 < w[1].1) {
             return Err(self.corrupt(format!("term history is not ascending: {history:?}")));
         }
-        let first_logged = txn.open_table(OPLOG)?.first()?.map(|(k, _)| k.value());
+        let first_logged = txn.open_table(OPLOG_SIZES)?.first()?.map(|(k, _)| k.value());
         let mut segments = Vec::new();
         for entry in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = entry?;
@@ -478,10 +490,11 @@ impl ShardStore {
     /// oldest LSN in the log afterwards.
     pub fn append(&self, entries: &[(u64, impl AsRef<[u8]>)], appended: &Appended) -> Result<Option<u64>, EngineError> {
         self.write(|txn, meta| {
-            let mut oplog = txn.open_table(OPLOG)?;
+            let mut log = LogTables::open(txn)?;
             for (lsn, bytes) in entries {
                 let bytes = bytes.as_ref();
-                oplog.insert(*lsn, bytes)?;
+                log.oplog.insert(*lsn, bytes)?;
+                log.sizes.insert(*lsn, bytes.len() as u64)?;
                 meta.log_bytes += bytes.len() as u64;
             }
             let mut terms = txn.open_table(TERMS)?;
@@ -491,7 +504,7 @@ impl ShardStore {
             meta.term = appended.term;
             meta.last_term = appended.last.term;
             meta.last_lsn = appended.last.lsn;
-            first_key(&oplog)
+            log.first()
         })
     }
 
@@ -500,11 +513,12 @@ impl ShardStore {
     /// oldest LSN in the log afterwards.
     pub fn truncate_after(&self, lsn: u64, last: OpId) -> Result<Option<u64>, EngineError> {
         self.write(|txn, meta| {
-            let mut oplog = txn.open_table(OPLOG)?;
+            let mut log = LogTables::open(txn)?;
             let mut removed = 0u64;
-            for entry in oplog.extract_from_if((lsn + 1).., |_, _| true)? {
-                removed += entry?.1.value().len() as u64;
+            for entry in log.sizes.extract_from_if((lsn + 1).., |_, _| true)? {
+                removed += entry?.1.value();
             }
+            log.oplog.retain_in((lsn + 1).., |_, _| false)?;
             meta.log_bytes = meta
                 .log_bytes
                 .checked_sub(removed)
@@ -512,7 +526,7 @@ impl ShardStore {
             txn.open_table(TERMS)?.retain(|_, first| first <= lsn)?;
             meta.last_term = last.term;
             meta.last_lsn = last.lsn;
-            first_key(&oplog)
+            log.first()
         })
     }
 
@@ -556,7 +570,7 @@ impl ShardStore {
             return Ok(Vec::new());
         }
         let oplog = txn.open_table(OPLOG)?;
-        let first = oplog.first()?.map(|(k, _)| k.value());
+        let first = txn.open_table(OPLOG_SIZES)?.first()?.map(|(k, _)| k.value());
         if first.is_none_or(|first| after + 1 < first) {
             return Err(EngineError::LogTrimmed {
                 shard: self.shard,
@@ -601,9 +615,9 @@ impl ShardStore {
             meta.applied_lsn = applied;
             meta.growing = growing;
 
-            let mut oplog = txn.open_table(OPLOG)?;
-            trim_log(&mut oplog, meta, retention)?;
-            first_key(&oplog)
+            let mut log = LogTables::open(txn)?;
+            log.trim(meta, retention)?;
+            log.first()
         })
     }
 
@@ -682,25 +696,55 @@ fn write_effect(txn: &WriteTransaction, path: &Path, dim: usize, a: &Applied<'_>
     Ok(())
 }
 
-/// Drops the oldest applied ops while the log takes more than the budget,
-/// keeping every op above `retention.keep_above` and the applied LSN.
-/// Returns the encoded bytes dropped.
-fn trim_log(oplog: &mut Table<u64, &[u8]>, meta: &mut ShardMetaV2, retention: Retention) -> Result<u64, EngineError> {
-    let keep_above = retention.keep_above.min(meta.applied_lsn);
-    let sizes = oplog
-        .iter()?
-        .map(|e| e.map(|(k, v)| (k.value(), v.value().len() as u64)));
-    let cut = oplog::retention_cut(sizes, meta.log_bytes, retention.budget, keep_above)?;
-    let Some((through, dropped)) = cut else {
-        return Ok(0);
-    };
-    oplog.retain_in(..=through, |_, _| false)?;
-    meta.log_bytes = meta.log_bytes.saturating_sub(dropped);
-    Ok(dropped)
+/// The op log's two tables, open in one write transaction.
+struct LogTables<'txn> {
+    oplog: Table<'txn, u64, &'static [u8]>,
+    sizes: Table<'txn, u64, u64>,
 }
 
-fn first_key(oplog: &Table<u64, &[u8]>) -> Result<Option<u64>, EngineError> {
-    Ok(oplog.first()?.map(|(k, _)| k.value()))
+impl<'txn> LogTables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, EngineError> {
+        Ok(LogTables {
+            oplog: txn.open_table(OPLOG)?,
+            sizes: txn.open_table(OPLOG_SIZES)?,
+        })
+    }
+
+    /// Rebuilds `oplog_sizes` from the records when its keys are not the
+    /// log's (a file written before the table existed): reads every record
+    /// once.
+    fn ensure_sizes(&mut self) -> Result<(), EngineError> {
+        if self.sizes.len()? == self.oplog.len()? {
+            return Ok(());
+        }
+        self.sizes.retain(|_, _| false)?;
+        for entry in self.oplog.iter()? {
+            let (k, v) = entry?;
+            self.sizes.insert(k.value(), v.value().len() as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the oldest applied ops while the log takes more than the
+    /// budget, keeping every op above `retention.keep_above` and the
+    /// applied LSN. Returns the encoded bytes dropped.
+    fn trim(&mut self, meta: &mut ShardMetaV2, retention: Retention) -> Result<u64, EngineError> {
+        let keep_above = retention.keep_above.min(meta.applied_lsn);
+        let sizes = self.sizes.iter()?.map(|e| e.map(|(k, v)| (k.value(), v.value())));
+        let cut = oplog::retention_cut(sizes, meta.log_bytes, retention.budget, keep_above)?;
+        let Some((through, dropped)) = cut else {
+            return Ok(0);
+        };
+        self.oplog.retain_in(..=through, |_, _| false)?;
+        self.sizes.retain_in(..=through, |_, _| false)?;
+        meta.log_bytes = meta.log_bytes.saturating_sub(dropped);
+        Ok(dropped)
+    }
+
+    /// The oldest LSN in the log.
+    fn first(&self) -> Result<Option<u64>, EngineError> {
+        Ok(self.sizes.first()?.map(|(k, _)| k.value()))
+    }
 }
 
 fn growing_record() -> SegmentRecordV1 {

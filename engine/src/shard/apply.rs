@@ -26,7 +26,8 @@ impl ShardReplica {
     /// Applies the logged ops `applied_lsn() + 1 ..= min(lsn, last_op().lsn)`
     /// in order and returns the new applied LSN; `lsn` at or below the
     /// applied LSN is a no-op. The caller passes only committed LSNs, and
-    /// bounds the batch: its ops are read from the log into memory at once.
+    /// bounds the batch: its ops are in memory at once (as the append left
+    /// them, or read back from the log).
     ///
     /// After the apply, retention drops the oldest applied ops while the
     /// log exceeds `retain_bytes`, keeping everything above the retain
@@ -47,7 +48,11 @@ impl ShardReplica {
         if target <= applied {
             return Ok((applied, Vec::new()));
         }
-        let ops = self.store.logged(applied + 1, target)?;
+        let cached = self.unapplied.lock().expect("unapplied lock").take(applied + 1, target);
+        let ops = match cached {
+            Some(ops) => ops,
+            None => self.store.logged(applied + 1, target)?,
+        };
         let mut deleted = Vec::new();
         let mut rest = &ops[..];
         while !rest.is_empty() {

@@ -46,16 +46,17 @@ impl ShardReplica {
     /// The ops are not applied: see [`ShardReplica::apply_through`].
     pub fn append(&self, prev: OpId, entries: &[(OpId, ShardOp)]) -> Result<OpId, EngineError> {
         let records = entries.iter().map(|(id, op)| op.encode(id.term)).collect();
-        self.append_encoded(prev, entries, records)
+        self.append_encoded(prev, entries.to_vec(), records)
     }
 
     /// [`ShardReplica::append`] with each entry's log record already
     /// encoded (`records[i]` is `entries[i].1.encode(entries[i].0.term)`,
-    /// as replication messages carry it), so it is not encoded again.
+    /// as replication messages carry it), so it is not encoded again. The
+    /// ops are kept, as given, for their apply.
     pub fn append_encoded(
         &self,
         prev: OpId,
-        entries: &[(OpId, ShardOp)],
+        entries: Vec<(OpId, ShardOp)>,
         records: Vec<impl AsRef<[u8]>>,
     ) -> Result<OpId, EngineError> {
         assert_eq!(entries.len(), records.len(), "one record per entry");
@@ -67,7 +68,7 @@ impl ShardReplica {
         if entries.is_empty() {
             return Ok(appended.last);
         }
-        for (_, op) in entries {
+        for (_, op) in &entries {
             self.check_op(op)?;
         }
         let encoded: Vec<(u64, _)> = entries.iter().map(|(id, _)| id.lsn).zip(records).collect();
@@ -78,6 +79,11 @@ impl ShardReplica {
         {
             *self.last_write.lock().expect("last write lock") = std::time::Instant::now();
         }
+        let mut unapplied = self.unapplied.lock().expect("unapplied lock");
+        for ((id, op), (_, record)) in entries.into_iter().zip(&encoded) {
+            unapplied.add(id, op, record.as_ref().len());
+        }
+        drop(unapplied);
         let mut st = self.state.write().expect("shard state lock");
         st.log.term = appended.term;
         st.log.last = appended.last;
@@ -108,6 +114,7 @@ impl ShardReplica {
             st.log.truncated(lsn)
         };
         let first_logged = self.store.truncate_after(lsn, truncated.last)?;
+        self.unapplied.lock().expect("unapplied lock").cut_after(lsn);
         tracing::info!(
             shard = self.config.shard,
             last = %truncated.last,

@@ -416,3 +416,38 @@ fn seals_at_seal_rows_and_reopens_identically() {
     assert_eq!(s.applied_lsn(), 4);
     assert_eq!(write(&s, upsert([1])), id(1, 5));
 }
+
+#[test]
+fn a_log_without_its_sizes_table_gets_it_back_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry_bytes = upsert([1]).encode(1).len() as u64;
+    let s = open(dir.path(), 64, 3 * entry_bytes);
+    s.append(OpId::ZERO, &entries(1, 1..=5)).unwrap();
+    drop(s);
+    // As in a file written before the table existed.
+    {
+        let db = redb::Database::open(dir.path().join(STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(txn
+            .delete_table(redb::TableDefinition::<u64, u64>::new("oplog_sizes"))
+            .unwrap());
+        txn.commit().unwrap();
+    }
+    let s = open(dir.path(), 64, 3 * entry_bytes);
+    assert_eq!((s.first_logged_lsn(), s.last_op()), (Some(1), id(1, 5)));
+    // Applied by a process that did not append them: read from the log.
+    s.apply_through(4).unwrap();
+    assert_eq!(s.first_logged_lsn(), Some(3), "retention counts the rebuilt sizes");
+    assert_eq!(found(&s, &[1, 2, 3, 4, 5]), vec![1, 2, 3, 4]);
+    s.truncate_after(4).unwrap();
+    assert_eq!(s.last_op(), id(1, 4));
+    drop(s);
+    let s = open(dir.path(), 64, 3 * entry_bytes);
+    let logged: Vec<u64> = s
+        .entries_after(2, 10, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.0.lsn)
+        .collect();
+    assert_eq!((s.first_logged_lsn(), logged), (Some(3), vec![3, 4]));
+}

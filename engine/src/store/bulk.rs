@@ -19,7 +19,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use super::rows::{self, RowReader, ROW_CHUNKS};
 use super::{
     encode, MergeRecord, MergeRecordV1, SegmentRecord, SegmentRecordV1, ShardMeta, ShardMetaV2, ShardStore, MERGES,
-    META, META_KEY, OPLOG, PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
+    META, META_KEY, OPLOG, OPLOG_SIZES, PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
 };
 use crate::error::EngineError;
 use crate::plan::Location;
@@ -248,6 +248,7 @@ impl StoreImport {
             // Every table exists even if empty, as a new shard file has them.
             let mut meta = txn.open_table(META)?;
             txn.open_table(OPLOG)?;
+            txn.open_table(OPLOG_SIZES)?;
             let mut terms = txn.open_table(TERMS)?;
             let mut segments = txn.open_table(SEGMENTS)?;
             txn.open_table(ROWS)?;

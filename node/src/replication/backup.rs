@@ -155,8 +155,8 @@ impl DataPlane {
                             replica.truncate_after(lsn)?;
                         }
                         let after = if from == 0 { prev } else { ids[from - 1] };
-                        let mut records = records;
-                        replica.append_encoded(after, &entries[from..], records.split_off(from))?;
+                        let (mut entries, mut records) = (entries, records);
+                        replica.append_encoded(after, entries.split_off(from), records.split_off(from))?;
                         let sent_end = ids.last().copied().unwrap_or(prev);
                         if ends_log && replica.last_op().lsn > sent_end.lsn {
                             if sent_end.lsn < replica.applied_lsn() {

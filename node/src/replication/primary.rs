@@ -396,7 +396,7 @@ impl DataPlane {
         // matter, and a failed local write makes this node step down
         // before it could write again in this term.
         let records: Vec<bytes::Bytes> = fresh.iter().map(|e| e.op.clone()).collect();
-        let local_append = local.persist(move |replica| replica.append_encoded(last, &entries, records));
+        let local_append = local.persist(move |replica| replica.append_encoded(last, entries, records));
         let round_started = Instant::now();
         let (appended, replicated) = tokio::join!(local_append, self.replicate_to_ack_set(local, p, &fresh));
         if let Err(e) = appended {
