@@ -112,9 +112,13 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     warmup: usize,
     /// Replication mode: batches per collection at full load (split among
-    /// the `--concurrency` writers, in two rounds per collection).
+    /// the `--concurrency` writers, and among the rounds of `--load-blocks`).
     #[arg(long, default_value_t = 400)]
     load_batches: usize,
+    /// Replication mode: blocks of four full-load rounds (r1, r3, r3, r1),
+    /// each block giving a throughput ratio of its own.
+    #[arg(long, default_value_t = 1)]
+    load_blocks: usize,
     /// Replication mode: points written while a backup is down.
     #[arg(long, default_value_t = 100_000)]
     catch_up_points: usize,

@@ -284,14 +284,16 @@ impl Bench<'_> {
     }
 
     /// `--concurrency` writers, each with its own client of the
-    /// primary, `--load-batches` per collection in two rounds each
+    /// primary, `--load-batches` per collection in blocks of four rounds
     /// (r1, r3, r3, r1) so drift hits both alike.
     async fn full_load(&self, p1: u64, p3: u64) -> Result<[Load; 2]> {
         let args = self.args;
         let writers = args.concurrency.max(1);
-        let per_writer = (args.load_batches / writers / 2).max(1);
+        let blocks = args.load_blocks.max(1);
+        let per_writer = (args.load_batches / writers / 2 / blocks).max(1);
         let mut out = [Load::default(), Load::default()];
-        for w in [0, 1, 1, 0] {
+        let order = [0, 1, 1, 0].repeat(blocks);
+        for w in order {
             let (target, primary) = if w == 0 { (&self.r1, p1) } else { (&self.r3, p3) };
             let mut clients = Vec::new();
             for _ in 0..writers {
@@ -324,6 +326,7 @@ impl Bench<'_> {
             let after = Usage::now(&self.cluster);
             out[w].rows += (writers * per_writer * args.batch) as u64;
             out[w].wall += wall;
+            out[w].rounds.push(wall);
             out[w].usage.push(before.until(&after));
             eprintln!(
                 "full load on {}: {:.0} rows/s; {}",
@@ -637,6 +640,8 @@ struct Load {
     lat: Vec<Duration>,
     /// What each round used.
     usage: Vec<String>,
+    /// Each round's wall time (rounds are of equal rows).
+    rounds: Vec<Duration>,
 }
 
 impl Load {
@@ -748,8 +753,9 @@ impl Report<'_> {
         let writers = args.concurrency.max(1);
         println!("#### Insert throughput, {writers} concurrent writers\n");
         println!(
-            "Each writer has its own client and sends batches of {}, one in flight; two rounds per collection, in the order {R1}, {R3}, {R3}, {R1}.\n",
-            args.batch
+            "Each writer has its own client and sends batches of {}, one in flight; {} block(s) of four rounds of equal rows, each in the order {R1}, {R3}, {R3}, {R1}.\n",
+            args.batch,
+            args.load_blocks.max(1)
         );
         println!("| collection | replicas | rows | seconds | rows/s | batch p50 ms | batch p99 ms |");
         println!("|---|---:|---:|---:|---:|---:|---:|");
@@ -768,6 +774,25 @@ impl Report<'_> {
             "\nRatio replicas 3 / replicas 1: **{:.2}** (target ≥ 0.5).\n",
             self.load[1].rate() / self.load[0].rate()
         );
+        // Per block: r1's two rounds against r3's two (equal rows, so the
+        // ratio of rates is the inverse ratio of wall times).
+        let mut per_block: Vec<f64> = self.load[0]
+            .rounds
+            .chunks(2)
+            .zip(self.load[1].rounds.chunks(2))
+            .map(|(r1, r3)| r1.iter().sum::<Duration>().as_secs_f64() / r3.iter().sum::<Duration>().as_secs_f64())
+            .collect();
+        if per_block.len() > 1 {
+            let shown: Vec<String> = per_block.iter().map(|r| format!("{r:.2}")).collect();
+            per_block.sort_by(f64::total_cmp);
+            let n = per_block.len();
+            let median = if n % 2 == 1 {
+                per_block[n / 2]
+            } else {
+                (per_block[n / 2 - 1] + per_block[n / 2]) / 2.0
+            };
+            println!("Per block, in order: {}; median **{median:.2}**.\n", shown.join(", "));
+        }
         for (w, name) in [R1, R3].into_iter().enumerate() {
             for (round, u) in self.load[w].usage.iter().enumerate() {
                 println!("- {name}, round {}: {u}", round + 1);
