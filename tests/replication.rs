@@ -498,24 +498,34 @@ async fn killing_a_primary_mid_stream_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_backup_catches_up_and_holds_exactly_the_primarys_data() {
-    let (cluster, backup) = restarted_backup_catches_up("").await;
-    let log = std::fs::read_to_string(cluster.log_path(backup)).unwrap();
-    assert!(
-        !log.contains("rebuilt from the primary's export"),
-        "with the whole op log at hand, catch-up must not need an export"
-    );
+    caught_up_through_export("", false).await;
 }
 
-/// With an op log that keeps only a few KiB, a backup that was away is
-/// behind the trimmed log: the primary exports the shard, streams it, the
-/// backup imports it and goes on from the log.
+/// With an op log that keeps only a few KiB and holds nothing more for
+/// replicas that are away, a backup that was away is behind the trimmed
+/// log: the primary exports the shard, streams it, the backup imports it
+/// and goes on from the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_behind_the_trimmed_log_is_rebuilt_from_an_export() {
-    let (cluster, backup) = restarted_backup_catches_up("oplog_retain_kb = 16\n").await;
+    caught_up_through_export("oplog_retain_kb = 16\noplog_hold_kb = 0\n", true).await;
+}
+
+/// The same small op log, with the default hold: the primary keeps the
+/// ops the backup misses while it is away, and it catches up from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_held_for_an_away_backup_spares_it_an_export() {
+    caught_up_through_export("oplog_retain_kb = 16\n", false).await;
+}
+
+/// Runs [`restarted_backup_catches_up`] with `extra` in the cluster
+/// section and checks whether the backup needed an export.
+async fn caught_up_through_export(extra: &str, export: bool) {
+    let (cluster, backup) = restarted_backup_catches_up(extra).await;
     let log = std::fs::read_to_string(cluster.log_path(backup)).unwrap();
-    assert!(
+    assert_eq!(
         log.contains("rebuilt from the primary's export"),
-        "node {backup} caught up without an export:\n{}",
+        export,
+        "node {backup} with {extra:?}: export expected {export}; its log ends:\n{}",
         cluster.log_tail(backup, 40)
     );
 }

@@ -51,7 +51,7 @@ use crate::error::EngineError;
 use crate::fsutil;
 use crate::layout::{self, ImportStage};
 use crate::registry::Registry;
-use crate::shard::{ShardConfig, ShardReplica, OPLOG_RETAIN_BYTES};
+use crate::shard::{ShardConfig, ShardReplica, OPLOG_HOLD_BYTES, OPLOG_RETAIN_BYTES};
 use crate::validate;
 use edgevec_proto::{FieldSpec, IndexSpec};
 
@@ -114,12 +114,17 @@ pub struct EngineOptions {
     /// ([`OPLOG_RETAIN_BYTES`] by default): a replica further behind than
     /// this is caught up from an export.
     pub oplog_retain_bytes: u64,
+    /// Bytes each replica's op log may grow to while it holds ops for a
+    /// replica away from the in-sync set ([`OPLOG_HOLD_BYTES`] by
+    /// default; see [`ShardReplica::set_held_floor`]).
+    pub oplog_hold_bytes: u64,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             oplog_retain_bytes: OPLOG_RETAIN_BYTES,
+            oplog_hold_bytes: OPLOG_HOLD_BYTES,
         }
     }
 }
@@ -129,7 +134,7 @@ type Replicas = BTreeMap<ReplicaKey, (ReplicaSpec, Arc<ShardReplica>)>;
 /// Storage and search for every shard replica of one node.
 pub struct Engine {
     root: PathBuf,
-    retain_bytes: u64,
+    options: EngineOptions,
     registry: Mutex<Registry>,
     replicas: RwLock<Replicas>,
     builder: Arc<IndexBuilder>,
@@ -214,7 +219,7 @@ impl Engine {
             if !path.exists() && damage.is_none() {
                 tracing::info!(replica = %spec.key, "creating the files of a replica whose create was interrupted");
             }
-            let config = shard_config(&spec, opts.oplog_retain_bytes);
+            let config = shard_config(&spec, opts);
             let (replica, set_aside_now) = open_or_set_aside(dir, &mut registry, &builder, &spec, config)?;
             match (set_aside_now, damage) {
                 (Some(d), _) => {
@@ -233,7 +238,7 @@ impl Engine {
         crate::memory::return_free_memory();
         Ok(Engine {
             root: dir.to_owned(),
-            retain_bytes: opts.oplog_retain_bytes,
+            options: opts,
             registry: Mutex::new(registry),
             replicas: RwLock::new(replicas),
             builder,
@@ -278,7 +283,7 @@ impl Engine {
     }
 
     fn shard_config(&self, spec: &ReplicaSpec) -> ShardConfig {
-        shard_config(spec, self.retain_bytes)
+        shard_config(spec, self.options)
     }
 
     /// A directory of a replica that has no entry yet is a leftover of an
@@ -512,14 +517,15 @@ fn set_aside(
     Ok(damage)
 }
 
-fn shard_config(spec: &ReplicaSpec, retain_bytes: u64) -> ShardConfig {
+fn shard_config(spec: &ReplicaSpec, options: EngineOptions) -> ShardConfig {
     ShardConfig {
         shard: spec.key.shard,
         dim: spec.dim,
         metric: spec.metric,
         seal_rows: spec.seal_rows,
         index: spec.index,
-        retain_bytes,
+        retain_bytes: options.oplog_retain_bytes,
+        hold_bytes: options.oplog_hold_bytes,
         fields: spec.fields.clone(),
     }
 }

@@ -90,5 +90,5 @@ pub use metric::Candidate;
 pub use op::{OpRecord, ShardOp};
 pub use plan::Location;
 pub use search::search_replicas;
-pub use shard::{LogStatus, ShardConfig, ShardReplica, OPLOG_RETAIN_BYTES};
+pub use shard::{LogStatus, ShardConfig, ShardReplica, OPLOG_HOLD_BYTES, OPLOG_RETAIN_BYTES};
 pub use split::{by_shard, last_wins};

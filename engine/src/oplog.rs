@@ -130,11 +130,30 @@ impl LogState {
     }
 }
 
+/// Entries retention keeps, within a budget, for replicas away from the
+/// in-sync set: everything above `above` while the log takes at most
+/// `budget` bytes (a replica that returns then catches up from the log
+/// instead of an export of the whole shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub above: u64,
+    pub budget: u64,
+}
+
+impl Held {
+    /// Nothing held.
+    pub const NONE: Held = Held {
+        above: u64::MAX,
+        budget: 0,
+    };
+}
+
 /// How much of the log retention drops: `entries` is the log oldest first
 /// as `(lsn, encoded bytes)`, `total` the bytes of the whole log. Drops
 /// oldest entries while the log exceeds `budget`, but never one above
-/// `keep_above` (the applied LSN, or a lower floor). Returns the last LSN
-/// to drop and the bytes dropped, or `None` when nothing goes.
+/// `keep_above` (the applied LSN, or a lower floor), and one above
+/// `held.above` only while the log also exceeds `held.budget`. Returns
+/// the last LSN to drop and the bytes dropped, or `None` when nothing goes.
 ///
 /// Reads `entries` only as far as it drops, so the caller can pass a lazy
 /// iterator over the stored log.
@@ -143,15 +162,17 @@ pub fn retention_cut<E>(
     total: u64,
     budget: u64,
     keep_above: u64,
+    held: Held,
 ) -> Result<Option<(u64, u64)>, E> {
     let mut cut = None;
     let mut dropped = 0u64;
     for entry in entries {
-        if total.saturating_sub(dropped) <= budget {
+        let left = total.saturating_sub(dropped);
+        if left <= budget {
             break;
         }
         let (lsn, bytes) = entry?;
-        if lsn > keep_above {
+        if lsn > keep_above || (lsn > held.above && left <= held.budget) {
             break;
         }
         dropped += bytes;
@@ -266,13 +287,28 @@ mod tests {
         let log = |sizes: &[(u64, u64)]| sizes.iter().map(|e| Ok::<_, ()>(*e)).collect::<Vec<_>>();
         let entries = log(&[(3, 10), (4, 10), (5, 10), (6, 10)]);
         // 40 bytes, budget 25: drop 3 and 4.
-        assert_eq!(retention_cut(entries.clone(), 40, 25, 6), Ok(Some((4, 20))));
+        let none = Held::NONE;
+        assert_eq!(retention_cut(entries.clone(), 40, 25, 6, none), Ok(Some((4, 20))));
         // Never above keep_above, even over budget.
-        assert_eq!(retention_cut(entries.clone(), 40, 0, 4), Ok(Some((4, 20))));
-        assert_eq!(retention_cut(entries.clone(), 40, 0, 2), Ok(None));
+        assert_eq!(retention_cut(entries.clone(), 40, 0, 4, none), Ok(Some((4, 20))));
+        assert_eq!(retention_cut(entries.clone(), 40, 0, 2, none), Ok(None));
         // Within budget: nothing.
-        assert_eq!(retention_cut(entries.clone(), 40, 40, 6), Ok(None));
+        assert_eq!(retention_cut(entries.clone(), 40, 40, 6, none), Ok(None));
         // A budget of 0 empties everything that may go.
-        assert_eq!(retention_cut(entries, 40, 0, u64::MAX), Ok(Some((6, 40))));
+        assert_eq!(retention_cut(entries.clone(), 40, 0, u64::MAX, none), Ok(Some((6, 40))));
+
+        // Held above 3 within 30 bytes: 3 goes (40 > 25), then 30 bytes
+        // are left, within the held budget.
+        let held = Held { above: 3, budget: 30 };
+        assert_eq!(retention_cut(entries.clone(), 40, 25, 6, held), Ok(Some((3, 10))));
+        // Over the held budget, held entries go too, down to it.
+        let held = Held { above: 3, budget: 20 };
+        assert_eq!(retention_cut(entries.clone(), 40, 0, 6, held), Ok(Some((4, 20))));
+        // Held entries are never a reason to keep more than keep_above
+        // allows dropping, nor to drop above it.
+        assert_eq!(retention_cut(entries.clone(), 40, 0, 3, held), Ok(Some((3, 10))));
+        // A held budget below the retention budget holds nothing more.
+        let held = Held { above: 2, budget: 10 };
+        assert_eq!(retention_cut(entries, 40, 25, 6, held), Ok(Some((4, 20))));
     }
 }

@@ -95,6 +95,15 @@ pub(crate) use export::import_files;
 /// export of the shard instead of the ops.
 pub const OPLOG_RETAIN_BYTES: u64 = 32 * 1024 * 1024;
 
+/// Default bytes a replica's op log may grow to while it holds ops for a
+/// replica away from the in-sync set (a node restarted, or down for a
+/// while): a returning replica that missed up to about this much catches
+/// up from the log, in time proportional to what it missed, instead of
+/// receiving an export of the whole shard. Only while a replica is away;
+/// the log shrinks back to [`OPLOG_RETAIN_BYTES`] at the next apply once
+/// it is back or gone.
+pub const OPLOG_HOLD_BYTES: u64 = 256 * 1024 * 1024;
+
 pub(crate) const STORE_FILE: &str = "shard.redb";
 
 /// Fixed properties of a shard replica.
@@ -108,6 +117,11 @@ pub struct ShardConfig {
     /// Bytes of encoded ops the op log may keep once they are applied
     /// ([`OPLOG_RETAIN_BYTES`] by default); unapplied ops are always kept.
     pub retain_bytes: u64,
+    /// Bytes the op log may grow to while it holds ops for a replica
+    /// away from the in-sync set ([`ShardReplica::set_held_floor`];
+    /// [`OPLOG_HOLD_BYTES`] by default); below `retain_bytes` it holds
+    /// nothing more.
+    pub hold_bytes: u64,
     /// Payload indexes: the fields filters may use (module `payload`).
     pub fields: Vec<FieldSpec>,
 }
@@ -173,6 +187,8 @@ pub struct ShardReplica {
     state: RwLock<ShardState>,
     /// See [`ShardReplica::set_retain_floor`]; not persisted.
     retain_floor: AtomicU64,
+    /// See [`ShardReplica::set_held_floor`]; not persisted.
+    held_floor: AtomicU64,
     builder: Arc<IndexBuilder>,
     this: Weak<ShardReplica>,
     /// Set when the replica is dropped: pending builds skip saving.
@@ -396,6 +412,7 @@ impl ShardReplica {
             writer: Mutex::new(()),
             state: RwLock::new(state),
             retain_floor: AtomicU64::new(u64::MAX),
+            held_floor: AtomicU64::new(u64::MAX),
             builder,
             this: this.clone(),
             retired: AtomicBool::new(false),

@@ -191,6 +191,7 @@ pub struct Applied<'a> {
 pub struct Retention {
     pub budget: u64,
     pub keep_above: u64,
+    pub held: oplog::Held,
 }
 
 pub struct ShardStore {
@@ -230,6 +231,7 @@ impl ShardStore {
             let retention = Retention {
                 budget: retain_bytes,
                 keep_above: meta.applied_lsn,
+                held: oplog::Held::NONE,
             };
             let mut log = LogTables::open(txn)?;
             log.ensure_sizes()?;
@@ -731,7 +733,7 @@ impl<'txn> LogTables<'txn> {
     fn trim(&mut self, meta: &mut ShardMetaV2, retention: Retention) -> Result<u64, EngineError> {
         let keep_above = retention.keep_above.min(meta.applied_lsn);
         let sizes = self.sizes.iter()?.map(|e| e.map(|(k, v)| (k.value(), v.value())));
-        let cut = oplog::retention_cut(sizes, meta.log_bytes, retention.budget, keep_above)?;
+        let cut = oplog::retention_cut(sizes, meta.log_bytes, retention.budget, keep_above, retention.held)?;
         let Some((through, dropped)) = cut else {
             return Ok(0);
         };

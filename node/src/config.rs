@@ -133,6 +133,12 @@ struct RawCluster {
     /// rebuilt from an export of the shard.
     #[serde(default = "default_oplog_retain_kb")]
     oplog_retain_kb: Spanned<u64>,
+    /// Bytes (KiB) a primary's op log may grow to while it holds ops for
+    /// a replica that left the in-sync set, so that the replica catches up
+    /// from the log when it returns instead of from an export of the
+    /// whole shard; 0 holds nothing beyond `oplog_retain_kb`.
+    #[serde(default = "default_oplog_hold_kb")]
+    oplog_hold_kb: Spanned<u64>,
     /// Bytes of request bodies a node holds at once (MiB); at least the
     /// frame limit, so that the largest request can be read.
     #[serde(default = "default_request_budget_mb")]
@@ -153,6 +159,10 @@ fn default_request_budget_mb() -> Spanned<u64> {
 
 fn default_oplog_retain_kb() -> Spanned<u64> {
     Spanned::new(0..0, edgevec_engine::OPLOG_RETAIN_BYTES / 1024)
+}
+
+fn default_oplog_hold_kb() -> Spanned<u64> {
+    Spanned::new(0..0, edgevec_engine::OPLOG_HOLD_BYTES / 1024)
 }
 
 fn default_heartbeat_ms() -> Spanned<u64> {
@@ -255,6 +265,9 @@ pub struct ClusterConfig {
     pub raft_snapshot_logs: u64,
     /// Bytes of applied ops a shard replica's op log keeps.
     pub oplog_retain_bytes: u64,
+    /// Bytes a primary's op log may grow to for replicas away from the
+    /// in-sync set.
+    pub oplog_hold_bytes: u64,
     /// Bytes of request bodies a node holds at once.
     pub request_budget_bytes: usize,
     /// Whether the admin endpoint takes fault-injection requests (tests).
@@ -434,6 +447,7 @@ impl ClusterConfig {
             ));
         }
         let oplog_retain_kb = *c.oplog_retain_kb.get_ref();
+        let oplog_hold_kb = *c.oplog_hold_kb.get_ref();
         if oplog_retain_kb == 0 {
             return Err(invalid(
                 c.oplog_retain_kb.span().start,
@@ -467,6 +481,7 @@ impl ClusterConfig {
             election_timeout_ms: (emin, emax),
             raft_snapshot_logs,
             oplog_retain_bytes: oplog_retain_kb.saturating_mul(1024),
+            oplog_hold_bytes: oplog_hold_kb.saturating_mul(1024),
             request_budget_bytes: (budget_mb << 20) as usize,
             fault_injection: raw.cluster.fault_injection,
             warnings,

@@ -106,6 +106,10 @@ impl ShardReplica {
         let retention = Retention {
             budget: self.config.retain_bytes,
             keep_above: self.retain_floor.load(Ordering::Acquire),
+            held: crate::oplog::Held {
+                above: self.held_floor.load(Ordering::Acquire),
+                budget: self.config.hold_bytes,
+            },
         };
         let first_logged = self.store.apply(&batch, growing.segment, retention)?;
         let (sealed, merges, unused) = {

@@ -150,6 +150,17 @@ impl ShardReplica {
         self.retain_floor.store(lsn, Ordering::Release);
     }
 
+    /// Keeps the log entries above `lsn` from retention while the log
+    /// takes at most `hold_bytes` of its configuration: the primary passes
+    /// the lowest last LSN among the replicas that left the in-sync set
+    /// and may come back, so that they catch up from the log rather than
+    /// from an export. Unlike [`ShardReplica::set_retain_floor`] this is
+    /// bounded: past `hold_bytes`, held entries go as any applied ones.
+    /// `u64::MAX`, the value at open, holds nothing. Held in memory only.
+    pub fn set_held_floor(&self, lsn: u64) {
+        self.held_floor.store(lsn, Ordering::Release);
+    }
+
     /// Ops come validated from the primary; this guards the invariants the
     /// in-memory segments rely on (a wrong length would corrupt rows), so
     /// that a bad op never enters the log.

@@ -14,6 +14,7 @@ fn config(seal_rows: u32, retain_bytes: u64) -> ShardConfig {
             ef_construction: 32,
         },
         retain_bytes,
+        hold_bytes: 0,
         fields: Vec::new(),
     }
 }
@@ -450,4 +451,31 @@ fn a_log_without_its_sizes_table_gets_it_back_at_open() {
         .map(|e| e.0.lsn)
         .collect();
     assert_eq!((s.first_logged_lsn(), logged), (Some(3), vec![3, 4]));
+}
+
+#[test]
+fn the_held_floor_keeps_ops_within_the_hold_budget_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry_bytes = upsert([1]).encode(1).len() as u64;
+    // Retain one entry; hold up to four for an away replica.
+    let mut cfg = config(64, entry_bytes);
+    cfg.hold_bytes = 4 * entry_bytes;
+    let s = ShardReplica::open(dir.path(), cfg, Arc::new(IndexBuilder::start())).unwrap();
+    s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap();
+    // A replica that holds everything through 1 went away.
+    s.set_held_floor(1);
+    s.apply_through(3).unwrap();
+    assert_eq!(s.first_logged_lsn(), Some(2), "2 and 3 are held");
+    s.append(id(1, 3), &entries(1, 4..=6)).unwrap();
+    s.apply_through(6).unwrap();
+    assert_eq!(
+        s.first_logged_lsn(),
+        Some(3),
+        "past the hold budget held ops go, oldest first"
+    );
+    // It came back: back to the retention budget at the next apply.
+    s.set_held_floor(u64::MAX);
+    s.append(id(1, 6), &entries(1, 7..=7)).unwrap();
+    s.apply_through(7).unwrap();
+    assert_eq!(s.first_logged_lsn(), Some(7));
 }

@@ -326,6 +326,7 @@ mod tests {
                 ef_construction: 8,
             },
             retain_bytes: 0,
+            hold_bytes: 0,
             fields: Vec::new(),
         };
         let builder = Arc::new(IndexBuilder::start());

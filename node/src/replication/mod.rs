@@ -88,6 +88,11 @@ pub struct Local {
     /// Where each replica this primary feeds stands (node → last LSN it
     /// holds): the op log keeps everything above the lowest.
     pub floors: Mutex<BTreeMap<u64, u64>>,
+    /// Replicas this primary removed from the in-sync set, while the
+    /// configuration still names them outside it (node → last LSN it
+    /// acknowledged): the op log holds what they miss, within its hold
+    /// budget, for their catch-up.
+    pub away: Mutex<BTreeMap<u64, u64>>,
     /// Set when persisting failed (a failed fsync is never retried and
     /// then acknowledged), or when the replica's files failed to open and
     /// were set aside (the engine's damage: the replica is then empty). A
@@ -127,6 +132,7 @@ impl Local {
             epoch: Mutex::new(primary::EpochMark::default()),
             catch_ups: Mutex::new(BTreeMap::new()),
             floors: Mutex::new(BTreeMap::new()),
+            away: Mutex::new(BTreeMap::new()),
             damaged: Mutex::new(damaged),
             incoming: tokio::sync::Mutex::new(None),
             queued: Mutex::new(Vec::new()),
@@ -234,6 +240,29 @@ impl Local {
         };
         self.replica
             .set_retain_floor(floors.values().copied().min().unwrap_or(u64::MAX));
+    }
+
+    /// Records that `node` left the in-sync set holding everything
+    /// through `lsn`: the op log holds the ops above it, within its hold
+    /// budget ([`ShardReplica::set_held_floor`]).
+    pub fn hold_log_while_away(&self, node: u64, lsn: u64) {
+        let mut away = self.away.lock().expect("away lock");
+        away.insert(node, lsn);
+        self.replica
+            .set_held_floor(away.values().copied().min().unwrap_or(u64::MAX));
+    }
+
+    /// Stops holding the op log for replicas that are in sync again or
+    /// that `cfg` no longer names.
+    pub fn forget_returned(&self, cfg: &edgevec_meta::ShardConfig) {
+        let in_sync = cfg.in_sync();
+        let mut away = self.away.lock().expect("away lock");
+        let before = away.len();
+        away.retain(|node, _| !in_sync.contains(node) && cfg.replicas.iter().any(|r| r.node == *node));
+        if away.len() != before {
+            self.replica
+                .set_held_floor(away.values().copied().min().unwrap_or(u64::MAX));
+        }
     }
 
     /// This replica's report of itself (log position, counts, and on a

@@ -185,6 +185,7 @@ impl DataPlane {
 
     /// Called on every sync while the metadata names this node primary.
     pub fn on_primary_config(self: Arc<Self>, local: Arc<Local>, cfg: ShardConfig) {
+        local.forget_returned(&cfg);
         let mark = *local.epoch.lock().expect("epoch lock");
         if mark.begun < cfg.term {
             local.epoch.lock().expect("epoch lock").begun = cfg.term;
@@ -612,7 +613,11 @@ impl DataPlane {
     /// its term any more.
     async fn remove_member(&self, local: &Local, p: &mut Primary, node: u64) -> Result<(), WireError> {
         let key = local.key;
-        p.next.remove(&node);
+        if let Some(next) = p.next.remove(&node) {
+            // It holds everything before `next`: if it comes back, it
+            // catches up from there.
+            local.hold_log_while_away(node, next.saturating_sub(1));
+        }
         local.hold_log_for(node, None);
         for _ in 0..5 {
             let (cfg, replication) = self
