@@ -972,7 +972,7 @@ async fn a_partitioned_primary_cannot_get_a_write_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_cut_in_the_middle_starts_over_and_never_leaves_half_a_replica() {
     const WIDE: usize = 256;
-    let mut cluster = TestCluster::running(fast(3, 0, "oplog_retain_kb = 64\n")).await;
+    let mut cluster = TestCluster::running(fast(3, 0, "oplog_retain_kb = 64\noplog_hold_kb = 0\n")).await;
     let name = "cut";
     let admin = cluster.client(1, ADMIN).await;
     let spec = CollectionSpec::new(name, WIDE as u32, Metric::L2);

@@ -253,12 +253,12 @@ impl Local {
     }
 
     /// Stops holding the op log for replicas that are in sync again or
-    /// that `cfg` no longer names.
-    pub fn forget_returned(&self, cfg: &edgevec_meta::ShardConfig) {
+    /// that `cfg` no longer names (for every replica with `all`).
+    pub fn forget_returned(&self, cfg: &edgevec_meta::ShardConfig, all: bool) {
         let in_sync = cfg.in_sync();
         let mut away = self.away.lock().expect("away lock");
         let before = away.len();
-        away.retain(|node, _| !in_sync.contains(node) && cfg.replicas.iter().any(|r| r.node == *node));
+        away.retain(|node, _| !all && !in_sync.contains(node) && cfg.replicas.iter().any(|r| r.node == *node));
         if away.len() != before {
             self.replica
                 .set_held_floor(away.values().copied().min().unwrap_or(u64::MAX));
@@ -524,6 +524,10 @@ impl DataPlane {
                     }
                 }
             };
+            if cfg.primary != Some(self.me) {
+                // Only a primary holds its log for replicas that are away.
+                local.forget_returned(&cfg, true);
+            }
             if local.damaged.lock().expect("damaged lock").is_some() {
                 self.clone().leave_if_damaged(local, cfg);
             } else if cfg.primary == Some(self.me) {

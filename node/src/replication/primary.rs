@@ -185,7 +185,7 @@ impl DataPlane {
 
     /// Called on every sync while the metadata names this node primary.
     pub fn on_primary_config(self: Arc<Self>, local: Arc<Local>, cfg: ShardConfig) {
-        local.forget_returned(&cfg);
+        local.forget_returned(&cfg, false);
         let mark = *local.epoch.lock().expect("epoch lock");
         if mark.begun < cfg.term {
             local.epoch.lock().expect("epoch lock").begun = cfg.term;
