@@ -90,9 +90,10 @@ pub struct Local {
     pub floors: Mutex<BTreeMap<u64, u64>>,
     /// Replicas this primary removed from the in-sync set, while the
     /// configuration still names them outside it (node → last LSN it
-    /// acknowledged): the op log holds what they miss, within its hold
-    /// budget, for their catch-up.
-    pub away: Mutex<BTreeMap<u64, u64>>,
+    /// acknowledged, and the configuration version it was removed from):
+    /// the op log holds what they miss, within its hold budget, for their
+    /// catch-up.
+    pub away: Mutex<BTreeMap<u64, (u64, u64)>>,
     /// Set when persisting failed (a failed fsync is never retried and
     /// then acknowledged), or when the replica's files failed to open and
     /// were set aside (the engine's damage: the replica is then empty). A
@@ -242,27 +243,31 @@ impl Local {
             .set_retain_floor(floors.values().copied().min().unwrap_or(u64::MAX));
     }
 
-    /// Records that `node` left the in-sync set holding everything
-    /// through `lsn`: the op log holds the ops above it, within its hold
-    /// budget ([`ShardReplica::set_held_floor`]).
-    pub fn hold_log_while_away(&self, node: u64, lsn: u64) {
+    /// Records that `node` is being removed from the in-sync set of
+    /// configuration `version`, holding everything through `lsn`: the op
+    /// log holds the ops above it, within its hold budget
+    /// ([`ShardReplica::set_held_floor`]).
+    pub fn hold_log_while_away(&self, node: u64, lsn: u64, version: u64) {
         let mut away = self.away.lock().expect("away lock");
-        away.insert(node, lsn);
-        self.replica
-            .set_held_floor(away.values().copied().min().unwrap_or(u64::MAX));
+        away.insert(node, (lsn, version));
+        Self::set_held(&self.replica, &away);
     }
 
-    /// Stops holding the op log for replicas that are in sync again or
-    /// that `cfg` no longer names (for every replica with `all`).
+    /// Stops holding the op log for replicas that a configuration newer
+    /// than the one they were removed from has in sync again, or no
+    /// longer names (for every replica with `all`). A configuration from
+    /// before the removal still shows them in sync: it changes nothing.
     pub fn forget_returned(&self, cfg: &edgevec_meta::ShardConfig, all: bool) {
-        let in_sync = cfg.in_sync();
         let mut away = self.away.lock().expect("away lock");
         let before = away.len();
-        away.retain(|node, _| !all && !in_sync.contains(node) && cfg.replicas.iter().any(|r| r.node == *node));
+        away.retain(|node, (_, removed_from)| !all && still_away(*node, *removed_from, cfg));
         if away.len() != before {
-            self.replica
-                .set_held_floor(away.values().copied().min().unwrap_or(u64::MAX));
+            Self::set_held(&self.replica, &away);
         }
+    }
+
+    fn set_held(replica: &ShardReplica, away: &BTreeMap<u64, (u64, u64)>) {
+        replica.set_held_floor(away.values().map(|(lsn, _)| *lsn).min().unwrap_or(u64::MAX));
     }
 
     /// This replica's report of itself (log position, counts, and on a
@@ -314,6 +319,15 @@ pub struct DataPlane {
     pub policies: Arc<crate::policy::registry::Policies>,
     /// How late reads from each proxy arrive (expired reads are dropped).
     pub arrivals: reads::Arrivals,
+}
+
+/// Whether `node`, removed from the in-sync set of configuration version
+/// `removed_from`, is still away under `cfg`: a newer configuration has it
+/// neither in sync again nor dropped.
+fn still_away(node: u64, removed_from: u64, cfg: &edgevec_meta::ShardConfig) -> bool {
+    let back = cfg.in_sync().contains(&node);
+    let gone = !cfg.replicas.iter().any(|r| r.node == node);
+    cfg.version <= removed_from || !(back || gone)
 }
 
 /// Runs blocking engine work on the blocking pool.
@@ -669,5 +683,41 @@ impl DataPlane {
             local.wait_applied(self.me, APPLY_WAIT).await?;
         }
         self.serve(&local, req).await
+    }
+}
+
+#[cfg(test)]
+mod away_tests {
+    use super::still_away;
+    use edgevec_meta::{ReplicaRecord, ReplicaState, ShardConfig};
+
+    fn cfg(version: u64, replicas: &[(u64, ReplicaState)]) -> ShardConfig {
+        ShardConfig {
+            version,
+            term: 1,
+            primary: Some(1),
+            replicas: replicas
+                .iter()
+                .map(|&(node, state)| ReplicaRecord {
+                    node,
+                    state,
+                    eligible: state == ReplicaState::InSync,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_removed_replica_stays_away_until_a_newer_configuration_has_it_back_or_drops_it() {
+        use ReplicaState::{InSync, Offline};
+        // Removed from version 4: that configuration still shows it in
+        // sync (a sync that read it before the removal committed).
+        assert!(still_away(3, 4, &cfg(4, &[(1, InSync), (2, InSync), (3, InSync)])));
+        // Version 5, the removal: away.
+        assert!(still_away(3, 4, &cfg(5, &[(1, InSync), (2, InSync), (3, Offline)])));
+        // In sync again later: back.
+        assert!(!still_away(3, 4, &cfg(7, &[(1, InSync), (2, InSync), (3, InSync)])));
+        // Dropped from the shard (re-replicated elsewhere): gone.
+        assert!(!still_away(3, 4, &cfg(8, &[(1, InSync), (2, InSync), (4, InSync)])));
     }
 }

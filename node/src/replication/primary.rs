@@ -613,11 +613,9 @@ impl DataPlane {
     /// its term any more.
     async fn remove_member(&self, local: &Local, p: &mut Primary, node: u64) -> Result<(), WireError> {
         let key = local.key;
-        if let Some(next) = p.next.remove(&node) {
-            // It holds everything before `next`: if it comes back, it
-            // catches up from there.
-            local.hold_log_while_away(node, next.saturating_sub(1));
-        }
+        // It holds everything before its next LSN: if it comes back, it
+        // catches up from there.
+        let held = p.next.remove(&node).map(|next| next.saturating_sub(1));
         local.hold_log_for(node, None);
         for _ in 0..5 {
             let (cfg, replication) = self
@@ -627,6 +625,9 @@ impl DataPlane {
                 return Err(outcome_unknown(format!(
                     "{key}: this node is no longer its primary; retry"
                 )));
+            }
+            if let Some(lsn) = held {
+                local.hold_log_while_away(node, lsn, cfg.version);
             }
             if !cfg.in_sync().contains(&node) {
                 // A joiner whose CAS has not committed: a CAS at the
