@@ -713,10 +713,21 @@ impl<'txn> LogTables<'txn> {
     }
 
     /// Rebuilds `oplog_sizes` from the records when its keys are not the
-    /// log's (a file written before the table existed): reads every record
-    /// once.
+    /// log's (a file written before the table existed, or changed since
+    /// by a version that did not keep it): reads every record once. The
+    /// log is contiguous, so the same count, first and last key mean the
+    /// same keys.
     fn ensure_sizes(&mut self) -> Result<(), EngineError> {
-        if self.sizes.len()? == self.oplog.len()? {
+        let ends = |first: Option<u64>, last: Option<u64>| (first, last);
+        let log = ends(
+            self.oplog.first()?.map(|(k, _)| k.value()),
+            self.oplog.last()?.map(|(k, _)| k.value()),
+        );
+        let sizes = ends(
+            self.sizes.first()?.map(|(k, _)| k.value()),
+            self.sizes.last()?.map(|(k, _)| k.value()),
+        );
+        if self.sizes.len()? == self.oplog.len()? && log == sizes {
             return Ok(());
         }
         self.sizes.retain(|_, _| false)?;

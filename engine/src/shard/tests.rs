@@ -349,15 +349,18 @@ fn replicas_fed_the_same_entries_reach_the_same_state() {
     assert_eq!(counted, vec![(3, 2)]);
     assert_eq!(b.apply_through_counting(6).unwrap(), (6, vec![]));
     assert!(builder.wait_idle(Duration::from_secs(30)));
-    // k above ef_search: every segment is searched exactly, so the
-    // comparison does not depend on how each HNSW graph came out.
+    // An exact search, so the comparison does not depend on how each
+    // HNSW graph came out (builds run in the background, at times that
+    // differ between the two), from a query no two points are equally
+    // far from, so the top 30 has no tie at its end.
+    let exact = SearchOptions { ef: 64, exact: true };
     let state = |s: &ShardReplica| {
         let all: Vec<u64> = (0..300).collect();
         (
             s.log_status(),
             s.info(),
             s.get(&all).unwrap(),
-            s.search(&[20.0, 1.0], 30, Default::default(), None).unwrap(),
+            s.search(&[20.3, 1.0], 30, exact, None).unwrap(),
         )
     };
     let sa = state(&a);
@@ -451,6 +454,25 @@ fn a_log_without_its_sizes_table_gets_it_back_at_open() {
         .map(|e| e.0.lsn)
         .collect();
     assert_eq!((s.first_logged_lsn(), logged), (Some(3), vec![3, 4]));
+    drop(s);
+
+    // Sizes of other keys than the log's, as many (a version that did
+    // not keep the table appended and trimmed meanwhile): rebuilt too.
+    {
+        let db = redb::Database::open(dir.path().join(STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut sizes = txn
+                .open_table(redb::TableDefinition::<u64, u64>::new("oplog_sizes"))
+                .unwrap();
+            sizes.retain(|_, _| false).unwrap();
+            sizes.insert(1, 1).unwrap();
+            sizes.insert(2, 1).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let s = open(dir.path(), 64, 3 * entry_bytes);
+    assert_eq!(s.first_logged_lsn(), Some(3));
 }
 
 #[test]
