@@ -623,6 +623,16 @@ impl ShardStore {
         })
     }
 
+    /// Lets retention trim the log (not fsynced). Returns the oldest LSN
+    /// in the log afterwards.
+    pub fn trim(&self, retention: Retention) -> Result<Option<u64>, EngineError> {
+        self.write_as(Durability::None, |txn, meta| {
+            let mut log = LogTables::open(txn)?;
+            log.trim(meta, retention)?;
+            log.first()
+        })
+    }
+
     /// Payloads of the rows at `locations`, in order, from one snapshot.
     pub fn payloads(&self, locations: &[Location]) -> Result<Vec<Option<String>>, EngineError> {
         let txn = self.db.begin_read()?;

@@ -103,15 +103,7 @@ impl ShardReplica {
             .zip(&plans)
             .map(|((id, op), plan)| Applied { lsn: id.lsn, op, plan })
             .collect();
-        let retention = Retention {
-            budget: self.config.retain_bytes,
-            keep_above: self.retain_floor.load(Ordering::Acquire),
-            held: crate::oplog::Held {
-                above: self.held_floor.load(Ordering::Acquire),
-                budget: self.config.hold_bytes,
-            },
-        };
-        let first_logged = self.store.apply(&batch, growing.segment, retention)?;
+        let first_logged = self.store.apply(&batch, growing.segment, self.retention())?;
         let (sealed, merges, unused) = {
             let mut st = self.state.write().expect("shard state lock");
             let (mut sealed, mut merges, mut unused) = (Vec::new(), Vec::new(), Vec::new());
@@ -141,6 +133,18 @@ impl ShardReplica {
             .filter(|a| matches!(a.op, ShardOp::Delete(_)))
             .map(|a| (a.lsn, a.plan.tombstones.len() as u64))
             .collect())
+    }
+
+    /// What retention may drop now: see [`crate::oplog::retention_cut`].
+    pub(super) fn retention(&self) -> Retention {
+        Retention {
+            budget: self.config.retain_bytes,
+            keep_above: self.retain_floor.load(Ordering::Acquire),
+            held: crate::oplog::Held {
+                above: self.held_floor.load(Ordering::Acquire),
+                budget: self.config.hold_bytes,
+            },
+        }
     }
 
     /// Mirrors a committed plan in memory; returns the segments it sealed.

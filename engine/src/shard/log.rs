@@ -161,6 +161,17 @@ impl ShardReplica {
         self.held_floor.store(lsn, Ordering::Release);
     }
 
+    /// Lets retention drop what it may now, without waiting for the next
+    /// apply (after a hold ends, say). Committed without fsync: a crash
+    /// before the next durable commit only leaves the log longer, and the
+    /// next open trims it again.
+    pub fn trim_log(&self) -> Result<(), EngineError> {
+        let _writer = self.writer.lock().expect("shard writer lock");
+        let first_logged = self.store.trim(self.retention())?;
+        self.state.write().expect("shard state lock").log.first_logged = first_logged;
+        Ok(())
+    }
+
     /// Ops come validated from the primary; this guards the invariants the
     /// in-memory segments rely on (a wrong length would corrupt rows), so
     /// that a bad op never enters the log.

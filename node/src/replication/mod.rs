@@ -263,6 +263,14 @@ impl Local {
         away.retain(|node, (_, removed_from)| !all && still_away(*node, *removed_from, cfg));
         if away.len() != before {
             Self::set_held(&self.replica, &away);
+            // Give back what the hold kept now, not at the next write.
+            let replica = self.replica.clone();
+            let key = self.key;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = replica.trim_log() {
+                    tracing::warn!(shard = %key, error = %e, "trimming the op log after a hold failed");
+                }
+            });
         }
     }
 
