@@ -708,6 +708,14 @@ fn write_effect(txn: &WriteTransaction, path: &Path, dim: usize, a: &Applied<'_>
     Ok(())
 }
 
+/// The first and last key of a table keyed by LSN.
+fn key_range<V: redb::Value + 'static>(
+    table: &impl ReadableTable<u64, V>,
+) -> Result<(Option<u64>, Option<u64>), EngineError> {
+    let key = |e: Option<(redb::AccessGuard<'_, u64>, _)>| e.map(|(k, _)| k.value());
+    Ok((key(table.first()?), key(table.last()?)))
+}
+
 /// The op log's two tables, open in one write transaction.
 struct LogTables<'txn> {
     oplog: Table<'txn, u64, &'static [u8]>,
@@ -728,16 +736,7 @@ impl<'txn> LogTables<'txn> {
     /// log is contiguous, so the same count, first and last key mean the
     /// same keys.
     fn ensure_sizes(&mut self) -> Result<(), EngineError> {
-        let ends = |first: Option<u64>, last: Option<u64>| (first, last);
-        let log = ends(
-            self.oplog.first()?.map(|(k, _)| k.value()),
-            self.oplog.last()?.map(|(k, _)| k.value()),
-        );
-        let sizes = ends(
-            self.sizes.first()?.map(|(k, _)| k.value()),
-            self.sizes.last()?.map(|(k, _)| k.value()),
-        );
-        if self.sizes.len()? == self.oplog.len()? && log == sizes {
+        if self.sizes.len()? == self.oplog.len()? && key_range(&self.sizes)? == key_range(&self.oplog)? {
             return Ok(());
         }
         self.sizes.retain(|_, _| false)?;

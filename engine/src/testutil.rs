@@ -51,7 +51,7 @@ pub fn ids(hits: &[Hit]) -> Vec<u64> {
 pub fn write(replica: &ShardReplica, op: ShardOp) -> Result<OpId, EngineError> {
     let prev = replica.last_op();
     let id = OpId::new(replica.term().max(1), prev.lsn + 1);
-    replica.append(prev, &[(id, op)])?;
+    replica.append(prev, [(id, op)])?;
     replica.apply_through(id.lsn)?;
     Ok(id)
 }

@@ -200,7 +200,7 @@ fn engine_side(
     // Logs and applies `op` as the next op, as a primary does.
     let mut log = |op: ShardOp| -> Result<()> {
         let id = OpId::new(1, prev.lsn + 1);
-        replica.append(prev, &[(id, op)])?;
+        replica.append(prev, [(id, op)])?;
         replica.apply_through(id.lsn)?;
         prev = id;
         Ok(())

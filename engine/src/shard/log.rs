@@ -44,9 +44,12 @@ impl ShardReplica {
     /// Returns the new last op; no entries: returns the last op unchanged.
     ///
     /// The ops are not applied: see [`ShardReplica::apply_through`].
-    pub fn append(&self, prev: OpId, entries: &[(OpId, ShardOp)]) -> Result<OpId, EngineError> {
+    /// Takes the entries by value (a slice is copied): they are kept for
+    /// their apply.
+    pub fn append(&self, prev: OpId, entries: impl Into<Vec<(OpId, ShardOp)>>) -> Result<OpId, EngineError> {
+        let entries = entries.into();
         let records = entries.iter().map(|(id, op)| op.encode(id.term)).collect();
-        self.append_encoded(prev, entries.to_vec(), records)
+        self.append_encoded(prev, entries, records)
     }
 
     /// [`ShardReplica::append`] with each entry's log record already

@@ -55,7 +55,7 @@ fn appended_ops_are_searchable_only_once_applied_and_survive_restart() {
     let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
     assert_eq!((s.term(), s.last_op(), s.applied_lsn()), (0, OpId::ZERO, 0));
     assert_eq!(s.first_logged_lsn(), None);
-    assert_eq!(s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap(), id(1, 3));
+    assert_eq!(s.append(OpId::ZERO, entries(1, 1..=3)).unwrap(), id(1, 3));
     assert_eq!((s.term(), s.applied_lsn()), (1, 0));
     assert!(found(&s, &[1, 2, 3]).is_empty(), "logged is not applied");
     assert!(s.search(&[1.0, 1.0], 3, Default::default(), None).unwrap().is_empty());
@@ -105,9 +105,9 @@ fn appended_ops_are_searchable_only_once_applied_and_survive_restart() {
 fn an_apply_lost_in_a_crash_is_applied_again_from_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
-    s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap();
+    s.append(OpId::ZERO, entries(1, 1..=3)).unwrap();
     s.apply_through(3).unwrap();
-    s.append(id(1, 3), &entries(1, 4..=6)).unwrap();
+    s.append(id(1, 3), entries(1, 4..=6)).unwrap();
     s.apply_through(5).unwrap();
     assert_eq!(found(&s, &[1, 2, 3, 4, 5, 6]), vec![1, 2, 3, 4, 5]);
     // Dropped without a flush: what was applied after the last durable
@@ -131,9 +131,9 @@ fn an_apply_lost_in_a_crash_is_applied_again_from_the_log() {
 fn appends_follow_the_log_matching_rules() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
-    s.append(OpId::ZERO, &entries(2, 1..=2)).unwrap();
+    s.append(OpId::ZERO, entries(2, 1..=2)).unwrap();
     let refused = |r: Result<OpId, EngineError>| r.expect_err("must be refused");
-    match refused(s.append(id(1, 2), &entries(2, 3..=3))) {
+    match refused(s.append(id(1, 2), entries(2, 3..=3))) {
         EngineError::LogMismatch {
             expected_prev,
             got_prev,
@@ -142,11 +142,11 @@ fn appends_follow_the_log_matching_rules() {
         e => panic!("{e:?}"),
     }
     assert!(matches!(
-        refused(s.append(id(2, 1), &entries(2, 2..=2))),
+        refused(s.append(id(2, 1), entries(2, 2..=2))),
         EngineError::LogMismatch { .. }
     ));
     assert!(matches!(
-        refused(s.append(id(2, 2), &entries(2, 4..=4))),
+        refused(s.append(id(2, 2), entries(2, 4..=4))),
         EngineError::LsnOutOfOrder {
             expected: 3,
             got: 4,
@@ -154,7 +154,7 @@ fn appends_follow_the_log_matching_rules() {
         }
     ));
     assert!(matches!(
-        refused(s.append(id(2, 2), &entries(1, 3..=3))),
+        refused(s.append(id(2, 2), entries(1, 3..=3))),
         EngineError::StaleTerm {
             term: 1,
             current: 2,
@@ -188,9 +188,9 @@ fn appends_follow_the_log_matching_rules() {
     assert_eq!((s.term(), s.term_history()), (4, vec![(2, 1)]));
     // An op of a term older than the durable one is a primary resending
     // its log: taken, the durable term stays.
-    assert_eq!(s.append(id(2, 2), &entries(3, 3..=3)).unwrap(), id(3, 3));
+    assert_eq!(s.append(id(2, 2), entries(3, 3..=3)).unwrap(), id(3, 3));
     assert_eq!((s.term(), s.term_history()), (4, vec![(2, 1), (3, 3)]));
-    s.append(id(3, 3), &entries(5, 4..=5)).unwrap();
+    s.append(id(3, 3), entries(5, 4..=5)).unwrap();
     assert_eq!((s.term(), s.last_op()), (5, id(5, 5)));
     assert_eq!(s.term_history(), vec![(2, 1), (3, 3), (5, 4)]);
     drop(s);
@@ -202,8 +202,8 @@ fn appends_follow_the_log_matching_rules() {
 fn truncation_removes_the_unapplied_suffix_only() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 64, OPLOG_RETAIN_BYTES);
-    s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap();
-    s.append(id(1, 3), &entries(2, 4..=6)).unwrap();
+    s.append(OpId::ZERO, entries(1, 1..=3)).unwrap();
+    s.append(id(1, 3), entries(2, 4..=6)).unwrap();
     s.apply_through(2).unwrap();
     assert!(matches!(
         s.truncate_after(1),
@@ -217,7 +217,7 @@ fn truncation_removes_the_unapplied_suffix_only() {
     assert_eq!((s.term(), s.last_op(), s.term_history()), (2, id(1, 3), vec![(1, 1)]));
     assert!(s.entries_after(3, 10, usize::MAX).unwrap().is_empty());
     assert!(matches!(
-        s.append(id(2, 6), &entries(3, 7..=7)),
+        s.append(id(2, 6), entries(3, 7..=7)),
         Err(EngineError::LogMismatch { .. })
     ));
     s.append(id(1, 3), &[(id(3, 4), ShardOp::EpochStart), (id(3, 5), upsert([50]))])
@@ -254,9 +254,9 @@ fn op_ids_and_log_reads_across_terms_and_retention() {
     let entry_bytes = upsert([1]).encode(1).len() as u64;
     // Room for three entries.
     let s = open(dir.path(), 64, 3 * entry_bytes);
-    s.append(OpId::ZERO, &entries(1, 1..=2)).unwrap();
-    s.append(id(1, 2), &entries(4, 3..=5)).unwrap();
-    s.append(id(4, 5), &entries(7, 6..=8)).unwrap();
+    s.append(OpId::ZERO, entries(1, 1..=2)).unwrap();
+    s.append(id(1, 2), entries(4, 3..=5)).unwrap();
+    s.append(id(4, 5), entries(7, 6..=8)).unwrap();
     let want: Vec<Option<OpId>> = (0..=9)
         .map(|lsn| match lsn {
             0 => Some(OpId::ZERO),
@@ -298,7 +298,7 @@ fn op_ids_and_log_reads_across_terms_and_retention() {
     // Unapplied entries stay whatever the budget.
     let dir2 = tempfile::tempdir().unwrap();
     let s2 = open(dir2.path(), 64, 0);
-    s2.append(OpId::ZERO, &entries(1, 1..=3)).unwrap();
+    s2.append(OpId::ZERO, entries(1, 1..=3)).unwrap();
     s2.apply_through(1).unwrap();
     assert_eq!(s2.first_logged_lsn(), Some(2));
     s2.apply_through(3).unwrap();
@@ -334,7 +334,7 @@ fn replicas_fed_the_same_entries_reach_the_same_state() {
         (id(2, 5), upsert((0..80).rev())),
         (id(2, 6), upsert([7, 7, 200])),
     ];
-    a.append(OpId::ZERO, &ops).unwrap();
+    a.append(OpId::ZERO, ops.as_slice()).unwrap();
     for (i, e) in ops.iter().enumerate() {
         b.append(if i == 0 { OpId::ZERO } else { ops[i - 1].0 }, std::slice::from_ref(e))
             .unwrap();
@@ -421,22 +421,26 @@ fn seals_at_seal_rows_and_reopens_identically() {
     assert_eq!(write(&s, upsert([1])), id(1, 5));
 }
 
+/// The op log's sizes table, as the store names it.
+const SIZES: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("oplog_sizes");
+
+/// Changes a closed replica's shard file directly, in one transaction.
+fn edit_file(dir: &Path, f: impl FnOnce(&redb::WriteTransaction)) {
+    let db = redb::Database::open(dir.join(STORE_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    f(&txn);
+    txn.commit().unwrap();
+}
+
 #[test]
 fn a_log_without_its_sizes_table_gets_it_back_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let entry_bytes = upsert([1]).encode(1).len() as u64;
     let s = open(dir.path(), 64, 3 * entry_bytes);
-    s.append(OpId::ZERO, &entries(1, 1..=5)).unwrap();
+    s.append(OpId::ZERO, entries(1, 1..=5)).unwrap();
     drop(s);
     // As in a file written before the table existed.
-    {
-        let db = redb::Database::open(dir.path().join(STORE_FILE)).unwrap();
-        let txn = db.begin_write().unwrap();
-        assert!(txn
-            .delete_table(redb::TableDefinition::<u64, u64>::new("oplog_sizes"))
-            .unwrap());
-        txn.commit().unwrap();
-    }
+    edit_file(dir.path(), |txn| assert!(txn.delete_table(SIZES).unwrap()));
     let s = open(dir.path(), 64, 3 * entry_bytes);
     assert_eq!((s.first_logged_lsn(), s.last_op()), (Some(1), id(1, 5)));
     // Applied by a process that did not append them: read from the log.
@@ -458,19 +462,12 @@ fn a_log_without_its_sizes_table_gets_it_back_at_open() {
 
     // Sizes of other keys than the log's, as many (a version that did
     // not keep the table appended and trimmed meanwhile): rebuilt too.
-    {
-        let db = redb::Database::open(dir.path().join(STORE_FILE)).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut sizes = txn
-                .open_table(redb::TableDefinition::<u64, u64>::new("oplog_sizes"))
-                .unwrap();
-            sizes.retain(|_, _| false).unwrap();
-            sizes.insert(1, 1).unwrap();
-            sizes.insert(2, 1).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    edit_file(dir.path(), |txn| {
+        let mut sizes = txn.open_table(SIZES).unwrap();
+        sizes.retain(|_, _| false).unwrap();
+        sizes.insert(1, 1).unwrap();
+        sizes.insert(2, 1).unwrap();
+    });
     let s = open(dir.path(), 64, 3 * entry_bytes);
     assert_eq!(s.first_logged_lsn(), Some(3));
 }
@@ -483,12 +480,12 @@ fn the_held_floor_keeps_ops_within_the_hold_budget_only() {
     let mut cfg = config(64, entry_bytes);
     cfg.hold_bytes = 4 * entry_bytes;
     let s = ShardReplica::open(dir.path(), cfg, Arc::new(IndexBuilder::start())).unwrap();
-    s.append(OpId::ZERO, &entries(1, 1..=3)).unwrap();
+    s.append(OpId::ZERO, entries(1, 1..=3)).unwrap();
     // A replica that holds everything through 1 went away.
     s.set_held_floor(1);
     s.apply_through(3).unwrap();
     assert_eq!(s.first_logged_lsn(), Some(2), "2 and 3 are held");
-    s.append(id(1, 3), &entries(1, 4..=6)).unwrap();
+    s.append(id(1, 3), entries(1, 4..=6)).unwrap();
     s.apply_through(6).unwrap();
     assert_eq!(
         s.first_logged_lsn(),

@@ -234,7 +234,7 @@ impl DataPlane {
                         replica.raise_term(term)?;
                         let last = replica.last_op();
                         let id = OpId::new(term, last.lsn + 1);
-                        replica.append(last, &[(id, ShardOp::EpochStart)])?;
+                        replica.append(last, [(id, ShardOp::EpochStart)])?;
                         Ok(id)
                     })
                     .await;

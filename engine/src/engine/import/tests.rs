@@ -167,7 +167,7 @@ fn export_leaves_out_ops_logged_but_not_applied() {
     let a = ea.create_replica(rspec(1, 2)).unwrap();
     feed(&a, 2, 1..=20);
     let unapplied: Vec<(OpId, ShardOp)> = (21..=25).map(|lsn| (OpId::new(7, lsn), op(lsn))).collect();
-    a.append(OpId::new(2, 20), &unapplied).unwrap();
+    a.append(OpId::new(2, 20), unapplied.as_slice()).unwrap();
     assert_eq!((a.term_history(), a.applied_lsn()), (vec![(2, 1), (7, 21)], 20));
 
     let path = files.path().join("a.export");
@@ -184,7 +184,7 @@ fn export_leaves_out_ops_logged_but_not_applied() {
     );
     // The log continues right after the export: the unapplied suffix
     // follows as log catch-up would send it.
-    b.append(b.last_op(), &unapplied).unwrap();
+    b.append(b.last_op(), unapplied.as_slice()).unwrap();
     a.apply_through(25).unwrap();
     b.apply_through(25).unwrap();
     assert!(ea.wait_for_indexes(WAIT) && eb.wait_for_indexes(WAIT));

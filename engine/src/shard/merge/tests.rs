@@ -202,7 +202,7 @@ fn replicas_merge_alike_whatever_their_batching_and_build_timing() {
         .collect();
     // `a`: one batch, builder free. `b`: one op at a time, builder held
     // until the end, so its merges install only after every later op.
-    a.append(OpId::ZERO, &entries).unwrap();
+    a.append(OpId::ZERO, entries.as_slice()).unwrap();
     a.apply_through(entries.len() as u64).unwrap();
     let release = stall(&bb);
     for (i, e) in entries.iter().enumerate() {
