@@ -6,6 +6,10 @@
 //! - `EDGEVEC_FAULT_APPLY_DELAY_MS`: a backup makes committed ops
 //!   searchable this much later than it learns they are committed (it
 //!   still persists and acknowledges at once): a lagging replica.
+//! - `EDGEVEC_FAULT_REPLICATE_DELAY_MS`: a backup takes each message of
+//!   ops from its primary this much later than it arrives (messages in
+//!   parallel each wait their own delay): a distant backup, as a primary
+//!   sees one across a slow link.
 //! - `EDGEVEC_FAULT_READ_DELAY_MS`: this node's replicas answer every
 //!   read this much later: a slow node.
 //! - `EDGEVEC_FAULT_REFUSE_READS=1`: this node's replicas answer every
@@ -20,6 +24,7 @@ use std::time::Duration;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Faults {
     pub apply_delay: Option<Duration>,
+    pub replicate_delay: Option<Duration>,
     pub read_delay: Option<Duration>,
     pub refuse_reads: bool,
     /// Added to this node's wall clock (ms).
@@ -43,6 +48,7 @@ pub fn get() -> Faults {
     static FAULTS: OnceLock<Faults> = OnceLock::new();
     *FAULTS.get_or_init(|| Faults {
         apply_delay: ms("EDGEVEC_FAULT_APPLY_DELAY_MS"),
+        replicate_delay: ms("EDGEVEC_FAULT_REPLICATE_DELAY_MS"),
         read_delay: ms("EDGEVEC_FAULT_READ_DELAY_MS"),
         refuse_reads: std::env::var("EDGEVEC_FAULT_REFUSE_READS").is_ok_and(|v| v == "1"),
         clock_offset_ms: signed_ms("EDGEVEC_FAULT_CLOCK_OFFSET_MS"),

@@ -227,6 +227,8 @@ struct DataGauges {
     disk_bytes: Family<ReplicaLabels, Gauge>,
     applied_lsn: Family<ReplicaLabels, Gauge>,
     damaged: Family<ReplicaLabels, Gauge>,
+    batches_in_flight: Family<ReplicaLabels, Gauge>,
+    batches_pipelined: Family<ReplicaLabels, Gauge>,
     builds_queued: Gauge,
     builds_done: Gauge,
     build_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -262,6 +264,16 @@ impl DataGauges {
             self.damaged.clone(),
         );
         registry.register(
+            "replica_write_batches_in_flight",
+            "Batches of writes a primary replica has between taking their LSNs and their commit",
+            self.batches_in_flight.clone(),
+        );
+        registry.register(
+            "replica_write_batches_pipelined",
+            "Batches of writes a primary replica started while another was still replicating, since it opened",
+            self.batches_pipelined.clone(),
+        );
+        registry.register(
             "index_builds_queued",
             "Index builds queued or running",
             self.builds_queued.clone(),
@@ -289,7 +301,14 @@ impl DataGauges {
     }
 
     fn refresh(&self, plane: &DataPlane, budget: &Budget) {
-        for f in [&self.points, &self.disk_bytes, &self.applied_lsn, &self.damaged] {
+        for f in [
+            &self.points,
+            &self.disk_bytes,
+            &self.applied_lsn,
+            &self.damaged,
+            &self.batches_in_flight,
+            &self.batches_pipelined,
+        ] {
             f.clear();
         }
         self.segments.clear();
@@ -307,6 +326,13 @@ impl DataGauges {
                 .set(local.replica.disk_bytes() as i64);
             let damaged = local.damaged.lock().expect("damaged lock").is_some();
             self.damaged.get_or_create(&labels).set(i64::from(damaged));
+            let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed) as i64;
+            self.batches_in_flight
+                .get_or_create(&labels)
+                .set(count(&local.batches_in_flight));
+            self.batches_pipelined
+                .get_or_create(&labels)
+                .set(count(&local.pipelined));
             for state in ["growing", "building", "indexed"] {
                 let n = segments.iter().filter(|s| segment_state(s) == state).count();
                 let labels = SegmentLabels {

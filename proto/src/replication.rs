@@ -47,10 +47,11 @@ pub struct Replicate {
     pub prev: OpId,
     pub entries: Vec<LogEntry>,
     pub commit_lsn: u64,
-    /// The sender's log ends with the last op of this message (or `prev`
-    /// when there are none): the receiver drops whatever it holds after
-    /// it (an old primary's suffix). Set only when no newer op of the
-    /// sender can be in flight to the receiver.
+    /// The sender's log ended with the last op of this message (or
+    /// `prev` when there are none) when it was sent: the receiver drops
+    /// what it holds after it if that is of an older term (an old
+    /// primary's suffix). Ops of `term` after it are the sender's own,
+    /// from messages still in flight, and stay.
     pub ends_log: bool,
 }
 

@@ -119,6 +119,11 @@ struct Args {
     /// each block giving a throughput ratio of its own.
     #[arg(long, default_value_t = 1)]
     load_blocks: usize,
+    /// Replication mode: every backup takes each message of ops this many
+    /// ms after it arrives (the `EDGEVEC_FAULT_REPLICATE_DELAY_MS` hook),
+    /// as across a slow link; 0 for none.
+    #[arg(long, default_value_t = 0)]
+    backup_delay_ms: u64,
     /// Replication mode: points written while a backup is down.
     #[arg(long, default_value_t = 100_000)]
     catch_up_points: usize,
@@ -246,11 +251,18 @@ struct Cluster {
     ca: Vec<u8>,
     /// Node `id` at index `id - 1`; `None` while it is down.
     procs: Vec<Option<Child>>,
+    /// Environment of every node process (fault hooks).
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Writes the cluster file of `n` nodes with every role and starts them.
     fn start(dir: &Path, n: u64, cluster_extra: &str) -> Result<Cluster> {
+        Cluster::start_with_env(dir, n, cluster_extra, Vec::new())
+    }
+
+    /// As [`Cluster::start`], with `env` set in every node process.
+    fn start_with_env(dir: &Path, n: u64, cluster_extra: &str, env: Vec<(String, String)>) -> Result<Cluster> {
         let (config, addrs) = write_config(dir, n, cluster_extra)?;
         let ca = std::fs::read(dir.join("certs/ca.pem"))?;
         let mut cluster = Cluster {
@@ -259,6 +271,7 @@ impl Cluster {
             addrs,
             ca,
             procs: (0..n).map(|_| None).collect(),
+            env,
         };
         for id in 1..=n {
             cluster.spawn(id)?;
@@ -289,6 +302,7 @@ impl Cluster {
             .args(["node", "--config"])
             .arg(&self.config)
             .args(["--id", &id.to_string()])
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

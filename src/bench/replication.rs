@@ -152,7 +152,11 @@ async fn client_from(cluster: &Cluster, first: u64, request_timeout: Duration) -
 pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     let started = Instant::now();
     let load_before = load_average();
-    let mut cluster = Cluster::start(dir, 3, TIMINGS)?;
+    let env = match args.backup_delay_ms {
+        0 => Vec::new(),
+        ms => vec![("EDGEVEC_FAULT_REPLICATE_DELAY_MS".to_string(), ms.to_string())],
+    };
+    let mut cluster = Cluster::start_with_env(dir, 3, TIMINGS, env)?;
     let admin = match connect_any(&cluster.addrs, &cluster.ca).await {
         Ok(c) => c,
         Err(e) => {
@@ -725,6 +729,12 @@ impl Report<'_> {
             self.p1,
             self.p3
         );
+        if args.backup_delay_ms > 0 {
+            println!(
+                "Every backup takes each message of ops {} ms after it arrives (`EDGEVEC_FAULT_REPLICATE_DELAY_MS`), as across a slow link.\n",
+                args.backup_delay_ms
+            );
+        }
 
         println!("#### Write latency, one batch of {} in flight\n", args.batch);
         println!(

@@ -8,7 +8,11 @@
 //!   never of a term older than this replica's durable term (fencing);
 //! - an op is appended only right after an op both logs hold (log
 //!   matching); a conflicting suffix is truncated first, and never below
-//!   what this replica already made searchable;
+//!   what this replica already made searchable; a message that ends the
+//!   primary's log truncates only ops of older terms after it, never ops
+//!   of the primary's own term (later messages it pipelined);
+//! - a message that overtook the one before it (the primary keeps
+//!   several batches in flight) waits a bounded time for it;
 //! - the ack is sent after the fsync and names the end of the log;
 //! - ops become searchable up to min(commit LSN, the last LSN verified
 //!   against the current primary in this term).
@@ -40,6 +44,21 @@ enum Taken {
     Mismatch,
     /// Would truncate applied ops.
     NeedsRebuild,
+}
+
+/// How long a backup holds a message that arrived before the one it
+/// follows (the primary pipelines its batches) before it answers a
+/// mismatch.
+const REORDER_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether `beyond`, the op after the end of what a message that ends the
+/// primary's log sent, belongs to a suffix the primary of `term` does not
+/// hold. Ops of `term` itself came from that primary, which never drops
+/// its own ops: they are messages still in flight when this one was
+/// sent, and acknowledged ones among them, so they stay. Ops of earlier
+/// terms beyond its log's end are a deposed primary's uncommitted tail.
+pub(super) fn stale_suffix(beyond: OpId, term: u64) -> bool {
+    beyond.term < term
 }
 
 /// How long a backup waits for its metadata to learn of a newer term a
@@ -89,6 +108,16 @@ impl DataPlane {
         let key = msg.shard;
         self.check_sender(peer, key, msg.term).await?;
         let local = self.local_or_sync(key).await?;
+        if let Some(delay) = crate::faults::get().replicate_delay.filter(|_| !msg.entries.is_empty()) {
+            tokio::time::sleep(delay).await;
+        }
+        if !msg.entries.is_empty() && msg.prev.term == msg.term && msg.prev.lsn > local.replica.last_op().lsn {
+            // The primary has several messages in flight: this one
+            // overtook the one before it. Give that one a moment to land
+            // rather than answer a mismatch the primary would resend from.
+            let mut appended = local.appended.subscribe();
+            let _ = tokio::time::timeout(REORDER_WAIT, appended.wait_for(|last| *last >= msg.prev.lsn)).await;
+        }
         let mut view = local.backup.lock().await;
         // A damaged replica takes no more ops: the primary rebuilds it
         // from an export of its own (the import replaces it whole).
@@ -154,11 +183,14 @@ impl DataPlane {
                             }
                             replica.truncate_after(lsn)?;
                         }
-                        let after = if from == 0 { prev } else { ids[from - 1] };
-                        let (mut entries, mut records) = (entries, records);
-                        replica.append_encoded(after, entries.split_off(from), records.split_off(from))?;
+                        if from < entries.len() {
+                            let after = if from == 0 { prev } else { ids[from - 1] };
+                            let (mut entries, mut records) = (entries, records);
+                            replica.append_encoded(after, entries.split_off(from), records.split_off(from))?;
+                        }
                         let sent_end = ids.last().copied().unwrap_or(prev);
-                        if ends_log && replica.last_op().lsn > sent_end.lsn {
+                        let beyond = replica.op_id_at(sent_end.lsn + 1);
+                        if ends_log && beyond.is_some_and(|b| stale_suffix(b, term)) {
                             if sent_end.lsn < replica.applied_lsn() {
                                 return Ok(Taken::NeedsRebuild);
                             }
@@ -168,8 +200,9 @@ impl DataPlane {
                     }
                 }
             })
-            .await?;
-        let verified = match outcome {
+            .await;
+        local.appended.send_replace(local.replica.last_op().lsn);
+        let verified = match outcome? {
             Taken::Through(id) => id,
             Taken::Mismatch => {
                 let status = local.replica.log_status();

@@ -127,6 +127,12 @@ impl DataPlane {
                 return;
             };
             let Some((cfg, _)) = self.config_of(key) else { return };
+            // Batches in flight took their LSNs before this replica joins
+            // their ack set: it must hold them too, so the last stretch
+            // runs to the last LSN given out, once it is in the log here.
+            if !p.appended.clone().wait().await {
+                return;
+            }
             let acked = Some(next.saturating_sub(1));
             if let Err(e) = self.bring_up_to(local, term, node, &mut next, &[], (acked, true)).await {
                 debug!(shard = %key, node, error = %e.message(), "catch-up final step failed");

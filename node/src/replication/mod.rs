@@ -76,9 +76,21 @@ pub struct Local {
     pub key: ShardRef,
     pub spec: ReplicaSpec,
     pub replica: Arc<ShardReplica>,
-    /// The primary role of this replica, and its writer lock: a write holds
-    /// it from assigning the LSN until the ack.
+    /// The primary role of this replica, and its writer lock: a batch of
+    /// writes holds it while it takes its LSNs and sends its messages,
+    /// and again to commit (see `primary`).
     pub primary: tokio::sync::Mutex<Option<primary::Primary>>,
+    /// Batches of writes a primary may have between taking their LSNs and
+    /// their commit ([`primary::MAX_IN_FLIGHT`]).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Batches between taking their LSNs and their commit now, and how
+    /// many batches started while another was still replicating (the
+    /// `/metrics` pipeline gauges).
+    pub batches_in_flight: std::sync::atomic::AtomicU64,
+    pub pipelined: std::sync::atomic::AtomicU64,
+    /// The last LSN of this replica's log, as the backup role last wrote
+    /// it: a message that overtook the one before it waits on this.
+    pub appended: tokio::sync::watch::Sender<u64>,
     /// The backup role: serialises ops received from primaries.
     pub backup: tokio::sync::Mutex<backup::BackupView>,
     /// Epoch starts begun and finished here, by term.
@@ -120,6 +132,7 @@ pub struct Local {
 
 impl Local {
     pub fn new(key: ShardRef, spec: ReplicaSpec, replica: Arc<ShardReplica>, damaged: Option<String>) -> Arc<Self> {
+        let appended = tokio::sync::watch::Sender::new(replica.last_op().lsn);
         let gate = tokio::sync::watch::Sender::new(ApplyGate {
             target: None,
             applied: replica.applied_lsn(),
@@ -129,6 +142,10 @@ impl Local {
             spec,
             replica,
             primary: tokio::sync::Mutex::new(None),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(primary::MAX_IN_FLIGHT)),
+            batches_in_flight: std::sync::atomic::AtomicU64::new(0),
+            pipelined: std::sync::atomic::AtomicU64::new(0),
+            appended,
             backup: tokio::sync::Mutex::new(backup::BackupView::default()),
             epoch: Mutex::new(primary::EpochMark::default()),
             catch_ups: Mutex::new(BTreeMap::new()),

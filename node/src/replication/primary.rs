@@ -4,13 +4,22 @@
 //! is `catch_up`.
 //!
 //! Invariants:
-//! - a batch of writes holds the replica's primary lock from assigning its
-//!   LSNs until every member of the ack set holds it, so ops reach every
-//!   backup in LSN order and the ack set cannot change under a write;
-//!   writes that queue meanwhile form the next batch;
-//! - a committed batch takes the apply lock before it releases the
-//!   primary lock, and is acknowledged once applied: batches apply in
-//!   commit order while the next one replicates;
+//! - writes are committed in batches (group commit), and up to
+//!   [`MAX_IN_FLIGHT`] batches replicate at once: a batch holds the
+//!   replica's primary lock while it takes its LSNs (after the last one
+//!   given out, not after the end of the local log) and sends its
+//!   messages, so messages leave in LSN order; a backup that gets one
+//!   before the one it follows waits for that one, bounded;
+//! - the local appends of batches run in LSN order, each after the one
+//!   before it succeeded; a failed append marks the replica damaged, so
+//!   this node never gives out an LSN again in its term (a later op id
+//!   could otherwise name an op some backup holds under another);
+//! - batches are decided (committed, or failed with "outcome unknown")
+//!   in LSN order, under the primary lock: members of the ack set that
+//!   failed a batch are removed by CAS first; a batch commits when every
+//!   remaining member holds it, which by log matching means it holds every
+//!   batch before it too. A committed batch takes its turn to apply before
+//!   the next batch is decided: batches apply in commit order;
 //! - a write is acknowledged only when every member of the ack set (the
 //!   committed in-sync set, plus joiners whose in-sync CAS may still
 //!   commit) has persisted it, and at least `min_insync` replicas hold it;
@@ -24,6 +33,7 @@
 //!   epoch-start op; everything before it is then committed.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +57,80 @@ pub struct EpochMark {
     pub start: Option<OpId>,
     /// Term whose epoch start committed: writes are taken.
     pub ready: u64,
+}
+
+/// Most batches of writes a primary has between taking their LSNs and
+/// their commit. With one, a batch would wait for the whole round of the
+/// batch before it: the backups' receive, fsync and answer, with the
+/// cores idle in between.
+pub const MAX_IN_FLIGHT: usize = 4;
+
+/// The end of one step in a chain of steps taken in LSN order (a batch's
+/// local append; a batch's decision): the next step waits for it. A step
+/// dropped before it finished counts as failed.
+#[derive(Debug, Clone)]
+pub struct Done(tokio::sync::watch::Receiver<Option<bool>>);
+
+impl Done {
+    fn pending() -> (tokio::sync::watch::Sender<Option<bool>>, Done) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (tx, Done(rx))
+    }
+
+    fn finished() -> Done {
+        let (tx, done) = Done::pending();
+        tx.send_replace(Some(true));
+        done
+    }
+
+    /// Waits for the step; whether it succeeded.
+    pub async fn wait(mut self) -> bool {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+}
+
+/// A batch of writes that took its LSNs and is replicating.
+struct InFlight {
+    term: u64,
+    ids: Vec<OpId>,
+    fresh: Vec<LogEntry>,
+    started: Instant,
+    /// The local append (after the batch before it).
+    append: tokio::task::JoinHandle<Result<(), WireError>>,
+    appended: Done,
+    /// Each member of the ack set: the op before this batch if the
+    /// message follows the last one sent to it, and the LSN it
+    /// acknowledged last (if known).
+    sends: Vec<(u64, Option<OpId>, Option<u64>)>,
+    /// The decision of the batch before this one, and where to tell this
+    /// batch's.
+    before: Done,
+    decide: tokio::sync::watch::Sender<Option<bool>>,
+    /// This batch's place among the [`MAX_IN_FLIGHT`], and in the count
+    /// of batches in flight.
+    permit: tokio::sync::OwnedSemaphorePermit,
+    counted: Counted,
+}
+
+/// One batch in [`Local::batches_in_flight`], until dropped.
+struct Counted(Arc<Local>);
+
+impl Counted {
+    fn new(local: &Arc<Local>) -> Counted {
+        if local.batches_in_flight.fetch_add(1, Ordering::AcqRel) > 0 {
+            local.pipelined.fetch_add(1, Ordering::Relaxed);
+        }
+        Counted(local.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.batches_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A batch every member of the ack set holds, waiting for its turn to
@@ -87,6 +171,25 @@ fn take_batch(queue: &mut Vec<Queued>) -> Vec<Queued> {
     queue.drain(..n).collect()
 }
 
+/// Answers the writes of a batch, in order.
+fn answer(
+    replies: Vec<tokio::sync::oneshot::Sender<Result<Written, WireError>>>,
+    written: Result<Vec<Written>, WireError>,
+) {
+    match written {
+        Ok(ids) => {
+            for (reply, id) in replies.into_iter().zip(ids) {
+                let _ = reply.send(Ok(id));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
 /// Rough encoded size of an op, to bound a batch.
 fn op_size(op: &ShardOp) -> usize {
     match op {
@@ -113,6 +216,13 @@ pub struct Primary {
     /// node → the version that CAS expected. Kept until a committed
     /// configuration newer than that says whether they are in.
     pub joiners: BTreeMap<u64, u64>,
+    /// The last op id given out: the next batch follows it, whether or
+    /// not its local append finished.
+    pub assigned: OpId,
+    /// The local append of the newest batch.
+    pub appended: Done,
+    /// The decision of the newest batch.
+    pub decided: Done,
 }
 
 /// How often an idle primary tells its backups the commit point.
@@ -258,6 +368,9 @@ impl DataPlane {
             commit_lsn: 0,
             next: BTreeMap::new(),
             joiners: BTreeMap::new(),
+            assigned: epoch,
+            appended: Done::finished(),
+            decided: Done::finished(),
         });
         let fresh = LogEntry {
             id: epoch,
@@ -295,58 +408,66 @@ impl DataPlane {
     /// Primary write: assigns the next op id, persists it, brings every
     /// member of the ack set up to it, commits and applies it.
     pub async fn primary_write(&self, local: &Arc<Local>, op: ShardOp) -> Result<Written, WireError> {
-        // Group commit: writes queue up; whoever holds the primary lock
-        // commits everything queued as one batch (one fsync per replica,
-        // one message per backup), and answers each write.
+        // Group commit: writes queue up; whoever gets a place among the
+        // batches in flight and the primary lock takes everything queued
+        // as one batch (one fsync per replica, one message per backup),
+        // and answers each write.
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         local.queued.lock().expect("queue lock").push((op, tx));
-        let mut guard = local.primary.lock().await;
-        if let Ok(done) = rx.try_recv() {
-            return done;
-        }
-        let batch = take_batch(&mut local.queued.lock().expect("queue lock"));
-        if batch.is_empty() {
-            // An earlier batch took this write and is still applying it;
-            // it answers once applied.
-            drop(guard);
-        } else {
-            let (ops, replies): (Vec<ShardOp>, Vec<_>) = batch.into_iter().unzip();
-            let committed = self.commit_batch(local, &mut guard, ops).await;
-            drop(guard);
-            let written = match committed {
-                Ok(c) => self.apply_committed(local, c).await,
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(ids) => {
-                    for (reply, id) in replies.into_iter().zip(ids) {
-                        let _ = reply.send(Ok(id));
-                    }
-                }
-                Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
-            }
-        }
-        rx.await.unwrap_or_else(|_| {
+        let dropped = |_| {
             Err(WireError::new(
                 ErrorCode::Internal,
                 "write dropped before it was committed",
             ))
-        })
+        };
+        let permit = tokio::select! {
+            biased;
+            done = &mut rx => return done.unwrap_or_else(dropped),
+            permit = local.in_flight.clone().acquire_owned() => {
+                permit.expect("the in-flight semaphore is never closed")
+            }
+        };
+        let mut guard = tokio::select! {
+            biased;
+            done = &mut rx => return done.unwrap_or_else(dropped),
+            guard = local.primary.lock() => guard,
+        };
+        let batch = take_batch(&mut local.queued.lock().expect("queue lock"));
+        if batch.is_empty() {
+            // An earlier batch took this write; it answers.
+            drop(guard);
+        } else {
+            let (ops, replies): (Vec<ShardOp>, Vec<_>) = batch.into_iter().unzip();
+            let started = self.start_batch(local, &mut guard, ops, permit);
+            drop(guard);
+            match (started, self.this.upgrade()) {
+                // The batch finishes in a task of its own: a caller that
+                // goes away must not take the other writes, or the chain
+                // of batches after it, with it.
+                (Ok(batch), Some(this)) => {
+                    let local = local.clone();
+                    self.tasks.spawn(async move {
+                        let written = this.finish_batch(&local, batch).await;
+                        answer(replies, written);
+                    });
+                }
+                (Ok(_), None) => answer(replies, Err(unavailable("the node is shutting down"))),
+                (Err(e), _) => answer(replies, Err(e)),
+            }
+        }
+        rx.await.unwrap_or_else(dropped)
     }
 
-    /// Commits `ops` (in this order, consecutive LSNs) as primary: every
-    /// member of the ack set holds them when this returns. The apply lock
-    /// is taken before the caller releases the primary lock.
-    async fn commit_batch(
+    /// Takes the LSNs of `ops` (after the last ones given out), starts
+    /// their local append and plans their message to each member of the
+    /// ack set. Called under the primary lock.
+    fn start_batch(
         &self,
         local: &Arc<Local>,
         guard: &mut Option<Primary>,
         ops: Vec<ShardOp>,
-    ) -> Result<Committed, WireError> {
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<InFlight, WireError> {
         let key = local.key;
         let Some(p) = guard.as_mut() else {
             return Err(unavailable(format!(
@@ -377,7 +498,7 @@ impl DataPlane {
             )));
         }
         let term = p.term;
-        let last = local.replica.last_op();
+        let last = p.assigned;
         let entries: Vec<(OpId, ShardOp)> = ops
             .into_iter()
             .enumerate()
@@ -392,31 +513,231 @@ impl DataPlane {
                 op: op.encode(term).into(),
             })
             .collect();
+        p.assigned = end;
         // The local fsync and the backups' run at the same time: no op is
         // acknowledged before all of them hold it, so the order does not
-        // matter, and a failed local write makes this node step down
-        // before it could write again in this term.
+        // matter.
+        let (appended_tx, appended) = Done::pending();
+        let after = std::mem::replace(&mut p.appended, appended.clone());
         let records: Vec<bytes::Bytes> = fresh.iter().map(|e| e.op.clone()).collect();
-        let local_append = local.persist(move |replica| replica.append_encoded(last, entries, records));
-        let round_started = Instant::now();
-        let (appended, replicated) = tokio::join!(local_append, self.replicate_to_ack_set(local, p, &fresh));
+        let owner = local.clone();
+        let append = self.tasks.spawn(async move {
+            let not_here = |why: &str| {
+                Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("{key}: the write was not persisted here ({why}); retry"),
+                ))
+            };
+            let result = if after.wait().await {
+                let appended = owner
+                    .persist(move |replica| {
+                        // A newer term began here meanwhile (this node
+                        // started another epoch, or follows another
+                        // primary): the batch is an old primary's
+                        // uncommitted suffix, and goes no further.
+                        if replica.term() != term {
+                            return Ok(false);
+                        }
+                        replica.append_encoded(last, entries, records).map(|_| true)
+                    })
+                    .await;
+                match appended {
+                    Ok(true) => Ok(()),
+                    Ok(false) => not_here("the primary's term is over"),
+                    Err(e) => {
+                        // LSNs after `last` may be on backups already:
+                        // this node must never give them out again in its
+                        // term, so it stops taking writes.
+                        owner.damaged.lock().expect("damaged lock").get_or_insert_with(|| {
+                            format!("the op log did not take LSNs from {}: {}", last.lsn + 1, e.message)
+                        });
+                        Err(e)
+                    }
+                }
+            } else {
+                not_here("a batch before it was not persisted")
+            };
+            appended_tx.send_replace(Some(result.is_ok()));
+            result
+        });
+        let mut sends = Vec::new();
+        for node in p.backups(&cfg, self.me) {
+            let follows = p.next.get(&node) == Some(&(last.lsn + 1));
+            p.next.insert(node, end.lsn + 1);
+            let acked = local.floors.lock().expect("floors lock").get(&node).copied();
+            sends.push((node, follows.then_some(last), acked));
+        }
+        let (decide, decided) = Done::pending();
+        let before = std::mem::replace(&mut p.decided, decided);
+        Ok(InFlight {
+            term,
+            ids,
+            fresh,
+            started: Instant::now(),
+            append,
+            appended,
+            sends,
+            before,
+            decide,
+            permit,
+            counted: Counted::new(local),
+        })
+    }
+
+    /// Waits for a batch's local append and messages, decides it after the
+    /// batch before it, and applies it once committed.
+    async fn finish_batch(&self, local: &Arc<Local>, batch: InFlight) -> Result<Vec<Written>, WireError> {
+        let InFlight {
+            term,
+            ids,
+            fresh,
+            started,
+            append,
+            appended,
+            sends,
+            before,
+            decide,
+            permit,
+            counted,
+        } = batch;
+        let appending = async {
+            append
+                .await
+                .unwrap_or_else(|e| Err(WireError::new(ErrorCode::Internal, format!("append task failed: {e}"))))
+        };
+        let sending = futures::future::join_all(sends.into_iter().map(|(node, after, acked)| {
+            let (fresh, appended) = (&fresh, appended.clone());
+            async move {
+                let r = self.send_batch(local, term, node, after, fresh, acked, appended).await;
+                (node, r)
+            }
+        }));
+        let (appended, results) = tokio::join!(appending, sending);
+        before.wait().await;
+        let decided = self.decide(local, term, &ids, started, appended, results).await;
+        drop(counted);
+        // The turn to apply is taken before the next batch is decided, so
+        // batches apply in commit order.
+        let committed = match decided {
+            Ok(cfg) => Ok(Committed {
+                ids,
+                cfg,
+                turn: local.applying.clone().lock_owned().await,
+            }),
+            Err(e) => Err(e),
+        };
+        decide.send_replace(Some(committed.is_ok()));
+        drop(permit);
+        self.apply_committed(local, committed?).await
+    }
+
+    /// Sends a batch to `node`: the message that follows the last one
+    /// sent to it when `after` is set; otherwise, or when its answer says
+    /// it did not follow, once this node's log holds the batch, whatever
+    /// brings it up to the batch (`bring_up_to`).
+    #[allow(clippy::too_many_arguments)]
+    async fn send_batch(
+        &self,
+        local: &Arc<Local>,
+        term: u64,
+        node: u64,
+        after: Option<OpId>,
+        fresh: &[LogEntry],
+        acked: Option<u64>,
+        appended: Done,
+    ) -> Result<OpId, SendError> {
+        let end = fresh.last().expect("a batch has at least one op").id;
+        if let Some(prev) = after {
+            let msg = Replicate {
+                shard: local.key,
+                term,
+                prev,
+                entries: fresh.to_vec(),
+                commit_lsn: local.replica.applied_lsn(),
+                ends_log: false,
+            };
+            match self.call(node, NodeOpV1::Replicate(msg), REPLICATE_TIMEOUT).await {
+                Ok(NodeReplyV1::Replicated(ReplicateReply::Ack { last }))
+                    if last.term == term && last.lsn >= end.lsn =>
+                {
+                    local.hold_log_for(node, Some(last.lsn));
+                    return Ok(last);
+                }
+                // It did not follow (a message before this one was lost,
+                // or its log is not what this primary thinks): find out
+                // below.
+                Ok(NodeReplyV1::Replicated(ReplicateReply::Ack { .. } | ReplicateReply::Mismatch { .. })) => {}
+                Ok(NodeReplyV1::Replicated(ReplicateReply::NeedsRebuild { last })) => {
+                    return Err(SendError::NeedsExport(format!(
+                        "node {node} applied ops this log does not hold (its log ends at {last})"
+                    )))
+                }
+                Ok(other) => return Err(SendError::Failed(format!("unexpected reply {other:?}"))),
+                Err(e) if e.code == ErrorCode::Conflict => return Err(SendError::Fenced(e.message)),
+                Err(e) if e.code == ErrorCode::Unavailable => {}
+                Err(e) => return Err(SendError::Failed(e.message)),
+            }
+        }
+        if !appended.wait().await {
+            return Err(SendError::Failed(format!(
+                "this node could not persist the batch ending at {end}"
+            )));
+        }
+        let mut next = fresh[0].id.lsn;
+        self.bring_up_to(local, term, node, &mut next, fresh, (acked, true))
+            .await
+    }
+
+    /// Decides a batch, after the batches before it: it commits when every
+    /// member of the ack set holds it and at least `min_insync` replicas
+    /// do, once members that failed it are removed. Returns the
+    /// configuration it committed under.
+    async fn decide(
+        &self,
+        local: &Arc<Local>,
+        term: u64,
+        ids: &[OpId],
+        started: Instant,
+        appended: Result<(), WireError>,
+        results: Vec<(u64, Result<OpId, SendError>)>,
+    ) -> Result<ShardConfig, WireError> {
+        let key = local.key;
+        let end = *ids.last().expect("a batch has at least one op");
         if let Err(e) = appended {
-            self.step_down_if_damaged(local, &cfg).await;
+            if let Some((cfg, _)) = self.config_of(key) {
+                self.step_down_if_damaged(local, &cfg).await;
+            }
             return Err(outcome_unknown(format!(
                 "{key}: the primary could not persist the write ({}); retry",
                 e.message
             )));
         }
-        replicated?;
-        p.commit_lsn = end.lsn;
-        // The ack set confirmed this term after `round_started`: a round
-        // for strong and bounded reads too.
-        local.rounds.record(round_started, end.lsn);
-        Ok(Committed {
-            ids,
-            cfg,
-            turn: local.applying.clone().lock_owned().await,
-        })
+        let mut guard = local.primary.lock().await;
+        let Some(p) = guard.as_mut().filter(|p| p.term == term) else {
+            return Err(outcome_unknown(format!(
+                "{key}: this node was deposed as primary while writing; retry"
+            )));
+        };
+        let mut failed = Vec::new();
+        for (node, r) in results {
+            match r {
+                Ok(_) => {}
+                Err(SendError::Fenced(m)) => {
+                    return Err(outcome_unknown(format!(
+                        "{key}: this node was deposed as primary while writing ({m}); retry"
+                    )))
+                }
+                Err(e) => failed.push((node, e.message())),
+            }
+        }
+        self.settle(local, p, failed).await?;
+        p.commit_lsn = p.commit_lsn.max(end.lsn);
+        // The ack set confirmed this term after `started`: a round for
+        // strong and bounded reads too.
+        local.rounds.record(started, end.lsn);
+        self.config_of(key)
+            .map(|(cfg, _)| cfg)
+            .ok_or_else(|| outcome_unknown(format!("{key} left the metadata during a write")))
     }
 
     /// This primary's commit LSN, confirmed current by a round over its
@@ -484,11 +805,66 @@ impl DataPlane {
         if cfg.primary != Some(self.me) || cfg.term != p.term {
             return Err(not_primary());
         }
-        self.replicate_to_ack_set(local, p, &[]).await?;
+        self.confirm_ack_set(local, p).await?;
         let lsn = p.commit_lsn;
         drop(guard);
         local.rounds.record(started, lsn);
         Ok(lsn)
+    }
+
+    /// Every member of the ack set confirms that this node is still the
+    /// primary of its term, with a message of no entries after the commit
+    /// point (which every member holds, whatever batches are in flight);
+    /// members that fail are removed. Called with the primary lock held.
+    async fn confirm_ack_set(&self, local: &Arc<Local>, p: &mut Primary) -> Result<(), WireError> {
+        let key = local.key;
+        let (cfg, _) = self
+            .config_of(key)
+            .ok_or_else(|| unavailable(format!("{key} is not in the metadata")))?;
+        let (term, commit) = (p.term, p.commit_lsn);
+        let prev = local
+            .replica
+            .op_id_at(commit)
+            .ok_or_else(|| outcome_unknown(format!("{key}: no op id at the commit point {commit}")))?;
+        let confirms = p.backups(&cfg, self.me).into_iter().map(|node| async move {
+            let started = Instant::now();
+            loop {
+                let msg = Replicate {
+                    shard: key,
+                    term,
+                    prev,
+                    entries: Vec::new(),
+                    commit_lsn: commit,
+                    ends_log: false,
+                };
+                let r = match self.call(node, NodeOpV1::Replicate(msg), REPLICATE_TIMEOUT).await {
+                    Ok(NodeReplyV1::Replicated(ReplicateReply::Ack { .. })) => Ok(()),
+                    Ok(other) => Err(SendError::Failed(format!(
+                        "node {node} does not hold the commit point {prev}: {other:?}"
+                    ))),
+                    Err(e) if e.code == ErrorCode::Conflict => Err(SendError::Fenced(e.message)),
+                    Err(e) if e.code == ErrorCode::Unavailable && started.elapsed() < REPLICATE_TIMEOUT => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(e) => Err(SendError::Failed(e.message)),
+                };
+                return (node, r);
+            }
+        });
+        let mut failed = Vec::new();
+        for (node, r) in futures::future::join_all(confirms).await {
+            match r {
+                Ok(()) => {}
+                Err(SendError::Fenced(m)) => {
+                    return Err(outcome_unknown(format!(
+                        "{key}: this node was deposed as primary ({m}); retry"
+                    )))
+                }
+                Err(e) => failed.push((node, e.message())),
+            }
+        }
+        self.settle(local, p, failed).await
     }
 
     /// Applies a committed batch (after the batches committed before it)
@@ -563,7 +939,9 @@ impl DataPlane {
         let results = futures::future::join_all(sends).await;
         let mut failed = Vec::new();
         for (node, next, r) in results {
-            p.next.insert(node, next);
+            // Batches still in flight may have been sent past it already.
+            let at = p.next.entry(node).or_insert(next);
+            *at = (*at).max(next);
             match r {
                 Ok(_) => {}
                 Err(SendError::Fenced(m)) => {
@@ -578,6 +956,15 @@ impl DataPlane {
                 }
             }
         }
+        self.settle(local, p, failed).await
+    }
+
+    /// Removes the members of the ack set that failed a round (by CAS),
+    /// then checks that at least `min_insync` replicas still hold what
+    /// the round sent, and that a lone primary is still the primary of
+    /// its term. Called with the primary lock held.
+    async fn settle(&self, local: &Arc<Local>, p: &mut Primary, failed: Vec<(u64, String)>) -> Result<(), WireError> {
+        let key = local.key;
         for (node, why) in failed {
             warn!(shard = %key, node, reason = %why, "removing backup from the in-sync set");
             self.remove_member(local, p, node).await?;
@@ -613,9 +1000,11 @@ impl DataPlane {
     /// its term any more.
     async fn remove_member(&self, local: &Local, p: &mut Primary, node: u64) -> Result<(), WireError> {
         let key = local.key;
-        // It holds everything before its next LSN: if it comes back, it
-        // catches up from there.
-        let held = p.next.remove(&node).map(|next| next.saturating_sub(1));
+        // It holds everything through what it acknowledged last (what was
+        // sent to it after that may never have arrived): if it comes
+        // back, it catches up from there.
+        p.next.remove(&node);
+        let held = local.floors.lock().expect("floors lock").get(&node).copied();
         local.hold_log_for(node, None);
         for _ in 0..5 {
             let (cfg, replication) = self
@@ -722,9 +1111,8 @@ impl DataPlane {
                 shard: key,
                 term,
                 prev,
-                // Writes reach only ack-set members, under the primary
-                // lock, and catch-ups only replicas outside it: no newer
-                // op of this primary can be in flight to `node`.
+                // The backup drops what follows only if it is of an
+                // older term: batches of this term in flight stay.
                 ends_log: sent_end == target,
                 entries,
                 commit_lsn: status.applied,
@@ -736,7 +1124,9 @@ impl DataPlane {
                         last: target,
                         history: &status.history,
                     };
-                    if fresh.iter().any(|f| f.id == last) || mine.holds(last) {
+                    // An op of this term is this primary's own, though
+                    // maybe of a batch still in flight here.
+                    if last.term == term || fresh.iter().any(|f| f.id == last) || mine.holds(last) {
                         local.hold_log_for(node, Some(last.lsn));
                         *next = last.lsn + 1;
                         if last.lsn >= target.lsn {
