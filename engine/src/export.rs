@@ -7,12 +7,16 @@
 //! An export holds the state at one applied LSN, read from a single redb
 //! read transaction (applies go on meanwhile), and no op log: the importer
 //! starts with an empty log right after the export's last op id, and log
-//! catch-up continues from there. It carries rows, not index files: the
-//! importer's index builder rebuilds the HNSW index of each sealed segment
-//! as at open (copying index files is a later optimisation).
+//! catch-up continues from there. Since format 3 it also carries the index
+//! files the exporter had for its sealed segments and merges (a segment's
+//! rows never change once sealed, so its graph fits the importer's rows):
+//! the imported replica opens with them as a restarted one would, instead
+//! of building every index again. An index file the open finds unusable
+//! is rebuilt, as after a restart; one the exporter did not have yet is
+//! built by the importer.
 //!
-//! File format [`EXPORT_FORMAT`] 2, little-endian (version 1, which had no
-//! merged segments, is still read):
+//! File format [`EXPORT_FORMAT`] 3, little-endian (versions 1, which had
+//! no merged segments, and 2, which had no index files, are still read):
 //!
 //! ```text
 //! "EVEXPORT"   8 bytes of magic
@@ -28,7 +32,9 @@
 //! history up to the applied LSN, growing segment and its rows), then every
 //! `Segment`, `Row`, `Payload`, `Tombstone`, `Point` (live location) and
 //! `Merge` (a merged segment: its sources, the segments whose rows it
-//! takes over, its rows, whether the exporter had installed it).
+//! takes over, its rows, whether the exporter had installed it), then the
+//! `IndexChunk`s of each index file (segment or merge id ascending, each
+//! file's bytes in order, at most [`INDEX_CHUNK_BYTES`] a record).
 //! Each record is an [`ExportRecord`] envelope: new shapes become `V2`,
 //! `V1` variants are never reordered (postcard encodes variant indexes).
 //!
@@ -60,7 +66,10 @@ mod check;
 use check::Checker;
 
 /// Version of the export file format this build writes and reads.
-pub const EXPORT_FORMAT: u32 = 2;
+pub const EXPORT_FORMAT: u32 = 3;
+
+/// Bytes of an index file in one record.
+const INDEX_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
 /// Oldest export format this build reads.
 const OLDEST_FORMAT: u32 = 1;
@@ -122,6 +131,13 @@ enum RecordV1 {
     },
     /// Format 2.
     Merge(MergeV1),
+    /// Format 3: bytes `offset..` of the index file of a sealed segment or
+    /// a merge.
+    IndexChunk {
+        segment: u64,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +189,7 @@ impl RecordV1 {
             RecordV1::Tombstone { .. } => 4,
             RecordV1::Point { .. } => 5,
             RecordV1::Merge(_) => 6,
+            RecordV1::IndexChunk { .. } => 7,
         }
     }
 
@@ -240,11 +257,17 @@ impl RecordV1 {
         }
     }
 
-    /// Hands the record to `sink` as an item of the importer's state: an
-    /// empty log right after the last applied op.
-    fn deliver(self, sink: &mut impl FnMut(StateItem<'_>) -> Result<(), EngineError>) -> Result<(), EngineError> {
+    /// Hands the record to `sink` as an item of the importer's state (an
+    /// empty log right after the last applied op), or to `index` as bytes
+    /// of an index file.
+    fn deliver(
+        self,
+        sink: &mut impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
+        index: &mut impl FnMut(u64, u64, &[u8]) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
         let at = |segment, row| Location { segment, row };
         match self {
+            RecordV1::IndexChunk { segment, offset, bytes } => index(segment, offset, &bytes),
             RecordV1::Shard(s) => sink(StateItem::Meta {
                 meta: ShardMetaV2 {
                     shard: s.shard,
@@ -307,6 +330,20 @@ fn corrupt(path: &Path, message: impl ToString) -> EngineError {
     EngineError::corrupt(format!("export {}", path.display()), message)
 }
 
+/// Reads into all of `buf` unless the file ends first; the bytes read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Writes an export file from the items of a replica's state, in the order
 /// `ShardStore::read_applied` visits them.
 pub(crate) struct Exporter {
@@ -319,6 +356,9 @@ pub(crate) struct Exporter {
     last: OpId,
     points: u64,
     buf: Vec<u8>,
+    /// Sealed segments and merges of the exported state: the ones whose
+    /// index files go with it.
+    indexed: Vec<u64>,
 }
 
 impl Exporter {
@@ -335,6 +375,7 @@ impl Exporter {
             last: OpId::ZERO,
             points: 0,
             buf: Vec::new(),
+            indexed: Vec::new(),
         };
         out.put(&MAGIC)?;
         out.put(&EXPORT_FORMAT.to_le_bytes())?;
@@ -347,9 +388,45 @@ impl Exporter {
         match &rec {
             RecordV1::Shard(s) => self.last = OpId::new(s.last_term, s.last_lsn),
             RecordV1::Point { .. } => self.points += 1,
+            RecordV1::Segment(s) if s.state == SegmentState::Sealed => self.indexed.push(s.id),
+            RecordV1::Merge(m) => self.indexed.push(m.id),
             _ => {}
         }
         self.record(rec)
+    }
+
+    /// Writes the index files `path_of` gives for the exported sealed
+    /// segments and merges, after every item: those that exist (an index
+    /// still being built, or one a merge just made unused, is left to the
+    /// importer). Each is read through one open handle, a chunk at a
+    /// time, so a file replaced meanwhile (indexes are saved by renaming)
+    /// goes in as the version that was opened.
+    pub fn indexes(&mut self, path_of: impl Fn(u64) -> PathBuf) -> Result<(), EngineError> {
+        let mut ids = std::mem::take(&mut self.indexed);
+        ids.sort_unstable();
+        let mut chunk = vec![0u8; INDEX_CHUNK_BYTES];
+        for segment in ids {
+            let path = path_of(segment);
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(EngineError::io(&path, e)),
+            };
+            let mut offset = 0u64;
+            loop {
+                let n = read_full(&mut file, &mut chunk).map_err(|e| EngineError::io(&path, e))?;
+                if n == 0 {
+                    break;
+                }
+                self.record(RecordV1::IndexChunk {
+                    segment,
+                    offset,
+                    bytes: chunk[..n].to_vec(),
+                })?;
+                offset += n as u64;
+            }
+        }
+        Ok(())
     }
 
     fn record(&mut self, rec: RecordV1) -> Result<(), EngineError> {
@@ -421,6 +498,7 @@ pub(crate) fn read(
     file: &Path,
     config: &ShardConfig,
     mut sink: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
+    mut index: impl FnMut(u64, u64, &[u8]) -> Result<(), EngineError>,
 ) -> Result<ExportInfo, EngineError> {
     let mut reader = Reader::open(file)?;
     let mut checker = Checker::new(config, file);
@@ -432,7 +510,7 @@ pub(crate) fn read(
             reader.verify_rest()?;
             return Err(e);
         }
-        rec.deliver(&mut sink)?;
+        rec.deliver(&mut sink, &mut index)?;
     }
     let (last, points) = checker.finish()?;
     Ok(ExportInfo {

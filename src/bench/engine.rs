@@ -161,6 +161,22 @@ pub fn timed_queries(
     }
 }
 
+/// `data` as batches of `batch` points (at least 1), ids from 0 in order.
+pub fn batches(data: &[Vec<f32>], batch: usize) -> impl Iterator<Item = Vec<Point>> + '_ {
+    let batch = batch.max(1);
+    data.chunks(batch).enumerate().map(move |(b, chunk)| {
+        chunk
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Point {
+                id: (b * batch + i) as u64,
+                vector: v.clone(),
+                payload: None,
+            })
+            .collect()
+    })
+}
+
 /// Rows, queries and the exact top k of each query.
 struct DataSet<'a> {
     data: &'a [Vec<f32>],
@@ -205,16 +221,7 @@ fn engine_side(
         prev = id;
         Ok(())
     };
-    for (b, chunk) in data.chunks(args.batch.max(1)).enumerate() {
-        let points = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, v)| Point {
-                id: (b * args.batch.max(1) + i) as u64,
-                vector: v.clone(),
-                payload: None,
-            })
-            .collect();
+    for points in batches(data, args.batch) {
         log(ShardOp::Upsert(points))?;
         while let Some(op) = compact
             .then(|| replica.merge_proposal(&MergePolicy::default()))

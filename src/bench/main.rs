@@ -43,6 +43,8 @@
 //! RSS) and disk against the raw bytes of the vectors it holds.
 //! With `--mode local` it searches a stopped node's data in process, with
 //! the query and truth files of `edgevec bench search`.
+//! With `--mode import` it times rebuilding a replica from an export with
+//! and without the index files an export carries.
 //!
 //! `cargo run --release --bin bench -- --help`
 
@@ -62,6 +64,7 @@ use rand::{Rng, SeedableRng};
 
 mod engine;
 mod footprint;
+mod import;
 mod local;
 mod plugins;
 mod reads;
@@ -78,7 +81,8 @@ struct Args {
     /// Metadata writes measured (meta mode).
     #[arg(long, default_value_t = 200)]
     writes: usize,
-    /// Leader kills (meta mode) or shard-primary kills (replication mode).
+    /// Leader kills (meta mode), shard-primary kills (replication mode), or
+    /// imports of each kind (import mode).
     #[arg(long, default_value_t = 10)]
     trials: usize,
     #[arg(long, default_value_t = 100_000)]
@@ -550,8 +554,9 @@ async fn main() -> Result<()> {
         "engine" => engine::run(&args, &dir),
         "footprint" => footprint::run(&args, &dir).await,
         "local" => local::run(&args),
+        "import" => import::run(&args, &dir),
         other => {
-            bail!("unknown --mode {other:?}: use search, engine, footprint, local, meta, replication, plugins, plugins-e2e, reads or scaling")
+            bail!("unknown --mode {other:?}: use search, engine, footprint, local, import, meta, replication, plugins, plugins-e2e, reads or scaling")
         }
     }
 }

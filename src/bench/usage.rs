@@ -25,7 +25,7 @@ fn ticks_per_sec() -> f64 {
 }
 
 /// User + system CPU seconds of process `pid` ("self" for this one).
-fn cpu_secs(pid: &str) -> Option<f64> {
+pub fn cpu_secs(pid: &str) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces): state is
     // field 3, utime and stime are fields 14 and 15.

@@ -379,6 +379,49 @@ fn a_replica_that_fails_to_open_is_set_aside_until_an_import_replaces_it() {
 }
 
 #[test]
+fn an_import_opens_with_the_exporters_indexes_and_rebuilds_an_unusable_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = || spec("a", 2, Metric::L2, 1, 64);
+    let queries = [vec![8.0, 0.0], vec![150.0, 0.0], vec![299.0, 0.0]];
+    let (exported, damaged) = (dir.path().join("a.export"), dir.path().join("b.export"));
+    let (before, files);
+    {
+        let e = open(&dir.path().join("exporter"));
+        let a = Collection::create(&e, 1, s());
+        a.upsert(line(0..300)).unwrap();
+        assert!(e.wait_for_indexes(WAIT));
+        before = a.search(&queries, 5, true).unwrap();
+        a.replicas[0].export_to(&exported).unwrap();
+        let replica_dir = dir.path().join("exporter/replicas/1-0");
+        files = std::fs::read_dir(&replica_dir)
+            .unwrap()
+            .filter(|f| f.as_ref().unwrap().file_name().to_string_lossy().ends_with(".hnsw"))
+            .count();
+        std::fs::write(replica_dir.join("seg-1.hnsw"), b"garbage").unwrap();
+        a.replicas[0].export_to(&damaged).unwrap();
+    }
+    // 300 rows at 64 a segment: four sealed segments, each with its index.
+    assert_eq!(files, 4);
+    let imported = |name: &str, file: &Path| {
+        let e = open(&dir.path().join(name));
+        let r = e.import_replica(rspec(1, 0, 2), file).unwrap();
+        let ready_at_once = r.indexes_ready() && e.index_builds().0 == 0;
+        let c = Collection {
+            spec: s(),
+            replicas: vec![r],
+        };
+        assert!(e.wait_for_indexes(WAIT));
+        assert_eq!(c.search(&queries, 5, true).unwrap(), before);
+        assert_eq!(c.points(), 300);
+        (ready_at_once, e.index_builds().1)
+    };
+    // The indexes came with the export: nothing is built.
+    assert_eq!(imported("whole", &exported), (true, 0));
+    // An index file that does not load is built again, the others not.
+    assert_eq!(imported("rebuilt", &damaged), (false, 1));
+}
+
+#[test]
 fn reopen_waits_for_the_last_handle_and_reloads_from_the_files() {
     let dir = tempfile::tempdir().unwrap();
     let e = open(dir.path());

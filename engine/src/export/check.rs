@@ -13,8 +13,10 @@
 //! is the highest, is growing and has the rows the `Shard` record says;
 //! every other segment is sealed with the rows its record says; a merge's
 //! id is no segment's, it covers sealed segments only, and its rows are
-//! distinct existing rows of those. Anything else is
-//! [`EngineError::Corrupt`].
+//! distinct existing rows of those; the chunks of an index file belong to
+//! a sealed segment or a merge, are not empty, and follow each other from
+//! offset 0 (what the file holds is the importer's index load to check).
+//! Anything else is [`EngineError::Corrupt`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -41,6 +43,9 @@ pub(super) struct Checker<'a> {
     key: Option<(u64, u64)>,
     shard: Option<(OpId, u64, u32)>,
     segments: BTreeMap<u64, SegmentCheck>,
+    merges: HashSet<u64>,
+    /// Bytes of the index file being read: (segment or merge, bytes).
+    index: Option<(u64, u64)>,
     points: u64,
 }
 
@@ -53,6 +58,8 @@ impl<'a> Checker<'a> {
             key: None,
             shard: None,
             segments: BTreeMap::new(),
+            merges: HashSet::new(),
+            index: None,
             points: 0,
         }
     }
@@ -88,6 +95,7 @@ impl<'a> Checker<'a> {
             | RecordV1::Tombstone { segment, row, .. } => (*segment, u64::from(*row)),
             RecordV1::Point { id, .. } => (*id, 0),
             RecordV1::Merge(m) => (m.id, 0),
+            RecordV1::IndexChunk { segment, offset, .. } => (*segment, *offset),
         };
         if self.key.is_some_and(|prev| prev >= key) {
             return Err(self.corrupt(format!("keys do not ascend at {rec:?}")));
@@ -128,8 +136,33 @@ impl<'a> Checker<'a> {
                 self.row_exists(*segment, *row, rec)?;
                 self.points += 1;
             }
-            RecordV1::Merge(m) => self.check_merge(m)?,
+            RecordV1::Merge(m) => {
+                self.check_merge(m)?;
+                self.merges.insert(m.id);
+            }
+            RecordV1::IndexChunk { segment, offset, bytes } => self.check_index(*segment, *offset, bytes.len())?,
         }
+        Ok(())
+    }
+
+    fn check_index(&mut self, segment: u64, offset: u64, len: usize) -> Result<(), EngineError> {
+        let growing = self.shard.map(|(_, growing, _)| growing);
+        let sealed = self.segments.contains_key(&segment) && Some(segment) != growing;
+        if !sealed && !self.merges.contains(&segment) {
+            return Err(self.corrupt(format!(
+                "an index file for {segment}, which is no sealed segment or merge"
+            )));
+        }
+        let held = match self.index {
+            Some((s, bytes)) if s == segment => bytes,
+            _ => 0,
+        };
+        if len == 0 || offset != held {
+            return Err(self.corrupt(format!(
+                "index chunk of {len} bytes at offset {offset} of segment {segment}, after {held} bytes"
+            )));
+        }
+        self.index = Some((segment, held + len as u64));
         Ok(())
     }
 

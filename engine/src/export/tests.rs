@@ -89,12 +89,21 @@ fn export(path: &Path, items: Vec<StateItem<'_>>) -> ExportInfo {
 
 /// Owned copies of what `read` hands over.
 fn read_all(path: &Path, config: &ShardConfig) -> Result<(ExportInfo, Vec<String>), EngineError> {
-    let mut seen = Vec::new();
-    let info = read(path, config, |item| {
-        seen.push(format!("{item:?}"));
-        Ok(())
-    })?;
-    Ok((info, seen))
+    let seen = std::cell::RefCell::new(Vec::new());
+    let info = read(
+        path,
+        config,
+        |item| {
+            seen.borrow_mut().push(format!("{item:?}"));
+            Ok(())
+        },
+        |segment, offset, bytes| {
+            seen.borrow_mut()
+                .push(format!("index {segment} at {offset}: {} bytes", bytes.len()));
+            Ok(())
+        },
+    )?;
+    Ok((info, seen.into_inner()))
 }
 
 #[test]
@@ -290,6 +299,22 @@ fn inconsistent_records_are_refused() {
         ),
         ("missing", with(&|r| r.push(merge(3, vec![1], vec![(1, 2, 12)])))),
         ("out of order", with(&|r| r.insert(3, merge(3, vec![1], vec![])))),
+        ("no sealed segment or merge", with(&|r| r.push(index_chunk(2, 0, 4)))),
+        ("no sealed segment or merge", with(&|r| r.push(index_chunk(7, 0, 4)))),
+        ("after 0 bytes", with(&|r| r.push(index_chunk(1, 4, 4)))),
+        ("after 0 bytes", with(&|r| r.push(index_chunk(1, 0, 0)))),
+        (
+            "after 4 bytes",
+            with(&|r| r.extend([index_chunk(1, 0, 4), index_chunk(1, 5, 4)])),
+        ),
+        (
+            "do not ascend",
+            with(&|r| {
+                r.push(merge(3, vec![1], vec![]));
+                r.extend([index_chunk(3, 0, 4), index_chunk(1, 0, 4)])
+            }),
+        ),
+        ("out of order", with(&|r| r.insert(8, index_chunk(1, 0, 4)))),
     ];
     for (want, records) in cases {
         write_records(&path, records);
@@ -297,6 +322,14 @@ fn inconsistent_records_are_refused() {
             Err(EngineError::Corrupt { message, .. }) => assert!(message.contains(want), "{want}: {message}"),
             other => panic!("{want}: expected Corrupt, got {other:?}"),
         }
+    }
+}
+
+fn index_chunk(segment: u64, offset: u64, len: usize) -> RecordV1 {
+    RecordV1::IndexChunk {
+        segment,
+        offset,
+        bytes: vec![7; len],
     }
 }
 
@@ -312,7 +345,7 @@ fn merge(id: u64, covers: Vec<u64>, rows: Vec<(u64, u32, u64)>) -> RecordV1 {
 }
 
 #[test]
-fn merges_are_carried_and_version_1_files_still_read() {
+fn merges_and_index_files_are_carried_and_version_1_files_still_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.export");
     let mut records = valid_records();
@@ -320,6 +353,22 @@ fn merges_are_carried_and_version_1_files_still_read() {
     write_records(&path, records);
     let (_, items) = read_all(&path, &config()).unwrap();
     assert!(items.iter().any(|i| i.contains("Merge { id: 3")), "{items:?}");
+
+    // Index files of sealed segments and merges, in chunks (format 3).
+    let mut records = valid_records();
+    records.push(merge(3, vec![1], vec![(1, 1, 11)]));
+    records.extend([index_chunk(1, 0, 4), index_chunk(1, 4, 2), index_chunk(3, 0, 3)]);
+    write_records(&path, records);
+    let (_, items) = read_all(&path, &config()).unwrap();
+    let chunks: Vec<&String> = items.iter().filter(|i| i.starts_with("index")).collect();
+    assert_eq!(
+        chunks,
+        [
+            "index 1 at 0: 4 bytes",
+            "index 1 at 4: 2 bytes",
+            "index 3 at 0: 3 bytes"
+        ]
+    );
 
     // A version-1 file (no merges) is the same bytes but for the version
     // and the checksum.

@@ -1,6 +1,8 @@
 //! Exports of a replica's applied state and imports into a new replica's
 //! directory; the file format and its checks are in [`crate::export`].
 
+use std::fs::File;
+use std::io::Write;
 use std::path::Path;
 
 use super::{ShardReplica, STORE_FILE};
@@ -21,7 +23,10 @@ impl ShardReplica {
     /// LSN is at least that). On failure the partial file is removed.
     pub fn export_to(&self, path: &Path) -> Result<ExportInfo, EngineError> {
         let mut out = Exporter::create(path, &self.config)?;
-        let read = self.store.read_applied(|item| out.item(item));
+        let read = self
+            .store
+            .read_applied(|item| out.item(item))
+            .and_then(|()| out.indexes(|segment| super::index_path(&self.dir, segment)));
         let info = out.finish(read)?;
         tracing::info!(
             shard = self.config.shard,
@@ -36,12 +41,35 @@ impl ShardReplica {
 }
 
 /// Writes the shard file of a replica with `config` into the empty
-/// directory `dir` from the export `file`, fsynced, and returns what the
-/// export held. On error `dir` holds a partial file to discard; it never
+/// directory `dir` from the export `file`, and the index files it carries
+/// where the replica's open looks for them, fsynced, and returns what the
+/// export held. On error `dir` holds partial files to discard; it never
 /// holds a file that opens as a shard (the meta record goes in last).
 pub(crate) fn import_files(dir: &Path, config: &ShardConfig, file: &Path) -> Result<ExportInfo, EngineError> {
     let mut store = StoreImport::create(&dir.join(STORE_FILE))?;
-    let info = export::read(file, config, |item| store.push(item))?;
+    let mut index: Option<(u64, File)> = None;
+    let mut write_index = |segment: u64, offset: u64, bytes: &[u8]| -> Result<(), EngineError> {
+        let path = super::index_path(dir, segment);
+        if offset == 0 {
+            if let Some((_, done)) = index.take() {
+                done.sync_all().map_err(|e| EngineError::io(&path, e))?;
+            }
+            let file = File::create_new(&path).map_err(|e| EngineError::io(&path, e))?;
+            index = Some((segment, file));
+        }
+        match index.as_mut() {
+            Some((s, file)) if *s == segment => file.write_all(bytes).map_err(|e| EngineError::io(&path, e)),
+            _ => Err(EngineError::corrupt(
+                format!("export {}", file.display()),
+                format!("index chunk of segment {segment} at offset {offset} starts no file"),
+            )),
+        }
+    };
+    let info = export::read(file, config, |item| store.push(item), &mut write_index)?;
+    if let Some((segment, done)) = index {
+        done.sync_all()
+            .map_err(|e| EngineError::io(super::index_path(dir, segment), e))?;
+    }
     store.finish()?;
     crate::fsutil::sync_dir(dir)?;
     Ok(info)
