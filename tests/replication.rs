@@ -283,14 +283,17 @@ async fn concurrent_writers_to_one_shard_are_each_answered() {
 }
 
 /// Backups behind a slow link (each takes a message of ops 150 ms after
-/// it arrives): the primary keeps several batches in flight rather than
-/// one round at a time, and every write is still answered, and held alike
-/// by every replica.
+/// it arrives) that loses messages (every 7th is refused untaken): the
+/// primary keeps several batches in flight rather than one round at a
+/// time, sends a lost batch again while later ones are out, and every
+/// write is still answered, and held alike by every replica, with none
+/// of them dropped from the in-sync set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_to_backups_behind_a_slow_link_are_pipelined() {
     let mut cluster = TestCluster::with_layout(fast(3, 0, ""));
     for id in 1..=3 {
         cluster.set_env(id, "EDGEVEC_FAULT_REPLICATE_DELAY_MS", "150");
+        cluster.set_env(id, "EDGEVEC_FAULT_REPLICATE_REFUSE_EVERY", "7");
     }
     cluster.start_all().await;
     let name = "slowlink";
@@ -320,6 +323,12 @@ async fn writes_to_backups_behind_a_slow_link_are_pipelined() {
             .join("\n")
     );
     writers.check(&cluster, &admin, name, &ledger).await;
+    let log = std::fs::read_to_string(cluster.log_path(primary)).unwrap();
+    assert!(
+        !log.contains("removing backup from the in-sync set"),
+        "a lost message cost a backup its place:\n{}",
+        cluster.log_tail(primary, 40)
+    );
 }
 
 /// Writers with a client each (through nodes 1, 2, 3 in turn, no

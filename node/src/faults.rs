@@ -10,6 +10,9 @@
 //!   ops from its primary this much later than it arrives (messages in
 //!   parallel each wait their own delay): a distant backup, as a primary
 //!   sees one across a slow link.
+//! - `EDGEVEC_FAULT_REPLICATE_REFUSE_EVERY=N`: a backup answers every N-th
+//!   message of ops "unavailable" without taking it: a message lost on
+//!   the way, which the primary must send again.
 //! - `EDGEVEC_FAULT_READ_DELAY_MS`: this node's replicas answer every
 //!   read this much later: a slow node.
 //! - `EDGEVEC_FAULT_REFUSE_READS=1`: this node's replicas answer every
@@ -25,6 +28,7 @@ use std::time::Duration;
 pub struct Faults {
     pub apply_delay: Option<Duration>,
     pub replicate_delay: Option<Duration>,
+    pub replicate_refuse_every: Option<u64>,
     pub read_delay: Option<Duration>,
     pub refuse_reads: bool,
     /// Added to this node's wall clock (ms).
@@ -49,6 +53,10 @@ pub fn get() -> Faults {
     *FAULTS.get_or_init(|| Faults {
         apply_delay: ms("EDGEVEC_FAULT_APPLY_DELAY_MS"),
         replicate_delay: ms("EDGEVEC_FAULT_REPLICATE_DELAY_MS"),
+        replicate_refuse_every: std::env::var("EDGEVEC_FAULT_REPLICATE_REFUSE_EVERY")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|n| *n > 0),
         read_delay: ms("EDGEVEC_FAULT_READ_DELAY_MS"),
         refuse_reads: std::env::var("EDGEVEC_FAULT_REFUSE_READS").is_ok_and(|v| v == "1"),
         clock_offset_ms: signed_ms("EDGEVEC_FAULT_CLOCK_OFFSET_MS"),

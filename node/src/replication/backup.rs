@@ -108,8 +108,17 @@ impl DataPlane {
         let key = msg.shard;
         self.check_sender(peer, key, msg.term).await?;
         let local = self.local_or_sync(key).await?;
-        if let Some(delay) = crate::faults::get().replicate_delay.filter(|_| !msg.entries.is_empty()) {
-            tokio::time::sleep(delay).await;
+        if !msg.entries.is_empty() {
+            let faults = crate::faults::get();
+            if let Some(every) = faults.replicate_refuse_every {
+                static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                if (SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1).is_multiple_of(every) {
+                    return Err(unavailable(format!("{key}: message refused (fault hook)")));
+                }
+            }
+            if let Some(delay) = faults.replicate_delay {
+                tokio::time::sleep(delay).await;
+            }
         }
         if !msg.entries.is_empty() && msg.prev.term == msg.term && msg.prev.lsn > local.replica.last_op().lsn {
             // The primary has several messages in flight: this one

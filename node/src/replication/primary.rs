@@ -1075,9 +1075,11 @@ impl DataPlane {
                 return Err(SendError::Failed(format!("not caught up within {budget:?}")));
             }
             let status = local.replica.log_status();
-            // `fresh` may still be on its way to this node's disk (it is
-            // persisted in parallel): it is the end of this log all the same.
-            let target = fresh.last().map_or(status.last, |f| f.id.max(status.last));
+            // With `fresh`, its end is the target: it may still be on its
+            // way to this node's disk (it is persisted in parallel), and
+            // batches after it may be in this log already, in flight to
+            // `node` on messages of their own.
+            let target = fresh.last().map_or(status.last, |f| f.id);
             let prev_lsn = next.saturating_sub(1).min(target.lsn);
             let prev = local
                 .replica
