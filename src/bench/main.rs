@@ -128,6 +128,16 @@ struct Args {
     /// as across a slow link; 0 for none.
     #[arg(long, default_value_t = 0)]
     backup_delay_ms: u64,
+    /// Replication mode: send a write every this many ms (open loop) and
+    /// report its latency; 0 skips that phase.
+    #[arg(long, default_value_t = 0)]
+    paced_ms: u64,
+    /// Replication mode: writes of the paced phase per collection.
+    #[arg(long, default_value_t = 300)]
+    paced_writes: usize,
+    /// Replication mode: points per write of the paced phase.
+    #[arg(long, default_value_t = 100)]
+    paced_points: usize,
     /// Replication mode: points written while a backup is down.
     #[arg(long, default_value_t = 100_000)]
     catch_up_points: usize,

@@ -210,6 +210,11 @@ impl Bench<'_> {
         eprintln!("cluster up: metadata leader {leader}, {R1} primary {p1}, {R3} primary {p3}");
 
         let latency = self.write_latency(p1, p3).await?;
+        let paced = if args.paced_ms > 0 {
+            Some(self.paced_latency(p1, p3).await?)
+        } else {
+            None
+        };
         let load = self.full_load(p1, p3).await?;
         let mut catch_ups = Vec::new();
         for &batch in &args.catch_up_batch {
@@ -237,6 +242,7 @@ impl Bench<'_> {
             p3,
             load_before,
             latency,
+            paced,
             load,
             catch_ups,
             trials,
@@ -285,6 +291,45 @@ impl Bench<'_> {
             ms(quantile(&lat[1], 0.5))
         );
         Ok(lat)
+    }
+
+    /// Writes of `--paced-points` sent every `--paced-ms` whatever became
+    /// of the ones before (open loop), `--paced-writes` per collection,
+    /// first to `r1`, then to `r3`: what a write that arrives while
+    /// others are being replicated waits.
+    async fn paced_latency(&self, p1: u64, p3: u64) -> Result<[Vec<Duration>; 2]> {
+        let args = self.args;
+        let mut out = [Vec::new(), Vec::new()];
+        for (w, (target, primary)) in [(&self.r1, p1), (&self.r3, p3)].into_iter().enumerate() {
+            let client = connect(self.cluster.addr(primary), &self.cluster.ca).await?;
+            let mut tick = tokio::time::interval(Duration::from_millis(args.paced_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut writes = Vec::new();
+            for _ in 0..args.paced_writes.max(1) {
+                tick.tick().await;
+                let (client, target, pool) = (client.clone(), target.clone(), self.pool.clone());
+                let n = args.paced_points.max(1);
+                writes.push(tokio::spawn(async move {
+                    let batch = points(&target, &pool, n);
+                    let t = Instant::now();
+                    client.upsert(target.name, batch).await.map(|_| t.elapsed())
+                }));
+            }
+            for write in writes {
+                let took = write
+                    .await?
+                    .with_context(|| format!("a paced write into {}", target.name))?;
+                out[w].push(took);
+            }
+            out[w].sort();
+            client.close().await;
+        }
+        eprintln!(
+            "paced writes: p50 {:.1} ms ({R1}) vs {:.1} ms ({R3})",
+            ms(quantile(&out[0], 0.5)),
+            ms(quantile(&out[1], 0.5))
+        );
+        Ok(out)
     }
 
     /// `--concurrency` writers, each with its own client of the
@@ -699,6 +744,7 @@ struct Report<'a> {
     p3: u64,
     load_before: &'a str,
     latency: [Vec<Duration>; 2],
+    paced: Option<[Vec<Duration>; 2]>,
     load: [Load; 2],
     catch_ups: Vec<CatchUp>,
     trials: Vec<Trial>,
@@ -759,6 +805,30 @@ impl Report<'_> {
             ratio(0.5),
             ratio(0.99)
         );
+
+        if let Some(paced) = &self.paced {
+            println!(
+                "#### Write latency at a steady rate: {} points every {} ms\n",
+                args.paced_points.max(1),
+                args.paced_ms
+            );
+            println!(
+                "{} writes per collection, each sent on time whatever became of the ones before.\n",
+                args.paced_writes.max(1)
+            );
+            println!("| collection | replicas | p50 ms | p90 ms | p99 ms |");
+            println!("|---|---:|---:|---:|---:|");
+            for (w, (name, replicas)) in [(R1, 1), (R3, 3)].into_iter().enumerate() {
+                let lat = &paced[w];
+                println!(
+                    "| {name} | {replicas} | {:.2} | {:.2} | {:.2} |",
+                    ms(quantile(lat, 0.5)),
+                    ms(quantile(lat, 0.9)),
+                    ms(quantile(lat, 0.99))
+                );
+            }
+            println!();
+        }
 
         let writers = args.concurrency.max(1);
         println!("#### Insert throughput, {writers} concurrent writers\n");
