@@ -901,9 +901,10 @@ impl DataPlane {
     }
 
     /// Brings every member of the ack set up to `fresh` (just appended
-    /// here). Members that fail are removed by CAS first; then the op
-    /// counts as committed only if `min_insync` replicas still hold it.
-    /// Called with the primary lock held.
+    /// here; the epoch start, when no batch is in flight), reconciling
+    /// each to this log. Members that fail are removed by CAS first; then
+    /// the op counts as committed only if `min_insync` replicas still hold
+    /// it. Called with the primary lock held.
     async fn replicate_to_ack_set(
         &self,
         local: &Arc<Local>,
@@ -1049,8 +1050,9 @@ impl DataPlane {
     /// Sends log entries to `node` from `*next` until it holds everything
     /// through `fresh` (or through this log's end), following its answers:
     /// a mismatch moves `next` back to where the logs diverge. `acked`: what
-    /// it acknowledged before, if known; `locked`: called under the primary
-    /// lock, so it must answer within [`REPLICATE_TIMEOUT`].
+    /// it acknowledged before, if known; `locked`: writes wait on it (a
+    /// member of the ack set, or a catch-up's last stretch under the
+    /// primary lock), so it must answer within [`REPLICATE_TIMEOUT`].
     pub(super) async fn bring_up_to(
         &self,
         local: &Arc<Local>,
@@ -1062,9 +1064,9 @@ impl DataPlane {
     ) -> Result<OpId, SendError> {
         let key = local.key;
         let started = Instant::now();
-        // Under the primary lock (a member of the ack set, or a catch-up's
-        // last stretch) an answer must come quickly; a catch-up outside it
-        // may take its time.
+        // When writes wait on it (a member of the ack set, or a catch-up's
+        // last stretch) an answer must come quickly; a catch-up outside
+        // the primary lock may take its time.
         let budget = if locked {
             REPLICATE_TIMEOUT
         } else {
