@@ -404,7 +404,6 @@ impl Exporter {
     pub fn indexes(&mut self, path_of: impl Fn(u64) -> PathBuf) -> Result<(), EngineError> {
         let mut ids = std::mem::take(&mut self.indexed);
         ids.sort_unstable();
-        let mut chunk = vec![0u8; INDEX_CHUNK_BYTES];
         for segment in ids {
             let path = path_of(segment);
             let mut file = match File::open(&path) {
@@ -414,15 +413,13 @@ impl Exporter {
             };
             let mut offset = 0u64;
             loop {
-                let n = read_full(&mut file, &mut chunk).map_err(|e| EngineError::io(&path, e))?;
+                let mut bytes = vec![0u8; INDEX_CHUNK_BYTES];
+                let n = read_full(&mut file, &mut bytes).map_err(|e| EngineError::io(&path, e))?;
                 if n == 0 {
                     break;
                 }
-                self.record(RecordV1::IndexChunk {
-                    segment,
-                    offset,
-                    bytes: chunk[..n].to_vec(),
-                })?;
+                bytes.truncate(n);
+                self.record(RecordV1::IndexChunk { segment, offset, bytes })?;
                 offset += n as u64;
             }
         }

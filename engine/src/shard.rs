@@ -100,8 +100,8 @@ pub const OPLOG_RETAIN_BYTES: u64 = 32 * 1024 * 1024;
 /// while): a returning replica that missed up to about this much catches
 /// up from the log, in time proportional to what it missed, instead of
 /// receiving an export of the whole shard. Only while a replica is away;
-/// the log shrinks back to [`OPLOG_RETAIN_BYTES`] at the next apply once
-/// it is back or gone.
+/// the log is trimmed back to [`OPLOG_RETAIN_BYTES`] as soon as it is
+/// back or gone ([`ShardReplica::trim_log`]).
 pub const OPLOG_HOLD_BYTES: u64 = 256 * 1024 * 1024;
 
 pub(crate) const STORE_FILE: &str = "shard.redb";

@@ -57,7 +57,7 @@ const REORDER_WAIT: Duration = Duration::from_millis(500);
 /// its own ops: they are messages still in flight when this one was
 /// sent, and acknowledged ones among them, so they stay. Ops of earlier
 /// terms beyond its log's end are a deposed primary's uncommitted tail.
-pub(super) fn stale_suffix(beyond: OpId, term: u64) -> bool {
+fn stale_suffix(beyond: OpId, term: u64) -> bool {
     beyond.term < term
 }
 

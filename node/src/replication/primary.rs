@@ -95,7 +95,7 @@ impl Done {
 /// A batch of writes that took its LSNs and is replicating.
 struct InFlight {
     term: u64,
-    ids: Vec<OpId>,
+    /// Its entries, in LSN order.
     fresh: Vec<LogEntry>,
     started: Instant,
     /// The local append (after the batch before it).
@@ -504,8 +504,7 @@ impl DataPlane {
             .enumerate()
             .map(|(i, op)| (OpId::new(term, last.lsn + 1 + i as u64), op))
             .collect();
-        let ids: Vec<OpId> = entries.iter().map(|(id, _)| *id).collect();
-        let end = *ids.last().expect("a batch has at least one op");
+        let end = entries.last().expect("a batch has at least one op").0;
         let fresh: Vec<LogEntry> = entries
             .iter()
             .map(|(id, op)| LogEntry {
@@ -571,7 +570,6 @@ impl DataPlane {
         let before = std::mem::replace(&mut p.decided, decided);
         Ok(InFlight {
             term,
-            ids,
             fresh,
             started: Instant::now(),
             append,
@@ -589,7 +587,6 @@ impl DataPlane {
     async fn finish_batch(&self, local: &Arc<Local>, batch: InFlight) -> Result<Vec<Written>, WireError> {
         let InFlight {
             term,
-            ids,
             fresh,
             started,
             append,
@@ -613,6 +610,7 @@ impl DataPlane {
             }
         }));
         let (appended, results) = tokio::join!(appending, sending);
+        let ids: Vec<OpId> = fresh.iter().map(|e| e.id).collect();
         before.wait().await;
         let decided = self.decide(local, term, &ids, started, appended, results).await;
         drop(counted);
@@ -718,19 +716,8 @@ impl DataPlane {
                 "{key}: this node was deposed as primary while writing; retry"
             )));
         };
-        let mut failed = Vec::new();
-        for (node, r) in results {
-            match r {
-                Ok(_) => {}
-                Err(SendError::Fenced(m)) => {
-                    return Err(outcome_unknown(format!(
-                        "{key}: this node was deposed as primary while writing ({m}); retry"
-                    )))
-                }
-                Err(e) => failed.push((node, e.message())),
-            }
-        }
-        self.settle(local, p, failed).await?;
+        let results = results.into_iter().map(|(node, r)| (node, r.map(|_| ()))).collect();
+        self.settle(local, p, results).await?;
         p.commit_lsn = p.commit_lsn.max(end.lsn);
         // The ack set confirmed this term after `started`: a round for
         // strong and bounded reads too.
@@ -852,19 +839,8 @@ impl DataPlane {
                 return (node, r);
             }
         });
-        let mut failed = Vec::new();
-        for (node, r) in futures::future::join_all(confirms).await {
-            match r {
-                Ok(()) => {}
-                Err(SendError::Fenced(m)) => {
-                    return Err(outcome_unknown(format!(
-                        "{key}: this node was deposed as primary ({m}); retry"
-                    )))
-                }
-                Err(e) => failed.push((node, e.message())),
-            }
-        }
-        self.settle(local, p, failed).await
+        let results = futures::future::join_all(confirms).await;
+        self.settle(local, p, results).await
     }
 
     /// Applies a committed batch (after the batches committed before it)
@@ -937,35 +913,45 @@ impl DataPlane {
                 .await;
             (node, next, r)
         });
-        let results = futures::future::join_all(sends).await;
-        let mut failed = Vec::new();
-        for (node, next, r) in results {
+        let mut results = Vec::new();
+        for (node, next, r) in futures::future::join_all(sends).await {
             // Batches still in flight may have been sent past it already.
             let at = p.next.entry(node).or_insert(next);
             *at = (*at).max(next);
+            results.push((node, r.map(|_| ())));
+        }
+        self.settle(local, p, results).await
+    }
+
+    /// Settles a round from each member's result: a member that fenced
+    /// this node ends it ("outcome unknown"); the members that failed are
+    /// removed from the in-sync set (by CAS); then it checks that at least
+    /// `min_insync` replicas still hold what the round sent, and that a
+    /// lone primary is still the primary of its term. Called with the
+    /// primary lock held.
+    async fn settle(
+        &self,
+        local: &Arc<Local>,
+        p: &mut Primary,
+        results: Vec<(u64, Result<(), SendError>)>,
+    ) -> Result<(), WireError> {
+        let key = local.key;
+        let mut failed = Vec::new();
+        for (node, r) in results {
             match r {
-                Ok(_) => {}
+                Ok(()) => {}
                 Err(SendError::Fenced(m)) => {
                     return Err(outcome_unknown(format!(
-                        "{key}: this node was deposed as primary while writing ({m}); retry"
+                        "{key}: this node was deposed as primary ({m}); retry"
                     )))
                 }
-                Err(e @ (SendError::Failed(_) | SendError::NeedsExport(_))) => {
+                Err(e) => {
                     let m = e.message();
                     debug!(shard = %key, node, error = %m, "backup failed");
                     failed.push((node, m));
                 }
             }
         }
-        self.settle(local, p, failed).await
-    }
-
-    /// Removes the members of the ack set that failed a round (by CAS),
-    /// then checks that at least `min_insync` replicas still hold what
-    /// the round sent, and that a lone primary is still the primary of
-    /// its term. Called with the primary lock held.
-    async fn settle(&self, local: &Arc<Local>, p: &mut Primary, failed: Vec<(u64, String)>) -> Result<(), WireError> {
-        let key = local.key;
         for (node, why) in failed {
             warn!(shard = %key, node, reason = %why, "removing backup from the in-sync set");
             self.remove_member(local, p, node).await?;
