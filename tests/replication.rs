@@ -68,6 +68,16 @@ fn only_shard(c: &CollectionShards) -> &ShardStatus {
     &c.shards[0]
 }
 
+/// The node of a backup of the collection's only shard.
+fn a_backup(shards: &CollectionShards) -> u64 {
+    only_shard(shards)
+        .replicas
+        .iter()
+        .find(|r| !r.primary)
+        .expect("a backup")
+        .node
+}
+
 /// Waits until `client.shards()` shows `n` in-sync replicas per shard that
 /// agree on applied LSN, last op id and points.
 async fn wait_converged(
@@ -607,6 +617,107 @@ async fn caught_up_through_export(extra: &str, export: bool) {
     );
 }
 
+/// With the same small log and no hold, a backup that held sealed
+/// segments when it was killed: the primary's export leaves their rows
+/// out, the backup takes them from its own file, and it ends holding
+/// exactly the acknowledged points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_to_a_returning_backup_leaves_out_the_segments_it_holds() {
+    export_to_returning_backup(true).await;
+}
+
+/// The same with a backup that offers none of its segments (as a node of
+/// the version before, which does not know the request): it gets, and
+/// imports, the whole shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_offers_no_segments_gets_a_whole_export() {
+    export_to_returning_backup(false).await;
+}
+
+/// Kills a backup that holds five sealed segments, writes 1,000 points
+/// past the op log's retention, restarts it with its segments offered to
+/// the export or not (`offer`), and checks it ends in sync holding the
+/// acknowledged points, through one export that reused its 1,000 rows or
+/// none.
+async fn export_to_returning_backup(offer: bool) {
+    let mut cluster = TestCluster::running(fast(3, 0, "oplog_retain_kb = 16\noplog_hold_kb = 0\n")).await;
+    let name = "reuse";
+    let admin = cluster.client(1, ADMIN).await;
+    let spec = CollectionSpec::new(name, DIM as u32, Metric::L2).with_seal_rows(200);
+    if let Err(e) = admin.create_replicated(spec, ReplicationSpec::new(3)).await {
+        cluster.fail(format!("create_replicated({name}) failed: {e}"));
+    }
+    let mut ledger = Ledger::default();
+    // Five sealed segments of 200 rows on every replica.
+    let (backup, others, observer) = kill_a_backup_after(&mut cluster, &admin, name, &mut ledger, 1_000).await;
+    ledger.write_all(&cluster, &others, name, DIM, 1_000, 100).await;
+    if !offer {
+        cluster.set_env(backup, "EDGEVEC_FAULT_NO_SEGMENT_DIGESTS", "1");
+    }
+    cluster.start(backup);
+    wait_back_in_sync(&cluster, &observer, name, backup).await;
+    let settled = wait_converged(&cluster, &observer, name, 3, Duration::from_secs(20)).await;
+    assert_eq!(
+        only_shard(&settled).replicas[0].points,
+        Some(2_000),
+        "every replica holds the acknowledged points:\n{}",
+        show_shards(&settled)
+    );
+    let c = cluster.client(backup, READER).await;
+    let via = format!("restarted node {backup}");
+    let present = check_through(&cluster, &c, &via, name, &ledger).await;
+    assert_eq!(present.len(), 2_000);
+    check_count(&cluster, &c, &via, name, 2_000).await;
+
+    let log = std::fs::read_to_string(cluster.log_path(backup)).unwrap();
+    let reused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("replica imported from an export"))
+        .filter_map(|l| l.split("reused_rows=").nth(1)?.split_whitespace().next())
+        .collect();
+    let want = if offer { "1000" } else { "0" };
+    assert_eq!(
+        reused,
+        [want],
+        "node {backup} imports one export reusing {want} rows; its log ends:\n{}",
+        cluster.log_tail(backup, 40)
+    );
+}
+
+/// Waits (30 s at most) until `backup` is one of the 3 in-sync replicas
+/// of the collection's one shard.
+async fn wait_back_in_sync(cluster: &TestCluster, observer: &edgevec_client::Client, name: &str, backup: u64) {
+    cluster
+        .wait_shards(
+            observer,
+            name,
+            Duration::from_secs(30),
+            "the restarted backup in-sync",
+            |c| all_in_sync(c, 3) && c.shards[0].replicas.iter().any(|r| r.node == backup),
+        )
+        .await;
+}
+
+/// Writes `count` points in batches of 100, waits until every replica of
+/// the collection's one shard holds them, then kills -9 a backup; returns
+/// it, and a writer and an admin client of the other nodes.
+async fn kill_a_backup_after(
+    cluster: &mut TestCluster,
+    admin: &edgevec_client::Client,
+    name: &str,
+    ledger: &mut Ledger,
+    count: u64,
+) -> (u64, edgevec_client::Client, edgevec_client::Client) {
+    let c = cluster.client_any(WRITER).await;
+    ledger.write_all(cluster, &c, name, DIM, count, 100).await;
+    let shards = wait_converged(cluster, admin, name, 3, Duration::from_secs(20)).await;
+    let backup = a_backup(&shards);
+    cluster.kill9(backup);
+    let writer = cluster.client_excluding(&[backup], WRITER).await;
+    let observer = cluster.client_excluding(&[backup], ADMIN).await;
+    (backup, writer, observer)
+}
+
 /// Kills a backup, writes 2,000 points without it, restarts it under a
 /// running writer, and checks it reaches in-sync holding exactly the
 /// acknowledged points. Returns the cluster and the backup's id.
@@ -614,16 +725,8 @@ async fn restarted_backup_catches_up(extra: &str) -> (TestCluster, u64) {
     let mut cluster = TestCluster::running(fast(3, 0, extra)).await;
     let name = "backup";
     let admin = create(&cluster, name, 1, 3).await;
-    let c = cluster.client_any(WRITER).await;
     let mut ledger = Ledger::default();
-    ledger.write_all(&cluster, &c, name, DIM, 500, 100).await;
-    let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
-    let s = only_shard(&shards);
-    let backup = s.replicas.iter().find(|r| !r.primary).expect("a backup").node;
-
-    cluster.kill9(backup);
-    let others = cluster.client_excluding(&[backup], WRITER).await;
-    let observer = cluster.client_excluding(&[backup], ADMIN).await;
+    let (backup, others, observer) = kill_a_backup_after(&mut cluster, &admin, name, &mut ledger, 500).await;
     let started = Instant::now();
     ledger.write_all(&cluster, &others, name, DIM, 2_000, 100).await;
     println!("2,000 points with backup {backup} dead in {:?}", started.elapsed());
@@ -640,15 +743,7 @@ async fn restarted_backup_catches_up(extra: &str) -> (TestCluster, u64) {
         3_000,
         Duration::from_secs(45),
     );
-    cluster
-        .wait_shards(
-            &observer,
-            name,
-            Duration::from_secs(30),
-            "the restarted backup in-sync",
-            |c| all_in_sync(c, 3) && c.shards[0].replicas.iter().any(|r| r.node == backup),
-        )
-        .await;
+    wait_back_in_sync(&cluster, &observer, name, backup).await;
     let ledger = writer.stop(Duration::from_secs(30)).await;
     let failed = ledger.failed();
     if !failed.is_empty() {
@@ -1057,12 +1152,7 @@ async fn an_export_cut_in_the_middle_starts_over_and_never_leaves_half_a_replica
         cluster.fail(format!("create failed: {e}"));
     }
     let shards = wait_converged(&cluster, &admin, name, 3, Duration::from_secs(20)).await;
-    let backup = only_shard(&shards)
-        .replicas
-        .iter()
-        .find(|r| !r.primary)
-        .expect("a backup")
-        .node;
+    let backup = a_backup(&shards);
     cluster.kill9(backup);
     // About 24 MB of vectors: an export of several 4 MiB chunks.
     let writer = cluster.client_excluding(&[backup], WRITER).await;

@@ -90,6 +90,15 @@ pub enum EngineError {
     )]
     LogTrimmed { shard: u32, wanted: u64, first: u64 },
 
+    /// An export leaves out a sealed segment for the importer to take from
+    /// its own copy, and that copy is not the exporter's: the import is
+    /// refused and the exporter must send the segment's rows.
+    #[error(
+        "shard {shard}: the export reuses this replica's copy of segment {segment}, but {why}; \
+         export again without reusing it"
+    )]
+    ReusedSegmentDiffers { shard: u32, segment: u64, why: String },
+
     /// The data directory is of a layout this build does not open; nothing
     /// in it was changed.
     #[error("{path}: {message}")]
@@ -149,6 +158,8 @@ impl EngineError {
             | EngineError::LsnOutOfOrder { .. }
             | EngineError::LogMismatch { .. }
             | EngineError::LogTrimmed { .. } => WireError::new(ErrorCode::Unavailable, self.to_string()),
+            // The sender can do better: an export without the segment.
+            EngineError::ReusedSegmentDiffers { .. } => WireError::new(ErrorCode::Conflict, self.to_string()),
             EngineError::ReplicaExists(_)
             | EngineError::TruncateBelowApplied { .. }
             | EngineError::Layout { .. }

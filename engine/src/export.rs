@@ -15,8 +15,20 @@
 //! is rebuilt, as after a restart; one the exporter did not have yet is
 //! built by the importer.
 //!
-//! File format [`EXPORT_FORMAT`] 3, little-endian (versions 1, which had
-//! no merged segments, and 2, which had no index files, are still read):
+//! Since format 4 an export made for a replica that already holds some of
+//! the sealed segments (it said which, with a [`SegmentDigest`] each) leaves
+//! their rows, payloads and index files out: a `Reused` record stands for
+//! them, with the exporter's own digest of the segment. The importer takes
+//! those rows from the shard file of the replica it replaces, and only if
+//! their digest is the same; its index file for the segment comes along. So
+//! what crosses the network is what the replica lacks (newer segments, the
+//! growing one, deletes and the point table), not the whole shard. An
+//! export without such records is written as format 3, which nodes of the
+//! version before read.
+//!
+//! File format [`EXPORT_FORMAT`] 4, little-endian (versions 1, which had
+//! no merged segments, 2, which had no index files, and 3, which had no
+//! `Reused` records, are still read):
 //!
 //! ```text
 //! "EVEXPORT"   8 bytes of magic
@@ -32,7 +44,8 @@
 //! history up to the applied LSN, growing segment and its rows), then every
 //! `Segment`, `Row`, `Payload`, `Tombstone`, `Point` (live location) and
 //! `Merge` (a merged segment: its sources, the segments whose rows it
-//! takes over, its rows, whether the exporter had installed it), then the
+//! takes over, its rows, whether the exporter had installed it; a
+//! `Reused` record takes the place of a segment's rows), then the
 //! `IndexChunk`s of each index file (segment or merge id ascending, each
 //! file's bytes in order, at most [`INDEX_CHUNK_BYTES`] a record).
 //! Each record is an [`ExportRecord`] envelope: new shapes become `V2`,
@@ -48,6 +61,7 @@
 //! caller builds into a staging area it discards unless the whole read
 //! succeeds.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -59,14 +73,19 @@ use crate::error::EngineError;
 use crate::fsutil::{self, Checksum};
 use crate::plan::Location;
 use crate::shard::ShardConfig;
-use crate::store::{MergeRecordV1, SegmentRecordV1, ShardMetaV2, StateItem};
+use crate::store::{MergeRecordV1, SegmentDigest, SegmentRecordV1, ShardMetaV2, StateItem};
 
 mod check;
 
 use check::Checker;
 
-/// Version of the export file format this build writes and reads.
-pub const EXPORT_FORMAT: u32 = 3;
+/// Newest export file format, which this build writes when an export
+/// leaves out segments the importer holds, and reads.
+pub const EXPORT_FORMAT: u32 = 4;
+
+/// Format of an export that leaves nothing out (what nodes of the version
+/// before read).
+const WHOLE_FORMAT: u32 = 3;
 
 /// Bytes of an index file in one record.
 const INDEX_CHUNK_BYTES: usize = 4 * 1024 * 1024;
@@ -94,6 +113,9 @@ pub struct ExportInfo {
     pub points: u64,
     /// Size of the file in bytes.
     pub bytes: u64,
+    /// Rows left out of the file because the importer holds their sealed
+    /// segments (taken from its own shard file).
+    pub reused_rows: u64,
 }
 
 /// The envelope of every record.
@@ -137,6 +159,14 @@ enum RecordV1 {
         segment: u64,
         offset: u64,
         bytes: Vec<u8>,
+    },
+    /// Format 4, in place of the rows and payloads of a sealed segment:
+    /// the importer holds the segment with this digest and takes them
+    /// from its own file.
+    Reused {
+        segment: u64,
+        rows: u32,
+        sha256: [u8; 32],
     },
 }
 
@@ -184,7 +214,7 @@ impl RecordV1 {
         match self {
             RecordV1::Shard(_) => 0,
             RecordV1::Segment(_) => 1,
-            RecordV1::Row { .. } => 2,
+            RecordV1::Row { .. } | RecordV1::Reused { .. } => 2,
             RecordV1::Payload { .. } => 3,
             RecordV1::Tombstone { .. } => 4,
             RecordV1::Point { .. } => 5,
@@ -257,18 +287,15 @@ impl RecordV1 {
         }
     }
 
-    /// Hands the record to `sink` as an item of the importer's state (an
-    /// empty log right after the last applied op), or to `index` as bytes
-    /// of an index file.
-    fn deliver(
-        self,
-        sink: &mut impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
-        index: &mut impl FnMut(u64, u64, &[u8]) -> Result<(), EngineError>,
-    ) -> Result<(), EngineError> {
+    /// Hands the record to the importer: as an item of its state (an
+    /// empty log right after the last applied op), as bytes of an index
+    /// file, or as a segment to take from its own file.
+    fn deliver(self, to: &mut impl Importer) -> Result<(), EngineError> {
         let at = |segment, row| Location { segment, row };
         match self {
-            RecordV1::IndexChunk { segment, offset, bytes } => index(segment, offset, &bytes),
-            RecordV1::Shard(s) => sink(StateItem::Meta {
+            RecordV1::IndexChunk { segment, offset, bytes } => to.index(segment, offset, &bytes),
+            RecordV1::Reused { segment, rows, sha256 } => to.reuse(segment, rows, sha256),
+            RecordV1::Shard(s) => to.item(StateItem::Meta {
                 meta: ShardMetaV2 {
                     shard: s.shard,
                     dim: s.dim,
@@ -282,7 +309,7 @@ impl RecordV1 {
                 history: s.history,
                 growing_rows: s.growing_rows,
             }),
-            RecordV1::Segment(s) => sink(StateItem::Segment {
+            RecordV1::Segment(s) => to.item(StateItem::Segment {
                 id: s.id,
                 record: SegmentRecordV1 {
                     state: s.state,
@@ -295,24 +322,24 @@ impl RecordV1 {
                 row,
                 id,
                 vector,
-            } => sink(StateItem::Row {
+            } => to.item(StateItem::Row {
                 at: at(segment, row),
                 id,
                 vector,
             }),
-            RecordV1::Payload { segment, row, json } => sink(StateItem::Payload {
+            RecordV1::Payload { segment, row, json } => to.item(StateItem::Payload {
                 at: at(segment, row),
                 json: &json,
             }),
-            RecordV1::Tombstone { segment, row, id } => sink(StateItem::Tombstone {
+            RecordV1::Tombstone { segment, row, id } => to.item(StateItem::Tombstone {
                 at: at(segment, row),
                 id,
             }),
-            RecordV1::Point { id, segment, row } => sink(StateItem::Point {
+            RecordV1::Point { id, segment, row } => to.item(StateItem::Point {
                 id,
                 at: at(segment, row),
             }),
-            RecordV1::Merge(m) => sink(StateItem::Merge {
+            RecordV1::Merge(m) => to.item(StateItem::Merge {
                 id: m.id,
                 record: MergeRecordV1 {
                     sources: m.sources,
@@ -359,11 +386,21 @@ pub(crate) struct Exporter {
     /// Sealed segments and merges of the exported state: the ones whose
     /// index files go with it.
     indexed: Vec<u64>,
+    /// Sealed segments the importer holds as they are here: their rows,
+    /// payloads and index files are left out.
+    reuse: BTreeMap<u64, SegmentDigest>,
+    reused_rows: u64,
 }
 
 impl Exporter {
-    /// Creates (truncating) `path` and writes the header.
-    pub fn create(path: &Path, config: &ShardConfig) -> Result<Exporter, EngineError> {
+    /// Creates (truncating) `path` and writes the header. The rows of the
+    /// sealed segments in `reuse` (digests of this replica's own copies,
+    /// equal to the importer's) are left out.
+    pub fn create(
+        path: &Path,
+        config: &ShardConfig,
+        reuse: BTreeMap<u64, SegmentDigest>,
+    ) -> Result<Exporter, EngineError> {
         let file = File::create(path).map_err(|e| EngineError::io(path, e))?;
         let mut out = Exporter {
             out: BufWriter::with_capacity(1 << 20, file),
@@ -376,14 +413,40 @@ impl Exporter {
             points: 0,
             buf: Vec::new(),
             indexed: Vec::new(),
+            reuse,
+            reused_rows: 0,
         };
         out.put(&MAGIC)?;
-        out.put(&EXPORT_FORMAT.to_le_bytes())?;
+        let version = if out.reuse.is_empty() {
+            WHOLE_FORMAT
+        } else {
+            EXPORT_FORMAT
+        };
+        out.put(&version.to_le_bytes())?;
         Ok(out)
     }
 
     /// Writes the record of one item.
     pub fn item(&mut self, item: StateItem<'_>) -> Result<(), EngineError> {
+        let reused = match &item {
+            StateItem::Row { at, .. } | StateItem::Payload { at, .. } => self.reuse.get(&at.segment).copied(),
+            _ => None,
+        };
+        if let Some(d) = reused {
+            // The segment's first row stands for all of its rows; its
+            // payloads go with them.
+            return match item {
+                StateItem::Row { at, .. } if at.row == 0 => {
+                    self.reused_rows += u64::from(d.rows);
+                    self.record(RecordV1::Reused {
+                        segment: d.segment,
+                        rows: d.rows,
+                        sha256: d.sha256,
+                    })
+                }
+                _ => Ok(()),
+            };
+        }
         let rec = RecordV1::of_item(item, &self.config);
         match &rec {
             RecordV1::Shard(s) => self.last = OpId::new(s.last_term, s.last_lsn),
@@ -404,6 +467,7 @@ impl Exporter {
     pub fn indexes(&mut self, path_of: impl Fn(u64) -> PathBuf) -> Result<(), EngineError> {
         let mut ids = std::mem::take(&mut self.indexed);
         ids.sort_unstable();
+        ids.retain(|id| !self.reuse.contains_key(id));
         for segment in ids {
             let path = path_of(segment);
             let mut file = match File::open(&path) {
@@ -477,6 +541,7 @@ impl Exporter {
                 last: self.last,
                 points: self.points,
                 bytes: self.bytes,
+                reused_rows: self.reused_rows,
             })
         });
         if done.is_err() {
@@ -486,19 +551,25 @@ impl Exporter {
     }
 }
 
+/// Where [`read`] hands what an export holds.
+pub(crate) trait Importer {
+    /// An item of the importer's state (an empty op log after the
+    /// export's last op).
+    fn item(&mut self, item: StateItem<'_>) -> Result<(), EngineError>;
+    /// Bytes `offset..` of the index file of a sealed segment or a merge.
+    fn index(&mut self, segment: u64, offset: u64, bytes: &[u8]) -> Result<(), EngineError>;
+    /// The rows and payloads of the sealed `segment`: the importer's own,
+    /// which must have this digest (`rows` rows).
+    fn reuse(&mut self, segment: u64, rows: u32, sha256: [u8; 32]) -> Result<(), EngineError>;
+}
+
 /// Reads the export `file`, checks it against `config` (the replica it is
-/// to become: shard, dim, metric, seal_rows) and hands its state to `sink`
-/// item by item, as the importer's state (empty op log). Returns what it
-/// held once the whole file is read and checked; the items handed over
-/// before an error must be discarded.
-pub(crate) fn read(
-    file: &Path,
-    config: &ShardConfig,
-    mut sink: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
-    mut index: impl FnMut(u64, u64, &[u8]) -> Result<(), EngineError>,
-) -> Result<ExportInfo, EngineError> {
+/// to become: shard, dim, metric, seal_rows) and hands its state to `to`
+/// record by record. Returns what it held once the whole file is read and
+/// checked; what was handed over before an error must be discarded.
+pub(crate) fn read(file: &Path, config: &ShardConfig, to: &mut impl Importer) -> Result<ExportInfo, EngineError> {
     let mut reader = Reader::open(file)?;
-    let mut checker = Checker::new(config, file);
+    let mut checker = Checker::new(config, file, reader.version);
     while let Some(rec) = reader.next()? {
         if let Err(e) = checker.check(&rec) {
             // Damage explains a bad record better than the record does (a
@@ -507,13 +578,14 @@ pub(crate) fn read(
             reader.verify_rest()?;
             return Err(e);
         }
-        rec.deliver(&mut sink, &mut index)?;
+        rec.deliver(to)?;
     }
-    let (last, points) = checker.finish()?;
+    let (last, points, reused_rows) = checker.finish()?;
     Ok(ExportInfo {
         last,
         points,
         bytes: reader.bytes,
+        reused_rows,
     })
 }
 
@@ -525,6 +597,8 @@ struct Reader {
     records: u64,
     bytes: u64,
     buf: Vec<u8>,
+    /// The file's format version.
+    version: u32,
 }
 
 impl Reader {
@@ -537,6 +611,7 @@ impl Reader {
             records: 0,
             bytes: 0,
             buf: Vec::new(),
+            version: 0,
         };
         if r.take(MAGIC.len())? != MAGIC {
             return Err(corrupt(path, "not an edgevec export (wrong magic bytes)"));
@@ -551,6 +626,7 @@ impl Reader {
                 ),
             ));
         }
+        r.version = version;
         Ok(r)
     }
 
@@ -655,6 +731,31 @@ impl Reader {
             Ok(_) => Err(corrupt(&self.path, "bytes follow the trailer")),
             Err(e) => Err(EngineError::io(&self.path, e)),
         }
+    }
+}
+
+/// Owned copies of what `read` hands over, one line each.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Seen(pub Vec<String>);
+
+#[cfg(test)]
+impl Importer for Seen {
+    fn item(&mut self, item: StateItem<'_>) -> Result<(), EngineError> {
+        self.0.push(format!("{item:?}"));
+        Ok(())
+    }
+
+    fn index(&mut self, segment: u64, offset: u64, bytes: &[u8]) -> Result<(), EngineError> {
+        self.0
+            .push(format!("index {segment} at {offset}: {} bytes", bytes.len()));
+        Ok(())
+    }
+
+    fn reuse(&mut self, segment: u64, rows: u32, sha256: [u8; 32]) -> Result<(), EngineError> {
+        self.0
+            .push(format!("reuse {rows} rows of {segment} ({:02x})", sha256[0]));
+        Ok(())
     }
 }
 

@@ -92,3 +92,4 @@ pub use plan::Location;
 pub use search::search_replicas;
 pub use shard::{LogStatus, ShardConfig, ShardReplica, OPLOG_HOLD_BYTES, OPLOG_RETAIN_BYTES};
 pub use split::{by_shard, last_wins};
+pub use store::SegmentDigest;

@@ -64,7 +64,7 @@ mod rows;
 
 use rows::{RowReader, ROW_CHUNKS};
 
-pub use bulk::{StateItem, StoreImport};
+pub use bulk::{SegmentDigest, StateItem, StoreImport};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const OPLOG: TableDefinition<u64, &[u8]> = TableDefinition::new("oplog");
@@ -198,6 +198,9 @@ pub struct ShardStore {
     db: Database,
     path: PathBuf,
     shard: u32,
+    /// Digests of sealed segments computed so far (their rows and payloads
+    /// never change; segment ids are never reused).
+    digests: std::sync::Mutex<std::collections::HashMap<u64, SegmentDigest>>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -220,6 +223,7 @@ impl ShardStore {
             db,
             path: path.to_owned(),
             shard,
+            digests: Default::default(),
         };
         store.init(dim)?;
         let moved = rows::migrate(&store.db, path, dim as usize)?;

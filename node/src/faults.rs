@@ -19,6 +19,12 @@
 //!   read "not caught up" at once: replicas that are alive but cannot serve.
 //! - `EDGEVEC_FAULT_CLOCK_OFFSET_MS` (signed): this node's wall clock
 //!   ([`wall_ms`]) is off by this much: a node whose time is not in sync.
+//! - `EDGEVEC_FAULT_EXPORT_MBIT`: this node takes each chunk of an export
+//!   it receives as late as a link of this many megabits per second would
+//!   deliver it: an edge site behind a slow link.
+//! - `EDGEVEC_FAULT_NO_SEGMENT_DIGESTS=1`: this node offers no sealed
+//!   segments to the exports it receives, as a node of the version before
+//!   does not: every export it gets carries every row.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -33,6 +39,9 @@ pub struct Faults {
     pub refuse_reads: bool,
     /// Added to this node's wall clock (ms).
     pub clock_offset_ms: i64,
+    /// Megabits per second of the link exports arrive over.
+    pub export_mbit: Option<u64>,
+    pub no_segment_digests: bool,
 }
 
 fn ms(var: &str) -> Option<Duration> {
@@ -60,6 +69,11 @@ pub fn get() -> Faults {
         read_delay: ms("EDGEVEC_FAULT_READ_DELAY_MS"),
         refuse_reads: std::env::var("EDGEVEC_FAULT_REFUSE_READS").is_ok_and(|v| v == "1"),
         clock_offset_ms: signed_ms("EDGEVEC_FAULT_CLOCK_OFFSET_MS"),
+        export_mbit: std::env::var("EDGEVEC_FAULT_EXPORT_MBIT")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|n| *n > 0),
+        no_segment_digests: std::env::var("EDGEVEC_FAULT_NO_SEGMENT_DIGESTS").is_ok_and(|v| v == "1"),
     })
 }
 

@@ -545,6 +545,7 @@ impl Dispatch for Service {
             NodeOpV1::PluginGet { .. } => "plugin_get",
             NodeOpV1::ShardReadAt(_) => "shard_read_at",
             NodeOpV1::CommitPoint { .. } => "commit_point",
+            NodeOpV1::SealedDigests { .. } => "sealed_digests",
         };
         let result = match op {
             NodeOpV1::Ping { .. } => Ok(NodeReplyV1::Pong { node_id: self.node.id }),
@@ -608,6 +609,11 @@ impl Dispatch for Service {
                 .commit_point(shard, term)
                 .await
                 .map(|lsn| NodeReplyV1::CommitPoint { lsn }),
+            NodeOpV1::SealedDigests { shard, term } => self
+                .plane
+                .on_sealed_digests(peer, shard, term)
+                .await
+                .map(NodeReplyV1::SealedDigests),
         };
         self.metrics.record_rpc("node", name, result.is_ok(), started.elapsed());
         NodeResponse::V1(result)

@@ -70,6 +70,13 @@ pub enum NodeOpV1 {
         shard: crate::replication::ShardRef,
         term: u64,
     },
+    /// The primary of `term` → a replica it is about to send an export:
+    /// the digests of the replica's sealed segments, so that the export
+    /// leaves out the ones it holds as they are.
+    SealedDigests {
+        shard: crate::replication::ShardRef,
+        term: u64,
+    },
 }
 
 /// Membership changes an admin can ask for.
@@ -143,4 +150,6 @@ pub enum NodeReplyV1 {
     CommitPoint {
         lsn: u64,
     },
+    /// At most [`crate::replication::MAX_SEALED_DIGESTS`] digests.
+    SealedDigests(Vec<crate::replication::SegmentDigestV1>),
 }

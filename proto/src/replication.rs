@@ -92,6 +92,22 @@ pub struct ExportChunk {
     pub last: OpId,
 }
 
+/// What a replica holds of one sealed segment (the engine's digest of its
+/// rows and payloads): a primary leaves out of an export the segments
+/// whose digest is the same as its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentDigestV1 {
+    pub segment: u64,
+    pub rows: u32,
+    pub sealed_lsn: u64,
+    pub sha256: [u8; 32],
+}
+
+/// Most sealed-segment digests a replica reports (its oldest segments
+/// beyond that are sent whole; at the smallest seal size, 64 rows, that
+/// is 6.4 million rows), and a bound on what a primary takes from a peer.
+pub const MAX_SEALED_DIGESTS: usize = 100_000;
+
 /// The receiver's answer to an [`ExportChunk`]: how much of the transfer
 /// it holds (the sender resumes from there), and once imported, its log end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

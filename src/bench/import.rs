@@ -50,14 +50,14 @@ pub fn run(args: &Args, dir: &Path) -> Result<()> {
             bail!("indexes not built within an hour");
         }
         let (_, builds, build_s) = engine.index_builds();
-        replica.export_to(&with)?;
+        replica.export_to(&with, &[])?;
         for entry in std::fs::read_dir(source.join("replicas/1-0"))? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "hnsw") {
                 std::fs::remove_file(&path)?;
             }
         }
-        replica.export_to(&without)?;
+        replica.export_to(&without, &[])?;
         (builds, build_s)
     };
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1e6);

@@ -56,7 +56,9 @@ impl Engine {
         validate::replica_spec(&spec)?;
         let key = spec.key;
         let _claim = ImportClaim::take(&self.importing, &self.import_done, key);
-        if let Some((existing, _)) = self.read_map().get(&key) {
+        // The replica being replaced: segments the export reuses come from it.
+        let held = self.read_map().get(&key).cloned();
+        if let Some((existing, _)) = &held {
             let schema = |s: &ReplicaSpec| (s.dim, s.metric, s.seal_rows);
             if schema(existing) != schema(&spec) {
                 return Err(EngineError::ReplicaExists(key));
@@ -70,7 +72,9 @@ impl Engine {
         }
 
         fsutil::create_dir_durable(&staging)?;
-        let info = match shard::import_files(&staging, &config, file) {
+        let imported = shard::import_files(&staging, &config, file, held.as_ref().map(|(_, r)| &**r));
+        drop(held);
+        let info = match imported {
             Ok(info) => info,
             Err(e) => {
                 discard(&staging);
@@ -103,6 +107,7 @@ impl Engine {
             last = %info.last,
             points = info.points,
             bytes = info.bytes,
+            reused_rows = info.reused_rows,
             old = ?trashed,
             replaced_damaged = healed.is_some(),
             "replica imported from an export"

@@ -348,7 +348,7 @@ fn a_replica_that_fails_to_open_is_set_aside_until_an_import_replaces_it() {
         for s in [&bad, &good] {
             write(&e.create_replica(s.clone()).unwrap(), ShardOp::Upsert(line(0..5))).unwrap();
         }
-        e.replica(bad.key).unwrap().export_to(&exported).unwrap();
+        e.replica(bad.key).unwrap().export_to(&exported, &[]).unwrap();
     }
     let file = dir.path().join("replicas/1-0/shard.redb");
     let mut bytes = std::fs::read(&file).unwrap();
@@ -391,14 +391,14 @@ fn an_import_opens_with_the_exporters_indexes_and_rebuilds_an_unusable_one() {
         a.upsert(line(0..300)).unwrap();
         assert!(e.wait_for_indexes(WAIT));
         before = a.search(&queries, 5, true).unwrap();
-        a.replicas[0].export_to(&exported).unwrap();
+        a.replicas[0].export_to(&exported, &[]).unwrap();
         let replica_dir = dir.path().join("exporter/replicas/1-0");
         files = std::fs::read_dir(&replica_dir)
             .unwrap()
             .filter(|f| f.as_ref().unwrap().file_name().to_string_lossy().ends_with(".hnsw"))
             .count();
         std::fs::write(replica_dir.join("seg-1.hnsw"), b"garbage").unwrap();
-        a.replicas[0].export_to(&damaged).unwrap();
+        a.replicas[0].export_to(&damaged, &[]).unwrap();
     }
     // 300 rows at 64 a segment: four sealed segments, each with its index.
     assert_eq!(files, 4);

@@ -15,7 +15,10 @@
 //! id is no segment's, it covers sealed segments only, and its rows are
 //! distinct existing rows of those; the chunks of an index file belong to
 //! a sealed segment or a merge, are not empty, and follow each other from
-//! offset 0 (what the file holds is the importer's index load to check).
+//! offset 0 (what the file holds is the importer's index load to check);
+//! a `Reused` record (format 4 on) stands for all the rows of a sealed
+//! segment that has no rows, payloads or index file in the file, with the
+//! rows its record says.
 //! Anything else is [`EngineError::Corrupt`].
 
 use std::collections::{BTreeMap, HashSet};
@@ -47,10 +50,15 @@ pub(super) struct Checker<'a> {
     /// Bytes of the index file being read: (segment or merge, bytes).
     index: Option<(u64, u64)>,
     points: u64,
+    /// The file's format version.
+    version: u32,
+    /// Segments `Reused` records stand for, and their rows.
+    reused: HashSet<u64>,
+    reused_rows: u64,
 }
 
 impl<'a> Checker<'a> {
-    pub fn new(config: &'a ShardConfig, file: &'a Path) -> Checker<'a> {
+    pub fn new(config: &'a ShardConfig, file: &'a Path, version: u32) -> Checker<'a> {
         Checker {
             config,
             file,
@@ -61,6 +69,9 @@ impl<'a> Checker<'a> {
             merges: HashSet::new(),
             index: None,
             points: 0,
+            version,
+            reused: HashSet::new(),
+            reused_rows: 0,
         }
     }
 
@@ -93,6 +104,7 @@ impl<'a> Checker<'a> {
             RecordV1::Row { segment, row, .. }
             | RecordV1::Payload { segment, row, .. }
             | RecordV1::Tombstone { segment, row, .. } => (*segment, u64::from(*row)),
+            RecordV1::Reused { segment, .. } => (*segment, 0),
             RecordV1::Point { id, .. } => (*id, 0),
             RecordV1::Merge(m) => (m.id, 0),
             RecordV1::IndexChunk { segment, offset, .. } => (*segment, *offset),
@@ -129,6 +141,12 @@ impl<'a> Checker<'a> {
                 }
                 seg.seen += 1;
             }
+            RecordV1::Reused { segment, rows, .. } => self.check_reused(*segment, *rows)?,
+            RecordV1::Payload { segment, .. } if self.reused.contains(segment) => {
+                return Err(self.corrupt(format!(
+                    "{rec:?} of segment {segment}, whose payloads the importer takes from its own copy"
+                )));
+            }
             RecordV1::Payload { segment, row, .. } | RecordV1::Tombstone { segment, row, .. } => {
                 self.row_exists(*segment, *row, rec)?;
             }
@@ -145,7 +163,39 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
+    fn check_reused(&mut self, segment: u64, rows: u32) -> Result<(), EngineError> {
+        if self.version < 4 {
+            return Err(self.corrupt(format!(
+                "a record reusing segment {segment} in a file of format {}, which has none",
+                self.version
+            )));
+        }
+        let growing = self.shard.map(|(_, growing, _)| growing);
+        match self.segments.get_mut(&segment) {
+            Some(seg)
+                if Some(segment) != growing
+                    && seg.state == SegmentState::Sealed
+                    && seg.seen == 0
+                    && seg.rows == rows =>
+            {
+                seg.seen = rows;
+                self.reused.insert(segment);
+                self.reused_rows += u64::from(rows);
+                Ok(())
+            }
+            _ => Err(self.corrupt(format!(
+                "a record reusing {rows} rows of segment {segment}, which is no sealed segment of that many \
+                 rows without rows in the file"
+            ))),
+        }
+    }
+
     fn check_index(&mut self, segment: u64, offset: u64, len: usize) -> Result<(), EngineError> {
+        if self.reused.contains(&segment) {
+            return Err(self.corrupt(format!(
+                "an index file for segment {segment}, which the importer takes from its own copy"
+            )));
+        }
         let growing = self.shard.map(|(_, growing, _)| growing);
         let sealed = self.segments.contains_key(&segment) && Some(segment) != growing;
         if !sealed && !self.merges.contains(&segment) {
@@ -239,9 +289,9 @@ impl<'a> Checker<'a> {
         Ok((last, s.growing, s.growing_rows))
     }
 
-    /// Checks what only the whole file shows; returns the last op id and
-    /// the number of live points.
-    pub fn finish(&self) -> Result<(OpId, u64), EngineError> {
+    /// Checks what only the whole file shows; returns the last op id, the
+    /// number of live points and the rows of reused segments.
+    pub fn finish(&self) -> Result<(OpId, u64, u64), EngineError> {
         let Some((last, growing, growing_rows)) = self.shard else {
             return Err(self.corrupt("no shard record"));
         };
@@ -261,6 +311,6 @@ impl<'a> Checker<'a> {
                 )));
             }
         }
-        Ok((last, self.points))
+        Ok((last, self.points, self.reused_rows))
     }
 }

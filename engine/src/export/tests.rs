@@ -82,28 +82,15 @@ fn items() -> Vec<StateItem<'static>> {
 }
 
 fn export(path: &Path, items: Vec<StateItem<'_>>) -> ExportInfo {
-    let mut out = Exporter::create(path, &config()).unwrap();
+    let mut out = Exporter::create(path, &config(), BTreeMap::new()).unwrap();
     let read = items.into_iter().try_for_each(|item| out.item(item));
     out.finish(read).unwrap()
 }
 
-/// Owned copies of what `read` hands over.
 fn read_all(path: &Path, config: &ShardConfig) -> Result<(ExportInfo, Vec<String>), EngineError> {
-    let seen = std::cell::RefCell::new(Vec::new());
-    let info = read(
-        path,
-        config,
-        |item| {
-            seen.borrow_mut().push(format!("{item:?}"));
-            Ok(())
-        },
-        |segment, offset, bytes| {
-            seen.borrow_mut()
-                .push(format!("index {segment} at {offset}: {} bytes", bytes.len()));
-            Ok(())
-        },
-    )?;
-    Ok((info, seen.into_inner()))
+    let mut seen = Seen::default();
+    let info = read(path, config, &mut seen)?;
+    Ok((info, seen.0))
 }
 
 #[test]
@@ -117,6 +104,7 @@ fn items_round_trip_as_an_importer_state() {
             last: OpId::new(4, 5),
             points: 2,
             bytes: std::fs::metadata(&path).unwrap().len(),
+            reused_rows: 0,
         }
     );
     let (read_info, seen) = read_all(&path, &config()).unwrap();
@@ -174,9 +162,16 @@ fn every_damage_is_refused() {
     assert!(err.contains("above the bound"), "{err}");
 }
 
-/// Writes `records` as they are, bypassing the conversion of items.
+/// Writes `records` as they are, bypassing the conversion of items, as
+/// an export that reuses nothing (format 3).
 fn write_records(path: &Path, records: Vec<RecordV1>) {
-    let mut out = Exporter::create(path, &config()).unwrap();
+    write_records_reusing(path, records, BTreeMap::new());
+}
+
+/// [`write_records`] by an exporter told to reuse `reuse` (format 4 when
+/// there is any).
+fn write_records_reusing(path: &Path, records: Vec<RecordV1>, reuse: BTreeMap<u64, SegmentDigest>) {
+    let mut out = Exporter::create(path, &config(), reuse).unwrap();
     let read = records.into_iter().try_for_each(|r| out.record(r));
     out.finish(read).unwrap();
 }
@@ -234,6 +229,54 @@ fn valid_records() -> Vec<RecordV1> {
             row: 0,
         },
     ]
+}
+
+fn digest(segment: u64, rows: u32) -> SegmentDigest {
+    SegmentDigest {
+        segment,
+        rows,
+        sealed_lsn: 0,
+        sha256: [0xab; 32],
+    }
+}
+
+fn reused(segment: u64, rows: u32) -> RecordV1 {
+    RecordV1::Reused {
+        segment,
+        rows,
+        sha256: [0xab; 32],
+    }
+}
+
+/// An exporter told that the importer holds sealed segment 1 writes a
+/// `Reused` record instead of its rows and payloads, and leaves out its
+/// index file; the reader hands the record to the importer and counts
+/// its rows. Told nothing, the same state is written as format 3.
+#[test]
+fn rows_of_segments_the_importer_holds_are_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, part) = (dir.path().join("whole.export"), dir.path().join("part.export"));
+    export(&whole, items());
+    let mut out = Exporter::create(&part, &config(), BTreeMap::from([(1, digest(1, 2))])).unwrap();
+    let read = items().into_iter().try_for_each(|item| out.item(item));
+    let index_dir = tempfile::tempdir().unwrap();
+    std::fs::write(index_dir.path().join("1"), [7u8; 10]).unwrap();
+    let read = read.and_then(|()| out.indexes(|segment| index_dir.path().join(segment.to_string())));
+    let info = out.finish(read).unwrap();
+    assert_eq!(info.reused_rows, 2);
+    let version = |path: &Path| std::fs::read(path).unwrap()[8..12].to_vec();
+    assert_eq!(version(&whole), 3u32.to_le_bytes());
+    assert_eq!(version(&part), 4u32.to_le_bytes());
+
+    let (read_info, seen) = read_all(&part, &config()).unwrap();
+    assert_eq!(read_info, info);
+    let (_, everything) = read_all(&whole, &config()).unwrap();
+    let mut want: Vec<String> = everything
+        .into_iter()
+        .filter(|s| !(s.starts_with("Row") || s.starts_with("Payload")) || s.contains("segment: 2"))
+        .collect();
+    want.insert(3, "reuse 2 rows of 1 (ab)".into());
+    assert_eq!(seen, want);
 }
 
 #[test]
@@ -322,6 +365,50 @@ fn inconsistent_records_are_refused() {
             Err(EngineError::Corrupt { message, .. }) => assert!(message.contains(want), "{want}: {message}"),
             other => panic!("{want}: expected Corrupt, got {other:?}"),
         }
+    }
+
+    // `Reused` records, in files of format 4 (`valid_records` with the
+    // rows of segment 1 reused is a valid one).
+    let reusing = |edit: &dyn Fn(&mut Vec<RecordV1>)| {
+        with(&|r| {
+            r.splice(3..5, [reused(1, 2)]);
+            edit(r)
+        })
+    };
+    let v4 = || BTreeMap::from([(99, digest(99, 1))]);
+    write_records_reusing(&path, reusing(&|_| {}), v4());
+    assert_eq!(read_all(&path, &config()).unwrap().0.reused_rows, 2);
+    let no_payload = |r: &mut Vec<RecordV1>| {
+        r.insert(
+            5,
+            RecordV1::Payload {
+                segment: 1,
+                row: 1,
+                json: "{}".into(),
+            },
+        )
+    };
+    let cases: Vec<(&str, Vec<RecordV1>)> = vec![
+        ("sealed segment of that many rows", reusing(&|r| r[3] = reused(1, 3))),
+        ("sealed segment of that many rows", reusing(&|r| r[3] = reused(2, 0))),
+        ("sealed segment of that many rows", reusing(&|r| r[3] = reused(7, 2))),
+        ("after 2 rows", reusing(&|r| r.insert(4, row_of(1, 1)))),
+        ("do not ascend", with(&|r| r.insert(4, reused(1, 2)))),
+        ("takes from its own copy", reusing(&no_payload)),
+        ("takes from its own copy", reusing(&|r| r.push(index_chunk(1, 0, 4)))),
+    ];
+    for (want, records) in cases {
+        write_records_reusing(&path, records, v4());
+        match read_all(&path, &config()) {
+            Err(EngineError::Corrupt { message, .. }) => assert!(message.contains(want), "{want}: {message}"),
+            other => panic!("{want}: expected Corrupt, got {other:?}"),
+        }
+    }
+    // Format 3 has no such records.
+    write_records(&path, reusing(&|_| {}));
+    match read_all(&path, &config()) {
+        Err(EngineError::Corrupt { message, .. }) => assert!(message.contains("format 3"), "{message}"),
+        other => panic!("a reused segment in format 3: {other:?}"),
     }
 }
 

@@ -11,10 +11,17 @@
 //! is trusted only once complete), and the meta record with the term
 //! history goes in last, in the one durable commit. Until then the file has
 //! no meta record, so it cannot be mistaken for a complete shard.
+//!
+//! [`ShardStore::sealed_digests`] and [`ShardStore::sealed_segment`] name
+//! the content of sealed segments by a [`SegmentDigest`]: an export to a
+//! replica that holds a sealed segment with the same digest leaves its
+//! rows out, and the import takes them from that replica's own file.
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use edgevec_proto::SegmentState;
+use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable};
+use sha2::{Digest, Sha256};
 
 use super::rows::{self, RowReader, ROW_CHUNKS};
 use super::{
@@ -136,6 +143,131 @@ impl ShardStore {
             })?;
         }
         Ok(())
+    }
+}
+
+/// The content of one sealed segment as a replica stores it: two replicas
+/// whose digests of a segment are equal hold the same rows and payloads
+/// in it (sealed rows never change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SegmentDigest {
+    pub segment: u64,
+    pub rows: u32,
+    pub sealed_lsn: u64,
+    /// SHA-256 of a version tag, the segment's id, rows and sealing LSN,
+    /// then each stored row (index, point id, vector) and each payload
+    /// (row, JSON), in row order, all little-endian.
+    pub sha256: [u8; 32],
+}
+
+/// Tag hashed first into every [`SegmentDigest`]: a change of what is
+/// hashed changes it, so digests of two builds never match by accident.
+const DIGEST_TAG: &[u8] = b"edgevec sealed segment digest v1";
+
+impl ShardStore {
+    /// Digests of the sealed segments whose ids `wanted` accepts, read from
+    /// one transaction (each segment's rows are read and hashed once; the
+    /// digest is kept for later calls).
+    pub fn sealed_digests(&self, wanted: impl Fn(u64) -> bool) -> Result<Vec<SegmentDigest>, EngineError> {
+        let txn = self.db.begin_read()?;
+        let mut sealed = Vec::new();
+        for entry in txn.open_table(SEGMENTS)?.iter()? {
+            let (k, v) = entry?;
+            let SegmentRecord::V1(record) = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
+            if record.state == SegmentState::Sealed && wanted(k.value()) {
+                sealed.push((k.value(), record));
+            }
+        }
+        let mut out = Vec::with_capacity(sealed.len());
+        for (id, record) in sealed {
+            let known = self.digests.lock().expect("digests lock").get(&id).copied();
+            let digest = match known {
+                Some(d) if (d.rows, d.sealed_lsn) == (record.rows, record.sealed_lsn) => d,
+                _ => {
+                    let d = self.segment_content(&txn, id, &record, &mut |_| Ok(()))?;
+                    self.digests.lock().expect("digests lock").insert(id, d);
+                    d
+                }
+            };
+            out.push(digest);
+        }
+        Ok(out)
+    }
+
+    /// Hands the stored rows of the sealed `segment`, then its payloads,
+    /// to `visit` as state items, and returns the segment's digest of what
+    /// it read (never one kept from before); `None` when the file holds no
+    /// sealed segment of that id. One transaction.
+    pub fn sealed_segment(
+        &self,
+        segment: u64,
+        mut visit: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
+    ) -> Result<Option<SegmentDigest>, EngineError> {
+        let txn = self.db.begin_read()?;
+        let record = match txn.open_table(SEGMENTS)?.get(segment)? {
+            Some(v) => {
+                let SegmentRecord::V1(record) = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
+                record
+            }
+            None => return Ok(None),
+        };
+        if record.state != SegmentState::Sealed {
+            return Ok(None);
+        }
+        self.segment_content(&txn, segment, &record, &mut visit).map(Some)
+    }
+
+    fn segment_content(
+        &self,
+        txn: &ReadTransaction,
+        segment: u64,
+        record: &SegmentRecordV1,
+        visit: &mut dyn FnMut(StateItem<'_>) -> Result<(), EngineError>,
+    ) -> Result<SegmentDigest, EngineError> {
+        let dim = {
+            let raw = txn
+                .open_table(META)?
+                .get(META_KEY)?
+                .ok_or_else(|| self.corrupt("missing shard record"))?;
+            self.decode_meta(raw.value())?.dim as usize
+        };
+        let mut h = Sha256::new();
+        h.update(DIGEST_TAG);
+        h.update(segment.to_le_bytes());
+        h.update(record.rows.to_le_bytes());
+        h.update(record.sealed_lsn.to_le_bytes());
+        let mut bytes = Vec::with_capacity(dim * 4);
+        let rows = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, dim);
+        rows.segment(segment, |row, id, vector| {
+            bytes.clear();
+            bytes.extend(vector.iter().flat_map(|x| x.to_le_bytes()));
+            h.update(row.to_le_bytes());
+            h.update(id.to_le_bytes());
+            h.update(&bytes);
+            visit(StateItem::Row {
+                at: Location { segment, row },
+                id,
+                vector: vector.to_vec(),
+            })
+        })?;
+        for entry in txn.open_table(PAYLOADS)?.range((segment, 0)..=(segment, u32::MAX))? {
+            let (k, v) = entry?;
+            let (_, row) = k.value();
+            let json = v.value();
+            h.update(row.to_le_bytes());
+            h.update((json.len() as u64).to_le_bytes());
+            h.update(json.as_bytes());
+            visit(StateItem::Payload {
+                at: Location { segment, row },
+                json,
+            })?;
+        }
+        Ok(SegmentDigest {
+            segment,
+            rows: record.rows,
+            sealed_lsn: record.sealed_lsn,
+            sha256: h.finalize().into(),
+        })
     }
 }
 

@@ -128,6 +128,10 @@ pub struct Local {
     pub rounds: reads::Rounds,
     /// A merge op this primary proposed is being written.
     pub merging: std::sync::atomic::AtomicBool,
+    /// Whether this replica offers its sealed segments to the next export
+    /// it receives; cleared when an import found a copy that differs, so
+    /// the export after it carries everything.
+    pub offer_digests: std::sync::atomic::AtomicBool,
 }
 
 impl Local {
@@ -158,6 +162,7 @@ impl Local {
             gate,
             rounds: reads::Rounds::default(),
             merging: std::sync::atomic::AtomicBool::new(false),
+            offer_digests: std::sync::atomic::AtomicBool::new(true),
         })
     }
 

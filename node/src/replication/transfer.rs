@@ -11,21 +11,37 @@
 //! replica's whole log and state at once; until then the replica is
 //! untouched. Log catch-up then goes on from the export's LSN, and the
 //! replica joins the in-sync set as after any catch-up — never before.
+//!
+//! Before exporting, the primary asks the replica for the digests of its
+//! sealed segments ([`NodeOpV1::SealedDigests`]) and leaves out of the
+//! export the rows of those it holds with the same digest: a replica that
+//! was away receives what it lacks, not the whole shard. The import takes
+//! those rows from the replica's own file and checks their digest again;
+//! should a copy differ, the import is refused and the replica offers no
+//! digests to the next export, which then carries everything. A node that
+//! does not know the request (an older version) gets a whole export.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edgevec_engine::SegmentDigest;
 use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
-use edgevec_proto::replication::{ExportChunk, ExportProgress, EXPORT_CHUNK_BYTES};
+use edgevec_proto::replication::{
+    ExportChunk, ExportProgress, SegmentDigestV1, ShardRef, EXPORT_CHUNK_BYTES, MAX_SEALED_DIGESTS,
+};
 use edgevec_proto::{ErrorCode, OpId, WireError};
+use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{blocking, DataPlane, Local};
 
 /// Deadline of one chunk's exchange.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of the digests a replica reports (it reads and hashes each of
+/// its sealed segments the first time).
+const DIGESTS_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a whole transfer may take before the catch-up starts over.
 const TRANSFER_BUDGET: Duration = Duration::from_secs(600);
 
@@ -50,24 +66,90 @@ impl DataPlane {
         // from before the export starts, so retention cannot drop them
         // while it runs (the export is taken at the applied LSN or later).
         local.hold_log_for(node, Some(local.replica.applied_lsn()));
+        let started = Instant::now();
+        let held = self.held_segments(key, term, node).await;
         let replica = local.replica.clone();
         let export_path = path.clone();
-        let started = Instant::now();
-        let info = blocking(move || replica.export_to(&export_path))
+        let info = blocking(move || replica.export_to(&export_path, &held))
             .await
             .map_err(|e| format!("export failed: {}", e.message))?;
         local.hold_log_for(node, Some(info.last.lsn));
-        info!(shard = %key, node, last = %info.last, bytes = info.bytes, points = info.points, "sending an export");
+        info!(
+            shard = %key, node, last = %info.last, bytes = info.bytes, points = info.points,
+            reused_rows = info.reused_rows, "sending an export"
+        );
         let result = self
             .stream_export(local, term, node, transfer, &path, info.bytes, info.last)
             .await;
         let _ = tokio::fs::remove_file(&path).await;
         let last = result?;
         info!(
-            shard = %key, node, last = %last, mb = info.bytes as f64 / 1e6, secs = started.elapsed().as_secs_f64(),
-            "export imported"
+            shard = %key, node, last = %last, mb = info.bytes as f64 / 1e6, reused_rows = info.reused_rows,
+            secs = started.elapsed().as_secs_f64(), "export imported"
         );
         Ok(last)
+    }
+
+    /// The sealed segments `node` holds of `key`, as its digests say; none
+    /// when it does not answer with a bounded list (an older node, or one
+    /// whose copies failed an import).
+    async fn held_segments(&self, key: ShardRef, term: u64, node: u64) -> Vec<SegmentDigest> {
+        match self
+            .call(node, NodeOpV1::SealedDigests { shard: key, term }, DIGESTS_TIMEOUT)
+            .await
+        {
+            Ok(NodeReplyV1::SealedDigests(held)) if held.len() <= MAX_SEALED_DIGESTS => held
+                .into_iter()
+                .map(|d| SegmentDigest {
+                    segment: d.segment,
+                    rows: d.rows,
+                    sealed_lsn: d.sealed_lsn,
+                    sha256: d.sha256,
+                })
+                .collect(),
+            Ok(other) => {
+                debug!(shard = %key, node, reply = ?std::mem::discriminant(&other), "no usable segment digests; a whole export");
+                Vec::new()
+            }
+            Err(e) => {
+                debug!(shard = %key, node, error = %e.message, "no segment digests; a whole export");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The replica's side of [`NodeOpV1::SealedDigests`]: the digests of
+    /// its sealed segments (at most [`MAX_SEALED_DIGESTS`], the oldest
+    /// first), none while it is damaged or after an import found one of
+    /// its copies different.
+    pub async fn on_sealed_digests(
+        &self,
+        peer: u64,
+        key: ShardRef,
+        term: u64,
+    ) -> Result<Vec<SegmentDigestV1>, WireError> {
+        self.check_sender(peer, key, term).await?;
+        let Some(local) = self.local(key) else {
+            return Ok(Vec::new());
+        };
+        if !local.offer_digests.load(Ordering::Acquire)
+            || local.damaged.lock().expect("damaged lock").is_some()
+            || crate::faults::get().no_segment_digests
+        {
+            return Ok(Vec::new());
+        }
+        let replica = local.replica.clone();
+        let mut held = blocking(move || replica.sealed_digests()).await?;
+        held.truncate(MAX_SEALED_DIGESTS);
+        Ok(held
+            .into_iter()
+            .map(|d| SegmentDigestV1 {
+                segment: d.segment,
+                rows: d.rows,
+                sealed_lsn: d.sealed_lsn,
+                sha256: d.sha256,
+            })
+            .collect())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -153,6 +235,10 @@ impl DataPlane {
                 ),
             ));
         }
+        if let Some(mbit) = crate::faults::get().export_mbit {
+            let bits = chunk.bytes.len() as f64 * 8.0;
+            tokio::time::sleep(Duration::from_secs_f64(bits / (mbit as f64 * 1e6))).await;
+        }
         // Serialised with replication messages of this replica.
         let mut view = local.backup.lock().await;
         let mut incoming = local.incoming.lock().await;
@@ -199,6 +285,11 @@ impl DataPlane {
         let file = path.clone();
         let imported = blocking(move || engine.import_replica(spec, &file)).await;
         let _ = tokio::fs::remove_file(&path).await;
+        if imported.as_ref().is_err_and(|e| e.code == ErrorCode::Conflict) {
+            // One of the copies the export reused differs here: the next
+            // export must carry every row.
+            local.offer_digests.store(false, Ordering::Release);
+        }
         let replica = imported?;
         let last = replica.last_op();
         if last != chunk.last {

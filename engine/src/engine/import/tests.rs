@@ -120,13 +120,14 @@ fn export_then_import_reproduces_the_replica() {
     assert!(ea.wait_for_indexes(WAIT));
 
     let path = files.path().join("a.export");
-    let info = a.export_to(&path).unwrap();
+    let info = a.export_to(&path, &[]).unwrap();
     assert_eq!(
         info,
         ExportInfo {
             last: OpId::new(4, 90),
             points: a.info().0.points,
             bytes: std::fs::metadata(&path).unwrap().len(),
+            reused_rows: 0,
         }
     );
     let b = eb.import_replica(rspec(1, 2), &path).unwrap();
@@ -156,6 +157,112 @@ fn export_then_import_reproduces_the_replica() {
     );
 }
 
+fn temp_dirs<const N: usize>() -> [tempfile::TempDir; N] {
+    std::array::from_fn(|_| tempfile::tempdir().unwrap())
+}
+
+/// Inode numbers of a replica directory's index files, by name.
+fn index_files(dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".hnsw"))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().ino(),
+            )
+        })
+        .collect()
+}
+
+/// A replica that went away holding the older sealed segments gets an
+/// export without their rows: the import takes them, and their index
+/// files, from its own copy, and ends as the exporter's replica. A copy
+/// that differs, or no copy at all, is refused, and the replica stays as
+/// it was.
+#[test]
+fn an_export_leaves_out_the_sealed_segments_the_importer_holds() {
+    let [da, db, dc, files] = temp_dirs();
+    let (ea, eb, ec) = (open(da.path()), open(db.path()), open(dc.path()));
+    let spec = rspec(1, 2);
+    let (a, b) = (
+        ea.create_replica(spec.clone()).unwrap(),
+        eb.create_replica(spec.clone()).unwrap(),
+    );
+    feed(&a, 1, 1..=60);
+    feed(&b, 1, 1..=60);
+    assert!(ea.wait_for_indexes(WAIT) && eb.wait_for_indexes(WAIT));
+    // `b` is away while `a` goes on in a new term (deletes reach rows of
+    // the segments `b` holds).
+    a.raise_term(3).unwrap();
+    feed(&a, 3, 61..=150);
+    assert!(ea.wait_for_indexes(WAIT));
+
+    let held = b.sealed_digests().unwrap();
+    assert!(held.len() >= 3, "sealed segments to reuse: {held:?}");
+    let held_rows: u64 = held.iter().map(|d| u64::from(d.rows)).sum();
+    let (whole, part) = (files.path().join("whole.export"), files.path().join("part.export"));
+    let whole_info = a.export_to(&whole, &[]).unwrap();
+    let info = a.export_to(&part, &held).unwrap();
+    assert_eq!((whole_info.reused_rows, info.reused_rows), (0, held_rows));
+    assert_eq!((info.last, info.points), (whole_info.last, whole_info.points));
+    assert!(
+        info.bytes < whole_info.bytes,
+        "{} bytes reusing {held_rows} rows, {} whole",
+        info.bytes,
+        whole_info.bytes
+    );
+
+    // A replica whose copies differ (other ops, same segments) refuses it
+    // and is left as it was; so is a node without the replica.
+    let c = ec.create_replica(spec.clone()).unwrap();
+    for lsn in 1..=60 {
+        let prev = c.last_op();
+        c.append(prev, &[(OpId::new(1, lsn), op(lsn + 7))]).unwrap();
+        c.apply_through(lsn).unwrap();
+    }
+    assert!(ec.wait_for_indexes(WAIT));
+    let before = state(&c);
+    match ec.import_replica(spec.clone(), &part) {
+        Err(EngineError::ReusedSegmentDiffers { segment, .. }) => {
+            assert!(held.iter().any(|d| d.segment == segment))
+        }
+        other => panic!("an import over other copies: {:?}", other.map(|_| "imported")),
+    }
+    let c = ec.replica(spec.key).unwrap();
+    assert_same_state(&before, &state(&c));
+    assert!(import_dirs(dc.path()).is_empty());
+    let ed = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        open(ed.path()).import_replica(spec.clone(), &part),
+        Err(EngineError::ReusedSegmentDiffers { .. })
+    ));
+
+    // The replica that holds them: the reused segments keep their files.
+    let dir = layout::replica_dir(db.path(), spec.key);
+    let old_files = index_files(&dir);
+    let b = eb.import_replica(spec.clone(), &part).unwrap();
+    let new_files = index_files(&dir);
+    for d in &held {
+        let name = format!("seg-{}.hnsw", d.segment);
+        assert_eq!(
+            new_files.get(&name),
+            old_files.get(&name),
+            "{name} of the replaced replica"
+        );
+    }
+    assert!(eb.wait_for_indexes(WAIT));
+    assert_same(&a, &b);
+}
+
+fn assert_same_state(x: &State, y: &State) {
+    assert_eq!((&x.0, &x.1, &x.2), (&y.0, &y.1, &y.2));
+    assert_eq!(x.3, y.3);
+    assert_eq!(x.4, y.4);
+}
+
 #[test]
 fn export_leaves_out_ops_logged_but_not_applied() {
     let (da, db, files) = (
@@ -171,7 +278,7 @@ fn export_leaves_out_ops_logged_but_not_applied() {
     assert_eq!((a.term_history(), a.applied_lsn()), (vec![(2, 1), (7, 21)], 20));
 
     let path = files.path().join("a.export");
-    assert_eq!(a.export_to(&path).unwrap().last, OpId::new(2, 20));
+    assert_eq!(a.export_to(&path, &[]).unwrap().last, OpId::new(2, 20));
     let b = eb.import_replica(rspec(1, 2), &path).unwrap();
     assert_eq!(
         (b.last_op(), b.term(), b.term_history()),
@@ -193,12 +300,7 @@ fn export_leaves_out_ops_logged_but_not_applied() {
 
 #[test]
 fn export_while_applies_continue_is_consistent_at_its_lsn() {
-    let (da, db, dc, files) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
+    let [da, db, dc, files] = temp_dirs();
     let (ea, eb, ec) = (open(da.path()), open(db.path()), open(dc.path()));
     // Op 1 holds enough rows that the export takes a while (ids apart from
     // the stream's); the stream goes on from op 2.
@@ -232,7 +334,7 @@ fn export_while_applies_continue_is_consistent_at_its_lsn() {
             std::thread::yield_now();
         }
         let before = a.applied_lsn();
-        let info = a.export_to(&path).unwrap();
+        let info = a.export_to(&path, &[]).unwrap();
         let after = a.applied_lsn();
         stop.store(true, Ordering::Release);
         (before, info, after, writer.join().unwrap())
@@ -272,7 +374,7 @@ fn target_and_export(spec: ReplicaSpec) -> (tempfile::TempDir, Engine, Arc<Shard
         .collect();
     crate::testutil::write(&s, ShardOp::Upsert(points)).unwrap();
     let path = dir.path().join("source.export");
-    s.export_to(&path).unwrap();
+    s.export_to(&path, &[]).unwrap();
     (dir, e, r, path)
 }
 
