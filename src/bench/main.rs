@@ -144,6 +144,19 @@ struct Args {
     /// Replication mode: batch sizes of the catch-up runs (one run each).
     #[arg(long, value_delimiter = ',', default_value = "1000,100")]
     catch_up_batch: Vec<usize>,
+    /// Replication mode: exports reach every node as over a link of this
+    /// many Mbit/s (the `EDGEVEC_FAULT_EXPORT_MBIT` hook).
+    #[arg(long)]
+    export_mbit: Option<u64>,
+    /// Replication mode: nodes offer no sealed segments to the exports
+    /// they receive (the `EDGEVEC_FAULT_NO_SEGMENT_DIGESTS` hook), so
+    /// every export carries the whole shard.
+    #[arg(long)]
+    whole_exports: bool,
+    /// Replication mode: the nodes' `oplog_hold_kb` (0: a backup that was
+    /// away past the op log's retention catches up through an export).
+    #[arg(long)]
+    oplog_hold_kb: Option<u64>,
     /// Replication mode: points per write of the failover writers.
     #[arg(long, default_value_t = 10)]
     failover_batch: usize,

@@ -152,11 +152,24 @@ async fn client_from(cluster: &Cluster, first: u64, request_timeout: Duration) -
 pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     let started = Instant::now();
     let load_before = load_average();
-    let env = match args.backup_delay_ms {
-        0 => Vec::new(),
-        ms => vec![("EDGEVEC_FAULT_REPLICATE_DELAY_MS".to_string(), ms.to_string())],
+    let mut env = Vec::new();
+    if args.backup_delay_ms > 0 {
+        env.push((
+            "EDGEVEC_FAULT_REPLICATE_DELAY_MS".to_string(),
+            args.backup_delay_ms.to_string(),
+        ));
+    }
+    if let Some(mbit) = args.export_mbit {
+        env.push(("EDGEVEC_FAULT_EXPORT_MBIT".to_string(), mbit.to_string()));
+    }
+    if args.whole_exports {
+        env.push(("EDGEVEC_FAULT_NO_SEGMENT_DIGESTS".to_string(), "1".to_string()));
+    }
+    let settings = match args.oplog_hold_kb {
+        Some(kb) => format!("{TIMINGS}oplog_hold_kb = {kb}\n"),
+        None => TIMINGS.to_string(),
     };
-    let mut cluster = Cluster::start_with_env(dir, 3, TIMINGS, env)?;
+    let mut cluster = Cluster::start_with_env(dir, 3, &settings, env)?;
     let admin = match connect_any(&cluster.addrs, &cluster.ca).await {
         Ok(c) => c,
         Err(e) => {
@@ -178,7 +191,7 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
             next_id: AtomicU64::new(0),
         }),
     };
-    let result = bench.measure(started, &load_before).await;
+    let result = bench.measure(started, &load_before, &settings).await;
     if let Err(e) = &result {
         eprintln!("replication bench failed: {e:#}\n{}", bench.cluster.failure_report(40));
         if args.dir.is_none() {
@@ -190,7 +203,7 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
 }
 
 impl Bench<'_> {
-    async fn measure(&mut self, started: Instant, load_before: &str) -> Result<()> {
+    async fn measure(&mut self, started: Instant, load_before: &str, settings: &str) -> Result<()> {
         let args = self.args;
         if args.latency_batches == 0 || args.load_batches == 0 || args.batch == 0 || args.failover_batch == 0 {
             bail!("--latency-batches, --load-batches, --batch and --failover-batch must be at least 1");
@@ -236,6 +249,7 @@ impl Bench<'_> {
 
         let report = Report {
             args,
+            settings,
             seal_rows,
             leader,
             p1,
@@ -432,6 +446,7 @@ impl Bench<'_> {
         );
 
         let before = Usage::now(&self.cluster);
+        let log_mark = std::fs::metadata(self.cluster.log_path(primary)).map_or(0, |m| m.len());
         self.cluster.spawn(backup)?;
         let restarted = Instant::now();
         let (addr, ca) = (self.cluster.addr(backup), self.cluster.ca.clone());
@@ -470,7 +485,32 @@ impl Bench<'_> {
             answered,
             in_sync,
             usage: before.until(&after),
+            export: self.export_sent(primary, log_mark)?,
         })
+    }
+
+    /// The size in MB and the reused rows of the last export `primary`
+    /// logged as imported after byte `from` of its log.
+    fn export_sent(&self, primary: u64, from: u64) -> Result<Option<(f64, u64)>> {
+        let path = self.cluster.log_path(primary);
+        let log = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let field = |line: &str, name: &str| -> Option<String> {
+            Some(
+                line.split(&format!(" {name}="))
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        };
+        Ok(String::from_utf8_lossy(log.get(from as usize..).unwrap_or_default())
+            .lines()
+            .filter(|l| l.contains("export imported"))
+            .filter_map(|l| {
+                let reused = field(l, "reused_rows").and_then(|r| r.parse().ok()).unwrap_or(0);
+                Some((field(l, "mb")?.parse().ok()?, reused))
+            })
+            .next_back())
     }
 
     /// One failover trial on `r3`: the [`PROBES`] writers (all three
@@ -712,6 +752,9 @@ struct CatchUp {
     /// primary's last op.
     in_sync: Duration,
     usage: String,
+    /// When the backup was sent an export: its size in MB and the rows
+    /// it left out (the backup's own sealed segments).
+    export: Option<(f64, u64)>,
 }
 
 struct Trial {
@@ -738,6 +781,8 @@ impl Trial {
 
 struct Report<'a> {
     args: &'a Args,
+    /// The cluster section's settings.
+    settings: &'a str,
     seal_rows: u32,
     leader: u64,
     p1: u64,
@@ -765,16 +810,27 @@ impl Report<'_> {
         );
         println!(
             "Cluster: 3 `edgevec node` processes on 127.0.0.1, each with roles meta, data and proxy; `{}`. \
-             Collections `{R1}` (replicas 1) and `{R3}` (replicas 3, min_insync 2): 1 shard, {}-d, L2, seal_rows {} (no seal during the run), points without payload. \
+             Collections `{R1}` (replicas 1) and `{R3}` (replicas 3, min_insync 2): 1 shard, {}-d, L2, seal_rows {}{}, points without payload. \
              At the start the metadata leader was node {}, the primary of `{R1}` node {} and of `{R3}` node {}; \
              writes go through a client of the primary's node.\n",
-            TIMINGS.trim_end().replace('\n', "`, `"),
+            self.settings.trim_end().replace('\n', "`, `"),
             args.dim,
             self.seal_rows,
+            if args.seal_rows.is_none() { " (no seal during the run)" } else { "" },
             self.leader,
             self.p1,
             self.p3
         );
+        if let Some(mbit) = args.export_mbit {
+            println!(
+                "Every node takes each chunk of an export it receives as late as a link of {mbit} Mbit/s would deliver it (`EDGEVEC_FAULT_EXPORT_MBIT`).\n"
+            );
+        }
+        if args.whole_exports {
+            println!(
+                "No node offers its sealed segments to an export (`EDGEVEC_FAULT_NO_SEGMENT_DIGESTS`): every export carries the whole shard.\n"
+            );
+        }
         if args.backup_delay_ms > 0 {
             println!(
                 "Every backup takes each message of ops {} ms after it arrives (`EDGEVEC_FAULT_REPLICATE_DELAY_MS`), as across a slow link.\n",
@@ -910,6 +966,9 @@ impl Report<'_> {
         println!("\nTarget: in-sync < 10 s. From the restart to in-sync:\n");
         for c in &self.catch_ups {
             println!("- batches of {}: {}", c.batch, c.usage);
+            if let Some((mb, reused)) = c.export {
+                println!("  - caught up through an export of {mb:.1} MB, which left out {reused} rows the backup held");
+            }
         }
         println!();
 
