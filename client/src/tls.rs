@@ -119,8 +119,17 @@ pub fn transport() -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(256u32.into());
     t.receive_window(CONNECTION_WINDOW_BYTES.into());
     t.max_concurrent_uni_streams(0u32.into());
+    t.initial_rtt(INITIAL_RTT);
     t
 }
+
+/// The round-trip time a new connection assumes before it has measured
+/// one. quinn's default (333 ms, RFC 9002's) puts the first retransmit of
+/// a lost handshake packet a second later: a dial that reached a peer
+/// while it was restarting then outlived a one-second dial limit. At
+/// 100 ms they come about 0.3 s and 1 s after the first packet; a slower
+/// link costs only a few handshake packets sent twice.
+pub const INITIAL_RTT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Keep-alive interval of a client library's connection: a node acks
 /// these, so a request waiting on a node that sends nothing for a few of
