@@ -146,10 +146,13 @@ impl Importer for Import<'_> {
         match got {
             Some(d) if d.rows == rows && d.sha256 == sha256 => {}
             Some(d) => {
+                let short = |h: &[u8; 32]| h[..8].iter().map(|b| format!("{b:02x}")).collect::<String>();
                 return Err(differs(format!(
-                    "its copy has {} rows and another digest than the exporter's {rows}",
-                    d.rows
-                )))
+                    "its copy has {} rows and digest {}…, the exporter's {rows} rows and {}…",
+                    d.rows,
+                    short(&d.sha256),
+                    short(&sha256)
+                )));
             }
             None => return Err(differs("it holds no such sealed segment".into())),
         }
@@ -161,10 +164,15 @@ impl Importer for Import<'_> {
         match std::fs::hard_link(&from, &to) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(_) => std::fs::copy(&from, &to).map(|_| ()).or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(EngineError::io(&to, e)),
-            }),
+            // Another file system: a copy, made durable like the files
+            // the export carries.
+            Err(_) => match std::fs::copy(&from, &to) {
+                Ok(_) => File::open(&to)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| EngineError::io(&to, e)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(EngineError::io(&to, e)),
+            },
         }
     }
 }
