@@ -445,13 +445,28 @@ async fn status_says_what_it_does_not_know() {
     );
 
     // Keep a follower: it loses its leader at the next election timeout.
+    // Every node must have applied the leader's log first, or the one
+    // kept may know no member at all (a voter the leader has not reached
+    // yet).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let leader = loop {
         let out = cluster.cli(&["status", "--json"]);
-        if let Some(l) = out.0.then(|| json(&out)["leader"].as_u64()).flatten() {
-            break l;
+        if out.0 {
+            let status = json(&out);
+            let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+            let caught_up = nodes.len() == 3
+                && !status["committed_index"].is_null()
+                && nodes
+                    .iter()
+                    .all(|n| n["state"] == "up" && n["applied_index"] == status["committed_index"]);
+            if let Some(l) = status["leader"].as_u64().filter(|_| caught_up) {
+                break l;
+            }
         }
-        assert!(std::time::Instant::now() < deadline, "no leader: {out:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no leader with every node caught up: {out:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let kept = (1..=3).find(|id| *id != leader).unwrap();
