@@ -178,9 +178,39 @@ pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSo
 
 /// A QUIC endpoint on a socket made by [`udp_socket`].
 pub fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    endpoint_with(addr, server, quinn::EndpointConfig::default())
+}
+
+/// [`endpoint`] whose stateless-reset key and connection-id key come
+/// from `secret` instead of being drawn at random. A node that restarts
+/// with the same secret recognises the connection ids its previous
+/// process gave out and answers a packet of such a connection with a
+/// reset the peer recognises, so the peer drops that connection at once
+/// and dials again, instead of waiting for its idle timeout (RFC 9000,
+/// section 10.3). `secret` must stay private to the node.
+pub fn endpoint_with_reset_secret(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    secret: &[u8],
+) -> std::io::Result<quinn::Endpoint> {
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let cid_key = {
+        let tag = ring::hmac::sign(&reset, b"edgevec connection id key");
+        u64::from_le_bytes(tag.as_ref()[..8].try_into().expect("an HMAC-SHA256 tag has 32 bytes"))
+    };
+    let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(reset));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    endpoint_with(addr, server, config)
+}
+
+fn endpoint_with(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    config: quinn::EndpointConfig,
+) -> std::io::Result<quinn::Endpoint> {
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime found for the QUIC endpoint"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, udp_socket(addr)?, runtime)
+    quinn::Endpoint::new(config, server, udp_socket(addr)?, runtime)
 }
 
 /// The TLS server name to verify for an endpoint address: its IP literal.

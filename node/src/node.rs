@@ -142,10 +142,11 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
     let engine = Arc::new(engine);
 
     let mut endpoint =
-        edgevec_client::tls::endpoint(node.addr, Some(server_config)).map_err(|source| NodeError::Bind {
-            addr: node.addr,
-            source,
-        })?;
+        edgevec_client::tls::endpoint_with_reset_secret(node.addr, Some(server_config), &identity.reset_secret())
+            .map_err(|source| NodeError::Bind {
+                addr: node.addr,
+                source,
+            })?;
     endpoint.set_default_client_config(identity.peer_client_config()?);
     let addr = endpoint.local_addr().map_err(|source| NodeError::Bind {
         addr: node.addr,

@@ -193,7 +193,12 @@ mod tests {
         let server =
             edgevec_client::tls::endpoint("127.0.0.1:0".parse().unwrap(), Some(identity.server_config().unwrap()))
                 .unwrap();
-        let accept = server.clone();
+        serve_pings(server.clone(), delay);
+        server
+    }
+
+    /// Answers every ping on `server` after `delay` ms.
+    fn serve_pings(accept: quinn::Endpoint, delay: Arc<AtomicU64>) {
         tokio::spawn(async move {
             while let Some(incoming) = accept.accept().await {
                 let delay = delay.clone();
@@ -213,7 +218,92 @@ mod tests {
                 });
             }
         });
-        server
+    }
+
+    /// Node 2's endpoint answering pings at `addr`, with its stateless-reset
+    /// secret (`same_secret`) or a random one, on a runtime of its own:
+    /// shutting that runtime down stops it without a word, as kill -9
+    /// would. Binding retries while the address is still taken.
+    fn crashable_peer(paths: &CertPaths, addr: SocketAddr, same_secret: bool) -> (tokio::runtime::Runtime, SocketAddr) {
+        let paths = paths.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let addr = rt.block_on(async move {
+                let identity = Identity::load(&paths, 2).unwrap();
+                let config = identity.server_config().unwrap();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let server = loop {
+                    let bound = if same_secret {
+                        edgevec_client::tls::endpoint_with_reset_secret(
+                            addr,
+                            Some(config.clone()),
+                            &identity.reset_secret(),
+                        )
+                    } else {
+                        edgevec_client::tls::endpoint(addr, Some(config.clone()))
+                    };
+                    match bound {
+                        Ok(e) => break e,
+                        Err(e) if std::time::Instant::now() < deadline => {
+                            let _ = e;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("binding {addr}: {e}"),
+                    }
+                };
+                let at = server.local_addr().unwrap();
+                serve_pings(server, Arc::new(AtomicU64::new(0)));
+                at
+            });
+            (rt, addr)
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// A node that restarts on its address with its key answers a packet
+    /// of the old connection with a stateless reset its peer recognises:
+    /// the pooled connection ends as reset, not at the idle timeout, and
+    /// the next call reaches the new process. With a reset key drawn at
+    /// random (what a node had before), the old connection only times out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_peer_resets_the_old_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = two_nodes(dir.path());
+        let pool = node_1_pool(&paths);
+        let ping = NodeRequest::V1(NodeOpV1::Ping { from: 1 });
+
+        for same_secret in [true, false] {
+            let (old, addr) = crashable_peer(&paths, "127.0.0.1:0".parse().unwrap(), same_secret);
+            pool.call(addr, &ping, Duration::from_secs(5)).await.unwrap();
+            let conn = pool
+                .slot(addr)
+                .lock()
+                .unwrap()
+                .conn
+                .clone()
+                .expect("a pooled connection");
+            old.shutdown_background();
+            let (new, _) = crashable_peer(&paths, addr, same_secret);
+
+            // A packet of the old connection reaches the new process.
+            let _ = pool.call(addr, &ping, Duration::from_millis(500)).await;
+            let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                .await
+                .expect("the old connection ends within the idle timeout");
+            if same_secret {
+                assert!(matches!(reason, quinn::ConnectionError::Reset), "{reason:?}");
+            } else {
+                assert!(matches!(reason, quinn::ConnectionError::TimedOut), "{reason:?}");
+            }
+            let reply = pool.call(addr, &ping, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(reply, NodeResponse::V1(Ok(NodeReplyV1::Pong { node_id: 2 })));
+            new.shutdown_background();
+        }
     }
 
     /// A UDP relay in front of `server` that drops every datagram both
@@ -245,14 +335,9 @@ mod tests {
         addr
     }
 
-    fn pooled_id(pool: &PeerPool, addr: SocketAddr) -> Option<usize> {
-        pool.slot(addr).lock().unwrap().conn.as_ref().map(|c| c.stable_id())
-    }
-
-    #[tokio::test]
-    async fn a_slow_answer_keeps_the_connection_and_a_silent_peer_loses_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = CertPaths::new(dir.path());
+    /// Certificates of a cluster of nodes 1 and 2 in `dir`.
+    fn two_nodes(dir: &std::path::Path) -> CertPaths {
+        let paths = CertPaths::new(dir);
         let nodes: Vec<NodeName> = (1..=2)
             .map(|id| NodeName {
                 id,
@@ -260,15 +345,31 @@ mod tests {
             })
             .collect();
         certs::ensure(&paths, "t", &nodes).unwrap();
+        paths
+    }
+
+    /// Node 1's pool of connections to its peers.
+    fn node_1_pool(paths: &CertPaths) -> PeerPool {
+        let me = Identity::load(paths, 1).unwrap();
+        let mut endpoint = edgevec_client::tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        endpoint.set_default_client_config(me.peer_client_config().unwrap());
+        PeerPool::new(endpoint)
+    }
+
+    fn pooled_id(pool: &PeerPool, addr: SocketAddr) -> Option<usize> {
+        pool.slot(addr).lock().unwrap().conn.as_ref().map(|c| c.stable_id())
+    }
+
+    #[tokio::test]
+    async fn a_slow_answer_keeps_the_connection_and_a_silent_peer_loses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = two_nodes(dir.path());
         let delay = Arc::new(AtomicU64::new(0));
         let server = slow_peer(&paths, delay.clone()).await;
         let cut = Arc::new(AtomicBool::new(false));
         let addr = relay(server.local_addr().unwrap(), cut.clone()).await;
 
-        let me = Identity::load(&paths, 1).unwrap();
-        let mut endpoint = edgevec_client::tls::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        endpoint.set_default_client_config(me.peer_client_config().unwrap());
-        let pool = PeerPool::new(endpoint);
+        let pool = node_1_pool(&paths);
         let ping = NodeRequest::V1(NodeOpV1::Ping { from: 1 });
 
         let reply = pool.call(addr, &ping, Duration::from_secs(5)).await.unwrap();

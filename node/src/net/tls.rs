@@ -23,6 +23,17 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The node's stateless-reset secret: SHA-256 of a label and its
+    /// private key, so it is the same after a restart and known to nobody
+    /// without the key (see `edgevec_client::tls::endpoint_with_reset_secret`).
+    pub fn reset_secret(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"edgevec stateless reset key v1");
+        h.update(self.key.secret_der());
+        h.finalize().into()
+    }
+
     pub fn load(paths: &CertPaths, node_id: u64) -> Result<Self, TlsError> {
         let ca_pem = ctls::read(&paths.ca_cert())?;
         let chain = ctls::certs_from_pem(
