@@ -341,13 +341,18 @@ impl ShardStore {
         }
     }
 
-    fn load(&self) -> Result<Loaded, EngineError> {
-        let txn = self.db.begin_read()?;
+    /// The shard record as `txn` sees it.
+    fn read_meta(&self, txn: &redb::ReadTransaction) -> Result<ShardMetaV2, EngineError> {
         let raw = txn
             .open_table(META)?
             .get(META_KEY)?
             .ok_or_else(|| self.corrupt("missing shard record"))?;
-        let meta = self.decode_meta(raw.value())?;
+        self.decode_meta(raw.value())
+    }
+
+    fn load(&self) -> Result<Loaded, EngineError> {
+        let txn = self.db.begin_read()?;
+        let meta = self.read_meta(&txn)?;
 
         let mut history = Vec::new();
         for entry in txn.open_table(TERMS)?.iter()? {
@@ -361,7 +366,7 @@ impl ShardStore {
         let mut segments = Vec::new();
         for entry in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = entry?;
-            let SegmentRecord::V1(rec) = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
+            let rec = self.decode_segment(v.value())?;
             segments.push((k.value(), rec));
         }
         let mut points = HashMap::new();
@@ -389,6 +394,11 @@ impl ShardStore {
             tombstones,
             merges,
         })
+    }
+
+    fn decode_segment(&self, bytes: &[u8]) -> Result<SegmentRecordV1, EngineError> {
+        let SegmentRecord::V1(rec) = postcard::from_bytes(bytes).map_err(|e| self.corrupt(e))?;
+        Ok(rec)
     }
 
     fn decode_merge(&self, bytes: &[u8]) -> Result<MergeRecordV1, EngineError> {
@@ -567,11 +577,7 @@ impl ShardStore {
         max_bytes: usize,
     ) -> Result<Vec<(OpId, ShardOp)>, EngineError> {
         let txn = self.db.begin_read()?;
-        let raw = txn
-            .open_table(META)?
-            .get(META_KEY)?
-            .ok_or_else(|| self.corrupt("missing shard record"))?;
-        let last = self.decode_meta(raw.value())?.last_lsn;
+        let last = self.read_meta(&txn)?.last_lsn;
         if after >= last {
             return Ok(Vec::new());
         }

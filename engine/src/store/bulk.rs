@@ -79,13 +79,7 @@ impl ShardStore {
         mut visit: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         let txn = self.db.begin_read()?;
-        let meta = {
-            let raw = txn
-                .open_table(META)?
-                .get(META_KEY)?
-                .ok_or_else(|| self.corrupt("missing shard record"))?;
-            self.decode_meta(raw.value())?
-        };
+        let meta = self.read_meta(&txn)?;
         let mut history = Vec::new();
         for entry in txn.open_table(TERMS)?.iter()? {
             let (term, first) = entry?;
@@ -101,7 +95,7 @@ impl ShardStore {
 
         for entry in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = entry?;
-            let SegmentRecord::V1(record) = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
+            let record = self.decode_segment(v.value())?;
             visit(StateItem::Segment { id: k.value(), record })?;
         }
         rows.all(|at, id, vector| {
@@ -160,6 +154,28 @@ pub struct SegmentDigest {
     pub sha256: [u8; 32],
 }
 
+impl From<edgevec_proto::replication::SegmentDigestV1> for SegmentDigest {
+    fn from(d: edgevec_proto::replication::SegmentDigestV1) -> Self {
+        SegmentDigest {
+            segment: d.segment,
+            rows: d.rows,
+            sealed_lsn: d.sealed_lsn,
+            sha256: d.sha256,
+        }
+    }
+}
+
+impl From<SegmentDigest> for edgevec_proto::replication::SegmentDigestV1 {
+    fn from(d: SegmentDigest) -> Self {
+        edgevec_proto::replication::SegmentDigestV1 {
+            segment: d.segment,
+            rows: d.rows,
+            sealed_lsn: d.sealed_lsn,
+            sha256: d.sha256,
+        }
+    }
+}
+
 /// Tag hashed first into every [`SegmentDigest`]: a change of what is
 /// hashed changes it, so digests of two builds never match by accident.
 const DIGEST_TAG: &[u8] = b"edgevec sealed segment digest v1";
@@ -173,18 +189,19 @@ impl ShardStore {
         let mut sealed = Vec::new();
         for entry in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = entry?;
-            let SegmentRecord::V1(record) = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
+            let record = self.decode_segment(v.value())?;
             if record.state == SegmentState::Sealed && wanted(k.value()) {
                 sealed.push((k.value(), record));
             }
         }
+        let dim = self.read_meta(&txn)?.dim as usize;
         let mut out = Vec::with_capacity(sealed.len());
         for (id, record) in sealed {
             let known = self.digests.lock().expect("digests lock").get(&id).copied();
             let digest = match known {
                 Some(d) if (d.rows, d.sealed_lsn) == (record.rows, record.sealed_lsn) => d,
                 _ => {
-                    let d = self.segment_content(&txn, id, &record, &mut |_| Ok(()))?;
+                    let d = self.segment_content(&txn, dim, id, &record, &mut |_| Ok(()))?;
                     self.digests.lock().expect("digests lock").insert(id, d);
                     d
                 }
@@ -205,32 +222,24 @@ impl ShardStore {
     ) -> Result<Option<SegmentDigest>, EngineError> {
         let txn = self.db.begin_read()?;
         let record = match txn.open_table(SEGMENTS)?.get(segment)? {
-            Some(v) => {
-                let SegmentRecord::V1(record) = postcard::from_bytes(v.value()).map_err(|e| self.corrupt(e))?;
-                record
-            }
+            Some(v) => self.decode_segment(v.value())?,
             None => return Ok(None),
         };
         if record.state != SegmentState::Sealed {
             return Ok(None);
         }
-        self.segment_content(&txn, segment, &record, &mut visit).map(Some)
+        let dim = self.read_meta(&txn)?.dim as usize;
+        self.segment_content(&txn, dim, segment, &record, &mut visit).map(Some)
     }
 
     fn segment_content(
         &self,
         txn: &ReadTransaction,
+        dim: usize,
         segment: u64,
         record: &SegmentRecordV1,
         visit: &mut dyn FnMut(StateItem<'_>) -> Result<(), EngineError>,
     ) -> Result<SegmentDigest, EngineError> {
-        let dim = {
-            let raw = txn
-                .open_table(META)?
-                .get(META_KEY)?
-                .ok_or_else(|| self.corrupt("missing shard record"))?;
-            self.decode_meta(raw.value())?.dim as usize
-        };
         let mut h = Sha256::new();
         h.update(DIGEST_TAG);
         h.update(segment.to_le_bytes());

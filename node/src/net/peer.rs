@@ -248,9 +248,8 @@ mod tests {
                     };
                     match bound {
                         Ok(e) => break e,
-                        Err(e) if std::time::Instant::now() < deadline => {
-                            let _ = e;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err(_) if std::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await
                         }
                         Err(e) => panic!("binding {addr}: {e}"),
                     }

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgevec_engine::SegmentDigest;
+use edgevec_engine::{EngineError, SegmentDigest};
 use edgevec_proto::internal::{NodeOpV1, NodeReplyV1};
 use edgevec_proto::replication::{
     ExportChunk, ExportProgress, SegmentDigestV1, ShardRef, EXPORT_CHUNK_BYTES, MAX_SEALED_DIGESTS,
@@ -98,15 +98,9 @@ impl DataPlane {
             .call(node, NodeOpV1::SealedDigests { shard: key, term }, DIGESTS_TIMEOUT)
             .await
         {
-            Ok(NodeReplyV1::SealedDigests(held)) if held.len() <= MAX_SEALED_DIGESTS => held
-                .into_iter()
-                .map(|d| SegmentDigest {
-                    segment: d.segment,
-                    rows: d.rows,
-                    sealed_lsn: d.sealed_lsn,
-                    sha256: d.sha256,
-                })
-                .collect(),
+            Ok(NodeReplyV1::SealedDigests(held)) if held.len() <= MAX_SEALED_DIGESTS => {
+                held.into_iter().map(SegmentDigest::from).collect()
+            }
             Ok(other) => {
                 debug!(shard = %key, node, reply = ?std::mem::discriminant(&other), "no usable segment digests; a whole export");
                 Vec::new()
@@ -141,15 +135,7 @@ impl DataPlane {
         let replica = local.replica.clone();
         let mut held = blocking(move || replica.sealed_digests()).await?;
         held.truncate(MAX_SEALED_DIGESTS);
-        Ok(held
-            .into_iter()
-            .map(|d| SegmentDigestV1 {
-                segment: d.segment,
-                rows: d.rows,
-                sealed_lsn: d.sealed_lsn,
-                sha256: d.sha256,
-            })
-            .collect())
+        Ok(held.into_iter().map(SegmentDigestV1::from).collect())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -280,16 +266,20 @@ impl DataPlane {
         inc.file.sync_all().await.map_err(|e| io(e, &inc.path))?;
         let path = inc.path.clone();
         *incoming = None;
-        let engine = self.engine.clone();
+        let (engine, here) = (self.engine.clone(), local.clone());
         let spec = local.spec.clone();
         let file = path.clone();
-        let imported = blocking(move || engine.import_replica(spec, &file)).await;
+        let imported = blocking(move || {
+            engine.import_replica(spec, &file).inspect_err(|e| {
+                if matches!(e, EngineError::ReusedSegmentDiffers { .. }) {
+                    // A copy the export reused differs here: the next
+                    // export must carry every row.
+                    here.offer_digests.store(false, Ordering::Release);
+                }
+            })
+        })
+        .await;
         let _ = tokio::fs::remove_file(&path).await;
-        if imported.as_ref().is_err_and(|e| e.code == ErrorCode::Conflict) {
-            // One of the copies the export reused differs here: the next
-            // export must carry every row.
-            local.offer_digests.store(false, Ordering::Release);
-        }
         let replica = imported?;
         let last = replica.last_op();
         if last != chunk.last {
