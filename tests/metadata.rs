@@ -454,6 +454,67 @@ async fn silent_node_is_suspect_then_dead_then_up_again() {
         .await;
 }
 
+/// Seconds since midnight (UTC) of a node log line's timestamp
+/// (`2026-01-02T03:04:05.678901Z  INFO ...`).
+fn log_time(line: &str) -> f64 {
+    let stamp = line.split_whitespace().next().unwrap_or_default();
+    let clock = stamp.split('T').nth(1).and_then(|c| c.strip_suffix('Z'));
+    let parts: Vec<f64> = clock
+        .map(|c| c.split(':').filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default();
+    assert_eq!(parts.len(), 3, "no timestamp in {line:?}");
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
+/// A node that dies as metadata leader is judged by the leader elected
+/// after it from when it last heard from it, not from its own election:
+/// the failover of the dead node's primaries waits `suspect_ms` after the
+/// death, not after the election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leader_is_judged_from_when_it_fell_silent() {
+    const SUSPECT_S: f64 = 3.0;
+    let mut cluster = running(Layout {
+        voters: 3,
+        learners: 0,
+        // Elections take at least a second, so a verdict counted from
+        // the election comes at least 4 s after the death.
+        cluster_extra: "heartbeat_ms = 100\nsuspect_ms = 3000\nelection_timeout_ms = [1000, 1500]\n".into(),
+    })
+    .await;
+    let old = current_leader(&cluster).await;
+    let watcher = (1..=3).find(|id| *id != old).unwrap();
+    // Every node has had its heartbeats acknowledged by the leader.
+    cluster
+        .wait_view(watcher, Duration::from_secs(10), "heartbeats acknowledged", |v| {
+            v.nodes.iter().all(|n| n.last_heartbeat_ms.is_some_and(|ms| ms < 1000))
+        })
+        .await;
+    cluster.kill9(old);
+    let view = cluster
+        .wait_view(watcher, Duration::from_secs(30), "the old leader suspect", |v| {
+            v.leader.is_some_and(|l| l != old) && v.nodes.iter().any(|n| n.id == old && n.state == "suspect")
+        })
+        .await;
+    let new = view.leader.unwrap();
+    let log = std::fs::read_to_string(cluster.log_path(new)).unwrap();
+    let elected = log
+        .lines()
+        .rfind(|l| l.contains("became metadata leader"))
+        .map(log_time)
+        .unwrap_or_else(|| cluster.fail(format!("node {new} never logged its election")));
+    let verdict = format!("failure detector verdict node={old} state=Suspect");
+    let judged = log
+        .lines()
+        .rfind(|l| l.contains(&verdict))
+        .map(log_time)
+        .unwrap_or_else(|| cluster.fail(format!("node {new} never logged its verdict on node {old}")));
+    let after = (judged - elected).rem_euclid(86_400.0);
+    assert!(
+        after < SUSPECT_S,
+        "node {new} judged node {old} {after:.3} s after its election: it counted the silence from the election, not from its last contact"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_foreign_certificate_cannot_join() {
     let mut cluster = TestCluster::new(3);

@@ -10,7 +10,14 @@
 //! Invariants:
 //! - only the leader judges, and only from what it observed itself: a new
 //!   leader starts every node's clock at its own election, so it never
-//!   declares a node dead on a predecessor's stale data;
+//!   declares a node dead on a predecessor's stale data. The one clock it
+//!   starts earlier is that of the leader it heartbeated to before: that
+//!   node's silence since it last acknowledged one of this node's
+//!   heartbeats is this node's own observation (the election it won says
+//!   the same), so a node that dies as metadata leader is judged
+//!   `suspect_ms` after it fell silent, not `suspect_ms` after the election.
+//!   That silence counts for `suspect_ms` at most: an election may make
+//!   the leader before `suspect` at once, never `dead`;
 //! - the verdict is a pure function ([`verdict`]) of silence and settings.
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +33,19 @@ use tracing::{debug, info};
 use crate::config::{ClusterConfig, HealthSettings, NodeConfig};
 use crate::meta::{now_ms, Meta};
 use crate::net::peer::PeerPool;
+
+/// Returns when this node's Raft state turns to leader (`leading` false)
+/// or away from it (`leading` true); never if the Raft has stopped.
+async fn leadership_flips(metrics: &mut tokio::sync::watch::Receiver<edgevec_meta::types::RaftMetrics>, leading: bool) {
+    loop {
+        if (metrics.borrow_and_update().state == ServerState::Leader) != leading {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 /// The state a node deserves after `silence` without a heartbeat.
 pub fn verdict(silence: Duration, s: &HealthSettings) -> NodeState {
@@ -65,9 +85,21 @@ pub struct Health {
     leader_since: Mutex<Option<Instant>>,
     /// Commands proposed but not yet applied, to avoid proposing twice.
     pending: Mutex<HashSet<(u64, u8)>>,
-    /// When the leader last acknowledged one of our heartbeats, and its
-    /// applied metadata index then.
-    last_ack: Mutex<Option<(Instant, Option<u64>)>>,
+    /// When the leader last acknowledged one of our heartbeats.
+    last_ack: Mutex<Option<Ack>>,
+    /// The last acknowledgement that came from another node (the leader
+    /// before, once this node leads).
+    last_remote_ack: Mutex<Option<Ack>>,
+}
+
+/// A heartbeat acknowledged by the metadata leader.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    at: Instant,
+    /// The node that acknowledged it.
+    by: u64,
+    /// The leader's applied metadata index then.
+    leader_applied: Option<u64>,
 }
 
 impl Health {
@@ -82,6 +114,7 @@ impl Health {
             leader_since: Mutex::new(None),
             pending: Mutex::new(HashSet::new()),
             last_ack: Mutex::new(None),
+            last_remote_ack: Mutex::new(None),
         })
     }
 
@@ -93,11 +126,19 @@ impl Health {
     /// metadata index at that moment.
     pub fn leader_applied_within(&self, d: Duration) -> Option<Option<u64>> {
         let ack = *self.last_ack.lock().expect("health lock");
-        ack.filter(|(at, _)| at.elapsed() <= d).map(|(_, applied)| applied)
+        ack.filter(|a| a.at.elapsed() <= d).map(|a| a.leader_applied)
     }
 
-    fn acked(&self, leader_applied: Option<u64>) {
-        *self.last_ack.lock().expect("health lock") = Some((Instant::now(), leader_applied));
+    fn acked(&self, by: u64, leader_applied: Option<u64>) {
+        let ack = Ack {
+            at: Instant::now(),
+            by,
+            leader_applied,
+        };
+        *self.last_ack.lock().expect("health lock") = Some(ack);
+        if by != self.me.id {
+            *self.last_remote_ack.lock().expect("health lock") = Some(ack);
+        }
     }
 
     /// Last observation of each node (leader's view; empty elsewhere).
@@ -117,15 +158,35 @@ impl Health {
 
     /// Runs the sender and, while leader, the judge, until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let judge = tokio::spawn(self.clone().run_judge(shutdown.clone()));
         let mut tick = tokio::time::interval(self.settings.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            self.track_leadership();
             self.send_heartbeat().await;
+        }
+        let _ = judge.await;
+    }
+
+    /// Judges every `heartbeat_ms` while this node leads the metadata
+    /// Raft, and at once when it wins an election: not after a heartbeat
+    /// to the leader before it, which waits out its timeout when that
+    /// leader is dead.
+    async fn run_judge(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut metrics = self.meta.watch_metrics();
+        loop {
+            let leading = self.leader_since.lock().expect("health lock").is_some();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = leadership_flips(&mut metrics, leading) => {}
+            }
+            self.track_leadership();
             if self.meta.is_leader() {
                 self.judge().await;
             }
@@ -139,7 +200,28 @@ impl Health {
             (true, false) => {
                 info!("became metadata leader; starting failure detection");
                 *since = Some(Instant::now());
-                self.seen.lock().expect("health lock").clear();
+                let mut seen = self.seen.lock().expect("health lock");
+                seen.clear();
+                // The leader before, if this node heard from it: silent
+                // since its last acknowledgement, by this node's own clock,
+                // but for `suspect_ms` at most, so that an election never
+                // makes it dead at once (that verdict moves its replicas).
+                if let Some(ack) = *self.last_remote_ack.lock().expect("health lock") {
+                    let floor = Instant::now().checked_sub(self.settings.suspect_after);
+                    let at = floor.map_or(ack.at, |f| ack.at.max(f));
+                    debug!(
+                        node = ack.by,
+                        silent_ms = ack.at.elapsed().as_millis() as u64,
+                        "the leader before was last heard from"
+                    );
+                    seen.insert(
+                        ack.by,
+                        Seen {
+                            at,
+                            applied_index: None,
+                        },
+                    );
+                }
             }
             (false, true) => *since = None,
             _ => {}
@@ -152,14 +234,14 @@ impl Health {
             Some((id, _)) if id == self.me.id => {
                 let applied = hb.applied_index;
                 self.clone().observe(hb);
-                self.acked(applied);
+                self.acked(self.me.id, applied);
             }
             Some((id, addr)) => {
                 let req = NodeRequest::V1(NodeOpV1::Heartbeat(hb));
                 let timeout = self.settings.heartbeat.max(Duration::from_millis(500));
                 match self.peers.call(addr, &req, timeout).await {
                     Ok(NodeResponse::V1(Ok(NodeReplyV1::HeartbeatAck { leader_applied, .. }))) => {
-                        self.acked(leader_applied);
+                        self.acked(id, leader_applied);
                     }
                     Ok(other) => debug!(leader = id, reply = ?other, "heartbeat refused"),
                     Err(e) => debug!(leader = id, error = %e, "heartbeat not delivered"),
@@ -178,17 +260,20 @@ impl Health {
                     .iter()
                     .filter(|n| n.id != self.me.id && n.has_role(crate::config::Role::Meta))
                 {
-                    let (peers, req, addr) = (self.peers.clone(), req.clone(), n.addr);
-                    calls.spawn(async move { peers.call(addr, &req, timeout).await });
+                    let (peers, req, addr, to) = (self.peers.clone(), req.clone(), n.addr, n.id);
+                    calls.spawn(async move { (to, peers.call(addr, &req, timeout).await) });
                 }
                 while let Some(reply) = calls.join_next().await {
-                    if let Ok(Ok(NodeResponse::V1(Ok(NodeReplyV1::HeartbeatAck {
-                        leader: Some(_),
-                        leader_applied,
-                        ..
-                    })))) = reply
+                    if let Ok((
+                        to,
+                        Ok(NodeResponse::V1(Ok(NodeReplyV1::HeartbeatAck {
+                            leader: Some(_),
+                            leader_applied,
+                            ..
+                        }))),
+                    )) = reply
                     {
-                        self.acked(leader_applied);
+                        self.acked(to, leader_applied);
                     }
                 }
             }

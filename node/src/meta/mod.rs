@@ -162,6 +162,11 @@ impl Meta {
         self.raft.metrics().borrow().clone()
     }
 
+    /// The Raft's metrics as they change (every append and apply too).
+    pub fn watch_metrics(&self) -> watch::Receiver<edgevec_meta::types::RaftMetrics> {
+        self.raft.metrics()
+    }
+
     pub fn is_leader(&self) -> bool {
         self.metrics().state == ServerState::Leader
     }

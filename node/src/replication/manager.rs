@@ -105,15 +105,22 @@ fn nodes(state: &MetaState) -> Nodes {
 }
 
 impl DataPlane {
-    /// Reviews every shard while this node leads the metadata Raft.
+    /// Reviews every shard while this node leads the metadata Raft: every
+    /// [`TICK`], and at once when the metadata changes (a node's verdict,
+    /// a shard's configuration), so that a primary whose node was judged
+    /// suspect is replaced without waiting for the tick.
     pub async fn run_manager(self: Arc<Self>) {
         let manager = Arc::new(Manager::default());
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = self.meta.subscribe();
+        let mut watching = true;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                // With the metadata stopped, only the tick is left.
+                changed = changes.changed(), if watching => watching = changed.is_ok(),
             }
             if self.meta.is_leader() {
                 self.review(&manager);
