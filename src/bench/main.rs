@@ -160,6 +160,12 @@ struct Args {
     /// Replication mode: points per write of the failover writers.
     #[arg(long, default_value_t = 10)]
     failover_batch: usize,
+    /// Replication mode: before each failover trial, move the metadata
+    /// leadership to the primary's node (pausing the leader's node until
+    /// an election lands there), so that every trial kills a primary that
+    /// is also the metadata leader.
+    #[arg(long)]
+    leader_on_primary: bool,
     /// Engine mode: `l2`, `ip` or `cosine`.
     #[arg(long, default_value = "l2")]
     metric: String,
@@ -344,6 +350,17 @@ impl Cluster {
             .with_context(|| format!("node {id} is not running"))?;
         child.kill()?;
         child.wait()?;
+        Ok(())
+    }
+
+    /// SIGSTOP (`pause` true) or SIGCONT to node `id`.
+    fn pause(&self, id: u64, pause: bool) -> Result<()> {
+        let pid = self.pid(id).with_context(|| format!("node {id} is not running"))?;
+        let signal = if pause { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on a child this process started and has not reaped.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            bail!("signal to node {id}: {}", std::io::Error::last_os_error());
+        }
         Ok(())
     }
 

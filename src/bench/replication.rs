@@ -7,6 +7,8 @@
 //! only grow (every write inserts new points); vectors come from a fixed
 //! random pool, as their values do not change what a write costs.
 
+use std::collections::BTreeMap;
+
 use super::usage::{load_average, machine_line, Usage};
 use super::*;
 
@@ -237,11 +239,13 @@ impl Bench<'_> {
         for trial in 0..args.trials {
             let t = self.failover().await?;
             eprintln!(
-                "failover trial {trial}: killed node {}{}; first ack of a write sent after the kill (ms): {}; {} writes failed; all in-sync again {:.1} s after the restart",
+                "failover trial {trial}: killed node {}{} at {} UTC; first ack of a write sent after the kill (ms): {}; {} writes failed{}; all in-sync again {:.1} s after the restart",
                 t.killed,
                 if t.was_leader { " (also the metadata leader)" } else { "" },
+                t.killed_at,
                 t.took_ms(),
                 t.errors,
+                t.why.iter().map(|(e, n)| format!(" ({n}: {e})")).collect::<String>(),
                 t.rejoin.as_secs_f64()
             );
             trials.push(t);
@@ -513,14 +517,51 @@ impl Bench<'_> {
             .next_back())
     }
 
+    /// Pauses the metadata leader's node until another node is elected,
+    /// then lets it go on.
+    async fn move_leadership(&self, leader: Option<u64>) -> Result<()> {
+        let Some(old) = leader else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(());
+        };
+        let other = self.cluster.ids().find(|id| *id != old).context("one node")?;
+        let watcher = client_from(&self.cluster, other, Duration::from_secs(1)).await?;
+        self.cluster.pause(old, true)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let moved = loop {
+            match watcher.cluster_status().await {
+                Ok(st) if st.leader.is_some_and(|l| l != old) => break true,
+                _ if Instant::now() > deadline => break false,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        self.cluster.pause(old, false)?;
+        watcher.close().await;
+        if !moved {
+            bail!("no new metadata leader within 10 s of pausing node {old}");
+        }
+        Ok(())
+    }
+
     /// One failover trial on `r3`: the [`PROBES`] writers (all three
     /// clients know every node), kill -9 of the primary, the first ack
     /// of a write each sent after the kill; then the restart and the
     /// wait for 3 in-sync replicas.
     async fn failover(&mut self) -> Result<Trial> {
         let s = wait_shard(&self.admin, R3, SETTLE, "3 in-sync replicas", |s| converged(s, 3)).await?;
-        let primary = s.primary.context("no primary")?;
-        let leader = self.admin.cluster_status().await?.leader;
+        let mut primary = s.primary.context("no primary")?;
+        let mut leader = self.admin.cluster_status().await?.leader;
+        let mut moves = 0;
+        while self.args.leader_on_primary && leader != Some(primary) {
+            moves += 1;
+            if moves > 50 {
+                bail!("the metadata leadership did not land on the primary's node in 50 elections");
+            }
+            self.move_leadership(leader).await?;
+            let s = wait_shard(&self.admin, R3, SETTLE, "3 in-sync replicas", |s| converged(s, 3)).await?;
+            primary = s.primary.context("no primary")?;
+            leader = self.admin.cluster_status().await?.leader;
+        }
         let survivor = self.cluster.ids().find(|id| *id != primary).context("one node")?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut clients = Vec::new();
@@ -553,6 +594,7 @@ impl Bench<'_> {
         self.cluster.kill9(primary)?;
         // The process is reaped: nothing sent from now on can reach it.
         let killed = Instant::now();
+        let killed_at = clock_utc();
         let deadline = killed + Duration::from_secs(60);
         let mut took = [None; PROBES.len()];
         while took.iter().any(Option::is_none) {
@@ -571,8 +613,12 @@ impl Bench<'_> {
         }
         stop.store(true, Ordering::SeqCst);
         let mut errors = 0;
+        let mut why = BTreeMap::new();
         for w in writers {
-            errors += w.join().await;
+            for e in w.join().await {
+                errors += 1;
+                *why.entry(e).or_insert(0) += 1;
+            }
         }
         for c in &clients {
             c.close().await;
@@ -587,8 +633,10 @@ impl Bench<'_> {
         Ok(Trial {
             killed: primary,
             was_leader: leader == Some(primary),
+            killed_at,
             took: took.map(Option::unwrap_or_default),
             errors,
+            why,
             rejoin: restarted.elapsed(),
         })
     }
@@ -612,6 +660,7 @@ const PROBES: [(&str, bool, Pace); 3] = [
 struct Sent {
     at: Instant,
     acked: Option<Instant>,
+    error: Option<String>,
 }
 
 /// How a failover writer sends.
@@ -651,9 +700,10 @@ impl Sender {
     async fn send(&self) {
         let points = points(&self.target, &self.pool, self.batch);
         let at = Instant::now();
-        let ok = self.client.upsert(self.target.name, points).await.is_ok();
-        let acked = ok.then(Instant::now);
-        self.log.lock().expect("writer log").push(Sent { at, acked });
+        let result = self.client.upsert(self.target.name, points).await;
+        let acked = result.is_ok().then(Instant::now);
+        let error = result.err().map(|e| e.to_string());
+        self.log.lock().expect("writer log").push(Sent { at, acked, error });
     }
 }
 
@@ -709,14 +759,21 @@ impl Writer {
     }
 
     /// Waits (15 s at most, then abandons it) for the writer's last
-    /// write; returns how many writes failed.
-    async fn join(self) -> usize {
+    /// write; returns the error of each write that failed.
+    async fn join(self) -> Vec<String> {
         let abort = self.task.abort_handle();
         if tokio::time::timeout(Duration::from_secs(15), self.task).await.is_err() {
             abort.abort();
         }
         let log = self.log.lock().expect("writer log");
-        log.iter().filter(|s| s.acked.is_none()).count()
+        log.iter()
+            .filter(|s| s.acked.is_none())
+            // One kind of error whichever ids it names.
+            .map(|s| match &s.error {
+                Some(e) => e.split("; ids not written").next().unwrap_or(e).to_string(),
+                None => "no answer".into(),
+            })
+            .collect()
     }
 }
 
@@ -760,11 +817,15 @@ struct CatchUp {
 struct Trial {
     killed: u64,
     was_leader: bool,
+    /// When, on the UTC clock of the node logs.
+    killed_at: String,
     /// Per [`PROBES`] writer: from the kill to the first ack of a
     /// write sent after it.
     took: [Duration; PROBES.len()],
     /// Writes of the writers that returned an error.
     errors: usize,
+    /// How many writes failed with each error.
+    why: BTreeMap<String, usize>,
     rejoin: Duration,
 }
 
@@ -1018,4 +1079,13 @@ impl Report<'_> {
             );
         }
     }
+}
+
+/// The time of day, UTC, as the node logs print it (`HH:MM:SS.mmm`).
+fn clock_utc() -> String {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (secs, ms) = (since.as_secs() % 86_400, since.subsec_millis());
+    format!("{:02}:{:02}:{:02}.{ms:03}", secs / 3600, secs / 60 % 60, secs % 60)
 }
