@@ -1,12 +1,13 @@
 //! The redb file of one shard replica (`shard.redb`): schema and I/O.
 //!
-//! Tables (named by the `V2` envelope of the meta record):
+//! Tables (named by the `V3` envelope of the meta record):
 //!
 //! | table        | key              | value                                   |
 //! |--------------|------------------|-----------------------------------------|
 //! | `meta`       | `"shard"`        | [`ShardMeta`]: shard, dim, applied LSN, growing segment, term, last op id, log bytes |
-//! | `oplog`      | LSN              | [`crate::op::OpRecord`]: term and op    |
-//! | `oplog_sizes`| LSN              | encoded bytes of that `oplog` entry     |
+//! | `oplog_parts`| (LSN, part)      | [`crate::op::OpRecord`]: term and op, in parts of at most 63 KiB (module `log_parts`) |
+//! | `oplog`      | LSN              | the whole record, in files of meta record `V2`; moved into parts at open |
+//! | `oplog_sizes`| LSN              | encoded bytes of that op's record       |
 //! | `terms`      | term             | first LSN of that term (term history)   |
 //! | `segments`   | segment id       | [`SegmentRecord`]: state, rows once sealed, seal LSN |
 //! | `row_chunks` | (segment, chunk) | point ids and vectors of consecutive rows (module `rows`) |
@@ -27,12 +28,12 @@
 //!   its ops in the log above the applied LSN);
 //! - each transaction updates the meta record read inside it, so the
 //!   record is right whatever the caller holds in memory;
-//! - `log bytes` is the sum of the encoded sizes of the entries in `oplog`;
-//! - `oplog_sizes` has exactly the keys of `oplog`, so retention, the
+//! - `log bytes` is the sum of the encoded sizes of the records in the log;
+//! - `oplog_sizes` has exactly the LSNs of the log, so retention, the
 //!   oldest LSN and truncation sizes are decided without reading a record
 //!   (a record can be larger than the page cache). A file written before
 //!   the table existed gets it rebuilt at open;
-//! - `oplog` is contiguous, every entry above the applied LSN is in it, and
+//! - the log is contiguous, every entry above the applied LSN is in it, and
 //!   only a truncation removes entries above the applied LSN;
 //! - rows and payloads are keyed by location and never rewritten, so a
 //!   reader that found a row in memory can always read its payload, even if
@@ -60,7 +61,10 @@ use crate::oplog::{self, Appended};
 use crate::plan::{Location, Plan};
 
 mod bulk;
+mod log_parts;
 mod rows;
+
+use log_parts::OPLOG_PARTS;
 
 use rows::{RowReader, ROW_CHUNKS};
 
@@ -92,7 +96,12 @@ const COMPACT_MIN_BYTES: u64 = 64 * 1024 * 1024;
 enum ShardMeta {
     /// Layout 1 (single node); recognised only to refuse it.
     V1(ShardMetaV1),
+    /// The op log's records whole, in table `oplog`: moved into parts at
+    /// open.
     V2(ShardMetaV2),
+    /// The op log's records in parts, in table `oplog_parts`. Versions
+    /// that know only `V2` refuse such a file instead of misreading its log.
+    V3(ShardMetaV2),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -116,7 +125,7 @@ pub struct ShardMetaV2 {
     pub term: u64,
     pub last_term: u64,
     pub last_lsn: u64,
-    /// Encoded bytes of every entry in `oplog`.
+    /// Encoded bytes of every record in the op log.
     pub log_bytes: u64,
 }
 
@@ -230,6 +239,10 @@ impl ShardStore {
         if moved > 0 {
             tracing::info!(path = %path.display(), rows = moved, "rows moved into chunks");
         }
+        let parted = store.migrate_log()?;
+        if parted > 0 {
+            tracing::info!(path = %path.display(), ops = parted, "op log records moved into parts");
+        }
         // Not fsynced: a crash takes the trim back and the next open redoes it.
         let trimmed = store.write_as(Durability::None, |txn, meta| {
             let retention = Retention {
@@ -237,13 +250,13 @@ impl ShardStore {
                 keep_above: meta.applied_lsn,
                 held: oplog::Held::NONE,
             };
-            let mut log = LogTables::open(txn)?;
+            let mut log = LogTables::open(txn, path)?;
             log.ensure_sizes()?;
             log.trim(meta, retention)
         })?;
         // Measuring the free pages walks the whole file: only when this
         // open freed some.
-        if moved > 0 || trimmed > 0 {
+        if moved > 0 || parted > 0 || trimmed > 0 {
             store.compact_if_sparse()?;
         }
         let loaded = store.load()?;
@@ -293,6 +306,39 @@ impl ShardStore {
         EngineError::corrupt(self.path.display().to_string(), message)
     }
 
+    /// Moves the op log of a file of meta record `V2` into parts and makes
+    /// the record `V3`, in one durable transaction. Returns the records
+    /// moved.
+    fn migrate_log(&self) -> Result<u64, EngineError> {
+        let txn = self.db.begin_write()?;
+        let moved = {
+            let mut meta_table = txn.open_table(META)?;
+            let raw = meta_table
+                .get(META_KEY)?
+                .ok_or_else(|| self.corrupt("missing shard record"))?
+                .value()
+                .to_vec();
+            let meta = self.decode_meta(&raw)?;
+            if !matches!(postcard::from_bytes(&raw), Ok(ShardMeta::V2(_))) {
+                None
+            } else {
+                let moved = log_parts::migrate(&txn)?;
+                meta_table.insert(META_KEY, encode(&ShardMeta::V3(meta)).as_slice())?;
+                Some(moved)
+            }
+        };
+        match moved {
+            Some(moved) => {
+                txn.commit()?;
+                Ok(moved)
+            }
+            None => {
+                txn.abort()?;
+                Ok(0)
+            }
+        }
+    }
+
     /// Creates every table and, on a new file, the first growing segment.
     fn init(&self, dim: u32) -> Result<(), EngineError> {
         let txn = self.db.begin_write()?;
@@ -301,6 +347,7 @@ impl ShardStore {
             let fresh = meta.get(META_KEY)?.is_none();
             let mut segments = txn.open_table(SEGMENTS)?;
             txn.open_table(OPLOG)?;
+            txn.open_table(OPLOG_PARTS)?;
             txn.open_table(OPLOG_SIZES)?;
             txn.open_table(TERMS)?;
             txn.open_table(ROWS)?;
@@ -320,7 +367,7 @@ impl ShardStore {
                     last_lsn: 0,
                     log_bytes: 0,
                 };
-                meta.insert(META_KEY, encode(&ShardMeta::V2(m)).as_slice())?;
+                meta.insert(META_KEY, encode(&ShardMeta::V3(m)).as_slice())?;
                 segments.insert(1, encode(&SegmentRecord::V1(growing_record())).as_slice())?;
             }
         }
@@ -330,7 +377,7 @@ impl ShardStore {
 
     fn decode_meta(&self, bytes: &[u8]) -> Result<ShardMetaV2, EngineError> {
         match postcard::from_bytes(bytes).map_err(|e| self.corrupt(e))? {
-            ShardMeta::V2(m) => Ok(m),
+            ShardMeta::V2(m) | ShardMeta::V3(m) => Ok(m),
             ShardMeta::V1(_) => Err(EngineError::Layout {
                 path: self.path.clone(),
                 message: "this shard file was written by the single-node format (layout 1), which is not \
@@ -480,7 +527,7 @@ impl ShardStore {
                 self.decode_meta(raw.value())?
             };
             let out = f(&txn, &mut meta)?;
-            meta_table.insert(META_KEY, encode(&ShardMeta::V2(meta)).as_slice())?;
+            meta_table.insert(META_KEY, encode(&ShardMeta::V3(meta)).as_slice())?;
             out
         };
         txn.commit()?;
@@ -506,10 +553,10 @@ impl ShardStore {
     /// oldest LSN in the log afterwards.
     pub fn append(&self, entries: &[(u64, impl AsRef<[u8]>)], appended: &Appended) -> Result<Option<u64>, EngineError> {
         self.write(|txn, meta| {
-            let mut log = LogTables::open(txn)?;
+            let mut log = LogTables::open(txn, &self.path)?;
             for (lsn, bytes) in entries {
                 let bytes = bytes.as_ref();
-                log.oplog.insert(*lsn, bytes)?;
+                log_parts::insert(&mut log.parts, *lsn, bytes)?;
                 log.sizes.insert(*lsn, bytes.len() as u64)?;
                 meta.log_bytes += bytes.len() as u64;
             }
@@ -529,12 +576,12 @@ impl ShardStore {
     /// oldest LSN in the log afterwards.
     pub fn truncate_after(&self, lsn: u64, last: OpId) -> Result<Option<u64>, EngineError> {
         self.write(|txn, meta| {
-            let mut log = LogTables::open(txn)?;
+            let mut log = LogTables::open(txn, &self.path)?;
             let mut removed = 0u64;
             for entry in log.sizes.extract_from_if((lsn + 1).., |_, _| true)? {
                 removed += entry?.1.value();
             }
-            log.oplog.retain_in((lsn + 1).., |_, _| false)?;
+            log_parts::remove(&mut log.parts, (lsn + 1)..)?;
             meta.log_bytes = meta
                 .log_bytes
                 .checked_sub(removed)
@@ -549,16 +596,16 @@ impl ShardStore {
     /// The logged ops `from ..= through`, which must all be in the log.
     pub fn logged(&self, from: u64, through: u64) -> Result<Vec<(OpId, ShardOp)>, EngineError> {
         let txn = self.db.begin_read()?;
-        let oplog = txn.open_table(OPLOG)?;
+        let parts = txn.open_table(OPLOG_PARTS)?;
         let mut out = Vec::with_capacity(through.saturating_sub(from) as usize + 1);
-        for entry in oplog.range(from..=through)? {
-            let (k, v) = entry?;
-            let (term, op) = ShardOp::decode_with_term(v.value())?;
-            if k.value() != from + out.len() as u64 {
-                break;
+        log_parts::visit(&parts, &self.path, from, |lsn, record| {
+            if lsn > through || lsn != from + out.len() as u64 {
+                return Ok(false);
             }
-            out.push((OpId::new(term, k.value()), op));
-        }
+            let (term, op) = ShardOp::decode_with_term(record)?;
+            out.push((OpId::new(term, lsn), op));
+            Ok(lsn < through)
+        })?;
         if out.len() as u64 != through - from + 1 {
             return Err(self.corrupt(format!(
                 "op log misses ops between {from} and {through} that are not applied yet"
@@ -581,7 +628,7 @@ impl ShardStore {
         if after >= last {
             return Ok(Vec::new());
         }
-        let oplog = txn.open_table(OPLOG)?;
+        let parts = txn.open_table(OPLOG_PARTS)?;
         let first = txn.open_table(OPLOG_SIZES)?.first()?.map(|(k, _)| k.value());
         if first.is_none_or(|first| after + 1 < first) {
             return Err(EngineError::LogTrimmed {
@@ -591,15 +638,12 @@ impl ShardStore {
             });
         }
         let (mut out, mut bytes) = (Vec::new(), 0usize);
-        for entry in oplog.range((after + 1)..)? {
-            if out.len() >= max_ops.max(1) || (!out.is_empty() && bytes >= max_bytes) {
-                break;
-            }
-            let (k, v) = entry?;
-            bytes += v.value().len();
-            let (term, op) = ShardOp::decode_with_term(v.value())?;
-            out.push((OpId::new(term, k.value()), op));
-        }
+        log_parts::visit(&parts, &self.path, after + 1, |lsn, record| {
+            bytes += record.len();
+            let (term, op) = ShardOp::decode_with_term(record)?;
+            out.push((OpId::new(term, lsn), op));
+            Ok(out.len() < max_ops.max(1) && bytes < max_bytes)
+        })?;
         Ok(out)
     }
 
@@ -627,7 +671,7 @@ impl ShardStore {
             meta.applied_lsn = applied;
             meta.growing = growing;
 
-            let mut log = LogTables::open(txn)?;
+            let mut log = LogTables::open(txn, &self.path)?;
             log.trim(meta, retention)?;
             log.first()
         })
@@ -637,7 +681,7 @@ impl ShardStore {
     /// in the log afterwards.
     pub fn trim(&self, retention: Retention) -> Result<Option<u64>, EngineError> {
         self.write_as(Durability::None, |txn, meta| {
-            let mut log = LogTables::open(txn)?;
+            let mut log = LogTables::open(txn, &self.path)?;
             log.trim(meta, retention)?;
             log.first()
         })
@@ -727,32 +771,46 @@ fn key_range<V: redb::Value + 'static>(
 }
 
 /// The op log's two tables, open in one write transaction.
-struct LogTables<'txn> {
-    oplog: Table<'txn, u64, &'static [u8]>,
+struct LogTables<'txn, 'p> {
+    parts: Table<'txn, (u64, u32), &'static [u8]>,
     sizes: Table<'txn, u64, u64>,
+    /// The shard file, for errors.
+    path: &'p Path,
 }
 
-impl<'txn> LogTables<'txn> {
-    fn open(txn: &'txn WriteTransaction) -> Result<Self, EngineError> {
+impl<'txn, 'p> LogTables<'txn, 'p> {
+    fn open(txn: &'txn WriteTransaction, path: &'p Path) -> Result<Self, EngineError> {
         Ok(LogTables {
-            oplog: txn.open_table(OPLOG)?,
+            parts: txn.open_table(OPLOG_PARTS)?,
             sizes: txn.open_table(OPLOG_SIZES)?,
+            path,
         })
     }
 
     /// Rebuilds `oplog_sizes` from the records when its keys are not the
     /// log's (a file written before the table existed, or changed since
-    /// by a version that did not keep it): reads every record once. The
-    /// log is contiguous, so the same count, first and last key mean the
-    /// same keys.
+    /// by a version that did not keep it): reads every record once. Both
+    /// are contiguous, so the same first and last LSN mean the same keys.
     fn ensure_sizes(&mut self) -> Result<(), EngineError> {
-        if self.sizes.len()? == self.oplog.len()? && key_range(&self.sizes)? == key_range(&self.oplog)? {
+        let lsn = |e: Option<(redb::AccessGuard<'_, (u64, u32)>, _)>| e.map(|(k, _)| k.value().0);
+        let logged = (lsn(self.parts.first()?), lsn(self.parts.last()?));
+        let (first, last) = key_range(&self.sizes)?;
+        let count = self.sizes.len()?;
+        let contiguous = match (first, last) {
+            (Some(f), Some(l)) => l.checked_sub(f).is_some_and(|d| d + 1 == count),
+            _ => count == 0,
+        };
+        if contiguous && (first, last) == logged {
             return Ok(());
         }
         self.sizes.retain(|_, _| false)?;
-        for entry in self.oplog.iter()? {
-            let (k, v) = entry?;
-            self.sizes.insert(k.value(), v.value().len() as u64)?;
+        let mut sizes = Vec::new();
+        log_parts::visit(&self.parts, self.path, 0, |lsn, record| {
+            sizes.push((lsn, record.len() as u64));
+            Ok(true)
+        })?;
+        for (lsn, size) in sizes {
+            self.sizes.insert(lsn, size)?;
         }
         Ok(())
     }
@@ -767,7 +825,7 @@ impl<'txn> LogTables<'txn> {
         let Some((through, dropped)) = cut else {
             return Ok(0);
         };
-        self.oplog.retain_in(..=through, |_, _| false)?;
+        log_parts::remove(&mut self.parts, ..=through)?;
         self.sizes.retain_in(..=through, |_, _| false)?;
         meta.log_bytes = meta.log_bytes.saturating_sub(dropped);
         Ok(dropped)
@@ -785,4 +843,34 @@ fn growing_record() -> SegmentRecordV1 {
         rows: 0,
         sealed_lsn: 0,
     }
+}
+
+/// Rewrites the op log of the shard file at `path` as files of meta
+/// record `V2` kept it (whole records in table `oplog`), for tests of the
+/// move into parts at open.
+#[cfg(test)]
+pub(crate) fn write_log_as_v2(path: &Path) {
+    let db = Database::open(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut records = Vec::new();
+        let mut parts = txn.open_table(OPLOG_PARTS).unwrap();
+        log_parts::visit(&parts, path, 0, |lsn, record| {
+            records.push((lsn, record.to_vec()));
+            Ok(true)
+        })
+        .unwrap();
+        parts.retain(|_, _| false).unwrap();
+        let mut whole = txn.open_table(OPLOG).unwrap();
+        for (lsn, record) in &records {
+            whole.insert(*lsn, record.as_slice()).unwrap();
+        }
+        let mut meta = txn.open_table(META).unwrap();
+        let raw = meta.get(META_KEY).unwrap().unwrap().value().to_vec();
+        let ShardMeta::V3(m) = postcard::from_bytes(&raw).unwrap() else {
+            panic!("not a file of meta record V3");
+        };
+        meta.insert(META_KEY, encode(&ShardMeta::V2(m)).as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
 }

@@ -472,6 +472,39 @@ fn a_log_without_its_sizes_table_gets_it_back_at_open() {
     assert_eq!(s.first_logged_lsn(), Some(3));
 }
 
+/// A file whose op log holds whole records (meta record `V2`, before the
+/// log was kept in parts) opens with every op, moved into parts.
+#[test]
+fn a_log_of_whole_records_moves_into_parts_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 100_000, u64::MAX);
+    // Records of several parts and of one.
+    let ops = vec![
+        (id(1, 1), upsert(1..=12_000)),
+        (id(1, 2), upsert([12_001])),
+        (id(1, 3), upsert(12_002..=20_000)),
+    ];
+    assert!(ops[0].1.encode(1).len() > 2 * 64 * 1024);
+    s.append(OpId::ZERO, ops).unwrap();
+    s.apply_through(1).unwrap();
+    let logged = |s: &ShardReplica| -> Vec<(OpId, Vec<u8>)> {
+        let all = s.entries_after(0, 10, usize::MAX).unwrap();
+        all.iter().map(|(at, op)| (*at, op.encode(at.term))).collect()
+    };
+    let before = logged(&s);
+    assert_eq!(before.len(), 3);
+    drop(s);
+    crate::store::write_log_as_v2(&dir.path().join(STORE_FILE));
+    let s = open(dir.path(), 100_000, u64::MAX);
+    assert_eq!(logged(&s), before);
+    assert_eq!(s.last_op(), id(1, 3));
+    s.apply_through(3).unwrap();
+    assert_eq!(found(&s, &[1, 12_000, 12_001, 20_000]), vec![1, 12_000, 12_001, 20_000]);
+    drop(s);
+    let s = open(dir.path(), 100_000, u64::MAX);
+    assert_eq!(logged(&s), before);
+}
+
 #[test]
 fn the_held_floor_keeps_ops_within_the_hold_budget_only() {
     let dir = tempfile::tempdir().unwrap();

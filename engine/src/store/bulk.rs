@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 use super::rows::{self, RowReader, ROW_CHUNKS};
 use super::{
     encode, MergeRecord, MergeRecordV1, SegmentRecord, SegmentRecordV1, ShardMeta, ShardMetaV2, ShardStore, MERGES,
-    META, META_KEY, OPLOG, OPLOG_SIZES, PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
+    META, META_KEY, OPLOG, OPLOG_PARTS, OPLOG_SIZES, PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS,
+    TOMBSTONES,
 };
 use crate::error::EngineError;
 use crate::plan::Location;
@@ -389,6 +390,7 @@ impl StoreImport {
             // Every table exists even if empty, as a new shard file has them.
             let mut meta = txn.open_table(META)?;
             txn.open_table(OPLOG)?;
+            txn.open_table(OPLOG_PARTS)?;
             txn.open_table(OPLOG_SIZES)?;
             let mut terms = txn.open_table(TERMS)?;
             let mut segments = txn.open_table(SEGMENTS)?;
@@ -421,7 +423,7 @@ impl StoreImport {
                 for &(term, first) in history {
                     terms.insert(term, first)?;
                 }
-                meta.insert(META_KEY, encode(&ShardMeta::V2(*m)).as_slice())?;
+                meta.insert(META_KEY, encode(&ShardMeta::V3(*m)).as_slice())?;
             }
         }
         txn.commit()?;

@@ -29,7 +29,7 @@ pub(super) const ROW_CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinitio
 
 /// Bytes a chunk's value may take: under redb's 64 KiB page with room for
 /// the page's own header and key.
-const CHUNK_BYTES: usize = 63 * 1024;
+pub(super) const CHUNK_BYTES: usize = 63 * 1024;
 const TAG_V1: u8 = 1;
 const HEAD: usize = 5;
 
