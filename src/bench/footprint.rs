@@ -22,6 +22,24 @@ fn rss(pid: u32) -> Option<u64> {
     edgevec_node::metrics::process_resident_bytes(&pid.to_string())
 }
 
+/// The parts of process `pid`'s resident set, in bytes: anonymous
+/// memory (heap, mappings the process made), file pages (its binary and
+/// libraries, mapped files) and shared memory.
+fn rss_parts(pid: u32) -> Option<[u64; 3]> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some([field("RssAnon:")?, field("RssFile:")?, field("RssShmem:")?])
+}
+
 /// The kind of a file in a node's data directory, for the breakdown.
 fn kind(path: &Path) -> &'static str {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -212,6 +230,18 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
             print!(" {} |", mib(usage.get(name).copied().unwrap_or(0)));
         }
         println!();
+    }
+    println!();
+    for id in cluster.ids() {
+        if let Some([anon, file, shmem]) = cluster.pid(id).and_then(rss_parts) {
+            println!(
+                "node {id}'s settled RSS: {} MiB anonymous ({:.2}× raw), {} MiB of files (the binary's pages among them, shared by the nodes of this host), {} MiB shared memory",
+                mib(anon),
+                anon as f64 / raw as f64,
+                mib(file),
+                mib(shmem)
+            );
+        }
     }
     for id in cluster.ids().collect::<Vec<_>>() {
         cluster.stop(id)?;
