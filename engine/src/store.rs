@@ -104,6 +104,10 @@ enum ShardMeta {
     V3(ShardMetaV2),
 }
 
+/// Index of the newest [`ShardMeta`] variant; a record of a higher one is
+/// refused as written by a newer version.
+const SHARD_META_LATEST: u8 = 2;
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct ShardMetaV1 {
     shard: u32,
@@ -234,6 +238,8 @@ impl ShardStore {
             shard,
             digests: Default::default(),
         };
+        // A record this build cannot read stops the open before any write.
+        store.check_meta()?;
         store.init(dim)?;
         let moved = rows::migrate(&store.db, path, dim as usize)?;
         if moved > 0 {
@@ -306,6 +312,21 @@ impl ShardStore {
         EngineError::corrupt(self.path.display().to_string(), message)
     }
 
+    /// Decodes the shard record, if the file has one yet, and refuses a
+    /// file this build cannot read.
+    fn check_meta(&self) -> Result<(), EngineError> {
+        let txn = self.db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(raw) = meta.get(META_KEY)? {
+            self.decode_meta(raw.value())?;
+        }
+        Ok(())
+    }
+
     /// Moves the op log of a file of meta record `V2` into parts and makes
     /// the record `V3`, in one durable transaction. Returns the records
     /// moved.
@@ -376,6 +397,17 @@ impl ShardStore {
     }
 
     fn decode_meta(&self, bytes: &[u8]) -> Result<ShardMetaV2, EngineError> {
+        // postcard writes the variant's index first, as a varint: one byte
+        // for any index under 128.
+        if let Some(&variant) = bytes.first().filter(|&&v| v > SHARD_META_LATEST && v < 128) {
+            return Err(EngineError::Layout {
+                path: self.path.clone(),
+                message: format!(
+                    "this shard file was written by a newer edgevec (shard record variant {variant}, this \
+                     build reads up to {SHARD_META_LATEST}); nothing was changed. Run that version or a newer one"
+                ),
+            });
+        }
         match postcard::from_bytes(bytes).map_err(|e| self.corrupt(e))? {
             ShardMeta::V2(m) | ShardMeta::V3(m) => Ok(m),
             ShardMeta::V1(_) => Err(EngineError::Layout {

@@ -505,6 +505,51 @@ fn a_log_of_whole_records_moves_into_parts_at_open() {
     assert_eq!(logged(&s), before);
 }
 
+/// A shard file whose record is of a variant this build does not know
+/// (written by a newer version) is refused as such, naming the file, and
+/// left as it was.
+#[test]
+fn a_file_of_a_newer_version_is_refused_and_untouched() {
+    use redb::ReadableTable;
+    const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 64, u64::MAX);
+    s.append(OpId::ZERO, entries(1, 1..=2)).unwrap();
+    drop(s);
+    let mut record = Vec::new();
+    edit_file(dir.path(), |txn| {
+        let mut meta = txn.open_table(META).unwrap();
+        let mut raw = meta.get("shard").unwrap().unwrap().value().to_vec();
+        raw[0] += 1;
+        meta.insert("shard", raw.as_slice()).unwrap();
+        record = raw;
+    });
+    let file = dir.path().join(STORE_FILE);
+    assert_eq!(record[0], 3);
+    match ShardReplica::open(dir.path(), config(64, u64::MAX), Arc::new(IndexBuilder::start())) {
+        Err(EngineError::Layout { path, message }) => {
+            assert_eq!(path, file);
+            assert!(
+                message.contains("newer edgevec") && message.contains("nothing was changed"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("not a layout error: {other}"),
+        Ok(_) => panic!("a file of a newer version was opened"),
+    }
+    // Nothing was written: with its record as this build wrote it, the
+    // file opens with what it held.
+    edit_file(dir.path(), |txn| {
+        let mut meta = txn.open_table(META).unwrap();
+        let raw = meta.get("shard").unwrap().unwrap().value().to_vec();
+        assert_eq!(raw, record, "the record changed");
+        record[0] -= 1;
+        meta.insert("shard", record.as_slice()).unwrap();
+    });
+    let s = open(dir.path(), 64, u64::MAX);
+    assert_eq!((s.first_logged_lsn(), s.last_op()), (Some(1), id(1, 2)));
+}
+
 #[test]
 fn the_held_floor_keeps_ops_within_the_hold_budget_only() {
     let dir = tempfile::tempdir().unwrap();
