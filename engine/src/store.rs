@@ -239,13 +239,18 @@ impl ShardStore {
             digests: Default::default(),
         };
         // A record this build cannot read stops the open before any write.
-        store.check_meta()?;
+        let whole_log = store.check_meta()?;
         store.init(dim)?;
         let moved = rows::migrate(&store.db, path, dim as usize)?;
         if moved > 0 {
             tracing::info!(path = %path.display(), rows = moved, "rows moved into chunks");
         }
-        let parted = store.migrate_log()?;
+        // One durable transaction; it writes the record back as `V3`.
+        let parted = if whole_log {
+            store.write(|txn, _| log_parts::migrate(txn))?
+        } else {
+            0
+        };
         if parted > 0 {
             tracing::info!(path = %path.display(), ops = parted, "op log records moved into parts");
         }
@@ -313,50 +318,18 @@ impl ShardStore {
     }
 
     /// Decodes the shard record, if the file has one yet, and refuses a
-    /// file this build cannot read.
-    fn check_meta(&self) -> Result<(), EngineError> {
+    /// file this build cannot read. Returns whether its op log holds whole
+    /// records (`V2`).
+    fn check_meta(&self) -> Result<bool, EngineError> {
         let txn = self.db.begin_read()?;
         let meta = match txn.open_table(META) {
             Ok(meta) => meta,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
-        if let Some(raw) = meta.get(META_KEY)? {
-            self.decode_meta(raw.value())?;
-        }
-        Ok(())
-    }
-
-    /// Moves the op log of a file of meta record `V2` into parts and makes
-    /// the record `V3`, in one durable transaction. Returns the records
-    /// moved.
-    fn migrate_log(&self) -> Result<u64, EngineError> {
-        let txn = self.db.begin_write()?;
-        let moved = {
-            let mut meta_table = txn.open_table(META)?;
-            let raw = meta_table
-                .get(META_KEY)?
-                .ok_or_else(|| self.corrupt("missing shard record"))?
-                .value()
-                .to_vec();
-            let meta = self.decode_meta(&raw)?;
-            if !matches!(postcard::from_bytes(&raw), Ok(ShardMeta::V2(_))) {
-                None
-            } else {
-                let moved = log_parts::migrate(&txn)?;
-                meta_table.insert(META_KEY, encode(&ShardMeta::V3(meta)).as_slice())?;
-                Some(moved)
-            }
-        };
-        match moved {
-            Some(moved) => {
-                txn.commit()?;
-                Ok(moved)
-            }
-            None => {
-                txn.abort()?;
-                Ok(0)
-            }
+        match meta.get(META_KEY)? {
+            Some(raw) => Ok(self.decode_meta_layout(raw.value())?.1),
+            None => Ok(false),
         }
     }
 
@@ -397,6 +370,12 @@ impl ShardStore {
     }
 
     fn decode_meta(&self, bytes: &[u8]) -> Result<ShardMetaV2, EngineError> {
+        Ok(self.decode_meta_layout(bytes)?.0)
+    }
+
+    /// The shard record, and whether its op log holds whole records (`V2`,
+    /// moved into parts at open).
+    fn decode_meta_layout(&self, bytes: &[u8]) -> Result<(ShardMetaV2, bool), EngineError> {
         // postcard writes the variant's index first, as a varint: one byte
         // for any index under 128.
         if let Some(&variant) = bytes.first().filter(|&&v| v > SHARD_META_LATEST && v < 128) {
@@ -409,7 +388,8 @@ impl ShardStore {
             });
         }
         match postcard::from_bytes(bytes).map_err(|e| self.corrupt(e))? {
-            ShardMeta::V2(m) | ShardMeta::V3(m) => Ok(m),
+            ShardMeta::V2(m) => Ok((m, true)),
+            ShardMeta::V3(m) => Ok((m, false)),
             ShardMeta::V1(_) => Err(EngineError::Layout {
                 path: self.path.clone(),
                 message: "this shard file was written by the single-node format (layout 1), which is not \
@@ -835,16 +815,12 @@ impl<'txn, 'p> LogTables<'txn, 'p> {
         if contiguous && (first, last) == logged {
             return Ok(());
         }
-        self.sizes.retain(|_, _| false)?;
-        let mut sizes = Vec::new();
+        let sizes = &mut self.sizes;
+        sizes.retain(|_, _| false)?;
         log_parts::visit(&self.parts, self.path, 0, |lsn, record| {
-            sizes.push((lsn, record.len() as u64));
+            sizes.insert(lsn, record.len() as u64)?;
             Ok(true)
-        })?;
-        for (lsn, size) in sizes {
-            self.sizes.insert(lsn, size)?;
-        }
-        Ok(())
+        })
     }
 
     /// Drops the oldest applied ops while the log takes more than the

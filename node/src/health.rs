@@ -85,21 +85,12 @@ pub struct Health {
     leader_since: Mutex<Option<Instant>>,
     /// Commands proposed but not yet applied, to avoid proposing twice.
     pending: Mutex<HashSet<(u64, u8)>>,
-    /// When the leader last acknowledged one of our heartbeats.
-    last_ack: Mutex<Option<Ack>>,
-    /// The last acknowledgement that came from another node (the leader
-    /// before, once this node leads).
-    last_remote_ack: Mutex<Option<Ack>>,
-}
-
-/// A heartbeat acknowledged by the metadata leader.
-#[derive(Debug, Clone, Copy)]
-struct Ack {
-    at: Instant,
-    /// The node that acknowledged it.
-    by: u64,
-    /// The leader's applied metadata index then.
-    leader_applied: Option<u64>,
+    /// When the leader last acknowledged one of our heartbeats, and its
+    /// applied metadata index then.
+    last_ack: Mutex<Option<(Instant, Option<u64>)>>,
+    /// The other node that last acknowledged one of our heartbeats, and
+    /// when (the leader before, once this node leads).
+    last_remote_ack: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Health {
@@ -126,18 +117,14 @@ impl Health {
     /// metadata index at that moment.
     pub fn leader_applied_within(&self, d: Duration) -> Option<Option<u64>> {
         let ack = *self.last_ack.lock().expect("health lock");
-        ack.filter(|a| a.at.elapsed() <= d).map(|a| a.leader_applied)
+        ack.filter(|(at, _)| at.elapsed() <= d).map(|(_, applied)| applied)
     }
 
     fn acked(&self, by: u64, leader_applied: Option<u64>) {
-        let ack = Ack {
-            at: Instant::now(),
-            by,
-            leader_applied,
-        };
-        *self.last_ack.lock().expect("health lock") = Some(ack);
+        let now = Instant::now();
+        *self.last_ack.lock().expect("health lock") = Some((now, leader_applied));
         if by != self.me.id {
-            *self.last_remote_ack.lock().expect("health lock") = Some(ack);
+            *self.last_remote_ack.lock().expect("health lock") = Some((by, now));
         }
     }
 
@@ -206,16 +193,16 @@ impl Health {
                 // since its last acknowledgement, by this node's own clock,
                 // but for `suspect_ms` at most, so that an election never
                 // makes it dead at once (that verdict moves its replicas).
-                if let Some(ack) = *self.last_remote_ack.lock().expect("health lock") {
+                if let Some((node, acked)) = *self.last_remote_ack.lock().expect("health lock") {
                     let floor = Instant::now().checked_sub(self.settings.suspect_after);
-                    let at = floor.map_or(ack.at, |f| ack.at.max(f));
+                    let at = floor.map_or(acked, |f| acked.max(f));
                     debug!(
-                        node = ack.by,
-                        silent_ms = ack.at.elapsed().as_millis() as u64,
+                        node,
+                        silent_ms = acked.elapsed().as_millis() as u64,
                         "the leader before was last heard from"
                     );
                     seen.insert(
-                        ack.by,
+                        node,
                         Seen {
                             at,
                             applied_index: None,

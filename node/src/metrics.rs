@@ -370,15 +370,26 @@ pub fn resident_bytes() -> Option<u64> {
 /// Resident memory of process `pid` ("self": this one), from
 /// `/proc/<pid>/status` (Linux).
 pub fn process_resident_bytes(pid: &str) -> Option<u64> {
+    process_status_bytes(pid, &["VmRSS"])?.first().copied()
+}
+
+/// Fields of `/proc/<pid>/status` given in kB (`VmRSS`, `RssAnon`, ...),
+/// in bytes, in the order asked; `None` unless every one is there.
+pub fn process_status_bytes(pid: &str, fields: &[&str]) -> Option<Vec<u64>> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
+    fields
+        .iter()
+        .map(|name| {
+            let kb: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some(kb * 1024)
+        })
+        .collect()
 }
 
 fn latency_histogram() -> Histogram {
@@ -518,5 +529,23 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_are_read_in_bytes_and_a_missing_one_is_none() {
+        let [rss, anon, file] = process_status_bytes("self", &["VmRSS", "RssAnon", "RssFile"])
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert!(anon > 0 && file > 0 && rss >= anon, "{rss} {anon} {file}");
+        assert!(process_resident_bytes("self").is_some_and(|b| b > 0));
+        assert_eq!(process_status_bytes("self", &["VmRSS", "NoSuchField"]), None);
+        // A name is matched whole, not as the prefix of a longer one.
+        assert_eq!(process_status_bytes("self", &["Vm"]), None);
     }
 }

@@ -26,18 +26,8 @@ fn rss(pid: u32) -> Option<u64> {
 /// memory (heap, mappings the process made), file pages (its binary and
 /// libraries, mapped files) and shared memory.
 fn rss_parts(pid: u32) -> Option<[u64; 3]> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        let kb: u64 = status
-            .lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
-    };
-    Some([field("RssAnon:")?, field("RssFile:")?, field("RssShmem:")?])
+    let parts = edgevec_node::metrics::process_status_bytes(&pid.to_string(), &["RssAnon", "RssFile", "RssShmem"])?;
+    parts.try_into().ok()
 }
 
 /// The kind of a file in a node's data directory, for the breakdown.

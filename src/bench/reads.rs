@@ -123,11 +123,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         let at = Instant::now();
         match fault {
             "kill -9" => cluster.kill9(3)?,
-            _ => {
-                let pid = cluster.pid(3).context("node 3 is not running")?;
-                // SAFETY: kill(2) with a pid this bench started.
-                unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-            }
+            _ => cluster.pause(3, true)?,
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
         stop.store(true, Ordering::Relaxed);
@@ -145,11 +141,7 @@ pub async fn run(args: &Args, dir: &std::path::Path) -> Result<()> {
         // Back to three live replicas before the next fault.
         match fault {
             "kill -9" => cluster.spawn(3)?,
-            _ => {
-                let pid = cluster.pid(3).context("node 3 is not running")?;
-                // SAFETY: as above.
-                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
-            }
+            _ => cluster.pause(3, false)?,
         }
         wait_in_sync(&admin).await?;
     }

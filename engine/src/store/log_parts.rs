@@ -7,8 +7,8 @@
 //! (1.5 MB encoded) took a 2 MiB page, so the op log's retention took a
 //! third more disk than it counted. Each part but the last takes the
 //! largest of [`FILLS`] that the rest of the record covers, so it fills a
-//! page of 256, 128 or 64 KiB; the last, under 63 KiB, wastes at most
-//! that. A record under 63 KiB is one part.
+//! page of 256, 128 or 64 KiB; the last, at most 63 KiB, wastes at most
+//! that. A record of up to 63 KiB is one part.
 //!
 //! Invariants:
 //! - a record's parts are written and removed in one transaction, so the
