@@ -43,30 +43,67 @@ use crate::plan::Location;
 /// walk would cost more, see [`Segment::search`]).
 pub const EXACT_FILTERED_ROWS: usize = 2048;
 
-/// Where the rows of a merged segment are stored.
+/// Where the rows of a merged segment are stored, as runs of rows stored
+/// one after the other in one segment: a merge takes its sources' live
+/// rows in order, so a run ends only where a source ends or a row had
+/// been deleted (a few bytes per run instead of per row).
 struct RowMap {
-    locations: Vec<Location>,
-    /// Stored segment → its rows' positions here (`u32::MAX`: not here).
-    rows: HashMap<u64, Vec<u32>>,
+    /// Ascending by `first`, covering the segment's rows without gaps.
+    runs: Vec<Run>,
+    /// Stored segment → its runs (indexes into `runs`), ascending by row.
+    by_source: HashMap<u64, Vec<u32>>,
+}
+
+/// Rows `first..first + len` of a merged segment, stored at rows
+/// `row..row + len` of segment `segment`.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    segment: u64,
+    first: u32,
+    row: u32,
+    len: u32,
 }
 
 impl RowMap {
-    fn new(locations: Vec<Location>) -> RowMap {
-        let mut rows: HashMap<u64, Vec<u32>> = HashMap::new();
+    fn new(locations: &[Location]) -> RowMap {
+        let mut runs: Vec<Run> = Vec::new();
         for (i, at) in locations.iter().enumerate() {
-            let slots = rows.entry(at.segment).or_default();
-            let r = at.row as usize;
-            if slots.len() <= r {
-                slots.resize(r + 1, u32::MAX);
+            match runs.last_mut() {
+                Some(run) if run.segment == at.segment && run.row.checked_add(run.len) == Some(at.row) => run.len += 1,
+                _ => runs.push(Run {
+                    segment: at.segment,
+                    first: i as u32,
+                    row: at.row,
+                    len: 1,
+                }),
             }
-            slots[r] = i as u32;
         }
-        RowMap { locations, rows }
+        runs.shrink_to_fit();
+        let mut by_source: HashMap<u64, Vec<u32>> = HashMap::new();
+        for (i, run) in runs.iter().enumerate() {
+            by_source.entry(run.segment).or_default().push(i as u32);
+        }
+        for list in by_source.values_mut() {
+            list.sort_unstable_by_key(|&i| runs[i as usize].row);
+            list.shrink_to_fit();
+        }
+        RowMap { runs, by_source }
     }
 
     fn row_of(&self, at: Location) -> Option<u32> {
-        let r = *self.rows.get(&at.segment)?.get(at.row as usize)?;
-        (r != u32::MAX).then_some(r)
+        let list = self.by_source.get(&at.segment)?;
+        let after = list.partition_point(|&i| self.runs[i as usize].row <= at.row);
+        let run = self.runs[*list.get(after.checked_sub(1)?)? as usize];
+        (at.row - run.row < run.len).then(|| run.first + (at.row - run.row))
+    }
+
+    fn location(&self, row: u32) -> Location {
+        let run = self.runs[self.runs.partition_point(|r| r.first <= row) - 1];
+        debug_assert!(row - run.first < run.len, "row {row} is past the merged segment's rows");
+        Location {
+            segment: run.segment,
+            row: run.row + (row - run.first),
+        }
     }
 }
 
@@ -147,7 +184,7 @@ impl Segment {
 
     /// A merged segment whose rows are stored at `locations`, with its
     /// index or (to be indexed) its vectors.
-    pub fn merged(id: u64, dim: usize, ids: Vec<u64>, locations: Vec<Location>, data: MergedData) -> Segment {
+    pub fn merged(id: u64, dim: usize, ids: Vec<u64>, locations: &[Location], data: MergedData) -> Segment {
         debug_assert_eq!(ids.len(), locations.len());
         let vectors = match data {
             MergedData::Index(index) => Vectors::Indexed(index),
@@ -199,7 +236,7 @@ impl Segment {
     /// Where `row` is stored.
     pub fn location(&self, row: u32) -> Location {
         match &self.map {
-            Some(map) => map.locations[row as usize],
+            Some(map) => map.location(row),
             None => Location { segment: self.id, row },
         }
     }
@@ -496,6 +533,36 @@ mod tests {
     use super::*;
     use crate::hnsw::RowVectors;
     use edgevec_proto::IndexSpec;
+
+    #[test]
+    fn a_merged_segment_maps_its_rows_to_where_they_are_stored_and_back() {
+        let at = |segment, row| Location { segment, row };
+        // Runs broken by deleted rows (4, 7..9 of segment 3), by a new
+        // source, and one row long; a source whose rows come in two runs.
+        let mut locations: Vec<Location> = (0..4).map(|r| at(3, r)).collect();
+        locations.extend([at(3, 5), at(3, 6), at(3, 10), at(9, 0), at(9, 1), at(5, 7)]);
+        locations.extend((100..110).map(|r| at(9, r)));
+        let map = RowMap::new(&locations);
+        assert_eq!(map.runs.len(), 6);
+        for (i, stored) in locations.iter().enumerate() {
+            assert_eq!(map.location(i as u32), *stored);
+            assert_eq!(map.row_of(*stored), Some(i as u32), "{stored:?}");
+        }
+        for missing in [
+            at(3, 4),
+            at(3, 7),
+            at(3, 11),
+            at(9, 2),
+            at(9, 99),
+            at(9, 110),
+            at(5, 6),
+            at(4, 0),
+        ] {
+            assert_eq!(map.row_of(missing), None, "{missing:?}");
+        }
+        let empty = RowMap::new(&[]);
+        assert_eq!(empty.row_of(at(1, 0)), None);
+    }
 
     fn filled(n: u64) -> Segment {
         let mut s = Segment::growing(1, 2);

@@ -267,7 +267,7 @@ impl ShardReplica {
         let dim = config.dim as usize;
         let corrupt = |m: String| EngineError::corrupt(dir.display().to_string(), m);
 
-        let merges = merge::restore(loaded.merges, &loaded.points);
+        let mut merges = merge::restore(loaded.merges, &loaded.points);
         let mut owner = HashMap::new();
         for (id, m) in merges.iter().filter(|(_, m)| m.installed) {
             for c in &m.covers {
@@ -332,8 +332,10 @@ impl ShardReplica {
             let cols = columns(&mut rows)?;
             segments.insert(id, seg.with_columns(cols));
         }
-        for (&id, m) in merges.iter().filter(|(_, m)| m.installed && !m.rows.is_empty()) {
-            let (locations, ids): (Vec<Location>, Vec<u64>) = m.rows.iter().copied().unzip();
+        for (&id, m) in merges.iter_mut().filter(|(_, m)| m.installed && !m.rows.is_empty()) {
+            // The segment holds its rows from now on.
+            let rows = std::mem::take(&mut m.rows);
+            let (locations, ids): (Vec<Location>, Vec<u64>) = rows.iter().copied().unzip();
             let expect = Expect {
                 segment: id,
                 metric: config.metric,
@@ -349,7 +351,7 @@ impl ShardReplica {
                 }
             };
             let cols = columns(&mut locations.iter().copied())?;
-            segments.insert(id, Segment::merged(id, dim, ids, locations, data).with_columns(cols));
+            segments.insert(id, Segment::merged(id, dim, ids, &locations, data).with_columns(cols));
         }
         for at in loaded.tombstones {
             let unit = owner.get(&at.segment).copied();

@@ -46,8 +46,11 @@ const SOURCE_CHUNK: usize = 4096;
 pub(super) struct MergeUnit {
     pub sources: Vec<u64>,
     pub covers: Vec<u64>,
-    /// Its rows: where stored, and the point id.
+    /// Its rows (where stored, and the point id) until it is installed;
+    /// then empty, and its segment holds them.
     pub rows: Arc<Vec<(Location, u64)>>,
+    /// How many rows it has.
+    pub len: u64,
     pub installed: bool,
     /// The later merge that took it over (logically), if any.
     pub superseded_by: Option<u64>,
@@ -75,6 +78,7 @@ pub(super) fn restore(records: Vec<(u64, MergeRecordV1)>, points: &HashMap<u64, 
             let unit = MergeUnit {
                 sources: r.sources,
                 covers: r.covers,
+                len: r.rows.len() as u64,
                 rows: Arc::new(r.rows),
                 installed: r.installed,
                 superseded_by: None,
@@ -141,7 +145,7 @@ impl ShardReplica {
             .filter(|(_, m)| m.superseded_by.is_none())
             .map(|(id, m)| SegmentSize {
                 id: *id,
-                rows: m.rows.len() as u64,
+                rows: m.len,
                 live: m.live,
             });
         sealed.chain(merged).collect()
@@ -183,6 +187,17 @@ impl ShardReplica {
         let mut rows = Vec::new();
         for s in sources {
             match st.merges.get(s) {
+                // Its segment holds the rows, in the same order.
+                Some(m) if m.installed => {
+                    covers.extend(m.covers.iter().copied());
+                    if let Some(seg) = st.segments.get(s) {
+                        rows.extend(
+                            (0..seg.rows() as u32)
+                                .map(|r| (seg.location(r), seg.ids()[r as usize]))
+                                .filter(|(at, id)| st.is_live(*at, *id)),
+                        );
+                    }
+                }
                 Some(m) => {
                     covers.extend(m.covers.iter().copied());
                     rows.extend(m.rows.iter().filter(|(at, id)| st.is_live(*at, *id)));
@@ -245,6 +260,7 @@ impl ShardReplica {
                 sources: m.sources.clone(),
                 covers: m.covers.clone(),
                 rows: Arc::new(m.rows.clone()),
+                len: live,
                 installed: false,
                 superseded_by: None,
                 live,
@@ -280,7 +296,9 @@ impl ShardReplica {
         if let Some(seg) = seg {
             st.segments.insert(id, seg);
         }
-        st.merges.get_mut(&id).expect("installing a known merge").installed = true;
+        let m = st.merges.get_mut(&id).expect("installing a known merge");
+        m.installed = true;
+        m.rows = Arc::default();
         removed.into_iter().collect()
     }
 
@@ -371,7 +389,7 @@ impl ShardReplica {
                     (seg.columns(), row)
                 }),
             );
-            let mut seg = Segment::merged(id, dim, ids, locations, MergedData::Index(index)).with_columns(columns);
+            let mut seg = Segment::merged(id, dim, ids, &locations, MergedData::Index(index)).with_columns(columns);
             for (row, (at, pid)) in rows.iter().enumerate() {
                 if !st.is_live(*at, *pid) {
                     seg.tombstone(row as u32);
