@@ -19,6 +19,11 @@ use serde::Serialize;
 use crate::error::MetaStoreError;
 
 const FORMAT: TableDefinition<&str, u32> = TableDefinition::new("format");
+
+/// Page cache of each metadata file. The metadata is small (its Raft log
+/// is purged behind snapshots), and redb's default cache (1 GiB) would keep
+/// every page a long-lived node ever touched.
+const CACHE_BYTES: usize = 2 * 1024 * 1024;
 const FORMAT_KEY: &str = "version";
 
 /// Open (or create) the redb file at `path` and check its layout version
@@ -36,7 +41,7 @@ pub(crate) fn open_db(
     init: impl FnOnce(&redb::WriteTransaction) -> Result<(), MetaStoreError>,
 ) -> Result<(Database, u32), MetaStoreError> {
     let current = *formats.end();
-    let db = Database::create(path)?;
+    let db = Database::builder().set_cache_size(CACHE_BYTES).create(path)?;
     let found = {
         let txn = db.begin_read()?;
         match txn.open_table(FORMAT) {
