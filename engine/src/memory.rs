@@ -6,9 +6,15 @@
 //! reuse, one arena per thread that contended for a lock (up to 8 per
 //! core), so after a few builds a node's resident memory stays well above
 //! what it uses. Two measures, both no-ops elsewhere:
-//! - [`limit_arenas`] at process start caps the arenas at two: the node's
-//!   allocation-heavy work (builds, batches of writes) is not limited by
-//!   allocator lock contention on the 2-8 cores of an edge board;
+//! - [`limit_arenas`] at process start keeps one arena. With two, the
+//!   large blocks (a sealed segment's vectors, 15 MB at 384 dimensions)
+//!   landed in either, among the smaller allocations of writes and
+//!   replication, and one node in each footprint run settled 10-35 MiB
+//!   higher than the others, in free memory that `malloc_trim` could not
+//!   return (pages shared with live allocations). With one, every node
+//!   settles alike, and inserts took as long (BENCHMARKS.md, "Memory and
+//!   disk per node"). Small allocations come from each thread's cache
+//!   without taking the arena's lock;
 //! - [`return_free_memory`] hands the free pages of every arena back to
 //!   the OS (`malloc_trim`): after each background build or merge, and
 //!   when the engine has opened its replicas (index loads read whole
@@ -17,7 +23,7 @@
 //! Both were measured with `bench --mode footprint` (BENCHMARKS.md).
 
 /// Arenas glibc's malloc may create ([`limit_arenas`]).
-pub const MALLOC_ARENAS: i32 = 2;
+pub const MALLOC_ARENAS: i32 = 1;
 
 /// Caps glibc's malloc at [`MALLOC_ARENAS`] arenas. Call it first thing in
 /// `main`, before threads start. An `MALLOC_ARENA_MAX` set in the
