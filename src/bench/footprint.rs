@@ -168,6 +168,12 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the RSS sampler panicked"))?;
     let segments = client.describe_collection("bench").await?.segments;
+    let primary = client
+        .shards(Some("bench"))
+        .await?
+        .first()
+        .and_then(|c| c.shards.first())
+        .and_then(|s| s.primary);
     client.close().await;
 
     println!(
@@ -176,13 +182,14 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     );
     println!(
         "Raw vectors per node: {} MiB. Inserted in {insert_secs:.1} s; settled {settle_secs:.1} s later \
-         (segments of {} rows on the node describe asked).\n",
+         (segments of {} rows on the node describe asked); the primary is on node {}.\n",
         mib(raw),
         segments
             .iter()
             .map(|s| s.rows.to_string())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        primary.map_or_else(|| "none".to_string(), |p| p.to_string())
     );
     let mut kinds = BTreeMap::new();
     for id in cluster.ids() {
@@ -233,8 +240,51 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
             );
         }
     }
+    for id in cluster.ids() {
+        if let Some(pid) = cluster.pid(id) {
+            println!(
+                "node {id}'s anonymous memory: {}",
+                anon_mappings(pid).unwrap_or_else(|e| format!("unreadable ({e})"))
+            );
+        }
+    }
     for id in cluster.ids().collect::<Vec<_>>() {
         cluster.stop(id)?;
     }
     Ok(())
+}
+
+/// Process `pid`'s resident anonymous memory by mapping
+/// (`/proc/PID/smaps`): the malloc heap, the mappings of 1 MiB or more
+/// (large allocations and index tapes), and the rest.
+fn anon_mappings(pid: u32) -> Result<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut heap, mut large, mut rest) = (0u64, Vec::new(), 0u64);
+    let mut name = String::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            name = words.nth(4).unwrap_or("").to_string();
+        } else if first == "Anonymous:" {
+            let kib: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            if name == "[heap]" {
+                heap += kib;
+            } else if kib >= 1024 {
+                large.push(kib);
+            } else {
+                rest += kib;
+            }
+        }
+    }
+    large.sort_unstable_by(|a, b| b.cmp(a));
+    let sizes: Vec<String> = large.iter().map(|k| mib(k * 1024)).collect();
+    Ok(format!(
+        "[heap] {} MiB; {} mappings of 1 MiB or more, {} MiB ({}); {} MiB in smaller ones",
+        mib(heap * 1024),
+        large.len(),
+        mib(large.iter().sum::<u64>() * 1024),
+        sizes.join(", "),
+        mib(rest * 1024)
+    ))
 }
