@@ -8,8 +8,9 @@
 //! until the collection has settled (every sealed segment indexed, no
 //! build or merge under way, the segment list unchanged for 10 s); then
 //! RSS and the bytes of every node's data directory (blocks allocated), by
-//! kind of file, are read once more. Everything is reported against the
-//! raw bytes of the vectors (`n × dim × 4`).
+//! kind of file, are read once more, with each node's anonymous memory by
+//! mapping (malloc heap, large mappings, the rest). Everything is reported
+//! against the raw bytes of the vectors (`n × dim × 4`).
 
 use std::collections::BTreeMap;
 

@@ -187,8 +187,13 @@ impl ShardReplica {
         let mut rows = Vec::new();
         for s in sources {
             match st.merges.get(s) {
-                // Its segment holds the rows, in the same order.
+                // Its segment holds the rows, in the same order (a merge
+                // of deleted rows only has neither).
                 Some(m) if m.installed => {
+                    debug_assert!(
+                        m.len == 0 || st.segments.contains_key(s),
+                        "installed merge {s} has no segment"
+                    );
                     covers.extend(m.covers.iter().copied());
                     if let Some(seg) = st.segments.get(s) {
                         rows.extend(
