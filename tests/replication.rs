@@ -451,6 +451,36 @@ async fn more_replicas_than_data_nodes_is_refused() {
     assert_eq!(shards.replicas, 3, "{}", show_shards(&shards));
 }
 
+/// A cluster without any node of the data role (one that is forming, or
+/// configured without one) answers a create with a retryable error that
+/// says so, not with an invalid argument about the replica count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_before_any_data_node_joined_is_retryable() {
+    let mut cluster = TestCluster::new(1);
+    let no_data = cluster.config_variant("no-data.toml", |t| {
+        t.replace(
+            "roles = [\"meta\", \"data\", \"proxy\"]",
+            "roles = [\"meta\", \"proxy\"]",
+        )
+    });
+    cluster.start_with(1, &no_data, &[]);
+    cluster
+        .wait_view(1, Duration::from_secs(30), "node 1 up", |v| all_nodes_up(v, 1))
+        .await;
+    let admin = cluster.client(1, ADMIN).await;
+    let spec = CollectionSpec::new("early", DIM as u32, Metric::L2);
+    match admin.create_replicated(spec, ReplicationSpec::new(1)).await {
+        Err(ClientError::Unavailable(message)) => {
+            assert!(message.contains("no node with the data role"), "{message}")
+        }
+        other => cluster.fail(format!(
+            "a create with no data node: expected Unavailable, got {other:?}"
+        )),
+    }
+    let listed = admin.list_collections().await.unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_primary_mid_stream_loses_no_acknowledged_write() {
     let mut cluster = TestCluster::running(fast(3, 0, "")).await;

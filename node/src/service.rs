@@ -193,6 +193,14 @@ impl Service {
         if r.replicas == 0 {
             return Err(WireError::invalid("replicas", "replicas must be at least 1"));
         }
+        if data_nodes == 0 {
+            // A cluster that is forming: nodes register their roles
+            // through the metadata once they are up.
+            return Err(WireError::new(
+                ErrorCode::Unavailable,
+                "no node with the data role has joined the cluster yet (nodes register their roles once they are up); retry",
+            ));
+        }
         if r.replicas > data_nodes {
             return Err(WireError::invalid(
                 "replicas",

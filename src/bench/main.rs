@@ -723,6 +723,8 @@ async fn search_bench(args: &Args, dir: &Path) -> Result<()> {
     let queries = Arc::new(vectors(args.queries, args.dim, 2));
 
     let client = connect(addr, &ca).await?;
+    // The node registers its data role through the metadata once it is up.
+    replication::wait_all_up(&client, 1).await?;
     let spec = CollectionSpec::new("bench", args.dim as u32, Metric::L2)
         .with_shards(args.shards)
         .with_seal_rows(seal_rows);
