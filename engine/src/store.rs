@@ -5,7 +5,7 @@
 //! | table        | key              | value                                   |
 //! |--------------|------------------|-----------------------------------------|
 //! | `meta`       | `"shard"`        | [`ShardMeta`]: shard, dim, applied LSN, growing segment, term, last op id, log bytes |
-//! | `oplog_parts`| (LSN, part)      | [`crate::op::OpRecord`]: term and op, in parts of at most 63 KiB (module `log_parts`) |
+//! | `oplog_parts`| (LSN, part)      | [`crate::op::OpRecord`]: term and op, in parts that fill redb's pages of 256, 128 or 64 KiB (module `log_parts`) |
 //! | `oplog`      | LSN              | the whole record, in files of meta record `V2`; moved into parts at open |
 //! | `oplog_sizes`| LSN              | encoded bytes of that op's record       |
 //! | `terms`      | term             | first LSN of that term (term history)   |

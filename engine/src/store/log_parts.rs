@@ -151,6 +151,26 @@ mod tests {
             .collect()
     }
 
+    /// A new file at `path` whose table `table` holds `all`, written by
+    /// `put` in one transaction.
+    fn file_with<K: redb::Key + 'static>(
+        path: &Path,
+        table: TableDefinition<K, &'static [u8]>,
+        all: &[(u64, Vec<u8>)],
+        mut put: impl FnMut(&mut Table<'_, K, &'static [u8]>, u64, &[u8]),
+    ) -> Database {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(table).unwrap();
+            for (lsn, r) in all {
+                put(&mut t, *lsn, r);
+            }
+        }
+        txn.commit().unwrap();
+        db
+    }
+
     fn read_all(db: &Database, path: &Path, from: u64) -> Result<Vec<(u64, Vec<u8>)>, EngineError> {
         let txn = db.begin_read()?;
         let table = txn.open_table(OPLOG_PARTS)?;
@@ -166,17 +186,11 @@ mod tests {
     fn records_of_every_size_read_back_whole_and_are_removed_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.redb");
-        let db = Database::create(&path).unwrap();
         let all = records();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut t = txn.open_table(OPLOG_PARTS).unwrap();
-            for (lsn, r) in &all {
-                insert(&mut t, *lsn, r).unwrap();
-            }
-            assert_eq!(t.len().unwrap(), 1 + 1 + 1 + 2 + 4);
-        }
-        txn.commit().unwrap();
+        let db = file_with(&path, OPLOG_PARTS, &all, |t, lsn, r| insert(t, lsn, r).unwrap());
+        let txn = db.begin_read().unwrap();
+        assert_eq!(txn.open_table(OPLOG_PARTS).unwrap().len().unwrap(), 1 + 1 + 1 + 2 + 4);
+        drop(txn);
         assert_eq!(read_all(&db, &path, 0).unwrap(), all);
         assert_eq!(read_all(&db, &path, 8).unwrap(), all[3..]);
 
@@ -218,16 +232,10 @@ mod tests {
     fn whole_records_of_an_older_file_move_into_parts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.redb");
-        let db = Database::create(&path).unwrap();
         let all = records();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut whole = txn.open_table(OPLOG).unwrap();
-            for (lsn, r) in &all {
-                whole.insert(*lsn, r.as_slice()).unwrap();
-            }
-        }
-        txn.commit().unwrap();
+        let db = file_with(&path, OPLOG, &all, |t, lsn, r| {
+            t.insert(lsn, r).unwrap();
+        });
         let txn = db.begin_write().unwrap();
         assert_eq!(migrate(&txn).unwrap(), all.len() as u64);
         txn.commit().unwrap();
