@@ -17,10 +17,11 @@
 //!   from the seal on, in the sealed buffer, which becomes the [`Block`]
 //!   its index (and later a merged index) points into without copying;
 //! - a row is live iff it is not tombstoned; search and get never return a
-//!   tombstoned row: the graph walk skips dead rows (a filtered walk), and
-//!   when it comes back with fewer than `k` live rows while the segment has
-//!   more, the segment is searched exactly instead, so deletes never make
-//!   results go missing;
+//!   tombstoned row: the graph walk skips dead rows (a filtered walk, with
+//!   its expansion widened by the share of dead rows, or an exact scan
+//!   when few rows are live), and when it comes back with fewer than `k`
+//!   live rows while the segment has more, the segment is searched exactly
+//!   instead, so deletes never make results go missing;
 //! - a sealed segment keeps the rows that pass its last few filters (its
 //!   columns never change once sealed); liveness is checked when they are
 //!   used, so a tombstone never makes a kept set wrong;
@@ -40,7 +41,8 @@ use crate::plan::Location;
 
 /// A filtered search scans the passing rows of a segment exactly, instead
 /// of walking its graph, when at most this many rows pass (or when the
-/// walk would cost more, see [`Segment::search`]).
+/// walk would cost more, see [`Segment::search`]); so does a search of a
+/// segment with deleted rows when at most this many are live.
 pub const EXACT_FILTERED_ROWS: usize = 2048;
 
 /// Where the rows of a merged segment are stored, as runs of rows stored
@@ -374,6 +376,10 @@ impl Segment {
     /// `p ≤` [`EXACT_FILTERED_ROWS`] or `p²/n ≤ 2·ef·m`; otherwise the walk
     /// keeps `ef·n/p` candidates (at most [`limits::MAX_SEARCH_EF`]), so
     /// about `ef` of them pass, as an unfiltered walk would keep.
+    ///
+    /// Deleted rows are planned alike, `p` being the live rows: a walk over
+    /// a graph whose rows are mostly deleted reaches few live ones and
+    /// would miss the nearest.
     pub fn search(
         &self,
         metric: Metric,
@@ -383,32 +389,44 @@ impl Segment {
         filter: Option<&Compiled>,
     ) -> Vec<Candidate> {
         let Some(filter) = filter else {
-            return self.search_rows(metric, query, k, opts, None);
+            if self.deleted == 0 {
+                return self.search_rows(metric, query, k, opts, None);
+            }
+            return match self.walk_options(opts, k, self.live_rows()) {
+                Some(walk) => self.search_rows(metric, query, k, walk, None),
+                None => self.scan(metric, query, k),
+            };
         };
         let passing = self.passing(filter);
         let live_passing = passing.rows.iter().filter(|r| self.is_live(**r)).count();
-        let (p, n) = (live_passing as f64, self.rows().max(1) as f64);
-        let ef = opts.ef.max(k).max(1) as f64;
-        let scan = match &self.vectors {
-            Vectors::Indexed(ix) => {
-                let m = f64::from(ix.params().m);
-                opts.exact || live_passing <= EXACT_FILTERED_ROWS || p * p / n <= 2.0 * ef * m
-            }
-            _ => true,
-        };
-        if scan {
+        let Some(walk) = self.walk_options(opts, k, live_passing) else {
             let mut top = TopK::new(metric, k);
             for &row in passing.rows.iter().filter(|r| self.is_live(**r)) {
                 self.offer(metric, query, row, &mut top);
             }
             return top.into_sorted();
-        }
-        let widened = SearchOptions {
-            ef: (ef * n / p).ceil().min(f64::from(limits::MAX_SEARCH_EF)) as usize,
-            ..opts
         };
         let allowed = |row: u32| passing.contains(row) && self.is_live(row);
-        self.search_rows(metric, query, k, widened, Some((&allowed, live_passing)))
+        self.search_rows(metric, query, k, walk, Some((&allowed, live_passing)))
+    }
+
+    /// The plan for `p` rows of the segment that a search may return (see
+    /// [`Segment::search`]): the options of a graph walk, its `ef` widened
+    /// by `n / p`, or `None` to compare those rows exactly.
+    fn walk_options(&self, opts: SearchOptions, k: usize, p: usize) -> Option<SearchOptions> {
+        let Vectors::Indexed(ix) = &self.vectors else {
+            return None;
+        };
+        let (p, n) = (p as f64, self.rows().max(1) as f64);
+        let ef = opts.ef.max(k).max(1) as f64;
+        let m = f64::from(ix.params().m);
+        if opts.exact || p <= EXACT_FILTERED_ROWS as f64 || p * p / n <= 2.0 * ef * m {
+            return None;
+        }
+        Some(SearchOptions {
+            ef: (ef * n / p).ceil().min(f64::from(limits::MAX_SEARCH_EF)) as usize,
+            ..opts
+        })
     }
 
     /// The rows that pass `filter`, live or not: from the cache once the
