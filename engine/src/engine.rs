@@ -51,7 +51,7 @@ use crate::error::EngineError;
 use crate::fsutil;
 use crate::layout::{self, ImportStage};
 use crate::registry::Registry;
-use crate::shard::{ShardConfig, ShardReplica, OPLOG_HOLD_BYTES, OPLOG_RETAIN_BYTES};
+use crate::shard::{ShardConfig, ShardReplica, OPLOG_HOLD_BYTES, OPLOG_RETAIN_BYTES, OPLOG_RETAIN_PERCENT};
 use crate::validate;
 use edgevec_proto::{FieldSpec, IndexSpec};
 
@@ -114,6 +114,10 @@ pub struct EngineOptions {
     /// ([`OPLOG_RETAIN_BYTES`] by default): a replica further behind than
     /// this is caught up from an export.
     pub oplog_retain_bytes: u64,
+    /// Share of a shard's vector bytes its op log keeps, in percent,
+    /// within `oplog_retain_bytes` ([`OPLOG_RETAIN_PERCENT`] by default;
+    /// `None`: `oplog_retain_bytes` alone; see [`crate::retain_budget`]).
+    pub oplog_retain_percent: Option<u32>,
     /// Bytes each replica's op log may grow to while it holds ops for a
     /// replica away from the in-sync set ([`OPLOG_HOLD_BYTES`] by
     /// default; see [`ShardReplica::set_held_floor`]).
@@ -124,6 +128,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             oplog_retain_bytes: OPLOG_RETAIN_BYTES,
+            oplog_retain_percent: Some(OPLOG_RETAIN_PERCENT),
             oplog_hold_bytes: OPLOG_HOLD_BYTES,
         }
     }
@@ -525,6 +530,7 @@ fn shard_config(spec: &ReplicaSpec, options: EngineOptions) -> ShardConfig {
         seal_rows: spec.seal_rows,
         index: spec.index,
         retain_bytes: options.oplog_retain_bytes,
+        retain_percent: options.oplog_retain_percent,
         hold_bytes: options.oplog_hold_bytes,
         fields: spec.fields.clone(),
     }

@@ -90,6 +90,9 @@ pub use metric::Candidate;
 pub use op::{OpRecord, ShardOp};
 pub use plan::Location;
 pub use search::search_replicas;
-pub use shard::{LogStatus, ShardConfig, ShardReplica, OPLOG_HOLD_BYTES, OPLOG_RETAIN_BYTES};
+pub use shard::{
+    retain_budget, LogStatus, ShardConfig, ShardReplica, OPLOG_HOLD_BYTES, OPLOG_RETAIN_BYTES, OPLOG_RETAIN_MIN_BYTES,
+    OPLOG_RETAIN_PERCENT,
+};
 pub use split::{by_shard, last_wins};
 pub use store::SegmentDigest;

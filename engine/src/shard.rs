@@ -95,6 +95,16 @@ pub(crate) use export::import_files;
 /// export of the shard instead of the ops.
 pub const OPLOG_RETAIN_BYTES: u64 = 32 * 1024 * 1024;
 
+/// Default share of a shard's vector bytes (live points × dim × 4, in
+/// percent) its op log keeps, within [`OPLOG_RETAIN_BYTES`]: a replica
+/// that missed more than that is about as quick to catch up from an
+/// export of the shard as from the ops, so a larger log only takes disk.
+pub const OPLOG_RETAIN_PERCENT: u32 = 10;
+
+/// The share never keeps the log below this (a small shard's log still
+/// covers a short absence), nor above the byte budget.
+pub const OPLOG_RETAIN_MIN_BYTES: u64 = 1024 * 1024;
+
 /// Default bytes a replica's op log may grow to while it holds ops for a
 /// replica away from the in-sync set (a node restarted, or down for a
 /// while): a returning replica that missed up to about this much catches
@@ -117,6 +127,11 @@ pub struct ShardConfig {
     /// Bytes of encoded ops the op log may keep once they are applied
     /// ([`OPLOG_RETAIN_BYTES`] by default); unapplied ops are always kept.
     pub retain_bytes: u64,
+    /// With `Some(p)`, the log keeps at most `p` percent of the shard's
+    /// vector bytes, within `retain_bytes` and not below
+    /// [`OPLOG_RETAIN_MIN_BYTES`] ([`OPLOG_RETAIN_PERCENT`] by default;
+    /// see [`retain_budget`]). `None`: `retain_bytes` alone.
+    pub retain_percent: Option<u32>,
     /// Bytes the op log may grow to while it holds ops for a replica
     /// away from the in-sync set ([`ShardReplica::set_held_floor`];
     /// [`OPLOG_HOLD_BYTES`] by default); below `retain_bytes` it holds
@@ -124,6 +139,20 @@ pub struct ShardConfig {
     pub hold_bytes: u64,
     /// Payload indexes: the fields filters may use (module `payload`).
     pub fields: Vec<FieldSpec>,
+}
+
+/// Bytes of applied ops the op log keeps (`retain_bytes` of `config`, or
+/// less: `retain_percent` of `vector_bytes`, the shard's live vectors,
+/// but not below [`OPLOG_RETAIN_MIN_BYTES`]).
+pub fn retain_budget(config: &ShardConfig, vector_bytes: u64) -> u64 {
+    match config.retain_percent {
+        None => config.retain_bytes,
+        Some(p) => {
+            let share = u128::from(vector_bytes) * u128::from(p) / 100;
+            let share = u64::try_from(share).unwrap_or(u64::MAX);
+            config.retain_bytes.min(share.max(OPLOG_RETAIN_MIN_BYTES))
+        }
+    }
 }
 
 /// A consistent snapshot of a replica's log position.

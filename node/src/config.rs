@@ -133,6 +133,12 @@ struct RawCluster {
     /// rebuilt from an export of the shard.
     #[serde(default = "default_oplog_retain_kb")]
     oplog_retain_kb: Spanned<u64>,
+    /// Share of a shard's vector bytes its op log keeps, in percent,
+    /// within `oplog_retain_kb` and not below 1 MiB (a replica further
+    /// behind catches up about as fast from an export); 0: the log keeps
+    /// `oplog_retain_kb` whatever the shard's size.
+    #[serde(default = "default_oplog_retain_percent")]
+    oplog_retain_percent: Spanned<u32>,
     /// Bytes (KiB) a primary's op log may grow to while it holds ops for
     /// a replica that left the in-sync set, so that the replica catches up
     /// from the log when it returns instead of from an export of the
@@ -159,6 +165,10 @@ fn default_request_budget_mb() -> Spanned<u64> {
 
 fn default_oplog_retain_kb() -> Spanned<u64> {
     Spanned::new(0..0, edgevec_engine::OPLOG_RETAIN_BYTES / 1024)
+}
+
+fn default_oplog_retain_percent() -> Spanned<u32> {
+    Spanned::new(0..0, edgevec_engine::OPLOG_RETAIN_PERCENT)
 }
 
 fn default_oplog_hold_kb() -> Spanned<u64> {
@@ -265,6 +275,9 @@ pub struct ClusterConfig {
     pub raft_snapshot_logs: u64,
     /// Bytes of applied ops a shard replica's op log keeps.
     pub oplog_retain_bytes: u64,
+    /// Share of a shard's vector bytes (percent) its op log keeps within
+    /// `oplog_retain_bytes`; `None`: no share.
+    pub oplog_retain_percent: Option<u32>,
     /// Bytes a primary's op log may grow to for replicas away from the
     /// in-sync set.
     pub oplog_hold_bytes: u64,
@@ -448,6 +461,7 @@ impl ClusterConfig {
         }
         let oplog_retain_kb = *c.oplog_retain_kb.get_ref();
         let oplog_hold_kb = *c.oplog_hold_kb.get_ref();
+        let oplog_retain_percent = Some(*c.oplog_retain_percent.get_ref()).filter(|&p| p > 0);
         if oplog_retain_kb == 0 {
             return Err(invalid(
                 c.oplog_retain_kb.span().start,
@@ -481,6 +495,7 @@ impl ClusterConfig {
             election_timeout_ms: (emin, emax),
             raft_snapshot_logs,
             oplog_retain_bytes: oplog_retain_kb.saturating_mul(1024),
+            oplog_retain_percent,
             oplog_hold_bytes: oplog_hold_kb.saturating_mul(1024),
             request_budget_bytes: (budget_mb << 20) as usize,
             fault_injection: raw.cluster.fault_injection,
@@ -612,6 +627,21 @@ roles = ["data", "proxy"]
         assert_eq!(parse(&with("64")).unwrap().request_budget_bytes, 64 << 20);
         let err = parse(&with("63")).unwrap_err().to_string();
         assert!(err.contains("request_budget_mb must be between 64"), "{err}");
+    }
+
+    #[test]
+    fn op_log_retention_settings() {
+        let with = |v: &str| GOOD.replace("[cluster]\n", &format!("[cluster]\n{v}\n"));
+        let c = parse(GOOD).unwrap();
+        assert_eq!((c.oplog_retain_bytes, c.oplog_retain_percent), (32 << 20, Some(10)));
+        let c = parse(&with("oplog_retain_kb = 4096\noplog_retain_percent = 25")).unwrap();
+        assert_eq!((c.oplog_retain_bytes, c.oplog_retain_percent), (4 << 20, Some(25)));
+        assert_eq!(
+            parse(&with("oplog_retain_percent = 0")).unwrap().oplog_retain_percent,
+            None
+        );
+        let err = parse(&with("oplog_retain_percent = -1")).unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("`-1`"), "{err}");
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub async fn start_node(cluster: &ClusterConfig, node: NodeConfig) -> Result<Nod
     let dir = node.data_dir.join("engine");
     let options = EngineOptions {
         oplog_retain_bytes: cluster.oplog_retain_bytes,
+        oplog_retain_percent: cluster.oplog_retain_percent,
         oplog_hold_bytes: cluster.oplog_hold_bytes,
     };
     let engine = tokio::task::spawn_blocking(move || Engine::open(&dir, options))

@@ -12,6 +12,7 @@ fn config() -> ShardConfig {
             ef_construction: 8,
         },
         retain_bytes: 0,
+        retain_percent: None,
         hold_bytes: 0,
         fields: Vec::new(),
     }

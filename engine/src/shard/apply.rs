@@ -72,7 +72,7 @@ impl ShardReplica {
     /// Applies consecutive logged ops (a merge op only alone); returns the
     /// LSN and count of each delete.
     fn apply_chunk(&self, ops: &[(OpId, ShardOp)]) -> Result<Vec<(u64, u64)>, EngineError> {
-        let (plans, growing) = {
+        let (plans, growing, live_points) = {
             let st = self.read();
             // Ids touched by earlier ops of the batch shadow the shard's map.
             let mut touched: HashMap<u64, Option<Location>> = HashMap::new();
@@ -96,14 +96,14 @@ impl ShardReplica {
                 next = p.next;
                 plans.push(p);
             }
-            (plans, growing)
+            (plans, growing, st.locations.len())
         };
         let batch: Vec<Applied<'_>> = ops
             .iter()
             .zip(&plans)
             .map(|((id, op), plan)| Applied { lsn: id.lsn, op, plan })
             .collect();
-        let first_logged = self.store.apply(&batch, growing.segment, self.retention())?;
+        let first_logged = self.store.apply(&batch, growing.segment, self.retention(live_points))?;
         let (sealed, merges, unused) = {
             let mut st = self.state.write().expect("shard state lock");
             let (mut sealed, mut merges, mut unused) = (Vec::new(), Vec::new(), Vec::new());
@@ -135,10 +135,12 @@ impl ShardReplica {
             .collect())
     }
 
-    /// What retention may drop now: see [`crate::oplog::retention_cut`].
-    pub(super) fn retention(&self) -> Retention {
+    /// What retention may drop now, for a shard of `live_points` points:
+    /// see [`crate::oplog::retention_cut`] and [`super::retain_budget`].
+    pub(super) fn retention(&self, live_points: usize) -> Retention {
+        let vector_bytes = (live_points as u64).saturating_mul(u64::from(self.config.dim) * 4);
         Retention {
-            budget: self.config.retain_bytes,
+            budget: super::retain_budget(&self.config, vector_bytes),
             keep_above: self.retain_floor.load(Ordering::Acquire),
             held: crate::oplog::Held {
                 above: self.held_floor.load(Ordering::Acquire),

@@ -29,6 +29,7 @@ fn config(seal_rows: u32) -> ShardConfig {
         seal_rows,
         index: IndexSpec::default(),
         retain_bytes: OPLOG_RETAIN_BYTES,
+        retain_percent: None,
         hold_bytes: 0,
         fields: vec![field("bucket", FieldKind::Int), field("tag", FieldKind::Keyword)],
     }

@@ -170,7 +170,8 @@ impl ShardReplica {
     /// next open trims it again.
     pub fn trim_log(&self) -> Result<(), EngineError> {
         let _writer = self.writer.lock().expect("shard writer lock");
-        let first_logged = self.store.trim(self.retention())?;
+        let live_points = self.read().locations.len();
+        let first_logged = self.store.trim(self.retention(live_points))?;
         self.state.write().expect("shard state lock").log.first_logged = first_logged;
         Ok(())
     }

@@ -14,6 +14,7 @@ fn config(seal_rows: u32, retain_bytes: u64) -> ShardConfig {
             ef_construction: 32,
         },
         retain_bytes,
+        retain_percent: None,
         hold_bytes: 0,
         fields: Vec::new(),
     }
@@ -318,6 +319,65 @@ fn op_ids_and_log_reads_across_terms_and_retention() {
     assert_eq!((0..=9).map(|l| s.op_id_at(l)).collect::<Vec<_>>(), want);
     assert_eq!(s.first_logged_lsn(), Some(6));
     assert_eq!(found(&s, &[1, 5, 6]), vec![1, 5]);
+}
+
+#[test]
+fn the_log_keeps_a_share_of_the_shards_vectors_within_its_budget() {
+    let config = |retain_bytes, retain_percent| ShardConfig {
+        retain_bytes,
+        retain_percent,
+        ..config(1 << 20, 0)
+    };
+    let mb = 1024 * 1024;
+    assert_eq!(retain_budget(&config(32 * mb, None), 100 * mb), 32 * mb);
+    assert_eq!(retain_budget(&config(32 * mb, Some(10)), 100 * mb), 10 * mb);
+    assert_eq!(
+        retain_budget(&config(32 * mb, Some(10)), 1000 * mb),
+        32 * mb,
+        "within the bytes"
+    );
+    assert_eq!(
+        retain_budget(&config(32 * mb, Some(10)), 0),
+        OPLOG_RETAIN_MIN_BYTES,
+        "not below the floor"
+    );
+    assert_eq!(
+        retain_budget(&config(16 * 1024, Some(10)), 0),
+        16 * 1024,
+        "nor above the bytes"
+    );
+    assert_eq!(retain_budget(&config(u64::MAX, Some(u32::MAX)), u64::MAX), u64::MAX);
+
+    // 24 batches of 500 points of 256 dimensions: 12 MB of vectors, about
+    // 0.5 MB of log a batch. A tenth of the vectors keeps the last two
+    // batches or so; without the share the 32 MiB budget keeps them all.
+    let dim = 256;
+    let batch = |b: u64| {
+        ShardOp::Upsert(
+            (b * 500..(b + 1) * 500)
+                .map(|id| Point {
+                    id,
+                    vector: vec![id as f32; dim],
+                    payload: None,
+                })
+                .collect(),
+        )
+    };
+    for (percent, first_logged) in [(Some(10), 20..=23), (None, 1..=1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ShardConfig {
+            dim: dim as u32,
+            ..config(OPLOG_RETAIN_BYTES, percent)
+        };
+        let s = ShardReplica::open(dir.path(), cfg, Arc::new(IndexBuilder::start())).unwrap();
+        for b in 0..24 {
+            let last = s.append(s.last_op(), vec![(id(1, b + 1), batch(b))]).unwrap();
+            s.apply_through(last.lsn).unwrap();
+        }
+        let first = s.first_logged_lsn().unwrap();
+        assert!(first_logged.contains(&first), "{percent:?}: log from {first}");
+        assert_eq!(found(&s, &[0, 11_999]), vec![0, 11_999]);
+    }
 }
 
 #[test]

@@ -469,6 +469,7 @@ mod tests {
                 ef_construction: 8,
             },
             retain_bytes: 0,
+            retain_percent: None,
             hold_bytes: 0,
             fields: Vec::new(),
         };

@@ -27,6 +27,7 @@ fn config() -> ShardConfig {
             ef_construction: 32,
         },
         retain_bytes: OPLOG_RETAIN_BYTES,
+        retain_percent: None,
         hold_bytes: 0,
         fields: Vec::new(),
     }
