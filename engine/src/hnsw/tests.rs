@@ -199,6 +199,40 @@ fn save_load_roundtrip_and_rejects_damage() {
         let e = HnswIndex::load(&path, expect, &mut rows).err().unwrap().to_string();
         assert!(e.contains(&format!("header version {version}")), "{e}");
     }
+
+    // Version 3, the same body uncompressed, still loads: an upgrade does
+    // not rebuild every index.
+    let plain = zstd::bulk::decompress(&good[32..], 64 << 20).unwrap();
+    assert!(
+        plain.len() > 2 * (good.len() - 32),
+        "{} bytes from {}",
+        plain.len(),
+        good.len() - 32
+    );
+    let with_header = |version: u32, body: &[u8]| {
+        let mut f = good[..32].to_vec();
+        f[8..12].copy_from_slice(&version.to_le_bytes());
+        f[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        f[24..32].copy_from_slice(&fsutil::checksum(body).to_le_bytes());
+        f.extend_from_slice(body);
+        f
+    };
+    std::fs::write(&path, with_header(3, &plain)).unwrap();
+    let (v3, v3_ids) = HnswIndex::load(&path, expect, &mut rows).unwrap();
+    assert_eq!(v3_ids, ids);
+    assert_eq!(
+        v3.search(&v[..dim], 5, opts, None).unwrap(),
+        ix.search(&v[..dim], 5, opts, None).unwrap()
+    );
+    // A frame that claims more than a graph of its rows can take is
+    // refused before anything that large is allocated; so is a version 4
+    // body that is no zstd frame.
+    let huge = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+    std::fs::write(&path, with_header(4, &huge)).unwrap();
+    let e = HnswIndex::load(&path, expect, &mut rows).err().unwrap().to_string();
+    assert!(e.contains("over"), "{e}");
+    std::fs::write(&path, with_header(4, &plain)).unwrap();
+    assert!(HnswIndex::load(&path, expect, &mut rows).is_err());
 }
 
 #[test]

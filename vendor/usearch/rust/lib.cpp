@@ -379,6 +379,18 @@ bool NativeIndex::attach_vector_view_f32(uint64_t key, rust::Slice<float const> 
 
 bool NativeIndex::all_vectors_attached() const { return index_->all_vectors_attached(); }
 
+uint64_t NativeIndex::slot_key(size_t slot) const {
+    if (slot >= index_->size())
+        throw std::out_of_range("slot past the last member");
+    return index_->slot_key(slot);
+}
+
+bool NativeIndex::attach_vector_view_at_f32(size_t slot, rust::Slice<float const> vector) const {
+    if (vector.size() != index_->dimensions())
+        return false;
+    return index_->attach_vector_at(slot, vector.data(), false);
+}
+
 std::unique_ptr<NativeIndex> wrap(index_t&& index) {
     std::unique_ptr<index_t> punned_ptr;
     punned_ptr.reset(new index_t(std::move(index)));
@@ -387,7 +399,7 @@ std::unique_ptr<NativeIndex> wrap(index_t&& index) {
     return result;
 }
 
-std::unique_ptr<NativeIndex> new_native_index(IndexOptions const& options) {
+static std::unique_ptr<NativeIndex> new_native_index_with(IndexOptions const& options, bool key_lookups) {
     metric_kind_t metric_kind = rust_to_cpp_metric(options.metric);
     scalar_kind_t scalar_kind = rust_to_cpp_scalar(options.quantization);
     metric_punned_t metric(options.dimensions, metric_kind, scalar_kind);
@@ -395,8 +407,17 @@ std::unique_ptr<NativeIndex> new_native_index(IndexOptions const& options) {
         throw std::invalid_argument("Unsupported metric or scalar type");
     index_dense_config_t config(options.connectivity, options.expansion_add, options.expansion_search);
     config.multi = options.multi;
+    config.enable_key_lookups = key_lookups;
     index_t index = index_t::make(metric, config);
     return wrap(std::move(index));
+}
+
+std::unique_ptr<NativeIndex> new_native_index(IndexOptions const& options) {
+    return new_native_index_with(options, true);
+}
+
+std::unique_ptr<NativeIndex> new_native_index_without_key_lookups(IndexOptions const& options) {
+    return new_native_index_with(options, false);
 }
 
 IndexMetadata head_to_metadata(index_dense_head_t const& head) {

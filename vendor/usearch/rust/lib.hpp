@@ -145,12 +145,16 @@ class NativeIndex {
     bool attach_vector_f32(uint64_t key, rust::Slice<float const> vector) const;
     bool attach_vector_view_f32(uint64_t key, rust::Slice<float const> vector) const;
     bool all_vectors_attached() const;
+    // edgevec patch: members by slot, for indexes without key lookups.
+    uint64_t slot_key(size_t slot) const;
+    bool attach_vector_view_at_f32(size_t slot, rust::Slice<float const> vector) const;
 
   private:
     std::unique_ptr<index_dense_t> index_;
 };
 
 std::unique_ptr<NativeIndex> new_native_index(IndexOptions const& options);
+std::unique_ptr<NativeIndex> new_native_index_without_key_lookups(IndexOptions const& options);
 
 IndexMetadata read_metadata(rust::Str path);
 IndexMetadata read_metadata_from_buffer(rust::Slice<uint8_t const> buffer);

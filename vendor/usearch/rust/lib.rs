@@ -428,6 +428,7 @@ pub mod ffi {
         pub fn change_metric(self: &NativeIndex, metric: usize, metric_state: usize) -> Result<()>;
 
         pub fn new_native_index(options: &IndexOptions) -> Result<UniquePtr<NativeIndex>>;
+        pub fn new_native_index_without_key_lookups(options: &IndexOptions) -> Result<UniquePtr<NativeIndex>>;
 
         /// Reads only the index header from a serialized file, returning enough
         /// metadata to reconstruct an `IndexOptions` without loading the full index.
@@ -592,6 +593,8 @@ pub mod ffi {
         pub fn attach_vector_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> bool;
         pub fn attach_vector_view_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> bool;
         pub fn all_vectors_attached(self: &NativeIndex) -> bool;
+        pub fn slot_key(self: &NativeIndex, slot: usize) -> Result<u64>;
+        pub fn attach_vector_view_at_f32(self: &NativeIndex, slot: usize, vector: &[f32]) -> bool;
     }
 }
 
@@ -1373,6 +1376,19 @@ impl Index {
         }
     }
 
+    /// [`Index::new`] without the key-to-member lookup table: the index
+    /// cannot answer `get`, `contains`, `remove` or `rename`, nor refuse a
+    /// duplicate key, and a loaded graph gets its vectors by slot
+    /// ([`Index::slot_key`], [`Index::attach_vector_view_at`]). Searches
+    /// return keys as usual. Saves the table's memory, about 40 bytes a
+    /// member.
+    pub fn new_without_key_lookups(options: &ffi::IndexOptions) -> Result<Self, cxx::Exception> {
+        ffi::new_native_index_without_key_lookups(options).map(|inner| Self {
+            inner,
+            metric_fn: None,
+        })
+    }
+
     /// Reads the index header from `path` and returns its metadata without
     /// loading the full index into memory. Useful for inspecting an on-disk
     /// index before deciding how to construct one.
@@ -1903,6 +1919,22 @@ impl Index {
     /// exists.
     pub unsafe fn add_view(self: &Index, key: Key, vector: &[f32]) -> Result<(), cxx::Exception> {
         self.inner.add_view_f32(key, vector)
+    }
+
+    /// The key of the member in `slot` (`0 .. size()`); an error past the
+    /// last member.
+    pub fn slot_key(self: &Index, slot: usize) -> Result<Key, cxx::Exception> {
+        self.inner.slot_key(slot)
+    }
+
+    /// [`Index::attach_vector_view`] by slot (`0 .. size()`), for indexes
+    /// without key lookups. False if there is no such member, it has a
+    /// vector already, or the length is not the index's dimensions.
+    ///
+    /// # Safety
+    /// As [`Index::attach_vector_view`].
+    pub unsafe fn attach_vector_view_at(self: &Index, slot: usize, vector: &[f32]) -> bool {
+        self.inner.attach_vector_view_at_f32(slot, vector)
     }
 
     /// Whether every member of a loaded graph has its vector.

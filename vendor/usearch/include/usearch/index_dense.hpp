@@ -421,7 +421,10 @@ class index_dense_gt {
     using serialization_config_t = index_dense_serialization_config_t;
 
     using dynamic_allocator_t = aligned_allocator_gt<byte_t, 64>;
-    using tape_allocator_t = memory_mapping_allocator_gt<64>;
+    // edgevec patch: graph nodes 8-byte aligned, not 64 (every field of a
+    // node is read with `misaligned_load`): at connectivity 16 a base-layer
+    // node takes 142 bytes, which 64-byte alignment rounds up to 192.
+    using tape_allocator_t = memory_mapping_allocator_gt<8>;
 
   private:
     /// @brief Punned index.
@@ -1270,7 +1273,16 @@ class index_dense_gt {
                 return false;
             slot = (*it).slot;
         }
-        if (static_cast<std::size_t>(slot) >= vectors_lookup_.size() || vectors_lookup_[slot] != nullptr)
+        return attach_vector_at(slot, vector, copy);
+    }
+
+    /**
+     *  @brief edgevec patch: `attach_vector` by slot (`0 .. size()`), which
+     *  needs no key lookups: with `enable_key_lookups = false` the caller
+     *  reads each slot's key (`slot_key`) and attaches its vector.
+     */
+    bool attach_vector_at(std::size_t slot, f32_t const* vector, bool copy = true) {
+        if (slot >= typed_->size() || slot >= vectors_lookup_.size() || vectors_lookup_[slot] != nullptr)
             return false;
         if (!copy) {
             if (scalar_kind() != scalar_kind_t::f32_k)
@@ -1285,6 +1297,11 @@ class index_dense_gt {
             std::memcpy(stored, vector, metric_.bytes_per_vector());
         vectors_lookup_[slot] = stored;
         return true;
+    }
+
+    /** @brief edgevec patch: the key of the member in `slot` (`slot < size()`). */
+    vector_key_t slot_key(std::size_t slot) const {
+        return vector_key_t(typed_->at(static_cast<compressed_slot_t>(slot)).key);
     }
 
     /** @brief edgevec patch: whether every member has its vector. */
