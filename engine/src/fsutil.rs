@@ -17,12 +17,19 @@ pub const TMP_SUFFIX: &str = ".tmp";
 
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes into the new file (streamed,
+/// not held in memory; it may seek). An error of `write` is reported with
+/// the temporary file's path, and the file is removed.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<(), EngineError> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(TMP_SUFFIX);
     let tmp = Path::new(&tmp_name);
     let write = || -> std::io::Result<()> {
         let mut f = File::create(tmp)?;
-        f.write_all(bytes)?;
+        write(&mut f)?;
         f.sync_all()
     };
     if let Err(e) = write() {

@@ -66,7 +66,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -124,6 +126,58 @@ pub struct Expect {
     pub metric: Metric,
     pub dim: usize,
     pub rows: usize,
+}
+
+/// Writes an index file into `f`: the header, then one zstd frame of the
+/// body (`meta`'s length and bytes, then the graph file's bytes),
+/// streamed; the header's length and checksum are written last.
+fn write_compressed(f: &mut File, meta: &[u8], graph: &Path) -> std::io::Result<()> {
+    let mut source = File::open(graph)?;
+    let plain_len = 4 + meta.len() as u64 + source.metadata()?.len();
+    f.write_all(&[0u8; HEADER_LEN])?;
+    let mut out = Summing {
+        inner: BufWriter::new(&mut *f),
+        sum: fsutil::Checksum::new(),
+        len: 0,
+    };
+    let mut z = zstd::stream::Encoder::new(&mut out, ZSTD_LEVEL)?;
+    // The frame states its size: the reader bounds it before allocating.
+    z.set_pledged_src_size(Some(plain_len))?;
+    z.include_contentsize(true)?;
+    z.write_all(&(meta.len() as u32).to_le_bytes())?;
+    z.write_all(meta)?;
+    std::io::copy(&mut source, &mut z)?;
+    z.finish()?;
+    out.inner.flush()?;
+    let (sum, len) = (out.sum.finish(), out.len);
+    drop(out);
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&HEADER_VERSION.to_le_bytes());
+    header[16..24].copy_from_slice(&len.to_le_bytes());
+    header[24..32].copy_from_slice(&sum.to_le_bytes());
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(&header)
+}
+
+/// A writer that checksums and counts what passes through it.
+struct Summing<W> {
+    inner: W,
+    sum: fsutil::Checksum,
+    len: u64,
+}
+
+impl<W: Write> Write for Summing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sum.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// The metadata part of an index file's body.
@@ -478,26 +532,26 @@ impl HnswIndex {
             ids: ids.to_vec(),
         })
         .map_err(|e| EngineError::corrupt(what.clone(), e))?;
-        let native_len = self.index.serialized_graph_length();
-        let mut plain = vec![0u8; 4 + meta.len() + native_len];
-        plain[..4].copy_from_slice(&(meta.len() as u32).to_le_bytes());
-        plain[4..4 + meta.len()].copy_from_slice(&meta);
-        self.index
-            .save_graph_to_buffer(&mut plain[4 + meta.len()..])
-            .map_err(|e| native(&what, e))?;
-        let body = zstd::bulk::compress(&plain, ZSTD_LEVEL).map_err(|e| EngineError::io(path, e))?;
-        drop(plain);
-        let body_len = body.len();
-        let mut bytes = Vec::with_capacity(HEADER_LEN + body_len);
-        bytes.resize(HEADER_LEN, 0);
-        bytes.extend_from_slice(&body);
-        drop(body);
-        let sum = fsutil::checksum(&bytes[HEADER_LEN..]);
-        bytes[..8].copy_from_slice(MAGIC);
-        bytes[8..12].copy_from_slice(&HEADER_VERSION.to_le_bytes());
-        bytes[16..24].copy_from_slice(&(body_len as u64).to_le_bytes());
-        bytes[24..32].copy_from_slice(&sum.to_le_bytes());
-        fsutil::write_atomic(path, &bytes)
+        // usearch writes the graph to a file of its own as it serialises
+        // it; the compressor reads it from there into the index file. The
+        // graph is never in memory twice (a build's peak).
+        let mut graph_name = path.as_os_str().to_owned();
+        graph_name.push(".graph");
+        graph_name.push(fsutil::TMP_SUFFIX);
+        let graph = PathBuf::from(graph_name);
+        let saved = match graph.to_str() {
+            Some(graph_str) => self
+                .index
+                .save_graph_to_path(graph_str)
+                .map_err(|e| native(&what, e))
+                .and_then(|()| fsutil::write_atomic_with(path, |f| write_compressed(f, &meta, &graph))),
+            None => Err(EngineError::io(
+                &graph,
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "path is not UTF-8"),
+            )),
+        };
+        let _ = std::fs::remove_file(&graph);
+        saved
     }
 
     /// Loads an index file written by [`HnswIndex::save`] and returns it with

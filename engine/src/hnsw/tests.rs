@@ -121,6 +121,12 @@ fn save_load_roundtrip_and_rejects_damage() {
     let ids: Vec<u64> = (1000..1000 + n as u64).collect();
     let ix = HnswIndex::build(Metric::InnerProduct, dim, one(&v), PARAMS, &AtomicU64::new(0)).unwrap();
     ix.save(&path, 3, &ids).unwrap();
+    // The graph went through a file of its own, removed after the save.
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files, vec!["seg-3.hnsw".to_string()]);
     // The file holds the graph and the ids, not the vectors (the shard
     // file keeps those).
     let size = std::fs::metadata(&path).unwrap().len() as usize;

@@ -361,6 +361,11 @@ void NativeIndex::save_graph_to_buffer(rust::Slice<uint8_t> buffer) const {
     index_->save(memory_mapped_file_t((byte_t*)buffer.data(), buffer.size()), 0, graph_only()).error.raise();
 }
 
+void NativeIndex::save_graph_to_path(rust::Str path) const {
+    std::string owned(path);
+    index_->save(output_file_t(owned.c_str()), graph_only()).error.raise();
+}
+
 void NativeIndex::load_graph_from_buffer(rust::Slice<uint8_t const> buffer) const {
     index_->load(memory_mapped_file_t((byte_t*)buffer.data(), buffer.size()), 0, graph_only()).error.raise();
 }

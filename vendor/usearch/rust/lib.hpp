@@ -141,6 +141,7 @@ class NativeIndex {
     // edgevec patch: the graph without its vectors, which the caller keeps.
     size_t serialized_graph_length() const;
     void save_graph_to_buffer(rust::Slice<uint8_t> buffer) const;
+    void save_graph_to_path(rust::Str path) const;
     void load_graph_from_buffer(rust::Slice<uint8_t const> buffer) const;
     bool attach_vector_f32(uint64_t key, rust::Slice<float const> vector) const;
     bool attach_vector_view_f32(uint64_t key, rust::Slice<float const> vector) const;

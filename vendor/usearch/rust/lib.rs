@@ -589,6 +589,7 @@ pub mod ffi {
         // edgevec patch: the graph without its vectors.
         pub fn serialized_graph_length(self: &NativeIndex) -> usize;
         pub fn save_graph_to_buffer(self: &NativeIndex, buffer: &mut [u8]) -> Result<()>;
+        pub fn save_graph_to_path(self: &NativeIndex, path: &str) -> Result<()>;
         pub fn load_graph_from_buffer(self: &NativeIndex, buffer: &[u8]) -> Result<()>;
         pub fn attach_vector_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> bool;
         pub fn attach_vector_view_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> bool;
@@ -1885,6 +1886,12 @@ impl Index {
     /// attaches them after [`Index::load_graph_from_buffer`].
     pub fn save_graph_to_buffer(self: &Index, buffer: &mut [u8]) -> Result<(), cxx::Exception> {
         self.inner.save_graph_to_buffer(buffer)
+    }
+
+    /// [`Index::save_graph_to_buffer`] into the file at `path` (created or
+    /// truncated), without holding the serialised graph in memory.
+    pub fn save_graph_to_path(self: &Index, path: &str) -> Result<(), cxx::Exception> {
+        self.inner.save_graph_to_path(path)
     }
 
     /// Loads a graph saved by [`Index::save_graph_to_buffer`]. Every member
