@@ -46,8 +46,10 @@ const SOURCE_CHUNK: usize = 4096;
 pub(super) struct MergeUnit {
     pub sources: Vec<u64>,
     pub covers: Vec<u64>,
-    /// Its rows (where stored, and the point id) until it is installed;
-    /// then empty, and its segment holds them.
+    /// Its rows (where stored, and the point id) until it is installed
+    /// (then empty, and its segment holds them) or superseded (then empty:
+    /// the later merge holds them, and nothing reads a superseded merge's
+    /// rows).
     pub rows: Arc<Vec<(Location, u64)>>,
     /// How many rows it has.
     pub len: u64,
@@ -95,6 +97,10 @@ pub(super) fn restore(records: Vec<(u64, MergeRecordV1)>, points: &HashMap<u64, 
         for s in sources {
             if let Some(m) = out.get_mut(&s) {
                 m.superseded_by = Some(id);
+                // An installed one's rows rebuild its segment at open.
+                if !m.installed {
+                    m.rows = Arc::default();
+                }
             }
         }
         out.get_mut(&id).expect("listed").replaces = replaced_by(&out, id);
@@ -254,6 +260,7 @@ impl ShardReplica {
         for s in &m.sources {
             if let Some(src) = st.merges.get_mut(s) {
                 src.superseded_by = Some(m.id);
+                src.rows = Arc::default();
             }
         }
         for c in &m.covers {
