@@ -289,7 +289,10 @@ impl ShardReplica {
     pub fn open(dir: &Path, config: ShardConfig, builder: Arc<IndexBuilder>) -> Result<Arc<ShardReplica>, EngineError> {
         fsutil::create_dir_durable(dir)?;
         remove_tmp_files(dir)?;
-        let (store, loaded) = ShardStore::open(&dir.join(STORE_FILE), config.shard, config.dim, config.retain_bytes)?;
+        let vector_bytes = |points: u64| points.saturating_mul(u64::from(config.dim) * 4);
+        let (store, loaded) = ShardStore::open(&dir.join(STORE_FILE), config.shard, config.dim, |points| {
+            retain_budget(&config, vector_bytes(points))
+        })?;
         // redb fsyncs the file's contents; the entry of a new file lives in
         // the directory.
         fsutil::sync_dir(dir)?;

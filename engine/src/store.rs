@@ -223,11 +223,16 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 impl ShardStore {
     /// Opens (creating if needed) the shard file at `path`. Before anything
     /// else reads it: rows of the one-record-per-row layout are moved into
-    /// chunks, the op log is trimmed to `retain_bytes` (a budget lowered
-    /// since the last open takes effect at once), and if either freed
-    /// pages, a file that is mostly free pages is compacted (see
-    /// [`ShardStore::compact_if_sparse`]).
-    pub fn open(path: &Path, shard: u32, dim: u32, retain_bytes: u64) -> Result<(ShardStore, Loaded), EngineError> {
+    /// chunks, the op log is trimmed to `retain(live points)` bytes (a
+    /// budget lowered since the last open takes effect at once), and if
+    /// either freed pages, a file that is mostly free pages is compacted
+    /// (see [`ShardStore::compact_if_sparse`]).
+    pub fn open(
+        path: &Path,
+        shard: u32,
+        dim: u32,
+        retain: impl Fn(u64) -> u64,
+    ) -> Result<(ShardStore, Loaded), EngineError> {
         // Vectors live in memory already; the page cache mostly serves
         // payload reads. redb's 1 GiB default per file would let hundreds of
         // shard files claim far more than the node has.
@@ -256,8 +261,9 @@ impl ShardStore {
         }
         // Not fsynced: a crash takes the trim back and the next open redoes it.
         let trimmed = store.write_as(Durability::None, |txn, meta| {
+            let points = txn.open_table(POINTS)?.len()?;
             let retention = Retention {
-                budget: retain_bytes,
+                budget: retain(points),
                 keep_above: meta.applied_lsn,
                 held: oplog::Held::NONE,
             };

@@ -363,13 +363,14 @@ fn the_log_keeps_a_share_of_the_shards_vectors_within_its_budget() {
                 .collect(),
         )
     };
-    for (percent, first_logged) in [(Some(10), 20..=23), (None, 1..=1)] {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = ShardConfig {
-            dim: dim as u32,
-            ..config(OPLOG_RETAIN_BYTES, percent)
-        };
-        let s = ShardReplica::open(dir.path(), cfg, Arc::new(IndexBuilder::start())).unwrap();
+    let cfg = |percent| ShardConfig {
+        dim: dim as u32,
+        ..config(OPLOG_RETAIN_BYTES, percent)
+    };
+    let builder = Arc::new(IndexBuilder::start());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    for (dir, (percent, first_logged)) in dirs.iter().zip([(Some(10), 20..=23), (None, 1..=1)]) {
+        let s = ShardReplica::open(dir.path(), cfg(percent), builder.clone()).unwrap();
         for b in 0..24 {
             let last = s.append(s.last_op(), vec![(id(1, b + 1), batch(b))]).unwrap();
             s.apply_through(last.lsn).unwrap();
@@ -378,6 +379,12 @@ fn the_log_keeps_a_share_of_the_shards_vectors_within_its_budget() {
         assert!(first_logged.contains(&first), "{percent:?}: log from {first}");
         assert_eq!(found(&s, &[0, 11_999]), vec![0, 11_999]);
     }
+    // The full log, opened with the share (a node upgraded, or the setting
+    // lowered), is trimmed at the open, before any write.
+    let s = ShardReplica::open(dirs[1].path(), cfg(Some(10)), builder).unwrap();
+    let first = s.first_logged_lsn().unwrap();
+    assert!((20..=23).contains(&first), "log from {first} after the open");
+    assert_eq!(found(&s, &[0, 11_999]), vec![0, 11_999]);
 }
 
 #[test]

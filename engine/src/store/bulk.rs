@@ -489,7 +489,7 @@ mod tests {
         // Builds hold the replica while they run.
         assert!(builder.wait_idle(std::time::Duration::from_secs(30)));
         drop(source);
-        let (store, _) = ShardStore::open(&dir.path().join("a/shard.redb"), 0, 2, u64::MAX).unwrap();
+        let (store, _) = ShardStore::open(&dir.path().join("a/shard.redb"), 0, 2, |_| u64::MAX).unwrap();
         let want = items(&store);
 
         let path = dir.path().join("b.redb");
@@ -497,7 +497,7 @@ mod tests {
         import.batch_bytes = 64;
         store.read_applied(|item| import.push(item)).unwrap();
         import.finish().unwrap();
-        let (copy, loaded) = ShardStore::open(&path, 0, 2, u64::MAX).unwrap();
+        let (copy, loaded) = ShardStore::open(&path, 0, 2, |_| u64::MAX).unwrap();
         assert_eq!(items(&copy), want);
         assert_eq!((loaded.meta.last(), loaded.first_logged), (OpId::new(1, 6), None));
         assert!(StoreImport::create(&path).is_err(), "never over an existing file");
