@@ -24,7 +24,9 @@
 //! table is off (nothing asks usearch for a key; the keys are row numbers,
 //! and a loaded graph gets its vectors by member slot), and graph nodes
 //! are 8-byte aligned instead of 64 (a base-layer node of 142 bytes at
-//! `m` 16 took 192).
+//! `m` 16 took 192). An index readied for [`search_slots`] searches is
+//! not sized for as many concurrent adds (their node locks took about
+//! 1 MiB an index).
 //!
 //! Invariant: an index is declared before its blocks in [`HnswIndex`], so
 //! it is dropped first, and a block is never written once an index points
@@ -459,7 +461,8 @@ impl HnswIndex {
 
     fn ready_for_searches(&self) -> Result<(), EngineError> {
         self.index
-            .reserve_capacity_and_threads(self.rows.max(1), search_slots())
+            .reserve_capacity_and_threads(self.rows.max(1), 1)
+            .and_then(|()| self.index.reserve_search_threads(search_slots()))
             .map_err(|e| native("reserve", e))
     }
 

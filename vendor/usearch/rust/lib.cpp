@@ -214,6 +214,14 @@ void NativeIndex::reserve_capacity_and_threads(size_t capacity, size_t threads) 
     index_->reserve({capacity, threads});
 }
 
+void NativeIndex::reserve_search_threads(size_t threads) const {
+    // Add threads and members stay as reserved before (reserving never shrinks).
+    index_limits_t limits(index_->capacity(), 1);
+    limits.threads_search = threads;
+    if (!index_->try_reserve(limits))
+        throw std::runtime_error("Failed to reserve search threads");
+}
+
 size_t NativeIndex::expansion_add() const { return index_->expansion_add(); }
 size_t NativeIndex::expansion_search() const { return index_->expansion_search(); }
 void NativeIndex::change_expansion_add(size_t n) const { index_->change_expansion_add(n); }

@@ -53,6 +53,8 @@ class NativeIndex {
 
     void reserve(size_t) const;
     void reserve_capacity_and_threads(size_t, size_t) const;
+    // edgevec patch: room for more concurrent searches, not adds.
+    void reserve_search_threads(size_t threads) const;
 
     void add_b1x8(vector_key_t key, rust::Slice<uint8_t const> vector) const;
     void add_i8(vector_key_t key, rust::Slice<int8_t const> vector) const;

@@ -443,6 +443,7 @@ pub mod ffi {
             capacity: usize,
             threads: usize,
         ) -> Result<()>;
+        pub fn reserve_search_threads(self: &NativeIndex, threads: usize) -> Result<()>;
 
         pub fn dimensions(self: &NativeIndex) -> usize;
         pub fn connectivity(self: &NativeIndex) -> usize;
@@ -1646,6 +1647,13 @@ impl Index {
         threads: usize,
     ) -> Result<(), cxx::Exception> {
         self.inner.reserve_capacity_and_threads(capacity, threads)
+    }
+
+    /// Room for `threads` concurrent searches, without sizing the index
+    /// for as many concurrent adds (their node locks): for an index that
+    /// is built and then only searched.
+    pub fn reserve_search_threads(self: &Index, threads: usize) -> Result<(), cxx::Exception> {
+        self.inner.reserve_search_threads(threads)
     }
 
     /// Retrieves the number of dimensions in the vectors indexed.

@@ -2938,7 +2938,10 @@ class index_gt {
         }
 
         std::size_t connectivity_max = (std::max)(config_.connectivity_base, config_.connectivity);
-        nodes_mutexes_t new_mutexes(limits.threads(), connectivity_max);
+        // edgevec patch: node locks are sized for the threads that add (a
+        // search only locks the few upper-level nodes it passes); sized for
+        // every search thread they took 512 KiB an index at 64 of them.
+        nodes_mutexes_t new_mutexes(limits.threads_add, connectivity_max);
         buffer_gt<node_t, nodes_allocator_t> new_nodes(limits.members);
         buffer_gt<context_t, contexts_allocator_t> new_contexts(limits.threads());
         if (!new_nodes || !new_contexts || !new_mutexes)
