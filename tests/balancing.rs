@@ -133,8 +133,9 @@ async fn each_load_balancer_spreads_reads_as_its_name_says() {
     let mut zoned = config.clone();
     zoned.zone = Some("zone-2".into());
     // Every read on node 2, in a round the router took no detour in. A
-    // read also spills, by design, while node 1 holds node 2's state as
-    // stale (a heartbeat late on a loaded machine): up to 5 rounds.
+    // read also spills, by design, while node 1's router holds node 2 as
+    // stalled (another read to it unanswered past the stall limit, on a
+    // loaded machine), which no detour counter counts: up to 5 rounds.
     let mut rounds = Vec::new();
     while rounds.len() < 5 {
         match spread_without_detours(&cluster, &zoned, 4, 20, 1).await {
