@@ -141,6 +141,14 @@ pub struct ShardConfig {
     pub fields: Vec<FieldSpec>,
 }
 
+impl ShardConfig {
+    /// Bytes of the vectors of `points` points: what the op log's share
+    /// is taken of ([`retain_budget`]).
+    pub fn vector_bytes(&self, points: u64) -> u64 {
+        points.saturating_mul(u64::from(self.dim) * 4)
+    }
+}
+
 /// Bytes of applied ops the op log keeps (`retain_bytes` of `config`, or
 /// less: `retain_percent` of `vector_bytes`, the shard's live vectors,
 /// but not below [`OPLOG_RETAIN_MIN_BYTES`]).
@@ -289,9 +297,8 @@ impl ShardReplica {
     pub fn open(dir: &Path, config: ShardConfig, builder: Arc<IndexBuilder>) -> Result<Arc<ShardReplica>, EngineError> {
         fsutil::create_dir_durable(dir)?;
         remove_tmp_files(dir)?;
-        let vector_bytes = |points: u64| points.saturating_mul(u64::from(config.dim) * 4);
         let (store, loaded) = ShardStore::open(&dir.join(STORE_FILE), config.shard, config.dim, |points| {
-            retain_budget(&config, vector_bytes(points))
+            retain_budget(&config, config.vector_bytes(points))
         })?;
         // redb fsyncs the file's contents; the entry of a new file lives in
         // the directory.

@@ -138,9 +138,8 @@ impl ShardReplica {
     /// What retention may drop now, for a shard of `live_points` points:
     /// see [`crate::oplog::retention_cut`] and [`super::retain_budget`].
     pub(super) fn retention(&self, live_points: usize) -> Retention {
-        let vector_bytes = (live_points as u64).saturating_mul(u64::from(self.config.dim) * 4);
         Retention {
-            budget: super::retain_budget(&self.config, vector_bytes),
+            budget: super::retain_budget(&self.config, self.config.vector_bytes(live_points as u64)),
             keep_above: self.retain_floor.load(Ordering::Acquire),
             held: crate::oplog::Held {
                 above: self.held_floor.load(Ordering::Acquire),
