@@ -842,14 +842,18 @@ async fn index_builds_on_every_node_do_not_cost_the_metadata_leader() {
     );
 
     // /metrics of node 1 shows its replica, segments and builds (its own
-    // build may end after the replica that answered describe).
+    // build may end after the replica that answered describe, and the
+    // builder counts a build once it has also returned its memory, just
+    // after the index is in use).
     let heavy = "collection=\"heavy\"";
     let indexed = "state=\"indexed\"";
     let deadline = Instant::now() + Duration::from_secs(120);
     let metrics = loop {
         let (code, metrics) = cluster.http_get(1, "/metrics");
         assert_eq!(code, 200);
-        if metric(&metrics, "edgevec_replica_segments", &[heavy, indexed]) == Some(1.0) {
+        if metric(&metrics, "edgevec_replica_segments", &[heavy, indexed]) == Some(1.0)
+            && metric(&metrics, "edgevec_index_builds_finished", &[]).is_some_and(|n| n >= 1.0)
+        {
             break metrics;
         }
         assert!(
