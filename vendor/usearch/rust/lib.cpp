@@ -392,6 +392,12 @@ bool NativeIndex::attach_vector_view_f32(uint64_t key, rust::Slice<float const> 
 
 bool NativeIndex::all_vectors_attached() const { return index_->all_vectors_attached(); }
 
+size_t NativeIndex::link_unreached() const {
+    if (!index_->all_vectors_attached())
+        throw std::logic_error("a member has no vector");
+    return index_->link_unreached();
+}
+
 uint64_t NativeIndex::slot_key(size_t slot) const {
     if (slot >= index_->size())
         throw std::out_of_range("slot past the last member");

@@ -596,6 +596,7 @@ pub mod ffi {
         pub fn attach_vector_view_f32(self: &NativeIndex, key: u64, vector: &[f32]) -> bool;
         pub fn all_vectors_attached(self: &NativeIndex) -> bool;
         pub fn slot_key(self: &NativeIndex, slot: usize) -> Result<u64>;
+        pub fn link_unreached(self: &NativeIndex) -> Result<usize>;
         pub fn attach_vector_view_at_f32(self: &NativeIndex, slot: usize, vector: &[f32]) -> bool;
     }
 }
@@ -1940,6 +1941,19 @@ impl Index {
     /// last member.
     pub fn slot_key(self: &Index, slot: usize) -> Result<Key, cxx::Exception> {
         self.inner.slot_key(slot)
+    }
+
+    /// Makes every member reachable by a walk of the graph's base level
+    /// wherever it starts, and returns how many links were added: every
+    /// member is linked to be reached from the entry point and to reach
+    /// it. Threads adding at once and the neighbour heuristic can leave a
+    /// member no other links to, or a few that link only among
+    /// themselves; no unfiltered search (or few) would return them. Call
+    /// once the adds are done (or after a load, with every vector
+    /// attached) and before any search; an error if a member has no
+    /// vector.
+    pub fn link_unreached(self: &Index) -> Result<usize, cxx::Exception> {
+        self.inner.link_unreached()
     }
 
     /// [`Index::attach_vector_view`] by slot (`0 .. size()`), for indexes

@@ -100,6 +100,7 @@
 #include <stdexcept> // `std::runtime_exception`
 #include <thread>    // `std::thread`
 #include <utility>   // `std::pair`
+#include <vector>    // `std::vector` (edgevec patch: `link_unreached`)
 
 // Helper macros for concatenation and stringification
 #define usearch_concat_helper_m(a, b) a##b
@@ -2478,6 +2479,10 @@ class index_gt {
             std::memset(tape_, 0, shift(n));
             misaligned_store<neighbors_count_t>(tape_, 0);
         }
+        /** @brief edgevec patch: overwrites the `i`-th neighbour (`i < size()`). */
+        void set(std::size_t i, compressed_slot_t slot) noexcept {
+            misaligned_store<compressed_slot_t>(tape_ + shift(i), slot);
+        }
         void push_back(compressed_slot_t slot) noexcept {
             neighbors_count_t n = misaligned_load<neighbors_count_t>(tape_);
             misaligned_store<compressed_slot_t>(tape_ + shift(n), slot);
@@ -4234,6 +4239,190 @@ class index_gt {
 
         // At the end report the latest numbers, because the reporter thread may be finished earlier
         progress(processed.load(), nodes_count);
+    }
+
+    /**
+     *  @brief edgevec patch: makes every member reachable by a walk of the
+     *  base level, wherever the walk starts. Threads adding at once, and the
+     *  neighbour heuristic, can leave a member that no other member links
+     *  to (no unfiltered search returns it), or a few members whose links
+     *  lead only among themselves (a walk that starts elsewhere never
+     *  reaches them). Every member is made to reach the entry point and be
+     *  reached from it, so each walk start reaches every member:
+     *  - a member the entry point does not reach gets a link from the
+     *    nearest of its own neighbours that it reaches (the entry point
+     *    when none is);
+     *  - a member that does not reach the entry point gets a link to the
+     *    nearest of its neighbours' neighbours that does (the entry point
+     *    when none does).
+     *  A link goes in a free place, or instead of the linking member's
+     *  farthest neighbour that has other links in; since that can strand
+     *  what only the replaced link reached, the checks run again, at most
+     *  `passes` times. Call with no adds or searches running. Neighbour
+     *  slots past the last member (a damaged graph) are never followed.
+     *  @return How many links were added.
+     */
+    template <typename metric_at> std::size_t link_unreached(metric_at&& metric, std::size_t passes = 8) {
+        std::size_t const count = size();
+        if (count < 2 || entry_slot_ >= count || contexts_.size() == 0)
+            return 0;
+        context_t& context = contexts_[0];
+        std::size_t const connectivity_max = config_.connectivity_base;
+        auto valid = [count](compressed_slot_t slot) { return static_cast<std::size_t>(slot) < count; };
+        auto distance = [&](std::size_t a, std::size_t b) {
+            return context.measure(citerator_at(static_cast<compressed_slot_t>(a)),
+                                   citerator_at(static_cast<compressed_slot_t>(b)), metric);
+        };
+        std::vector<std::uint32_t> in_links(count, 0);
+        for (std::size_t slot = 0; slot != count; ++slot)
+            for (compressed_slot_t to : neighbors_base_(node_at_(slot)))
+                if (valid(to))
+                    ++in_links[to];
+        // Adds the link `from -> to`; false if every link out of `from` is
+        // the only one into its target.
+        auto link = [&](std::size_t from, std::size_t to) {
+            neighbors_ref_t links = neighbors_base_(node_at_(from));
+            if (links.size() < connectivity_max) {
+                links.push_back(static_cast<compressed_slot_t>(to));
+            } else {
+                std::size_t victim = links.size();
+                distance_t farthest{};
+                for (std::size_t i = 0; i != links.size(); ++i) {
+                    compressed_slot_t other = links[i];
+                    if (!valid(other) || in_links[other] < 2)
+                        continue;
+                    distance_t d = distance(from, other);
+                    if (victim == links.size() || d > farthest)
+                        victim = i, farthest = d;
+                }
+                if (victim == links.size())
+                    return false;
+                --in_links[links[victim]];
+                links.set(victim, static_cast<compressed_slot_t>(to));
+            }
+            ++in_links[to];
+            return true;
+        };
+
+        std::vector<bool> reached, reaches;
+        std::vector<compressed_slot_t> stack;
+        auto reach_from = [&](std::size_t start) {
+            if (reached[start])
+                return;
+            reached[start] = true;
+            stack.push_back(static_cast<compressed_slot_t>(start));
+            while (!stack.empty()) {
+                compressed_slot_t slot = stack.back();
+                stack.pop_back();
+                for (compressed_slot_t to : neighbors_base_(node_at_(slot)))
+                    if (valid(to) && !reached[to]) {
+                        reached[to] = true;
+                        stack.push_back(to);
+                    }
+            }
+        };
+        std::size_t linked = 0;
+        for (std::size_t pass = 0; pass != passes; ++pass) {
+            bool missed_any = false;
+
+            // Members the entry point does not reach.
+            reached.assign(count, false);
+            reach_from(entry_slot_);
+            for (std::size_t missed = 0; missed != count; ++missed) {
+                if (reached[missed])
+                    continue;
+                missed_any = true;
+                // The nearest reached neighbour with a free place, else the
+                // nearest reached one.
+                std::size_t from = entry_slot_, from_free = entry_slot_;
+                bool found = false, found_free = false;
+                distance_t best{}, best_free{};
+                for (compressed_slot_t to : neighbors_base_(node_at_(missed))) {
+                    if (!valid(to) || !reached[to] || to == missed)
+                        continue;
+                    distance_t d = distance(missed, to);
+                    if (!found || d < best)
+                        found = true, best = d, from = to;
+                    if (neighbors_base_(node_at_(to)).size() < connectivity_max && (!found_free || d < best_free))
+                        found_free = true, best_free = d, from_free = to;
+                }
+                if (link(found_free ? from_free : from, missed)) {
+                    ++linked;
+                    reach_from(missed);
+                }
+            }
+
+            // Members that do not reach the entry point: found by sweeps
+            // (a member reaches it when one of its neighbours does).
+            reaches.assign(count, false);
+            reaches[entry_slot_] = true;
+            for (bool changed = true; changed;) {
+                changed = false;
+                for (std::size_t slot = 0; slot != count; ++slot) {
+                    if (reaches[slot])
+                        continue;
+                    for (compressed_slot_t to : neighbors_base_(node_at_(slot)))
+                        if (valid(to) && reaches[to]) {
+                            reaches[slot] = changed = true;
+                            break;
+                        }
+                }
+            }
+            // Who links to each of them, among them: to mark, once one of
+            // them is linked out, every member that now reaches through it.
+            std::vector<std::size_t> stuck;
+            for (std::size_t slot = 0; slot != count; ++slot)
+                if (!reaches[slot])
+                    stuck.push_back(slot);
+            if (!stuck.empty()) {
+                missed_any = true;
+                std::vector<std::vector<compressed_slot_t>> linked_from(stuck.size());
+                auto index_of = [&](std::size_t slot) {
+                    return static_cast<std::size_t>(std::lower_bound(stuck.begin(), stuck.end(), slot) - stuck.begin());
+                };
+                for (std::size_t from : stuck)
+                    for (compressed_slot_t to : neighbors_base_(node_at_(from)))
+                        if (valid(to) && !reaches[to])
+                            linked_from[index_of(to)].push_back(static_cast<compressed_slot_t>(from));
+                for (std::size_t slot : stuck) {
+                    if (reaches[slot])
+                        continue;
+                    // The nearest neighbour's neighbour that reaches the
+                    // entry point (its own neighbours do not).
+                    std::size_t to = entry_slot_;
+                    bool found = false;
+                    distance_t best{};
+                    for (compressed_slot_t hop : neighbors_base_(node_at_(slot))) {
+                        if (!valid(hop))
+                            continue;
+                        for (compressed_slot_t next : neighbors_base_(node_at_(hop))) {
+                            if (!valid(next) || !reaches[next] || next == slot)
+                                continue;
+                            distance_t d = distance(slot, next);
+                            if (!found || d < best)
+                                found = true, best = d, to = next;
+                        }
+                    }
+                    if (!link(slot, to))
+                        continue;
+                    ++linked;
+                    stack.push_back(static_cast<compressed_slot_t>(slot));
+                    reaches[slot] = true;
+                    while (!stack.empty()) {
+                        compressed_slot_t at = stack.back();
+                        stack.pop_back();
+                        for (compressed_slot_t from : linked_from[index_of(at)])
+                            if (!reaches[from]) {
+                                reaches[from] = true;
+                                stack.push_back(from);
+                            }
+                    }
+                }
+            }
+            if (!missed_any)
+                break;
+        }
+        return linked;
     }
 
   private:

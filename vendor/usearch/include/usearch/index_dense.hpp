@@ -1304,6 +1304,13 @@ class index_dense_gt {
         return vector_key_t(typed_->at(static_cast<compressed_slot_t>(slot)).key);
     }
 
+    /**
+     *  @brief edgevec patch: links the members a base-level walk from the
+     *  entry point misses (`index_gt::link_unreached`). Needs every vector
+     *  attached; call with no adds or searches running.
+     */
+    std::size_t link_unreached() { return typed_->link_unreached(metric_proxy_t{*this}); }
+
     /** @brief edgevec patch: whether every member has its vector. */
     bool all_vectors_attached() const {
         for (std::size_t slot = 0; slot != typed_->size(); ++slot)
