@@ -59,7 +59,9 @@
 //! Indexes are loaded by copying the file into usearch's own memory
 //! (`load_from_buffer`), never by viewing a buffer (`view_from_buffer`):
 //! filtered search on viewed indexes has a reported memory-corruption bug
-//! (usearch issue #624).
+//! (usearch issue #624). A loaded graph's links are checked before any
+//! walk (a seventh patch): an index file can come from a peer's export,
+//! and a link out of bounds would have a walk read past the graph.
 //!
 //! File format (`seg-<id>.hnsw`), header version 4: a 32-byte header —
 //! magic `EVHNSW\0\0`, header version u32, reserved u32, body length u64,

@@ -240,6 +240,34 @@ fn save_load_roundtrip_and_rejects_damage() {
     assert!(e.contains("over"), "{e}");
     std::fs::write(&path, with_header(4, &plain)).unwrap();
     assert!(HnswIndex::load(&path, expect, &mut rows).is_err());
+
+    // Links a walk would follow out of bounds (the checksum holds: a file
+    // sent by a peer, or written so) are refused at load, never walked.
+    // usearch's graph: a header of five u64 (members, connectivity, base
+    // connectivity, max level, entry slot), an i16 level per member, then
+    // each member: key u64, level i16, base neighbours as a u32 count and
+    // u32 slots.
+    let head: Vec<u8> = [n as u64, PARAMS.m as u64, 2 * PARAMS.m as u64]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let graph = plain.windows(head.len()).position(|w| w == head).expect("graph header");
+    let first = graph + 40 + 2 * n;
+    let count_at = first + 10;
+    let count = u32::from_le_bytes(plain[count_at..count_at + 4].try_into().unwrap());
+    assert!(count > 0 && count <= 2 * PARAMS.m, "member 0 has {count} neighbours");
+    let mut damaged = |at: usize, value: &[u8], says: &str| {
+        let mut body = plain.clone();
+        body[at..at + value.len()].copy_from_slice(value);
+        std::fs::write(&path, with_header(3, &body)).unwrap();
+        let e = HnswIndex::load(&path, expect, &mut rows).err().unwrap().to_string();
+        assert!(e.contains(says), "{says}: {e}");
+    };
+    damaged(count_at + 4, &(n as u32).to_le_bytes(), "past the last member");
+    damaged(count_at, &(2 * PARAMS.m + 1).to_le_bytes(), "more neighbours");
+    damaged(first + 8, &7i16.to_le_bytes(), "level differs");
+    std::fs::write(&path, with_header(3, &plain)).unwrap();
+    assert!(HnswIndex::load(&path, expect, &mut rows).is_ok());
 }
 
 #[test]

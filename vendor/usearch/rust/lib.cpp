@@ -376,6 +376,11 @@ void NativeIndex::save_graph_to_path(rust::Str path) const {
 
 void NativeIndex::load_graph_from_buffer(rust::Slice<uint8_t const> buffer) const {
     index_->load(memory_mapped_file_t((byte_t*)buffer.data(), buffer.size()), 0, graph_only()).error.raise();
+    // edgevec patch: the loaded links are checked before any walk trusts them.
+    if (char const* bad = index_->check_links()) {
+        index_->reset();
+        throw std::runtime_error(std::string("damaged graph: ") + bad);
+    }
 }
 
 bool NativeIndex::attach_vector_f32(uint64_t key, rust::Slice<float const> vector) const {

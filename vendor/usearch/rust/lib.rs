@@ -1905,7 +1905,10 @@ impl Index {
 
     /// Loads a graph saved by [`Index::save_graph_to_buffer`]. Every member
     /// must then get its vector by [`Index::attach_vector`] before the
-    /// index is searched or reserved.
+    /// index is searched or reserved. The links are checked first: a graph
+    /// whose walks would read past a node or past the last member (a
+    /// neighbour out of range, a count above the connectivity, a level a
+    /// neighbour lacks) is an error, and the index is left empty.
     pub fn load_graph_from_buffer(self: &Index, buffer: &[u8]) -> Result<(), cxx::Exception> {
         self.inner.load_graph_from_buffer(buffer)
     }

@@ -3856,6 +3856,12 @@ class index_gt {
                 return result.failed("Failed to pull nodes from the stream");
             }
             nodes_[i] = node_t{node_bytes.data()};
+            // edgevec patch: the node's own level sized its allocation; a
+            // different one in its bytes would have walks read past it.
+            if (!node_bytes || level_t(nodes_[i].level()) != levels[i]) {
+                reset();
+                return result.failed("File is corrupted: a node's level differs from the level list");
+            }
             if (!progress(i + 1, header_size.value))
                 return result.failed("Terminated by user");
         }
@@ -4239,6 +4245,40 @@ class index_gt {
 
         // At the end report the latest numbers, because the reporter thread may be finished earlier
         progress(processed.load(), nodes_count);
+    }
+
+    /**
+     *  @brief edgevec patch: checks what a walk trusts in a loaded graph, which
+     *  `load` reads as it is: every member has a node, whose level is within
+     *  the index's levels; every neighbour count is within its level's
+     *  connectivity; every neighbour is a member that has the level it is
+     *  linked at. A graph that fails would have walks read past a node or
+     *  past the last member.
+     *  @return Null if the graph is sound, else what is wrong.
+     */
+    char const* check_links() const noexcept {
+        std::size_t const count = size();
+        for (std::size_t slot = 0; slot != count; ++slot) {
+            node_t node = node_at_(slot);
+            if (!node)
+                return "a member has no node";
+            level_t const level = node.level();
+            if (level < 0 || level > max_level_)
+                return "a node's level is outside the graph's levels";
+            for (level_t at = 0; at <= level; ++at) {
+                neighbors_ref_t links = neighbors_(node, at);
+                if (links.size() > (at ? config_.connectivity : config_.connectivity_base))
+                    return "a node has more neighbours than its level allows";
+                for (compressed_slot_t to : links) {
+                    if (static_cast<std::size_t>(to) >= count)
+                        return "a neighbour is past the last member";
+                    node_t other = node_at_(to);
+                    if (!other || level_t(other.level()) < at)
+                        return "a neighbour lacks the level it is linked at";
+                }
+            }
+        }
+        return nullptr;
     }
 
     /**

@@ -1304,6 +1304,9 @@ class index_dense_gt {
         return vector_key_t(typed_->at(static_cast<compressed_slot_t>(slot)).key);
     }
 
+    /** @brief edgevec patch: `index_gt::check_links`: null if the graph's links are sound. */
+    char const* check_links() const noexcept { return typed_->check_links(); }
+
     /**
      *  @brief edgevec patch: links the members a base-level walk from the
      *  entry point misses (`index_gt::link_unreached`). Needs every vector
