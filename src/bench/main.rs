@@ -45,6 +45,9 @@
 //! the query and truth files of `edgevec bench search`.
 //! With `--mode import` it times rebuilding a replica from an export with
 //! and without the index files an export carries.
+//! With `--mode reach` it counts the rows of an HNSW graph that a search
+//! for their own vector misses, before and after the graph is linked
+//! through.
 //!
 //! `cargo run --release --bin bench -- --help`
 
@@ -67,6 +70,7 @@ mod footprint;
 mod import;
 mod local;
 mod plugins;
+mod reach;
 mod reads;
 mod replication;
 mod usage;
@@ -595,8 +599,9 @@ async fn main() -> Result<()> {
         "footprint" => footprint::run(&args, &dir).await,
         "local" => local::run(&args),
         "import" => import::run(&args, &dir),
+        "reach" => reach::run(&args, &dir),
         other => {
-            bail!("unknown --mode {other:?}: use search, engine, footprint, local, import, meta, replication, plugins, plugins-e2e, reads or scaling")
+            bail!("unknown --mode {other:?}: use search, engine, footprint, local, import, reach, meta, replication, plugins, plugins-e2e, reads or scaling")
         }
     }
 }
