@@ -4249,8 +4249,8 @@ class index_gt {
 
     /**
      *  @brief edgevec patch: checks what a walk trusts in a loaded graph, which
-     *  `load` reads as it is: every member has a node, whose level is within
-     *  the index's levels; every neighbour count is within its level's
+     *  `load` reads as it is: every member has a node, whose level is not
+     *  negative; every neighbour count is within its level's
      *  connectivity; every neighbour is a member that has the level it is
      *  linked at. A graph that fails would have walks read past a node or
      *  past the last member.
@@ -4263,8 +4263,8 @@ class index_gt {
             if (!node)
                 return "a member has no node";
             level_t const level = node.level();
-            if (level < 0 || level > max_level_)
-                return "a node's level is outside the graph's levels";
+            if (level < 0)
+                return "a node's level is negative";
             for (level_t at = 0; at <= level; ++at) {
                 neighbors_ref_t links = neighbors_(node, at);
                 if (links.size() > (at ? config_.connectivity : config_.connectivity_base))
