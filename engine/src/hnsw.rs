@@ -422,8 +422,9 @@ fn install_walk_metric(index: &mut Index, metric: Metric, dim: usize) {
 /// Makes every row of the graph reachable from every walk start (usearch's
 /// `link_unreached`, a patch of `vendor/usearch`): graphs built by threads
 /// at once had rows that no walk, or few, reached (one row of 300 in about
-/// one build in a hundred, L2 and inner product alike; 5 to 37 rows of
-/// 100,000 uniform random ones), so no unfiltered search returned them.
+/// one build in a hundred, L2 and inner product alike; 5 to 143 links per
+/// 100,000 rows in `bench --mode reach`), so no unfiltered search returned
+/// them.
 fn link_unreached(index: &Index, what: &str) -> Result<(), EngineError> {
     let linked = index.link_unreached().map_err(|e| native(what, e))?;
     if linked > 0 {

@@ -1308,9 +1308,9 @@ class index_dense_gt {
     char const* check_links() const noexcept { return typed_->check_links(); }
 
     /**
-     *  @brief edgevec patch: links the members a base-level walk from the
-     *  entry point misses (`index_gt::link_unreached`). Needs every vector
-     *  attached; call with no adds or searches running.
+     *  @brief edgevec patch: makes every member reachable by a base-level
+     *  walk wherever it starts (`index_gt::link_unreached`). Needs every
+     *  vector attached; call with no adds or searches running.
      */
     std::size_t link_unreached() { return typed_->link_unreached(metric_proxy_t{*this}); }
 
