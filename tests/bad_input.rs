@@ -520,8 +520,11 @@ async fn a_full_request_budget_refuses_with_a_typed_error_and_small_requests_go_
     for _ in 0..63 {
         big.write_all(&chunk).await.unwrap();
     }
+    // Wait until more than 62 MiB of it are held (63 MiB but the start
+    // read before its token): with 60 MiB, a run once admitted all of the
+    // next 2 MiB request while the big one's last chunks were on their way.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while in_flight() < 60 << 20 {
+    while in_flight() < (62 << 20) + (512 << 10) {
         assert!(
             std::time::Instant::now() < deadline,
             "the node never held the big request"
