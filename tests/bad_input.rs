@@ -54,6 +54,7 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
     let mut cluster = TestCluster::new(1);
     cluster.start(1);
     let admin = cluster.client(1, ADMIN).await;
+    cluster.wait_data_node(1).await;
     admin
         .create_collection(CollectionSpec::new("c", 4, Metric::Cosine).with_shards(2))
         .await
@@ -356,6 +357,7 @@ async fn one_node_with_points(layout: Layout, n: u64) -> TestCluster {
     let mut cluster = TestCluster::with_layout(layout);
     cluster.start(1);
     let admin = cluster.client(1, ADMIN).await;
+    cluster.wait_data_node(1).await;
     admin
         .create_collection(CollectionSpec::new("c", 4, Metric::L2))
         .await
@@ -465,6 +467,7 @@ async fn a_reply_above_the_frame_limit_is_a_typed_error_and_the_connection_goes_
     let mut cluster = TestCluster::new(1);
     cluster.start(1);
     let admin = cluster.client(1, ADMIN).await;
+    cluster.wait_data_node(1).await;
     let dim = 4096usize;
     admin
         .create_collection(CollectionSpec::new("wide", dim as u32, Metric::L2))

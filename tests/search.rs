@@ -35,6 +35,7 @@ async fn recall_at_10_for_each_metric() {
     let mut cluster = TestCluster::new(1);
     cluster.start(1);
     let client = cluster.client(1, ADMIN).await;
+    cluster.wait_data_node(1).await;
     let (n, dim) = (10_000usize, 128usize);
     // Clustered, as real embeddings are (uniform noise in 128 dimensions
     // has no near neighbours to speak of, and recall on it depends on the
@@ -166,6 +167,7 @@ async fn kill_9_during_inserts_keeps_every_acknowledged_point() {
     let mut cluster = TestCluster::new(1);
     cluster.start(1);
     let client = cluster.client(1, ADMIN).await;
+    cluster.wait_data_node(1).await;
     let dim = 16;
     client
         .create_collection(
@@ -253,6 +255,7 @@ async fn sigterm_during_an_index_build_stops_the_node_within_seconds() {
     let mut cluster = TestCluster::new(1);
     cluster.start(1);
     let client = cluster.client(1, ADMIN).await;
+    cluster.wait_data_node(1).await;
     let dim = 128;
     let rows = 100_000u64;
     client
@@ -442,6 +445,7 @@ async fn filtered_search_through_the_client_and_the_cli() {
     let mut cluster = TestCluster::new(1);
     cluster.start(1);
     let client = cluster.client(1, ADMIN).await;
+    cluster.wait_data_node(1).await;
     let dim = 16usize;
     let fields = vec![
         edgevec_client::FieldSpec::parse("lang:keyword").unwrap(),

@@ -272,6 +272,17 @@ impl TestCluster {
         }
     }
 
+    /// Waits until node `via` sees a node with the data role registered:
+    /// before that, a collection create is refused as retryable ("no node
+    /// with the data role has joined the cluster yet"), and a node answers
+    /// clients a moment before its roles are committed.
+    pub async fn wait_data_node(&self, via: u64) {
+        self.wait_view(via, Duration::from_secs(30), "a data node registered", |v| {
+            v.nodes.iter().any(|n| n.roles.iter().any(|r| r == "data"))
+        })
+        .await;
+    }
+
     /// Admin HTTP GET on node `id`: (status code, body).
     pub fn http_get(&self, id: u64, path: &str) -> (u16, String) {
         self.http(id, "GET", path, "")
