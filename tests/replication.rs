@@ -481,6 +481,34 @@ async fn a_create_before_any_data_node_joined_is_retryable() {
     assert!(listed.is_empty(), "{listed:?}");
 }
 
+/// A create sent while a configured data node is still starting waits for
+/// it to register (up to the forming wait) instead of being refused for
+/// want of replicas: what a user meets who creates right after `up`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_while_the_cluster_forms_waits_for_its_data_nodes() {
+    let mut cluster = TestCluster::with_layout(fast(3, 0, ""));
+    cluster.start(1);
+    cluster.start(2);
+    cluster
+        .wait_view(1, Duration::from_secs(30), "nodes 1 and 2 up", |v| {
+            v.leader.is_some() && v.nodes.iter().filter(|n| n.state == "up").count() == 2
+        })
+        .await;
+    let admin = cluster.client(1, ADMIN).await;
+    let spec = CollectionSpec::new("forming", DIM as u32, Metric::L2);
+    let create = tokio::spawn(async move { admin.create_replicated(spec, ReplicationSpec::new(3)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!create.is_finished(), "the create did not wait for node 3");
+    cluster.start(3);
+    match create.await.unwrap() {
+        Ok(()) => {}
+        Err(e) => cluster.fail(format!("a create while node 3 starts: {e:?}")),
+    }
+    let admin = cluster.client(1, ADMIN).await;
+    let listed = admin.list_collections().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_primary_mid_stream_loses_no_acknowledged_write() {
     let mut cluster = TestCluster::running(fast(3, 0, "")).await;

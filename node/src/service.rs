@@ -25,7 +25,7 @@ use edgevec_proto::{
 };
 use tracing::debug;
 
-use crate::config::{ClusterConfig, NodeConfig, Token, TokenRole};
+use crate::config::{ClusterConfig, NodeConfig, Role, Token, TokenRole};
 use crate::health::Health;
 use crate::meta::{now_ms, Meta};
 use crate::metrics::Metrics;
@@ -35,6 +35,11 @@ use crate::router::Router;
 
 /// How long a create waits for every shard's primary to take writes.
 const CREATE_READY_WAIT: Duration = Duration::from_secs(5);
+/// How long a create waits, in a cluster that is forming, for the data
+/// nodes cluster.toml names to register: nodes answer clients a moment
+/// before their roles are committed, so a create sent right after `up`
+/// would otherwise be refused for want of data nodes that are starting.
+const FORMING_WAIT: Duration = Duration::from_secs(10);
 
 /// The role an operation needs.
 pub fn required_role(op: &OpV1) -> TokenRole {
@@ -104,6 +109,8 @@ pub fn authorize<'a>(tokens: &'a HashMap<String, Token>, token: &str, op: &OpV1)
 pub struct Service {
     tokens: HashMap<String, Token>,
     node: NodeConfig,
+    /// Nodes with the data role in cluster.toml.
+    configured_data_nodes: u32,
     meta: Meta,
     health: Arc<Health>,
     plane: Arc<DataPlane>,
@@ -142,6 +149,7 @@ impl Service {
         Self {
             tokens,
             node,
+            configured_data_nodes: cluster.nodes.iter().filter(|n| n.has_role(Role::Data)).count() as u32,
             meta: parts.meta,
             health: parts.health,
             router: parts.router,
@@ -186,9 +194,20 @@ impl Service {
     /// A read barrier first: a node that joined a moment ago (or a learner
     /// behind the leader) must not judge by a registry it has not caught
     /// up with.
+    /// While the cluster is forming (fewer data nodes registered than the
+    /// request needs, and cluster.toml names enough), it waits for them up
+    /// to [`FORMING_WAIT`]; nothing is proposed before.
     async fn replication(&self, r: ReplicationSpec) -> Result<Replication, WireError> {
-        self.meta.read_index().await?;
-        let data_nodes = self.meta.state().nodes().filter(|n| n.has_role("data")).count() as u32;
+        let deadline = Instant::now() + FORMING_WAIT;
+        let data_nodes = loop {
+            self.meta.read_index().await?;
+            let registered = self.meta.state().nodes().filter(|n| n.has_role("data")).count() as u32;
+            let forming = registered < self.configured_data_nodes && (registered == 0 || r.replicas > registered);
+            if !forming || Instant::now() >= deadline {
+                break registered;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let min = r.effective_min_insync();
         if r.replicas == 0 {
             return Err(WireError::invalid("replicas", "replicas must be at least 1"));
