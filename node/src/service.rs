@@ -194,9 +194,10 @@ impl Service {
     /// A read barrier first: a node that joined a moment ago (or a learner
     /// behind the leader) must not judge by a registry it has not caught
     /// up with.
+    ///
     /// While the cluster is forming (fewer data nodes registered than the
-    /// request needs, and cluster.toml names enough), it waits for them up
-    /// to [`FORMING_WAIT`]; nothing is proposed before.
+    /// request needs, and cluster.toml names more than are registered), it
+    /// waits for them, up to [`FORMING_WAIT`]; nothing is proposed before.
     async fn replication(&self, r: ReplicationSpec) -> Result<Replication, WireError> {
         let deadline = Instant::now() + FORMING_WAIT;
         let data_nodes = loop {
