@@ -18,7 +18,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use edgevec_engine::metric;
 use edgevec_proto::Metric;
-use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
@@ -63,16 +62,13 @@ pub fn run(args: &Args, _dir: &Path) -> Result<()> {
         let data = if data_name == "clustered" {
             clustered(args.n, args.dim, args.clusters, 7, metric)
         } else {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-            (0..args.n)
-                .map(|_| {
-                    let mut v: Vec<f32> = (0..args.dim).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-                    if metric == Metric::Cosine {
-                        metric::normalize(&mut v);
-                    }
-                    v
-                })
-                .collect()
+            let mut data = crate::vectors(args.n, args.dim, 11);
+            if metric == Metric::Cosine {
+                for v in &mut data {
+                    metric::normalize(v);
+                }
+            }
+            data
         };
         let options = IndexOptions {
             dimensions: args.dim,
