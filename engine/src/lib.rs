@@ -64,6 +64,7 @@ mod error;
 mod export;
 pub mod fsutil;
 mod hnsw;
+mod idmap;
 mod layout;
 pub mod memory;
 pub mod metric;

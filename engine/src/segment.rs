@@ -67,9 +67,9 @@ struct Run {
 }
 
 impl RowMap {
-    fn new(locations: &[Location]) -> RowMap {
+    fn new(locations: impl IntoIterator<Item = Location>) -> RowMap {
         let mut runs: Vec<Run> = Vec::new();
-        for (i, at) in locations.iter().enumerate() {
+        for (i, at) in locations.into_iter().enumerate() {
             match runs.last_mut() {
                 Some(run) if run.segment == at.segment && run.row.checked_add(run.len) == Some(at.row) => run.len += 1,
                 _ => runs.push(Run {
@@ -186,7 +186,13 @@ impl Segment {
 
     /// A merged segment whose rows are stored at `locations`, with its
     /// index or (to be indexed) its vectors.
-    pub fn merged(id: u64, dim: usize, ids: Vec<u64>, locations: &[Location], data: MergedData) -> Segment {
+    pub fn merged(
+        id: u64,
+        dim: usize,
+        ids: Vec<u64>,
+        locations: impl ExactSizeIterator<Item = Location>,
+        data: MergedData,
+    ) -> Segment {
         debug_assert_eq!(ids.len(), locations.len());
         let vectors = match data {
             MergedData::Index(index) => Vectors::Indexed(index),
@@ -560,7 +566,7 @@ mod tests {
         let mut locations: Vec<Location> = (0..4).map(|r| at(3, r)).collect();
         locations.extend([at(3, 5), at(3, 6), at(3, 10), at(9, 0), at(9, 1), at(5, 7)]);
         locations.extend((100..110).map(|r| at(9, r)));
-        let map = RowMap::new(&locations);
+        let map = RowMap::new(locations.iter().copied());
         assert_eq!(map.runs.len(), 6);
         for (i, stored) in locations.iter().enumerate() {
             assert_eq!(map.location(i as u32), *stored);
@@ -578,7 +584,7 @@ mod tests {
         ] {
             assert_eq!(map.row_of(missing), None, "{missing:?}");
         }
-        let empty = RowMap::new(&[]);
+        let empty = RowMap::new([]);
         assert_eq!(empty.row_of(at(1, 0)), None);
     }
 

@@ -65,18 +65,17 @@ use edgevec_proto::{
     FieldSpec, Filter, IndexSpec, IndexState, Metric, OpId, PointRecord, SegmentInfo, SegmentState, ShardInfo,
 };
 
-use crate::segment::MergedData;
-
 use crate::builder::IndexBuilder;
 use crate::error::EngineError;
 use crate::fsutil;
 use crate::hnsw::{Expect, HnswIndex, RowVectors, SearchOptions};
+use crate::idmap::IdMap;
 use crate::metric::{self, Candidate};
 use crate::op::ShardOp;
 use crate::oplog::LogState;
 use crate::payload::{Columns, Schema};
 use crate::plan::{Cursor, Location};
-use crate::segment::Segment;
+use crate::segment::{MergedData, Segment};
 use crate::store::ShardStore;
 
 mod apply;
@@ -184,7 +183,7 @@ struct ShardState {
     growing: Cursor,
     /// Next unused segment id (growing segments and merges).
     next_segment: u64,
-    locations: HashMap<u64, Location>,
+    locations: IdMap,
     /// The segments searches use: sealed and growing segments not replaced
     /// by an installed merge, and installed merges.
     segments: BTreeMap<u64, Segment>,
@@ -211,7 +210,7 @@ impl ShardState {
 
     /// Whether the row stored at `at`, holding point `id`, is its live row.
     fn is_live(&self, at: Location, id: u64) -> bool {
-        self.locations.get(&id) == Some(&at)
+        self.locations.get(id) == Some(at)
     }
 }
 
@@ -390,7 +389,10 @@ impl ShardReplica {
                 }
             };
             let cols = columns(&mut locations.iter().copied())?;
-            segments.insert(id, Segment::merged(id, dim, ids, &locations, data).with_columns(cols));
+            segments.insert(
+                id,
+                Segment::merged(id, dim, ids, locations.iter().copied(), data).with_columns(cols),
+            );
         }
         for at in loaded.tombstones {
             let unit = owner.get(&at.segment).copied();
@@ -591,7 +593,7 @@ impl ShardReplica {
             let st = self.read();
             ids.iter()
                 .map(|id| {
-                    let at = *st.locations.get(id)?;
+                    let at = st.locations.get(*id)?;
                     let (seg, row) = st.find(at)?;
                     Some((at, seg.vector(row).to_vec()))
                 })

@@ -45,7 +45,6 @@
 //!
 //! Whole-state reads and writes for exports and imports are in `bulk`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use edgevec_proto::{OpId, SegmentState};
@@ -56,6 +55,7 @@ use redb::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::idmap::IdMap;
 use crate::op::ShardOp;
 use crate::oplog::{self, Appended};
 use crate::plan::{Location, Plan};
@@ -187,7 +187,7 @@ pub struct Loaded {
     pub history: Vec<(u64, u64)>,
     pub first_logged: Option<u64>,
     pub segments: Vec<(u64, SegmentRecordV1)>,
-    pub points: HashMap<u64, Location>,
+    pub points: IdMap,
     pub tombstones: Vec<Location>,
     pub merges: Vec<(u64, MergeRecordV1)>,
 }
@@ -434,7 +434,7 @@ impl ShardStore {
             let rec = self.decode_segment(v.value())?;
             segments.push((k.value(), rec));
         }
-        let mut points = HashMap::new();
+        let mut points = IdMap::default();
         for entry in txn.open_table(POINTS)?.iter()? {
             let (k, v) = entry?;
             let (segment, row) = v.value();

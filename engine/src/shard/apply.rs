@@ -81,7 +81,7 @@ impl ShardReplica {
             for (_, op) in ops {
                 let current = |id| match touched.get(&id) {
                     Some(at) => *at,
-                    None => st.locations.get(&id).copied(),
+                    None => st.locations.get(id),
                 };
                 let mut p = plan::plan(op, current, growing, next, self.config.seal_rows);
                 if let ShardOp::Merge { sources } = op {
@@ -181,7 +181,7 @@ impl ShardReplica {
         for (id, at) in &plan.points {
             match at {
                 Some(at) => st.locations.insert(*id, *at),
-                None => st.locations.remove(id),
+                None => st.locations.remove(*id),
             };
         }
         for c in &plan.sealed {

@@ -33,6 +33,7 @@ use edgevec_proto::{limits, SegmentState};
 use super::{index_path, ShardReplica, ShardState};
 use crate::compaction::{self, MergePolicy, SegmentSize};
 use crate::hnsw::{Block, Expect, HnswIndex, RowVectors};
+use crate::idmap::IdMap;
 use crate::op::ShardOp;
 use crate::payload::Columns;
 use crate::plan::{Location, MergePlan};
@@ -72,11 +73,11 @@ impl MergeUnit {
 }
 
 /// The merges of a shard as its file holds them.
-pub(super) fn restore(records: Vec<(u64, MergeRecordV1)>, points: &HashMap<u64, Location>) -> BTreeMap<u64, MergeUnit> {
+pub(super) fn restore(records: Vec<(u64, MergeRecordV1)>, points: &IdMap) -> BTreeMap<u64, MergeUnit> {
     let mut out: BTreeMap<u64, MergeUnit> = records
         .into_iter()
         .map(|(id, r)| {
-            let live = r.rows.iter().filter(|(at, pid)| points.get(pid) == Some(at)).count() as u64;
+            let live = r.rows.iter().filter(|(at, pid)| points.get(*pid) == Some(*at)).count() as u64;
             let unit = MergeUnit {
                 sources: r.sources,
                 covers: r.covers,
@@ -393,15 +394,17 @@ impl ShardReplica {
         self.store.install_merge(id, &replaces)?;
         let replaced = {
             let mut st = self.state.write().expect("shard state lock");
-            let locations: Vec<Location> = rows.iter().map(|(at, _)| *at).collect();
+            // Built from the merge's row list as it goes: a copy of its
+            // locations would be held at the merge's peak.
             let columns = Columns::gather(
                 &st.schema,
-                locations.iter().map(|at| {
+                rows.iter().map(|(at, _)| {
                     let (seg, row) = st.find(*at).expect("every row of a pending merge is served");
                     (seg.columns(), row)
                 }),
             );
-            let mut seg = Segment::merged(id, dim, ids, &locations, MergedData::Index(index)).with_columns(columns);
+            let locations = rows.iter().map(|(at, _)| *at);
+            let mut seg = Segment::merged(id, dim, ids, locations, MergedData::Index(index)).with_columns(columns);
             for (row, (at, pid)) in rows.iter().enumerate() {
                 if !st.is_live(*at, *pid) {
                     seg.tombstone(row as u32);
