@@ -12,7 +12,8 @@
 //! Segment ids are a counter that grows by one per seal or merge, so they
 //! stay below 2^32 in any real shard; an entry whose segment does not is
 //! kept unpacked in a second map, so every location is kept whatever its
-//! segment. Invariant: an id is in at most one of the two maps.
+//! segment. Invariant: an id is in at most one of the two maps. The
+//! second map is empty in practice, and is not hashed into while it is.
 
 use std::collections::HashMap;
 
@@ -42,6 +43,7 @@ impl IdMap {
     pub fn get(&self, id: u64) -> Option<Location> {
         match self.packed.get(&id) {
             Some(&v) => Some(unpack(v)),
+            None if self.wide.is_empty() => None,
             None => self.wide.get(&id).copied(),
         }
     }
@@ -51,7 +53,9 @@ impl IdMap {
         match pack(at) {
             Some(v) => {
                 self.packed.insert(id, v);
-                self.wide.remove(&id);
+                if !self.wide.is_empty() {
+                    self.wide.remove(&id);
+                }
             }
             None => {
                 self.wide.insert(id, at);
@@ -62,7 +66,7 @@ impl IdMap {
 
     /// Forgets point `id` (deleted).
     pub fn remove(&mut self, id: u64) {
-        if self.packed.remove(&id).is_none() {
+        if self.packed.remove(&id).is_none() && !self.wide.is_empty() {
             self.wide.remove(&id);
         }
     }
