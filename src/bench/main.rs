@@ -599,7 +599,7 @@ async fn main() -> Result<()> {
         "footprint" => footprint::run(&args, &dir).await,
         "local" => local::run(&args),
         "import" => import::run(&args, &dir),
-        "reach" => reach::run(&args, &dir),
+        "reach" => reach::run(&args),
         other => {
             bail!("unknown --mode {other:?}: use search, engine, footprint, local, import, reach, meta, replication, plugins, plugins-e2e, reads or scaling")
         }

@@ -12,7 +12,6 @@
 //! own distance kernels (the engine installs its own for the walk; the
 //! graph's shape is the same).
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -39,7 +38,7 @@ fn self_misses(index: &Index, data: &[Vec<f32>], ef: usize) -> Result<usize> {
     Ok(missed?.into_iter().filter(|&m| m).count())
 }
 
-pub fn run(args: &Args, _dir: &Path) -> Result<()> {
+pub fn run(args: &Args) -> Result<()> {
     let threads = args.concurrency.max(1);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     println!(
