@@ -403,6 +403,8 @@ size_t NativeIndex::link_unreached() const {
     return index_->link_unreached();
 }
 
+void NativeIndex::release_thread_buffers() const { index_->release_thread_buffers(); }
+
 uint64_t NativeIndex::slot_key(size_t slot) const {
     if (slot >= index_->size())
         throw std::out_of_range("slot past the last member");

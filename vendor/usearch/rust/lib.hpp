@@ -151,6 +151,7 @@ class NativeIndex {
     // edgevec patch: members by slot, for indexes without key lookups.
     uint64_t slot_key(size_t slot) const;
     size_t link_unreached() const;
+    void release_thread_buffers() const;
     bool attach_vector_view_at_f32(size_t slot, rust::Slice<float const> vector) const;
 
   private:

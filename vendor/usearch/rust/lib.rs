@@ -597,6 +597,7 @@ pub mod ffi {
         pub fn all_vectors_attached(self: &NativeIndex) -> bool;
         pub fn slot_key(self: &NativeIndex, slot: usize) -> Result<u64>;
         pub fn link_unreached(self: &NativeIndex) -> Result<usize>;
+        pub fn release_thread_buffers(self: &NativeIndex);
         pub fn attach_vector_view_at_f32(self: &NativeIndex, slot: usize, vector: &[f32]) -> bool;
     }
 }
@@ -1957,6 +1958,14 @@ impl Index {
     /// vector.
     pub fn link_unreached(self: &Index) -> Result<usize, cxx::Exception> {
         self.inner.link_unreached()
+    }
+
+    /// Frees the buffers each thread slot's candidate lists and visited
+    /// set grew to; they grow again when used. Adds take the free slots in
+    /// turn, so a graph built beside searches leaves every slot's buffers
+    /// grown to what an add needed. Call with no add or search running.
+    pub fn release_thread_buffers(self: &Index) {
+        self.inner.release_thread_buffers()
     }
 
     /// [`Index::attach_vector_view`] by slot (`0 .. size()`), for indexes

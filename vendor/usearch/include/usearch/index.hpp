@@ -2576,7 +2576,8 @@ class index_gt {
 
     /// @brief  Controls access to `max_level_` and `entry_slot_`.
     ///         If any thread is updating those values, no other threads can `add()` or `search()`.
-    std::mutex global_mutex_{};
+    ///         (edgevec patch: mutable, so that `search` reads both under it.)
+    mutable std::mutex global_mutex_{};
 
     /// @brief  The level of the top-most graph in the index. Grows as the logarithm of size, starts from zero.
     level_t max_level_{};
@@ -3516,8 +3517,20 @@ class index_gt {
             if (!top.reserve(expansion))
                 return result.failed("Out of memory!");
 
-            compressed_slot_t closest_slot = search_for_one_(
-                query, metric, prefetch, static_cast<compressed_slot_t>(entry_slot_), max_level_, 0, context);
+            // edgevec patch: the entry point and the top level are read
+            // together, under the lock that `add` holds while it changes
+            // them. Read apart, beside an add that raises the top level, a
+            // search could pair the new level with the old entry point and
+            // read links past that node's last level.
+            compressed_slot_t entry_slot_copy;
+            level_t max_level_copy;
+            {
+                std::unique_lock<std::mutex> entry_lock(global_mutex_);
+                entry_slot_copy = static_cast<compressed_slot_t>(entry_slot_);
+                max_level_copy = max_level_;
+            }
+            compressed_slot_t closest_slot =
+                search_for_one_(query, metric, prefetch, entry_slot_copy, max_level_copy, 0, context);
 
             // For bottom layer we need a more optimized procedure
             if (!search_to_find_in_base_(query, metric, predicate, prefetch, closest_slot, expansion, context))
@@ -4302,6 +4315,21 @@ class index_gt {
      *  slots past the last member (a damaged graph) are never followed.
      *  @return How many links were added.
      */
+    /**
+     *  @brief  edgevec patch: gives back what every thread context's buffers
+     *          grew to (candidate lists, visited sets), as a fresh context
+     *          has them; they grow again on use. Adds that took each free
+     *          context in turn leave every one grown. No add or search may
+     *          run.
+     */
+    void release_thread_buffers() noexcept {
+        for (std::size_t i = 0; i != contexts_.size(); ++i) {
+            contexts_[i].top_candidates.reset();
+            contexts_[i].next_candidates.reset();
+            contexts_[i].visits.reset();
+        }
+    }
+
     template <typename metric_at> std::size_t link_unreached(metric_at&& metric, std::size_t passes = 8) {
         std::size_t const count = size();
         if (count < 2 || entry_slot_ >= count || contexts_.size() == 0)

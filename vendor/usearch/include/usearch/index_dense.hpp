@@ -1314,6 +1314,13 @@ class index_dense_gt {
      */
     std::size_t link_unreached() { return typed_->link_unreached(metric_proxy_t{*this}); }
 
+    /**
+     *  @brief edgevec patch: frees the buffers the thread contexts grew to
+     *  (`index_gt::release_thread_buffers`); call with no adds or searches
+     *  running.
+     */
+    void release_thread_buffers() noexcept { typed_->release_thread_buffers(); }
+
     /** @brief edgevec patch: whether every member has its vector. */
     bool all_vectors_attached() const {
         for (std::size_t slot = 0; slot != typed_->size(); ++slot)
