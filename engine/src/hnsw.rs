@@ -37,9 +37,19 @@
 //! the entry point a link out to the nearest row that does
 //! (`link_unreached`, a sixth patch of usearch).
 //!
-//! Invariant: an index is declared before its blocks in [`HnswIndex`], so
-//! it is dropped first, and a block is never written once an index points
-//! into it.
+//! A merge builds its graph a run of rows at a time ([`GraphBuild`]): when
+//! its first rows are one source's rows, in order, it extends that
+//! source's graph with the others instead of building a graph of all of
+//! them ([`GraphBuild::extend`]); and the rows added so far can serve
+//! searches ([`GraphBuild::prefix`]) while the rest go in, so the sources
+//! whose rows are all in can be dropped before the merge ends. Indexes of
+//! one graph share it: each serves the first `rows` members, and its
+//! searches walk the members past them but return only its own.
+//!
+//! Invariants: a graph's usearch index is declared before the blocks it
+//! keeps, so it is dropped first, and a block is never written once an
+//! index points into it; an index serves the first `rows` members of its
+//! graph, and a graph only ever grows.
 //!
 //! Distances in the walk are edgevec's own f32 kernels
 //! ([`crate::metric::walk_kernels`], installed as usearch's metric after
@@ -83,7 +93,7 @@ use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use edgevec_proto::{limits, IndexSpec, Metric};
 use rayon::prelude::*;
@@ -302,6 +312,14 @@ impl RowVectors {
         &block[r as usize * dim..][..dim]
     }
 
+    /// Every block the rows are in.
+    fn blocks(&self) -> Vec<Block> {
+        match self {
+            RowVectors::One(b) => vec![b.clone()],
+            RowVectors::Gathered { blocks, .. } => blocks.clone(),
+        }
+    }
+
     /// The vectors of rows stored at `sources` (a block and a row of it,
     /// one per row, in row order). Blocks of which fewer than half the rows
     /// are used here are not kept: those rows are copied into a block of
@@ -349,15 +367,208 @@ impl RowVectors {
     }
 }
 
-/// A built (or loaded) index over one sealed segment's rows.
+/// A usearch graph and every block its members point into. Shared by the
+/// indexes that serve a prefix of its members: a segment's, the rows a
+/// merge has added so far, and the merge's whole index.
+struct Graph {
+    /// Points into `keep`: declared first, dropped first.
+    index: Index,
+    /// Searches and adds hold it shared; what moves usearch's member and
+    /// context arrays (growing the capacity) or rewrites links of the
+    /// whole graph holds it alone.
+    grow: RwLock<()>,
+    /// The blocks of every row ever added (only ever grows).
+    keep: Mutex<Vec<Block>>,
+}
+
+impl Graph {
+    fn new(index: Index, vectors: &RowVectors) -> Graph {
+        Graph {
+            index,
+            grow: RwLock::new(()),
+            keep: Mutex::new(vectors.blocks()),
+        }
+    }
+
+    fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        // The lock guards no data: a panic while it was held changes nothing.
+        self.grow.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn alone(&self) -> RwLockWriteGuard<'_, ()> {
+        self.grow.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A built (or loaded) index over one sealed segment's rows: the first
+/// `rows` members of its graph (all of them, unless a merge has extended
+/// the graph since).
 pub struct HnswIndex {
     metric: Metric,
     dim: usize,
     rows: usize,
     params: IndexSpec,
-    /// Points into `vectors`: declared first, dropped first.
-    index: Index,
-    vectors: RowVectors,
+    graph: Arc<Graph>,
+    /// Shared with the other indexes of the graph (of more or fewer rows).
+    vectors: Arc<RowVectors>,
+}
+
+/// A graph being built a run of rows at a time, for the rows of one
+/// [`RowVectors`] in order: from nothing ([`GraphBuild::new`]) or from the
+/// graph of an index whose rows are the first ones
+/// ([`GraphBuild::extend`]). The rows added so far can serve searches
+/// ([`GraphBuild::prefix`]) while the rest are added: a merge replaces its
+/// sources with that prefix as their rows go in, so it never holds its
+/// whole graph beside all of theirs.
+pub struct GraphBuild {
+    metric: Metric,
+    dim: usize,
+    params: IndexSpec,
+    graph: Arc<Graph>,
+    vectors: Arc<RowVectors>,
+    /// Rows `0..added` are in the graph.
+    added: usize,
+    rows: usize,
+}
+
+impl GraphBuild {
+    /// A new graph for the rows of `vectors`, with room for all of them.
+    pub fn new(metric: Metric, dim: usize, vectors: RowVectors, params: IndexSpec) -> Result<GraphBuild, EngineError> {
+        let rows = vectors.rows(dim);
+        if let RowVectors::One(b) = &vectors {
+            if b.len() != rows * dim {
+                return Err(native(
+                    "build",
+                    format!("{} floats for {rows} rows of dim {dim}", b.len()),
+                ));
+            }
+        }
+        let mut index =
+            Index::new_without_key_lookups(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
+        install_walk_metric(&mut index, metric, dim);
+        let threads = rayon::current_num_threads().max(1);
+        index
+            .reserve_capacity_and_threads(rows.max(1), threads)
+            .map_err(|e| native("reserve", e))?;
+        Ok(GraphBuild {
+            metric,
+            dim,
+            params,
+            graph: Arc::new(Graph::new(index, &vectors)),
+            vectors: Arc::new(vectors),
+            added: 0,
+            rows,
+        })
+    }
+
+    /// A build that adds the rows of `vectors` past `first.rows()` to
+    /// `first`'s graph, when `vectors` begins with `first`'s rows in
+    /// order: the merge then builds only its other rows. Searches of
+    /// `first` go on meanwhile and return only its own rows (the rows
+    /// added are walked through, not returned).
+    ///
+    /// `Ok(Err(vectors))`, with nothing changed, when the graph cannot be
+    /// extended: it has grown before (a merge that extended it did not
+    /// install), the build parameters differ, there is nothing to add, or
+    /// `vectors` does not give `first`'s rows the very vectors its graph
+    /// points to.
+    pub fn extend(
+        first: &HnswIndex,
+        vectors: RowVectors,
+        params: IndexSpec,
+    ) -> Result<Result<GraphBuild, RowVectors>, EngineError> {
+        let (dim, own) = (first.dim, first.rows);
+        let rows = vectors.rows(dim);
+        let same_rows = rows > own && (0..own as u32).all(|r| std::ptr::eq(vectors.get(r, dim), first.vector(r)));
+        if params != first.params || !same_rows {
+            return Ok(Err(vectors));
+        }
+        let graph = &first.graph;
+        let _alone = graph.alone();
+        if graph.index.size() != own || graph.index.capacity() != own {
+            return Ok(Err(vectors));
+        }
+        // Before any row points into them.
+        graph.keep.lock().expect("graph blocks lock").extend(vectors.blocks());
+        let threads = rayon::current_num_threads().max(1);
+        graph
+            .index
+            .reserve_capacity_and_threads(rows, threads)
+            .map_err(|e| native("reserve", e))?;
+        Ok(Ok(GraphBuild {
+            metric: first.metric,
+            dim,
+            params,
+            graph: graph.clone(),
+            vectors: Arc::new(vectors),
+            added: own,
+            rows,
+        }))
+    }
+
+    /// Rows in the graph so far (`0..added`).
+    pub fn added(&self) -> usize {
+        self.added
+    }
+
+    /// All rows the build is for.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Adds rows `added()..end` in parallel on the current rayon pool,
+    /// counting them in `progress`; searches of the graph go on.
+    pub fn add_through(&mut self, end: usize, progress: &AtomicU64) -> Result<(), EngineError> {
+        let (graph, vectors, dim) = (&self.graph, &self.vectors, self.dim);
+        let end = end.min(self.rows);
+        progress.store(self.added as u64, Ordering::Relaxed);
+        let _shared = graph.shared();
+        (self.added as u32..end as u32).into_par_iter().try_for_each(|row| {
+            // SAFETY: the vector is in a block the graph keeps (`keep`,
+            // dropped after the index) and nothing writes.
+            unsafe { graph.index.add_view(u64::from(row), vectors.get(row, dim)) }.map_err(|e| native("add", e))?;
+            progress.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), EngineError>(())
+        })?;
+        self.added = self.added.max(end);
+        Ok(())
+    }
+
+    /// An index of the rows added so far, every one of them reachable by a
+    /// walk; it shares the graph, and searches of it go on while more rows
+    /// are added.
+    pub fn prefix(&self) -> Result<HnswIndex, EngineError> {
+        let index = HnswIndex {
+            metric: self.metric,
+            dim: self.dim,
+            rows: self.added,
+            params: self.params,
+            graph: self.graph.clone(),
+            vectors: self.vectors.clone(),
+        };
+        // Relinking rewrites links anywhere in the graph: not beside walks.
+        let _alone = self.graph.alone();
+        link_unreached(&self.graph.index, "build")?;
+        index.ready_for_searches()?;
+        Ok(index)
+    }
+
+    /// The index of every row, once all are added.
+    pub fn finish(self) -> Result<HnswIndex, EngineError> {
+        if self.added != self.rows {
+            return Err(native(
+                "build",
+                format!("finished with {} of {} rows added", self.added, self.rows),
+            ));
+        }
+        let index = self.prefix()?;
+        // Adds beside searches of a prefix took every search slot in turn
+        // and grew each one's buffers to an add's needs (about 2 MiB of
+        // heap at 100,000 rows); searches grow what they use again.
+        let _alone = self.graph.alone();
+        self.graph.index.release_thread_buffers();
+        Ok(index)
+    }
 }
 
 /// Thread slots an index reserves for concurrent searches (each holds a
@@ -449,47 +660,24 @@ impl HnswIndex {
         params: IndexSpec,
         progress: &AtomicU64,
     ) -> Result<HnswIndex, EngineError> {
-        let rows = vectors.rows(dim);
-        if let RowVectors::One(b) = &vectors {
-            if b.len() != rows * dim {
-                return Err(native(
-                    "build",
-                    format!("{} floats for {rows} rows of dim {dim}", b.len()),
-                ));
-            }
-        }
-        let mut index =
-            Index::new_without_key_lookups(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
-        install_walk_metric(&mut index, metric, dim);
-        let threads = rayon::current_num_threads().max(1);
-        index
-            .reserve_capacity_and_threads(rows.max(1), threads)
-            .map_err(|e| native("reserve", e))?;
-        (0..rows as u32).into_par_iter().try_for_each(|row| {
-            // SAFETY: the vector is in a block that the index keeps (in
-            // `vectors`, dropped after it) and nothing writes.
-            unsafe { index.add_view(u64::from(row), vectors.get(row, dim)) }.map_err(|e| native("add", e))?;
-            progress.fetch_add(1, Ordering::Relaxed);
-            Ok::<(), EngineError>(())
-        })?;
-        link_unreached(&index, "build")?;
-        let built = HnswIndex {
-            metric,
-            dim,
-            rows,
-            params,
-            index,
-            vectors,
-        };
-        built.ready_for_searches()?;
-        Ok(built)
+        let mut build = GraphBuild::new(metric, dim, vectors, params)?;
+        build.add_through(build.rows, progress)?;
+        build.finish()
     }
 
     fn ready_for_searches(&self) -> Result<(), EngineError> {
-        self.index
+        let index = &self.graph.index;
+        index
             .reserve_capacity_and_threads(self.rows.max(1), 1)
-            .and_then(|()| self.index.reserve_search_threads(search_slots()))
+            .and_then(|()| index.reserve_search_threads(search_slots()))
             .map_err(|e| native("reserve", e))
+    }
+
+    /// Whether `self` and `other` serve members of the same graph (one
+    /// extended the other's).
+    #[cfg(test)]
+    pub(crate) fn shares_graph(&self, other: &HnswIndex) -> bool {
+        Arc::ptr_eq(&self.graph, &other.graph)
     }
 
     pub fn rows(&self) -> usize {
@@ -522,16 +710,40 @@ impl HnswIndex {
         opts: SearchOptions,
         live: Option<&(dyn Fn(u32) -> bool + Sync)>,
     ) -> Result<Vec<u32>, EngineError> {
-        let ef = opts.ef.max(k);
+        let graph = &self.graph;
+        let _shared = graph.shared();
+        // Room for more members than this index serves: a merge is adding
+        // rows to the graph (or has): walk through them, return only this
+        // index's (with the expansion widened by the share of members
+        // that are not, as for deleted rows). The capacity changes only
+        // while no search runs; the size may grow during this one.
+        let own = self.rows;
+        let grown = graph.index.capacity() > own;
+        let mine = |key: u64| key < own as u64;
+        let mut ef = opts.ef.max(k);
+        if grown {
+            let members = graph.index.size().max(own);
+            ef = ef.saturating_mul(members).div_ceil(own.max(1));
+        }
+        if opts.exact && grown {
+            // usearch's exact search goes over every member, and one being
+            // added may not have its node or vector yet.
+            return Ok(self.scan(query, k, live));
+        }
         let mut tries = 0u32;
         loop {
-            let found = match live {
-                None => self.index.search_expanded(query, k, ef, opts.exact),
-                Some(f) => self
+            let found = match (live, grown) {
+                (None, false) => graph.index.search_expanded(query, k, ef, opts.exact),
+                (None, true) => graph.index.filtered_search_expanded(query, k, ef, opts.exact, mine),
+                (Some(f), _) => graph
                     .index
-                    .filtered_search_expanded(query, k, ef, opts.exact, |key| f(key as u32)),
+                    .filtered_search_expanded(query, k, ef, opts.exact, |key| mine(key) && f(key as u32)),
             };
             match found {
+                // Beside a merge's adds, a walk can come down the upper
+                // levels onto a row being added whose base-level links are
+                // not made yet, and stop there: its rows are scanned instead.
+                Ok(m) if grown && m.keys.len() < k => return Ok(self.scan(query, k, live)),
                 Ok(m) => return Ok(m.keys.iter().map(|&key| key as u32).collect()),
                 // Every thread slot busy: more concurrent searches than
                 // reserved. Wait for one (searches take micro- to
@@ -549,9 +761,42 @@ impl HnswIndex {
         }
     }
 
+    /// The nearest `k` of this index's rows that `live` accepts, by
+    /// comparing each with the walk's own distance (what usearch's exact
+    /// search measures too).
+    fn scan(&self, query: &[f32], k: usize, live: Option<&(dyn Fn(u32) -> bool + Sync)>) -> Vec<u32> {
+        let kernels = crate::metric::walk_kernels();
+        let distance = |v: &[f32]| match self.metric {
+            Metric::L2 => (kernels.l2_squared)(query, v),
+            Metric::InnerProduct | Metric::Cosine => 1.0 - (kernels.dot)(query, v),
+        };
+        let mut all: Vec<(f32, u32)> = (0..self.rows as u32)
+            .filter(|&r| live.is_none_or(|f| f(r)))
+            .map(|r| (distance(self.vector(r)), r))
+            .collect();
+        let order = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        if all.len() > k {
+            all.select_nth_unstable_by(k, order);
+            all.truncate(k);
+        }
+        all.sort_unstable_by(order);
+        all.into_iter().map(|(_, r)| r).collect()
+    }
+
     /// Writes the index (and the segment's row ids) to `path` atomically.
     pub fn save(&self, path: &Path, segment: u64, ids: &[u64]) -> Result<(), EngineError> {
         let what = path.display().to_string();
+        let members = self.graph.index.size();
+        if members != self.rows || ids.len() != self.rows {
+            return Err(native(
+                &what,
+                format!(
+                    "saving {} rows ({} ids) of a graph of {members} members",
+                    self.rows,
+                    ids.len()
+                ),
+            ));
+        }
         let meta = postcard::to_stdvec(&IndexMeta::V1 {
             segment,
             metric: self.metric,
@@ -570,6 +815,7 @@ impl HnswIndex {
         let graph = PathBuf::from(graph_name);
         let saved = match graph.to_str() {
             Some(graph_str) => self
+                .graph
                 .index
                 .save_graph_to_path(graph_str)
                 .map_err(|e| native(&what, e))
@@ -725,8 +971,8 @@ impl HnswIndex {
             dim,
             rows: ids.len(),
             params,
-            index,
-            vectors,
+            graph: Arc::new(Graph::new(index, &vectors)),
+            vectors: Arc::new(vectors),
         };
         loaded.ready_for_searches()?;
         Ok((loaded, ids))

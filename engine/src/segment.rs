@@ -329,6 +329,14 @@ impl Segment {
         }
     }
 
+    /// Its index, once built.
+    pub fn index(&self) -> Option<&Arc<HnswIndex>> {
+        match &self.vectors {
+            Vectors::Indexed(index) => Some(index),
+            _ => None,
+        }
+    }
+
     /// While the index is being built: rows in its graph so far.
     pub fn build_progress(&self) -> Option<u64> {
         matches!(self.vectors, Vectors::Sealed(_)).then(|| self.progress.load(Ordering::Relaxed))

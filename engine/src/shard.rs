@@ -239,7 +239,14 @@ pub struct ShardReplica {
     last_write: Mutex<std::time::Instant>,
     /// Ops appended by this process and not applied yet, as decoded.
     unapplied: Mutex<Unapplied>,
+    /// Called on the builder thread each time a merge's build has made the
+    /// rows added so far serve searches (tests look at the replica then).
+    #[cfg(test)]
+    on_prefix: Mutex<Option<PrefixHook>>,
 }
+
+#[cfg(test)]
+type PrefixHook = Box<dyn FnMut(&ShardReplica) + Send>;
 
 /// Most encoded bytes of ops [`Unapplied`] holds per replica; ops beyond it
 /// are read back from the log when applied.
@@ -461,6 +468,8 @@ impl ShardReplica {
             retired: AtomicBool::new(false),
             files: Mutex::new(()),
             last_write: Mutex::new(std::time::Instant::now()),
+            #[cfg(test)]
+            on_prefix: Mutex::new(None),
             unapplied: Mutex::new(Unapplied::default()),
         });
         for id in to_build {

@@ -150,6 +150,7 @@ fn save_load_roundtrip_and_rejects_damage() {
     let (loaded, loaded_ids) = HnswIndex::load(&path, expect, &mut rows).unwrap();
     assert_eq!(asked, vec![0..4096, 4096..5000], "vectors asked for in chunks");
     assert_eq!(loaded_ids, ids);
+    assert_eq!(loaded.graph.index.capacity(), ids.len());
     assert_eq!(loaded.params(), PARAMS);
     for row in [0, 42, 4095, 4096, 4999] {
         assert_eq!(vector(&loaded, row), vector(&ix, row));
@@ -337,4 +338,139 @@ fn every_row_is_reachable_by_a_walk() {
             assert_eq!(got.len(), 300, "{metric} build {build}: rows a walk never reaches");
         }
     }
+}
+
+/// Brute force: the `k` rows of `rows` nearest to `q` under L2.
+fn nearest(ix: &HnswIndex, rows: u32, q: &[f32], k: usize) -> Vec<u32> {
+    let mut all: Vec<(u32, f32)> = (0..rows).map(|r| (r, metric::l2_squared(q, ix.vector(r)))).collect();
+    all.sort_by(|a, b| a.1.total_cmp(&b.1));
+    all.into_iter().take(k).map(|(r, _)| r).collect()
+}
+
+#[test]
+fn a_merge_extends_its_first_sources_graph_while_it_and_the_rows_added_serve() {
+    use std::sync::atomic::AtomicBool;
+    let (dim, own, more, k) = (16, 3000u32, 1500u32, 10);
+    let a = Arc::new(AlignedRows::from_slice(&random(own as usize, dim, 11)));
+    let b = Arc::new(AlignedRows::from_slice(&random(more as usize, dim, 12)));
+    let source = HnswIndex::build(Metric::L2, dim, RowVectors::One(a.clone()), PARAMS, &AtomicU64::new(0)).unwrap();
+    let merged_rows = || -> RowVectors {
+        let mut rows: Vec<(Block, u32)> = (0..own).map(|r| source.vector_source(r)).collect();
+        rows.extend((0..more).map(|r| (b.clone(), r)));
+        RowVectors::gather(rows, dim)
+    };
+    let queries = random(200, dim, 13);
+    let exact = SearchOptions { ef: 1, exact: true };
+    let walk = SearchOptions { ef: 64, exact: false };
+
+    // Other build parameters, or rows that are copies of the source's
+    // (not the vectors its graph points to): not extended, nothing changed.
+    let other = IndexSpec { m: 16, ..PARAMS };
+    assert!(GraphBuild::extend(&source, merged_rows(), other).unwrap().is_err());
+    let mut copies = random(own as usize, dim, 11);
+    copies.extend_from_slice(&b);
+    assert!(GraphBuild::extend(&source, one(&copies), PARAMS).unwrap().is_err());
+    assert_eq!(source.graph.index.size(), own as usize);
+    // Room for no more rows than it serves: its searches take no filter.
+    assert_eq!(source.graph.index.capacity(), own as usize);
+
+    // Searches of the source, and of the rows added so far, go on while
+    // the graph grows, and return their own rows only.
+    let progress = AtomicU64::new(0);
+    let mut build = match GraphBuild::extend(&source, merged_rows(), PARAMS).unwrap() {
+        Ok(build) => build,
+        Err(_) => panic!("the graph was not extended"),
+    };
+    let half = own + more / 2;
+    build.add_through(half as usize, &progress).unwrap();
+    let prefix = build.prefix().unwrap();
+    assert_eq!((build.added(), prefix.rows()), (half as usize, half as usize));
+    let stop = AtomicBool::new(false);
+    let merged = std::thread::scope(|s| {
+        let searchers: Vec<_> = [(&source, own), (&prefix, half)]
+            .into_iter()
+            .enumerate()
+            .map(|(t, (index, rows))| {
+                let (queries, stop) = (&queries, &stop);
+                s.spawn(move || {
+                    let mut n = 0usize;
+                    while !stop.load(Ordering::Relaxed) || n < 50 {
+                        let q = &queries[(n + t) % 200 * dim..][..dim];
+                        let opts = if n.is_multiple_of(7) { exact } else { walk };
+                        let got = index.search(q, k, opts, None).unwrap();
+                        assert_eq!(got.len(), k);
+                        assert!(got.iter().all(|&r| r < rows), "{got:?}");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        build.add_through(4500, &progress).unwrap();
+        let merged = build.finish();
+        stop.store(true, Ordering::Relaxed);
+        for h in searchers {
+            assert!(h.join().unwrap() >= 50);
+        }
+        merged.unwrap()
+    });
+    assert!(merged.shares_graph(&source) && prefix.shares_graph(&merged));
+    assert_eq!(
+        prefix.search(&queries[..dim], k, exact, None).unwrap(),
+        nearest(&prefix, half, &queries[..dim], k)
+    );
+    assert_eq!((merged.rows(), progress.load(Ordering::Relaxed)), (4500, 4500));
+    assert!(std::ptr::eq(merged.vector(5).as_ptr(), a[5 * dim..].as_ptr()));
+    assert_eq!(merged.vector(own + 7), &b[7 * dim..][..dim]);
+
+    // Both answer exactly what brute force does over their rows, and the
+    // merged graph's walk finds its rows, old and new.
+    let mut hit = 0;
+    for q in queries.chunks_exact(dim) {
+        assert_eq!(source.search(q, k, exact, None).unwrap(), nearest(&source, own, q, k));
+        let want = nearest(&merged, own + more, q, k);
+        assert_eq!(merged.search(q, k, exact, None).unwrap(), want);
+        let got = merged.search(q, k, walk, None).unwrap();
+        hit += got.iter().filter(|r| want.contains(r)).count();
+    }
+    let recall = hit as f64 / (200 * k) as f64;
+    assert!(recall > 0.9, "recall@10 of the extended graph {recall}");
+
+    // A graph that grew is extended no more, and the source's index is
+    // not saved as if the graph were its own.
+    assert!(GraphBuild::extend(&source, merged_rows(), PARAMS).unwrap().is_err());
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u64> = (0..(own + more) as u64).collect();
+    assert!(source
+        .save(&dir.path().join("seg-1.hnsw"), 1, &ids[..own as usize])
+        .is_err());
+
+    // The merged index saves and loads as any other; the source's blocks
+    // are kept while the merged index lives.
+    let path = dir.path().join("seg-2.hnsw");
+    merged.save(&path, 2, &ids).unwrap();
+    let expect = Expect {
+        segment: 2,
+        metric: Metric::L2,
+        dim,
+        rows: ids.len(),
+    };
+    let (loaded, loaded_ids) = HnswIndex::load(&path, expect, &mut |r| {
+        Ok(r.flat_map(|row| merged.vector(row).to_vec()).collect())
+    })
+    .unwrap();
+    assert_eq!(loaded_ids, ids);
+    assert_eq!(loaded.graph.index.capacity(), ids.len());
+    let q = &queries[..dim];
+    assert_eq!(
+        loaded.search(q, k, exact, None).unwrap(),
+        merged.search(q, k, exact, None).unwrap()
+    );
+    let a_weak = Arc::downgrade(&a);
+    drop((source, a));
+    assert!(a_weak.upgrade().is_some());
+    assert_eq!(
+        merged.search(q, k, exact, None).unwrap(),
+        nearest(&merged, own + more, q, k)
+    );
 }

@@ -12,17 +12,28 @@
 //! - **Build** (builder thread): the merged index points into the vector
 //!   blocks of whichever segments serve the rows now (copying only rows of
 //!   blocks it would leave mostly unused, [`RowVectors::gather`]); the
-//!   sources keep serving meanwhile. A merge that a later merge has taken
-//!   over before its build starts is skipped (the later one builds its
-//!   rows).
+//!   sources keep serving meanwhile. When the merge's first rows are all
+//!   the rows of its first source, in order (the policy names a source
+//!   with no deleted row, the largest, first), the build adds the other
+//!   rows to that source's graph ([`GraphBuild::extend`]) instead of
+//!   building a graph of every row. It adds the rows one serving segment
+//!   after the other, and once all the rows a segment serves are in, the
+//!   rows added so far serve searches in its place (memory only: the
+//!   merge stays pending, and the segment's index file stays until the
+//!   install), so the merge never holds its whole graph beside all of its
+//!   sources'. A merge that a later merge has taken over before its build
+//!   starts is skipped (the later one builds its rows).
 //! - **Install** (under the writer lock): the index file is saved, the
 //!   record marked installed (fsynced), then in memory the merged segment
 //!   replaces every segment serving its rows, with the rows deleted since
 //!   the op tombstoned. The files of the replaced segments' indexes go.
 //!
 //! Invariant: logically, a merge replaces its sources at its op (the next
-//! merge op sees the merged segment); physically, at its install. Only
-//! physical state differs between replicas, and only for a while.
+//! merge op sees the merged segment); physically, at its install (in
+//! memory, the rows its build has added already serve in place of the
+//! segments that served them; on disk, nothing changes before the
+//! install). Only physical state differs between replicas, and only for a
+//! while.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +43,7 @@ use edgevec_proto::{limits, SegmentState};
 
 use super::{index_path, ShardReplica, ShardState};
 use crate::compaction::{self, MergePolicy, SegmentSize};
-use crate::hnsw::{Block, Expect, HnswIndex, RowVectors};
+use crate::hnsw::{Block, Expect, GraphBuild, HnswIndex, RowVectors};
 use crate::idmap::IdMap;
 use crate::op::ShardOp;
 use crate::payload::Columns;
@@ -42,6 +53,10 @@ use crate::store::MergeRecordV1;
 
 /// Rows whose vector sources a merge looks up per hold of the state lock.
 const SOURCE_CHUNK: usize = 4096;
+
+/// Runs of a merge's rows served by one segment each: (segment, end of
+/// the run in the merge's rows).
+type Runs = Vec<(u64, usize)>;
 
 /// A merge with a record, in memory.
 pub(super) struct MergeUnit {
@@ -289,8 +304,10 @@ impl ShardReplica {
     }
 
     /// Makes merge `id` serve its rows: removes every segment serving them
-    /// and the merges it replaces, inserts `seg`. Returns the ids of the
-    /// segments removed from searches.
+    /// (the rows its build already serves among them) and the merges it
+    /// replaces, inserts `seg`. Returns the ids of the segments whose index
+    /// files are to go: every segment and merge it replaces, whether
+    /// searches still used it or a build had taken it out of them already.
     fn install_in_memory(st: &mut ShardState, id: u64, seg: Option<Segment>) -> Vec<u64> {
         let (covers, replaces) = {
             let m = &st.merges[&id];
@@ -299,13 +316,15 @@ impl ShardReplica {
         let mut removed = BTreeSet::new();
         for c in &covers {
             let unit = st.owner.insert(*c, id).unwrap_or(*c);
-            if st.segments.remove(&unit).is_some() {
-                removed.insert(unit);
-            }
+            st.segments.remove(&unit);
+            removed.insert(unit);
+            removed.insert(*c);
         }
         for r in &replaces {
             st.merges.remove(r);
+            removed.insert(*r);
         }
+        removed.remove(&id);
         if let Some(seg) = seg {
             st.segments.insert(id, seg);
         }
@@ -342,7 +361,7 @@ impl ShardReplica {
     }
 
     fn build_merge(&self, id: u64) -> Result<(), crate::EngineError> {
-        let (metric, dim, params) = (self.config.metric, self.config.dim as usize, self.config.index);
+        let (metric, dim) = (self.config.metric, self.config.dim as usize);
         let (rows, progress) = {
             let st = self.read();
             match st.merges.get(&id) {
@@ -370,10 +389,7 @@ impl ShardReplica {
         let index = match saved {
             Some((index, _)) => Arc::new(index),
             None => {
-                // The new index points into the vectors the serving
-                // segments hold: no second copy of the merged rows.
-                let vectors = RowVectors::gather(self.vector_sources(&rows)?, dim);
-                let index = Arc::new(HnswIndex::build(metric, dim, vectors, params, &progress)?);
+                let index = Arc::new(self.build_merged_index(id, &rows, &progress)?);
                 let _files = self.files.lock().expect("shard files lock");
                 if self.retired.load(Ordering::Acquire) {
                     return Ok(());
@@ -394,22 +410,7 @@ impl ShardReplica {
         self.store.install_merge(id, &replaces)?;
         let replaced = {
             let mut st = self.state.write().expect("shard state lock");
-            // Built from the merge's row list as it goes: a copy of its
-            // locations would be held at the merge's peak.
-            let columns = Columns::gather(
-                &st.schema,
-                rows.iter().map(|(at, _)| {
-                    let (seg, row) = st.find(*at).expect("every row of a pending merge is served");
-                    (seg.columns(), row)
-                }),
-            );
-            let locations = rows.iter().map(|(at, _)| *at);
-            let mut seg = Segment::merged(id, dim, ids, locations, MergedData::Index(index)).with_columns(columns);
-            for (row, (at, pid)) in rows.iter().enumerate() {
-                if !st.is_live(*at, *pid) {
-                    seg.tombstone(row as u32);
-                }
-            }
+            let seg = Self::merged_segment(&st, id, dim, &rows, index);
             Self::install_in_memory(&mut st, id, Some(seg))
         };
         self.remove_index_files(&replaced);
@@ -417,25 +418,168 @@ impl ShardReplica {
         Ok(())
     }
 
+    /// Builds the index of pending merge `id` over `rows`. The index
+    /// points into the vectors the serving segments hold (no second copy
+    /// of the merged rows). It extends the graph of the segment serving
+    /// the first rows when it can ([`GraphBuild::extend`]), and adds the
+    /// rows one serving segment after the other: once every row a segment
+    /// serves is in the graph, the rows added so far replace it in
+    /// searches ([`Self::serve_prefix`]) and its graph is freed, so the
+    /// merge never holds its whole graph beside all of its sources'. (Their
+    /// index files stay until the install.)
+    fn build_merged_index(
+        &self,
+        id: u64,
+        rows: &[(Location, u64)],
+        progress: &AtomicU64,
+    ) -> Result<HnswIndex, crate::EngineError> {
+        let (metric, dim, params) = (self.config.metric, self.config.dim as usize, self.config.index);
+        let (sources, runs) = self.vector_sources(rows)?;
+        let vectors = RowVectors::gather(sources, dim);
+        let extended = match self.extendable(rows) {
+            Some(first) => GraphBuild::extend(&first, vectors, params)?,
+            None => Err(vectors),
+        };
+        let mut build = match extended {
+            Ok(build) => build,
+            Err(vectors) => GraphBuild::new(metric, dim, vectors, params)?,
+        };
+        // Where each serving segment's rows end in the merge.
+        let mut retired: Vec<u64> = Vec::new();
+        let mut last_end: HashMap<u64, usize> = HashMap::new();
+        for &(unit, end) in &runs {
+            last_end.insert(unit, end);
+        }
+        for &(_, end) in &runs {
+            build.add_through(end, progress)?;
+            if build.added() == build.rows() {
+                break;
+            }
+            let done: Vec<u64> = last_end
+                .iter()
+                .filter(|(unit, end)| **end <= build.added() && !retired.contains(unit))
+                .map(|(unit, _)| *unit)
+                .collect();
+            if !done.is_empty() && self.serve_prefix(id, build.prefix()?, rows, &done) {
+                retired.extend(done);
+                #[cfg(test)]
+                if let Some(hook) = self.on_prefix.lock().expect("prefix hook lock").as_mut() {
+                    hook(self);
+                }
+            }
+        }
+        build.finish()
+    }
+
+    /// The merged segment `id` of `rows` (its first `index.rows()` of them)
+    /// with `index`, the rows deleted since the merge's op tombstoned.
+    fn merged_segment(
+        st: &ShardState,
+        id: u64,
+        dim: usize,
+        rows: &[(Location, u64)],
+        index: Arc<HnswIndex>,
+    ) -> Segment {
+        let rows = &rows[..index.rows()];
+        // Built from the merge's row list as it goes: a copy of its
+        // locations would be held at the merge's peak.
+        let columns = Columns::gather(
+            &st.schema,
+            rows.iter().map(|(at, _)| {
+                let (seg, row) = st.find(*at).expect("every row of a pending merge is served");
+                (seg.columns(), row)
+            }),
+        );
+        let ids = rows.iter().map(|(_, pid)| *pid).collect();
+        let locations = rows.iter().map(|(at, _)| *at);
+        let mut seg = Segment::merged(id, dim, ids, locations, MergedData::Index(index)).with_columns(columns);
+        for (row, (at, pid)) in rows.iter().enumerate() {
+            if !st.is_live(*at, *pid) {
+                seg.tombstone(row as u32);
+            }
+        }
+        seg
+    }
+
+    /// While merge `id` builds: serves the rows in its graph so far
+    /// (`prefix`, the first rows of `rows`) from its graph instead of from
+    /// the segments `units` (which serve only rows of the prefix) and the
+    /// prefix served before. Only memory changes: the merge is still
+    /// pending, and a node that restarts serves the rows from the
+    /// segments again. `false`, with nothing changed, when the merge is
+    /// no longer pending (taken over by a later one) or the replica is
+    /// dropped.
+    fn serve_prefix(&self, id: u64, prefix: HnswIndex, rows: &[(Location, u64)], units: &[u64]) -> bool {
+        let mut st = self.state.write().expect("shard state lock");
+        if self.retired.load(Ordering::Acquire) {
+            return false;
+        }
+        let covers = match st.merges.get(&id) {
+            Some(m) if m.is_pending() => m.covers.clone(),
+            _ => return false,
+        };
+        let seg = Self::merged_segment(&st, id, self.config.dim as usize, rows, Arc::new(prefix));
+        for c in covers {
+            let unit = st.owner.get(&c).copied().unwrap_or(c);
+            if units.contains(&unit) {
+                st.owner.insert(c, id);
+            }
+        }
+        for unit in units {
+            st.segments.remove(unit);
+        }
+        st.segments.insert(id, seg);
+        true
+    }
+
+    /// The index a merge of `rows` can extend ([`GraphBuild::extend`]):
+    /// that of the segment serving the first row, when the merge's first
+    /// rows are all of that segment's rows, in order (no row of it deleted
+    /// before the merge).
+    fn extendable(&self, rows: &[(Location, u64)]) -> Option<Arc<HnswIndex>> {
+        let st = self.read();
+        let (seg, 0) = st.find(rows.first()?.0)? else {
+            return None;
+        };
+        let index = seg.index()?;
+        let own = seg.rows();
+        let prefix = own == index.rows()
+            && own < rows.len()
+            && rows[..own]
+                .iter()
+                .enumerate()
+                .all(|(r, (at, _))| *at == seg.location(r as u32));
+        prefix.then(|| index.clone())
+    }
+
     /// Where the vectors of `rows` are held: the block and row of the
     /// segment serving each (rows never move, so whichever segment serves a
-    /// row has its vector). The state lock is taken a chunk of rows at a
-    /// time, so writes are not held up.
-    fn vector_sources(&self, rows: &[(Location, u64)]) -> Result<Vec<(Block, u32)>, crate::EngineError> {
+    /// row has its vector); and the runs of rows each segment serves, as
+    /// (segment, end of the run). The state lock is taken a chunk of rows
+    /// at a time, so writes are not held up.
+    fn vector_sources(&self, rows: &[(Location, u64)]) -> Result<(Vec<(Block, u32)>, Runs), crate::EngineError> {
         let mut out = Vec::with_capacity(rows.len());
+        let mut runs: Vec<(u64, usize)> = Vec::new();
         for chunk in rows.chunks(SOURCE_CHUNK) {
             let st = self.read();
             for (at, _) in chunk {
-                let source = st.find(*at).and_then(|(seg, row)| seg.vector_source(row));
-                out.push(source.ok_or_else(|| {
+                let found = st
+                    .find(*at)
+                    .and_then(|(seg, row)| seg.vector_source(row).map(|source| (seg.id(), source)));
+                let (unit, source) = found.ok_or_else(|| {
                     crate::EngineError::corrupt(
                         self.dir.display().to_string(),
                         format!("no sealed segment serves row {} of segment {}", at.row, at.segment),
                     )
-                })?);
+                })?;
+                out.push(source);
+                match runs.last_mut() {
+                    Some((u, end)) if *u == unit => *end += 1,
+                    _ => runs.push((unit, out.len())),
+                }
             }
         }
-        Ok(out)
+        Ok((out, runs))
     }
 }
 

@@ -405,3 +405,99 @@ fn a_quiet_shard_proposes_one_segment() {
     same(seen(&s), before);
     assert_eq!(s.merge_proposal(&quiet), None, "one segment: nothing more");
 }
+
+/// A merge whose first source has every row of it live grows that
+/// source's graph with the other rows; otherwise it builds a graph of its
+/// own. Either way it serves the same points, and reopens from its file.
+#[test]
+fn a_merge_extends_the_graph_of_a_first_source_it_takes_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..200)).unwrap();
+    idle(&builder);
+    let index_of = |s: &ShardReplica, seg: u64| s.read().segments[&seg].index().unwrap().clone();
+    let first = index_of(&s, 1);
+    let before = seen(&s);
+
+    write(&s, merge(&[1, 2])).unwrap();
+    idle(&builder);
+    assert_eq!(s.merge_state(), (vec![3, 4, 5], vec![]));
+    let merged = index_of(&s, 5);
+    assert!(merged.shares_graph(&first), "segment 1's graph grew into the merge's");
+    assert_eq!((first.rows(), merged.rows()), (64, 128));
+    drop(first);
+    same(seen(&s), before.clone());
+
+    // First source with a deleted row: rows renumbered, a graph of its own.
+    write(&s, ShardOp::Delete(vec![130])).unwrap();
+    let (third, fifth) = (index_of(&s, 3), index_of(&s, 5));
+    write(&s, merge(&[3, 5])).unwrap();
+    idle(&builder);
+    assert_eq!(s.merge_state(), (vec![4, 6], vec![]));
+    let all = index_of(&s, 6);
+    assert_eq!(all.rows(), 191);
+    assert!(!all.shares_graph(&third) && !all.shares_graph(&fifth));
+    let want = seen(&s);
+    assert_eq!(want.0.len(), 199);
+    drop(s);
+    let s = open(dir.path(), &builder);
+    idle(&builder);
+    same(seen(&s), want);
+}
+
+/// A merge adds its rows to its graph one source after the other, and
+/// once a source's rows are all in, the rows added so far serve from the
+/// merge's graph in its place: a merge never holds its whole graph beside
+/// all of its sources'. Searches, gets and deletes meanwhile see every
+/// point once.
+#[test]
+fn a_merge_serves_the_rows_it_has_added_while_it_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..260)).unwrap();
+    // A deleted row in the first source: the merge builds a graph of its own.
+    write(&s, ShardOp::Delete(vec![10])).unwrap();
+    idle(&builder);
+    assert_eq!(s.merge_state(), (vec![1, 2, 3, 4, 5], vec![]));
+    let before = seen(&s);
+
+    type Step = (Vec<(u64, u64, u64)>, Seen);
+    let steps: Arc<std::sync::Mutex<Vec<Step>>> = Arc::default();
+    let record = steps.clone();
+    *s.on_prefix.lock().unwrap() = Some(Box::new(move |r: &ShardReplica| {
+        let mut steps = record.lock().unwrap();
+        if steps.is_empty() {
+            // One row already in the merge's graph, one not yet.
+            write(r, ShardOp::Delete(vec![20, 230])).unwrap();
+        }
+        steps.push((segments(r), seen(r)));
+    }));
+    write(&s, merge(&[1, 2, 3, 4])).unwrap();
+    idle(&builder);
+    let after = seen(&s);
+    assert_eq!(after.0.len(), before.0.len() - 2);
+    let steps = std::mem::take(&mut *steps.lock().unwrap());
+    let shapes: Vec<_> = steps.iter().map(|(segments, _)| segments.clone()).collect();
+    assert_eq!(
+        shapes,
+        vec![
+            vec![(2, 64, 0), (3, 64, 0), (4, 64, 1), (5, 4, 0), (6, 63, 1)],
+            vec![(3, 64, 0), (4, 64, 1), (5, 4, 0), (6, 127, 1)],
+            vec![(4, 64, 1), (5, 4, 0), (6, 191, 1)],
+        ]
+    );
+    for (_, seen) in steps {
+        same(seen, after.clone());
+    }
+    assert_eq!(segments(&s), vec![(5, 4, 0), (6, 255, 2)]);
+    for gone in 1..=4 {
+        assert!(!index_path(dir.path(), gone).exists(), "index file of segment {gone}");
+    }
+    assert!(index_path(dir.path(), 6).exists());
+    drop(s);
+    let s = open(dir.path(), &builder);
+    idle(&builder);
+    same(seen(&s), after);
+}
