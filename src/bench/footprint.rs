@@ -5,7 +5,8 @@
 //! says otherwise; `--n` clustered vectors of `--dim` (`--metric`)
 //! inserted through the client library in batches of `--batch`, 4 in
 //! flight. Every node's RSS is sampled every 100 ms from the first insert
-//! until the collection has settled (every sealed segment indexed, no
+//! (its peak, and when it was reached, are reported) until the
+//! collection has settled (every sealed segment indexed, no
 //! build or merge under way, the segment list unchanged for 10 s); then
 //! RSS and the bytes of every node's data directory (blocks allocated), by
 //! kind of file, are read once more, with each node's anonymous memory by
@@ -112,16 +113,21 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         .await
         .context("creating the bench collection")?;
 
-    // RSS of every node, sampled until `stop`.
+    // RSS of every node, sampled until `stop`: each node's peak, and when
+    // (since the first insert).
     let pids: Vec<u32> = cluster.ids().filter_map(|id| cluster.pid(id)).collect();
     let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
     let sampler = {
         let (pids, stop) = (pids.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut peak = vec![0u64; pids.len()];
+            let mut peak = vec![(0u64, Duration::ZERO); pids.len()];
             while !stop.load(Ordering::Relaxed) {
                 for (p, pid) in peak.iter_mut().zip(&pids) {
-                    *p = (*p).max(rss(*pid).unwrap_or(0));
+                    let now = rss(*pid).unwrap_or(0);
+                    if now > p.0 {
+                        *p = (now, started.elapsed());
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -129,7 +135,6 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         })
     };
 
-    let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let batches = n.div_ceil(args.batch) as u64;
     let mut writers = Vec::new();
@@ -212,7 +217,7 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     println!("|---|{}", "---:|".repeat(6 + names.len()));
     for (i, id) in cluster.ids().enumerate() {
         let now = cluster.pid(id).and_then(rss).unwrap_or(0);
-        let peak = peaks[i].max(now);
+        let peak = peaks[i].0.max(now);
         let usage = &kinds[&id];
         let disk: u64 = usage.values().sum();
         print!(
@@ -228,6 +233,13 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
             print!(" {} |", mib(usage.get(name).copied().unwrap_or(0)));
         }
         println!();
+    }
+    println!();
+    for (id, (_, at)) in cluster.ids().zip(&peaks) {
+        println!(
+            "node {id} peaked {:.1} s after the first insert (the inserts took {insert_secs:.1} s, the rest {settle_secs:.1} s).",
+            at.as_secs_f64()
+        );
     }
     println!();
     for id in cluster.ids() {
