@@ -44,7 +44,10 @@
 //! searches ([`GraphBuild::prefix`]) while the rest go in, so the sources
 //! whose rows are all in can be dropped before the merge ends. Indexes of
 //! one graph share it: each serves the first `rows` members, and its
-//! searches walk the members past them but return only its own.
+//! searches walk the members past them but return only its own. Searches
+//! and adds of one graph take turns (a lock per graph): usearch's walk
+//! reads links without locks, and an add empties and refills the links of
+//! the members it links to.
 //!
 //! Invariants: a graph's usearch index is declared before the blocks it
 //! keeps, so it is dropped first, and a block is never written once an
@@ -113,6 +116,10 @@ const PLAIN_VERSION: u32 = 3;
 /// zstd level of the body: the graph compresses as well at 1 as at 3, in
 /// about half the time.
 const ZSTD_LEVEL: i32 = 1;
+/// Rows a build adds at a time, with the graph to itself, while indexes of
+/// the graph serve searches ([`GraphBuild::add_through`]): a few
+/// milliseconds of adds that a search of the graph may wait for.
+const ADD_BATCH: usize = 64;
 /// Rows whose vectors [`HnswIndex::load`] asks for at a time.
 const ATTACH_CHUNK: usize = 4096;
 const HEADER_LEN: usize = 32;
@@ -373,9 +380,12 @@ impl RowVectors {
 struct Graph {
     /// Points into `keep`: declared first, dropped first.
     index: Index,
-    /// Searches and adds hold it shared; what moves usearch's member and
-    /// context arrays (growing the capacity) or rewrites links of the
-    /// whole graph holds it alone.
+    /// Searches, and relinking (which only adds or swaps links), hold it
+    /// shared; adds while indexes of the graph serve searches, and what
+    /// moves usearch's member and context arrays (growing the capacity) or
+    /// frees their buffers, hold it alone. A search never runs beside an
+    /// add: usearch's walk reads links without locks, and an add empties
+    /// and refills other members' links.
     grow: RwLock<()>,
     /// The blocks of every row ever added (only ever grows).
     keep: Mutex<Vec<Block>>,
@@ -446,9 +456,11 @@ impl GraphBuild {
         let mut index =
             Index::new_without_key_lookups(&options(metric, dim, params)).map_err(|e| native("new index", e))?;
         install_walk_metric(&mut index, metric, dim);
+        // Room for its rows, its adds and the searches of its prefixes.
         let threads = rayon::current_num_threads().max(1);
         index
             .reserve_capacity_and_threads(rows.max(1), threads)
+            .and_then(|()| index.reserve_search_threads(search_slots()))
             .map_err(|e| native("reserve", e))?;
         Ok(GraphBuild {
             metric,
@@ -517,20 +529,33 @@ impl GraphBuild {
     }
 
     /// Adds rows `added()..end` in parallel on the current rayon pool,
-    /// counting them in `progress`; searches of the graph go on.
+    /// counting them in `progress`. When indexes of the graph serve
+    /// searches, the rows go in [`ADD_BATCH`] at a time with the graph to
+    /// themselves, and searches run between the batches: an add rewrites
+    /// other members' links (emptied, then refilled), which a walk beside
+    /// it could read half done and so miss rows.
     pub fn add_through(&mut self, end: usize, progress: &AtomicU64) -> Result<(), EngineError> {
         let (graph, vectors, dim) = (&self.graph, &self.vectors, self.dim);
         let end = end.min(self.rows);
         progress.store(self.added as u64, Ordering::Relaxed);
-        let _shared = graph.shared();
-        (self.added as u32..end as u32).into_par_iter().try_for_each(|row| {
-            // SAFETY: the vector is in a block the graph keeps (`keep`,
-            // dropped after the index) and nothing writes.
-            unsafe { graph.index.add_view(u64::from(row), vectors.get(row, dim)) }.map_err(|e| native("add", e))?;
-            progress.fetch_add(1, Ordering::Relaxed);
-            Ok::<(), EngineError>(())
-        })?;
-        self.added = self.added.max(end);
+        // Only this build holds the graph: nothing searches it, and nothing
+        // can start to before `prefix`.
+        let alone = Arc::strong_count(graph) == 1;
+        let batch = if alone { end.max(1) } else { ADD_BATCH };
+        let mut from = self.added;
+        while from < end {
+            let to = (from + batch).min(end);
+            let _alone = graph.alone();
+            (from as u32..to as u32).into_par_iter().try_for_each(|row| {
+                // SAFETY: the vector is in a block the graph keeps (`keep`,
+                // dropped after the index) and nothing writes.
+                unsafe { graph.index.add_view(u64::from(row), vectors.get(row, dim)) }.map_err(|e| native("add", e))?;
+                progress.fetch_add(1, Ordering::Relaxed);
+                Ok::<(), EngineError>(())
+            })?;
+            self.added = to;
+            from = to;
+        }
         Ok(())
     }
 
@@ -546,10 +571,10 @@ impl GraphBuild {
             graph: self.graph.clone(),
             vectors: self.vectors.clone(),
         };
-        // Relinking rewrites links anywhere in the graph: not beside walks.
-        let _alone = self.graph.alone();
+        // Beside searches of the graph (no add runs: this build is the
+        // only one adding, and it is here).
+        let _shared = self.graph.shared();
         link_unreached(&self.graph.index, "build")?;
-        index.ready_for_searches()?;
         Ok(index)
     }
 
@@ -637,8 +662,26 @@ fn install_walk_metric(index: &mut Index, metric: Metric, dim: usize) {
 /// one build in a hundred, L2 and inner product alike; 5 to 143 links per
 /// 100,000 rows in `bench --mode reach`), so no unfiltered search returned
 /// them.
+/// Searches may run meanwhile (it changes links as an add does, in a
+/// thread slot of its own); adds may not.
 fn link_unreached(index: &Index, what: &str) -> Result<(), EngineError> {
-    let linked = index.link_unreached().map_err(|e| native(what, e))?;
+    let mut tries = 0u32;
+    let linked = loop {
+        match index.link_unreached() {
+            Ok(linked) => break linked,
+            // Every thread slot taken by searches: wait for one, as a
+            // search does.
+            Err(e) if tries < 10_100 && e.what().contains("Reserve capacity") => {
+                tries += 1;
+                if tries <= 100 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+            }
+            Err(e) => return Err(native(what, e)),
+        }
+    };
     if linked > 0 {
         tracing::debug!(linked, rows = index.size(), "graph rows a walk missed are linked in");
     }
@@ -716,8 +759,8 @@ impl HnswIndex {
         // Room for more members than this index serves: a merge is adding
         // rows to the graph (or has): walk through them, return only this
         // index's (with the expansion widened by the share of members
-        // that are not, as for deleted rows). The capacity changes only
-        // while no search runs; the size may grow during this one.
+        // that are not, as for deleted rows). Members are added, and the
+        // capacity grows, only while no search runs.
         let own = self.rows;
         let grown = graph.index.capacity() > own;
         let mine = |key: u64| key < own as u64;
@@ -725,11 +768,6 @@ impl HnswIndex {
         if grown {
             let members = graph.index.size().max(own);
             ef = ef.saturating_mul(members).div_ceil(own.max(1));
-        }
-        if opts.exact && grown {
-            // usearch's exact search goes over every member, and one being
-            // added may not have its node or vector yet.
-            return Ok(self.scan(query, k, live));
         }
         let mut tries = 0u32;
         loop {
@@ -741,10 +779,6 @@ impl HnswIndex {
                     .filtered_search_expanded(query, k, ef, opts.exact, |key| mine(key) && f(key as u32)),
             };
             match found {
-                // Beside a merge's adds, a walk can come down the upper
-                // levels onto a row being added whose base-level links are
-                // not made yet, and stop there: its rows are scanned instead.
-                Ok(m) if grown && m.keys.len() < k => return Ok(self.scan(query, k, live)),
                 Ok(m) => return Ok(m.keys.iter().map(|&key| key as u32).collect()),
                 // Every thread slot busy: more concurrent searches than
                 // reserved. Wait for one (searches take micro- to
@@ -760,28 +794,6 @@ impl HnswIndex {
                 Err(e) => return Err(native("search", e)),
             }
         }
-    }
-
-    /// The nearest `k` of this index's rows that `live` accepts, by
-    /// comparing each with the walk's own distance (what usearch's exact
-    /// search measures too).
-    fn scan(&self, query: &[f32], k: usize, live: Option<&(dyn Fn(u32) -> bool + Sync)>) -> Vec<u32> {
-        let kernels = crate::metric::walk_kernels();
-        let distance = |v: &[f32]| match self.metric {
-            Metric::L2 => (kernels.l2_squared)(query, v),
-            Metric::InnerProduct | Metric::Cosine => 1.0 - (kernels.dot)(query, v),
-        };
-        let mut all: Vec<(f32, u32)> = (0..self.rows as u32)
-            .filter(|&r| live.is_none_or(|f| f(r)))
-            .map(|r| (distance(self.vector(r)), r))
-            .collect();
-        let order = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
-        if all.len() > k {
-            all.select_nth_unstable_by(k, order);
-            all.truncate(k);
-        }
-        all.sort_unstable_by(order);
-        all.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Writes the index (and the segment's row ids) to `path` atomically.
@@ -965,8 +977,6 @@ impl HnswIndex {
         if !index.all_vectors_attached() {
             return Err(bad("a member of the graph has no row of the segment".into()));
         }
-        // Graphs saved before every build was linked through.
-        link_unreached(&index, &what)?;
         let loaded = HnswIndex {
             metric,
             dim,
@@ -976,6 +986,9 @@ impl HnswIndex {
             vectors: Arc::new(vectors),
         };
         loaded.ready_for_searches()?;
+        // Graphs saved before every build was linked through (it takes a
+        // thread slot: after the reserve).
+        link_unreached(&loaded.graph.index, &what)?;
         Ok((loaded, ids))
     }
 }

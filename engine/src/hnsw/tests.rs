@@ -350,7 +350,7 @@ fn nearest(ix: &HnswIndex, rows: u32, q: &[f32], k: usize) -> Vec<u32> {
 #[test]
 fn a_merge_extends_its_first_sources_graph_while_it_and_the_rows_added_serve() {
     use std::sync::atomic::AtomicBool;
-    let (dim, own, more, k) = (16, 3000u32, 1500u32, 10);
+    let (dim, own, more, k) = (16, 3000u32, 9000u32, 10);
     let a = Arc::new(AlignedRows::from_slice(&random(own as usize, dim, 11)));
     let b = Arc::new(AlignedRows::from_slice(&random(more as usize, dim, 12)));
     let source = HnswIndex::build(Metric::L2, dim, RowVectors::One(a.clone()), PARAMS, &AtomicU64::new(0)).unwrap();
@@ -373,7 +373,6 @@ fn a_merge_extends_its_first_sources_graph_while_it_and_the_rows_added_serve() {
     assert_eq!(source.graph.index.size(), own as usize);
     // Room for no more rows than it serves: its searches take no filter.
     assert_eq!(source.graph.index.capacity(), own as usize);
-
     // Searches of the source, and of the rows added so far, go on while
     // the graph grows, and return their own rows only.
     let progress = AtomicU64::new(0);
@@ -406,7 +405,7 @@ fn a_merge_extends_its_first_sources_graph_while_it_and_the_rows_added_serve() {
                 })
             })
             .collect();
-        build.add_through(4500, &progress).unwrap();
+        build.add_through((own + more) as usize, &progress).unwrap();
         let merged = build.finish();
         stop.store(true, Ordering::Relaxed);
         for h in searchers {
@@ -419,7 +418,8 @@ fn a_merge_extends_its_first_sources_graph_while_it_and_the_rows_added_serve() {
         prefix.search(&queries[..dim], k, exact, None).unwrap(),
         nearest(&prefix, half, &queries[..dim], k)
     );
-    assert_eq!((merged.rows(), progress.load(Ordering::Relaxed)), (4500, 4500));
+    let all = (own + more) as usize;
+    assert_eq!((merged.rows(), progress.load(Ordering::Relaxed) as usize), (all, all));
     assert!(std::ptr::eq(merged.vector(5).as_ptr(), a[5 * dim..].as_ptr()));
     assert_eq!(merged.vector(own + 7), &b[7 * dim..][..dim]);
 

@@ -400,7 +400,9 @@ bool NativeIndex::all_vectors_attached() const { return index_->all_vectors_atta
 size_t NativeIndex::link_unreached() const {
     if (!index_->all_vectors_attached())
         throw std::logic_error("a member has no vector");
-    return index_->link_unreached();
+    auto result = index_->link_unreached();
+    result.error.raise();
+    return result.new_size;
 }
 
 void NativeIndex::release_thread_buffers() const { index_->release_thread_buffers(); }

@@ -1954,8 +1954,9 @@ impl Index {
     /// member no other links to, or a few that link only among
     /// themselves; no unfiltered search (or few) would return them. Call
     /// once the adds are done (or after a load, with every vector
-    /// attached) and before any search; an error if a member has no
-    /// vector.
+    /// attached); searches may run meanwhile (it takes a thread slot of
+    /// its own, and changes links as an add does). An error if a member
+    /// has no vector, or if every thread slot is taken (try again).
     pub fn link_unreached(self: &Index) -> Result<usize, cxx::Exception> {
         self.inner.link_unreached()
     }

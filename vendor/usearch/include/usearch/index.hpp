@@ -2576,8 +2576,7 @@ class index_gt {
 
     /// @brief  Controls access to `max_level_` and `entry_slot_`.
     ///         If any thread is updating those values, no other threads can `add()` or `search()`.
-    ///         (edgevec patch: mutable, so that `search` reads both under it.)
-    mutable std::mutex global_mutex_{};
+    std::mutex global_mutex_{};
 
     /// @brief  The level of the top-most graph in the index. Grows as the logarithm of size, starts from zero.
     level_t max_level_{};
@@ -3517,20 +3516,8 @@ class index_gt {
             if (!top.reserve(expansion))
                 return result.failed("Out of memory!");
 
-            // edgevec patch: the entry point and the top level are read
-            // together, under the lock that `add` holds while it changes
-            // them. Read apart, beside an add that raises the top level, a
-            // search could pair the new level with the old entry point and
-            // read links past that node's last level.
-            compressed_slot_t entry_slot_copy;
-            level_t max_level_copy;
-            {
-                std::unique_lock<std::mutex> entry_lock(global_mutex_);
-                entry_slot_copy = static_cast<compressed_slot_t>(entry_slot_);
-                max_level_copy = max_level_;
-            }
-            compressed_slot_t closest_slot =
-                search_for_one_(query, metric, prefetch, entry_slot_copy, max_level_copy, 0, context);
+            compressed_slot_t closest_slot = search_for_one_(
+                query, metric, prefetch, static_cast<compressed_slot_t>(entry_slot_), max_level_, 0, context);
 
             // For bottom layer we need a more optimized procedure
             if (!search_to_find_in_base_(query, metric, predicate, prefetch, closest_slot, expansion, context))
@@ -4330,11 +4317,12 @@ class index_gt {
         }
     }
 
-    template <typename metric_at> std::size_t link_unreached(metric_at&& metric, std::size_t passes = 8) {
+    template <typename metric_at>
+    std::size_t link_unreached(metric_at&& metric, std::size_t thread = 0, std::size_t passes = 8) {
         std::size_t const count = size();
-        if (count < 2 || entry_slot_ >= count || contexts_.size() == 0)
+        if (count < 2 || entry_slot_ >= count || thread >= contexts_.size())
             return 0;
-        context_t& context = contexts_[0];
+        context_t& context = contexts_[thread];
         std::size_t const connectivity_max = config_.connectivity_base;
         auto valid = [count](compressed_slot_t slot) { return static_cast<std::size_t>(slot) < count; };
         auto distance = [&](std::size_t a, std::size_t b) {

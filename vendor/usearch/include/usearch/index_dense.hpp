@@ -1310,9 +1310,18 @@ class index_dense_gt {
     /**
      *  @brief edgevec patch: makes every member reachable by a base-level
      *  walk wherever it starts (`index_gt::link_unreached`). Needs every
-     *  vector attached; call with no adds or searches running.
+     *  vector attached and no add running; searches may run (it takes a
+     *  thread slot of its own, and changes links as an add does). Fails
+     *  when every thread slot is taken.
      */
-    std::size_t link_unreached() { return typed_->link_unreached(metric_proxy_t{*this}); }
+    add_result_t link_unreached() {
+        add_result_t result;
+        thread_lock_t lock = thread_lock_(any_thread());
+        if (!lock)
+            return result.failed("Reserve capacity ahead of relinking!");
+        result.new_size = typed_->link_unreached(metric_proxy_t{*this}, lock.thread_id);
+        return result;
+    }
 
     /**
      *  @brief edgevec patch: frees the buffers the thread contexts grew to
