@@ -16,6 +16,13 @@ const DIM: usize = 8;
 const ROWS: u64 = 300;
 const K: usize = 10;
 
+/// The tests of this file run beside each other (each takes this lock
+/// shared), except the overload test, which measures what its own load
+/// does to the latencies the router sees: it runs alone. Beside another
+/// test's cluster on two cores, a healthy node's read could take past the
+/// 300 ms attempt deadline and be ejected for it.
+static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 #[derive(Clone, Copy, Debug)]
 enum Fault {
     Kill,
@@ -34,6 +41,7 @@ fn brute_force(rows: &[(u64, Vec<f32>)], q: &[f32]) -> Vec<u64> {
 /// asserts no failed and no wrong search, and that the victim served
 /// reads before the fault.
 async fn searches_survive(fault: Fault, victim_is: impl Fn(&TestCluster, u64) -> u64, name: &str) {
+    let _turn = TURNS.read().await;
     let mut cluster = TestCluster::running(Layout::voters(3)).await;
     let rows: Vec<(u64, Vec<f32>)> = loaded(&cluster, name)
         .await
@@ -223,6 +231,7 @@ fn ejections(cluster: &TestCluster) -> f64 {
 /// node keeps serving its share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_ejects_no_healthy_replica() {
+    let _alone = TURNS.write().await;
     let mut cluster = TestCluster::with_layout(Layout::voters(3));
     cluster.set_env(3, "EDGEVEC_FAULT_READ_DELAY_MS", "100");
     cluster.start_all().await;
@@ -287,6 +296,7 @@ async fn overload_ejects_no_healthy_replica() {
 /// the budget's 20 % share, its refill (10/s) and its burst (50).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_budgets_cap_amplification() {
+    let _turn = TURNS.read().await;
     let mut cluster = TestCluster::with_layout(Layout::voters(3));
     for id in 1..=3 {
         cluster.set_env(id, "EDGEVEC_FAULT_REFUSE_READS", "1");
@@ -373,6 +383,7 @@ async fn retry_budgets_cap_amplification() {
 /// are tried last, never excluded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_answer_when_every_replica_is_ejected() {
+    let _turn = TURNS.read().await;
     let cluster = TestCluster::running(Layout {
         voters: 3,
         learners: 0,
