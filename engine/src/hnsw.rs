@@ -560,8 +560,8 @@ impl GraphBuild {
     }
 
     /// An index of the rows added so far, every one of them reachable by a
-    /// walk; it shares the graph, and searches of it go on while more rows
-    /// are added.
+    /// walk; it shares the graph, and searches of it take turns with the
+    /// adds of more rows ([`GraphBuild::add_through`]).
     pub fn prefix(&self) -> Result<HnswIndex, EngineError> {
         let index = HnswIndex {
             metric: self.metric,
@@ -587,10 +587,10 @@ impl GraphBuild {
             ));
         }
         let index = self.prefix()?;
-        // Adds beside searches of a prefix took every search slot in turn
-        // and grew each one's buffers to an add's needs (1.3-1.9 MiB of
-        // heap after a merge of 100,000 rows); searches grow what they use
-        // again.
+        // The adds took the graph's search slots in turn (it is readied for
+        // searches from the start) and grew each one's buffers to an add's
+        // needs (1.3-1.9 MiB of heap after a merge of 100,000 rows);
+        // searches grow what they use again.
         let _alone = self.graph.alone();
         self.graph.index.release_thread_buffers();
         Ok(index)
