@@ -665,13 +665,23 @@ fn install_walk_metric(index: &mut Index, metric: Metric, dim: usize) {
 /// Searches may run meanwhile (it changes links as an add does, in a
 /// thread slot of its own); adds may not.
 fn link_unreached(index: &Index, what: &str) -> Result<(), EngineError> {
+    let linked = in_a_thread_slot(|| index.link_unreached()).map_err(|e| native(what, e))?;
+    if linked > 0 {
+        tracing::debug!(linked, rows = index.size(), "graph rows a walk missed are linked in");
+    }
+    Ok(())
+}
+
+/// Calls `call` until it gets one of the index's thread slots: a call that
+/// finds every slot taken (more concurrent searches than reserved;
+/// usearch's "Reserve capacity" error) waits for one, for at most about a
+/// second (searches take micro- to milliseconds). Any other result is
+/// returned as it is.
+fn in_a_thread_slot<T, E: std::fmt::Display>(mut call: impl FnMut() -> Result<T, E>) -> Result<T, E> {
     let mut tries = 0u32;
-    let linked = loop {
-        match index.link_unreached() {
-            Ok(linked) => break linked,
-            // Every thread slot taken by searches: wait for one, as a
-            // search does.
-            Err(e) if tries < 10_100 && e.what().contains("Reserve capacity") => {
+    loop {
+        match call() {
+            Err(e) if tries < 10_100 && e.to_string().contains("Reserve capacity") => {
                 tries += 1;
                 if tries <= 100 {
                     std::thread::yield_now();
@@ -679,13 +689,9 @@ fn link_unreached(index: &Index, what: &str) -> Result<(), EngineError> {
                     std::thread::sleep(std::time::Duration::from_micros(100));
                 }
             }
-            Err(e) => return Err(native(what, e)),
+            other => return other,
         }
-    };
-    if linked > 0 {
-        tracing::debug!(linked, rows = index.size(), "graph rows a walk missed are linked in");
     }
-    Ok(())
 }
 
 fn native(what: &str, e: impl std::fmt::Display) -> EngineError {
@@ -769,31 +775,15 @@ impl HnswIndex {
             let members = graph.index.size().max(own);
             ef = ef.saturating_mul(members).div_ceil(own.max(1));
         }
-        let mut tries = 0u32;
-        loop {
-            let found = match (live, grown) {
-                (None, false) => graph.index.search_expanded(query, k, ef, opts.exact),
-                (None, true) => graph.index.filtered_search_expanded(query, k, ef, opts.exact, mine),
-                (Some(f), _) => graph
-                    .index
-                    .filtered_search_expanded(query, k, ef, opts.exact, |key| mine(key) && f(key as u32)),
-            };
-            match found {
-                Ok(m) => return Ok(m.keys.iter().map(|&key| key as u32).collect()),
-                // Every thread slot busy: more concurrent searches than
-                // reserved. Wait for one (searches take micro- to
-                // milliseconds), for at most about a second.
-                Err(e) if tries < 10_100 && e.what().contains("Reserve capacity") => {
-                    tries += 1;
-                    if tries <= 100 {
-                        std::thread::yield_now();
-                    } else {
-                        std::thread::sleep(std::time::Duration::from_micros(100));
-                    }
-                }
-                Err(e) => return Err(native("search", e)),
-            }
-        }
+        let found = in_a_thread_slot(|| match (live, grown) {
+            (None, false) => graph.index.search_expanded(query, k, ef, opts.exact),
+            (None, true) => graph.index.filtered_search_expanded(query, k, ef, opts.exact, mine),
+            (Some(f), _) => graph
+                .index
+                .filtered_search_expanded(query, k, ef, opts.exact, |key| mine(key) && f(key as u32)),
+        })
+        .map_err(|e| native("search", e))?;
+        Ok(found.keys.iter().map(|&key| key as u32).collect())
     }
 
     /// Writes the index (and the segment's row ids) to `path` atomically.
