@@ -26,9 +26,15 @@
 //! export without such records is written as format 3, which nodes of the
 //! version before read.
 //!
-//! File format [`EXPORT_FORMAT`] 4, little-endian (versions 1, which had
-//! no merged segments, 2, which had no index files, and 3, which had no
-//! `Reused` records, are still read):
+//! Since format 5 a sealed segment that a merge covers may lack rows: the
+//! rows the merge dropped, once the exporter reclaimed them (the importer
+//! has no use for them either). An export is written as format 5 only when
+//! the exporter's state has such gaps, so older nodes still read the rest.
+//!
+//! File format [`EXPORT_FORMAT`] 5, little-endian (versions 1, which had
+//! no merged segments, 2, which had no index files, 3, which had no
+//! `Reused` records, and 4, whose sealed segments had all their rows, are
+//! still read):
 //!
 //! ```text
 //! "EVEXPORT"   8 bytes of magic
@@ -79,12 +85,15 @@ mod check;
 
 use check::Checker;
 
-/// Newest export file format, which this build writes when an export
-/// leaves out segments the importer holds, and reads.
-pub const EXPORT_FORMAT: u32 = 4;
+/// Newest export file format, which this build writes when rows of sealed
+/// segments were reclaimed, and reads.
+pub const EXPORT_FORMAT: u32 = 5;
 
-/// Format of an export that leaves nothing out (what nodes of the version
-/// before read).
+/// Format of an export that leaves out segments the importer holds, when
+/// no rows were reclaimed.
+const REUSE_FORMAT: u32 = 4;
+
+/// Format of an export that leaves nothing out and has no reclaimed rows.
 const WHOLE_FORMAT: u32 = 3;
 
 /// Bytes of an index file in one record.
@@ -230,6 +239,7 @@ impl RecordV1 {
                 meta,
                 history,
                 growing_rows,
+                ..
             } => {
                 let applied = meta.applied_lsn;
                 // Terms opened by logged but unapplied ops are not part of
@@ -308,6 +318,8 @@ impl RecordV1 {
                 },
                 history: s.history,
                 growing_rows: s.growing_rows,
+                // The importer sees the rows themselves.
+                sparse: false,
             }),
             RecordV1::Segment(s) => to.item(StateItem::Segment {
                 id: s.id,
@@ -389,20 +401,25 @@ pub(crate) struct Exporter {
     /// Sealed segments the importer holds as they are here: their rows,
     /// payloads and index files are left out.
     reuse: BTreeMap<u64, SegmentDigest>,
+    /// Reused segments whose `Reused` record is written.
+    reused: std::collections::BTreeSet<u64>,
     reused_rows: u64,
+    /// Whether the header is written (with the first item, whose state
+    /// decides the format).
+    started: bool,
 }
 
 impl Exporter {
-    /// Creates (truncating) `path` and writes the header. The rows of the
-    /// sealed segments in `reuse` (digests of this replica's own copies,
-    /// equal to the importer's) are left out.
+    /// Creates (truncating) `path`; the header goes in with the first item.
+    /// The rows of the sealed segments in `reuse` (digests of this
+    /// replica's own copies, equal to the importer's) are left out.
     pub fn create(
         path: &Path,
         config: &ShardConfig,
         reuse: BTreeMap<u64, SegmentDigest>,
     ) -> Result<Exporter, EngineError> {
         let file = File::create(path).map_err(|e| EngineError::io(path, e))?;
-        let mut out = Exporter {
+        let out = Exporter {
             out: BufWriter::with_capacity(1 << 20, file),
             path: path.to_owned(),
             config: config.clone(),
@@ -414,29 +431,30 @@ impl Exporter {
             buf: Vec::new(),
             indexed: Vec::new(),
             reuse,
+            reused: Default::default(),
             reused_rows: 0,
+            started: false,
         };
-        out.put(&MAGIC)?;
-        let version = if out.reuse.is_empty() {
-            WHOLE_FORMAT
-        } else {
-            EXPORT_FORMAT
-        };
-        out.put(&version.to_le_bytes())?;
         Ok(out)
     }
 
-    /// Writes the record of one item.
+    /// Writes the record of one item (the first is the shard's meta).
     pub fn item(&mut self, item: StateItem<'_>) -> Result<(), EngineError> {
+        if !self.started {
+            let StateItem::Meta { sparse, .. } = &item else {
+                return Err(corrupt(&self.path, "an export's first item is not the shard record"));
+            };
+            self.start(*sparse)?;
+        }
         let reused = match &item {
             StateItem::Row { at, .. } | StateItem::Payload { at, .. } => self.reuse.get(&at.segment).copied(),
             _ => None,
         };
         if let Some(d) = reused {
-            // The segment's first row stands for all of its rows; its
+            // The segment's first row held stands for all of its rows; its
             // payloads go with them.
             return match item {
-                StateItem::Row { at, .. } if at.row == 0 => {
+                StateItem::Row { at, .. } if self.reused.insert(at.segment) => {
                     self.reused_rows += u64::from(d.rows);
                     self.record(RecordV1::Reused {
                         segment: d.segment,
@@ -456,6 +474,20 @@ impl Exporter {
             _ => {}
         }
         self.record(rec)
+    }
+
+    /// Writes the header: format 5 if rows of the state were reclaimed
+    /// (`sparse`), else 4 if segments are left out, else 3.
+    fn start(&mut self, sparse: bool) -> Result<(), EngineError> {
+        let version = match (sparse, self.reuse.is_empty()) {
+            (true, _) => EXPORT_FORMAT,
+            (false, false) => REUSE_FORMAT,
+            (false, true) => WHOLE_FORMAT,
+        };
+        self.put(&MAGIC)?;
+        self.put(&version.to_le_bytes())?;
+        self.started = true;
+        Ok(())
     }
 
     /// Writes the index files `path_of` gives for the exported sealed

@@ -52,6 +52,12 @@ pub fn search_replicas(
     if n == 0 {
         return Ok(vec![Vec::new(); queries.len()]);
     }
+    // A hit's row stays in its replica's file until its payload is read.
+    let _pins: Vec<_> = if with_payload {
+        replicas.iter().map(|r| r.pin()).collect()
+    } else {
+        Vec::new()
+    };
     let pair = |t: usize| -> Result<Vec<Found>, EngineError> {
         let replica = t % n;
         Ok(replicas[replica]

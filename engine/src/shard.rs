@@ -237,6 +237,10 @@ pub struct ShardReplica {
     /// When the last upsert or delete was appended (or the replica
     /// opened): what makes a shard quiet for the compaction policy.
     last_write: Mutex<std::time::Instant>,
+    /// Held (cloned) by every search from before it looks at the segments
+    /// until it has read its hits' payloads; replaced by a reclaim, which
+    /// waits for the clones of the one it replaced to go ([`Pin`]).
+    readers: Mutex<Arc<()>>,
     /// Ops appended by this process and not applied yet, as decoded.
     unapplied: Mutex<Unapplied>,
     /// Called on the builder thread each time a merge's build has made the
@@ -468,6 +472,7 @@ impl ShardReplica {
             retired: AtomicBool::new(false),
             files: Mutex::new(()),
             last_write: Mutex::new(std::time::Instant::now()),
+            readers: Mutex::new(Arc::new(())),
             #[cfg(test)]
             on_prefix: Mutex::new(None),
             unapplied: Mutex::new(Unapplied::default()),
@@ -477,6 +482,9 @@ impl ShardReplica {
         }
         for id in pending {
             replica.queue_merge(id);
+        }
+        if !replica.store.pending_reclaims()?.is_empty() {
+            replica.queue_reclaim();
         }
         Ok(replica)
     }
@@ -592,12 +600,21 @@ impl ShardReplica {
         self.retired.store(true, Ordering::Release);
     }
 
+    /// Keeps the rows a search may find from being reclaimed until the
+    /// pin is dropped: taken before a search looks at the segments, held
+    /// until its hits' payloads are read.
+    pub fn pin(&self) -> Pin {
+        Pin(self.readers.lock().expect("shard readers lock").clone())
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, ShardState> {
         self.state.read().expect("shard state lock")
     }
 
     /// Live points with the given ids, aligned with `ids` (`None`: absent).
     pub fn get(&self, ids: &[u64]) -> Result<Vec<Option<PointRecord>>, EngineError> {
+        // A point replaced meanwhile: its row stays until the payload is read.
+        let _pin = self.pin();
         let found: Vec<Option<(Location, Vec<f32>)>> = {
             let st = self.read();
             ids.iter()
@@ -719,6 +736,9 @@ impl ShardReplica {
             && !st.merges.values().any(|m| m.is_pending())
     }
 }
+
+/// See [`ShardReplica::pin`].
+pub struct Pin(#[allow(dead_code)] Arc<()>);
 
 /// Where the index of `segment` is saved.
 pub fn index_path(dir: &Path, segment: u64) -> PathBuf {

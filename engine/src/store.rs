@@ -1,6 +1,6 @@
 //! The redb file of one shard replica (`shard.redb`): schema and I/O.
 //!
-//! Tables (named by the `V3` envelope of the meta record):
+//! Tables (named by the `V4` envelope of the meta record):
 //!
 //! | table        | key              | value                                   |
 //! |--------------|------------------|-----------------------------------------|
@@ -16,6 +16,8 @@
 //! | `points`     | point id         | (segment, row) of its live row          |
 //! | `tombstones` | (segment, row)   | point id the dead row held              |
 //! | `merges`     | segment id       | [`MergeRecordV1`]: a merged segment: sources, rows (where stored, point id), installed |
+//! | `reclaims`   | merge id         | (): an installed merge whose dropped rows may still be in the file |
+//! | `reclaimed`  | segment id       | rows of that sealed segment reclaimed so far |
 //!
 //! Invariants:
 //! - every change is one write transaction: appended ops with the term
@@ -36,15 +38,27 @@
 //! - the log is contiguous, every entry above the applied LSN is in it, and
 //!   only a truncation removes entries above the applied LSN;
 //! - rows and payloads are keyed by location and never rewritten, so a
-//!   reader that found a row in memory can always read its payload, even if
-//!   the point was replaced since. A merge does not move rows: a merged
-//!   segment is an index over rows that stay where they were written;
+//!   reader that found a row in memory can read its payload, even if the
+//!   point was replaced since, until the row is reclaimed (below; the
+//!   replica makes a reclaim wait for the searches before it). A merge does
+//!   not move rows: a merged segment is an index over rows that stay where
+//!   they were written;
 //! - a `merges` record is written by the apply of its merge op, marked
 //!   installed (durably) once its index file is saved, and removed only
-//!   when a later merge that covers it is installed.
+//!   when a later merge that covers it is installed;
+//! - **reclaiming**: the transaction that installs a merge queues it in
+//!   `reclaims`; [`ShardStore::reclaim`] then removes the rows of the
+//!   segments it covers that are not among its rows (deleted or replaced
+//!   before its op), with their payloads and tombstones, and takes it off
+//!   the queue, in one transaction. Nothing serves those rows any more,
+//!   and every later merge takes its rows from this one's, so nothing ever
+//!   reads them again; a segment that serves its own rows is never
+//!   touched. redb reuses the pages they free. `reclaimed` counts, per
+//!   segment, what is gone, so an export knows it has gaps to declare.
 //!
 //! Whole-state reads and writes for exports and imports are in `bulk`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use edgevec_proto::{OpId, SegmentState};
@@ -80,6 +94,12 @@ const PAYLOADS: TableDefinition<(u64, u32), &str> = TableDefinition::new("payloa
 const POINTS: TableDefinition<u64, (u64, u32)> = TableDefinition::new("points");
 const TOMBSTONES: TableDefinition<(u64, u32), u64> = TableDefinition::new("tombstones");
 const MERGES: TableDefinition<u64, &[u8]> = TableDefinition::new("merges");
+/// Installed merges whose sources may still hold rows the merge dropped
+/// (see [`ShardStore::reclaim`]).
+const RECLAIMS: TableDefinition<u64, ()> = TableDefinition::new("reclaims");
+/// Sealed segment → rows of it reclaimed so far. Empty while every sealed
+/// segment holds all of its rows.
+const RECLAIMED: TableDefinition<u64, u64> = TableDefinition::new("reclaimed");
 
 const META_KEY: &str = "shard";
 /// redb's page cache per shard file. Vectors are served from memory, so it
@@ -102,11 +122,28 @@ enum ShardMeta {
     /// The op log's records in parts, in table `oplog_parts`. Versions
     /// that know only `V2` refuse such a file instead of misreading its log.
     V3(ShardMetaV2),
+    /// As `V3`, and rows a merge dropped may have been reclaimed: chunks of
+    /// tag 2 in `row_chunks`, tables `reclaims` and `reclaimed`. Versions
+    /// that know only `V3` refuse such a file instead of misreading a
+    /// chunk. A `V3` file becomes `V4` at its first open, with every
+    /// installed merge queued for reclaiming.
+    V4(ShardMetaV2),
 }
 
 /// Index of the newest [`ShardMeta`] variant; a record of a higher one is
 /// refused as written by a newer version.
-const SHARD_META_LATEST: u8 = 2;
+const SHARD_META_LATEST: u8 = 3;
+
+/// How a file's shard record says it is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Layout {
+    /// `V2`: whole op log records, moved into parts at open.
+    WholeLog,
+    /// `V3`: nothing reclaimed, nor queued for it.
+    Parts,
+    /// `V4`.
+    Reclaiming,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct ShardMetaV1 {
@@ -208,12 +245,26 @@ pub struct Retention {
 }
 
 pub struct ShardStore {
-    db: Database,
+    /// Read-locked to begin any transaction; write-locked by a compaction,
+    /// which needs the file to itself ([`ShardStore::compact_if_sparse`]).
+    db: std::sync::RwLock<Database>,
+    /// [`COMPACT_MIN_BYTES`]; tests lower it.
+    compact_min: std::sync::atomic::AtomicU64,
     path: PathBuf,
     shard: u32,
-    /// Digests of sealed segments computed so far (their rows and payloads
-    /// never change; segment ids are never reused).
-    digests: std::sync::Mutex<std::collections::HashMap<u64, SegmentDigest>>,
+    /// Digests of sealed segments computed so far (segment ids are never
+    /// reused, and a sealed segment's rows and payloads change only when
+    /// [`ShardStore::reclaim`] removes some).
+    digests: std::sync::Mutex<Digests>,
+}
+
+/// Kept digests of sealed segments.
+#[derive(Default)]
+struct Digests {
+    by_segment: std::collections::HashMap<u64, SegmentDigest>,
+    /// Reclaims committed so far: a digest read before one of them is not
+    /// kept (it may describe rows since removed).
+    reclaims: u64,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -237,16 +288,34 @@ impl ShardStore {
         // payload reads. redb's 1 GiB default per file would let hundreds of
         // shard files claim far more than the node has.
         let db = Database::builder().set_cache_size(SHARD_CACHE_BYTES).create(path)?;
-        let mut store = ShardStore {
-            db,
+        let store = ShardStore {
+            db: std::sync::RwLock::new(db),
+            compact_min: std::sync::atomic::AtomicU64::new(COMPACT_MIN_BYTES),
             path: path.to_owned(),
             shard,
             digests: Default::default(),
         };
         // A record this build cannot read stops the open before any write.
-        let whole_log = store.check_meta()?;
+        let layout = store.check_meta()?;
+        let whole_log = layout == Some(Layout::WholeLog);
         store.init(dim)?;
-        let moved = rows::migrate(&store.db, path, dim as usize)?;
+        if layout.is_some_and(|l| l < Layout::Reclaiming) {
+            // Rows dropped by merges before this build never left the file.
+            let queued = store.write(|txn, _| {
+                let mut reclaims = txn.open_table(RECLAIMS)?;
+                let mut n = 0;
+                for entry in txn.open_table(MERGES)?.iter()? {
+                    let (k, v) = entry?;
+                    if decode_merge_at(path, v.value())?.installed {
+                        reclaims.insert(k.value(), ())?;
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })?;
+            tracing::info!(path = %path.display(), merges = queued, "shard file moved to layout 4");
+        }
+        let moved = rows::migrate(&store.db(), path, dim as usize)?;
         if moved > 0 {
             tracing::info!(path = %path.display(), rows = moved, "rows moved into chunks");
         }
@@ -286,26 +355,54 @@ impl ShardStore {
         Ok((store, loaded))
     }
 
+    /// Lowers the free bytes a compaction waits for (tests).
+    #[cfg(test)]
+    pub(crate) fn set_compact_min(&self, bytes: u64) {
+        self.compact_min.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The database, to begin a transaction in (a compaction holds it for
+    /// itself meanwhile).
+    fn db(&self) -> std::sync::RwLockReadGuard<'_, Database> {
+        self.db.read().expect("shard file lock")
+    }
+
     /// Compacts the file when at least [`COMPACT_MIN_BYTES`] and more than
-    /// half of it are free pages (left by a trimmed op log, or by rows moved
-    /// into chunks): redb reuses free pages but never gives them back.
-    /// Only at open, when no transaction can be live.
-    fn compact_if_sparse(&mut self) -> Result<(), EngineError> {
+    /// half of it are free pages (left by a trimmed op log, by rows moved
+    /// into chunks, or by rows reclaimed): redb reuses free pages but never
+    /// gives them back. At open, and after a reclaim: meanwhile every
+    /// transaction waits (reads of payloads among them), and a compaction
+    /// that finds one still under way (an export's) is left for the next
+    /// time. Returns whether it compacted.
+    pub fn compact_if_sparse(&self) -> Result<bool, EngineError> {
         let len = std::fs::metadata(&self.path)
             .map_err(|e| EngineError::io(&self.path, e))?
             .len();
         let used = {
-            let txn = self.db.begin_write()?;
+            let txn = self.db().begin_write()?;
             let stats = txn.stats()?;
             txn.abort()?;
             stats.allocated_pages() * stats.page_size() as u64
         };
         let free = len.saturating_sub(used);
-        if free < COMPACT_MIN_BYTES || free < used {
-            return Ok(());
+        if free < self.compact_min.load(std::sync::atomic::Ordering::Relaxed) || free < used {
+            return Ok(false);
         }
         let started = std::time::Instant::now();
-        while self.db.compact().map_err(|e| EngineError::Storage(e.into()))? {}
+        {
+            let mut db = self.db.write().expect("shard file lock");
+            loop {
+                match db.compact() {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(redb::CompactionError::TransactionInProgress) => {
+                        tracing::info!(path = %self.path.display(), "shard file not compacted: a transaction is under way");
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(EngineError::Storage(e.into())),
+                }
+            }
+        }
         let after = std::fs::metadata(&self.path)
             .map_err(|e| EngineError::io(&self.path, e))?
             .len();
@@ -316,7 +413,7 @@ impl ShardStore {
             secs = started.elapsed().as_secs_f64(),
             "shard file compacted"
         );
-        Ok(())
+        Ok(true)
     }
 
     fn corrupt(&self, message: impl ToString) -> EngineError {
@@ -324,24 +421,23 @@ impl ShardStore {
     }
 
     /// Decodes the shard record, if the file has one yet, and refuses a
-    /// file this build cannot read. Returns whether its op log holds whole
-    /// records (`V2`).
-    fn check_meta(&self) -> Result<bool, EngineError> {
-        let txn = self.db.begin_read()?;
+    /// file this build cannot read. Returns its layout (`None`: a new file).
+    fn check_meta(&self) -> Result<Option<Layout>, EngineError> {
+        let txn = self.db().begin_read()?;
         let meta = match txn.open_table(META) {
             Ok(meta) => meta,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         match meta.get(META_KEY)? {
-            Some(raw) => Ok(self.decode_meta_layout(raw.value())?.1),
-            None => Ok(false),
+            Some(raw) => Ok(Some(self.decode_meta_layout(raw.value())?.1)),
+            None => Ok(None),
         }
     }
 
     /// Creates every table and, on a new file, the first growing segment.
     fn init(&self, dim: u32) -> Result<(), EngineError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db().begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             let fresh = meta.get(META_KEY)?.is_none();
@@ -356,6 +452,8 @@ impl ShardStore {
             txn.open_table(POINTS)?;
             txn.open_table(TOMBSTONES)?;
             txn.open_table(MERGES)?;
+            txn.open_table(RECLAIMS)?;
+            txn.open_table(RECLAIMED)?;
             if fresh {
                 let m = ShardMetaV2 {
                     shard: self.shard,
@@ -367,7 +465,7 @@ impl ShardStore {
                     last_lsn: 0,
                     log_bytes: 0,
                 };
-                meta.insert(META_KEY, encode(&ShardMeta::V3(m)).as_slice())?;
+                meta.insert(META_KEY, encode(&ShardMeta::V4(m)).as_slice())?;
                 segments.insert(1, encode(&SegmentRecord::V1(growing_record())).as_slice())?;
             }
         }
@@ -379,9 +477,8 @@ impl ShardStore {
         Ok(self.decode_meta_layout(bytes)?.0)
     }
 
-    /// The shard record, and whether its op log holds whole records (`V2`,
-    /// moved into parts at open).
-    fn decode_meta_layout(&self, bytes: &[u8]) -> Result<(ShardMetaV2, bool), EngineError> {
+    /// The shard record and the layout it names.
+    fn decode_meta_layout(&self, bytes: &[u8]) -> Result<(ShardMetaV2, Layout), EngineError> {
         // postcard writes the variant's index first, as a varint: one byte
         // for any index under 128.
         if let Some(&variant) = bytes.first().filter(|&&v| v > SHARD_META_LATEST && v < 128) {
@@ -394,8 +491,9 @@ impl ShardStore {
             });
         }
         match postcard::from_bytes(bytes).map_err(|e| self.corrupt(e))? {
-            ShardMeta::V2(m) => Ok((m, true)),
-            ShardMeta::V3(m) => Ok((m, false)),
+            ShardMeta::V2(m) => Ok((m, Layout::WholeLog)),
+            ShardMeta::V3(m) => Ok((m, Layout::Parts)),
+            ShardMeta::V4(m) => Ok((m, Layout::Reclaiming)),
             ShardMeta::V1(_) => Err(EngineError::Layout {
                 path: self.path.clone(),
                 message: "this shard file was written by the single-node format (layout 1), which is not \
@@ -416,7 +514,7 @@ impl ShardStore {
     }
 
     fn load(&self) -> Result<Loaded, EngineError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let meta = self.read_meta(&txn)?;
 
         let mut history = Vec::new();
@@ -467,13 +565,12 @@ impl ShardStore {
     }
 
     fn decode_merge(&self, bytes: &[u8]) -> Result<MergeRecordV1, EngineError> {
-        let MergeRecord::V1(rec) = postcard::from_bytes(bytes).map_err(|e| self.corrupt(e))?;
-        Ok(rec)
+        decode_merge_at(&self.path, bytes)
     }
 
     /// The vectors stored at `rows`, in order, row-major.
     pub fn vectors_at(&self, rows: &[Location], dim: usize) -> Result<Vec<f32>, EngineError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let mut reader = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, dim);
         let mut out = Vec::with_capacity(rows.len() * dim);
         for at in rows {
@@ -498,21 +595,123 @@ impl ShardStore {
             for old in replaced {
                 merges.remove(*old)?;
             }
+            txn.open_table(RECLAIMS)?.insert(id, ())?;
             Ok(())
         })
     }
 
-    /// The rows of `segment` in row order: ids and row-major vectors.
+    /// The rows of `segment`, which must hold every row from 0 on (a
+    /// segment that serves its own rows), in row order: ids and row-major
+    /// vectors.
     pub fn segment_rows(&self, segment: u64, dim: usize) -> Result<(Vec<u64>, Vec<f32>), EngineError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let reader = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, dim);
         let (mut ids, mut vectors) = (Vec::new(), Vec::new());
-        reader.segment(segment, |_, id, vector| {
+        reader.segment(segment, |row, id, vector| {
+            if row as usize != ids.len() {
+                return Err(self.corrupt(format!(
+                    "segment {segment} holds row {row} after {} rows: rows are missing",
+                    ids.len()
+                )));
+            }
             ids.push(id);
             vectors.extend_from_slice(vector);
             Ok(())
         })?;
         Ok((ids, vectors))
+    }
+
+    /// Installed merges whose sources may still hold rows they dropped.
+    pub fn pending_reclaims(&self) -> Result<Vec<u64>, EngineError> {
+        let txn = self.db().begin_read()?;
+        let table = txn.open_table(RECLAIMS)?;
+        let ids = table
+            .iter()?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        Ok(ids)
+    }
+
+    /// Removes from the file what installed merge `merge` dropped: the rows
+    /// of the segments it covers that are not among its rows (deleted
+    /// before its op), with their payloads and tombstones. Nothing serves
+    /// those rows since its install, and every later merge takes its rows
+    /// from the merge's, so they are provably unused; the caller makes sure
+    /// no search that found one before the install still reads its payload.
+    /// One transaction per segment that lost rows (a segment's rows are
+    /// read only if it did, a chunk's only if it lost some), not fsynced,
+    /// then a durable one that takes `merge` off the queue: a crash before
+    /// it leaves the merge queued, and the next open reclaims again (what
+    /// is gone already is skipped).
+    /// Returns the rows removed.
+    pub fn reclaim(&self, merge: u64) -> Result<u64, EngineError> {
+        let rec = {
+            let txn = self.db().begin_read()?;
+            let raw = txn.open_table(MERGES)?.get(merge)?;
+            raw.map(|raw| self.decode_merge(raw.value())).transpose()?
+        };
+        let mut removed = 0;
+        // Without a record, a later merge replaced it and reclaims in its
+        // place.
+        if let Some(rec) = rec {
+            if !rec.installed {
+                return Err(self.corrupt(format!("merge {merge} is queued for reclaiming but not installed")));
+            }
+            let mut kept: HashMap<u64, Vec<u32>> = rec.covers.iter().map(|c| (*c, Vec::new())).collect();
+            for (at, _) in &rec.rows {
+                kept.get_mut(&at.segment)
+                    .ok_or_else(|| {
+                        self.corrupt(format!(
+                            "merge {merge} has a row of {}, which it does not cover",
+                            at.segment
+                        ))
+                    })?
+                    .push(at.row);
+            }
+            for (segment, mut rows) in kept {
+                rows.sort_unstable();
+                removed += self.reclaim_segment(segment, &rows)?;
+            }
+        }
+        // Durable: redb frees the pages of non-durable commits only with
+        // the next durable one.
+        self.write(|txn, _| {
+            txn.open_table(RECLAIMS)?.remove(merge)?;
+            Ok(())
+        })?;
+        Ok(removed)
+    }
+
+    /// Removes the rows of sealed `segment` not in `kept` (ascending), with
+    /// their payloads and tombstones; see [`ShardStore::reclaim`].
+    fn reclaim_segment(&self, segment: u64, kept: &[u32]) -> Result<u64, EngineError> {
+        let removed = self.write_as(Durability::None, |txn, meta| {
+            let record = match txn.open_table(SEGMENTS)?.get(segment)? {
+                Some(raw) => self.decode_segment(raw.value())?,
+                None => return Err(self.corrupt(format!("a merge covers segment {segment}, which has no record"))),
+            };
+            if record.state != SegmentState::Sealed {
+                return Err(self.corrupt(format!("a merge covers segment {segment}, which is not sealed")));
+            }
+            let mut reclaimed = txn.open_table(RECLAIMED)?;
+            let gone = reclaimed.get(segment)?.map_or(0, |v| v.value());
+            if kept.len() as u64 + gone >= u64::from(record.rows) {
+                return Ok(0);
+            }
+            let mut chunks = txn.open_table(ROW_CHUNKS)?;
+            let n = rows::retain(&mut chunks, &self.path, meta.dim as usize, segment, record.rows, kept)?;
+            let keep = |row: u32| kept.binary_search(&row).is_ok();
+            let range = (segment, 0)..=(segment, u32::MAX);
+            txn.open_table(PAYLOADS)?
+                .retain_in(range.clone(), |(_, row), _| keep(row))?;
+            txn.open_table(TOMBSTONES)?.retain_in(range, |(_, row), _| keep(row))?;
+            reclaimed.insert(segment, gone + n)?;
+            Ok(n)
+        })?;
+        let mut digests = self.digests.lock().expect("digests lock");
+        digests.reclaims += 1;
+        digests.by_segment.remove(&segment);
+        Ok(removed)
     }
 
     /// Runs `f` in one durable write transaction, handing it the meta
@@ -533,7 +732,7 @@ impl ShardStore {
         durability: Durability,
         f: impl FnOnce(&WriteTransaction, &mut ShardMetaV2) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db().begin_write()?;
         txn.set_durability(durability)
             .map_err(|e| EngineError::Storage(e.into()))?;
         let out = {
@@ -545,7 +744,7 @@ impl ShardStore {
                 self.decode_meta(raw.value())?
             };
             let out = f(&txn, &mut meta)?;
-            meta_table.insert(META_KEY, encode(&ShardMeta::V3(meta)).as_slice())?;
+            meta_table.insert(META_KEY, encode(&ShardMeta::V4(meta)).as_slice())?;
             out
         };
         txn.commit()?;
@@ -613,7 +812,7 @@ impl ShardStore {
 
     /// The logged ops `from ..= through`, which must all be in the log.
     pub fn logged(&self, from: u64, through: u64) -> Result<Vec<(OpId, ShardOp)>, EngineError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let parts = txn.open_table(OPLOG_PARTS)?;
         let mut out = Vec::with_capacity(through.saturating_sub(from) as usize + 1);
         log_parts::visit(&parts, &self.path, from, |lsn, record| {
@@ -641,7 +840,7 @@ impl ShardStore {
         max_ops: usize,
         max_bytes: usize,
     ) -> Result<Vec<(OpId, ShardOp)>, EngineError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let last = self.read_meta(&txn)?.last_lsn;
         if after >= last {
             return Ok(Vec::new());
@@ -707,7 +906,7 @@ impl ShardStore {
 
     /// Payloads of the rows at `locations`, in order, from one snapshot.
     pub fn payloads(&self, locations: &[Location]) -> Result<Vec<Option<String>>, EngineError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let table = txn.open_table(PAYLOADS)?;
         locations
             .iter()
@@ -774,6 +973,7 @@ fn write_effect(txn: &WriteTransaction, path: &Path, dim: usize, a: &Applied<'_>
             for old in &m.replaces {
                 merges.remove(*old)?;
             }
+            txn.open_table(RECLAIMS)?.insert(m.id, ())?;
         }
         merges.insert(m.id, encode(&MergeRecord::V1(rec)).as_slice())?;
     }
@@ -851,6 +1051,12 @@ impl<'txn, 'p> LogTables<'txn, 'p> {
     }
 }
 
+fn decode_merge_at(path: &Path, bytes: &[u8]) -> Result<MergeRecordV1, EngineError> {
+    let MergeRecord::V1(rec) =
+        postcard::from_bytes(bytes).map_err(|e| EngineError::corrupt(path.display().to_string(), e))?;
+    Ok(rec)
+}
+
 fn growing_record() -> SegmentRecordV1 {
     SegmentRecordV1 {
         state: SegmentState::Growing,
@@ -881,8 +1087,8 @@ pub(crate) fn write_log_as_v2(path: &Path) {
         }
         let mut meta = txn.open_table(META).unwrap();
         let raw = meta.get(META_KEY).unwrap().unwrap().value().to_vec();
-        let ShardMeta::V3(m) = postcard::from_bytes(&raw).unwrap() else {
-            panic!("not a file of meta record V3");
+        let ShardMeta::V4(m) = postcard::from_bytes(&raw).unwrap() else {
+            panic!("not a file of meta record V4");
         };
         meta.insert(META_KEY, encode(&ShardMeta::V2(m)).as_slice()).unwrap();
     }

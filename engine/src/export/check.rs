@@ -8,10 +8,13 @@
 //! [`EngineError::Invalid`]: the caller picked the wrong file); kinds come
 //! in file order and keys ascend within a kind; the term history ascends,
 //! starts no term above the last op and names the last op's term; rows are
-//! contiguous from 0 in segments that exist, with `dim` finite components;
-//! payloads, tombstones and points name existing rows; the growing segment
-//! is the highest, is growing and has the rows the `Shard` record says;
-//! every other segment is sealed with the rows its record says; a merge's
+//! contiguous from 0 in segments that exist, with `dim` finite components
+//! (from format 5, a sealed segment that an installed merge covers may
+//! lack rows: those the merge dropped, reclaimed; its rows still ascend
+//! and stay below its record's count); payloads, tombstones and points
+//! name existing rows; the growing segment is the highest, is growing and
+//! has the rows the `Shard` record says; every other segment is sealed
+//! with the rows its record says (or, reclaimed, fewer); a merge's
 //! id is no segment's, it covers sealed segments only, and its rows are
 //! distinct existing rows of those; the chunks of an index file belong to
 //! a sealed segment or a merge, are not empty, and follow each other from
@@ -36,6 +39,19 @@ struct SegmentCheck {
     rows: u32,
     /// Rows seen so far.
     seen: u32,
+    /// One past the last row seen.
+    next: u32,
+    /// The rows seen, once they are not `0..seen` (rows were reclaimed).
+    sparse: Option<Vec<u32>>,
+}
+
+impl SegmentCheck {
+    fn has(&self, row: u32) -> bool {
+        match &self.sparse {
+            Some(rows) => rows.binary_search(&row).is_ok(),
+            None => row < self.seen,
+        }
+    }
 }
 
 pub(super) struct Checker<'a> {
@@ -55,6 +71,8 @@ pub(super) struct Checker<'a> {
     /// Segments `Reused` records stand for, and their rows.
     reused: HashSet<u64>,
     reused_rows: u64,
+    /// Segments covered by installed merges (which may lack rows).
+    covered: HashSet<u64>,
 }
 
 impl<'a> Checker<'a> {
@@ -72,6 +90,7 @@ impl<'a> Checker<'a> {
             version,
             reused: HashSet::new(),
             reused_rows: 0,
+            covered: HashSet::new(),
         }
     }
 
@@ -122,6 +141,8 @@ impl<'a> Checker<'a> {
                         state: s.state,
                         rows: s.rows,
                         seen: 0,
+                        next: 0,
+                        sparse: None,
                     },
                 );
             }
@@ -132,14 +153,24 @@ impl<'a> Checker<'a> {
                 if vector.len() != dim || vector.iter().any(|x| !x.is_finite()) {
                     return Err(self.corrupt(format!("row {row} of segment {segment} is not {dim} finite numbers")));
                 }
+                let sparse_ok = self.version >= 5;
                 let Some(seg) = self.segments.get_mut(segment) else {
                     return Err(self.corrupt(format!("row {row} of missing segment {segment}")));
                 };
-                if *row != seg.seen {
+                let sealed = seg.state == SegmentState::Sealed;
+                let gap = sparse_ok && sealed && *row > seg.next;
+                if (*row != seg.next && !gap) || (sealed && *row >= seg.rows) {
                     let seen = seg.seen;
                     return Err(self.corrupt(format!("segment {segment} has row {row} after {seen} rows")));
                 }
+                if gap && seg.sparse.is_none() {
+                    seg.sparse = Some((0..seg.seen).collect());
+                }
+                if let Some(rows) = &mut seg.sparse {
+                    rows.push(*row);
+                }
                 seg.seen += 1;
+                seg.next = *row + 1;
             }
             RecordV1::Reused { segment, rows, .. } => self.check_reused(*segment, *rows)?,
             RecordV1::Payload { segment, .. } if self.reused.contains(segment) => {
@@ -157,6 +188,9 @@ impl<'a> Checker<'a> {
             RecordV1::Merge(m) => {
                 self.check_merge(m)?;
                 self.merges.insert(m.id);
+                if m.installed {
+                    self.covered.extend(m.covers.iter().copied());
+                }
             }
             RecordV1::IndexChunk { segment, offset, bytes } => self.check_index(*segment, *offset, bytes.len())?,
         }
@@ -179,6 +213,7 @@ impl<'a> Checker<'a> {
                     && seg.rows == rows =>
             {
                 seg.seen = rows;
+                seg.next = rows;
                 self.reused.insert(segment);
                 self.reused_rows += u64::from(rows);
                 Ok(())
@@ -228,7 +263,7 @@ impl<'a> Checker<'a> {
         }
         let mut seen = HashSet::with_capacity(m.rows.len());
         for &(segment, row, _) in &m.rows {
-            let exists = self.segments.get(&segment).is_some_and(|s| row < s.seen);
+            let exists = self.segments.get(&segment).is_some_and(|s| s.has(row));
             if !exists || !m.covers.contains(&segment) || !seen.insert((segment, row)) {
                 return Err(self.corrupt(format!(
                     "merge {} names row {row} of segment {segment}: missing, twice, or outside what it covers",
@@ -241,7 +276,7 @@ impl<'a> Checker<'a> {
 
     fn row_exists(&self, segment: u64, row: u32, rec: &RecordV1) -> Result<(), EngineError> {
         match self.segments.get(&segment) {
-            Some(seg) if row < seg.seen => Ok(()),
+            Some(seg) if seg.has(row) => Ok(()),
             _ => Err(self.corrupt(format!("{rec:?} names a row that does not exist"))),
         }
     }
@@ -304,7 +339,10 @@ impl<'a> Checker<'a> {
             } else {
                 (SegmentState::Sealed, seg.rows)
             };
-            if seg.state != state || seg.seen != rows {
+            // Rows reclaimed (checked as they came) leave fewer.
+            let reclaimed = self.covered.contains(id) && state == SegmentState::Sealed;
+            let complete = seg.seen == rows && seg.sparse.is_none();
+            if seg.state != state || !(complete || reclaimed && seg.seen <= rows) {
                 return Err(self.corrupt(format!(
                     "segment {id} is {:?} with {} rows, expected {state:?} with {rows}",
                     seg.state, seg.seen

@@ -48,6 +48,7 @@ fn items() -> Vec<StateItem<'static>> {
             },
             history: vec![(1, 1), (4, 3), (9, 6)],
             growing_rows: 1,
+            sparse: false,
         },
         StateItem::Segment {
             id: 1,
@@ -126,6 +127,7 @@ fn items_round_trip_as_an_importer_state() {
         },
         history: vec![(1, 1), (4, 3)],
         growing_rows: 1,
+        sparse: false,
     };
     let want: Vec<String> = want.iter().map(|i| format!("{i:?}")).collect();
     assert_eq!(seen, want);
@@ -172,7 +174,13 @@ fn write_records(path: &Path, records: Vec<RecordV1>) {
 /// [`write_records`] by an exporter told to reuse `reuse` (format 4 when
 /// there is any).
 fn write_records_reusing(path: &Path, records: Vec<RecordV1>, reuse: BTreeMap<u64, SegmentDigest>) {
+    write_records_as(path, records, reuse, false);
+}
+
+/// [`write_records_reusing`], as format 5 when `sparse`.
+fn write_records_as(path: &Path, records: Vec<RecordV1>, reuse: BTreeMap<u64, SegmentDigest>, sparse: bool) {
     let mut out = Exporter::create(path, &config(), reuse).unwrap();
+    out.start(sparse).unwrap();
     let read = records.into_iter().try_for_each(|r| out.record(r));
     out.finish(read).unwrap();
 }
@@ -469,6 +477,77 @@ fn merges_and_index_files_are_carried_and_version_1_files_still_read() {
     bytes[n - 8..].copy_from_slice(&sum.finish().to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
     assert_eq!(read_all(&path, &config()).unwrap().0.points, 2);
+}
+
+/// Format 5: a sealed segment covered by an installed merge may lack the
+/// rows the merge dropped (reclaimed), and only such a segment, and only
+/// from format 5; nothing may name a row that is not there.
+#[test]
+fn rows_a_merge_dropped_may_be_missing_from_format_5_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.export");
+    // Row 0 of segment 1 (deleted, dropped by merge 3) is reclaimed, with
+    // its tombstone.
+    let reclaimed = |installed: bool| {
+        let mut records = valid_records();
+        records.retain(|r| {
+            !matches!(
+                r,
+                RecordV1::Row { segment: 1, row: 0, .. } | RecordV1::Tombstone { segment: 1, row: 0, .. }
+            )
+        });
+        let RecordV1::Merge(mut m) = merge(3, vec![1], vec![(1, 1, 11)]) else {
+            unreachable!()
+        };
+        m.installed = installed;
+        records.push(RecordV1::Merge(m));
+        records
+    };
+    write_records_as(&path, reclaimed(true), BTreeMap::new(), true);
+    assert_eq!(std::fs::read(&path).unwrap()[8..12], 5u32.to_le_bytes());
+    let (info, items) = read_all(&path, &config()).unwrap();
+    assert_eq!(info.points, 2);
+    let rows: Vec<&String> = items.iter().filter(|i| i.starts_with("Row")).collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows[0].contains("segment: 1, row: 1 }"), "{rows:?}");
+
+    let refused = |records: Vec<RecordV1>, sparse: bool, why: &str| {
+        write_records_as(&path, records, BTreeMap::new(), sparse);
+        let e = read_all(&path, &config()).unwrap_err().to_string();
+        assert!(e.contains(why), "{why}: {e}");
+    };
+    // Before format 5 every sealed segment has all its rows.
+    refused(reclaimed(true), false, "has row 1 after 0 rows");
+    // A merge not installed has dropped nothing yet.
+    refused(
+        reclaimed(false),
+        true,
+        "segment 1 is Sealed with 1 rows, expected Sealed with 2",
+    );
+    // No merge covers the segment.
+    let mut records = reclaimed(true);
+    records.pop();
+    refused(records, true, "segment 1 is Sealed with 1 rows");
+    // A tombstone of the reclaimed row.
+    let mut records = reclaimed(true);
+    records.insert(
+        5,
+        RecordV1::Tombstone {
+            segment: 1,
+            row: 0,
+            id: 10,
+        },
+    );
+    refused(records, true, "names a row that does not exist");
+    // A merge naming the reclaimed row.
+    let mut records = reclaimed(true);
+    records.pop();
+    records.push(merge(3, vec![1], vec![(1, 0, 10), (1, 1, 11)]));
+    refused(records, true, "merge 3 names row 0 of segment 1");
+    // A row past the segment's count.
+    let mut records = reclaimed(true);
+    records.insert(4, row_of(1, 2));
+    refused(records, true, "has row 2 after 1 rows");
 }
 
 fn row_of(segment: u64, row: u32) -> RecordV1 {

@@ -104,24 +104,31 @@ impl ShardReplica {
             .map(|((id, op), plan)| Applied { lsn: id.lsn, op, plan })
             .collect();
         let first_logged = self.store.apply(&batch, growing.segment, self.retention(live_points))?;
-        let (sealed, merges, unused) = {
+        let (sealed, merges, unused, installed) = {
             let mut st = self.state.write().expect("shard state lock");
             let (mut sealed, mut merges, mut unused) = (Vec::new(), Vec::new(), Vec::new());
+            let mut installed = false;
             for a in &batch {
                 sealed.extend(self.apply_to_memory(&mut st, a.op, a.plan));
                 if let Some(m) = &a.plan.merge {
                     let (build, replaced) = Self::apply_merge(&mut st, m);
                     if build {
                         merges.push(m.id);
+                    } else {
+                        // Deleted rows only: installed by its apply.
+                        installed = true;
                     }
                     unused.extend(replaced);
                 }
             }
             st.applied_lsn = batch.last().map_or(st.applied_lsn, |a| a.lsn);
             st.log.first_logged = first_logged;
-            (sealed, merges, unused)
+            (sealed, merges, unused, installed)
         };
         self.remove_index_files(&unused);
+        if installed {
+            self.queue_reclaim();
+        }
         for segment in sealed {
             self.queue_build(segment);
         }

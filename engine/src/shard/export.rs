@@ -35,8 +35,11 @@ impl ShardReplica {
         let reuse: BTreeMap<u64, SegmentDigest> = if held.is_empty() {
             BTreeMap::new()
         } else {
-            // Sealed rows never change, so digests read before the export's
-            // own transaction still describe its segments.
+            // Digests read before the export's own transaction: a sealed
+            // segment changes only when a reclaim removes rows a merge
+            // dropped. If one does meanwhile, the importer finds that its
+            // copy differs (and the catch-up tries again), or takes rows
+            // nothing serves any more, which it reclaims in turn.
             let held: HashSet<SegmentDigest> = held.iter().copied().collect();
             let ids: HashSet<u64> = held.iter().map(|d| d.segment).collect();
             self.store

@@ -27,6 +27,15 @@
 //!   record marked installed (fsynced), then in memory the merged segment
 //!   replaces every segment serving its rows, with the rows deleted since
 //!   the op tombstoned. The files of the replaced segments' indexes go.
+//! - **Reclaim** (builder thread, after the install): the rows the merge
+//!   dropped (deleted or replaced before its op) leave the shard file with
+//!   their payloads and tombstones
+//!   ([`ShardStore::reclaim`](crate::store::ShardStore::reclaim)), once
+//!   every search that began before it has read its payloads (each search
+//!   holds a [`Pin`](super::Pin) from before it looks at the segments
+//!   until then): such a search may have found a dropped row while it was
+//!   still live. A crash before the reclaim leaves the merge queued, and
+//!   the next open reclaims.
 //!
 //! Invariant: logically, a merge replaces its sources at its op (the next
 //! merge op sees the merged segment); physically, at its install (in
@@ -346,6 +355,62 @@ impl ShardReplica {
         }
     }
 
+    /// Hands the reclaiming of what installed merges dropped to the
+    /// builder thread ([`ShardStore::reclaim`](crate::store::ShardStore::reclaim)).
+    pub(super) fn queue_reclaim(&self) {
+        let this = self.this.clone();
+        self.builder.submit(move || {
+            let Some(shard) = this.upgrade() else { return };
+            if let Err(e) = shard.reclaim_dropped() {
+                tracing::error!(error = %e, shard = shard.config.shard, "reclaiming rows merges dropped failed; the next open tries again");
+            }
+        });
+    }
+
+    /// Removes from the shard file the rows that installed merges dropped,
+    /// once every search that began before now is done: a search that
+    /// found such a row before the merge's install (it was live then) may
+    /// still be about to read its payload. Then compacts the file if it is
+    /// mostly free pages.
+    fn reclaim_dropped(&self) -> Result<(), crate::EngineError> {
+        let pending = self.store.pending_reclaims()?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut *self.readers.lock().expect("shard readers lock"), Arc::new(()));
+        let searches = Arc::downgrade(&before);
+        drop(before);
+        while searches.strong_count() > 0 {
+            if self.retired.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _files = self.files.lock().expect("shard files lock");
+        let mut removed = 0;
+        for merge in pending {
+            if self.retired.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let rows = self.store.reclaim(merge)?;
+            if rows > 0 {
+                tracing::info!(
+                    shard = self.config.shard,
+                    merge,
+                    rows,
+                    "reclaimed rows the merge dropped"
+                );
+            }
+            removed += rows;
+        }
+        // Rows written faster than merges drop them grow the file, and
+        // redb never gives pages back by itself.
+        if removed > 0 && !self.retired.load(Ordering::Acquire) {
+            self.store.compact_if_sparse()?;
+        }
+        Ok(())
+    }
+
     /// Hands the build and install of merge `id` to the builder thread.
     pub(super) fn queue_merge(&self, id: u64) {
         let this = self.this.clone();
@@ -399,7 +464,7 @@ impl ShardReplica {
             }
         };
 
-        let _writer = self.writer.lock().expect("shard writer lock");
+        let writer = self.writer.lock().expect("shard writer lock");
         let replaces = match self.read().merges.get(&id) {
             Some(m) if !m.installed => m.replaces.clone(),
             _ => return Ok(()),
@@ -415,6 +480,8 @@ impl ShardReplica {
         };
         self.remove_index_files(&replaced);
         tracing::info!(shard = self.config.shard, merge = id, rows = rows.len(), replaced = ?replaced, "merged segment installed");
+        drop(writer);
+        self.queue_reclaim();
         Ok(())
     }
 

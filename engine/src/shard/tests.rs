@@ -492,7 +492,7 @@ fn seals_at_seal_rows_and_reopens_identically() {
 const SIZES: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("oplog_sizes");
 
 /// Changes a closed replica's shard file directly, in one transaction.
-fn edit_file(dir: &Path, f: impl FnOnce(&redb::WriteTransaction)) {
+pub(super) fn edit_file(dir: &Path, f: impl FnOnce(&redb::WriteTransaction)) {
     let db = redb::Database::open(dir.join(STORE_FILE)).unwrap();
     let txn = db.begin_write().unwrap();
     f(&txn);
@@ -592,7 +592,7 @@ fn a_file_of_a_newer_version_is_refused_and_untouched() {
         record = raw;
     });
     let file = dir.path().join(STORE_FILE);
-    assert_eq!(record[0], 3);
+    assert_eq!(record[0], 4);
     match ShardReplica::open(dir.path(), config(64, u64::MAX), Arc::new(IndexBuilder::start())) {
         Err(EngineError::Layout { path, message }) => {
             assert_eq!(path, file);

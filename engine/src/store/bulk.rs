@@ -20,14 +20,14 @@
 use std::path::{Path, PathBuf};
 
 use edgevec_proto::SegmentState;
-use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable};
+use redb::{Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use sha2::{Digest, Sha256};
 
 use super::rows::{self, RowReader, ROW_CHUNKS};
 use super::{
     encode, MergeRecord, MergeRecordV1, SegmentRecord, SegmentRecordV1, ShardMeta, ShardMetaV2, ShardStore, MERGES,
-    META, META_KEY, OPLOG, OPLOG_PARTS, OPLOG_SIZES, PAYLOADS, POINTS, ROWS, SEGMENTS, SHARD_CACHE_BYTES, TERMS,
-    TOMBSTONES,
+    META, META_KEY, OPLOG, OPLOG_PARTS, OPLOG_SIZES, PAYLOADS, POINTS, RECLAIMED, RECLAIMS, ROWS, SEGMENTS,
+    SHARD_CACHE_BYTES, TERMS, TOMBSTONES,
 };
 use crate::error::EngineError;
 use crate::plan::Location;
@@ -38,12 +38,15 @@ use crate::plan::Location;
 #[derive(Debug, Clone, PartialEq)]
 pub enum StateItem<'a> {
     /// The shard record as stored, the full term history (entries above
-    /// the applied LSN included: the reader trims) and the rows of the
-    /// growing segment.
+    /// the applied LSN included: the reader trims), the rows of the
+    /// growing segment, and whether rows of sealed segments were reclaimed
+    /// (rows missing from segments merges cover; what an importer is told
+    /// by the rows themselves).
     Meta {
         meta: ShardMetaV2,
         history: Vec<(u64, u64)>,
         growing_rows: u32,
+        sparse: bool,
     },
     Segment {
         id: u64,
@@ -79,7 +82,7 @@ impl ShardStore {
         &self,
         mut visit: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let meta = self.read_meta(&txn)?;
         let mut history = Vec::new();
         for entry in txn.open_table(TERMS)?.iter()? {
@@ -88,10 +91,12 @@ impl ShardStore {
         }
         let rows = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, meta.dim as usize);
         let growing_rows = rows.count(meta.growing)?;
+        let sparse = !txn.open_table(RECLAIMED)?.is_empty()?;
         visit(StateItem::Meta {
             meta,
             history,
             growing_rows,
+            sparse,
         })?;
 
         for entry in txn.open_table(SEGMENTS)?.iter()? {
@@ -186,7 +191,8 @@ impl ShardStore {
     /// one transaction (each segment's rows are read and hashed once; the
     /// digest is kept for later calls).
     pub fn sealed_digests(&self, wanted: impl Fn(u64) -> bool) -> Result<Vec<SegmentDigest>, EngineError> {
-        let txn = self.db.begin_read()?;
+        let reclaims = self.digests.lock().expect("digests lock").reclaims;
+        let txn = self.db().begin_read()?;
         let mut sealed = Vec::new();
         for entry in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = entry?;
@@ -198,12 +204,16 @@ impl ShardStore {
         let dim = self.read_meta(&txn)?.dim as usize;
         let mut out = Vec::with_capacity(sealed.len());
         for (id, record) in sealed {
-            let known = self.digests.lock().expect("digests lock").get(&id).copied();
+            let known = self.digests.lock().expect("digests lock").by_segment.get(&id).copied();
             let digest = match known {
                 Some(d) if (d.rows, d.sealed_lsn) == (record.rows, record.sealed_lsn) => d,
                 _ => {
                     let d = self.segment_content(&txn, dim, id, &record, &mut |_| Ok(()))?;
-                    self.digests.lock().expect("digests lock").insert(id, d);
+                    let mut digests = self.digests.lock().expect("digests lock");
+                    // Not kept if a reclaim committed since the snapshot.
+                    if digests.reclaims == reclaims {
+                        digests.by_segment.insert(id, d);
+                    }
                     d
                 }
             };
@@ -221,7 +231,7 @@ impl ShardStore {
         segment: u64,
         mut visit: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
     ) -> Result<Option<SegmentDigest>, EngineError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let record = match txn.open_table(SEGMENTS)?.get(segment)? {
             Some(v) => self.decode_segment(v.value())?,
             None => return Ok(None),
@@ -306,6 +316,10 @@ pub struct StoreImport {
     /// [`BATCH_BYTES`]; tests lower it to exercise many batches.
     batch_bytes: usize,
     meta: Option<(ShardMetaV2, Vec<(u64, u64)>)>,
+    /// Sealed segments: rows their records say, rows imported.
+    sealed: std::collections::BTreeMap<u64, (u32, u32)>,
+    /// Installed merges: their dropped rows may still be in the file.
+    installed: Vec<u64>,
 }
 
 impl StoreImport {
@@ -324,6 +338,8 @@ impl StoreImport {
             batch: Batch::default(),
             batch_bytes: BATCH_BYTES,
             meta: None,
+            sealed: Default::default(),
+            installed: Vec::new(),
         })
     }
 
@@ -335,10 +351,16 @@ impl StoreImport {
         match item {
             StateItem::Meta { meta, history, .. } => self.meta = Some((meta, history)),
             StateItem::Segment { id, record } => {
+                if record.state == SegmentState::Sealed {
+                    self.sealed.insert(id, (record.rows, 0));
+                }
                 b.bytes += 32;
                 b.segments.push((id, encode(&SegmentRecord::V1(record))));
             }
             StateItem::Row { at, id, vector } => {
+                if let Some((_, n)) = self.sealed.get_mut(&at.segment) {
+                    *n += 1;
+                }
                 b.bytes += vector.len() * 4 + 24;
                 b.rows.push((at, id, vector));
             }
@@ -355,6 +377,9 @@ impl StoreImport {
                 b.points.push((id, (at.segment, at.row)));
             }
             StateItem::Merge { id, record } => {
+                if record.installed {
+                    self.installed.push(id);
+                }
                 let bytes = encode(&MergeRecord::V1(record));
                 b.bytes += bytes.len() + 8;
                 b.merges.push((id, bytes));
@@ -407,8 +432,9 @@ impl StoreImport {
                 segments.insert(*id, bytes.as_slice())?;
             }
             if let Some((_, _, first)) = b.rows.first() {
-                let appended = b.rows.iter().map(|(at, id, v)| (*at, *id, v.as_slice()));
-                rows::append(&mut chunks, &self.path, first.len(), appended)?;
+                // Rows of covered segments may have been reclaimed.
+                let put = b.rows.iter().map(|(at, id, v)| (*at, *id, v.as_slice()));
+                rows::put(&mut chunks, &self.path, first.len(), put)?;
             }
             for (key, json) in &b.payloads {
                 payloads.insert(*key, json.as_str())?;
@@ -423,7 +449,18 @@ impl StoreImport {
                 for &(term, first) in history {
                     terms.insert(term, first)?;
                 }
-                meta.insert(META_KEY, encode(&ShardMeta::V3(*m)).as_slice())?;
+                let mut reclaimed = txn.open_table(RECLAIMED)?;
+                for (segment, &(rows, imported)) in &self.sealed {
+                    if imported < rows {
+                        reclaimed.insert(*segment, u64::from(rows - imported))?;
+                    }
+                }
+                // What the exporter had not reclaimed yet.
+                let mut reclaims = txn.open_table(RECLAIMS)?;
+                for id in &self.installed {
+                    reclaims.insert(*id, ())?;
+                }
+                meta.insert(META_KEY, encode(&ShardMeta::V4(*m)).as_slice())?;
             }
         }
         txn.commit()?;

@@ -1,21 +1,34 @@
 //! The row table of a shard file: the point id and vector of every row,
 //! packed into chunks of consecutive rows of one segment.
 //!
-//! Table `row_chunks`, key `(segment, chunk)`: the rows from `chunk ×
-//! chunk_rows(dim)` on, at most [`chunk_rows`] of them. Value, version 1,
-//! little endian: tag `1` (u8), row count (u32), the ids (u64 each), then
-//! the vectors (f32 each, row-major). A chunk fills about 63 KiB, so redb
-//! stores it in a 64 KiB page with little left over; one record per row
-//! left half of every 4 KiB leaf page unused at 384 dimensions (measured:
-//! 1.34× the raw bytes, against 1.04× for chunks).
+//! Table `row_chunks`, key `(segment, chunk)`: rows of the chunk's range,
+//! `chunk × chunk_rows(dim)` up to the next chunk's first row, at most
+//! [`chunk_rows`] of them. Value, little endian, one of:
+//! - tag `1` (u8), row count n (u32), the ids (u64 each), then the
+//!   vectors (f32 each, row-major): the range's first n rows;
+//! - tag `2`, row count n (u32), n places in the range (u16 each,
+//!   ascending), the ids, the vectors: those rows only. Written once rows
+//!   of the range were reclaimed ([`retain`]: a merge dropped them), or
+//!   by an import of such a chunk.
+//!
+//! A chunk fills about 63 KiB, so redb stores it in a 64 KiB page with
+//! little left over; one record per row left half of every 4 KiB leaf page
+//! unused at 384 dimensions (measured: 1.34× the raw bytes, against 1.04×
+//! for chunks). A chunk rewritten with fewer rows takes a smaller page.
 //!
 //! Invariants:
-//! - a segment's rows are appended in row order and never rewritten, so
-//!   every chunk but the last of a segment is full, and a chunk's rows are
-//!   contiguous from its first row ([`append`] refuses anything else);
+//! - the rows of the growing segment are appended in row order and never
+//!   rewritten, so its chunks hold every row from 0 on ([`append`]
+//!   refuses anything else);
+//! - a sealed segment's rows never change; rows that no segment serves
+//!   any more (a merge dropped them) may be removed, never added back, so
+//!   a chunk of tag 2 only ever loses rows, and a chunk with no row left
+//!   is deleted;
 //! - shard files written before this layout hold one record per row in
 //!   the `rows` table; [`migrate`] moves them into chunks when the file is
 //!   opened, lowest rows first, so every reader sees chunks only.
+//!   Versions that read only tag 1 refuse a file that may hold tag 2 by
+//!   its shard record (`V4`), before reading any chunk.
 
 use std::path::Path;
 
@@ -31,9 +44,11 @@ pub(super) const ROW_CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinitio
 /// the page's own header and key.
 pub(super) const CHUNK_BYTES: usize = 63 * 1024;
 const TAG_V1: u8 = 1;
+const TAG_SPARSE: u8 = 2;
 const HEAD: usize = 5;
 
-/// Rows per chunk for vectors of `dim`.
+/// Rows per chunk for vectors of `dim` (at most 5,375, so a place in the
+/// chunk fits a u16).
 pub fn chunk_rows(dim: usize) -> u32 {
     ((CHUNK_BYTES - HEAD) / (8 + 4 * dim)).max(1) as u32
 }
@@ -44,13 +59,63 @@ pub(super) struct Chunk {
     pub ids: Vec<u64>,
     /// `ids.len() × dim` floats.
     pub vectors: Vec<f32>,
+    /// Where in the chunk's range each row is, ascending; empty when the
+    /// rows are the range's first `ids.len()` (tag 1).
+    pub places: Vec<u16>,
 }
 
 impl Chunk {
+    /// The place in the range of the `i`-th row held.
+    fn place(&self, i: usize) -> u32 {
+        if self.places.is_empty() {
+            i as u32
+        } else {
+            self.places[i] as u32
+        }
+    }
+
+    /// Which row held is at `place`, if any.
+    fn find(&self, place: u32) -> Option<usize> {
+        if self.places.is_empty() {
+            return ((place as usize) < self.ids.len()).then_some(place as usize);
+        }
+        let p = u16::try_from(place).ok()?;
+        self.places.binary_search(&p).ok()
+    }
+
+    /// The place after the last row held.
+    fn end(&self) -> u32 {
+        match self.ids.len() {
+            0 => 0,
+            n => self.place(n - 1) + 1,
+        }
+    }
+
+    /// Adds a row at `place`, past every row held.
+    fn push(&mut self, place: u32, id: u64, vector: &[f32]) {
+        debug_assert!(place >= self.end());
+        if !self.places.is_empty() || place != self.ids.len() as u32 {
+            if self.places.is_empty() {
+                self.places = (0..self.ids.len() as u16).collect();
+            }
+            self.places.push(place as u16);
+        }
+        self.ids.push(id);
+        self.vectors.extend_from_slice(vector);
+    }
+
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEAD + self.ids.len() * 8 + self.vectors.len() * 4);
-        out.push(TAG_V1);
-        out.extend_from_slice(&(self.ids.len() as u32).to_le_bytes());
+        let n = self.ids.len();
+        // Places that are just 0..n say nothing: tag 1.
+        let sparse = self.places.iter().enumerate().any(|(i, &p)| p as usize != i);
+        let mut out = Vec::with_capacity(HEAD + n * (2 + 8) + self.vectors.len() * 4);
+        out.push(if sparse { TAG_SPARSE } else { TAG_V1 });
+        out.extend_from_slice(&(n as u32).to_le_bytes());
+        if sparse {
+            for p in &self.places {
+                out.extend_from_slice(&p.to_le_bytes());
+            }
+        }
         for id in &self.ids {
             out.extend_from_slice(&id.to_le_bytes());
         }
@@ -61,18 +126,32 @@ impl Chunk {
     }
 
     fn decode(bytes: &[u8], dim: usize) -> Result<Chunk, String> {
-        if bytes.len() < HEAD || bytes[0] != TAG_V1 {
+        let tag = bytes.first().copied();
+        if bytes.len() < HEAD || !matches!(tag, Some(TAG_V1 | TAG_SPARSE)) {
             return Err(format!(
-                "row chunk of {} bytes with tag {:?} (this build reads tag {TAG_V1})",
+                "row chunk of {} bytes with tag {tag:?} (this build reads tags {TAG_V1} and {TAG_SPARSE})",
                 bytes.len(),
-                bytes.first()
             ));
         }
         let n = u32::from_le_bytes(bytes[1..5].try_into().expect("4 bytes")) as usize;
-        if bytes.len() != HEAD + n * (8 + 4 * dim) {
+        let per = chunk_rows(dim) as usize;
+        let place_bytes = if tag == Some(TAG_SPARSE) { 2 * n } else { 0 };
+        if n > per || bytes.len() != HEAD + place_bytes + n * (8 + 4 * dim) {
             return Err(format!("row chunk of {} bytes for {n} rows of dim {dim}", bytes.len()));
         }
-        let (ids, vectors) = bytes[HEAD..].split_at(n * 8);
+        let (places, rest) = bytes[HEAD..].split_at(place_bytes);
+        let places: Vec<u16> = places
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes(b.try_into().expect("2 bytes")))
+            .collect();
+        if tag == Some(TAG_SPARSE)
+            && (n == 0 || !places.windows(2).all(|w| w[0] < w[1]) || places.last().is_some_and(|&p| p as usize >= per))
+        {
+            return Err(format!(
+                "row chunk of {n} rows with places out of order or range: {places:?}"
+            ));
+        }
+        let (ids, vectors) = rest.split_at(n * 8);
         Ok(Chunk {
             ids: ids
                 .chunks_exact(8)
@@ -82,6 +161,7 @@ impl Chunk {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
                 .collect(),
+            places,
         })
     }
 }
@@ -97,6 +177,28 @@ pub(super) fn append<'v>(
     path: &Path,
     dim: usize,
     rows: impl IntoIterator<Item = (Location, u64, &'v [f32])>,
+) -> Result<(), EngineError> {
+    write_rows(table, path, dim, rows, false)
+}
+
+/// Writes `rows` (each segment's rows ascending, past the rows stored
+/// already) into their chunks, leaving out the rows between them: an
+/// import of chunks whose rows were reclaimed.
+pub(super) fn put<'v>(
+    table: &mut Table<(u64, u32), &[u8]>,
+    path: &Path,
+    dim: usize,
+    rows: impl IntoIterator<Item = (Location, u64, &'v [f32])>,
+) -> Result<(), EngineError> {
+    write_rows(table, path, dim, rows, true)
+}
+
+fn write_rows<'v>(
+    table: &mut Table<(u64, u32), &[u8]>,
+    path: &Path,
+    dim: usize,
+    rows: impl IntoIterator<Item = (Location, u64, &'v [f32])>,
+    gaps: bool,
 ) -> Result<(), EngineError> {
     let per = chunk_rows(dim);
     let mut open: Option<((u64, u32), Chunk)> = None;
@@ -124,24 +226,74 @@ pub(super) fn append<'v>(
             open = Some((key, chunk));
         }
         let (_, chunk) = open.as_mut().expect("opened above");
-        if (at.row % per) as usize != chunk.ids.len() {
+        let place = at.row % per;
+        let fits = if gaps {
+            place >= chunk.end()
+        } else {
+            place == chunk.end()
+        };
+        if !fits {
             return Err(corrupt(
                 path,
                 format!(
-                    "row {} of segment {} appended after {} rows of its chunk",
+                    "row {} of segment {} written after {} rows of its chunk (the last at place {})",
                     at.row,
                     at.segment,
-                    chunk.ids.len()
+                    chunk.ids.len(),
+                    chunk.end() as i64 - 1,
                 ),
             ));
         }
-        chunk.ids.push(id);
-        chunk.vectors.extend_from_slice(vector);
+        chunk.push(place, id, vector);
     }
     if let Some((k, chunk)) = open {
         table.insert(k, chunk.encode().as_slice())?;
     }
     Ok(())
+}
+
+/// Removes the rows of `segment` (`rows` rows when sealed) that are not
+/// in `kept` (ascending): chunks that lose rows are rewritten with the
+/// rest (tag 2), chunks left with none are deleted. A chunk whose rows are
+/// all kept is not read. Returns the rows removed.
+pub(super) fn retain(
+    table: &mut Table<(u64, u32), &[u8]>,
+    path: &Path,
+    dim: usize,
+    segment: u64,
+    rows: u32,
+    kept: &[u32],
+) -> Result<u64, EngineError> {
+    let per = chunk_rows(dim);
+    let mut removed = 0;
+    for chunk_no in 0..rows.div_ceil(per) {
+        let first = chunk_no * per;
+        let end = (first + per).min(rows);
+        let (lo, hi) = (kept.partition_point(|&r| r < first), kept.partition_point(|&r| r < end));
+        if (hi - lo) as u32 == end - first {
+            continue;
+        }
+        let key = (segment, chunk_no);
+        let chunk = match table.get(key)? {
+            Some(raw) => Chunk::decode(raw.value(), dim).map_err(|e| corrupt(path, e))?,
+            None => continue,
+        };
+        let keep = &kept[lo..hi];
+        let mut left = Chunk::default();
+        for i in 0..chunk.ids.len() {
+            let place = chunk.place(i);
+            if keep.binary_search(&(first + place)).is_ok() {
+                left.push(place, chunk.ids[i], &chunk.vectors[i * dim..(i + 1) * dim]);
+            }
+        }
+        removed += (chunk.ids.len() - left.ids.len()) as u64;
+        if left.ids.is_empty() {
+            table.remove(key)?;
+        } else if left.ids.len() < chunk.ids.len() {
+            table.insert(key, left.encode().as_slice())?;
+        }
+    }
+    Ok(removed)
 }
 
 /// What [`RowReader`] hands each row to: its location, point id, vector.
@@ -184,9 +336,8 @@ impl<'p, T: ReadableTable<(u64, u32), &'static [u8]>> RowReader<'p, T> {
             self.cached = Some((key, chunk));
         }
         let (_, chunk) = self.cached.as_ref().expect("cached above");
-        let i = (at.row % self.per) as usize;
-        match chunk.ids.get(i) {
-            Some(&id) => Ok((id, &chunk.vectors[i * self.dim..(i + 1) * self.dim])),
+        match chunk.find(at.row % self.per) {
+            Some(i) => Ok((chunk.ids[i], &chunk.vectors[i * self.dim..(i + 1) * self.dim])),
             None => Err(self.missing(at)),
         }
     }
@@ -229,22 +380,18 @@ impl<'p, T: ReadableTable<(u64, u32), &'static [u8]>> RowReader<'p, T> {
         >,
         visit: &mut RowVisitor<'_>,
     ) -> Result<(), EngineError> {
-        // (segment, first row of the next chunk, whether the last was full)
-        let mut prev: Option<(u64, u32, bool)> = None;
         for entry in entries {
             let (k, v) = entry?;
             let (segment, chunk_no) = k.value();
             let chunk = Chunk::decode(v.value(), self.dim).map_err(|e| corrupt(self.path, e))?;
             let first = chunk_no * self.per;
-            // A segment's chunks are contiguous and all but its last full.
-            let fits = match prev {
-                Some((s, next, full)) if s == segment => full && first == next,
-                _ => first == 0,
-            };
-            if !fits || chunk.ids.is_empty() {
+            // A chunk left with no row is deleted. (Whether a segment has
+            // all its rows is checked against its record by the caller:
+            // chunks of dropped rows may be gone.)
+            if chunk.ids.is_empty() {
                 return Err(corrupt(
                     self.path,
-                    format!("segment {segment}: chunk of rows from {first} does not follow the rows stored before it"),
+                    format!("segment {segment}: empty chunk of rows from {first}"),
                 ));
             }
             for (i, (id, vector)) in chunk
@@ -256,14 +403,12 @@ impl<'p, T: ReadableTable<(u64, u32), &'static [u8]>> RowReader<'p, T> {
                 visit(
                     Location {
                         segment,
-                        row: first + i as u32,
+                        row: first + chunk.place(i),
                     },
                     *id,
                     vector,
                 )?;
             }
-            let n = chunk.ids.len() as u32;
-            prev = Some((segment, first + n, n == self.per));
         }
         Ok(())
     }
@@ -349,12 +494,43 @@ mod tests {
         let c = Chunk {
             ids: vec![1, u64::MAX],
             vectors: vec![0.5, -1.0, f32::MAX, 3.25],
+            places: Vec::new(),
         };
+        assert_eq!(c.encode()[0], TAG_V1);
         assert_eq!(Chunk::decode(&c.encode(), 2).unwrap(), c);
         assert!(Chunk::decode(&c.encode(), 3).is_err());
         let mut bad = c.encode();
-        bad[0] = 2;
+        bad[0] = 3;
         assert!(Chunk::decode(&bad, 2).unwrap_err().contains("tag"));
+        // Rows at places 1 and 7: tag 2, read back as written.
+        let sparse = Chunk {
+            places: vec![1, 7],
+            ..c.clone()
+        };
+        let bytes = sparse.encode();
+        assert_eq!((bytes[0], bytes.len()), (TAG_SPARSE, HEAD + 2 * 2 + 2 * 8 + 4 * 4));
+        assert_eq!(Chunk::decode(&bytes, 2).unwrap(), sparse);
+        assert_eq!(
+            (sparse.find(7), sparse.find(0), sparse.find(2), sparse.end()),
+            (Some(1), None, None, 8)
+        );
+        // Places out of order, past the chunk, or none at all are refused.
+        for places in [vec![7u16, 1], vec![1, chunk_rows(2) as u16]] {
+            let bad = Chunk {
+                places: places.clone(),
+                ..c.clone()
+            }
+            .encode();
+            assert!(Chunk::decode(&bad, 2).unwrap_err().contains("places"), "{places:?}");
+        }
+        let empty = Chunk {
+            ids: vec![],
+            vectors: vec![],
+            places: vec![],
+        };
+        let mut bad = empty.encode();
+        bad[0] = TAG_SPARSE;
+        assert!(Chunk::decode(&bad, 2).is_err());
     }
 
     #[test]
@@ -419,6 +595,120 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("3 floats"), "{e}");
+    }
+
+    #[test]
+    fn retained_rows_read_back_and_import_with_their_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let db = Database::create(&path).unwrap();
+        let dim = 384;
+        let per = chunk_rows(dim);
+        let a = rows_of(1, 3 * per + 5, dim);
+        let b = rows_of(2, 9, dim);
+        type Chunks<'t> = Table<'t, (u64, u32), &'static [u8]>;
+        let write = |f: &mut dyn FnMut(&mut Chunks<'_>)| {
+            let txn = db.begin_write().unwrap();
+            f(&mut txn.open_table(ROW_CHUNKS).unwrap());
+            txn.commit().unwrap();
+        };
+        let as_rows = |rows: &[(Location, u64, Vec<f32>)]| {
+            rows.iter().map(|(at, id, v)| (*at, *id, v.clone())).collect::<Vec<_>>()
+        };
+        write(&mut |t| {
+            let all = a.iter().chain(&b).map(|(at, id, v)| (*at, *id, v.as_slice()));
+            append(t, &path, dim, all).unwrap();
+        });
+        // Keep the odd rows of the first chunk, none of the second, all of
+        // the third, and the first row of the last.
+        let keep = |row: u32| match row / per {
+            0 => row % 2 == 1,
+            1 => false,
+            2 => true,
+            _ => row == 3 * per,
+        };
+        let n = a.len() as u32;
+        let keep_rows: Vec<u32> = (0..n).filter(|&r| keep(r)).collect();
+        let mut removed = 0;
+        write(&mut |t| removed = retain(t, &path, dim, 1, n, &keep_rows).unwrap());
+        let kept: Vec<_> = as_rows(&a).into_iter().filter(|(at, _, _)| keep(at.row)).collect();
+        assert_eq!(removed, (a.len() - kept.len()) as u64);
+        // Again: nothing more to remove, nothing rewritten.
+        write(&mut |t| assert_eq!(retain(t, &path, dim, 1, n, &keep_rows).unwrap(), 0));
+
+        let read_all = |db: &Database| {
+            let txn = db.begin_read().unwrap();
+            let r = RowReader::new(txn.open_table(ROW_CHUNKS).unwrap(), &path, dim);
+            let mut all = Vec::new();
+            r.all(|at, id, v| {
+                all.push((at, id, v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+            let chunks = txn.open_table(ROW_CHUNKS).unwrap().len().unwrap();
+            (all, chunks)
+        };
+        let (all, chunks) = read_all(&db);
+        assert_eq!(all, [kept.clone(), as_rows(&b)].concat());
+        assert_eq!(chunks, 4, "the chunk left with no row is deleted");
+        {
+            let txn = db.begin_read().unwrap();
+            let mut r = RowReader::new(txn.open_table(ROW_CHUNKS).unwrap(), &path, dim);
+            for (at, id, v) in &a {
+                match r.row(*at) {
+                    Ok((got_id, got_v)) => {
+                        assert!(keep(at.row));
+                        assert_eq!((got_id, got_v), (*id, v.as_slice()));
+                    }
+                    Err(e) => {
+                        assert!(!keep(at.row), "{e}");
+                        assert!(e.to_string().contains("is missing"), "{e}");
+                    }
+                }
+            }
+        }
+        // A segment that serves its own rows may not take a row past a gap.
+        write(&mut |t| {
+            let v = vec![0.0; dim];
+            let e = append(t, &path, dim, [(Location { segment: 2, row: 11 }, 1, v.as_slice())]).unwrap_err();
+            assert!(e.to_string().contains("written after 9 rows"), "{e}");
+        });
+
+        // An import writes the rows with their gaps, in batches that split
+        // a chunk; a row below one already written is refused.
+        let copy_path = dir.path().join("copy.redb");
+        let copy = Database::create(&copy_path).unwrap();
+        let rows = [kept.clone(), as_rows(&b)].concat();
+        for part in [&rows[..7], &rows[7..]] {
+            let txn = copy.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(ROW_CHUNKS).unwrap();
+                put(
+                    &mut t,
+                    &copy_path,
+                    dim,
+                    part.iter().map(|(at, id, v)| (*at, *id, v.as_slice())),
+                )
+                .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let txn = copy.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(ROW_CHUNKS).unwrap();
+            let (at, id, v) = &kept[3];
+            assert!(put(&mut t, &copy_path, dim, [(*at, *id, v.as_slice())]).is_err());
+        }
+        txn.abort().unwrap();
+        let txn = copy.begin_read().unwrap();
+        let r = RowReader::new(txn.open_table(ROW_CHUNKS).unwrap(), &copy_path, dim);
+        let mut back = Vec::new();
+        r.all(|at, id, v| {
+            back.push((at, id, v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(back, rows);
     }
 
     /// Bytes on disk of 100,000 rows of 384 dimensions, one record per row

@@ -501,3 +501,258 @@ fn a_merge_serves_the_rows_it_has_added_while_it_builds() {
     idle(&builder);
     same(seen(&s), after);
 }
+
+/// Rows, payloads and tombstones in the replica's shard file.
+fn stored(s: &ShardReplica) -> (u64, u64, u64) {
+    let (mut rows, mut payloads, mut tombstones) = (0, 0, 0);
+    s.store
+        .read_applied(|item| {
+            match item {
+                crate::store::StateItem::Row { .. } => rows += 1,
+                crate::store::StateItem::Payload { .. } => payloads += 1,
+                crate::store::StateItem::Tombstone { .. } => tombstones += 1,
+                _ => {}
+            }
+            Ok(())
+        })
+        .unwrap();
+    (rows, payloads, tombstones)
+}
+
+/// Rows and deleted rows of the segments that serve searches: what the
+/// file must hold once merges' dropped rows are reclaimed.
+fn served(s: &ShardReplica) -> (u64, u64) {
+    let info = s.info().1;
+    (info.iter().map(|i| i.rows).sum(), info.iter().map(|i| i.deleted).sum())
+}
+
+/// [`seen`] without where the rows are (rewriting a point moves it).
+fn points_seen(s: &ShardReplica) -> (Vec<u64>, Vec<Vec<u64>>) {
+    let (ids, searches) = seen(s);
+    (
+        ids,
+        searches.iter().map(|hits| hits.iter().map(|h| h.0).collect()).collect(),
+    )
+}
+
+/// Merges every sealed segment into one.
+fn merge_all(s: &ShardReplica) {
+    let sealed: Vec<u64> = s
+        .info()
+        .1
+        .iter()
+        .filter(|i| i.state == edgevec_proto::SegmentState::Sealed)
+        .map(|i| i.id)
+        .collect();
+    write(s, merge(&sealed)).unwrap();
+}
+
+/// Rows a merge dropped (deleted or replaced before its op) leave the
+/// shard file once it is installed, with their payloads and tombstones,
+/// so rewriting the same points over and over keeps what the file holds
+/// bounded; every point stays as it was, through a restart and through an
+/// export, which then lacks those rows (format 5).
+#[test]
+fn rows_merges_dropped_leave_the_file_and_rewrites_keep_it_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(&dir.path().join("a"), &builder);
+    write(&s, upsert(0..200)).unwrap();
+    idle(&builder);
+    let want = points_seen(&s);
+    for round in 0..8 {
+        write(&s, upsert(0..200)).unwrap();
+        write(&s, ShardOp::Delete(vec![1000 + round])).unwrap();
+        merge_all(&s);
+        idle(&builder);
+        let (rows, deleted) = served(&s);
+        assert_eq!(stored(&s), (rows, rows, deleted), "round {round}");
+        assert_eq!(points_seen(&s), want);
+    }
+    // Nine rounds wrote 1,800 rows; the file holds those of the last
+    // (the growing segment's, and the merged segment's with its deletes).
+    assert!(stored(&s).0 < 400, "{:?}", s.info().1);
+
+    // A restart finds the same; an export carries the rows that are left.
+    drop(s);
+    let s = open(&dir.path().join("a"), &builder);
+    idle(&builder);
+    assert_eq!(points_seen(&s), want);
+    let export = dir.path().join("x.export");
+    s.export_to(&export, &[]).unwrap();
+    assert_eq!(std::fs::read(&export).unwrap()[8..12], 5u32.to_le_bytes());
+    let to = dir.path().join("b");
+    std::fs::create_dir(&to).unwrap();
+    crate::shard::import_files(&to, &config(), &export, None).unwrap();
+    let t = open(&to, &builder);
+    idle(&builder);
+    assert_eq!(points_seen(&t), want);
+    assert_eq!(stored(&t), stored(&s));
+    assert_eq!(segments(&t), segments(&s));
+}
+
+/// A search that found a row before the merge that drops it was
+/// installed can still read its payload: the reclaim waits for every
+/// search pinned before it.
+#[test]
+fn a_reclaim_waits_for_the_searches_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..130)).unwrap();
+    idle(&builder);
+    let pin = s.pin();
+    let hit = s.search(&[0.2, 1.0], 1, Default::default(), None).unwrap()[0];
+    assert_eq!((hit.id, hit.segment, hit.row), (0, 1, 0));
+    let at = [crate::plan::Location {
+        segment: hit.segment,
+        row: hit.row,
+    }];
+    // Segment 1's rows all deleted, then merged away: installed at once.
+    write(&s, ShardOp::Delete((0..64).collect())).unwrap();
+    write(&s, merge(&[1])).unwrap();
+    assert_eq!(s.merge_state(), (vec![2, 3], vec![]));
+    assert!(!builder.wait_idle(Duration::from_millis(300)), "the reclaim waits");
+    assert_eq!(s.payloads(&at).unwrap(), [Some("{\"id\":0}".to_string())]);
+    drop(pin);
+    idle(&builder);
+    assert_eq!(s.payloads(&at).unwrap(), [None]);
+    assert_eq!(stored(&s), (66, 66, 0));
+}
+
+/// A file written before rows were reclaimed (shard record `V3`) has the
+/// rows its installed merges dropped reclaimed at its first open.
+#[test]
+fn a_file_of_the_layout_before_is_reclaimed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..200)).unwrap();
+    idle(&builder);
+    // Points 0..100 written again: merge 5 drops 100 rows of 1 and 2.
+    write(&s, upsert(0..100)).unwrap();
+    write(&s, merge(&[1, 2])).unwrap();
+    // Queued behind the merge's build, before its reclaim.
+    let release = stall(&builder);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !s.merge_state().1.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "merge 5 is not installed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let want = seen(&s);
+    assert_eq!(stored(&s).0, served(&s).0 + 100);
+    drop(s);
+    drop(release);
+    idle(&builder);
+    // As the layout before left it: nothing queued for reclaiming.
+    super::super::tests::edit_file(dir.path(), |txn| {
+        use redb::ReadableTable;
+        const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+        const RECLAIMS: redb::TableDefinition<u64, ()> = redb::TableDefinition::new("reclaims");
+        let mut meta = txn.open_table(META).unwrap();
+        let mut raw = meta.get("shard").unwrap().unwrap().value().to_vec();
+        assert_eq!(raw[0], 3);
+        raw[0] = 2;
+        meta.insert("shard", raw.as_slice()).unwrap();
+        drop(meta);
+        txn.delete_table(RECLAIMS).unwrap();
+    });
+    let release = stall(&builder);
+    let s = open(dir.path(), &builder);
+    same(seen(&s), want.clone());
+    assert_eq!(stored(&s).0, served(&s).0 + 100, "queued at open");
+    drop(release);
+    idle(&builder);
+    let (rows, deleted) = served(&s);
+    assert_eq!(stored(&s), (rows, rows, deleted));
+    same(seen(&s), want);
+}
+
+/// A replica that has not reclaimed yet catches up from one that has: the
+/// covered segments' digests differ, so their rows travel (with the gaps,
+/// format 5), while a segment both hold alike is taken from the
+/// importer's own file; the import reclaims what is left to reclaim.
+#[test]
+fn an_export_between_replicas_that_reclaimed_and_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ba, bb) = (Arc::new(IndexBuilder::start()), Arc::new(IndexBuilder::start()));
+    let (a, b) = (open(&dir.path().join("a"), &ba), open(&dir.path().join("b"), &bb));
+    let release = stall(&bb);
+    for s in [&a, &b] {
+        write(s, upsert(0..200)).unwrap();
+        write(s, upsert(0..50)).unwrap();
+        write(s, merge(&[1, 2])).unwrap();
+    }
+    idle(&ba);
+    assert_eq!(a.merge_state(), (vec![3, 4, 5], vec![]));
+    assert_eq!(b.merge_state().1, vec![5], "b has not built its merge");
+    let want = points_seen(&a);
+    assert_eq!(points_seen(&b), want);
+
+    let file = dir.path().join("x.export");
+    let info = a.export_to(&file, &b.sealed_digests().unwrap()).unwrap();
+    assert_eq!(std::fs::read(&file).unwrap()[8..12], 5u32.to_le_bytes());
+    assert_eq!(info.reused_rows, 128, "segments 2 and 3: only 1 lost rows");
+    let to = dir.path().join("c");
+    std::fs::create_dir(&to).unwrap();
+    crate::shard::import_files(&to, &config(), &file, Some(&b)).unwrap();
+    drop(release);
+    idle(&bb);
+    let c = open(&to, &bb);
+    idle(&bb);
+    assert_eq!(points_seen(&c), want);
+    assert_eq!(stored(&c), stored(&a));
+    assert_eq!(segments(&c), segments(&a));
+}
+
+/// Rows written faster than merges drop them grow the shard file; once
+/// reclaiming leaves it mostly free pages, it is compacted while the
+/// replica serves, back to about what it holds.
+#[test]
+fn a_file_grown_by_rewrites_is_compacted_once_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    // A small op log, so that the rows are most of what the file holds.
+    let config = ShardConfig {
+        dim: 256,
+        retain_bytes: 1024 * 1024,
+        ..config()
+    };
+    let s = ShardReplica::open(dir.path(), config.clone(), builder.clone()).unwrap();
+    s.store.set_compact_min(1024 * 1024);
+    let file = dir.path().join(super::super::STORE_FILE);
+    let points = |round: u32| {
+        ShardOp::Upsert(
+            (0..2000u64)
+                .map(|id| edgevec_proto::Point {
+                    id,
+                    vector: (0..256).map(|i| (id * 7 + i + u64::from(round)) as f32).collect(),
+                    payload: None,
+                })
+                .collect(),
+        )
+    };
+    // Five rounds before any merge: the file holds all of them.
+    let release = stall(&builder);
+    for round in 0..5 {
+        write(&s, points(round)).unwrap();
+    }
+    let grown = std::fs::metadata(&file).unwrap().len();
+    assert!(grown > 5 * 2000 * 1024, "{grown} bytes");
+    drop(release);
+    idle(&builder);
+    merge_all(&s);
+    idle(&builder);
+    let (rows, deleted) = served(&s);
+    assert_eq!(stored(&s), (rows, 0, deleted));
+    let compacted = std::fs::metadata(&file).unwrap().len();
+    assert!(compacted < grown / 2, "{compacted} bytes, {grown} before");
+    let got = s.get(&[0, 1999]).unwrap();
+    assert_eq!(got[1].as_ref().unwrap().vector[0], (1999 * 7 + 4) as f32);
+    drop(s);
+    let s = ShardReplica::open(dir.path(), config, builder.clone()).unwrap();
+    assert_eq!(
+        s.get(&[5]).unwrap()[0].as_ref().unwrap().vector[1],
+        (5 * 7 + 1 + 4) as f32
+    );
+}
