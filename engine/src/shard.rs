@@ -557,8 +557,14 @@ impl ShardReplica {
         let this = self.this.clone();
         let (metric, dim, params) = (self.config.metric, self.config.dim as usize, self.config.index);
         let path = index_path(&self.dir, segment);
+        // A segment a merge took out of searches (rows written faster than
+        // builds keep up) needs no index, and must not leave a file.
+        let serves = move |s: &ShardReplica| s.read().segments.contains_key(&segment);
         self.builder.submit(move || {
-            if this.upgrade().is_none_or(|s| s.retired.load(Ordering::Acquire)) {
+            if this
+                .upgrade()
+                .is_none_or(|s| s.retired.load(Ordering::Acquire) || !serves(&s))
+            {
                 return;
             }
             let index = match HnswIndex::build(metric, dim, RowVectors::One(vectors), params, &progress) {
@@ -570,7 +576,7 @@ impl ShardReplica {
             };
             let Some(shard) = this.upgrade() else { return };
             let _files = shard.files.lock().expect("shard files lock");
-            if shard.retired.load(Ordering::Acquire) {
+            if shard.retired.load(Ordering::Acquire) || !serves(&shard) {
                 return;
             }
             // Save before installing: an index that is Ready in memory is

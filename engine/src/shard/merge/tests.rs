@@ -756,3 +756,21 @@ fn a_file_grown_by_rewrites_is_compacted_once_reclaimed() {
         (5 * 7 + 1 + 4) as f32
     );
 }
+
+/// A segment that a merge took out of searches before its own index was
+/// built gets none: no build, no index file left behind.
+#[test]
+fn a_segment_merged_away_before_its_build_gets_no_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    let release = stall(&builder);
+    write(&s, upsert(0..70)).unwrap();
+    write(&s, ShardOp::Delete((0..64).collect())).unwrap();
+    write(&s, merge(&[1])).unwrap();
+    assert_eq!(s.merge_state(), (vec![2], vec![]));
+    drop(release);
+    idle(&builder);
+    assert!(!index_path(dir.path(), 1).exists());
+    assert_eq!(s.info().0.points, 6);
+}
