@@ -109,8 +109,14 @@ const META_KEY: &str = "shard";
 /// and a settled node filled 8 MiB (heaptrack), so each shard replica a
 /// node holds costs what this says. 2 MiB changed no insert time there.
 const SHARD_CACHE_BYTES: usize = 2 * 1024 * 1024;
-/// Free bytes below which a shard file is never compacted.
+/// Free bytes below which a shard file is never compacted while it takes
+/// writes (see [`ShardStore::compact_if_sparse`]).
 const COMPACT_MIN_BYTES: u64 = 64 * 1024 * 1024;
+/// Free bytes below which a shard file is never compacted when it is
+/// quiet or opening.
+const COMPACT_QUIET_MIN_BYTES: u64 = 4 * 1024 * 1024;
+/// How long a compaction waits for a moment without transactions.
+const COMPACT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum ShardMeta {
@@ -245,8 +251,9 @@ pub struct Retention {
 }
 
 pub struct ShardStore {
-    /// Read-locked to begin any transaction; write-locked by a compaction,
-    /// which needs the file to itself ([`ShardStore::compact_if_sparse`]).
+    /// Read-locked by every transaction for as long as it lives;
+    /// write-locked by a compaction, which needs the file to itself
+    /// ([`ShardStore::compact_if_sparse`]).
     db: std::sync::RwLock<Database>,
     /// [`COMPACT_MIN_BYTES`]; tests lower it.
     compact_min: std::sync::atomic::AtomicU64,
@@ -343,7 +350,7 @@ impl ShardStore {
         // Measuring the free pages walks the whole file: only when this
         // open freed some.
         if moved > 0 || parted > 0 || trimmed > 0 {
-            store.compact_if_sparse()?;
+            store.compact_if_sparse(true)?;
         }
         let loaded = store.load()?;
         if loaded.meta.shard != shard || loaded.meta.dim != dim {
@@ -367,41 +374,59 @@ impl ShardStore {
         self.db.read().expect("shard file lock")
     }
 
-    /// Compacts the file when at least [`COMPACT_MIN_BYTES`] and more than
-    /// half of it are free pages (left by a trimmed op log, by rows moved
-    /// into chunks, or by rows reclaimed): redb reuses free pages but never
-    /// gives them back. At open, and after a reclaim: meanwhile every
-    /// transaction waits (reads of payloads among them), and a compaction
-    /// that finds one still under way (an export's) is left for the next
-    /// time. Returns whether it compacted.
-    pub fn compact_if_sparse(&self) -> Result<bool, EngineError> {
+    /// Compacts the file when enough of it is free pages (left by a
+    /// trimmed op log, by rows moved into chunks, or by rows reclaimed):
+    /// redb reuses free pages but never gives them back. While the shard
+    /// takes writes, at least [`COMPACT_MIN_BYTES`] and more than half of
+    /// the file; when it is `quiet` (or opening), at least
+    /// [`COMPACT_QUIET_MIN_BYTES`] and a ninth of it (the file then ends
+    /// within 1.125 times what it holds). Every transaction waits while it
+    /// runs (0.1-0.3 s for a few hundred MB), and it waits for a moment
+    /// without any (at most [`COMPACT_WAIT`]; an export holds one for its
+    /// whole read), or leaves it for the next time. Returns whether it
+    /// compacted.
+    pub fn compact_if_sparse(&self, quiet: bool) -> Result<bool, EngineError> {
         let len = std::fs::metadata(&self.path)
             .map_err(|e| EngineError::io(&self.path, e))?
             .len();
         let used = {
-            let txn = self.db().begin_write()?;
+            let db = self.db();
+            let txn = db.begin_write()?;
             let stats = txn.stats()?;
             txn.abort()?;
             stats.allocated_pages() * stats.page_size() as u64
         };
         let free = len.saturating_sub(used);
-        if free < self.compact_min.load(std::sync::atomic::Ordering::Relaxed) || free < used {
+        let (min, share) = if quiet {
+            (COMPACT_QUIET_MIN_BYTES, used / 8)
+        } else {
+            (COMPACT_MIN_BYTES, used)
+        };
+        let min = min.min(self.compact_min.load(std::sync::atomic::Ordering::Relaxed));
+        if free < min || free < share {
             return Ok(false);
         }
         let started = std::time::Instant::now();
         {
-            let mut db = self.db.write().expect("shard file lock");
-            loop {
-                match db.compact() {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(redb::CompactionError::TransactionInProgress) => {
-                        tracing::info!(path = %self.path.display(), "shard file not compacted: a transaction is under way");
+            // Every transaction holds the lock for reading while it lives:
+            // the compaction waits for a moment with none, without making
+            // new ones wait behind it until then.
+            let mut db = loop {
+                match self.db.try_write() {
+                    Ok(db) => break db,
+                    Err(std::sync::TryLockError::WouldBlock) if started.elapsed() < COMPACT_WAIT => {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        tracing::info!(path = %self.path.display(), "shard file not compacted: transactions kept it busy");
                         return Ok(false);
                     }
-                    Err(e) => return Err(EngineError::Storage(e.into())),
+                    Err(std::sync::TryLockError::Poisoned(e)) => panic!("shard file lock: {e}"),
                 }
-            }
+            };
+            let waited = started.elapsed();
+            while db.compact().map_err(|e| EngineError::Storage(e.into()))? {}
+            tracing::debug!(waited = waited.as_secs_f64(), "shard file lock taken for compacting");
         }
         let after = std::fs::metadata(&self.path)
             .map_err(|e| EngineError::io(&self.path, e))?
@@ -423,7 +448,8 @@ impl ShardStore {
     /// Decodes the shard record, if the file has one yet, and refuses a
     /// file this build cannot read. Returns its layout (`None`: a new file).
     fn check_meta(&self) -> Result<Option<Layout>, EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let meta = match txn.open_table(META) {
             Ok(meta) => meta,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -437,7 +463,8 @@ impl ShardStore {
 
     /// Creates every table and, on a new file, the first growing segment.
     fn init(&self, dim: u32) -> Result<(), EngineError> {
-        let txn = self.db().begin_write()?;
+        let db = self.db();
+        let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             let fresh = meta.get(META_KEY)?.is_none();
@@ -514,7 +541,8 @@ impl ShardStore {
     }
 
     fn load(&self) -> Result<Loaded, EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let meta = self.read_meta(&txn)?;
 
         let mut history = Vec::new();
@@ -570,7 +598,8 @@ impl ShardStore {
 
     /// The vectors stored at `rows`, in order, row-major.
     pub fn vectors_at(&self, rows: &[Location], dim: usize) -> Result<Vec<f32>, EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let mut reader = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, dim);
         let mut out = Vec::with_capacity(rows.len() * dim);
         for at in rows {
@@ -604,7 +633,8 @@ impl ShardStore {
     /// segment that serves its own rows), in row order: ids and row-major
     /// vectors.
     pub fn segment_rows(&self, segment: u64, dim: usize) -> Result<(Vec<u64>, Vec<f32>), EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let reader = RowReader::new(txn.open_table(ROW_CHUNKS)?, &self.path, dim);
         let (mut ids, mut vectors) = (Vec::new(), Vec::new());
         reader.segment(segment, |row, id, vector| {
@@ -623,7 +653,8 @@ impl ShardStore {
 
     /// Installed merges whose sources may still hold rows they dropped.
     pub fn pending_reclaims(&self) -> Result<Vec<u64>, EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let table = txn.open_table(RECLAIMS)?;
         let ids = table
             .iter()?
@@ -646,7 +677,8 @@ impl ShardStore {
     /// Returns the rows removed.
     pub fn reclaim(&self, merge: u64) -> Result<u64, EngineError> {
         let rec = {
-            let txn = self.db().begin_read()?;
+            let db = self.db();
+            let txn = db.begin_read()?;
             let raw = txn.open_table(MERGES)?.get(merge)?;
             raw.map(|raw| self.decode_merge(raw.value())).transpose()?
         };
@@ -732,7 +764,8 @@ impl ShardStore {
         durability: Durability,
         f: impl FnOnce(&WriteTransaction, &mut ShardMetaV2) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        let mut txn = self.db().begin_write()?;
+        let db = self.db();
+        let mut txn = db.begin_write()?;
         txn.set_durability(durability)
             .map_err(|e| EngineError::Storage(e.into()))?;
         let out = {
@@ -812,7 +845,8 @@ impl ShardStore {
 
     /// The logged ops `from ..= through`, which must all be in the log.
     pub fn logged(&self, from: u64, through: u64) -> Result<Vec<(OpId, ShardOp)>, EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let parts = txn.open_table(OPLOG_PARTS)?;
         let mut out = Vec::with_capacity(through.saturating_sub(from) as usize + 1);
         log_parts::visit(&parts, &self.path, from, |lsn, record| {
@@ -840,7 +874,8 @@ impl ShardStore {
         max_ops: usize,
         max_bytes: usize,
     ) -> Result<Vec<(OpId, ShardOp)>, EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let last = self.read_meta(&txn)?.last_lsn;
         if after >= last {
             return Ok(Vec::new());
@@ -906,7 +941,8 @@ impl ShardStore {
 
     /// Payloads of the rows at `locations`, in order, from one snapshot.
     pub fn payloads(&self, locations: &[Location]) -> Result<Vec<Option<String>>, EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let table = txn.open_table(PAYLOADS)?;
         locations
             .iter()

@@ -60,6 +60,10 @@ use crate::plan::{Location, MergePlan};
 use crate::segment::{MergedData, Segment};
 use crate::store::MergeRecordV1;
 
+/// A shard with no write for this long compacts its file at a lower bar
+/// ([`ShardStore::compact_if_sparse`](crate::store::ShardStore::compact_if_sparse)).
+const COMPACT_QUIET_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Rows whose vector sources a merge looks up per hold of the state lock.
 const SOURCE_CHUNK: usize = 4096;
 
@@ -370,24 +374,22 @@ impl ShardReplica {
     /// Removes from the shard file the rows that installed merges dropped,
     /// once every search that began before now is done: a search that
     /// found such a row before the merge's install (it was live then) may
-    /// still be about to read its payload. Then compacts the file if it is
-    /// mostly free pages.
+    /// still be about to read its payload. Then compacts the file if enough
+    /// of it is free pages (less is enough once the shard is quiet).
     fn reclaim_dropped(&self) -> Result<(), crate::EngineError> {
         let pending = self.store.pending_reclaims()?;
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let before = std::mem::replace(&mut *self.readers.lock().expect("shard readers lock"), Arc::new(()));
-        let searches = Arc::downgrade(&before);
-        drop(before);
-        while searches.strong_count() > 0 {
-            if self.retired.load(Ordering::Acquire) {
-                return Ok(());
+        if !pending.is_empty() {
+            let before = std::mem::replace(&mut *self.readers.lock().expect("shard readers lock"), Arc::new(()));
+            let searches = Arc::downgrade(&before);
+            drop(before);
+            while searches.strong_count() > 0 {
+                if self.retired.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _files = self.files.lock().expect("shard files lock");
-        let mut removed = 0;
         for merge in pending {
             if self.retired.load(Ordering::Acquire) {
                 return Ok(());
@@ -401,12 +403,12 @@ impl ShardReplica {
                     "reclaimed rows the merge dropped"
                 );
             }
-            removed += rows;
         }
         // Rows written faster than merges drop them grow the file, and
         // redb never gives pages back by itself.
-        if removed > 0 && !self.retired.load(Ordering::Acquire) {
-            self.store.compact_if_sparse()?;
+        let quiet = self.last_write.lock().expect("last write lock").elapsed() >= COMPACT_QUIET_AFTER;
+        if !self.retired.load(Ordering::Acquire) {
+            self.store.compact_if_sparse(quiet)?;
         }
         Ok(())
     }

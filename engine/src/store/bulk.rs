@@ -82,7 +82,8 @@ impl ShardStore {
         &self,
         mut visit: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let meta = self.read_meta(&txn)?;
         let mut history = Vec::new();
         for entry in txn.open_table(TERMS)?.iter()? {
@@ -192,7 +193,8 @@ impl ShardStore {
     /// digest is kept for later calls).
     pub fn sealed_digests(&self, wanted: impl Fn(u64) -> bool) -> Result<Vec<SegmentDigest>, EngineError> {
         let reclaims = self.digests.lock().expect("digests lock").reclaims;
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let mut sealed = Vec::new();
         for entry in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = entry?;
@@ -231,7 +233,8 @@ impl ShardStore {
         segment: u64,
         mut visit: impl FnMut(StateItem<'_>) -> Result<(), EngineError>,
     ) -> Result<Option<SegmentDigest>, EngineError> {
-        let txn = self.db().begin_read()?;
+        let db = self.db();
+        let txn = db.begin_read()?;
         let record = match txn.open_table(SEGMENTS)?.get(segment)? {
             Some(v) => self.decode_segment(v.value())?,
             None => return Ok(None),
