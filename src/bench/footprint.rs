@@ -4,7 +4,8 @@
 //! node holds every vector) at the default seal size unless `--seal-rows`
 //! says otherwise; `--n` clustered vectors of `--dim` (`--metric`)
 //! inserted through the client library in batches of `--batch`, 4 in
-//! flight. Every node's RSS is sampled every 100 ms from the first insert
+//! flight, then written again `--rewrites` times (same ids and vectors:
+//! each round replaces every point with a new row). Every node's RSS is sampled every 100 ms from the first insert
 //! (its peak, and when it was reached, are reported) until the
 //! collection has settled (every sealed segment indexed, no
 //! build or merge under way, the segment list unchanged for 10 s); then
@@ -137,6 +138,7 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
 
     let next = Arc::new(AtomicU64::new(0));
     let batches = n.div_ceil(args.batch) as u64;
+    let rounds = 1 + args.rewrites as u64;
     let mut writers = Vec::new();
     for _ in 0..4 {
         let (client, data, next) = (client.clone(), data.clone(), next.clone());
@@ -144,10 +146,10 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         writers.push(tokio::spawn(async move {
             loop {
                 let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= batches {
+                if b >= batches * rounds {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let from = b as usize * batch;
+                let from = (b % batches) as usize * batch;
                 let points = data[from..(from + batch).min(data.len())]
                     .iter()
                     .enumerate()
@@ -166,7 +168,7 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     }
     let insert_secs = started.elapsed().as_secs_f64();
     drop(data);
-    eprintln!("inserted {n} rows in {insert_secs:.1} s");
+    eprintln!("inserted {n} rows {rounds} times in {insert_secs:.1} s");
     let settle_secs = settle(&client).await?.as_secs_f64();
     eprintln!("settled {settle_secs:.1} s later");
     stop.store(true, Ordering::Relaxed);
@@ -183,7 +185,7 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     client.close().await;
 
     println!(
-        "### {n} × {dim} {metric}, 3 replicas on 3 nodes, seal_rows {}\n",
+        "### {n} × {dim} {metric}, 3 replicas on 3 nodes, seal_rows {}, every point written {rounds} times\n",
         args.seal_rows.map_or_else(|| "default".to_string(), |s| s.to_string())
     );
     println!(

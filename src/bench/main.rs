@@ -99,6 +99,10 @@ struct Args {
     /// in replication mode, so that no seal or index build runs during it].
     #[arg(long)]
     seal_rows: Option<u32>,
+    /// Footprint mode: after the inserts, write every point again this
+    /// many times (same ids and vectors, new rows), before settling.
+    #[arg(long, default_value_t = 0)]
+    rewrites: usize,
     #[arg(long, default_value_t = 10)]
     k: u32,
     /// Queries per measurement.
