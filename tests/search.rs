@@ -623,3 +623,104 @@ async fn filtered_search_through_the_client_and_the_cli() {
         serde_json::json!([{"field": "tag", "type": "keyword"}, {"field": "n", "type": "int"}])
     );
 }
+
+/// The shard files on disk under a node, with their sizes.
+fn shard_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "shard.redb") {
+                out.push((path.clone(), std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)));
+            }
+        }
+    }
+    out
+}
+
+/// Points written over and over: once merges have dropped the rows they
+/// replaced, those rows leave every replica's shard file, which shrinks
+/// back to about what the collection holds, and every point reads as it
+/// was last written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewritten_points_leave_the_shard_file_of_every_replica() {
+    let mut cluster = TestCluster::new(3);
+    cluster.start_all().await;
+    let client = cluster.client(1, ADMIN).await;
+    let (n, dim, rounds) = (2_000u64, 256usize, 8u64);
+    client
+        .create_replicated(
+            CollectionSpec::new("rewrite", dim as u32, Metric::L2).with_seal_rows(500),
+            edgevec_client::ReplicationSpec::new(3),
+        )
+        .await
+        .unwrap();
+    let base = random_vectors(n as usize, dim, 11);
+    let vector = |id: u64, round: u64| -> Vec<f32> { base[id as usize].iter().map(|x| x + round as f32).collect() };
+    for round in 0..rounds {
+        for ids in (0..n).collect::<Vec<_>>().chunks(250) {
+            let points = ids
+                .iter()
+                .map(|&id| Point {
+                    id,
+                    vector: vector(id, round),
+                    payload: Some(format!("{{\"id\":{id},\"round\":{round}}}")),
+                })
+                .collect();
+            client.upsert("rewrite", points).await.unwrap();
+        }
+    }
+    let deleted: Vec<u64> = (0..n).step_by(10).collect();
+    client.delete("rewrite", &deleted).await.unwrap();
+    // 16,000 rows of 1 KiB were written; 1,800 points are left. Once
+    // quiet, every file comes down to a fraction of what was written.
+    let written = n * rounds * (dim as u64 * 4);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let files: Vec<_> = cluster
+            .ids()
+            .iter()
+            .flat_map(|id| shard_files(&cluster.path(&format!("data/node{id}/engine"))))
+            .collect();
+        if files.len() == 3 && files.iter().all(|(_, len)| *len < written / 3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shard files still large after 120 s ({written} bytes written): {files:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let live: Vec<u64> = (0..n).filter(|id| id % 10 != 0).collect();
+    let got = client.get("rewrite", &live).await.unwrap();
+    assert_eq!(got.len(), live.len());
+    let last = rounds - 1;
+    for p in &got {
+        assert_eq!(p.vector, vector(p.id, last));
+        let want = format!("{{\"id\":{},\"round\":{last}}}", p.id);
+        assert_eq!(p.payload.as_deref(), Some(want.as_str()));
+    }
+    assert!(client.get("rewrite", &deleted).await.unwrap().is_empty());
+    let exact = ReadOpts {
+        exact: true,
+        ..Default::default()
+    };
+    for id in live.iter().step_by(101) {
+        let hits = client
+            .search_with("rewrite", vec![vector(*id, last)], 1, true, &exact)
+            .await
+            .unwrap();
+        assert_eq!(hits[0][0].id, *id);
+        assert!(hits[0][0]
+            .payload
+            .as_deref()
+            .is_some_and(|p| p.contains(&format!("\"round\":{last}"))));
+    }
+    let d = client.collection_details("rewrite").await.unwrap();
+    assert_eq!(d.info.points, live.len() as u64, "{d:?}");
+    client.close().await;
+}

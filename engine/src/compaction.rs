@@ -14,7 +14,9 @@
 //! `factor` segments merges its oldest `factor` (so a shard of `n` rows
 //! keeps about `log_factor(n / seal_rows)` segments per tier and each row
 //! is rebuilt about that many times). Separately, a segment whose deleted
-//! rows reach `vacuum` of its rows is rewritten alone, which drops them.
+//! rows reach `vacuum` of its rows is rewritten alone, which drops them,
+//! and before anything else, every segment whose rows are all deleted
+//! goes in one merge (nothing to build: it frees them at its apply).
 //! No merge makes a segment above `max_rows` live rows.
 //!
 //! A merge names its sources in the order that lets its build do least
@@ -110,6 +112,13 @@ fn build_order(mut picked: Vec<SegmentSize>) -> Vec<u64> {
 /// the shard's sealed segments in any order.
 pub fn choose(segments: &[SegmentSize], seal_rows: u32, policy: &MergePolicy) -> Option<Vec<u64>> {
     let sorted = oldest_first(segments);
+    // Segments whose rows are all deleted, together: a merge of deleted
+    // rows only has nothing to build, and frees their memory at its apply
+    // (points written again faster than builds keep up leave many).
+    let emptied: Vec<u64> = sorted.iter().filter(|s| s.live == 0).map(|s| s.id).collect();
+    if !emptied.is_empty() {
+        return Some(emptied);
+    }
     // Deleted rows first: a rewrite of one segment is cheap and frees them.
     let vacuum = sorted
         .iter()
@@ -227,8 +236,11 @@ mod tests {
         let p = policy(2);
         let s = [seg(1, 100, 100), seg(2, 100, 50)];
         assert_eq!(choose(&s, 10, &p), Some(vec![2]));
-        // Emptied segments go too; an empty merge result is left alone.
+        // Emptied segments go too, all at once and before the others; an
+        // empty merge result is left alone.
         assert_eq!(choose(&[seg(4, 10, 0)], 10, &p), Some(vec![4]));
+        let s = [seg(1, 100, 50), seg(7, 10, 0), seg(3, 10, 0), seg(5, 0, 0)];
+        assert_eq!(choose(&s, 10, &p), Some(vec![3, 7]));
         assert_eq!(choose(&[seg(5, 0, 0), seg(6, 10, 10)], 10, &p), None);
         // Deletes below the threshold only shrink the tier; the segment
         // without deleted rows goes first.

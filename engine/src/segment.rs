@@ -99,6 +99,19 @@ impl RowMap {
         (at.row - run.row < run.len).then(|| run.first + (at.row - run.row))
     }
 
+    /// The rows of stored segment `segment` among these, as runs `(first
+    /// row, rows)` ascending.
+    fn runs_of(&self, segment: u64) -> Vec<(u32, u32)> {
+        self.by_source.get(&segment).map_or_else(Vec::new, |list| {
+            list.iter()
+                .map(|&i| {
+                    let run = self.runs[i as usize];
+                    (run.row, run.len)
+                })
+                .collect()
+        })
+    }
+
     fn location(&self, row: u32) -> Location {
         let run = self.runs[self.runs.partition_point(|r| r.first <= row) - 1];
         debug_assert!(row - run.first < run.len, "row {row} is past the merged segment's rows");
@@ -229,6 +242,13 @@ impl Segment {
     }
 
     /// Whether this is a merged segment.
+    /// For a merged segment, the rows of stored segment `segment` it
+    /// holds, as runs `(first row, rows)` ascending (none for another
+    /// segment).
+    pub fn stored_runs(&self, segment: u64) -> Vec<(u32, u32)> {
+        self.map.as_ref().map_or_else(Vec::new, |m| m.runs_of(segment))
+    }
+
     pub fn is_merged(&self) -> bool {
         self.map.is_some()
     }

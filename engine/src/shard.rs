@@ -241,6 +241,8 @@ pub struct ShardReplica {
     /// until it has read its hits' payloads; replaced by a reclaim, which
     /// waits for the clones of the one it replaced to go ([`Pin`]).
     readers: Mutex<Arc<()>>,
+    /// A thread waits for the shard to be quiet to compact its file.
+    compact_scheduled: AtomicBool,
     /// Ops appended by this process and not applied yet, as decoded.
     unapplied: Mutex<Unapplied>,
     /// Called on the builder thread each time a merge's build has made the
@@ -473,6 +475,7 @@ impl ShardReplica {
             files: Mutex::new(()),
             last_write: Mutex::new(std::time::Instant::now()),
             readers: Mutex::new(Arc::new(())),
+            compact_scheduled: AtomicBool::new(false),
             #[cfg(test)]
             on_prefix: Mutex::new(None),
             unapplied: Mutex::new(Unapplied::default()),

@@ -58,7 +58,6 @@
 //!
 //! Whole-state reads and writes for exports and imports are in `bulk`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use edgevec_proto::{OpId, SegmentState};
@@ -265,6 +264,10 @@ pub struct ShardStore {
     digests: std::sync::Mutex<Digests>,
 }
 
+/// Rows a merge holds of one segment it covers: the segment, and runs
+/// `(first row, rows)` ascending.
+pub type KeptRows = (u64, Vec<(u32, u32)>);
+
 /// Kept digests of sealed segments.
 #[derive(Default)]
 struct Digests {
@@ -381,7 +384,7 @@ impl ShardStore {
     /// the file; when it is `quiet` (or opening), at least
     /// [`COMPACT_QUIET_MIN_BYTES`] and a ninth of it (the file then ends
     /// within 1.125 times what it holds). Every transaction waits while it
-    /// runs (0.1-0.3 s for a few hundred MB), and it waits for a moment
+    /// runs (0.03-0.4 s for a few hundred MB), and it waits for a moment
     /// without any (at most [`COMPACT_WAIT`]; an export holds one for its
     /// whole read), or leaves it for the next time. Returns whether it
     /// compacted.
@@ -664,46 +667,23 @@ impl ShardStore {
     }
 
     /// Removes from the file what installed merge `merge` dropped: the rows
-    /// of the segments it covers that are not among its rows (deleted
-    /// before its op), with their payloads and tombstones. Nothing serves
-    /// those rows since its install, and every later merge takes its rows
-    /// from the merge's, so they are provably unused; the caller makes sure
-    /// no search that found one before the install still reads its payload.
+    /// of the segments it covers that are not among its rows (deleted or
+    /// replaced before its op), with their payloads and tombstones.
+    /// `kept` names, for each segment it covers, the rows it holds there
+    /// (runs, from its segment in memory); `None` when a later merge
+    /// replaced it (which reclaims in its place). Nothing serves the other
+    /// rows since its install, and every later merge takes its rows from
+    /// the merge's, so they are provably unused; the caller makes sure no
+    /// search that found one before the install still reads its payload.
     /// One transaction per segment that lost rows (a segment's rows are
     /// read only if it did, a chunk's only if it lost some), not fsynced,
     /// then a durable one that takes `merge` off the queue: a crash before
     /// it leaves the merge queued, and the next open reclaims again (what
-    /// is gone already is skipped).
-    /// Returns the rows removed.
-    pub fn reclaim(&self, merge: u64) -> Result<u64, EngineError> {
-        let rec = {
-            let db = self.db();
-            let txn = db.begin_read()?;
-            let raw = txn.open_table(MERGES)?.get(merge)?;
-            raw.map(|raw| self.decode_merge(raw.value())).transpose()?
-        };
+    /// is gone already is skipped). Returns the rows removed.
+    pub fn reclaim(&self, merge: u64, kept: Option<&[KeptRows]>) -> Result<u64, EngineError> {
         let mut removed = 0;
-        // Without a record, a later merge replaced it and reclaims in its
-        // place.
-        if let Some(rec) = rec {
-            if !rec.installed {
-                return Err(self.corrupt(format!("merge {merge} is queued for reclaiming but not installed")));
-            }
-            let mut kept: HashMap<u64, Vec<u32>> = rec.covers.iter().map(|c| (*c, Vec::new())).collect();
-            for (at, _) in &rec.rows {
-                kept.get_mut(&at.segment)
-                    .ok_or_else(|| {
-                        self.corrupt(format!(
-                            "merge {merge} has a row of {}, which it does not cover",
-                            at.segment
-                        ))
-                    })?
-                    .push(at.row);
-            }
-            for (segment, mut rows) in kept {
-                rows.sort_unstable();
-                removed += self.reclaim_segment(segment, &rows)?;
-            }
+        for (segment, runs) in kept.unwrap_or_default() {
+            removed += self.reclaim_segment(*segment, runs)?;
         }
         // Durable: redb frees the pages of non-durable commits only with
         // the next durable one.
@@ -714,9 +694,9 @@ impl ShardStore {
         Ok(removed)
     }
 
-    /// Removes the rows of sealed `segment` not in `kept` (ascending), with
+    /// Removes the rows of sealed `segment` outside the runs `kept`, with
     /// their payloads and tombstones; see [`ShardStore::reclaim`].
-    fn reclaim_segment(&self, segment: u64, kept: &[u32]) -> Result<u64, EngineError> {
+    fn reclaim_segment(&self, segment: u64, kept: &rows::Runs) -> Result<u64, EngineError> {
         let removed = self.write_as(Durability::None, |txn, meta| {
             let record = match txn.open_table(SEGMENTS)?.get(segment)? {
                 Some(raw) => self.decode_segment(raw.value())?,
@@ -727,16 +707,17 @@ impl ShardStore {
             }
             let mut reclaimed = txn.open_table(RECLAIMED)?;
             let gone = reclaimed.get(segment)?.map_or(0, |v| v.value());
-            if kept.len() as u64 + gone >= u64::from(record.rows) {
+            let held = u64::from(rows::kept_within(kept, 0, record.rows));
+            if held + gone >= u64::from(record.rows) {
                 return Ok(0);
             }
             let mut chunks = txn.open_table(ROW_CHUNKS)?;
             let n = rows::retain(&mut chunks, &self.path, meta.dim as usize, segment, record.rows, kept)?;
-            let keep = |row: u32| kept.binary_search(&row).is_ok();
             let range = (segment, 0)..=(segment, u32::MAX);
             txn.open_table(PAYLOADS)?
-                .retain_in(range.clone(), |(_, row), _| keep(row))?;
-            txn.open_table(TOMBSTONES)?.retain_in(range, |(_, row), _| keep(row))?;
+                .retain_in(range.clone(), |(_, row), _| rows::keeps(kept, row))?;
+            txn.open_table(TOMBSTONES)?
+                .retain_in(range, |(_, row), _| rows::keeps(kept, row))?;
             reclaimed.insert(segment, gone + n)?;
             Ok(n)
         })?;

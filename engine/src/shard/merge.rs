@@ -378,23 +378,36 @@ impl ShardReplica {
     /// of it is free pages (less is enough once the shard is quiet).
     fn reclaim_dropped(&self) -> Result<(), crate::EngineError> {
         let pending = self.store.pending_reclaims()?;
-        if !pending.is_empty() {
-            let before = std::mem::replace(&mut *self.readers.lock().expect("shard readers lock"), Arc::new(()));
-            let searches = Arc::downgrade(&before);
-            drop(before);
-            while searches.strong_count() > 0 {
-                if self.retired.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut *self.readers.lock().expect("shard readers lock"), Arc::new(()));
+        let searches = Arc::downgrade(&before);
+        drop(before);
+        while searches.strong_count() > 0 {
+            if self.retired.load(Ordering::Acquire) {
+                return Ok(());
             }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _files = self.files.lock().expect("shard files lock");
+        let mut removed = 0;
         for merge in pending {
             if self.retired.load(Ordering::Acquire) {
                 return Ok(());
             }
-            let rows = self.store.reclaim(merge)?;
+            // What it holds of each segment it covers, if it still serves.
+            let kept: Option<Vec<crate::store::KeptRows>> = {
+                let st = self.read();
+                st.merges.get(&merge).filter(|m| m.installed).map(|m| {
+                    let seg = st.segments.get(&merge);
+                    m.covers
+                        .iter()
+                        .map(|c| (*c, seg.map_or_else(Vec::new, |s| s.stored_runs(*c))))
+                        .collect()
+                })
+            };
+            let rows = self.store.reclaim(merge, kept.as_deref())?;
             if rows > 0 {
                 tracing::info!(
                     shard = self.config.shard,
@@ -403,14 +416,64 @@ impl ShardReplica {
                     "reclaimed rows the merge dropped"
                 );
             }
+            removed += rows;
         }
         // Rows written faster than merges drop them grow the file, and
-        // redb never gives pages back by itself.
-        let quiet = self.last_write.lock().expect("last write lock").elapsed() >= COMPACT_QUIET_AFTER;
-        if !self.retired.load(Ordering::Acquire) {
+        // redb never gives pages back by itself. (With no row removed the
+        // file has little free: a compaction would cost memory, in redb's
+        // cache, for a few MiB of disk.)
+        let quiet = self.is_quiet();
+        if removed > 0 && !self.retired.load(Ordering::Acquire) {
             self.store.compact_if_sparse(quiet)?;
+            if !quiet {
+                self.compact_when_quiet();
+            }
         }
         Ok(())
+    }
+
+    /// Whether the shard has had no write for [`COMPACT_QUIET_AFTER`].
+    fn is_quiet(&self) -> bool {
+        self.last_write.lock().expect("last write lock").elapsed() >= COMPACT_QUIET_AFTER
+    }
+
+    /// Once the shard is quiet, has the builder thread compact its file at
+    /// the quiet bar: rows reclaimed while it took writes may have left
+    /// less free than the bar for a busy shard. One waiting thread per
+    /// replica at most; it gives up when the replica goes.
+    fn compact_when_quiet(&self) {
+        if self.compact_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.this.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shard-compact".into())
+            .spawn(move || loop {
+                std::thread::sleep(COMPACT_QUIET_AFTER);
+                let Some(shard) = this.upgrade() else { return };
+                if shard.retired.load(Ordering::Acquire) {
+                    return;
+                }
+                if !shard.is_quiet() {
+                    continue;
+                }
+                shard.compact_scheduled.store(false, Ordering::Release);
+                let this = shard.this.clone();
+                shard.builder.submit(move || {
+                    let Some(shard) = this.upgrade() else { return };
+                    let _files = shard.files.lock().expect("shard files lock");
+                    if shard.retired.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if let Err(e) = shard.store.compact_if_sparse(true) {
+                        tracing::error!(error = %e, shard = shard.config.shard, "compacting the shard file failed");
+                    }
+                });
+                return;
+            });
+        if spawned.is_err() {
+            self.compact_scheduled.store(false, Ordering::Release);
+        }
     }
 
     /// Hands the build and install of merge `id` to the builder thread.

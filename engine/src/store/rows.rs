@@ -252,25 +252,42 @@ fn write_rows<'v>(
     Ok(())
 }
 
-/// Removes the rows of `segment` (`rows` rows when sealed) that are not
-/// in `kept` (ascending): chunks that lose rows are rewritten with the
-/// rest (tag 2), chunks left with none are deleted. A chunk whose rows are
-/// all kept is not read. Returns the rows removed.
+/// Rows kept of a segment: runs `(first row, rows)`, ascending and apart.
+pub(super) type Runs = [(u32, u32)];
+
+/// How many rows of `lo..hi` the runs `kept` hold.
+pub(super) fn kept_within(kept: &Runs, lo: u32, hi: u32) -> u32 {
+    let start = kept.partition_point(|&(first, len)| first + len <= lo);
+    kept[start..]
+        .iter()
+        .take_while(|&&(first, _)| first < hi)
+        .map(|&(first, len)| (first + len).min(hi) - first.max(lo))
+        .sum()
+}
+
+/// Whether the runs `kept` hold `row`.
+pub(super) fn keeps(kept: &Runs, row: u32) -> bool {
+    kept_within(kept, row, row + 1) == 1
+}
+
+/// Removes the rows of `segment` (`rows` rows when sealed) outside the
+/// runs `kept`: chunks that lose rows are rewritten with the rest (tag
+/// 2), chunks left with none are deleted. A chunk whose rows are all kept
+/// is not read. Returns the rows removed.
 pub(super) fn retain(
     table: &mut Table<(u64, u32), &[u8]>,
     path: &Path,
     dim: usize,
     segment: u64,
     rows: u32,
-    kept: &[u32],
+    kept: &Runs,
 ) -> Result<u64, EngineError> {
     let per = chunk_rows(dim);
     let mut removed = 0;
     for chunk_no in 0..rows.div_ceil(per) {
         let first = chunk_no * per;
         let end = (first + per).min(rows);
-        let (lo, hi) = (kept.partition_point(|&r| r < first), kept.partition_point(|&r| r < end));
-        if (hi - lo) as u32 == end - first {
+        if kept_within(kept, first, end) == end - first {
             continue;
         }
         let key = (segment, chunk_no);
@@ -278,11 +295,10 @@ pub(super) fn retain(
             Some(raw) => Chunk::decode(raw.value(), dim).map_err(|e| corrupt(path, e))?,
             None => continue,
         };
-        let keep = &kept[lo..hi];
         let mut left = Chunk::default();
         for i in 0..chunk.ids.len() {
             let place = chunk.place(i);
-            if keep.binary_search(&(first + place)).is_ok() {
+            if keeps(kept, first + place) {
                 left.push(place, chunk.ids[i], &chunk.vectors[i * dim..(i + 1) * dim]);
             }
         }
@@ -628,7 +644,19 @@ mod tests {
             _ => row == 3 * per,
         };
         let n = a.len() as u32;
-        let keep_rows: Vec<u32> = (0..n).filter(|&r| keep(r)).collect();
+        let mut keep_rows: Vec<(u32, u32)> = Vec::new();
+        for r in (0..n).filter(|&r| keep(r)) {
+            match keep_rows.last_mut() {
+                Some((first, len)) if *first + *len == r => *len += 1,
+                _ => keep_rows.push((r, 1)),
+            }
+        }
+        assert_eq!(
+            kept_within(&keep_rows, 0, n),
+            (0..n).filter(|&r| keep(r)).count() as u32
+        );
+        assert_eq!(kept_within(&keep_rows, 2 * per, 3 * per), per);
+        assert_eq!(kept_within(&keep_rows, per, 2 * per), 0);
         let mut removed = 0;
         write(&mut |t| removed = retain(t, &path, dim, 1, n, &keep_rows).unwrap());
         let kept: Vec<_> = as_rows(&a).into_iter().filter(|(at, _, _)| keep(at.row)).collect();
