@@ -49,12 +49,14 @@
 //! - **reclaiming**: the transaction that installs a merge queues it in
 //!   `reclaims`; [`ShardStore::reclaim`] then removes the rows of the
 //!   segments it covers that are not among its rows (deleted or replaced
-//!   before its op), with their payloads and tombstones, and takes it off
-//!   the queue, in one transaction. Nothing serves those rows any more,
-//!   and every later merge takes its rows from this one's, so nothing ever
-//!   reads them again; a segment that serves its own rows is never
-//!   touched. redb reuses the pages they free. `reclaimed` counts, per
-//!   segment, what is gone, so an export knows it has gaps to declare.
+//!   before its op), with their payloads and tombstones, a transaction per
+//!   segment, and takes it off the queue in a last, durable one. Nothing
+//!   serves those rows any more, and every later merge takes its rows from
+//!   this one's, so nothing ever reads them again; a segment that serves
+//!   its own rows is never touched. redb reuses the pages they free, and
+//!   [`ShardStore::compact_if_sparse`] gives them back. `reclaimed`
+//!   counts, per segment, what is gone: a reclaim done again skips it, and
+//!   an export knows it has gaps to declare.
 //!
 //! Whole-state reads and writes for exports and imports are in `bulk`.
 
@@ -382,8 +384,9 @@ impl ShardStore {
     /// redb reuses free pages but never gives them back. While the shard
     /// takes writes, at least [`COMPACT_MIN_BYTES`] and more than half of
     /// the file; when it is `quiet` (or opening), at least
-    /// [`COMPACT_QUIET_MIN_BYTES`] and a ninth of it (the file then ends
-    /// within 1.125 times what it holds). Every transaction waits while it
+    /// [`COMPACT_QUIET_MIN_BYTES`] and a ninth of it (so a quiet shard's
+    /// file ends within 1.125 times what it holds). Every transaction waits
+    /// while it
     /// runs (0.03-0.4 s for a few hundred MB), and it waits for a moment
     /// without any (at most [`COMPACT_WAIT`]; an export holds one for its
     /// whole read), or leaves it for the next time. Returns whether it
