@@ -360,10 +360,13 @@ impl ShardReplica {
     }
 
     /// Hands the reclaiming of what installed merges dropped to the
-    /// builder thread ([`ShardStore::reclaim`](crate::store::ShardStore::reclaim)).
+    /// builder thread ([`ShardStore::reclaim`](crate::store::ShardStore::reclaim)),
+    /// ahead of the builds queued: when rows are rewritten faster than
+    /// builds keep up, the file would otherwise grow with every dropped row
+    /// until the builds are done.
     pub(super) fn queue_reclaim(&self) {
         let this = self.this.clone();
-        self.builder.submit(move || {
+        self.builder.submit_first(move || {
             let Some(shard) = this.upgrade() else { return };
             if let Err(e) = shard.reclaim_dropped() {
                 tracing::error!(error = %e, shard = shard.config.shard, "reclaiming rows merges dropped failed; the next open tries again");
