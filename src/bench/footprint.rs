@@ -6,7 +6,8 @@
 //! inserted through the client library in batches of `--batch`, 4 in
 //! flight, then written again `--rewrites` times (same ids and vectors:
 //! each round replaces every point with a new row). Every node's RSS is sampled every 100 ms from the first insert
-//! (its peak, and when it was reached, are reported) until the
+//! (its peak, and when it was reached, are reported; so is the most its
+//! data directory took) until the
 //! collection has settled (every sealed segment indexed, no
 //! build or merge under way, the segment list unchanged for 10 s); then
 //! RSS and the bytes of every node's data directory (blocks allocated), by
@@ -114,20 +115,26 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         .await
         .context("creating the bench collection")?;
 
-    // RSS of every node, sampled until `stop`: each node's peak, and when
-    // (since the first insert).
+    // RSS and disk of every node, sampled until `stop`: each node's peak
+    // RSS, when it was (since the first insert), and its peak disk.
     let pids: Vec<u32> = cluster.ids().filter_map(|id| cluster.pid(id)).collect();
+    let dirs: Vec<PathBuf> = cluster.ids().map(|id| dir.join(format!("node{id}"))).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let sampler = {
         let (pids, stop) = (pids.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut peak = vec![(0u64, Duration::ZERO); pids.len()];
+            let mut peak = vec![(0u64, Duration::ZERO, 0u64); pids.len()];
             while !stop.load(Ordering::Relaxed) {
-                for (p, pid) in peak.iter_mut().zip(&pids) {
+                for ((p, pid), dir) in peak.iter_mut().zip(&pids).zip(&dirs) {
                     let now = rss(*pid).unwrap_or(0);
                     if now > p.0 {
-                        *p = (now, started.elapsed());
+                        (p.0, p.1) = (now, started.elapsed());
+                    }
+                    let mut usage = BTreeMap::new();
+                    // A file removed while listed fails the walk: skip it.
+                    if disk_usage(dir, &mut usage).is_ok() {
+                        p.2 = p.2.max(usage.values().sum());
                     }
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -237,10 +244,12 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         println!();
     }
     println!();
-    for (id, (_, at)) in cluster.ids().zip(&peaks) {
+    for (id, (_, at, disk)) in cluster.ids().zip(&peaks) {
         println!(
-            "node {id} peaked {:.1} s after the first insert (the inserts took {insert_secs:.1} s, the rest {settle_secs:.1} s).",
-            at.as_secs_f64()
+            "node {id} peaked {:.1} s after the first insert (the inserts took {insert_secs:.1} s, the rest {settle_secs:.1} s); its data directory took at most {} MiB ({:.2}× raw).",
+            at.as_secs_f64(),
+            mib(*disk),
+            *disk as f64 / raw as f64
         );
     }
     println!();
