@@ -16,9 +16,7 @@
 //! left.
 //!
 //! A job is an opaque closure (the shard decides what building means:
-//! build, save the file, install in memory). Short jobs that must not
-//! wait behind a backlog of builds (reclaiming what merges dropped) go
-//! ahead of the queued ones ([`IndexBuilder::submit_first`]). The builder owns only the
+//! build, save the file, install in memory). The builder owns only the
 //! queue, a count of jobs not finished yet — so [`IndexBuilder::wait_idle`]
 //! can tell tests and benchmarks when every queued index is in place — and
 //! shutdown: jobs still queued at shutdown are dropped (a restart finds
@@ -71,9 +69,6 @@ fn current_nice() -> i32 {
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 struct Shared {
-    /// Jobs to run before the next one of the channel
-    /// ([`IndexBuilder::submit_first`]).
-    first: Mutex<std::collections::VecDeque<Job>>,
     pending: Mutex<usize>,
     /// Jobs run to their end, and the seconds they took in all.
     done: Mutex<(u64, f64)>,
@@ -82,17 +77,15 @@ struct Shared {
 }
 
 pub struct IndexBuilder {
-    /// `None` wakes the thread for the jobs of `Shared::first`.
-    tx: Mutex<Option<Sender<Option<Job>>>>,
+    tx: Mutex<Option<Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<Shared>,
 }
 
 impl IndexBuilder {
     pub fn start() -> IndexBuilder {
-        let (tx, rx) = mpsc::channel::<Option<Job>>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let shared = Arc::new(Shared {
-            first: Mutex::new(Default::default()),
             pending: Mutex::new(0),
             done: Mutex::new((0, 0.0)),
             idle: Condvar::new(),
@@ -108,7 +101,7 @@ impl IndexBuilder {
             .name("edgevec-index-builder".into())
             .spawn(move || {
                 lower_priority();
-                let run = |job: Job| {
+                for job in rx {
                     if !worker.stopping.load(Ordering::Acquire) {
                         // A panicking build must not take the builder down
                         // with it; the segment stays searchable by brute
@@ -127,16 +120,6 @@ impl IndexBuilder {
                     let mut pending = worker.pending.lock().expect("builder lock");
                     *pending -= 1;
                     worker.idle.notify_all();
-                };
-                for job in rx {
-                    loop {
-                        let first = worker.first.lock().expect("builder lock").pop_front();
-                        let Some(first) = first else { break };
-                        run(first);
-                    }
-                    if let Some(job) = job {
-                        run(job);
-                    }
                 }
             })
             .expect("spawn index builder thread");
@@ -154,25 +137,9 @@ impl IndexBuilder {
             return; // shutting down: the next open rebuilds
         };
         *self.shared.pending.lock().expect("builder lock") += 1;
-        if tx.send(Some(Box::new(job))).is_err() {
+        if tx.send(Box::new(job)).is_err() {
             *self.shared.pending.lock().expect("builder lock") -= 1;
         }
-    }
-
-    /// Queues a job to run before every job queued with
-    /// [`IndexBuilder::submit`] that has not started (after the one
-    /// running); never blocks on the build. For short jobs that should not
-    /// wait behind a backlog of builds.
-    pub fn submit_first(&self, job: impl FnOnce() + Send + 'static) {
-        let tx = self.tx.lock().expect("builder lock");
-        let Some(tx) = tx.as_ref() else {
-            return; // shutting down
-        };
-        *self.shared.pending.lock().expect("builder lock") += 1;
-        self.shared.first.lock().expect("builder lock").push_back(Box::new(job));
-        // Wakes the thread if it waits for a job; a thread gone leaves the
-        // job queued, and shutdown drops it.
-        let _ = tx.send(None);
     }
 
     /// Jobs run to their end since start, and the seconds they took in
@@ -256,31 +223,6 @@ mod tests {
         assert!(!b.wait_idle(Duration::from_millis(10)));
         b.shutdown();
         b.submit(|| unreachable!("no jobs after shutdown"));
-        assert_eq!(b.pending(), 0);
-    }
-
-    #[test]
-    fn a_job_submitted_first_runs_before_the_queued_ones() {
-        let b = IndexBuilder::start();
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        b.submit(move || {
-            let _ = rx.recv();
-        });
-        for i in 0..3 {
-            let o = order.clone();
-            b.submit(move || o.lock().unwrap().push(i));
-        }
-        let o = order.clone();
-        b.submit_first(move || o.lock().unwrap().push(10));
-        drop(tx);
-        assert!(b.wait_idle(Duration::from_secs(5)));
-        assert_eq!(*order.lock().unwrap(), vec![10, 0, 1, 2]);
-        // On an idle builder it runs at once.
-        let o = order.clone();
-        b.submit_first(move || o.lock().unwrap().push(11));
-        assert!(b.wait_idle(Duration::from_secs(5)));
-        assert_eq!(order.lock().unwrap().last(), Some(&11));
         assert_eq!(b.pending(), 0);
     }
 

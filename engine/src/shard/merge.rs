@@ -360,13 +360,10 @@ impl ShardReplica {
     }
 
     /// Hands the reclaiming of what installed merges dropped to the
-    /// builder thread ([`ShardStore::reclaim`](crate::store::ShardStore::reclaim)),
-    /// ahead of the builds queued: when rows are rewritten faster than
-    /// builds keep up, the file would otherwise grow with every dropped row
-    /// until the builds are done.
+    /// builder thread ([`ShardStore::reclaim`](crate::store::ShardStore::reclaim)).
     pub(super) fn queue_reclaim(&self) {
         let this = self.this.clone();
-        self.builder.submit_first(move || {
+        self.builder.submit(move || {
             let Some(shard) = this.upgrade() else { return };
             if let Err(e) = shard.reclaim_dropped() {
                 tracing::error!(error = %e, shard = shard.config.shard, "reclaiming rows merges dropped failed; the next open tries again");

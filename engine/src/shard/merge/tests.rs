@@ -53,21 +53,6 @@ fn stall(builder: &IndexBuilder) -> mpsc::Sender<()> {
     tx
 }
 
-/// [`stall`], returning once the holding job runs: a job submitted first
-/// then waits too.
-fn hold(builder: &IndexBuilder) -> mpsc::Sender<()> {
-    let (tx, rx) = mpsc::channel::<()>();
-    let (running, started) = mpsc::channel::<()>();
-    builder.submit(move || {
-        let _ = running.send(());
-        let _ = rx.recv();
-    });
-    started
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the builder runs the hold");
-    tx
-}
-
 fn idle(builder: &IndexBuilder) {
     assert!(builder.wait_idle(Duration::from_secs(60)));
 }
@@ -644,12 +629,11 @@ fn a_file_of_the_layout_before_is_reclaimed_at_open() {
     let s = open(dir.path(), &builder);
     write(&s, upsert(0..200)).unwrap();
     idle(&builder);
-    // Points 0..100 written again: merge 5 drops 100 rows of 1 and 2. A
-    // search pinned before keeps its reclaim waiting until the replica
-    // is retired.
-    let pin = s.pin();
+    // Points 0..100 written again: merge 5 drops 100 rows of 1 and 2.
     write(&s, upsert(0..100)).unwrap();
     write(&s, merge(&[1, 2])).unwrap();
+    // Queued behind the merge's build, before its reclaim.
+    let release = stall(&builder);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !s.merge_state().1.is_empty() {
         assert!(std::time::Instant::now() < deadline, "merge 5 is not installed");
@@ -657,9 +641,9 @@ fn a_file_of_the_layout_before_is_reclaimed_at_open() {
     }
     let want = seen(&s);
     assert_eq!(stored(&s).0, served(&s).0 + 100);
-    s.retire();
+    drop(s);
+    drop(release);
     idle(&builder);
-    drop((pin, s));
     // As the layout before left it: nothing queued for reclaiming.
     super::super::tests::edit_file(dir.path(), |txn| {
         use redb::ReadableTable;
@@ -673,7 +657,7 @@ fn a_file_of_the_layout_before_is_reclaimed_at_open() {
         drop(meta);
         txn.delete_table(RECLAIMS).unwrap();
     });
-    let release = hold(&builder);
+    let release = stall(&builder);
     let s = open(dir.path(), &builder);
     same(seen(&s), want.clone());
     assert_eq!(stored(&s).0, served(&s).0 + 100, "queued at open");
