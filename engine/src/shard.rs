@@ -549,14 +549,6 @@ impl ShardReplica {
 
     /// Hands the build of `segment`'s index to the builder thread.
     fn queue_build(&self, segment: u64) {
-        let Some(((vectors, progress), ids)) = self
-            .read()
-            .segments
-            .get(&segment)
-            .and_then(|s| s.pending_build().map(|v| (v, s.ids().to_vec())))
-        else {
-            return;
-        };
         let this = self.this.clone();
         let (metric, dim, params) = (self.config.metric, self.config.dim as usize, self.config.index);
         let path = index_path(&self.dir, segment);
@@ -564,12 +556,21 @@ impl ShardReplica {
         // builds keep up) needs no index, and must not leave a file.
         let serves = move |s: &ShardReplica| s.read().segments.contains_key(&segment);
         self.builder.submit(move || {
-            if this
-                .upgrade()
-                .is_none_or(|s| s.retired.load(Ordering::Acquire) || !serves(&s))
-            {
+            // The vectors are taken when the build starts, not when it is
+            // queued: a queued job must not keep the vectors of a segment
+            // merged away meanwhile in memory (a burst of rewrites queues
+            // dozens of builds behind the running one).
+            let taken = this.upgrade().and_then(|s| {
+                if s.retired.load(Ordering::Acquire) {
+                    return None;
+                }
+                let st = s.read();
+                let seg = st.segments.get(&segment)?;
+                seg.pending_build().map(|v| (v, seg.ids().to_vec()))
+            });
+            let Some(((vectors, progress), ids)) = taken else {
                 return;
-            }
+            };
             let index = match HnswIndex::build(metric, dim, RowVectors::One(vectors), params, &progress) {
                 Ok(index) => Arc::new(index),
                 Err(e) => {
