@@ -705,31 +705,18 @@ impl ShardStore {
         {
             let db = self.db();
             let txn = db.begin_read()?;
-            let rows = match txn.open_table(SEGMENTS)?.get(segment)? {
-                Some(raw) => self.decode_segment(raw.value())?.rows,
-                None => 0,
-            };
-            let gone = txn.open_table(RECLAIMED)?.get(segment)?.map_or(0, |v| v.value());
-            if rows > 0 && u64::from(rows::kept_within(kept, 0, rows)) + gone >= u64::from(rows) {
+            let lost = self.lost_rows(&txn.open_table(SEGMENTS)?, &txn.open_table(RECLAIMED)?, segment, kept)?;
+            if lost.is_none() {
                 return Ok(0);
             }
         }
         let removed = self.write_as(Durability::None, |txn, meta| {
-            let record = match txn.open_table(SEGMENTS)?.get(segment)? {
-                Some(raw) => self.decode_segment(raw.value())?,
-                None => return Err(self.corrupt(format!("a merge covers segment {segment}, which has no record"))),
-            };
-            if record.state != SegmentState::Sealed {
-                return Err(self.corrupt(format!("a merge covers segment {segment}, which is not sealed")));
-            }
             let mut reclaimed = txn.open_table(RECLAIMED)?;
-            let gone = reclaimed.get(segment)?.map_or(0, |v| v.value());
-            let held = u64::from(rows::kept_within(kept, 0, record.rows));
-            if held + gone >= u64::from(record.rows) {
+            let Some((stored, gone)) = self.lost_rows(&txn.open_table(SEGMENTS)?, &reclaimed, segment, kept)? else {
                 return Ok(0);
-            }
+            };
             let mut chunks = txn.open_table(ROW_CHUNKS)?;
-            let n = rows::retain(&mut chunks, &self.path, meta.dim as usize, segment, record.rows, kept)?;
+            let n = rows::retain(&mut chunks, &self.path, meta.dim as usize, segment, stored, kept)?;
             let range = (segment, 0)..=(segment, u32::MAX);
             txn.open_table(PAYLOADS)?
                 .retain_in(range.clone(), |(_, row), _| rows::keeps(kept, row))?;
@@ -742,6 +729,29 @@ impl ShardStore {
         digests.reclaims += 1;
         digests.by_segment.remove(&segment);
         Ok(removed)
+    }
+
+    /// For sealed `segment`, whether it still holds rows outside the runs
+    /// `kept`, by the counts: `Some((its rows, rows gone already))` if so.
+    /// A segment a merge covers that has no record, or is not sealed, is
+    /// corrupt.
+    fn lost_rows(
+        &self,
+        segments: &impl ReadableTable<u64, &'static [u8]>,
+        reclaimed: &impl ReadableTable<u64, u64>,
+        segment: u64,
+        kept: &rows::Runs,
+    ) -> Result<Option<(u32, u64)>, EngineError> {
+        let record = match segments.get(segment)? {
+            Some(raw) => self.decode_segment(raw.value())?,
+            None => return Err(self.corrupt(format!("a merge covers segment {segment}, which has no record"))),
+        };
+        if record.state != SegmentState::Sealed {
+            return Err(self.corrupt(format!("a merge covers segment {segment}, which is not sealed")));
+        }
+        let gone = reclaimed.get(segment)?.map_or(0, |v| v.value());
+        let held = u64::from(rows::kept_within(kept, 0, record.rows));
+        Ok((held + gone < u64::from(record.rows)).then_some((record.rows, gone)))
     }
 
     /// Runs `f` in one durable write transaction, handing it the meta
