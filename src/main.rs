@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() {
     // Before any thread starts (the runtime's workers included).
-    edgevec_engine::memory::limit_arenas();
+    edgevec_engine::memory::configure_allocator();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -571,8 +571,18 @@ impl ShardReplica {
             let Some(((vectors, progress), ids)) = taken else {
                 return;
             };
-            let index = match HnswIndex::build(metric, dim, RowVectors::One(vectors), params, &progress) {
-                Ok(index) => Arc::new(index),
+            // Called off once the segment stops serving (merged away, or
+            // the replica dropped).
+            let wanted = || {
+                this.upgrade()
+                    .is_some_and(|s| !s.retired.load(Ordering::Acquire) && serves(&s))
+            };
+            let index = match HnswIndex::build_while(metric, dim, RowVectors::One(vectors), params, &progress, wanted) {
+                Ok(Some(index)) => Arc::new(index),
+                Ok(None) => {
+                    tracing::debug!(segment, "index build called off: the segment no longer serves");
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, segment, "index build failed; the segment stays on brute force until the next open");
                     return;

@@ -55,6 +55,35 @@ fn finds_itself_and_keeps_vectors() {
 }
 
 #[test]
+fn a_build_called_off_stops_between_checks() {
+    let dim = 4;
+    let rows = BUILD_CHECK_ROWS * 2 + 100;
+    let v = random(rows, dim, 9);
+    let (progress, mut asked) = (AtomicU64::new(0), 0);
+    let built = HnswIndex::build_while(Metric::L2, dim, one(&v), PARAMS, &progress, || {
+        asked += 1;
+        asked < 2
+    })
+    .unwrap();
+    assert!(built.is_none(), "called off at the second check");
+    assert_eq!(
+        progress.load(Ordering::Relaxed),
+        BUILD_CHECK_ROWS as u64,
+        "one step was added"
+    );
+
+    let (progress, mut asked) = (AtomicU64::new(0), 0);
+    let ix = HnswIndex::build_while(Metric::L2, dim, one(&v), PARAMS, &progress, || {
+        asked += 1;
+        true
+    })
+    .unwrap()
+    .expect("never called off");
+    assert_eq!((ix.rows(), asked), (rows, 3), "asked before each of the three steps");
+    assert_eq!(progress.load(Ordering::Relaxed), rows as u64);
+}
+
+#[test]
 fn exact_and_filtered_searches_keep_their_promises() {
     let dim = 16;
     let v = random(2000, dim, 3);
