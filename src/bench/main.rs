@@ -48,6 +48,9 @@
 //! With `--mode reach` it counts the rows of an HNSW graph that a search
 //! for their own vector misses, before and after the graph is linked
 //! through.
+//! With `--mode quant` it compares graphs whose vectors are held as f32,
+//! f16 and i8, with and without the exact rows read back for the final
+//! scores.
 //!
 //! `cargo run --release --bin bench -- --help`
 
@@ -70,6 +73,7 @@ mod footprint;
 mod import;
 mod local;
 mod plugins;
+mod quant;
 mod reach;
 mod reads;
 mod replication;
@@ -189,6 +193,10 @@ struct Args {
     /// Engine mode: search expansions measured.
     #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
     ef_sweep: Vec<usize>,
+    /// Quant mode: the walk's top `rescore × k` are scored again from the
+    /// exact rows.
+    #[arg(long, default_value_t = 3)]
+    rescore: usize,
     /// Engine mode: the Python with hnswlib and numpy installed
     /// (scripts/bench-engine.sh makes a venv with them).
     #[arg(long, default_value = "python3")]
@@ -604,8 +612,9 @@ async fn main() -> Result<()> {
         "local" => local::run(&args),
         "import" => import::run(&args, &dir),
         "reach" => reach::run(&args),
+        "quant" => quant::run(&args, &dir),
         other => {
-            bail!("unknown --mode {other:?}: use search, engine, footprint, local, import, reach, meta, replication, plugins, plugins-e2e, reads or scaling")
+            bail!("unknown --mode {other:?}: use search, engine, footprint, local, import, reach, quant, meta, replication, plugins, plugins-e2e, reads or scaling")
         }
     }
 }
