@@ -55,7 +55,8 @@
 //! Modules: [`validate`], [`plan`], `oplog` and [`split`] hold the pure
 //! decisions; [`metric`] the arithmetic and ordering; `store`, `registry`,
 //! `layout`, `export` and `hnsw` the I/O; [`shard`], `search` and [`engine`] the
-//! wiring.
+//! wiring. [`rowfile`] is the row-addressable file of a sealed segment's
+//! rows that the store is to keep those rows in (not used by it yet).
 
 mod builder;
 pub mod compaction;
@@ -73,6 +74,7 @@ mod oplog;
 pub mod payload;
 pub mod plan;
 mod registry;
+pub mod rowfile;
 mod search;
 mod segment;
 pub mod shard;

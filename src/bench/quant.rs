@@ -10,18 +10,18 @@
 //! suits cosine). Each `--ef-sweep` expansion is searched twice: scores
 //! from the held vectors (the walk's top `k`), and the walk's top
 //! `--rescore × k` scored again from the exact f32 rows, read with one
-//! `pread` each from a file of the rows (the page cache holds it; that
-//! memory is the kernel's to reclaim, not the process's), the best `k` of
-//! those kept. Reports recall@k against exact search, QPS at
+//! `pread` each from a row file of them (`edgevec_engine::rowfile`; the
+//! page cache holds it, memory the kernel may reclaim, not the process's),
+//! the best `k` of those kept. Reports recall@k against exact search, QPS at
 //! `--concurrency` threads, and the bytes of the vectors each graph holds
 //! (the graph itself is the same size in all three).
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use edgevec_engine::metric;
+use edgevec_engine::rowfile::RowFile;
 use edgevec_proto::Metric;
 use rayon::prelude::*;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
@@ -82,22 +82,11 @@ fn walk(index: &Index, held: Held, queries: &[Vec<f32>], scale: f32, count: usiz
 }
 
 /// The best `k` of `candidates` by exact score, each row read from `rows`.
-fn rescore(
-    metric: Metric,
-    rows: &std::fs::File,
-    dim: usize,
-    q: &[f32],
-    candidates: &[u64],
-    k: usize,
-) -> Result<Vec<u64>> {
-    let mut buf = vec![0u8; dim * 4];
+fn rescore(metric: Metric, rows: &RowFile, dim: usize, q: &[f32], candidates: &[u64], k: usize) -> Result<Vec<u64>> {
+    let mut v = vec![0f32; dim];
     let mut scored = Vec::with_capacity(candidates.len());
     for &row in candidates {
-        rows.read_exact_at(&mut buf, row * (dim as u64) * 4)?;
-        let v: Vec<f32> = buf
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        rows.read_rows(row as u32, &mut v)?;
         scored.push((metric::score(metric, q, &v), row));
     }
     scored.sort_by(|a, b| metric::compare_scores(metric, a.0, b.0));
@@ -117,10 +106,9 @@ pub fn run(args: &Args, dir: &Path) -> Result<()> {
 
     std::fs::create_dir_all(dir)?;
     let rows_path = dir.join("rows.f32");
-    let bytes: Vec<u8> = data.iter().flatten().flat_map(|x| x.to_le_bytes()).collect();
-    std::fs::write(&rows_path, &bytes).with_context(|| format!("writing {}", rows_path.display()))?;
-    drop(bytes);
-    let rows = std::fs::File::open(&rows_path)?;
+    let flat: Vec<f32> = data.iter().flatten().copied().collect();
+    let rows = RowFile::create(&rows_path, dim, &flat)?;
+    drop(flat);
     let rescore_count = k * args.rescore.max(1);
 
     println!(
