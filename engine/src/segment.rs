@@ -16,6 +16,8 @@
 //! - the vectors are held once: in the growing buffer (contiguous), or,
 //!   from the seal on, in the sealed buffer, which becomes the [`Block`]
 //!   its index (and later a merged index) points into without copying;
+//!   a sealed segment whose rows are all deleted may drop them (and its
+//!   index) at once, before a merge drops the segment;
 //! - a row is live iff it is not tombstoned; search and get never return a
 //!   tombstoned row: the graph walk skips dead rows (a filtered walk, with
 //!   its expansion widened by the share of dead rows, or an exact scan
@@ -134,6 +136,9 @@ enum Vectors {
     /// Sealed, index not installed yet; shared with the builder thread.
     Sealed(Block),
     Indexed(Arc<HnswIndex>),
+    /// Sealed, every row deleted, vectors and index dropped
+    /// ([`Segment::release_if_dead`]): nothing can ever read them again.
+    Released,
 }
 
 /// The rows of a segment that pass one filter, live or not.
@@ -292,7 +297,8 @@ impl Segment {
         match self.vectors {
             Vectors::Growing(_) => IndexState::None,
             Vectors::Sealed(_) => IndexState::Building,
-            Vectors::Indexed(_) => IndexState::Ready,
+            // Nothing is left to index.
+            Vectors::Indexed(_) | Vectors::Released => IndexState::Ready,
         }
     }
 
@@ -333,8 +339,30 @@ impl Segment {
                 shared
             }
             Vectors::Sealed(v) => v.clone(),
-            Vectors::Indexed(_) => panic!("segment {} is already indexed", self.id),
+            Vectors::Indexed(_) | Vectors::Released => panic!("segment {} is already indexed", self.id),
         }
+    }
+
+    /// Whether its vectors were dropped ([`Segment::release_if_dead`]).
+    #[cfg(test)]
+    pub fn is_released(&self) -> bool {
+        matches!(self.vectors, Vectors::Released)
+    }
+
+    /// Drops the vectors (and index) of a sealed segment whose rows are
+    /// all deleted; returns whether it did. Its rows are dead for good
+    /// (a tombstone is never lifted), so no search or get reads them; the
+    /// caller makes sure no pending merge still has to read them (a
+    /// merge's rows are those live at its op). The segment itself stays
+    /// until a merge drops it.
+    pub fn release_if_dead(&mut self) -> bool {
+        let sealed = matches!(self.vectors, Vectors::Sealed(_) | Vectors::Indexed(_));
+        if !sealed || self.rows() == 0 || self.live_rows() > 0 {
+            return false;
+        }
+        self.vectors = Vectors::Released;
+        self.passing.lock().expect("passing cache lock").clear();
+        true
     }
 
     /// The vectors an index build needs, if the segment is waiting for
@@ -379,17 +407,22 @@ impl Segment {
             Vectors::Growing(v) => &v[row as usize * self.dim..][..self.dim],
             Vectors::Sealed(v) => &v[row as usize * self.dim..][..self.dim],
             Vectors::Indexed(ix) => ix.vector(row),
+            Vectors::Released => panic!(
+                "row {row} of segment {} was read after its vectors were dropped",
+                self.id
+            ),
         }
     }
 
     /// The block holding the vector of `row` and its row there, for an
     /// index to point into; `None` while the segment grows (its buffer
-    /// still changes).
+    /// still changes) and once its vectors are dropped.
     pub fn vector_source(&self, row: u32) -> Option<(Block, u32)> {
         match &self.vectors {
             Vectors::Growing(_) => None,
             Vectors::Sealed(v) => Some((v.clone(), row)),
             Vectors::Indexed(ix) => Some(ix.vector_source(row)),
+            Vectors::Released => None,
         }
     }
 
@@ -422,6 +455,9 @@ impl Segment {
         opts: SearchOptions,
         filter: Option<&Compiled>,
     ) -> Vec<Candidate> {
+        if self.live_rows() == 0 {
+            return Vec::new();
+        }
         let Some(filter) = filter else {
             if self.deleted == 0 {
                 return self.search_rows(metric, query, k, opts, None);

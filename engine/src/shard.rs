@@ -553,8 +553,14 @@ impl ShardReplica {
         let (metric, dim, params) = (self.config.metric, self.config.dim as usize, self.config.index);
         let path = index_path(&self.dir, segment);
         // A segment a merge took out of searches (rows written faster than
-        // builds keep up) needs no index, and must not leave a file.
-        let serves = move |s: &ShardReplica| s.read().segments.contains_key(&segment);
+        // builds keep up), or whose rows are all deleted, needs no index,
+        // and must not leave a file.
+        let serves = move |s: &ShardReplica| {
+            s.read()
+                .segments
+                .get(&segment)
+                .is_some_and(|seg| seg.index_state() == IndexState::Building)
+        };
         self.builder.submit(move || {
             // The vectors are taken when the build starts, not when it is
             // queued: a queued job must not keep the vectors of a segment

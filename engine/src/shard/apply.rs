@@ -142,6 +142,16 @@ impl ShardReplica {
             .collect())
     }
 
+    /// Whether a pending merge takes over rows that segment `unit` (in
+    /// `segments`) serves: it covers one of the stored segments whose rows
+    /// `unit` holds, and `unit` is not that merge.
+    fn read_by_pending_merge(st: &ShardState, unit: u64) -> bool {
+        match st.merges.get(&unit) {
+            Some(m) => m.covers.iter().any(|c| st.covered.get(c).is_some_and(|by| *by != unit)),
+            None => st.covered.contains_key(&unit),
+        }
+    }
+
     /// What retention may drop now, for a shard of `live_points` points:
     /// see [`crate::oplog::retention_cut`] and [`super::retain_budget`].
     pub(super) fn retention(&self, live_points: usize) -> Retention {
@@ -171,17 +181,32 @@ impl ShardReplica {
                 debug_assert_eq!(row, a.at.row);
             }
         }
+        let mut emptied = Vec::new();
         for (at, _) in &plan.tombstones {
             let unit = st.owner.get(&at.segment).copied().unwrap_or(at.segment);
             if let Some(seg) = st.segments.get_mut(&unit) {
                 if let Some(row) = seg.row_of(*at) {
                     seg.tombstone(row);
+                    if seg.live_rows() == 0 {
+                        emptied.push(unit);
+                    }
                 }
             }
             // The merge that took the row over has one live row fewer.
             if let Some(m) = st.covered.get(&at.segment).copied() {
                 if let Some(m) = st.merges.get_mut(&m) {
                     m.live = m.live.saturating_sub(1);
+                }
+            }
+        }
+        // Points written again faster than merges drop their old
+        // segments: the vectors of a sealed segment whose rows are all
+        // deleted go now, unless a pending merge still has to read them
+        // (its rows are those live at its op).
+        for unit in emptied {
+            if !Self::read_by_pending_merge(st, unit) {
+                if let Some(seg) = st.segments.get_mut(&unit) {
+                    seg.release_if_dead();
                 }
             }
         }

@@ -195,6 +195,12 @@ impl ShardReplica {
         compaction::next_merge(&units, self.config.seal_rows, policy, quiet).map(|sources| ShardOp::Merge { sources })
     }
 
+    /// Whether segment `id` serves searches with its vectors dropped.
+    #[cfg(test)]
+    pub(crate) fn vectors_released(&self, id: u64) -> bool {
+        self.read().segments.get(&id).is_some_and(Segment::is_released)
+    }
+
     /// The segments (ids) searches use now, merged ones included, and
     /// the merges still waiting for their index.
     #[cfg(test)]

@@ -774,3 +774,60 @@ fn a_segment_merged_away_before_its_build_gets_no_index() {
     assert!(!index_path(dir.path(), 1).exists());
     assert_eq!(s.info().0.points, 6);
 }
+
+/// Points written again faster than merges drop their old segments: a
+/// sealed segment whose rows are all deleted drops its vectors and index
+/// at once, unless a pending merge still has to read them; searches, gets
+/// and the merges after it are as before.
+#[test]
+fn a_sealed_segment_whose_rows_are_all_deleted_drops_its_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Arc::new(IndexBuilder::start());
+    let s = open(dir.path(), &builder);
+    write(&s, upsert(0..70)).unwrap();
+    idle(&builder);
+    assert!(index_path(dir.path(), 1).exists());
+    write(&s, ShardOp::Delete((0..63).collect())).unwrap();
+    assert!(!s.vectors_released(1), "one row of segment 1 is live");
+    write(&s, upsert([63])).unwrap();
+    assert!(s.vectors_released(1), "its last row was replaced");
+    let (present, _) = seen(&s);
+    assert_eq!(present, (63..70).collect::<Vec<_>>());
+    let hits = s
+        .search(&[0.3, 1.0], 3, crate::SearchOptions { ef: 64, exact: false }, None)
+        .unwrap();
+    let ids: Vec<u64> = hits.iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![63, 64, 65]);
+    let info = s.info().1;
+    assert!(
+        info.iter().all(|seg| seg.index != edgevec_proto::IndexState::Building),
+        "{info:?}"
+    );
+    // The merge of emptied segments drops it, and its index file.
+    write(&s, merge(&[1])).unwrap();
+    assert_eq!(s.merge_state().1, Vec::<u64>::new());
+    assert!(!index_path(dir.path(), 1).exists());
+
+    // A segment a pending merge covers keeps its vectors until the merge
+    // is built, though its rows die meanwhile.
+    let release = stall(&builder);
+    write(&s, upsert(100..228)).unwrap();
+    let sealed: Vec<u64> = s.merge_state().0;
+    write(&s, merge(&[sealed[0], sealed[1]])).unwrap();
+    let first = sealed[0];
+    // Every row of the first (63..70, 100..157) dies.
+    write(&s, ShardOp::Delete((60..170).collect())).unwrap();
+    let info = s.info().1;
+    let dead = info.iter().find(|seg| seg.id == first).unwrap();
+    assert_eq!(dead.deleted, dead.rows, "{info:?}");
+    let before = seen(&s);
+    assert!(!s.vectors_released(first), "the pending merge reads its rows");
+    drop(release);
+    idle(&builder);
+    assert_eq!(s.merge_state().1, Vec::<u64>::new(), "the merge installed");
+    assert_eq!(seen(&s), before);
+    drop(s);
+    let s = open(dir.path(), &builder);
+    idle(&builder);
+    assert_eq!(seen(&s), before, "after a restart");
+}
