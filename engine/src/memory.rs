@@ -16,17 +16,17 @@
 //!   disk per node"). Small allocations come from each thread's cache
 //!   without taking the arena's lock;
 //! - [`configure_allocator`] also fixes the size from which an
-//!   allocation gets a mapping of its own ([`MMAP_THRESHOLD`]). glibc raises that size to
-//!   the largest block freed so far (up to 32 MiB), so after the first
-//!   sealed segment's vectors (5 MB at 10,000 × 128) are freed, later ones
-//!   come from the heap, and a block freed in its middle stays resident
-//!   until a `malloc_trim`. When points are written again faster than
-//!   builds keep up, segments are sealed and dropped a few a second while
-//!   the builder (and its trims) lag, and a node peaked at 3.3-4.1× the
-//!   vectors it held, against 2.4-2.9× with the size fixed; at 384
-//!   dimensions inserts alone peaked at 1.45-1.50× instead of 1.80-1.89×
-//!   (BENCHMARKS.md, "Disk and memory when every point is written
-//!   again", "Memory and disk per node"). A batch of
+//!   allocation gets a mapping of its own ([`MMAP_THRESHOLD`]). glibc
+//!   raises that size to the largest block freed so far (up to 32 MiB),
+//!   so after the first sealed segment's vectors (5 MB at 10,000 × 128)
+//!   are freed, later ones come from the heap, and a block freed in its
+//!   middle stays resident until a `malloc_trim`. When points are written
+//!   again faster than builds keep up, segments are sealed and dropped a
+//!   few a second while the builder (and its trims) lag, and a node
+//!   peaked at 3.3-4.1× the vectors it held, against 2.4-2.9× with the
+//!   size fixed; at 384 dimensions inserts alone peaked at 1.45-1.50×
+//!   instead of 1.80-1.89× (BENCHMARKS.md, "Disk and memory when every
+//!   point is written again", "Memory and disk per node"). A batch of
 //!   writes (1,000 × 128 dimensions: 0.5 MB) stays below it;
 //! - [`return_free_memory`] hands the free pages of every arena back to
 //!   the OS (`malloc_trim`): after each background build or merge, and

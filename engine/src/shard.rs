@@ -577,8 +577,8 @@ impl ShardReplica {
             let Some(((vectors, progress), ids)) = taken else {
                 return;
             };
-            // Called off once the segment stops serving (merged away, or
-            // the replica dropped).
+            // Called off once the segment no longer waits for it (merged
+            // away, its rows all deleted, or the replica dropped).
             let wanted = || {
                 this.upgrade()
                     .is_some_and(|s| !s.retired.load(Ordering::Acquire) && serves(&s))
@@ -586,7 +586,7 @@ impl ShardReplica {
             let index = match HnswIndex::build_while(metric, dim, RowVectors::One(vectors), params, &progress, wanted) {
                 Ok(Some(index)) => Arc::new(index),
                 Ok(None) => {
-                    tracing::debug!(segment, "index build called off: the segment no longer serves");
+                    tracing::debug!(segment, "index build called off: the segment no longer needs it");
                     return;
                 }
                 Err(e) => {
