@@ -441,7 +441,7 @@ impl ShardReplica {
                 meta.last()
             )));
         }
-        let state = ShardState {
+        let mut state = ShardState {
             log: LogState {
                 term: meta.term,
                 last: meta.last(),
@@ -461,6 +461,19 @@ impl ShardReplica {
             covered,
             schema,
         };
+        // Segments whose rows all died before the restart, as at the apply
+        // that killed their last row (`apply`).
+        let dead: Vec<u64> = state
+            .segments
+            .iter()
+            .filter(|(id, seg)| seg.live_rows() == 0 && !Self::read_by_pending_merge(&state, **id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            if let Some(seg) = state.segments.get_mut(&id) {
+                seg.release_if_dead();
+            }
+        }
         let replica = Arc::new_cyclic(|this| ShardReplica {
             config,
             dir: dir.to_owned(),

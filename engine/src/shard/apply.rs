@@ -145,7 +145,7 @@ impl ShardReplica {
     /// Whether a pending merge takes over rows that segment `unit` (in
     /// `segments`) serves: it covers one of the stored segments whose rows
     /// `unit` holds, and `unit` is not that merge.
-    fn read_by_pending_merge(st: &ShardState, unit: u64) -> bool {
+    pub(super) fn read_by_pending_merge(st: &ShardState, unit: u64) -> bool {
         match st.merges.get(&unit) {
             Some(m) => m.covers.iter().any(|c| st.covered.get(c).is_some_and(|by| *by != unit)),
             None => st.covered.contains_key(&unit),

@@ -803,6 +803,11 @@ fn a_sealed_segment_whose_rows_are_all_deleted_drops_its_vectors() {
         info.iter().all(|seg| seg.index != edgevec_proto::IndexState::Building),
         "{info:?}"
     );
+    // So does a restart.
+    drop(s);
+    let s = open(dir.path(), &builder);
+    assert!(s.vectors_released(1), "dead before the restart");
+    assert_eq!(seen(&s).0, (63..70).collect::<Vec<_>>());
     // The merge of emptied segments drops it, and its index file.
     write(&s, merge(&[1])).unwrap();
     assert_eq!(s.merge_state().1, Vec::<u64>::new());
