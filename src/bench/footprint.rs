@@ -13,7 +13,11 @@
 //! RSS and the bytes of every node's data directory (blocks allocated), by
 //! kind of file, are read once more, with each node's anonymous memory by
 //! mapping (malloc heap, large mappings, the rest). Everything is reported
-//! against the raw bytes of the vectors (`n × dim × 4`).
+//! against the raw bytes of the vectors (`n × dim × 4`). `--trace-ms N`
+//! prints a line every N ms until then: seconds since the first insert,
+//! each node's RSS in MiB, and the segments of the node `describe` asked
+//! (`id:rows/live:state`, state `G` growing, `B` sealed and waiting for
+//! its index, `R` indexed) with the index builds under way.
 
 use std::collections::BTreeMap;
 
@@ -66,6 +70,39 @@ fn disk_usage(dir: &Path, out: &mut BTreeMap<&'static str, u64>) -> Result<()> {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// One line of `--trace-ms`.
+fn trace_line(at: Duration, pids: &[u32], details: &edgevec_client::CollectionDetails) -> String {
+    let rss: Vec<String> = pids
+        .iter()
+        .map(|p| format!("{:.1}", rss(*p).unwrap_or(0) as f64 / 1048576.0))
+        .collect();
+    let segments: Vec<String> = details
+        .info
+        .segments
+        .iter()
+        .map(|s| {
+            let state = match (s.state, s.index) {
+                (SegmentState::Growing, _) => "G",
+                (_, IndexState::Ready) => "R",
+                _ => "B",
+            };
+            format!("{}:{}/{}:{state}", s.id, s.rows, s.rows - s.deleted)
+        })
+        .collect();
+    let builds: Vec<String> = details
+        .builds
+        .iter()
+        .map(|b| format!("{}:{}/{}", b.segment, b.rows_indexed, b.rows))
+        .collect();
+    format!(
+        "trace {:.1} s; RSS MiB {}; segments {}; builds {}",
+        at.as_secs_f64(),
+        rss.join(" "),
+        segments.join(" "),
+        builds.join(" ")
+    )
 }
 
 /// Waits until every sealed segment is indexed, no build or merge is under
@@ -143,6 +180,17 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         })
     };
 
+    let tracer = (args.trace_ms > 0).then(|| {
+        let (client, pids, every) = (client.clone(), pids.clone(), Duration::from_millis(args.trace_ms));
+        tokio::spawn(async move {
+            loop {
+                if let Ok(details) = client.collection_details("bench").await {
+                    eprintln!("{}", trace_line(started.elapsed(), &pids, &details));
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
     let next = Arc::new(AtomicU64::new(0));
     let batches = n.div_ceil(args.batch) as u64;
     let rounds = 1 + args.rewrites as u64;
@@ -177,6 +225,9 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     drop(data);
     eprintln!("inserted {n} rows {rounds} times in {insert_secs:.1} s");
     let settle_secs = settle(&client).await?.as_secs_f64();
+    if let Some(tracer) = tracer {
+        tracer.abort();
+    }
     eprintln!("settled {settle_secs:.1} s later");
     stop.store(true, Ordering::Relaxed);
     let peaks = sampler

@@ -107,6 +107,11 @@ struct Args {
     /// many times (same ids and vectors, new rows), before settling.
     #[arg(long, default_value_t = 0)]
     rewrites: usize,
+    /// Footprint mode: every this many ms until settled, print (stderr)
+    /// each node's RSS and the segments and index builds `describe`
+    /// shows; 0: no trace.
+    #[arg(long, default_value_t = 0)]
+    trace_ms: u64,
     #[arg(long, default_value_t = 10)]
     k: u32,
     /// Queries per measurement.
