@@ -152,11 +152,9 @@ impl RowFile {
             per_block,
         };
         let len = this.file.metadata().map_err(|e| EngineError::io(path, e))?.len();
-        if len != this.footer_at() + this.blocks() as u64 * 4 + 4 {
-            return Err(corrupt(format!(
-                "row file is {len} bytes, expected {}",
-                this.footer_at() + this.blocks() as u64 * 4 + 4
-            )));
+        let expected = this.footer_at() + this.blocks() as u64 * 4 + 4;
+        if len != expected {
+            return Err(corrupt(format!("row file is {len} bytes, expected {expected}")));
         }
         Ok(this)
     }
@@ -204,7 +202,7 @@ impl RowFile {
             if !(first..end).any(&held) {
                 continue;
             }
-            bytes.resize((end - first) as usize * self.dim * 4, 0);
+            bytes.resize(((end - first) as u64 * row_bytes(self.dim)) as usize, 0);
             self.file
                 .read_exact_at(&mut bytes, HEADER_BYTES + first as u64 * row_bytes(self.dim))
                 .map_err(|e| EngineError::io(&self.path, e))?;

@@ -200,6 +200,24 @@ struct ShardState {
 }
 
 impl ShardState {
+    /// Drops the vectors of segment `unit` (in `segments`) if its rows are
+    /// all deleted ([`Segment::release_if_dead`]) and no pending merge
+    /// takes over rows it serves (the merge reads the rows live at its op).
+    fn release_if_dead(&mut self, unit: u64) {
+        let read_by_merge = match self.merges.get(&unit) {
+            Some(m) => m
+                .covers
+                .iter()
+                .any(|c| self.covered.get(c).is_some_and(|by| *by != unit)),
+            None => self.covered.contains_key(&unit),
+        };
+        if !read_by_merge {
+            if let Some(seg) = self.segments.get_mut(&unit) {
+                seg.release_if_dead();
+            }
+        }
+    }
+
     /// The segment in `segments` holding the row stored at `at`, and the
     /// row's position there.
     fn find(&self, at: Location) -> Option<(&Segment, u32)> {
@@ -463,16 +481,9 @@ impl ShardReplica {
         };
         // Segments whose rows all died before the restart, as at the apply
         // that killed their last row (`apply`).
-        let dead: Vec<u64> = state
-            .segments
-            .iter()
-            .filter(|(id, seg)| seg.live_rows() == 0 && !Self::read_by_pending_merge(&state, **id))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in dead {
-            if let Some(seg) = state.segments.get_mut(&id) {
-                seg.release_if_dead();
-            }
+        let ids: Vec<u64> = state.segments.keys().copied().collect();
+        for id in ids {
+            state.release_if_dead(id);
         }
         let replica = Arc::new_cyclic(|this| ShardReplica {
             config,

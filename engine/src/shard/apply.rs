@@ -142,16 +142,6 @@ impl ShardReplica {
             .collect())
     }
 
-    /// Whether a pending merge takes over rows that segment `unit` (in
-    /// `segments`) serves: it covers one of the stored segments whose rows
-    /// `unit` holds, and `unit` is not that merge.
-    pub(super) fn read_by_pending_merge(st: &ShardState, unit: u64) -> bool {
-        match st.merges.get(&unit) {
-            Some(m) => m.covers.iter().any(|c| st.covered.get(c).is_some_and(|by| *by != unit)),
-            None => st.covered.contains_key(&unit),
-        }
-    }
-
     /// What retention may drop now, for a shard of `live_points` points:
     /// see [`crate::oplog::retention_cut`] and [`super::retain_budget`].
     pub(super) fn retention(&self, live_points: usize) -> Retention {
@@ -186,8 +176,9 @@ impl ShardReplica {
             let unit = st.owner.get(&at.segment).copied().unwrap_or(at.segment);
             if let Some(seg) = st.segments.get_mut(&unit) {
                 if let Some(row) = seg.row_of(*at) {
+                    let live = seg.live_rows();
                     seg.tombstone(row);
-                    if seg.live_rows() == 0 {
+                    if live == 1 && seg.live_rows() == 0 {
                         emptied.push(unit);
                     }
                 }
@@ -201,14 +192,9 @@ impl ShardReplica {
         }
         // Points written again faster than merges drop their old
         // segments: the vectors of a sealed segment whose rows are all
-        // deleted go now, unless a pending merge still has to read them
-        // (its rows are those live at its op).
+        // deleted go now.
         for unit in emptied {
-            if !Self::read_by_pending_merge(st, unit) {
-                if let Some(seg) = st.segments.get_mut(&unit) {
-                    seg.release_if_dead();
-                }
-            }
+            st.release_if_dead(unit);
         }
         for (id, at) in &plan.points {
             match at {
